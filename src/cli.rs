@@ -1,0 +1,184 @@
+//! The command line: `wsgate proxy` (quick mode) and `wsgate demo`; signal handling and exit codes. Nothing else
+//! lives here.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::config::{self, Config, LogFormat, Timeouts, parse_duration};
+use crate::{demo, observe, server};
+
+#[derive(Parser, Debug)]
+#[command(name = "wsgate", version, about = "A WebSocket reverse proxy and gateway.", long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Proxy WebSocket (and plain HTTP) connections from one address to one or more backend servers, round robin.
+    ///
+    /// Example: wsgate proxy --listen 0.0.0.0:8080 --to 127.0.0.1:9001 --to 127.0.0.1:9002
+    Proxy(ProxyArgs),
+    /// Run an embedded WebSocket echo and chat backend with wsgate in front of it, and print a URL to try it.
+    Demo(DemoArgs),
+}
+
+#[derive(Args, Debug)]
+struct ProxyArgs {
+    /// Address to accept client connections on (IP:PORT).
+    #[arg(long, value_name = "ADDR")]
+    listen: String,
+    /// Backend server (HOST:PORT); repeat for several, used in round-robin order.
+    #[arg(long = "to", value_name = "ADDR", required = true)]
+    to: Vec<String>,
+    #[command(flatten)]
+    common: CommonArgs,
+}
+
+#[derive(Args, Debug)]
+struct DemoArgs {
+    /// Address the demo proxy listens on.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8080")]
+    listen: String,
+    #[command(flatten)]
+    common: CommonArgs,
+}
+
+#[derive(Args, Debug)]
+struct CommonArgs {
+    /// Time to establish a TCP connection to a backend server.
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
+    connect_timeout: Duration,
+    /// Time a client gets to send its whole request head, and a backend to answer the handshake.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    handshake_timeout: Duration,
+    /// Close a WebSocket connection after this long without a byte either way (default: never).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    idle_timeout: Option<Duration>,
+    /// On SIGTERM/SIGINT, time live connections get to finish before they are closed.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    drain_timeout: Duration,
+    /// Log format: human-readable text or one JSON object per line.
+    #[arg(long, value_enum, default_value = "text")]
+    log_format: LogFormatArg,
+    /// Worker threads, each with its own event loop (default: one per available core).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    workers: usize,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+enum LogFormatArg {
+    Text,
+    Json,
+}
+
+impl CommonArgs {
+    fn config(&self, listen: &str, to: &[String]) -> Result<Config, config::ConfigError> {
+        let timeouts = Timeouts {
+            connect: self.connect_timeout,
+            handshake: self.handshake_timeout,
+            idle: self.idle_timeout,
+            drain: self.drain_timeout,
+        };
+        let format = match self.log_format {
+            LogFormatArg::Text => LogFormat::Text,
+            LogFormatArg::Json => LogFormat::Json,
+        };
+        let mut config = Config::quick(listen, to, timeouts, format)?;
+        config.workers = self.workers;
+        Ok(config)
+    }
+}
+
+/// Runs the command line and returns the process's exit code.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("wsgate: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    raise_open_files_limit();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")?;
+    match cli.command {
+        Command::Proxy(args) => {
+            let config = args.common.config(&args.listen, &args.to)?;
+            observe::init_logging(config.log_format);
+            let running = server::start(config)?;
+            runtime.block_on(serve_until_signalled(running))
+        }
+        Command::Demo(args) => runtime.block_on(async {
+            let backend = demo::start_backend()
+                .await
+                .context("cannot start the demo backend")?;
+            let config = args.common.config(&args.listen, &[backend.to_string()])?;
+            observe::init_logging(config.log_format);
+            let running = server::start(config)?;
+            println!(
+                "wsgate demo: open http://{}/ in a browser (Ctrl-C to stop)",
+                running.local_addr()
+            );
+            println!(
+                "  WebSocket echo: ws://{}/echo   chat room: ws://{}/chat",
+                running.local_addr(),
+                running.local_addr()
+            );
+            println!("  embedded backend behind the proxy: {backend}");
+            serve_until_signalled(running).await
+        }),
+    }
+}
+
+/// Serves until SIGTERM or SIGINT, then drains; a second signal exits at once.
+async fn serve_until_signalled(running: server::Running) -> anyhow::Result<()> {
+    let mut terminate = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
+    tokio::select! {
+        _ = terminate.recv() => tracing::info!(signal = "SIGTERM", "shutting down: no new connections, draining live ones"),
+        _ = interrupt.recv() => tracing::info!(signal = "SIGINT", "shutting down: no new connections, draining live ones"),
+    }
+    running.shutdown();
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        running.join();
+        let _ = done_tx.send(());
+    });
+    tokio::select! {
+        _ = done_rx => {
+            tracing::info!("shutdown complete");
+            Ok(())
+        }
+        _ = terminate.recv() => second_signal(),
+        _ = interrupt.recv() => second_signal(),
+    }
+}
+
+fn second_signal() -> ! {
+    tracing::warn!("second signal: exiting now without draining");
+    std::process::exit(1)
+}
+
+/// A proxy holds two sockets per connection: use every file descriptor the hard limit allows.
+fn raise_open_files_limit() {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut limit = getrlimit(Resource::Nofile);
+    if limit.current < limit.maximum {
+        limit.current = limit.maximum;
+        if let Err(e) = setrlimit(Resource::Nofile, limit) {
+            eprintln!("wsgate: cannot raise the open files limit: {e}");
+        }
+    }
+}

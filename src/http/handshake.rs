@@ -1,0 +1,603 @@
+//! The WebSocket opening handshake as pure functions over bytes (RFC 6455 §4): reading a client's request head
+//! and deciding whether it is a valid upgrade, a plain HTTP request, or malformed; writing the head forwarded to
+//! the backend; and checking the backend's answer. No sockets, no tokio: fuzzable on its own.
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use sha1::{Digest, Sha1};
+
+use super::headers::{Forwarding, drop_when_forwarding, has_token};
+
+/// Largest request or response head accepted.
+pub const MAX_HEAD_BYTES: usize = 32 * 1024;
+/// Most header fields accepted in one head.
+pub const MAX_HEADERS: usize = 100;
+
+const WEBSOCKET_GUID: &[u8] = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
+
+/// Why a client's request head was refused. Each maps to one HTTP status in [`HandshakeError::status`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HandshakeError {
+    #[error("{0}")]
+    Malformed(&'static str),
+    #[error("malformed request head: {0}")]
+    Syntax(httparse::Error),
+    #[error("unsupported Sec-WebSocket-Version (only 13 is supported)")]
+    UnsupportedVersion,
+    #[error("request head larger than {MAX_HEAD_BYTES} bytes")]
+    HeadTooLarge,
+    #[error("more than {MAX_HEADERS} header fields")]
+    TooManyHeaders,
+}
+
+impl HandshakeError {
+    pub fn status(&self) -> u16 {
+        match self {
+            Self::Malformed(_) | Self::Syntax(_) => 400,
+            Self::UnsupportedVersion => 426,
+            Self::HeadTooLarge | Self::TooManyHeaders => 431,
+        }
+    }
+}
+
+/// What a client's bytes so far amount to.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Inspected {
+    /// The head is not complete yet: read more.
+    Partial,
+    /// A complete request that asks for no WebSocket upgrade; `head_len` bytes of head.
+    Plain { head_len: usize },
+    /// A valid WebSocket upgrade request.
+    Upgrade(Upgrade),
+}
+
+/// A validated upgrade request, ready to forward.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Upgrade {
+    /// Length of the client's head in the buffer; bytes after it belong to the WebSocket stream.
+    pub head_len: usize,
+    /// The head to send to the backend.
+    pub forward: Vec<u8>,
+    /// The `Sec-WebSocket-Accept` value the backend must answer with.
+    pub accept: [u8; 28],
+}
+
+fn header<'h>(headers: &'h [httparse::Header<'h>], name: &str) -> impl Iterator<Item = &'h [u8]> {
+    headers
+        .iter()
+        .filter(move |h| h.name.eq_ignore_ascii_case(name))
+        .map(|h| h.value)
+}
+
+/// Inspects the bytes a client has sent so far. `buf` may hold bytes past the head (the start of the WebSocket
+/// stream); they are not looked at.
+pub fn inspect_request(
+    buf: &[u8],
+    client_ip: std::net::IpAddr,
+    proto: &'static str,
+) -> Result<Inspected, HandshakeError> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    let head_len = match req.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) if buf.len() >= MAX_HEAD_BYTES => {
+            return Err(HandshakeError::HeadTooLarge);
+        }
+        Ok(httparse::Status::Partial) => return Ok(Inspected::Partial),
+        Err(httparse::Error::TooManyHeaders) => return Err(HandshakeError::TooManyHeaders),
+        Err(e) => return Err(HandshakeError::Syntax(e)),
+    };
+    if head_len > MAX_HEAD_BYTES {
+        return Err(HandshakeError::HeadTooLarge);
+    }
+    let headers = req.headers;
+    if !header(headers, "upgrade").any(|v| has_token(v, "websocket")) {
+        return Ok(Inspected::Plain { head_len });
+    }
+    let (Some(method), Some(path), Some(version)) = (req.method, req.path, req.version) else {
+        return Err(HandshakeError::Malformed("incomplete request line"));
+    };
+    if method != "GET" {
+        return Err(HandshakeError::Malformed("WebSocket upgrade must use GET"));
+    }
+    if version != 1 {
+        return Err(HandshakeError::Malformed(
+            "WebSocket upgrade must use HTTP/1.1",
+        ));
+    }
+    let mut hosts = header(headers, "host");
+    let host = match (hosts.next(), hosts.next()) {
+        (Some(h), None) if !h.trim_ascii().is_empty() => h.trim_ascii(),
+        (None, _) => return Err(HandshakeError::Malformed("missing Host header")),
+        (Some(_), None) => return Err(HandshakeError::Malformed("empty Host header")),
+        (Some(_), Some(_)) => return Err(HandshakeError::Malformed("more than one Host header")),
+    };
+    if !header(headers, "connection").any(|v| has_token(v, "upgrade")) {
+        return Err(HandshakeError::Malformed(
+            "Connection header lacks the upgrade token",
+        ));
+    }
+    let mut versions = header(headers, "sec-websocket-version");
+    match (versions.next(), versions.next()) {
+        (None, _) => {
+            return Err(HandshakeError::Malformed(
+                "missing Sec-WebSocket-Version header",
+            ));
+        }
+        (Some(v), None) if v.trim_ascii() == b"13" => {}
+        _ => return Err(HandshakeError::UnsupportedVersion),
+    }
+    let mut keys = header(headers, "sec-websocket-key");
+    let key = match (keys.next(), keys.next()) {
+        (Some(k), None) => k.trim_ascii(),
+        (None, _) => {
+            return Err(HandshakeError::Malformed(
+                "missing Sec-WebSocket-Key header",
+            ));
+        }
+        (Some(_), Some(_)) => {
+            return Err(HandshakeError::Malformed(
+                "more than one Sec-WebSocket-Key header",
+            ));
+        }
+    };
+    let mut raw_key = [0u8; 16];
+    if key.len() != 24 || BASE64.decode_slice(key, &mut raw_key) != Ok(16) {
+        return Err(HandshakeError::Malformed(
+            "Sec-WebSocket-Key is not the base64 encoding of 16 bytes",
+        ));
+    }
+
+    let mut forward = Vec::with_capacity(head_len + 256);
+    forward.extend_from_slice(b"GET ");
+    forward.extend_from_slice(path.as_bytes());
+    forward.extend_from_slice(b" HTTP/1.1\r\n");
+    for h in headers.iter() {
+        let connection = header(headers, "connection");
+        if !drop_when_forwarding(h.name.as_bytes(), connection, true) {
+            push_header(&mut forward, h.name, h.value);
+        }
+    }
+    push_header(&mut forward, "Connection", b"Upgrade");
+    push_header(&mut forward, "Upgrade", b"websocket");
+    Forwarding {
+        client_ip,
+        proto,
+        host: Some(host),
+    }
+    .each(|name, value| push_header(&mut forward, name, value));
+    forward.extend_from_slice(b"\r\n");
+    Ok(Inspected::Upgrade(Upgrade {
+        head_len,
+        forward,
+        accept: accept_key(key),
+    }))
+}
+
+fn push_header(out: &mut Vec<u8>, name: &str, value: &[u8]) {
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// `Sec-WebSocket-Accept` for a key (RFC 6455 §4.2.2).
+pub fn accept_key(key: &[u8]) -> [u8; 28] {
+    let mut sha = Sha1::new();
+    sha.update(key);
+    sha.update(WEBSOCKET_GUID);
+    let mut out = [0u8; 28];
+    // A 20-byte digest always encodes to exactly 28 base64 bytes.
+    let _ = BASE64.encode_slice(sha.finalize(), &mut out);
+    out
+}
+
+/// Why a backend's answer to the upgrade cannot be passed on. All of these are a 502 to the client.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ResponseError {
+    #[error("malformed response head from backend: {0}")]
+    Syntax(httparse::Error),
+    #[error("backend response head larger than {MAX_HEAD_BYTES} bytes")]
+    HeadTooLarge,
+    #[error("backend answered 101 with a wrong Sec-WebSocket-Accept")]
+    BadAccept,
+    #[error("backend answered 101 without Upgrade: websocket")]
+    NotWebSocket,
+    #[error("backend sent conflicting Content-Length / Transfer-Encoding")]
+    BadFraming,
+}
+
+/// How the body of a backend's non-101 answer ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyFraming {
+    Empty,
+    Length(u64),
+    Chunked,
+    UntilClose,
+}
+
+/// What a backend's bytes so far amount to.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Answer {
+    Partial,
+    /// `101 Switching Protocols` with the right accept key: pass `head_len` bytes on as they are.
+    Switching {
+        head_len: usize,
+    },
+    /// Any other status: pass `head` (rewritten to close the connection after the body) and then the body.
+    Other {
+        status: u16,
+        head_len: usize,
+        head: Vec<u8>,
+        framing: BodyFraming,
+    },
+}
+
+/// Inspects a backend's answer to a forwarded upgrade request.
+pub fn inspect_response(buf: &[u8], accept: &[u8; 28]) -> Result<Answer, ResponseError> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut headers);
+    let head_len = match resp.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) if buf.len() >= MAX_HEAD_BYTES => {
+            return Err(ResponseError::HeadTooLarge);
+        }
+        Ok(httparse::Status::Partial) => return Ok(Answer::Partial),
+        Err(e) => return Err(ResponseError::Syntax(e)),
+    };
+    let status = resp.code.unwrap_or(0);
+    let headers = resp.headers;
+    if status == 101 {
+        if !header(headers, "upgrade").any(|v| has_token(v, "websocket")) {
+            return Err(ResponseError::NotWebSocket);
+        }
+        let mut accepts = header(headers, "sec-websocket-accept");
+        return match (accepts.next(), accepts.next()) {
+            (Some(a), None) if a.trim_ascii() == accept => Ok(Answer::Switching { head_len }),
+            _ => Err(ResponseError::BadAccept),
+        };
+    }
+    let framing = body_framing(status, headers)?;
+    let mut head = Vec::with_capacity(head_len + 32);
+    head.extend_from_slice(b"HTTP/1.1 ");
+    head.extend_from_slice(status.to_string().as_bytes());
+    head.push(b' ');
+    head.extend_from_slice(resp.reason.unwrap_or("").as_bytes());
+    head.extend_from_slice(b"\r\n");
+    for h in headers.iter() {
+        let connection = header(headers, "connection");
+        if !drop_when_forwarding(h.name.as_bytes(), connection, false) {
+            push_header(&mut head, h.name, h.value);
+        }
+    }
+    if framing == BodyFraming::Chunked {
+        push_header(&mut head, "Transfer-Encoding", b"chunked");
+    }
+    push_header(&mut head, "Connection", b"close");
+    head.extend_from_slice(b"\r\n");
+    Ok(Answer::Other {
+        status,
+        head_len,
+        head,
+        framing,
+    })
+}
+
+fn body_framing(
+    status: u16,
+    headers: &[httparse::Header<'_>],
+) -> Result<BodyFraming, ResponseError> {
+    if (100..200).contains(&status) || status == 204 || status == 304 {
+        return Ok(BodyFraming::Empty);
+    }
+    let mut te = header(headers, "transfer-encoding");
+    if let Some(v) = te.next() {
+        // RFC 9112 §6.3: chunked must be the final coding; with Content-Length present the message is suspect.
+        if te.next().is_some() || header(headers, "content-length").next().is_some() {
+            return Err(ResponseError::BadFraming);
+        }
+        let last = v.rsplit(|&b| b == b',').next().unwrap_or(v).trim_ascii();
+        return Ok(if last.eq_ignore_ascii_case(b"chunked") {
+            BodyFraming::Chunked
+        } else {
+            BodyFraming::UntilClose
+        });
+    }
+    let mut lengths = header(headers, "content-length");
+    match lengths.next() {
+        None => Ok(BodyFraming::UntilClose),
+        Some(v) => {
+            let n = std::str::from_utf8(v.trim_ascii())
+                .ok()
+                .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|s| s.parse::<u64>().ok())
+                .ok_or(ResponseError::BadFraming)?;
+            if lengths.any(|other| other.trim_ascii() != v.trim_ascii()) {
+                return Err(ResponseError::BadFraming);
+            }
+            Ok(if n == 0 {
+                BodyFraming::Empty
+            } else {
+                BodyFraming::Length(n)
+            })
+        }
+    }
+}
+
+/// Follows the body of a backend's non-101 answer to find where it ends.
+#[derive(Debug)]
+pub enum BodyEnd {
+    Length(u64),
+    Chunked(ChunkedEnd),
+    UntilClose,
+}
+
+impl BodyEnd {
+    /// `None` when the body is empty.
+    pub fn new(framing: BodyFraming) -> Option<Self> {
+        match framing {
+            BodyFraming::Empty => None,
+            BodyFraming::Length(n) => Some(Self::Length(n)),
+            BodyFraming::Chunked => Some(Self::Chunked(ChunkedEnd::default())),
+            BodyFraming::UntilClose => Some(Self::UntilClose),
+        }
+    }
+
+    /// Feeds body bytes; returns `Some(n)` when the body ends after the first `n` of them.
+    pub fn feed(&mut self, bytes: &[u8]) -> Result<Option<usize>, ChunkedError> {
+        match self {
+            Self::Length(left) => {
+                let take = (*left).min(bytes.len() as u64);
+                *left -= take;
+                Ok((*left == 0).then_some(take as usize))
+            }
+            Self::Chunked(chunked) => chunked.feed(bytes),
+            Self::UntilClose => Ok(None),
+        }
+    }
+}
+
+/// Finds where a chunked body ends, fed the body's bytes as they arrive (RFC 9112 §7.1). It only tracks
+/// boundaries; the bytes are passed on unchanged.
+#[derive(Debug, Default)]
+pub struct ChunkedEnd {
+    state: ChunkState,
+    /// Bytes of the current size or trailer line, bounded so a hostile peer cannot make it grow.
+    line_len: usize,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum ChunkState {
+    #[default]
+    Size,
+    SizeDigits(u64),
+    SizeExt(u64),
+    SizeLf(u64),
+    Data(u64),
+    DataCr,
+    DataLf,
+    TrailerStart,
+    TrailerLine,
+    TrailerLf,
+    FinalLf,
+    Done,
+}
+
+/// A chunked body that cannot be followed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("malformed chunked body")]
+pub struct ChunkedError;
+
+const MAX_CHUNK_LINE: usize = 4096;
+
+impl ChunkedEnd {
+    /// Feeds bytes; returns `Some(n)` when the body ends after the first `n` of them.
+    pub fn feed(&mut self, bytes: &[u8]) -> Result<Option<usize>, ChunkedError> {
+        let mut i = 0;
+        while i < bytes.len() {
+            if let ChunkState::Data(left) = self.state {
+                let take = left.min((bytes.len() - i) as u64);
+                i += take as usize;
+                self.state = if take == left {
+                    ChunkState::DataCr
+                } else {
+                    ChunkState::Data(left - take)
+                };
+                continue;
+            }
+            let b = bytes[i];
+            i += 1;
+            self.line_len += 1;
+            if self.line_len > MAX_CHUNK_LINE {
+                return Err(ChunkedError);
+            }
+            self.state = match (self.state, b) {
+                (ChunkState::Size, _) => ChunkState::SizeDigits(hex_digit(b)?),
+                (ChunkState::SizeDigits(n), b';' | b' ' | b'\t') => ChunkState::SizeExt(n),
+                (ChunkState::SizeDigits(n), b'\r') => ChunkState::SizeLf(n),
+                (ChunkState::SizeDigits(n), _) => ChunkState::SizeDigits(
+                    n.checked_mul(16)
+                        .and_then(|n| n.checked_add(hex_digit(b).ok()?))
+                        .ok_or(ChunkedError)?,
+                ),
+                (ChunkState::SizeExt(n), b'\r') => ChunkState::SizeLf(n),
+                (ChunkState::SizeExt(n), _) => ChunkState::SizeExt(n),
+                (ChunkState::SizeLf(0), b'\n') => {
+                    self.line_len = 0;
+                    ChunkState::TrailerStart
+                }
+                (ChunkState::SizeLf(n), b'\n') => {
+                    self.line_len = 0;
+                    ChunkState::Data(n)
+                }
+                (ChunkState::DataCr, b'\r') => ChunkState::DataLf,
+                (ChunkState::DataLf, b'\n') => {
+                    self.line_len = 0;
+                    ChunkState::Size
+                }
+                (ChunkState::TrailerStart, b'\r') => ChunkState::FinalLf,
+                (ChunkState::TrailerLine, b'\r') => ChunkState::TrailerLf,
+                (ChunkState::TrailerStart | ChunkState::TrailerLine, _) => ChunkState::TrailerLine,
+                (ChunkState::TrailerLf, b'\n') => {
+                    self.line_len = 0;
+                    ChunkState::TrailerStart
+                }
+                (ChunkState::FinalLf, b'\n') => {
+                    self.state = ChunkState::Done;
+                    return Ok(Some(i));
+                }
+                _ => return Err(ChunkedError),
+            };
+        }
+        Ok(None)
+    }
+}
+
+fn hex_digit(b: u8) -> Result<u64, ChunkedError> {
+    (b as char).to_digit(16).map(u64::from).ok_or(ChunkedError)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
+
+    fn upgrade_request(extra: &str) -> String {
+        format!(
+            "GET /chat?x=1 HTTP/1.1\r\nHost: example.com\r\nUpgrade: websocket\r\nConnection: keep-alive, Upgrade\r\n\
+             Sec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n"
+        )
+    }
+
+    fn inspect(req: &str) -> Result<Inspected, HandshakeError> {
+        inspect_request(req.as_bytes(), "10.1.2.3".parse().unwrap(), "http")
+    }
+
+    #[test]
+    fn accept_key_matches_rfc_example() {
+        assert_eq!(&accept_key(KEY.as_bytes()), b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
+    }
+
+    #[test]
+    fn valid_upgrade_is_rewritten() {
+        let req = upgrade_request(
+            "X-Forwarded-For: 6.6.6.6\r\nKeep-Alive: 5\r\nSec-WebSocket-Protocol: chat\r\n",
+        );
+        let Ok(Inspected::Upgrade(up)) = inspect(&req) else {
+            panic!("not an upgrade")
+        };
+        assert_eq!(up.head_len, req.len());
+        let fwd = String::from_utf8(up.forward).unwrap();
+        assert!(
+            fwd.starts_with("GET /chat?x=1 HTTP/1.1\r\nHost: example.com\r\n"),
+            "{fwd}"
+        );
+        assert!(fwd.contains("Sec-WebSocket-Protocol: chat\r\n"));
+        assert!(fwd.contains("X-Forwarded-For: 10.1.2.3\r\n"));
+        assert!(!fwd.contains("6.6.6.6"));
+        assert!(!fwd.contains("Keep-Alive"));
+        assert!(fwd.contains("Forwarded: for=10.1.2.3;proto=http;host=\"example.com\"\r\n"));
+        assert!(fwd.ends_with("\r\n\r\n"));
+    }
+
+    #[test]
+    fn rejections_have_their_status() {
+        let cases = [
+            (upgrade_request("").replace("GET", "POST"), 400),
+            (upgrade_request("").replace("HTTP/1.1", "HTTP/1.0"), 400),
+            (
+                upgrade_request("").replace("Host: example.com\r\n", ""),
+                400,
+            ),
+            (
+                upgrade_request("").replace("keep-alive, Upgrade", "keep-alive"),
+                400,
+            ),
+            (upgrade_request("").replace(KEY, "c2hvcnQ="), 400),
+            (
+                upgrade_request("").replace("Version: 13", "Version: 8"),
+                426,
+            ),
+            (
+                upgrade_request("").replace("Sec-WebSocket-Version: 13\r\n", ""),
+                400,
+            ),
+            (upgrade_request("Host: other\r\n"), 400),
+        ];
+        for (req, status) in cases {
+            assert_eq!(inspect(&req).unwrap_err().status(), status, "{req}");
+        }
+    }
+
+    #[test]
+    fn oversized_and_crowded_heads_are_431() {
+        let big = format!("GET / HTTP/1.1\r\nX: {}", "a".repeat(MAX_HEAD_BYTES));
+        assert_eq!(inspect(&big).unwrap_err(), HandshakeError::HeadTooLarge);
+        let many: String = (0..=MAX_HEADERS).map(|i| format!("X-{i}: 1\r\n")).collect();
+        assert_eq!(
+            inspect(&upgrade_request(&many)).unwrap_err(),
+            HandshakeError::TooManyHeaders
+        );
+    }
+
+    #[test]
+    fn plain_and_partial_requests() {
+        assert_eq!(
+            inspect("GET / HTTP/1.1\r\nHost: a\r\n\r\n"),
+            Ok(Inspected::Plain { head_len: 27 })
+        );
+        assert_eq!(
+            inspect("GET / HTTP/1.1\r\nHost: a\r\n"),
+            Ok(Inspected::Partial)
+        );
+    }
+
+    #[test]
+    fn backend_answers() {
+        let accept = accept_key(KEY.as_bytes());
+        let ok = "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                  Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n";
+        assert_eq!(
+            inspect_response(ok.as_bytes(), &accept),
+            Ok(Answer::Switching { head_len: ok.len() })
+        );
+        let bad = ok.replace("s3pP", "AAAA");
+        assert_eq!(
+            inspect_response(bad.as_bytes(), &accept),
+            Err(ResponseError::BadAccept)
+        );
+        let denied =
+            "HTTP/1.1 403 Forbidden\r\nContent-Length: 6\r\nConnection: keep-alive\r\n\r\nnope!\n";
+        let Ok(Answer::Other {
+            status,
+            framing,
+            head,
+            ..
+        }) = inspect_response(denied.as_bytes(), &accept)
+        else {
+            panic!()
+        };
+        assert_eq!((status, framing), (403, BodyFraming::Length(6)));
+        let head = String::from_utf8(head).unwrap();
+        assert!(
+            head.ends_with("Content-Length: 6\r\nConnection: close\r\n\r\n"),
+            "{head}"
+        );
+    }
+
+    #[test]
+    fn chunked_end_is_found_across_splits() {
+        let body = b"4;ext=1\r\nWiki\r\n0\r\nX-T: 1\r\n\r\nNEXT";
+        for split in 0..body.len() {
+            let mut c = ChunkedEnd::default();
+            let first = c.feed(&body[..split]).unwrap();
+            let end = match first {
+                Some(n) => n,
+                None => split + c.feed(&body[split..]).unwrap().unwrap(),
+            };
+            assert_eq!(end, body.len() - 4, "split {split}");
+        }
+        assert_eq!(ChunkedEnd::default().feed(b"zz\r\n"), Err(ChunkedError));
+    }
+}

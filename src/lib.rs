@@ -1,0 +1,14 @@
+//! wsgate: a WebSocket reverse proxy and gateway.
+//!
+//! The data path and the module map are described in `ARCHITECTURE.md`.
+#![forbid(unsafe_code)]
+
+pub mod cli;
+pub mod config;
+pub mod demo;
+pub mod http;
+pub mod observe;
+pub mod relay;
+pub mod server;
+pub mod session;
+pub mod upstream;

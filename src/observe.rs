@@ -1,0 +1,76 @@
+//! What wsgate tells its operators: the log subscriber (text or JSON) and the one line written per connection
+//! when it ends.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tracing_subscriber::EnvFilter;
+
+use crate::config::LogFormat;
+
+/// Installs the global log subscriber: `info` and above unless `RUST_LOG` says otherwise, to stderr.
+/// Calling it again (as tests do) keeps the first one.
+pub fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+}
+
+/// Bytes carried so far, each way. Updated as a connection runs, so they are right even when it is cut short.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Counters {
+    pub client_to_backend: u64,
+    pub backend_to_client: u64,
+}
+
+/// Everything the access log says about one connection, filled in as the connection goes.
+#[derive(Debug)]
+pub struct ConnectionRecord {
+    pub id: u64,
+    pub client: SocketAddr,
+    pub backend: Option<SocketAddr>,
+    /// The HTTP status the client was given (101 for a relayed WebSocket); 0 when it got none.
+    pub status: u16,
+    pub bytes: Counters,
+    /// Requests served, on a plain HTTP connection.
+    pub requests: u32,
+    /// How the connection ended: `client closed`, `backend closed`, `idle timeout`, `error: ...`, ...
+    pub end: String,
+}
+
+impl ConnectionRecord {
+    pub fn new(id: u64, client: SocketAddr) -> Self {
+        Self {
+            id,
+            client,
+            backend: None,
+            status: 0,
+            bytes: Counters::default(),
+            requests: 0,
+            end: String::new(),
+        }
+    }
+
+    /// Writes the connection's access log line.
+    pub fn log(&self, duration: Duration) {
+        let backend = self.backend.map(|b| b.to_string());
+        tracing::info!(
+            target: "wsgate::access",
+            id = self.id,
+            client = %self.client,
+            backend = backend.as_deref().unwrap_or("-"),
+            status = self.status,
+            duration_ms = duration.as_millis() as u64,
+            bytes_in = self.bytes.client_to_backend,
+            bytes_out = self.bytes.backend_to_client,
+            requests = self.requests,
+            end = %self.end,
+            "connection closed"
+        );
+    }
+}

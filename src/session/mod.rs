@@ -1,0 +1,354 @@
+//! The per-connection pipeline. [`session`] reads like the data path: read and validate the request head,
+//! pick and connect a backend server, forward the head, check the answer, then relay; or hand a plain HTTP
+//! request to [`plain`]. Each step is a module of its own; this one only passes what one step found to the next
+//! and turns failures into answers.
+
+mod plain;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::{Instant, timeout};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::http::handshake::{
+    self, Answer, BodyEnd, HandshakeError, Inspected, MAX_HEAD_BYTES, ResponseError, Upgrade,
+};
+use crate::observe::ConnectionRecord;
+use crate::relay;
+use crate::upstream::{self, Pool, UpstreamError};
+
+/// What every session of a server shares.
+#[derive(Debug)]
+pub struct Shared {
+    pub config: Config,
+    pub pool: Pool,
+    /// Cancelled when the drain timeout has run out: sessions still open then are closed.
+    pub force_close: CancellationToken,
+}
+
+/// Why a client gets an error answer instead of its WebSocket. Each maps to one status in [`Refusal::status`].
+#[derive(Debug, thiserror::Error)]
+enum Refusal {
+    #[error("client sent no complete request head within {0:?}")]
+    HeadTimeout(Duration),
+    #[error(transparent)]
+    Handshake(#[from] HandshakeError),
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+    #[error("{server}: {source}")]
+    Answer {
+        server: SocketAddr,
+        source: ResponseError,
+    },
+}
+
+impl Refusal {
+    fn status(&self) -> u16 {
+        match self {
+            Self::HeadTimeout(_) => 408,
+            Self::Handshake(e) => e.status(),
+            Self::Upstream(e) => e.status(),
+            Self::Answer { .. } => 502,
+        }
+    }
+}
+
+/// Serves one client connection from accept to close, and writes its access log line.
+pub async fn session(shared: Arc<Shared>, client: TcpStream, peer: SocketAddr, id: u64) {
+    let started = Instant::now();
+    let mut record = ConnectionRecord::new(id, peer);
+    tokio::select! {
+        () = run(&shared, client, &mut record) => {}
+        () = shared.force_close.cancelled() => {
+            record.end = "closed: drain timeout reached during shutdown".into();
+        }
+    }
+    record.log(started.elapsed());
+}
+
+async fn run(shared: &Arc<Shared>, mut client: TcpStream, record: &mut ConnectionRecord) {
+    let timeouts = shared.config.timeouts;
+    let mut head = Vec::with_capacity(1024);
+    let read = timeout(
+        timeouts.handshake,
+        read_request(&mut client, &mut head, record.client),
+    );
+    let upgrade = match read.await {
+        Err(_) => return refuse(client, record, Refusal::HeadTimeout(timeouts.handshake)).await,
+        Ok(Err(ReadError::Closed)) => {
+            record.end = "client closed before sending a request".into();
+            return;
+        }
+        Ok(Err(ReadError::Io(e))) => {
+            record.end = format!("error: client: {e}");
+            return;
+        }
+        Ok(Err(ReadError::Refused(e))) => return refuse(client, record, e.into()).await,
+        Ok(Ok(None)) => return plain::serve(shared.clone(), client, head, record).await,
+        Ok(Ok(Some(upgrade))) => upgrade,
+    };
+    let Upgrade {
+        head_len,
+        mut forward,
+        accept,
+    } = upgrade;
+    // Bytes the client sent after its head already belong to the WebSocket stream.
+    forward.extend_from_slice(head.get(head_len..).unwrap_or_default());
+    drop(head);
+
+    let (mut backend, answer, answer_head) =
+        match open_backend(shared, &forward, &accept, record).await {
+            Ok(opened) => opened,
+            Err(refusal) => return refuse(client, record, refusal).await,
+        };
+    drop(forward);
+    match answer_head {
+        AnswerHead::Switching => {
+            record.status = 101;
+            if let Err(e) = client.write_all(&answer).await {
+                record.end = format!("error: client: {e}");
+                return;
+            }
+            drop(answer);
+            let end = relay::tunnel(&client, &backend, timeouts.idle, &mut record.bytes).await;
+            record.end = match end {
+                relay::End::Closed(side) => format!("{side} closed"),
+                relay::End::IdleTimeout => "idle timeout".into(),
+                relay::End::Error(side, e) => format!("error: {side}: {e}"),
+            };
+        }
+        AnswerHead::Other { status, head, body } => {
+            record.status = status;
+            record.end = match pass_answer(
+                &mut client,
+                &mut backend,
+                &head,
+                &answer,
+                body,
+                timeouts.handshake,
+            )
+            .await
+            {
+                Ok(()) => format!("backend answered {status} to the upgrade"),
+                Err(e) => format!("error: while passing the backend's {status} answer: {e}"),
+            };
+            lingering_close(client).await;
+        }
+    }
+}
+
+enum ReadError {
+    Closed,
+    Io(std::io::Error),
+    Refused(HandshakeError),
+}
+
+/// Reads the client's request head into `buf`: `Some` for a valid upgrade, `None` for a plain HTTP request.
+async fn read_request(
+    client: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    peer: SocketAddr,
+) -> Result<Option<Upgrade>, ReadError> {
+    loop {
+        let room = MAX_HEAD_BYTES.saturating_sub(buf.len()).max(1);
+        buf.reserve(room.min(4096));
+        let n = (&mut *client)
+            .take(room as u64)
+            .read_buf(buf)
+            .await
+            .map_err(ReadError::Io)?;
+        if n == 0 {
+            return Err(ReadError::Closed);
+        }
+        match handshake::inspect_request(buf, peer.ip(), "http") {
+            Ok(Inspected::Partial) => continue,
+            Ok(Inspected::Plain { .. }) => return Ok(None),
+            Ok(Inspected::Upgrade(up)) => return Ok(Some(up)),
+            Err(e) => return Err(ReadError::Refused(e)),
+        }
+    }
+}
+
+/// The parts of a backend's answer the session acts on.
+enum AnswerHead {
+    Switching,
+    Other {
+        status: u16,
+        /// The head to write to the client.
+        head: Vec<u8>,
+        /// How to find the end of the body, and where it starts in the answer buffer.
+        body: Option<(BodyEnd, usize)>,
+    },
+}
+
+/// Connects to a backend server, forwards the request head, and reads its answer. Refused or reset connections
+/// move on to the next server (each at most once); a timeout ends the attempt.
+async fn open_backend(
+    shared: &Shared,
+    forward: &[u8],
+    accept: &[u8; 28],
+    record: &mut ConnectionRecord,
+) -> Result<(TcpStream, Vec<u8>, AnswerHead), Refusal> {
+    if shared.pool.is_empty() {
+        return Err(UpstreamError::NoServers.into());
+    }
+    let timeouts = shared.config.timeouts;
+    let mut last = None;
+    for server in shared.pool.order() {
+        record.backend = Some(server);
+        let mut backend = match upstream::connect(server, timeouts.connect).await {
+            Ok(b) => b,
+            Err(e @ UpstreamError::AllFailed { .. }) => {
+                last = Some(e);
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let exchange = timeout(
+            timeouts.handshake,
+            exchange_heads(&mut backend, forward, accept),
+        );
+        match exchange.await {
+            Err(_) => {
+                return Err(UpstreamError::Timeout {
+                    server,
+                    during: "waiting for the handshake answer from",
+                    after: timeouts.handshake,
+                }
+                .into());
+            }
+            Ok(Ok((answer, head))) => return Ok((backend, answer, head)),
+            Ok(Err(Exchange::Io(source))) => {
+                last = Some(UpstreamError::AllFailed { server, source })
+            }
+            Ok(Err(Exchange::Answer(source))) => return Err(Refusal::Answer { server, source }),
+        }
+    }
+    Err(last.unwrap_or(UpstreamError::NoServers).into())
+}
+
+enum Exchange {
+    Io(std::io::Error),
+    Answer(ResponseError),
+}
+
+async fn exchange_heads(
+    backend: &mut TcpStream,
+    forward: &[u8],
+    accept: &[u8; 28],
+) -> Result<(Vec<u8>, AnswerHead), Exchange> {
+    backend.write_all(forward).await.map_err(Exchange::Io)?;
+    let mut buf = Vec::with_capacity(1024);
+    loop {
+        let room = MAX_HEAD_BYTES.saturating_sub(buf.len()).max(1);
+        buf.reserve(room.min(4096));
+        let n = (&mut *backend)
+            .take(room as u64)
+            .read_buf(&mut buf)
+            .await
+            .map_err(Exchange::Io)?;
+        if n == 0 {
+            return Err(Exchange::Io(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "backend closed the connection before answering the handshake",
+            )));
+        }
+        let head = match handshake::inspect_response(&buf, accept).map_err(Exchange::Answer)? {
+            Answer::Partial => continue,
+            Answer::Switching { .. } => AnswerHead::Switching,
+            Answer::Other {
+                status,
+                head_len,
+                head,
+                framing,
+            } => AnswerHead::Other {
+                status,
+                head,
+                body: BodyEnd::new(framing).map(|end| (end, head_len)),
+            },
+        };
+        return Ok((buf, head));
+    }
+}
+
+/// Passes a backend's non-101 answer to the client: its head, then its body up to where the body ends. Each read
+/// from the backend must come within `read_timeout`.
+async fn pass_answer(
+    client: &mut TcpStream,
+    backend: &mut TcpStream,
+    head: &[u8],
+    answer: &[u8],
+    body: Option<(BodyEnd, usize)>,
+    read_timeout: Duration,
+) -> std::io::Result<()> {
+    client.write_all(head).await?;
+    let Some((mut end, body_start)) = body else {
+        return Ok(());
+    };
+    let malformed = |e| std::io::Error::new(std::io::ErrorKind::InvalidData, e);
+    let mut chunk = answer.get(body_start..).unwrap_or_default().to_vec();
+    loop {
+        let done = end.feed(&chunk).map_err(malformed)?;
+        client
+            .write_all(&chunk[..done.unwrap_or(chunk.len())])
+            .await?;
+        if done.is_some() {
+            return Ok(());
+        }
+        chunk.clear();
+        chunk.reserve(16 * 1024);
+        let n = timeout(read_timeout, backend.read_buf(&mut chunk))
+            .await
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "backend stalled"))??;
+        if n == 0 {
+            return match end {
+                BodyEnd::UntilClose => Ok(()),
+                _ => Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "backend closed before the end of the body",
+                )),
+            };
+        }
+    }
+}
+
+/// Answers the client with an error status and closes.
+async fn refuse(mut client: TcpStream, record: &mut ConnectionRecord, refusal: Refusal) {
+    let status = refusal.status();
+    let reason = refusal.to_string();
+    let answer = crate::http::error_response(status, &reason);
+    record.status = status;
+    record.end = format!("refused: {reason}");
+    if timeout(Duration::from_secs(5), client.write_all(&answer))
+        .await
+        .is_ok()
+    {
+        lingering_close(client).await;
+    }
+}
+
+/// Closes after an answer so that the client reads it: shut down our side, then read and drop what the client
+/// still sends (bounded in time and bytes) so the kernel does not reset the connection under unread data.
+async fn lingering_close(mut client: TcpStream) {
+    const LINGER: Duration = Duration::from_secs(2);
+    const MAX_DISCARD: usize = 256 * 1024;
+    if client.shutdown().await.is_err() {
+        return;
+    }
+    let mut sink = [0u8; 4096];
+    let mut discarded = 0;
+    let _ = timeout(LINGER, async {
+        while discarded < MAX_DISCARD {
+            match client.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => discarded += n,
+            }
+        }
+    })
+    .await;
+}

@@ -1,0 +1,325 @@
+//! Plain HTTP (no upgrade) on a client connection, through hyper: keep-alive with the client, bodies streamed
+//! both ways, the same header rules as the upgrade path. Each client connection keeps one backend connection
+//! for its requests, opened on the first and replaced when the backend closes it.
+
+use std::convert::Infallible;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU16, AtomicU32, AtomicU64, Ordering};
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::header::{CONNECTION, HOST};
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, Uri};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::sync::Mutex;
+
+use super::Shared;
+use crate::http::Forwarding;
+use crate::http::headers::drop_when_forwarding;
+use crate::observe::ConnectionRecord;
+use crate::upstream::{self, UpstreamError};
+
+type Body = Either<Incoming, Full<Bytes>>;
+
+/// Serves plain HTTP requests on `client` until it closes; `head` holds the bytes already read from it.
+pub(super) async fn serve(
+    shared: Arc<Shared>,
+    client: TcpStream,
+    head: Vec<u8>,
+    record: &mut ConnectionRecord,
+) {
+    let state = Arc::new(State {
+        shared: shared.clone(),
+        client_ip: record.client.ip(),
+        backend: Mutex::new(None),
+        stats: Stats::default(),
+    });
+    let io = TokioIo::new(Counted {
+        prefix: head,
+        read_from_prefix: 0,
+        inner: client,
+        stats: state.clone(),
+    });
+    let service = {
+        let state = state.clone();
+        hyper::service::service_fn(move |req| forward(state.clone(), req))
+    };
+    let result = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(shared.config.timeouts.handshake)
+        .serve_connection(io, service)
+        .await;
+    let stats = &state.stats;
+    record.requests = stats.requests.load(Ordering::Relaxed);
+    record.status = stats.last_status.load(Ordering::Relaxed);
+    record.bytes.client_to_backend = stats.bytes_in.load(Ordering::Relaxed);
+    record.bytes.backend_to_client = stats.bytes_out.load(Ordering::Relaxed);
+    record.backend = state.backend.lock().await.as_ref().map(|b| b.server);
+    record.end = match result {
+        Ok(()) => "client closed".into(),
+        Err(e) if e.is_timeout() => "client idle past the handshake timeout".into(),
+        Err(e) => format!("error: client: {e}"),
+    };
+}
+
+struct State {
+    shared: Arc<Shared>,
+    client_ip: std::net::IpAddr,
+    backend: Mutex<Option<Backend>>,
+    stats: Stats,
+}
+
+#[derive(Default)]
+struct Stats {
+    requests: AtomicU32,
+    last_status: AtomicU16,
+    bytes_in: AtomicU64,
+    bytes_out: AtomicU64,
+}
+
+struct Backend {
+    server: SocketAddr,
+    sender: SendRequest<Incoming>,
+}
+
+async fn forward(
+    state: Arc<State>,
+    mut req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    state.stats.requests.fetch_add(1, Ordering::Relaxed);
+    rewrite_request(&mut req, state.client_ip);
+    let response = match send(&state, req).await {
+        Ok(mut resp) => {
+            strip_hop_by_hop(resp.headers_mut(), false);
+            resp.map(Either::Left)
+        }
+        Err(e) => error(e.status(), &e.to_string()),
+    };
+    state
+        .stats
+        .last_status
+        .store(response.status().as_u16(), Ordering::Relaxed);
+    Ok(response)
+}
+
+/// Sends `req` on the client's backend connection, opening one (round robin, each server once) when there is
+/// none or the last one was closed by the backend before this request went out.
+async fn send(
+    state: &State,
+    mut req: Request<Incoming>,
+) -> Result<Response<Incoming>, UpstreamError> {
+    let mut backend = state.backend.lock().await;
+    let mut reopened = false;
+    loop {
+        let ready = match backend.as_mut() {
+            Some(b) => b.sender.ready().await.is_ok(),
+            None => false,
+        };
+        if !ready {
+            *backend = Some(open(&state.shared).await?);
+            reopened = true;
+        }
+        let Some(b) = backend.as_mut() else {
+            continue;
+        };
+        let server = b.server;
+        match b.sender.try_send_request(req).await {
+            Ok(resp) => return Ok(resp),
+            Err(mut e) => {
+                *backend = None;
+                match e.take_message() {
+                    // Never sent: the backend closed its idle connection under us; one fresh try.
+                    Some(unsent) if !reopened => req = unsent,
+                    _ => {
+                        return Err(UpstreamError::AllFailed {
+                            server,
+                            source: io::Error::other(e.into_error()),
+                        });
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn open(shared: &Shared) -> Result<Backend, UpstreamError> {
+    let mut last = UpstreamError::NoServers;
+    for server in shared.pool.order() {
+        let stream = match upstream::connect(server, shared.config.timeouts.connect).await {
+            Ok(s) => s,
+            Err(e @ UpstreamError::AllFailed { .. }) => {
+                last = e;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        match hyper::client::conn::http1::handshake(TokioIo::new(stream)).await {
+            Ok((sender, conn)) => {
+                // The connection task ends when `sender` is dropped with the client's session, or when the backend
+                // closes it.
+                tokio::spawn(conn);
+                return Ok(Backend { server, sender });
+            }
+            Err(e) => {
+                last = UpstreamError::AllFailed {
+                    server,
+                    source: io::Error::other(e),
+                }
+            }
+        }
+    }
+    Err(last)
+}
+
+fn rewrite_request(req: &mut Request<Incoming>, client_ip: std::net::IpAddr) {
+    if req.uri().authority().is_some() {
+        let origin_form = req
+            .uri()
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/");
+        if let Ok(uri) = origin_form.parse::<Uri>() {
+            *req.uri_mut() = uri;
+        }
+    }
+    *req.version_mut() = http::Version::HTTP_11;
+    let headers = req.headers_mut();
+    strip_hop_by_hop(headers, true);
+    let host = headers.get(HOST).cloned();
+    let mut added = Vec::with_capacity(5);
+    Forwarding {
+        client_ip,
+        proto: "http",
+        host: host.as_ref().map(HeaderValue::as_bytes),
+    }
+    .each(|name, value| {
+        if let Ok(value) = HeaderValue::from_bytes(value) {
+            added.push((name, value));
+        }
+    });
+    for (name, value) in added {
+        headers.append(name, value);
+    }
+}
+
+fn strip_hop_by_hop(headers: &mut HeaderMap, is_request: bool) {
+    let connection: Vec<HeaderValue> = headers.get_all(CONNECTION).iter().cloned().collect();
+    let drop: Vec<http::HeaderName> = headers
+        .keys()
+        .filter(|name| {
+            drop_when_forwarding(
+                name.as_str().as_bytes(),
+                connection.iter().map(HeaderValue::as_bytes),
+                is_request,
+            )
+        })
+        .cloned()
+        .collect();
+    for name in drop {
+        headers.remove(name);
+    }
+}
+
+fn error(status: u16, reason: &str) -> Response<Body> {
+    let mut resp = Response::new(Either::Right(Full::new(Bytes::from(format!("{reason}\n")))));
+    *resp.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+/// The client connection as hyper sees it: first the bytes wsgate already read while looking for an upgrade,
+/// then the socket; bytes counted both ways for the access log.
+struct Counted {
+    prefix: Vec<u8>,
+    read_from_prefix: usize,
+    inner: TcpStream,
+    stats: Arc<State>,
+}
+
+impl AsyncRead for Counted {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        if this.read_from_prefix < this.prefix.len() {
+            let rest = &this.prefix[this.read_from_prefix..];
+            let n = rest.len().min(buf.remaining());
+            buf.put_slice(&rest[..n]);
+            this.read_from_prefix += n;
+            if this.read_from_prefix == this.prefix.len() {
+                this.prefix = Vec::new();
+                this.read_from_prefix = 0;
+            }
+            this.stats
+                .stats
+                .bytes_in
+                .fetch_add(n as u64, Ordering::Relaxed);
+            return Poll::Ready(Ok(()));
+        }
+        let before = buf.filled().len();
+        let poll = Pin::new(&mut this.inner).poll_read(cx, buf);
+        let n = buf.filled().len() - before;
+        this.stats
+            .stats
+            .bytes_in
+            .fetch_add(n as u64, Ordering::Relaxed);
+        poll
+    }
+}
+
+impl AsyncWrite for Counted {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let poll = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = poll {
+            self.stats
+                .stats
+                .bytes_out
+                .fetch_add(n as u64, Ordering::Relaxed);
+        }
+        poll
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let poll = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = poll {
+            self.stats
+                .stats
+                .bytes_out
+                .fetch_add(n as u64, Ordering::Relaxed);
+        }
+        poll
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
