@@ -1,0 +1,366 @@
+//! Shared pieces for the integration tests: wsgate started in-process on a free port, real WebSocket and HTTP
+//! backends, and clients that never wait without a timeout.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::sync::Once;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{Bytes as WsBytes, Message};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+use wsgate::config::{Config, LogFormat, Timeouts};
+
+/// Every wait in the tests is bounded by this.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+pub type Client = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// Raises the open-files limit (the 1 000-connection tests need it) and installs logging once.
+pub fn init() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        use rustix::process::{Resource, getrlimit, setrlimit};
+        let mut limit = getrlimit(Resource::Nofile);
+        limit.current = limit.maximum;
+        let _ = setrlimit(Resource::Nofile, limit);
+        wsgate::observe::init_logging(LogFormat::Text);
+    });
+}
+
+/// Awaits `fut`, failing the test if it takes longer than [`WAIT`].
+pub async fn within<T>(what: &str, fut: impl Future<Output = T>) -> T {
+    match tokio::time::timeout(WAIT, fut).await {
+        Ok(v) => v,
+        Err(_) => panic!("timed out after {WAIT:?} waiting for {what}"),
+    }
+}
+
+/// wsgate running in this process, on a free loopback port. Dropping it starts its shutdown.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    running: Option<wsgate::server::Running>,
+}
+
+impl Proxy {
+    pub fn start(servers: &[SocketAddr]) -> Proxy {
+        Self::start_with(servers, |_| {})
+    }
+
+    /// Starts with test defaults (one worker, short drain), after `tweak` has changed the config.
+    pub fn start_with(servers: &[SocketAddr], tweak: impl FnOnce(&mut Config)) -> Proxy {
+        init();
+        let names: Vec<String> = servers.iter().map(|s| s.to_string()).collect();
+        let timeouts = Timeouts {
+            drain: Duration::from_secs(1),
+            ..Timeouts::default()
+        };
+        let mut config =
+            Config::quick("127.0.0.1:0", &names, timeouts, LogFormat::Text).expect("test config");
+        config.workers = 1;
+        tweak(&mut config);
+        let running = wsgate::server::start(config).expect("proxy starts");
+        Proxy {
+            addr: running.local_addr(),
+            running: Some(running),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("ws://{}{}", self.addr, path)
+    }
+
+    /// Stops accepting and waits for the drain to finish.
+    pub fn shutdown_and_join(mut self) {
+        if let Some(running) = self.running.take() {
+            running.shutdown();
+            running.join();
+        }
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        if let Some(running) = &self.running {
+            running.shutdown();
+        }
+    }
+}
+
+/// A loopback address on which nothing listens: connections to it are refused.
+pub fn unused_addr() -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.local_addr().expect("addr")
+}
+
+/// What a test backend saw.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// An upgrade request: its path and headers, in order.
+    Upgraded {
+        path: String,
+        headers: Vec<(String, String)>,
+    },
+    /// A close frame received from the proxy side (`None` for a close without a code).
+    Closed(Option<(u16, String)>),
+    /// The connection ended without a close frame.
+    Dropped,
+}
+
+/// A WebSocket backend (tokio-tungstenite) with scripted behaviour, driven by the messages it receives:
+/// - on connect to a path starting `/headers`, it first sends `{"backend":NAME,"path":..,"headers":[[k,v],..]}`;
+/// - `name?` is answered with its name;
+/// - `ping-me:DATA` makes it send a ping with DATA; the pong that comes back is reported as text `pong:DATA`;
+/// - `close:CODE:REASON` makes it send a close frame with that code and reason;
+/// - anything else, text or binary, is echoed.
+///
+/// Subprotocols: it picks the last protocol the client offered. Every upgrade and close is sent to `events`.
+pub struct Backend {
+    pub addr: SocketAddr,
+    pub events: mpsc::UnboundedReceiver<Event>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Backend {
+    pub async fn next_event(&mut self) -> Event {
+        within("a backend event", self.events.recv())
+            .await
+            .expect("backend running")
+    }
+
+    /// Stops the backend: its listener and every connection it holds are closed at once.
+    pub fn kill(&self) {
+        self.task.abort();
+    }
+}
+
+pub fn ws_config() -> WebSocketConfig {
+    WebSocketConfig::default()
+        .max_message_size(None)
+        .max_frame_size(None)
+}
+
+pub async fn ws_backend(name: &str) -> Backend {
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind backend");
+    let addr = listener.local_addr().expect("addr");
+    let (tx, events) = mpsc::unbounded_channel();
+    let name = name.to_string();
+    let task = tokio::spawn(async move {
+        let mut conns = tokio::task::JoinSet::new();
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            conns.spawn(backend_conn(stream, name.clone(), tx.clone()));
+        }
+    });
+    Backend { addr, events, task }
+}
+
+async fn backend_conn(stream: TcpStream, name: String, events: mpsc::UnboundedSender<Event>) {
+    let mut seen: Option<(String, Vec<(String, String)>)> = None;
+    let callback = |req: &Request, mut resp: Response| {
+        let headers = req
+            .headers()
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.as_str().to_string(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            })
+            .collect();
+        seen = Some((req.uri().to_string(), headers));
+        let offered: Vec<String> = req
+            .headers()
+            .get_all("sec-websocket-protocol")
+            .iter()
+            .flat_map(|v| {
+                v.to_str()
+                    .unwrap_or("")
+                    .split(',')
+                    .map(|p| p.trim().to_string())
+                    .collect::<Vec<_>>()
+            })
+            .filter(|p| !p.is_empty())
+            .collect();
+        if let Some(last) = offered.last() {
+            resp.headers_mut()
+                .insert("sec-websocket-protocol", last.parse().expect("protocol"));
+        }
+        Ok(resp)
+    };
+    let Ok(mut ws) =
+        tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(ws_config())).await
+    else {
+        return;
+    };
+    let (path, headers) = seen.unwrap_or_default();
+    let _ = events.send(Event::Upgraded {
+        path: path.clone(),
+        headers: headers.clone(),
+    });
+    if path.starts_with("/headers") {
+        let report = serde_json::json!({ "backend": name, "path": path, "headers": headers });
+        if ws.send(Message::text(report.to_string())).await.is_err() {
+            return;
+        }
+    }
+    while let Some(msg) = ws.next().await {
+        let reply = match msg {
+            Ok(Message::Text(t)) if t.as_str() == "name?" => Message::text(name.clone()),
+            Ok(Message::Text(t)) if t.starts_with("ping-me:") => {
+                Message::Ping(WsBytes::copy_from_slice(&t.as_bytes()["ping-me:".len()..]))
+            }
+            Ok(Message::Text(t)) if t.starts_with("close:") => {
+                let mut parts = t.as_str()["close:".len()..].splitn(2, ':');
+                let code: u16 = parts.next().and_then(|c| c.parse().ok()).unwrap_or(1000);
+                let reason = parts.next().unwrap_or("").to_string();
+                Message::Close(Some(CloseFrame {
+                    code: CloseCode::from(code),
+                    reason: reason.into(),
+                }))
+            }
+            Ok(Message::Pong(p)) => Message::text(format!("pong:{}", String::from_utf8_lossy(&p))),
+            Ok(m @ (Message::Text(_) | Message::Binary(_))) => m,
+            Ok(Message::Close(frame)) => {
+                let _ = events.send(Event::Closed(
+                    frame.map(|f| (u16::from(f.code), f.reason.to_string())),
+                ));
+                // tungstenite answers the close; drive it out.
+                while let Some(Ok(_)) = ws.next().await {}
+                return;
+            }
+            Ok(_) => continue,
+            Err(_) => break,
+        };
+        if ws.send(reply).await.is_err() {
+            break;
+        }
+    }
+    let _ = events.send(Event::Dropped);
+}
+
+/// Connects a tokio-tungstenite client to `url`, with unlimited message sizes.
+pub async fn connect(url: &str) -> Client {
+    let (ws, _) = within(
+        "the WebSocket handshake",
+        tokio_tungstenite::connect_async_with_config(url, Some(ws_config()), true),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("connect {url}: {e}"));
+    ws
+}
+
+/// The next data or close message (pings and pongs are skipped), within [`WAIT`].
+pub async fn next_message(ws: &mut Client) -> Message {
+    loop {
+        match within("a message", ws.next()).await {
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+            Some(Ok(m)) => return m,
+            Some(Err(e)) => panic!("client error: {e}"),
+            None => panic!("connection closed while waiting for a message"),
+        }
+    }
+}
+
+pub async fn next_text(ws: &mut Client) -> String {
+    match next_message(ws).await {
+        Message::Text(t) => t.to_string(),
+        other => panic!("expected text, got {other:?}"),
+    }
+}
+
+/// A valid upgrade request for `path` with extra header lines (each ending in `\r\n`).
+pub fn upgrade_request(path: &str, extra: &str) -> String {
+    format!(
+        "GET {path} HTTP/1.1\r\nHost: test.local\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n"
+    )
+}
+
+/// Sends `request` on a fresh connection and reads until the server closes, within [`WAIT`].
+pub async fn raw_exchange(addr: SocketAddr, request: &[u8]) -> String {
+    let mut stream = within("connect", TcpStream::connect(addr))
+        .await
+        .expect("connect");
+    stream.write_all(request).await.expect("write request");
+    read_to_close(&mut stream).await
+}
+
+pub async fn read_to_close(stream: &mut TcpStream) -> String {
+    let mut out = Vec::new();
+    within("the server to close", async {
+        let mut buf = [0u8; 8192];
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A plain HTTP backend (hyper): `GET` answers `NAME PATH` plus one `name: value` line per request header;
+/// `POST` streams the request body back.
+pub async fn http_backend(name: &str) -> (SocketAddr, JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let name = name.to_string();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let name = name.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(
+                    move |req: hyper::Request<hyper::body::Incoming>| {
+                        let name = name.clone();
+                        async move {
+                            if req.method() == hyper::Method::POST {
+                                let body = req.into_body().boxed();
+                                return Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                                    body,
+                                ));
+                            }
+                            let mut text = format!("{name} {}\n", req.uri());
+                            for (k, v) in req.headers() {
+                                text.push_str(&format!("{}: {}\n", k, v.to_str().unwrap_or("?")));
+                            }
+                            let body = Full::new(Bytes::from(text))
+                                .map_err(|never| match never {})
+                                .boxed();
+                            Ok(hyper::Response::new(body))
+                        }
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    (addr, task)
+}
