@@ -1,6 +1,6 @@
 //! Shared pieces for the integration tests: wsgate started in-process on a free port, real WebSocket and HTTP
 //! backends, and clients that never wait without a timeout.
-#![allow(dead_code)]
+#![allow(dead_code, clippy::result_large_err)]
 
 use std::net::SocketAddr;
 use std::sync::Once;
