@@ -113,12 +113,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the runtime")?;
+    // Watch the signals before listening, so that a signal sent as soon as wsgate says it listens is handled.
+    let signals = {
+        let _runtime = runtime.enter();
+        Signals::watch()?
+    };
     match cli.command {
         Command::Proxy(args) => {
             let config = args.common.config(&args.listen, &args.to)?;
             observe::init_logging(config.log_format);
             let running = server::start(config)?;
-            runtime.block_on(serve_until_signalled(running))
+            runtime.block_on(signals.serve_until_signalled(running))
         }
         Command::Demo(args) => runtime.block_on(async {
             let backend = demo::start_backend()
@@ -137,32 +142,48 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 running.local_addr()
             );
             println!("  embedded backend behind the proxy: {backend}");
-            serve_until_signalled(running).await
+            signals.serve_until_signalled(running).await
         }),
     }
 }
 
-/// Serves until SIGTERM or SIGINT, then drains; a second signal exits at once.
-async fn serve_until_signalled(running: server::Running) -> anyhow::Result<()> {
-    let mut terminate = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
-    let mut interrupt = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
-    tokio::select! {
-        _ = terminate.recv() => tracing::info!(signal = "SIGTERM", "shutting down: no new connections, draining live ones"),
-        _ = interrupt.recv() => tracing::info!(signal = "SIGINT", "shutting down: no new connections, draining live ones"),
+struct Signals {
+    terminate: tokio::signal::unix::Signal,
+    interrupt: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn watch() -> anyhow::Result<Self> {
+        Ok(Self {
+            terminate: signal(SignalKind::terminate()).context("cannot watch SIGTERM")?,
+            interrupt: signal(SignalKind::interrupt()).context("cannot watch SIGINT")?,
+        })
     }
-    running.shutdown();
-    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
-    std::thread::spawn(move || {
-        running.join();
-        let _ = done_tx.send(());
-    });
-    tokio::select! {
-        _ = done_rx => {
-            tracing::info!("shutdown complete");
-            Ok(())
+
+    /// Serves until SIGTERM or SIGINT, then drains; a second signal exits at once.
+    async fn serve_until_signalled(self, running: server::Running) -> anyhow::Result<()> {
+        let Signals {
+            mut terminate,
+            mut interrupt,
+        } = self;
+        tokio::select! {
+            _ = terminate.recv() => tracing::info!(signal = "SIGTERM", "shutting down: no new connections, draining live ones"),
+            _ = interrupt.recv() => tracing::info!(signal = "SIGINT", "shutting down: no new connections, draining live ones"),
         }
-        _ = terminate.recv() => second_signal(),
-        _ = interrupt.recv() => second_signal(),
+        running.shutdown();
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+        std::thread::spawn(move || {
+            running.join();
+            let _ = done_tx.send(());
+        });
+        tokio::select! {
+            _ = done_rx => {
+                tracing::info!("shutdown complete");
+                Ok(())
+            }
+            _ = terminate.recv() => second_signal(),
+            _ = interrupt.recv() => second_signal(),
+        }
     }
 }
 

@@ -35,7 +35,8 @@ pub fn init() {
         let mut limit = getrlimit(Resource::Nofile);
         limit.current = limit.maximum;
         let _ = setrlimit(Resource::Nofile, limit);
-        wsgate::observe::init_logging(LogFormat::Text);
+        // Logs go through the test harness's capture: shown only for failing tests.
+        let _ = tracing_subscriber::fmt().with_test_writer().try_init();
     });
 }
 

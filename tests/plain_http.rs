@@ -1,0 +1,196 @@
+//! Plain HTTP (no upgrade) on the WebSocket listener: proxied to the same servers with keep-alive and bodies
+//! streamed both ways.
+mod support;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty, Full, StreamBody};
+use hyper::body::Frame;
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
+use support::*;
+use tokio::net::TcpStream;
+
+async fn client<B>(proxy: &Proxy) -> SendRequest<B>
+where
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let stream = within("connect", TcpStream::connect(proxy.addr))
+        .await
+        .expect("connect");
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .expect("handshake");
+    tokio::spawn(conn);
+    sender
+}
+
+async fn body_text(resp: hyper::Response<hyper::body::Incoming>) -> String {
+    let bytes = within("the response body", resp.into_body().collect())
+        .await
+        .expect("body")
+        .to_bytes();
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+#[tokio::test]
+async fn get_requests_share_one_keep_alive_connection_with_forwarding_headers() {
+    let (backend, _task) = http_backend("plain").await;
+    let proxy = Proxy::start(&[backend]);
+    let mut sender = client::<Empty<Bytes>>(&proxy).await;
+    for path in ["/first?x=1", "/second"] {
+        let req = hyper::Request::get(path)
+            .header("host", "www.example.com")
+            .header("x-forwarded-for", "6.6.6.6")
+            .header("keep-alive", "timeout=5")
+            .body(Empty::new())
+            .unwrap();
+        let resp = within("a response", sender.send_request(req))
+            .await
+            .expect("response");
+        assert_eq!(resp.status(), 200);
+        let text = body_text(resp).await;
+        assert!(text.starts_with(&format!("plain {path}\n")), "{text}");
+        assert!(text.contains("host: www.example.com\n"), "{text}");
+        assert!(text.contains("x-forwarded-for: 127.0.0.1\n"), "{text}");
+        assert!(
+            text.contains("x-forwarded-host: www.example.com\n"),
+            "{text}"
+        );
+        assert!(text.contains("x-real-ip: 127.0.0.1\n"), "{text}");
+        assert!(
+            text.contains("forwarded: for=127.0.0.1;proto=http;host=\"www.example.com\"\n"),
+            "{text}"
+        );
+        assert!(!text.contains("6.6.6.6"), "{text}");
+        assert!(!text.contains("keep-alive"), "{text}");
+    }
+    assert!(!sender.is_closed(), "the client connection was kept alive");
+}
+
+#[tokio::test]
+async fn chunked_post_streams_both_ways_then_the_connection_is_reused() {
+    let (backend, _task) = http_backend("plain").await;
+    let proxy = Proxy::start(&[backend]);
+    let mut sender = client::<StreamBody<tokio_stream_shim::Chunks>>(&proxy).await;
+    let (tx, chunks) = tokio_stream_shim::channel();
+    let req = hyper::Request::post("/upload")
+        .header("host", "h")
+        .body(StreamBody::new(chunks))
+        .unwrap();
+    let pending = tokio::spawn(sender.send_request(req));
+    // The body goes out in pieces, with no length known in advance: chunked on the wire.
+    let mut expected = String::new();
+    for i in 0..5 {
+        let piece = format!("piece {i} {}\n", "x".repeat(1000 * i));
+        expected.push_str(&piece);
+        tx.send(Ok(Frame::data(Bytes::from(piece))))
+            .await
+            .expect("send chunk");
+    }
+    drop(tx);
+    let resp = within("the echoed body", pending)
+        .await
+        .expect("task")
+        .expect("response");
+    assert_eq!(resp.status(), 200);
+    assert_eq!(body_text(resp).await, expected);
+
+    let (tx, chunks) = tokio_stream_shim::channel();
+    tx.send(Ok(Frame::data(Bytes::from_static(b"again"))))
+        .await
+        .expect("send");
+    drop(tx);
+    let req = hyper::Request::post("/again")
+        .header("host", "h")
+        .body(StreamBody::new(chunks))
+        .unwrap();
+    let resp = within("a second response", sender.send_request(req))
+        .await
+        .expect("response");
+    assert_eq!(body_text(resp).await, "again");
+}
+
+#[tokio::test]
+async fn fixed_length_post_is_echoed() {
+    let (backend, _task) = http_backend("plain").await;
+    let proxy = Proxy::start(&[backend]);
+    let mut sender = client::<Full<Bytes>>(&proxy).await;
+    let body = "y".repeat(300_000);
+    let req = hyper::Request::post("/fixed")
+        .header("host", "h")
+        .body(Full::new(Bytes::from(body.clone())))
+        .unwrap();
+    let resp = within("a response", sender.send_request(req))
+        .await
+        .expect("response");
+    assert_eq!(body_text(resp).await, body);
+}
+
+#[tokio::test]
+async fn plain_request_with_every_server_down_gets_502() {
+    let proxy = Proxy::start(&[unused_addr(), unused_addr()]);
+    let mut sender = client::<Empty<Bytes>>(&proxy).await;
+    let req = hyper::Request::get("/")
+        .header("host", "h")
+        .body(Empty::new())
+        .unwrap();
+    let resp = within("a response", sender.send_request(req))
+        .await
+        .expect("response");
+    assert_eq!(resp.status(), 502);
+    assert!(
+        body_text(resp)
+            .await
+            .contains("every backend server failed")
+    );
+}
+
+#[tokio::test]
+async fn plain_requests_round_robin_over_servers() {
+    let (a, _ta) = http_backend("a").await;
+    let (b, _tb) = http_backend("b").await;
+    let proxy = Proxy::start(&[a, b]);
+    let mut names = Vec::new();
+    for _ in 0..4 {
+        let response = raw_exchange(
+            proxy.addr,
+            b"GET /who HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        let body = response
+            .split("\r\n\r\n")
+            .nth(1)
+            .unwrap_or_default()
+            .to_string();
+        names.push(body.split(' ').next().unwrap_or_default().to_string());
+    }
+    assert_eq!(names, ["a", "b", "a", "b"]);
+}
+
+/// A body stream fed through a channel, without pulling in another crate for it.
+mod tokio_stream_shim {
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    use bytes::Bytes;
+    use hyper::body::Frame;
+    use tokio::sync::mpsc;
+
+    pub type Item = Result<Frame<Bytes>, std::convert::Infallible>;
+
+    pub struct Chunks(mpsc::Receiver<Item>);
+
+    pub fn channel() -> (mpsc::Sender<Item>, Chunks) {
+        let (tx, rx) = mpsc::channel(4);
+        (tx, Chunks(rx))
+    }
+
+    impl futures_util::Stream for Chunks {
+        type Item = Item;
+        fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Item>> {
+            self.0.poll_recv(cx)
+        }
+    }
+}
