@@ -587,13 +587,11 @@ async fn thousand_concurrent_connections_echo_in_order() {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Found while writing the tests above
+// Idle timeout and backpressure together
 // ---------------------------------------------------------------------------------------------------------------
 
 /// A client that reads steadily but slower than the backend writes is never idle: bytes flow to it all the time.
 #[tokio::test]
-#[ignore = "bug: the idle timeout counts only reads, so a session backpressured by a slow but steady reader is \
-            closed as idle and the bytes wsgate already took from the backend are lost (relay/tunnel.rs, Half::poll_copy)"]
 async fn slow_steady_reader_is_not_cut_by_idle_timeout() {
     const TOTAL: usize = 8 * 1024 * 1024;
     let (backend_addr, backend) = raw_backend().await;

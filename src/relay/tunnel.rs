@@ -139,7 +139,10 @@ impl Half {
             while self.written < self.pending.len() {
                 ready!(dst.poll_write_ready(cx)).map_err(HalfError::Write)?;
                 match write_some(dst, &self.pending[self.written..]) {
-                    Ok(n) => self.written += n,
+                    Ok(n) => {
+                        self.written += n;
+                        *active = true;
+                    }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                     Err(e) => return Poll::Ready(Err(HalfError::Write(e))),
                 }
@@ -279,7 +282,9 @@ impl Future for Tunnel<'_> {
             }
         }
         if let Some(idle) = &mut this.idle {
-            if active {
+            // Bytes held for a reader that is draining them slowly are not idleness: the kernel may not report the
+            // socket writable again for longer than the timeout while the reader keeps reading.
+            if active || !this.up.pending.is_empty() || !this.down.pending.is_empty() {
                 idle.last_activity = Instant::now();
             }
             while idle.timer.as_mut().poll(cx).is_ready() {

@@ -71,7 +71,28 @@ pub async fn session(shared: Arc<Shared>, client: TcpStream, peer: SocketAddr, i
     record.log(started.elapsed());
 }
 
-async fn run(shared: &Arc<Shared>, mut client: TcpStream, record: &mut ConnectionRecord) {
+async fn run(shared: &Arc<Shared>, client: TcpStream, record: &mut ConnectionRecord) {
+    // The handshake runs in a future of its own on the heap, freed before the relay starts: a long-lived session
+    // keeps only the relay's small state.
+    let Some((client, backend)) = Box::pin(open(shared, client, record)).await else {
+        return;
+    };
+    let idle = shared.config.timeouts.idle;
+    record.end = match relay::tunnel(&client, &backend, idle, &mut record.bytes).await {
+        relay::End::Closed(side) => format!("{side} closed"),
+        relay::End::IdleTimeout => "idle timeout".into(),
+        relay::End::Error(side, e) => format!("error: {side}: {e}"),
+    };
+}
+
+/// Everything before the relay. Returns the client's and the backend's sockets once the backend's 101 has been
+/// passed to the client; `None` when the connection was answered otherwise (a refusal, plain HTTP, a backend's
+/// non-101 answer) and is done.
+async fn open(
+    shared: &Arc<Shared>,
+    mut client: TcpStream,
+    record: &mut ConnectionRecord,
+) -> Option<(TcpStream, TcpStream)> {
     let timeouts = shared.config.timeouts;
     let mut head = Vec::with_capacity(1024);
     let read = timeout(
@@ -82,14 +103,17 @@ async fn run(shared: &Arc<Shared>, mut client: TcpStream, record: &mut Connectio
         Err(_) => return refuse(client, record, Refusal::HeadTimeout(timeouts.handshake)).await,
         Ok(Err(ReadError::Closed)) => {
             record.end = "client closed before sending a request".into();
-            return;
+            return None;
         }
         Ok(Err(ReadError::Io(e))) => {
             record.end = format!("error: client: {e}");
-            return;
+            return None;
         }
         Ok(Err(ReadError::Refused(e))) => return refuse(client, record, e.into()).await,
-        Ok(Ok(None)) => return plain::serve(shared.clone(), client, head, record).await,
+        Ok(Ok(None)) => {
+            plain::serve(shared.clone(), client, head, record).await;
+            return None;
+        }
         Ok(Ok(Some(upgrade))) => upgrade,
     };
     let Upgrade {
@@ -106,38 +130,31 @@ async fn run(shared: &Arc<Shared>, mut client: TcpStream, record: &mut Connectio
             Ok(opened) => opened,
             Err(refusal) => return refuse(client, record, refusal).await,
         };
-    drop(forward);
     match answer_head {
         AnswerHead::Switching => {
             record.status = 101;
             if let Err(e) = client.write_all(&answer).await {
                 record.end = format!("error: client: {e}");
-                return;
+                return None;
             }
-            drop(answer);
-            let end = relay::tunnel(&client, &backend, timeouts.idle, &mut record.bytes).await;
-            record.end = match end {
-                relay::End::Closed(side) => format!("{side} closed"),
-                relay::End::IdleTimeout => "idle timeout".into(),
-                relay::End::Error(side, e) => format!("error: {side}: {e}"),
-            };
+            Some((client, backend))
         }
         AnswerHead::Other { status, head, body } => {
             record.status = status;
-            record.end = match pass_answer(
+            let passed = pass_answer(
                 &mut client,
                 &mut backend,
                 &head,
                 &answer,
                 body,
                 timeouts.handshake,
-            )
-            .await
-            {
+            );
+            record.end = match passed.await {
                 Ok(()) => format!("backend answered {status} to the upgrade"),
                 Err(e) => format!("error: while passing the backend's {status} answer: {e}"),
             };
             lingering_close(client).await;
+            None
         }
     }
 }
@@ -317,8 +334,12 @@ async fn pass_answer(
     }
 }
 
-/// Answers the client with an error status and closes.
-async fn refuse(mut client: TcpStream, record: &mut ConnectionRecord, refusal: Refusal) {
+/// Answers the client with an error status and closes. Returns `None`: the connection is done.
+async fn refuse(
+    mut client: TcpStream,
+    record: &mut ConnectionRecord,
+    refusal: Refusal,
+) -> Option<(TcpStream, TcpStream)> {
     let status = refusal.status();
     let reason = refusal.to_string();
     let answer = crate::http::error_response(status, &reason);
@@ -330,6 +351,7 @@ async fn refuse(mut client: TcpStream, record: &mut ConnectionRecord, refusal: R
     {
         lingering_close(client).await;
     }
+    None
 }
 
 /// Closes after an answer so that the client reads it: shut down our side, then read and drop what the client
