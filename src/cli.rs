@@ -126,9 +126,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             runtime.block_on(signals.serve_until_signalled(running))
         }
         Command::Demo(args) => runtime.block_on(async {
-            let backend = demo::start_backend()
-                .await
-                .context("cannot start the demo backend")?;
+            let backend = demo::start_backend().await.context("cannot start the demo backend")?;
             let config = args.common.config(&args.listen, &[backend.to_string()])?;
             observe::init_logging(config.log_format);
             let running = server::start(config)?;

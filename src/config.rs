@@ -73,13 +73,11 @@ pub enum ConfigError {
 /// A duration as people write it: `250ms`, `5s`, `2m`, `1h`, or a bare number of seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
-    let split = s
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(s.len());
+    let split = s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len());
     let (number, unit) = s.split_at(split);
-    let value: f64 = number.parse().map_err(|_| {
-        format!("invalid duration `{s}`: expected a number and a unit, like 30s or 250ms")
-    })?;
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("invalid duration `{s}`: expected a number and a unit, like 30s or 250ms"))?;
     let scale = match unit.trim() {
         "ms" => 0.001,
         "" | "s" => 1.0,
@@ -91,8 +89,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
             ));
         }
     };
-    Duration::try_from_secs_f64(value * scale)
-        .map_err(|_| format!("duration `{s}` is out of range"))
+    Duration::try_from_secs_f64(value * scale).map_err(|_| format!("duration `{s}` is out of range"))
 }
 
 impl Config {
@@ -103,9 +100,7 @@ impl Config {
         timeouts: Timeouts,
         log_format: LogFormat,
     ) -> Result<Config, ConfigError> {
-        let listen: SocketAddr = listen
-            .parse()
-            .map_err(|_| ConfigError::Listen(listen.to_string()))?;
+        let listen: SocketAddr = listen.parse().map_err(|_| ConfigError::Listen(listen.to_string()))?;
         let servers = servers
             .iter()
             .map(|name| resolve(name))

@@ -78,11 +78,7 @@ pub fn start(config: Config) -> Result<Running, ServerError> {
     for _ in 0..workers {
         let socket = bind(address).map_err(|source| ServerError::Listen { address, source })?;
         // With port 0, the first bind picks the port and the others join it.
-        address = socket
-            .local_addr()
-            .ok()
-            .and_then(|a| a.as_socket())
-            .unwrap_or(address);
+        address = socket.local_addr().ok().and_then(|a| a.as_socket()).unwrap_or(address);
         listeners.push(socket);
     }
     let shared = Arc::new(Shared {
@@ -114,11 +110,7 @@ pub fn start(config: Config) -> Result<Running, ServerError> {
 }
 
 fn bind(address: SocketAddr) -> io::Result<Socket> {
-    let socket = Socket::new(
-        Domain::for_address(address),
-        Type::STREAM,
-        Some(Protocol::TCP),
-    )?;
+    let socket = Socket::new(Domain::for_address(address), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
     socket.set_reuse_port(true)?;
     socket.set_nonblocking(true)?;
@@ -135,10 +127,7 @@ struct Worker {
 
 impl Worker {
     fn run(self, listener: Socket) {
-        let runtime = match tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-        {
+        let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
             Ok(rt) => rt,
             Err(e) => {
                 tracing::error!(error = %e, "cannot start a worker runtime");

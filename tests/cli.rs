@@ -70,10 +70,7 @@ fn bad_arguments_fail_with_a_clear_message() {
         let out = wsgate(args);
         assert!(!out.status.success(), "{args:?} succeeded");
         let err = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            err.contains(expected),
-            "{args:?}: expected {expected:?} in:\n{err}"
-        );
+        assert!(err.contains(expected), "{args:?}: expected {expected:?} in:\n{err}");
     }
 }
 
@@ -103,11 +100,7 @@ async fn demo_serves_its_page_echo_and_chat_through_the_proxy_and_stops_on_ctrl_
         .expect("a line");
     assert!(first.contains(&format!("http://{addr}/")), "{first}");
 
-    let page = raw_exchange(
-        addr,
-        b"GET / HTTP/1.1\r\nHost: demo\r\nConnection: close\r\n\r\n",
-    )
-    .await;
+    let page = raw_exchange(addr, b"GET / HTTP/1.1\r\nHost: demo\r\nConnection: close\r\n\r\n").await;
     assert!(page.starts_with("HTTP/1.1 200"), "{page}");
     assert!(page.contains("<title>wsgate demo</title>"), "{page}");
 
@@ -138,8 +131,6 @@ async fn demo_serves_its_page_echo_and_chat_through_the_proxy_and_stops_on_ctrl_
     drop((echo, alice, bob));
     let pid = Pid::from_raw(child.id().expect("pid") as i32).expect("pid");
     kill_process(pid, Signal::INT).expect("signal");
-    let status = within("the demo to stop", child.wait())
-        .await
-        .expect("wait");
+    let status = within("the demo to stop", child.wait()).await.expect("wait");
     assert_eq!(status.code(), Some(0));
 }

@@ -37,9 +37,7 @@ struct RawConn {
 
 impl RawConn {
     async fn open(addr: SocketAddr) -> RawConn {
-        let stream = within("connect", TcpStream::connect(addr))
-            .await
-            .expect("connect");
+        let stream = within("connect", TcpStream::connect(addr)).await.expect("connect");
         RawConn {
             stream,
             buf: Vec::new(),
@@ -47,9 +45,7 @@ impl RawConn {
     }
 
     async fn send(&mut self, bytes: &[u8]) {
-        within("a write", self.stream.write_all(bytes))
-            .await
-            .expect("write");
+        within("a write", self.stream.write_all(bytes)).await.expect("write");
     }
 
     /// One read into the buffer; the number of bytes read (0 at end of stream). A reset fails the test.
@@ -95,11 +91,7 @@ impl RawConn {
     /// Reads one unmasked WebSocket frame from the server: its first byte (FIN + opcode) and payload.
     async fn read_frame(&mut self) -> (u8, Vec<u8>) {
         let start = self.read_exact(2).await;
-        assert_eq!(
-            start[1] & 0x80,
-            0,
-            "frames from the server are never masked"
-        );
+        assert_eq!(start[1] & 0x80, 0, "frames from the server are never masked");
         let len = match start[1] & 0x7f {
             126 => u16::from_be_bytes(self.read_exact(2).await.try_into().unwrap()) as usize,
             127 => u64::from_be_bytes(self.read_exact(8).await.try_into().unwrap()) as usize,
@@ -142,9 +134,7 @@ impl Reply {
         let status_line = lines.next().unwrap_or_default().to_string();
         let headers = lines
             .map(|l| {
-                let (k, v) = l
-                    .split_once(':')
-                    .unwrap_or_else(|| panic!("bad line {l:?}"));
+                let (k, v) = l.split_once(':').unwrap_or_else(|| panic!("bad line {l:?}"));
                 (k.trim().to_string(), v.trim().to_string())
             })
             .collect();
@@ -179,17 +169,9 @@ async fn exchange(addr: SocketAddr, request: &[u8]) -> Reply {
 /// Checks an answer written by wsgate itself: the status line, `Connection: close`, and a one-line plain-text
 /// body of the declared length. Returns the reason (the body without its newline).
 fn refusal_reason(reply: &Reply, status: u16, phrase: &str) -> String {
-    assert_eq!(
-        reply.status_line,
-        format!("HTTP/1.1 {status} {phrase}"),
-        "{reply:?}"
-    );
+    assert_eq!(reply.status_line, format!("HTTP/1.1 {status} {phrase}"), "{reply:?}");
     assert_eq!(reply.header("connection"), ["close"], "{reply:?}");
-    assert_eq!(
-        reply.header("content-type"),
-        ["text/plain; charset=utf-8"],
-        "{reply:?}"
-    );
+    assert_eq!(reply.header("content-type"), ["text/plain; charset=utf-8"], "{reply:?}");
     assert_eq!(
         reply.header("content-length"),
         [reply.body.len().to_string().as_str()],
@@ -274,11 +256,7 @@ where
             });
         }
     });
-    RawBackend {
-        addr,
-        requests,
-        task,
-    }
+    RawBackend { addr, requests, task }
 }
 
 /// Keeps a connection open, unanswered, until the backend is dropped.
@@ -320,13 +298,7 @@ async fn echo_once(proxy: &Proxy, text: &str) {
 #[tokio::test]
 async fn post_upgrade_gets_400() {
     let req = upgrade_request("/", "").replacen("GET", "POST", 1);
-    assert_refused(
-        req.as_bytes(),
-        400,
-        "Bad Request",
-        "WebSocket upgrade must use GET",
-    )
-    .await;
+    assert_refused(req.as_bytes(), 400, "Bad Request", "WebSocket upgrade must use GET").await;
 }
 
 #[tokio::test]
@@ -395,11 +367,7 @@ async fn missing_version_gets_400() {
 
 #[tokio::test]
 async fn version_8_gets_426_with_supported_version() {
-    let req = upgrade_request("/", "").replacen(
-        "Sec-WebSocket-Version: 13",
-        "Sec-WebSocket-Version: 8",
-        1,
-    );
+    let req = upgrade_request("/", "").replacen("Sec-WebSocket-Version: 13", "Sec-WebSocket-Version: 8", 1);
     let reply = assert_refused(
         req.as_bytes(),
         426,
@@ -452,9 +420,7 @@ async fn exactly_100_header_fields_are_accepted() {
 #[tokio::test]
 async fn slow_client_gets_408_after_handshake_timeout() {
     let backend = ws_backend("a").await;
-    let proxy = Proxy::start_with(&[backend.addr], |c| {
-        c.timeouts.handshake = Duration::from_secs(1)
-    });
+    let proxy = Proxy::start_with(&[backend.addr], |c| c.timeouts.handshake = Duration::from_secs(1));
     let mut conn = RawConn::open(proxy.addr).await;
     let started = Instant::now();
     // Half a head, then nothing: the connection stays open on our side.
@@ -476,19 +442,14 @@ async fn slow_client_gets_408_after_handshake_timeout() {
 async fn trickling_client_gets_408_after_handshake_timeout_in_all() {
     // The timeout covers the whole head, not each read: a byte every 100 ms does not keep a client alive.
     let backend = ws_backend("a").await;
-    let proxy = Proxy::start_with(&[backend.addr], |c| {
-        c.timeouts.handshake = Duration::from_secs(1)
-    });
+    let proxy = Proxy::start_with(&[backend.addr], |c| c.timeouts.handshake = Duration::from_secs(1));
     let stream = within("connect", TcpStream::connect(proxy.addr))
         .await
         .expect("connect");
     let (mut read, mut write) = stream.into_split();
     let started = Instant::now();
     let trickle = tokio::spawn(async move {
-        for &b in b"GET /chat HTTP/1.1\r\nHost: test.local\r\nX-Slow: "
-            .iter()
-            .cycle()
-        {
+        for &b in b"GET /chat HTTP/1.1\r\nHost: test.local\r\nX-Slow: ".iter().cycle() {
             if write.write_all(&[b]).await.is_err() {
                 return;
             }
@@ -519,13 +480,7 @@ async fn garbage_that_is_not_http_gets_400() {
     let garbage = [
         0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03, 0xde, 0xad, 0xbe, 0xef,
     ];
-    assert_refused(
-        &garbage,
-        400,
-        "Bad Request",
-        "malformed request head: invalid token",
-    )
-    .await;
+    assert_refused(&garbage, 400, "Bad Request", "malformed request head: invalid token").await;
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -643,8 +598,7 @@ async fn client_forwarding_headers_are_replaced_not_appended() {
     );
     let all: Vec<&String> = seen.headers.values().flatten().collect();
     assert!(
-        !all.iter()
-            .any(|v| v.contains("6.6.6.6") || v.contains("evil.example")),
+        !all.iter().any(|v| v.contains("6.6.6.6") || v.contains("evil.example")),
         "a client-sent forwarding value reached the backend: {all:?}"
     );
 }
@@ -657,18 +611,8 @@ async fn hop_by_hop_headers_are_removed() {
          X-Hop-Secret: s3cret\r\nX-End-To-End: kept\r\n",
     )
     .await;
-    for gone in [
-        "keep-alive",
-        "te",
-        "trailer",
-        "proxy-connection",
-        "x-hop-secret",
-    ] {
-        assert_eq!(
-            seen.get(gone),
-            Vec::<&str>::new(),
-            "{gone} reached the backend"
-        );
+    for gone in ["keep-alive", "te", "trailer", "proxy-connection", "x-hop-secret"] {
+        assert_eq!(seen.get(gone), Vec::<&str>::new(), "{gone} reached the backend");
     }
     assert_eq!(seen.get("connection"), ["Upgrade"]);
     assert_eq!(seen.get("x-end-to-end"), ["kept"]);
@@ -704,12 +648,9 @@ async fn backend_picks_the_last_offered_subprotocol_and_client_sees_it() {
     request
         .headers_mut()
         .insert("Sec-WebSocket-Protocol", HeaderValue::from_static("v1, v2"));
-    let (mut ws, response) = within(
-        "the WebSocket handshake",
-        tokio_tungstenite::connect_async(request),
-    )
-    .await
-    .expect("handshake");
+    let (mut ws, response) = within("the WebSocket handshake", tokio_tungstenite::connect_async(request))
+        .await
+        .expect("handshake");
     assert_eq!(
         response.headers().get("sec-websocket-protocol"),
         Some(&HeaderValue::from_static("v2"))
@@ -770,9 +711,7 @@ async fn no_servers_gets_503() {
 #[tokio::test]
 async fn silent_backend_gets_504_after_handshake_timeout() {
     let mut silent = raw_backend(hold).await;
-    let proxy = Proxy::start_with(&[silent.addr], |c| {
-        c.timeouts.handshake = Duration::from_secs(1)
-    });
+    let proxy = Proxy::start_with(&[silent.addr], |c| c.timeouts.handshake = Duration::from_secs(1));
     let started = Instant::now();
     let reply = exchange(proxy.addr, upgrade_request("/", "").as_bytes()).await;
     let waited = started.elapsed();
@@ -788,12 +727,7 @@ async fn silent_backend_gets_504_after_handshake_timeout() {
         "answered after {waited:?}, expected about 1s"
     );
     // The request did reach it: the timeout is about the answer, not the connect.
-    assert!(
-        silent
-            .next_request()
-            .await
-            .starts_with("GET / HTTP/1.1\r\n")
-    );
+    assert!(silent.next_request().await.starts_with("GET / HTTP/1.1\r\n"));
 }
 
 #[tokio::test]
@@ -812,10 +746,7 @@ async fn wrong_accept_key_from_backend_gets_502() {
     let reply = exchange(proxy.addr, upgrade_request("/", "").as_bytes()).await;
     assert_eq!(
         refusal_reason(&reply, 502, "Bad Gateway"),
-        format!(
-            "{}: backend answered 101 with a wrong Sec-WebSocket-Accept",
-            liar.addr
-        )
+        format!("{}: backend answered 101 with a wrong Sec-WebSocket-Accept", liar.addr)
     );
 }
 
@@ -830,12 +761,7 @@ async fn backend_closing_before_answer_is_skipped_for_a_good_one() {
     }
     // Round robin started on the closing server for two of the four connections.
     for _ in 0..2 {
-        assert!(
-            closer
-                .next_request()
-                .await
-                .starts_with("GET /echo HTTP/1.1\r\n")
-        );
+        assert!(closer.next_request().await.starts_with("GET /echo HTTP/1.1\r\n"));
     }
     assert!(
         closer.requests.try_recv().is_err(),
@@ -919,11 +845,7 @@ async fn round_robin_cycles_over_two_backends() {
 
 #[tokio::test]
 async fn round_robin_cycles_over_three_backends() {
-    let (a, b, c) = (
-        ws_backend("a").await,
-        ws_backend("b").await,
-        ws_backend("c").await,
-    );
+    let (a, b, c) = (ws_backend("a").await, ws_backend("b").await, ws_backend("c").await);
     let proxy = Proxy::start(&[a.addr, b.addr, c.addr]);
     assert_eq!(names_over(&proxy, 6).await, ["a", "b", "c", "a", "b", "c"]);
 }
@@ -933,28 +855,18 @@ async fn round_robin_cycles_over_three_backends() {
 async fn backend_connect_timeout_gets_504() {
     use socket2::{Domain, Socket, Type};
     let full = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
-    full.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
-        .expect("bind");
+    full.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into()).expect("bind");
     full.listen(0).expect("listen");
-    let addr = full
-        .local_addr()
-        .ok()
-        .and_then(|a| a.as_socket())
-        .expect("addr");
+    let addr = full.local_addr().ok().and_then(|a| a.as_socket()).expect("addr");
     // Connections the backend never accepts fill its queue.
     let mut fillers = Vec::new();
     for _ in 0..8 {
-        if let Ok(Ok(s)) =
-            tokio::time::timeout(Duration::from_millis(200), TcpStream::connect(addr)).await
-        {
+        if let Ok(Ok(s)) = tokio::time::timeout(Duration::from_millis(200), TcpStream::connect(addr)).await {
             fillers.push(s);
         }
     }
     let probe = tokio::time::timeout(Duration::from_millis(300), TcpStream::connect(addr)).await;
-    assert!(
-        probe.is_err(),
-        "the accept queue should be full, so a connect hangs"
-    );
+    assert!(probe.is_err(), "the accept queue should be full, so a connect hangs");
 
     let proxy = Proxy::start_with(&[addr], |c| c.timeouts.connect = Duration::from_millis(500));
     let started = Instant::now();

@@ -44,10 +44,7 @@ fn text_of(bytes: &[u8]) -> String {
 fn require_python_websockets() {
     let check = "import sys, websockets; v = websockets.__version__; \
                  int(v.split('.')[0]) >= 17 or sys.exit(f'websockets {v} is older than 17')";
-    match std::process::Command::new("python3")
-        .args(["-c", check])
-        .output()
-    {
+    match std::process::Command::new("python3").args(["-c", check]).output() {
         Ok(out) if out.status.success() => {}
         Ok(out) => panic!(
             "Python `websockets` 17 or later is not installed for python3 ({}). Run scripts/test, which \
@@ -155,12 +152,7 @@ impl Tomcat {
         for dir in ["conf/Catalina/localhost", "logs", "work", "webapps", "temp"] {
             fs::create_dir_all(base.join(dir)).expect("create CATALINA_BASE folders");
         }
-        for file in [
-            "web.xml",
-            "catalina.properties",
-            "context.xml",
-            "logging.properties",
-        ] {
+        for file in ["web.xml", "catalina.properties", "context.xml", "logging.properties"] {
             fs::copy(etc.join(file), base.join("conf").join(file))
                 .unwrap_or_else(|e| panic!("copy {}/{file}: {e}", etc.display()));
         }
@@ -200,10 +192,7 @@ impl Tomcat {
     }
 
     fn echo_url(&self) -> String {
-        format!(
-            "ws://127.0.0.1:{}/examples/websocket/echoAnnotation",
-            self.port
-        )
+        format!("ws://127.0.0.1:{}/examples/websocket/echoAnnotation", self.port)
     }
 
     /// The last `lines` lines of catalina.out.
@@ -220,11 +209,7 @@ impl Tomcat {
         let url = self.echo_url();
         let mut last_error = String::from("no attempt yet");
         while started.elapsed() < TOMCAT_READY_WAIT {
-            if let Some(status) = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
                 panic!(
                     "Tomcat exited ({status}) before it was ready. Tail of {}:\n{}",
                     self.catalina_out().display(),
@@ -271,8 +256,7 @@ fn unique_temp_dir(what: &str) -> PathBuf {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos())
         .unwrap_or(0);
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .join(format!("peers-{what}-{}-{nanos}", std::process::id()));
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("peers-{what}-{}-{nanos}", std::process::id()));
     fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("create {}: {e}", dir.display()));
     dir
 }
@@ -344,12 +328,7 @@ async fn check_echo(proxy: &Proxy, path: &str) {
     let mut ws = connect(&proxy.url(path)).await;
     let big = long_text(70_000);
     assert_eq!(big.len(), 70_000);
-    for text in [
-        "hello Tomcat",
-        "ünïcødé ✓",
-        big.as_str(),
-        "after the big one",
-    ] {
+    for text in ["hello Tomcat", "ünïcødé ✓", big.as_str(), "after the big one"] {
         ws.send(Message::text(text)).await.expect("send text");
         let echo = next_text(&mut ws).await;
         assert!(
@@ -361,9 +340,7 @@ async fn check_echo(proxy: &Proxy, path: &str) {
     }
     let binary: Vec<u8> = (0..70_000u32).map(|i| (i * 7 % 251) as u8).collect();
     for payload in [vec![0u8, 1, 2, 255, 254], binary] {
-        ws.send(Message::binary(payload.clone()))
-            .await
-            .expect("send binary");
+        ws.send(Message::binary(payload.clone())).await.expect("send binary");
         match next_message(&mut ws).await {
             Message::Binary(b) => assert!(
                 b[..] == payload[..],
@@ -458,10 +435,7 @@ async fn tomcat_jsr356_echo_through_wsgate() {
         ),
     )
     .await;
-    assert_eq!(
-        status, 200,
-        "GET RequestParamExample through wsgate:\n{page}"
-    );
+    assert_eq!(status, 200, "GET RequestParamExample through wsgate:\n{page}");
     assert!(
         page.contains("Ada") && page.contains("Lovelace"),
         "the servlet did not see the query parameters:\n{page}"
@@ -478,10 +452,7 @@ async fn tomcat_jsr356_echo_through_wsgate() {
         ),
     )
     .await;
-    assert_eq!(
-        status, 200,
-        "POST RequestParamExample through wsgate:\n{page}"
-    );
+    assert_eq!(status, 200, "POST RequestParamExample through wsgate:\n{page}");
     assert!(
         page.contains("Grace") && page.contains("Hopper"),
         "the servlet did not see the posted form:\n{page}"

@@ -46,18 +46,13 @@ async fn get_requests_share_one_keep_alive_connection_with_forwarding_headers() 
             .header("keep-alive", "timeout=5")
             .body(Empty::new())
             .unwrap();
-        let resp = within("a response", sender.send_request(req))
-            .await
-            .expect("response");
+        let resp = within("a response", sender.send_request(req)).await.expect("response");
         assert_eq!(resp.status(), 200);
         let text = body_text(resp).await;
         assert!(text.starts_with(&format!("plain {path}\n")), "{text}");
         assert!(text.contains("host: www.example.com\n"), "{text}");
         assert!(text.contains("x-forwarded-for: 127.0.0.1\n"), "{text}");
-        assert!(
-            text.contains("x-forwarded-host: www.example.com\n"),
-            "{text}"
-        );
+        assert!(text.contains("x-forwarded-host: www.example.com\n"), "{text}");
         assert!(text.contains("x-real-ip: 127.0.0.1\n"), "{text}");
         assert!(
             text.contains("forwarded: for=127.0.0.1;proto=http;host=\"www.example.com\"\n"),
@@ -85,9 +80,7 @@ async fn chunked_post_streams_both_ways_then_the_connection_is_reused() {
     for i in 0..5 {
         let piece = format!("piece {i} {}\n", "x".repeat(1000 * i));
         expected.push_str(&piece);
-        tx.send(Ok(Frame::data(Bytes::from(piece))))
-            .await
-            .expect("send chunk");
+        tx.send(Ok(Frame::data(Bytes::from(piece)))).await.expect("send chunk");
     }
     drop(tx);
     let resp = within("the echoed body", pending)
@@ -122,9 +115,7 @@ async fn fixed_length_post_is_echoed() {
         .header("host", "h")
         .body(Full::new(Bytes::from(body.clone())))
         .unwrap();
-    let resp = within("a response", sender.send_request(req))
-        .await
-        .expect("response");
+    let resp = within("a response", sender.send_request(req)).await.expect("response");
     assert_eq!(body_text(resp).await, body);
 }
 
@@ -132,19 +123,10 @@ async fn fixed_length_post_is_echoed() {
 async fn plain_request_with_every_server_down_gets_502() {
     let proxy = Proxy::start(&[unused_addr(), unused_addr()]);
     let mut sender = client::<Empty<Bytes>>(&proxy).await;
-    let req = hyper::Request::get("/")
-        .header("host", "h")
-        .body(Empty::new())
-        .unwrap();
-    let resp = within("a response", sender.send_request(req))
-        .await
-        .expect("response");
+    let req = hyper::Request::get("/").header("host", "h").body(Empty::new()).unwrap();
+    let resp = within("a response", sender.send_request(req)).await.expect("response");
     assert_eq!(resp.status(), 502);
-    assert!(
-        body_text(resp)
-            .await
-            .contains("every backend server failed")
-    );
+    assert!(body_text(resp).await.contains("every backend server failed"));
 }
 
 #[tokio::test]
@@ -154,16 +136,8 @@ async fn plain_requests_round_robin_over_servers() {
     let proxy = Proxy::start(&[a, b]);
     let mut names = Vec::new();
     for _ in 0..4 {
-        let response = raw_exchange(
-            proxy.addr,
-            b"GET /who HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n",
-        )
-        .await;
-        let body = response
-            .split("\r\n\r\n")
-            .nth(1)
-            .unwrap_or_default()
-            .to_string();
+        let response = raw_exchange(proxy.addr, b"GET /who HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n").await;
+        let body = response.split("\r\n\r\n").nth(1).unwrap_or_default().to_string();
         names.push(body.split(' ').next().unwrap_or_default().to_string());
     }
     assert_eq!(names, ["a", "b", "a", "b"]);
@@ -193,4 +167,100 @@ mod tokio_stream_shim {
             self.0.poll_recv(cx)
         }
     }
+}
+
+/// Reads one response head byte by byte, so nothing after it is consumed.
+async fn read_head(stream: &mut TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut head = Vec::new();
+    within("a response head", async {
+        while !head.ends_with(b"\r\n\r\n") {
+            let byte = stream.read_u8().await.expect("read");
+            head.push(byte);
+        }
+    })
+    .await;
+    String::from_utf8_lossy(&head).into_owned()
+}
+
+async fn read_body(stream: &mut TcpStream, head: &str) -> String {
+    use tokio::io::AsyncReadExt;
+    let length: usize = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length: ")
+                .map(|v| v.trim().to_string())
+        })
+        .and_then(|v| v.parse().ok())
+        .expect("content-length");
+    let mut body = vec![0u8; length];
+    within("a response body", stream.read_exact(&mut body))
+        .await
+        .expect("body");
+    String::from_utf8_lossy(&body).into_owned()
+}
+
+#[tokio::test]
+async fn websocket_upgrade_after_a_plain_request_on_the_same_connection_is_relayed() {
+    use tokio::io::AsyncWriteExt;
+    use tokio_tungstenite::tungstenite::protocol::Role;
+    let backend = wsgate::demo::start_backend().await.expect("demo backend");
+    let proxy = Proxy::start(&[backend]);
+    let mut stream = within("connect", TcpStream::connect(proxy.addr))
+        .await
+        .expect("connect");
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+        .await
+        .expect("write");
+    let head = read_head(&mut stream).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(read_body(&mut stream, &head).await.contains("wsgate demo"));
+
+    stream
+        .write_all(upgrade_request("/echo", "").as_bytes())
+        .await
+        .expect("write");
+    let head = read_head(&mut stream).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo="),
+        "{head}"
+    );
+    let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(stream, Role::Client, None).await;
+    for text in ["one", "two"] {
+        futures_util::SinkExt::send(&mut ws, tokio_tungstenite::tungstenite::Message::text(text))
+            .await
+            .expect("send");
+        match within("an echo", futures_util::StreamExt::next(&mut ws)).await {
+            Some(Ok(tokio_tungstenite::tungstenite::Message::Text(t))) => assert_eq!(t.as_str(), text),
+            other => panic!("expected the echo, got {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn bad_websocket_upgrade_after_a_plain_request_gets_426() {
+    use tokio::io::AsyncWriteExt;
+    let backend = wsgate::demo::start_backend().await.expect("demo backend");
+    let proxy = Proxy::start(&[backend]);
+    let mut stream = within("connect", TcpStream::connect(proxy.addr))
+        .await
+        .expect("connect");
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+        .await
+        .expect("write");
+    let head = read_head(&mut stream).await;
+    read_body(&mut stream, &head).await;
+    let request = upgrade_request("/echo", "").replace("Version: 13", "Version: 8");
+    stream.write_all(request.as_bytes()).await.expect("write");
+    let head = read_head(&mut stream).await;
+    assert!(head.starts_with("HTTP/1.1 426"), "{head}");
+    assert!(
+        head.to_ascii_lowercase().contains("sec-websocket-version: 13"),
+        "{head}"
+    );
 }

@@ -32,9 +32,7 @@ fn text_of_len(len: usize) -> String {
 }
 
 fn binary_of_len(len: usize) -> Vec<u8> {
-    (0..len)
-        .map(|i| (i.wrapping_mul(7) ^ (i >> 8)) as u8)
-        .collect()
+    (0..len).map(|i| (i.wrapping_mul(7) ^ (i >> 8)) as u8).collect()
 }
 
 /// Byte `pos` of the stream the backpressure test sends: a cycle of a prime length, so that a byte lost, doubled
@@ -70,10 +68,7 @@ async fn until_end(ws: &mut Client, limit: Duration) -> Duration {
         }
     })
     .await;
-    assert!(
-        ended.is_ok(),
-        "the client connection was still open after {limit:?}"
-    );
+    assert!(ended.is_ok(), "the client connection was still open after {limit:?}");
     started.elapsed()
 }
 
@@ -118,10 +113,7 @@ async fn raw_backend() -> (SocketAddr, oneshot::Receiver<(TcpStream, Vec<u8>)>) 
              Sec-WebSocket-Accept: {}\r\n\r\n",
             std::str::from_utf8(&accept).expect("ascii")
         );
-        stream
-            .write_all(answer.as_bytes())
-            .await
-            .expect("write 101");
+        stream.write_all(answer.as_bytes()).await.expect("write 101");
         let _ = tx.send((stream, rest));
     });
     (addr, rx)
@@ -130,9 +122,7 @@ async fn raw_backend() -> (SocketAddr, oneshot::Receiver<(TcpStream, Vec<u8>)>) 
 /// A raw client through the proxy: sends the upgrade, checks the `101`, and returns the socket and any bytes read
 /// past the answer head.
 async fn raw_client(proxy: SocketAddr) -> (TcpStream, Vec<u8>) {
-    let mut stream = within("connect", TcpStream::connect(proxy))
-        .await
-        .expect("connect");
+    let mut stream = within("connect", TcpStream::connect(proxy)).await.expect("connect");
     stream
         .write_all(upgrade_request("/raw", "").as_bytes())
         .await
@@ -256,11 +246,7 @@ async fn client_ping_gets_backend_pong_with_same_payload() {
     let backend = ws_backend("a").await;
     let proxy = Proxy::start(&[backend.addr]);
     let mut ws = connect(&proxy.url("/ping")).await;
-    send(
-        &mut ws,
-        Message::Ping(Bytes::from_static(b"are you there?")),
-    )
-    .await;
+    send(&mut ws, Message::Ping(Bytes::from_static(b"are you there?"))).await;
     match next_raw(&mut ws).await {
         Message::Pong(p) => assert_eq!(&p[..], b"are you there?"),
         other => panic!("expected a pong, got {other:?}"),
@@ -420,10 +406,7 @@ async fn client_half_close_lets_backend_still_answer() {
         .expect("backend accepted");
 
     client.write_all(b"last words").await.expect("client write");
-    client
-        .shutdown()
-        .await
-        .expect("client shuts down its write half");
+    client.shutdown().await.expect("client shuts down its write half");
     let got = read_all(&mut server, rest).await;
     assert_eq!(got, b"last words", "backend got the bytes, then EOF");
 
@@ -602,10 +585,7 @@ async fn slow_steady_reader_is_not_cut_by_idle_timeout() {
         .expect("backend accepted");
     // The backend writes everything at once (the kernel buffers take it), then keeps its socket open.
     let writer = tokio::spawn(async move {
-        server
-            .write_all(&vec![7u8; TOTAL])
-            .await
-            .expect("backend write");
+        server.write_all(&vec![7u8; TOTAL]).await.expect("backend write");
         std::future::pending::<()>().await;
         drop(server);
     });

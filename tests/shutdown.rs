@@ -71,10 +71,7 @@ impl Binary {
     }
 
     async fn exit_code(&mut self) -> Option<i32> {
-        within("wsgate to exit", self.child.wait())
-            .await
-            .expect("wait")
-            .code()
+        within("wsgate to exit", self.child.wait()).await.expect("wait").code()
     }
 }
 
@@ -107,9 +104,7 @@ async fn sigterm_stops_accepting_keeps_live_sessions_and_exits_zero_when_they_en
     }
     for mut ws in live {
         ws.close(None).await.expect("close");
-        while let Some(Ok(_)) =
-            within("the close reply", futures_util::StreamExt::next(&mut ws)).await
-        {}
+        while let Some(Ok(_)) = within("the close reply", futures_util::StreamExt::next(&mut ws)).await {}
     }
     assert_eq!(proxy.exit_code().await, Some(0));
 }
@@ -122,9 +117,7 @@ async fn drain_timeout_closes_remaining_sessions_and_exits_zero() {
     echo(&mut ws, "hello").await;
     let signalled = tokio::time::Instant::now();
     proxy.signal(Signal::TERM);
-    let line = proxy
-        .wait_for_log("drain timeout reached during shutdown")
-        .await;
+    let line = proxy.wait_for_log("drain timeout reached during shutdown").await;
     assert!(line.contains("\"status\":101"), "{line}");
     assert_eq!(proxy.exit_code().await, Some(0));
     assert!(
@@ -132,11 +125,7 @@ async fn drain_timeout_closes_remaining_sessions_and_exits_zero() {
         "the drain lasted its timeout"
     );
     // The client's connection was closed by the proxy.
-    let end = within(
-        "the client to see the close",
-        futures_util::StreamExt::next(&mut ws),
-    )
-    .await;
+    let end = within("the client to see the close", futures_util::StreamExt::next(&mut ws)).await;
     assert!(!matches!(end, Some(Ok(Message::Text(_)))), "{end:?}");
 }
 

@@ -45,11 +45,7 @@ pub async fn start_backend() -> io::Result<SocketAddr> {
     Ok(address)
 }
 
-fn response(
-    status: StatusCode,
-    content_type: &'static str,
-    body: impl Into<Bytes>,
-) -> Response<Full<Bytes>> {
+fn response(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
     let mut resp = Response::new(Full::new(body.into()));
     *resp.status_mut() = status;
     resp.headers_mut()
@@ -57,10 +53,7 @@ fn response(
     resp
 }
 
-async fn handle(
-    req: Request<Incoming>,
-    room: broadcast::Sender<String>,
-) -> Result<Response<Full<Bytes>>, Infallible> {
+async fn handle(req: Request<Incoming>, room: broadcast::Sender<String>) -> Result<Response<Full<Bytes>>, Infallible> {
     let wants_websocket = req
         .headers()
         .get_all(header::UPGRADE)
@@ -74,17 +67,9 @@ async fn handle(
     })
 }
 
-fn upgrade(
-    mut req: Request<Incoming>,
-    chat: bool,
-    room: broadcast::Sender<String>,
-) -> Response<Full<Bytes>> {
+fn upgrade(mut req: Request<Incoming>, chat: bool, room: broadcast::Sender<String>) -> Response<Full<Bytes>> {
     let Some(key) = req.headers().get("sec-websocket-key") else {
-        return response(
-            StatusCode::BAD_REQUEST,
-            "text/plain",
-            "missing Sec-WebSocket-Key\n",
-        );
+        return response(StatusCode::BAD_REQUEST, "text/plain", "missing Sec-WebSocket-Key\n");
     };
     let accept = accept_key(key.as_bytes());
     let on_upgrade = hyper::upgrade::on(&mut req);

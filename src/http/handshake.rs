@@ -101,9 +101,7 @@ pub fn inspect_request(
         return Err(HandshakeError::Malformed("WebSocket upgrade must use GET"));
     }
     if version != 1 {
-        return Err(HandshakeError::Malformed(
-            "WebSocket upgrade must use HTTP/1.1",
-        ));
+        return Err(HandshakeError::Malformed("WebSocket upgrade must use HTTP/1.1"));
     }
     let mut hosts = header(headers, "host");
     let host = match (hosts.next(), hosts.next()) {
@@ -113,16 +111,12 @@ pub fn inspect_request(
         (Some(_), Some(_)) => return Err(HandshakeError::Malformed("more than one Host header")),
     };
     if !header(headers, "connection").any(|v| has_token(v, "upgrade")) {
-        return Err(HandshakeError::Malformed(
-            "Connection header lacks the upgrade token",
-        ));
+        return Err(HandshakeError::Malformed("Connection header lacks the upgrade token"));
     }
     let mut versions = header(headers, "sec-websocket-version");
     match (versions.next(), versions.next()) {
         (None, _) => {
-            return Err(HandshakeError::Malformed(
-                "missing Sec-WebSocket-Version header",
-            ));
+            return Err(HandshakeError::Malformed("missing Sec-WebSocket-Version header"));
         }
         (Some(v), None) if v.trim_ascii() == b"13" => {}
         _ => return Err(HandshakeError::UnsupportedVersion),
@@ -131,14 +125,10 @@ pub fn inspect_request(
     let key = match (keys.next(), keys.next()) {
         (Some(k), None) => k.trim_ascii(),
         (None, _) => {
-            return Err(HandshakeError::Malformed(
-                "missing Sec-WebSocket-Key header",
-            ));
+            return Err(HandshakeError::Malformed("missing Sec-WebSocket-Key header"));
         }
         (Some(_), Some(_)) => {
-            return Err(HandshakeError::Malformed(
-                "more than one Sec-WebSocket-Key header",
-            ));
+            return Err(HandshakeError::Malformed("more than one Sec-WebSocket-Key header"));
         }
     };
     let mut raw_key = [0u8; 16];
@@ -283,10 +273,7 @@ pub fn inspect_response(buf: &[u8], accept: &[u8; 28]) -> Result<Answer, Respons
     })
 }
 
-fn body_framing(
-    status: u16,
-    headers: &[httparse::Header<'_>],
-) -> Result<BodyFraming, ResponseError> {
+fn body_framing(status: u16, headers: &[httparse::Header<'_>]) -> Result<BodyFraming, ResponseError> {
     if (100..200).contains(&status) || status == 204 || status == 304 {
         return Ok(BodyFraming::Empty);
     }
@@ -481,9 +468,7 @@ mod tests {
 
     #[test]
     fn valid_upgrade_is_rewritten() {
-        let req = upgrade_request(
-            "X-Forwarded-For: 6.6.6.6\r\nKeep-Alive: 5\r\nSec-WebSocket-Protocol: chat\r\n",
-        );
+        let req = upgrade_request("X-Forwarded-For: 6.6.6.6\r\nKeep-Alive: 5\r\nSec-WebSocket-Protocol: chat\r\n");
         let Ok(Inspected::Upgrade(up)) = inspect(&req) else {
             panic!("not an upgrade")
         };
@@ -506,23 +491,11 @@ mod tests {
         let cases = [
             (upgrade_request("").replace("GET", "POST"), 400),
             (upgrade_request("").replace("HTTP/1.1", "HTTP/1.0"), 400),
-            (
-                upgrade_request("").replace("Host: example.com\r\n", ""),
-                400,
-            ),
-            (
-                upgrade_request("").replace("keep-alive, Upgrade", "keep-alive"),
-                400,
-            ),
+            (upgrade_request("").replace("Host: example.com\r\n", ""), 400),
+            (upgrade_request("").replace("keep-alive, Upgrade", "keep-alive"), 400),
             (upgrade_request("").replace(KEY, "c2hvcnQ="), 400),
-            (
-                upgrade_request("").replace("Version: 13", "Version: 8"),
-                426,
-            ),
-            (
-                upgrade_request("").replace("Sec-WebSocket-Version: 13\r\n", ""),
-                400,
-            ),
+            (upgrade_request("").replace("Version: 13", "Version: 8"), 426),
+            (upgrade_request("").replace("Sec-WebSocket-Version: 13\r\n", ""), 400),
             (upgrade_request("Host: other\r\n"), 400),
         ];
         for (req, status) in cases {
@@ -547,10 +520,7 @@ mod tests {
             inspect("GET / HTTP/1.1\r\nHost: a\r\n\r\n"),
             Ok(Inspected::Plain { head_len: 27 })
         );
-        assert_eq!(
-            inspect("GET / HTTP/1.1\r\nHost: a\r\n"),
-            Ok(Inspected::Partial)
-        );
+        assert_eq!(inspect("GET / HTTP/1.1\r\nHost: a\r\n"), Ok(Inspected::Partial));
     }
 
     #[test]
@@ -563,17 +533,10 @@ mod tests {
             Ok(Answer::Switching { head_len: ok.len() })
         );
         let bad = ok.replace("s3pP", "AAAA");
-        assert_eq!(
-            inspect_response(bad.as_bytes(), &accept),
-            Err(ResponseError::BadAccept)
-        );
-        let denied =
-            "HTTP/1.1 403 Forbidden\r\nContent-Length: 6\r\nConnection: keep-alive\r\n\r\nnope!\n";
+        assert_eq!(inspect_response(bad.as_bytes(), &accept), Err(ResponseError::BadAccept));
+        let denied = "HTTP/1.1 403 Forbidden\r\nContent-Length: 6\r\nConnection: keep-alive\r\n\r\nnope!\n";
         let Ok(Answer::Other {
-            status,
-            framing,
-            head,
-            ..
+            status, framing, head, ..
         }) = inspect_response(denied.as_bytes(), &accept)
         else {
             panic!()

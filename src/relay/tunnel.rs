@@ -62,6 +62,17 @@ pub enum End {
     Error(Side, io::Error),
 }
 
+impl std::fmt::Display for End {
+    /// How the access log says it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            End::Closed(side) => write!(f, "{side} closed"),
+            End::IdleTimeout => f.write_str("idle timeout"),
+            End::Error(side, e) => write!(f, "error: {side}: {e}"),
+        }
+    }
+}
+
 /// Relays between `client` and `backend` until both directions are closed, one fails, or the connection is idle
 /// for `idle_timeout`.
 pub fn tunnel<'a>(

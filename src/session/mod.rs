@@ -41,10 +41,7 @@ enum Refusal {
     #[error(transparent)]
     Upstream(#[from] UpstreamError),
     #[error("{server}: {source}")]
-    Answer {
-        server: SocketAddr,
-        source: ResponseError,
-    },
+    Answer { server: SocketAddr, source: ResponseError },
 }
 
 impl Refusal {
@@ -78,11 +75,9 @@ async fn run(shared: &Arc<Shared>, client: TcpStream, record: &mut ConnectionRec
         return;
     };
     let idle = shared.config.timeouts.idle;
-    record.end = match relay::tunnel(&client, &backend, idle, &mut record.bytes).await {
-        relay::End::Closed(side) => format!("{side} closed"),
-        relay::End::IdleTimeout => "idle timeout".into(),
-        relay::End::Error(side, e) => format!("error: {side}: {e}"),
-    };
+    record.end = relay::tunnel(&client, &backend, idle, &mut record.bytes)
+        .await
+        .to_string();
 }
 
 /// Everything before the relay. Returns the client's and the backend's sockets once the backend's 101 has been
@@ -95,10 +90,7 @@ async fn open(
 ) -> Option<(TcpStream, TcpStream)> {
     let timeouts = shared.config.timeouts;
     let mut head = Vec::with_capacity(1024);
-    let read = timeout(
-        timeouts.handshake,
-        read_request(&mut client, &mut head, record.client),
-    );
+    let read = timeout(timeouts.handshake, read_request(&mut client, &mut head, record.client));
     let upgrade = match read.await {
         Err(_) => return refuse(client, record, Refusal::HeadTimeout(timeouts.handshake)).await,
         Ok(Err(ReadError::Closed)) => {
@@ -125,11 +117,10 @@ async fn open(
     forward.extend_from_slice(head.get(head_len..).unwrap_or_default());
     drop(head);
 
-    let (mut backend, answer, answer_head) =
-        match open_backend(shared, &forward, &accept, record).await {
-            Ok(opened) => opened,
-            Err(refusal) => return refuse(client, record, refusal).await,
-        };
+    let (mut backend, answer, answer_head) = match open_backend(shared, &forward, &accept, record).await {
+        Ok(opened) => opened,
+        Err(refusal) => return refuse(client, record, refusal).await,
+    };
     match answer_head {
         AnswerHead::Switching => {
             record.status = 101;
@@ -141,14 +132,7 @@ async fn open(
         }
         AnswerHead::Other { status, head, body } => {
             record.status = status;
-            let passed = pass_answer(
-                &mut client,
-                &mut backend,
-                &head,
-                &answer,
-                body,
-                timeouts.handshake,
-            );
+            let passed = pass_answer(&mut client, &mut backend, &head, &answer, body, timeouts.handshake);
             record.end = match passed.await {
                 Ok(()) => format!("backend answered {status} to the upgrade"),
                 Err(e) => format!("error: while passing the backend's {status} answer: {e}"),
@@ -226,10 +210,7 @@ async fn open_backend(
             }
             Err(e) => return Err(e.into()),
         };
-        let exchange = timeout(
-            timeouts.handshake,
-            exchange_heads(&mut backend, forward, accept),
-        );
+        let exchange = timeout(timeouts.handshake, exchange_heads(&mut backend, forward, accept));
         match exchange.await {
             Err(_) => {
                 return Err(UpstreamError::Timeout {
@@ -240,9 +221,7 @@ async fn open_backend(
                 .into());
             }
             Ok(Ok((answer, head))) => return Ok((backend, answer, head)),
-            Ok(Err(Exchange::Io(source))) => {
-                last = Some(UpstreamError::AllFailed { server, source })
-            }
+            Ok(Err(Exchange::Io(source))) => last = Some(UpstreamError::AllFailed { server, source }),
             Ok(Err(Exchange::Answer(source))) => return Err(Refusal::Answer { server, source }),
         }
     }
@@ -311,9 +290,7 @@ async fn pass_answer(
     let mut chunk = answer.get(body_start..).unwrap_or_default().to_vec();
     loop {
         let done = end.feed(&chunk).map_err(malformed)?;
-        client
-            .write_all(&chunk[..done.unwrap_or(chunk.len())])
-            .await?;
+        client.write_all(&chunk[..done.unwrap_or(chunk.len())]).await?;
         if done.is_some() {
             return Ok(());
         }
@@ -345,10 +322,7 @@ async fn refuse(
     let answer = crate::http::error_response(status, &reason);
     record.status = status;
     record.end = format!("refused: {reason}");
-    if timeout(Duration::from_secs(5), client.write_all(&answer))
-        .await
-        .is_ok()
-    {
+    if timeout(Duration::from_secs(5), client.write_all(&answer)).await.is_ok() {
         lingering_close(client).await;
     }
     None

@@ -1,6 +1,11 @@
 //! Plain HTTP (no upgrade) on a client connection, through hyper: keep-alive with the client, bodies streamed
 //! both ways, the same header rules as the upgrade path. Each client connection keeps one backend connection
 //! for its requests, opened on the first and replaced when the backend closes it.
+//!
+//! A WebSocket upgrade that comes later on such a keep-alive connection (the first request of a connection takes
+//! the fast path in [`super`]) is validated by the same rules, forwarded on a backend connection of its own
+//! through hyper's upgrade path, and once both sides have switched, the raw sockets are taken back from hyper
+//! and relayed by the same tunnel as every other WebSocket.
 
 use std::convert::Infallible;
 use std::io;
@@ -11,35 +16,33 @@ use std::sync::atomic::{AtomicU16, AtomicU32, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http::header::{CONNECTION, HOST};
+use http::header::{CONNECTION, HOST, UPGRADE};
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, Uri};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::Mutex;
 
 use super::Shared;
 use crate::http::Forwarding;
-use crate::http::headers::drop_when_forwarding;
+use crate::http::handshake::{self, Inspected};
+use crate::http::headers::{drop_when_forwarding, has_token};
 use crate::observe::ConnectionRecord;
+use crate::relay;
 use crate::upstream::{self, UpstreamError};
 
 type Body = Either<Incoming, Full<Bytes>>;
 
 /// Serves plain HTTP requests on `client` until it closes; `head` holds the bytes already read from it.
-pub(super) async fn serve(
-    shared: Arc<Shared>,
-    client: TcpStream,
-    head: Vec<u8>,
-    record: &mut ConnectionRecord,
-) {
+pub(super) async fn serve(shared: Arc<Shared>, client: TcpStream, head: Vec<u8>, record: &mut ConnectionRecord) {
     let state = Arc::new(State {
         shared: shared.clone(),
         client_ip: record.client.ip(),
         backend: Mutex::new(None),
+        switched: Mutex::new(None),
         stats: Stats::default(),
     });
     let io = TokioIo::new(Counted {
@@ -56,6 +59,7 @@ pub(super) async fn serve(
         .timer(TokioTimer::new())
         .header_read_timeout(shared.config.timeouts.handshake)
         .serve_connection(io, service)
+        .with_upgrades()
         .await;
     let stats = &state.stats;
     record.requests = stats.requests.load(Ordering::Relaxed);
@@ -68,12 +72,69 @@ pub(super) async fn serve(
         Err(e) if e.is_timeout() => "client idle past the handshake timeout".into(),
         Err(e) => format!("error: client: {e}"),
     };
+    let switched = state.switched.lock().await.take();
+    if let Some(switched) = switched {
+        record.backend = Some(switched.server);
+        record.end = relay_switched(switched, shared.config.timeouts.idle, record).await;
+    }
+}
+
+/// A WebSocket upgrade accepted on a keep-alive connection: the client's side as hyper will hand it over, and the
+/// backend's side already switched.
+struct Switched {
+    client: hyper::upgrade::OnUpgrade,
+    server: SocketAddr,
+    backend: TcpStream,
+    /// Bytes the backend sent after its 101 that hyper had already read.
+    backend_early: Bytes,
+}
+
+/// Takes the client's socket back from hyper and relays the switched connection.
+async fn relay_switched(
+    switched: Switched,
+    idle: Option<std::time::Duration>,
+    record: &mut ConnectionRecord,
+) -> String {
+    let Switched {
+        client,
+        backend,
+        backend_early,
+        ..
+    } = switched;
+    let upgraded = match client.await {
+        Ok(upgraded) => upgraded,
+        Err(e) => return format!("error: client: upgrade not completed: {e}"),
+    };
+    let Ok(parts) = upgraded.downcast::<TokioIo<Counted>>() else {
+        return "error: client: upgraded connection of an unexpected type".into();
+    };
+    let Counted {
+        prefix,
+        read_from_prefix,
+        inner: mut client,
+        ..
+    } = parts.io.into_inner();
+    // What the prefix and hyper's read buffer still hold of the client's WebSocket stream goes to the backend
+    // first, and what hyper read after the backend's 101 goes to the client.
+    let client_early = [prefix.get(read_from_prefix..).unwrap_or_default(), &parts.read_buf[..]].concat();
+    let mut backend = backend;
+    if let Err(e) = backend.write_all(&client_early).await {
+        return format!("error: backend: {e}");
+    }
+    if let Err(e) = client.write_all(&backend_early).await {
+        return format!("error: client: {e}");
+    }
+    relay::tunnel(&client, &backend, idle, &mut record.bytes)
+        .await
+        .to_string()
 }
 
 struct State {
     shared: Arc<Shared>,
     client_ip: std::net::IpAddr,
     backend: Mutex<Option<Backend>>,
+    /// Set when a WebSocket upgrade was accepted: served once hyper hands the connection back.
+    switched: Mutex<Option<Switched>>,
     stats: Stats,
 }
 
@@ -90,18 +151,24 @@ struct Backend {
     sender: SendRequest<Incoming>,
 }
 
-async fn forward(
-    state: Arc<State>,
-    mut req: Request<Incoming>,
-) -> Result<Response<Body>, Infallible> {
+async fn forward(state: Arc<State>, mut req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
     state.stats.requests.fetch_add(1, Ordering::Relaxed);
-    rewrite_request(&mut req, state.client_ip);
-    let response = match send(&state, req).await {
-        Ok(mut resp) => {
-            strip_hop_by_hop(resp.headers_mut(), false);
-            resp.map(Either::Left)
+    let wants_websocket = req
+        .headers()
+        .get_all(UPGRADE)
+        .iter()
+        .any(|v| has_token(v.as_bytes(), "websocket"));
+    let response = if wants_websocket {
+        upgrade(&state, req).await
+    } else {
+        rewrite_request(&mut req, state.client_ip);
+        match send(&state, req).await {
+            Ok(mut resp) => {
+                strip_hop_by_hop(resp.headers_mut(), false);
+                resp.map(Either::Left)
+            }
+            Err(e) => error(e.status(), &e.to_string()),
         }
-        Err(e) => error(e.status(), &e.to_string()),
     };
     state
         .stats
@@ -110,12 +177,86 @@ async fn forward(
     Ok(response)
 }
 
+/// A WebSocket upgrade on a keep-alive connection: validated by the fast path's rules, sent on a backend
+/// connection of its own; on a 101 with the right accept key, both sides are switched and the session relays
+/// them when hyper hands the client's connection back.
+async fn upgrade(state: &State, mut req: Request<Incoming>) -> Response<Body> {
+    let accept = match handshake::inspect_request(&request_head(&req), state.client_ip, "http") {
+        Ok(Inspected::Upgrade(up)) => up.accept,
+        Ok(Inspected::Plain { .. } | Inspected::Partial) => return error(400, "malformed upgrade request"),
+        Err(e) => return error(e.status(), &e.to_string()),
+    };
+    let client_side = hyper::upgrade::on(&mut req);
+    rewrite_request(&mut req, state.client_ip);
+    let headers = req.headers_mut();
+    headers.insert(CONNECTION, HeaderValue::from_static("Upgrade"));
+    headers.insert(UPGRADE, HeaderValue::from_static("websocket"));
+    let Backend { server, mut sender } = match open(&state.shared).await {
+        Ok(backend) => backend,
+        Err(e) => return error(e.status(), &e.to_string()),
+    };
+    let wait = state.shared.config.timeouts.handshake;
+    let mut resp = match tokio::time::timeout(wait, sender.send_request(req)).await {
+        Ok(Ok(resp)) => resp,
+        Ok(Err(e)) => return error(502, &format!("{server}: {e}")),
+        Err(_) => {
+            let e = UpstreamError::Timeout {
+                server,
+                during: "waiting for the handshake answer from",
+                after: wait,
+            };
+            return error(e.status(), &e.to_string());
+        }
+    };
+    if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+        strip_hop_by_hop(resp.headers_mut(), false);
+        return resp.map(Either::Left);
+    }
+    let mut accepts = resp.headers().get_all("sec-websocket-accept").iter();
+    if !matches!((accepts.next(), accepts.next()), (Some(a), None) if a.as_bytes() == accept) {
+        return error(
+            502,
+            &format!("{server}: backend answered 101 with a wrong Sec-WebSocket-Accept"),
+        );
+    }
+    let backend_side = match hyper::upgrade::on(&mut resp).await {
+        Ok(upgraded) => upgraded,
+        Err(e) => return error(502, &format!("{server}: {e}")),
+    };
+    let Ok(parts) = backend_side.downcast::<TokioIo<TcpStream>>() else {
+        return error(502, "backend connection of an unexpected type");
+    };
+    *state.switched.lock().await = Some(Switched {
+        client: client_side,
+        server,
+        backend: parts.io.into_inner(),
+        backend_early: parts.read_buf,
+    });
+    let (head, _) = resp.into_parts();
+    Response::from_parts(head, Either::Right(Full::new(Bytes::new())))
+}
+
+/// The request head as the client sent it, for the fast path's validation.
+fn request_head(req: &Request<Incoming>) -> Vec<u8> {
+    let version = match req.version() {
+        http::Version::HTTP_11 => "HTTP/1.1",
+        http::Version::HTTP_10 => "HTTP/1.0",
+        _ => "HTTP/?",
+    };
+    let mut head = format!("{} {} {version}\r\n", req.method(), req.uri()).into_bytes();
+    for (name, value) in req.headers() {
+        head.extend_from_slice(name.as_str().as_bytes());
+        head.extend_from_slice(b": ");
+        head.extend_from_slice(value.as_bytes());
+        head.extend_from_slice(b"\r\n");
+    }
+    head.extend_from_slice(b"\r\n");
+    head
+}
+
 /// Sends `req` on the client's backend connection, opening one (round robin, each server once) when there is
 /// none or the last one was closed by the backend before this request went out.
-async fn send(
-    state: &State,
-    mut req: Request<Incoming>,
-) -> Result<Response<Incoming>, UpstreamError> {
+async fn send(state: &State, mut req: Request<Incoming>) -> Result<Response<Incoming>, UpstreamError> {
     let mut backend = state.backend.lock().await;
     let mut reopened = false;
     loop {
@@ -165,7 +306,7 @@ async fn open(shared: &Shared) -> Result<Backend, UpstreamError> {
             Ok((sender, conn)) => {
                 // The connection task ends when `sender` is dropped with the client's session, or when the backend
                 // closes it.
-                tokio::spawn(conn);
+                tokio::spawn(conn.with_upgrades());
                 return Ok(Backend { server, sender });
             }
             Err(e) => {
@@ -181,11 +322,7 @@ async fn open(shared: &Shared) -> Result<Backend, UpstreamError> {
 
 fn rewrite_request(req: &mut Request<Incoming>, client_ip: std::net::IpAddr) {
     if req.uri().authority().is_some() {
-        let origin_form = req
-            .uri()
-            .path_and_query()
-            .map(|p| p.as_str())
-            .unwrap_or("/");
+        let origin_form = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
         if let Ok(uri) = origin_form.parse::<Uri>() {
             *req.uri_mut() = uri;
         }
@@ -231,10 +368,14 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, is_request: bool) {
 fn error(status: u16, reason: &str) -> Response<Body> {
     let mut resp = Response::new(Either::Right(Full::new(Bytes::from(format!("{reason}\n")))));
     *resp.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
-    resp.headers_mut().insert(
+    let headers = resp.headers_mut();
+    headers.insert(
         http::header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
+    if status == 426 {
+        headers.insert("sec-websocket-version", HeaderValue::from_static("13"));
+    }
     resp
 }
 
@@ -248,11 +389,7 @@ struct Counted {
 }
 
 impl AsyncRead for Counted {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = &mut *self;
         if this.read_from_prefix < this.prefix.len() {
             let rest = &this.prefix[this.read_from_prefix..];
@@ -263,35 +400,22 @@ impl AsyncRead for Counted {
                 this.prefix = Vec::new();
                 this.read_from_prefix = 0;
             }
-            this.stats
-                .stats
-                .bytes_in
-                .fetch_add(n as u64, Ordering::Relaxed);
+            this.stats.stats.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
             return Poll::Ready(Ok(()));
         }
         let before = buf.filled().len();
         let poll = Pin::new(&mut this.inner).poll_read(cx, buf);
         let n = buf.filled().len() - before;
-        this.stats
-            .stats
-            .bytes_in
-            .fetch_add(n as u64, Ordering::Relaxed);
+        this.stats.stats.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
         poll
     }
 }
 
 impl AsyncWrite for Counted {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         let poll = Pin::new(&mut self.inner).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = poll {
-            self.stats
-                .stats
-                .bytes_out
-                .fetch_add(n as u64, Ordering::Relaxed);
+            self.stats.stats.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
         }
         poll
     }
@@ -303,10 +427,7 @@ impl AsyncWrite for Counted {
     ) -> Poll<io::Result<usize>> {
         let poll = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
         if let Poll::Ready(Ok(n)) = poll {
-            self.stats
-                .stats
-                .bytes_out
-                .fetch_add(n as u64, Ordering::Relaxed);
+            self.stats.stats.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
         }
         poll
     }

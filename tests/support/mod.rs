@@ -67,8 +67,7 @@ impl Proxy {
             drain: Duration::from_secs(1),
             ..Timeouts::default()
         };
-        let mut config =
-            Config::quick("127.0.0.1:0", &names, timeouts, LogFormat::Text).expect("test config");
+        let mut config = Config::quick("127.0.0.1:0", &names, timeouts, LogFormat::Text).expect("test config");
         config.workers = 1;
         tweak(&mut config);
         let running = wsgate::server::start(config).expect("proxy starts");
@@ -153,15 +152,11 @@ impl Backend {
 }
 
 pub fn ws_config() -> WebSocketConfig {
-    WebSocketConfig::default()
-        .max_message_size(None)
-        .max_frame_size(None)
+    WebSocketConfig::default().max_message_size(None).max_frame_size(None)
 }
 
 pub async fn ws_backend(name: &str) -> Backend {
-    let listener = TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind backend");
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind backend");
     let addr = listener.local_addr().expect("addr");
     let (tx, events) = mpsc::unbounded_channel();
     let name = name.to_string();
@@ -210,9 +205,7 @@ async fn backend_conn(stream: TcpStream, name: String, events: mpsc::UnboundedSe
         }
         Ok(resp)
     };
-    let Ok(mut ws) =
-        tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(ws_config())).await
-    else {
+    let Ok(mut ws) = tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(ws_config())).await else {
         return;
     };
     let (path, headers) = seen.unwrap_or_default();
@@ -244,9 +237,7 @@ async fn backend_conn(stream: TcpStream, name: String, events: mpsc::UnboundedSe
             Ok(Message::Pong(p)) => Message::text(format!("pong:{}", String::from_utf8_lossy(&p))),
             Ok(m @ (Message::Text(_) | Message::Binary(_))) => m,
             Ok(Message::Close(frame)) => {
-                let _ = events.send(Event::Closed(
-                    frame.map(|f| (u16::from(f.code), f.reason.to_string())),
-                ));
+                let _ = events.send(Event::Closed(frame.map(|f| (u16::from(f.code), f.reason.to_string()))));
                 // tungstenite answers the close; drive it out.
                 while let Some(Ok(_)) = ws.next().await {}
                 return;
@@ -301,9 +292,7 @@ pub fn upgrade_request(path: &str, extra: &str) -> String {
 
 /// Sends `request` on a fresh connection and reads until the server closes, within [`WAIT`].
 pub async fn raw_exchange(addr: SocketAddr, request: &[u8]) -> String {
-    let mut stream = within("connect", TcpStream::connect(addr))
-        .await
-        .expect("connect");
+    let mut stream = within("connect", TcpStream::connect(addr)).await.expect("connect");
     stream.write_all(request).await.expect("write request");
     read_to_close(&mut stream).await
 }
@@ -336,27 +325,21 @@ pub async fn http_backend(name: &str) -> (SocketAddr, JoinHandle<()>) {
             };
             let name = name.clone();
             tokio::spawn(async move {
-                let service = hyper::service::service_fn(
-                    move |req: hyper::Request<hyper::body::Incoming>| {
-                        let name = name.clone();
-                        async move {
-                            if req.method() == hyper::Method::POST {
-                                let body = req.into_body().boxed();
-                                return Ok::<_, std::convert::Infallible>(hyper::Response::new(
-                                    body,
-                                ));
-                            }
-                            let mut text = format!("{name} {}\n", req.uri());
-                            for (k, v) in req.headers() {
-                                text.push_str(&format!("{}: {}\n", k, v.to_str().unwrap_or("?")));
-                            }
-                            let body = Full::new(Bytes::from(text))
-                                .map_err(|never| match never {})
-                                .boxed();
-                            Ok(hyper::Response::new(body))
+                let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let name = name.clone();
+                    async move {
+                        if req.method() == hyper::Method::POST {
+                            let body = req.into_body().boxed();
+                            return Ok::<_, std::convert::Infallible>(hyper::Response::new(body));
                         }
-                    },
-                );
+                        let mut text = format!("{name} {}\n", req.uri());
+                        for (k, v) in req.headers() {
+                            text.push_str(&format!("{}: {}\n", k, v.to_str().unwrap_or("?")));
+                        }
+                        let body = Full::new(Bytes::from(text)).map_err(|never| match never {}).boxed();
+                        Ok(hyper::Response::new(body))
+                    }
+                });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(stream), service)
                     .await;
