@@ -19,6 +19,8 @@ pub struct Config {
     /// Backend servers, tried in round-robin order.
     pub servers: Vec<Server>,
     pub timeouts: Timeouts,
+    /// How WebSocket connections are relayed after the 101.
+    pub relay: Relay,
     pub log_format: LogFormat,
     /// Worker threads, each with its own runtime and listening socket; 0 = one per available core.
     pub workers: usize,
@@ -48,6 +50,61 @@ impl Default for Timeouts {
             handshake: DEFAULT_HANDSHAKE_TIMEOUT,
             idle: None,
             drain: DEFAULT_DRAIN_TIMEOUT,
+        }
+    }
+}
+
+/// How a WebSocket connection is relayed after the 101.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Relay {
+    /// Bytes both ways, blind to frames. Cheapest.
+    #[default]
+    Tunnel,
+    /// Frame-aware: message counts, limits, keepalive pings, protocol checks, close codes, 1001 on drain.
+    Frames(FrameRules),
+}
+
+/// Default time wsgate waits for the close replies after sending close frames of its own.
+pub const DEFAULT_CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
+/// Default time a pong may take to answer wsgate's ping.
+pub const DEFAULT_PONG_TIMEOUT: Duration = Duration::from_secs(20);
+/// Default time a side may take to accept bytes wsgate has for it before it counts as stuck.
+pub const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What the frames relay enforces, per direction. Every limit is off unless set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameRules {
+    /// Largest message (sum of its fragments' payloads, wire bytes); over it the sender gets close 1009.
+    pub max_message_size: Option<u64>,
+    /// Largest frame payload; over it the sender gets close 1009.
+    pub max_frame_size: Option<u64>,
+    /// Messages per second each side may send, with `burst` on top; over it the sender gets close 1008.
+    pub messages_per_second: Option<u32>,
+    pub burst: u32,
+    /// A side silent this long gets a ping from wsgate.
+    pub ping_interval: Option<Duration>,
+    /// No pong within this after wsgate's ping closes the connection.
+    pub pong_timeout: Duration,
+    /// Check that text messages are valid UTF-8 (close 1007 otherwise).
+    pub validate_utf8: bool,
+    /// How long wsgate waits for close replies after closing a connection itself.
+    pub close_timeout: Duration,
+    /// How long a side may leave bytes for it unread before the connection is closed.
+    pub write_timeout: Duration,
+}
+
+impl Default for FrameRules {
+    fn default() -> Self {
+        Self {
+            max_message_size: None,
+            max_frame_size: None,
+            messages_per_second: None,
+            burst: 0,
+            ping_interval: None,
+            pong_timeout: DEFAULT_PONG_TIMEOUT,
+            validate_utf8: false,
+            close_timeout: DEFAULT_CLOSE_TIMEOUT,
+            write_timeout: DEFAULT_WRITE_TIMEOUT,
         }
     }
 }
@@ -92,6 +149,33 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Duration::try_from_secs_f64(value * scale).map_err(|_| format!("duration `{s}` is out of range"))
 }
 
+/// A size as people write it: `512`, `64KiB`, `16MiB`, `1GiB` (also `KB`/`MB`/`GB` as powers of 1000).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let value: u64 = number
+        .parse()
+        .map_err(|_| format!("invalid size `{s}`: expected a number and a unit, like 16MiB or 512KiB"))?;
+    let scale: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "KB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        other => {
+            return Err(format!(
+                "invalid size unit `{other}` in `{s}`: expected B, KiB, MiB, GiB, KB, MB or GB"
+            ));
+        }
+    };
+    value
+        .checked_mul(scale)
+        .ok_or_else(|| format!("size `{s}` is out of range"))
+}
+
 impl Config {
     /// The quick-mode configuration: one listener, round robin over `servers` (each `host:port`).
     pub fn quick(
@@ -120,6 +204,7 @@ impl Config {
                 idle: timeouts.idle.filter(|d| !d.is_zero()),
                 ..timeouts
             },
+            relay: Relay::Tunnel,
             log_format,
             workers: 0,
         })
@@ -154,6 +239,15 @@ mod tests {
         assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
         assert!(parse_duration("5 parsecs").is_err());
         assert!(parse_duration("-1s").is_err());
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("16MiB"), Ok(16 << 20));
+        assert_eq!(parse_size("512"), Ok(512));
+        assert_eq!(parse_size("2KB"), Ok(2000));
+        assert!(parse_size("1PiB").is_err());
+        assert!(parse_size("99999999999GiB").is_err());
     }
 
     #[test]
