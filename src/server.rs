@@ -114,6 +114,8 @@ fn bind(address: SocketAddr) -> io::Result<Socket> {
     socket.set_reuse_address(true)?;
     socket.set_reuse_port(true)?;
     socket.set_nonblocking(true)?;
+    // Accepted sockets inherit TCP_NODELAY from the listener: one system call saved per connection.
+    socket.set_tcp_nodelay(true)?;
     socket.bind(&address.into())?;
     socket.listen(LISTEN_BACKLOG)?;
     Ok(socket)
@@ -154,7 +156,6 @@ impl Worker {
             };
             match accepted {
                 Ok((stream, peer)) => {
-                    let _ = stream.set_nodelay(true);
                     let id = self.next_id.fetch_add(1, Ordering::Relaxed);
                     sessions.spawn(session(self.shared.clone(), stream, peer, id));
                 }

@@ -141,6 +141,7 @@ impl Half {
         dst: &TcpStream,
         relayed: &mut u64,
         active: &mut bool,
+        other_done: bool,
     ) -> Poll<Result<(), HalfError>> {
         if self.done {
             return Poll::Ready(Ok(()));
@@ -163,8 +164,12 @@ impl Half {
                 self.written = 0;
             }
             if self.eof {
-                // The peer may already be gone; its own direction reports that.
-                let _ = SockRef::from(dst).shutdown(std::net::Shutdown::Write);
+                // When the other direction is over too, both sockets are about to be closed and the close sends
+                // the FIN: no need to shut the write half first. The peer may already be gone; its own direction
+                // reports that.
+                if !other_done {
+                    let _ = SockRef::from(dst).shutdown(std::net::Shutdown::Write);
+                }
                 self.done = true;
                 return Poll::Ready(Ok(()));
             }
@@ -246,6 +251,7 @@ impl Future for Tunnel<'_> {
             this.backend,
             &mut this.counters.client_to_backend,
             &mut active,
+            this.down.done,
         );
         let up_done = match up {
             Poll::Ready(Ok(())) => true,
@@ -263,6 +269,7 @@ impl Future for Tunnel<'_> {
             this.client,
             &mut this.counters.backend_to_client,
             &mut active,
+            this.up.done,
         );
         let down_done = match down {
             Poll::Ready(Ok(())) => true,
