@@ -8,7 +8,7 @@ use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use tokio::signal::unix::{SignalKind, signal};
 
-use crate::config::{self, Config, LogFormat, Timeouts, parse_duration};
+use crate::config::{self, Config, FrameRules, LogFormat, Relay, Timeouts, parse_duration, parse_size};
 use crate::{demo, observe, server};
 
 #[derive(Parser, Debug)]
@@ -69,6 +69,67 @@ struct CommonArgs {
     /// Worker threads, each with its own event loop (default: one per available core).
     #[arg(long, value_name = "N", default_value_t = 0)]
     workers: usize,
+    /// Relay mode after the 101: `tunnel` copies bytes; `frames` understands WebSocket frames (limits, keepalive,
+    /// protocol checks, close codes, 1001 on shutdown).
+    #[arg(long, value_enum, default_value = "tunnel")]
+    mode: ModeArg,
+    #[command(flatten)]
+    frames: FrameArgs,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+enum ModeArg {
+    Tunnel,
+    Frames,
+}
+
+/// Limits and keepalive of the frames relay (each off unless given).
+#[derive(Args, Debug)]
+#[command(next_help_heading = "Frames mode (--mode frames)")]
+struct FrameArgs {
+    /// Largest message (sum of its fragments, wire bytes), e.g. 16MiB; a bigger one closes its sender with 1009.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    max_message_size: Option<u64>,
+    /// Largest frame payload, e.g. 1MiB; a bigger one closes its sender with 1009.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    max_frame_size: Option<u64>,
+    /// Messages per second each side may send (plus --burst); more closes the sender with 1008.
+    #[arg(long, value_name = "N")]
+    messages_per_second: Option<u32>,
+    /// Extra messages allowed at once on top of --messages-per-second.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    burst: u32,
+    /// Ping a side (client or backend) that has been silent this long.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    ping_interval: Option<Duration>,
+    /// Close the connection when a ping is not answered within this.
+    #[arg(long, value_name = "DURATION", default_value = "20s", value_parser = parse_duration)]
+    pong_timeout: Duration,
+    /// Check that text messages are valid UTF-8 (close 1007 otherwise).
+    #[arg(long)]
+    validate_utf8: bool,
+    /// After wsgate sends close frames itself, how long it waits for the replies.
+    #[arg(long, value_name = "DURATION", default_value = "3s", value_parser = parse_duration)]
+    close_timeout: Duration,
+    /// Close the connection when a side leaves bytes unread for this long.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    write_timeout: Duration,
+}
+
+impl FrameArgs {
+    fn rules(&self) -> FrameRules {
+        FrameRules {
+            max_message_size: self.max_message_size,
+            max_frame_size: self.max_frame_size,
+            messages_per_second: self.messages_per_second,
+            burst: self.burst,
+            ping_interval: self.ping_interval,
+            pong_timeout: self.pong_timeout,
+            validate_utf8: self.validate_utf8,
+            close_timeout: self.close_timeout,
+            write_timeout: self.write_timeout,
+        }
+    }
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]
@@ -91,6 +152,10 @@ impl CommonArgs {
         };
         let mut config = Config::quick(listen, to, timeouts, format)?;
         config.workers = self.workers;
+        config.relay = match self.mode {
+            ModeArg::Tunnel => Relay::Tunnel,
+            ModeArg::Frames => Relay::Frames(self.frames.rules()),
+        };
         Ok(config)
     }
 }

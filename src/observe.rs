@@ -27,6 +27,11 @@ pub fn init_logging(format: LogFormat) {
 pub struct Counters {
     pub client_to_backend: u64,
     pub backend_to_client: u64,
+    /// Messages each way (client to backend, backend to client), in frames mode.
+    pub messages: Option<(u64, u64)>,
+    /// The code of the first close frame, and which side sent it, in frames mode.
+    pub close_code: Option<u16>,
+    pub close_first: Option<&'static str>,
 }
 
 /// Everything the access log says about one connection, filled in as the connection goes.
@@ -70,6 +75,10 @@ impl ConnectionRecord {
             bytes_in = self.bytes.client_to_backend,
             bytes_out = self.bytes.backend_to_client,
             requests = self.requests,
+            messages_in = self.bytes.messages.map(|m| m.0),
+            messages_out = self.bytes.messages.map(|m| m.1),
+            close_code = self.bytes.close_code,
+            close_first = self.bytes.close_first,
             end = %self.end,
             "connection closed"
         );

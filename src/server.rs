@@ -81,12 +81,13 @@ pub fn start(config: Config) -> Result<Running, ServerError> {
         address = socket.local_addr().ok().and_then(|a| a.as_socket()).unwrap_or(address);
         listeners.push(socket);
     }
+    let stop_accepting = CancellationToken::new();
     let shared = Arc::new(Shared {
         pool: Pool::new(config.servers.clone()),
         config,
+        draining: stop_accepting.clone(),
         force_close: CancellationToken::new(),
     });
-    let stop_accepting = CancellationToken::new();
     let next_id = Arc::new(AtomicU64::new(1));
     let mut handles = Vec::with_capacity(workers);
     for (i, listener) in listeners.into_iter().enumerate() {

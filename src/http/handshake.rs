@@ -210,9 +210,11 @@ pub enum BodyFraming {
 #[derive(Debug, PartialEq, Eq)]
 pub enum Answer {
     Partial,
-    /// `101 Switching Protocols` with the right accept key: pass `head_len` bytes on as they are.
+    /// `101 Switching Protocols` with the right accept key: pass `head_len` bytes on as they are. `deflate`: the
+    /// backend accepted permessage-deflate (frames may carry RSV1).
     Switching {
         head_len: usize,
+        deflate: bool,
     },
     /// Any other status: pass `head` (rewritten to close the connection after the body) and then the body.
     Other {
@@ -243,7 +245,10 @@ pub fn inspect_response(buf: &[u8], accept: &[u8; 28]) -> Result<Answer, Respons
         }
         let mut accepts = header(headers, "sec-websocket-accept");
         return match (accepts.next(), accepts.next()) {
-            (Some(a), None) if a.trim_ascii() == accept => Ok(Answer::Switching { head_len }),
+            (Some(a), None) if a.trim_ascii() == accept => Ok(Answer::Switching {
+                head_len,
+                deflate: negotiates_deflate(header(headers, "sec-websocket-extensions")),
+            }),
             _ => Err(ResponseError::BadAccept),
         };
     }
@@ -270,6 +275,16 @@ pub fn inspect_response(buf: &[u8], accept: &[u8; 28]) -> Result<Answer, Respons
         head_len,
         head,
         framing,
+    })
+}
+
+/// Whether `Sec-WebSocket-Extensions` values name permessage-deflate (RFC 7692).
+pub fn negotiates_deflate<'a>(values: impl IntoIterator<Item = &'a [u8]>) -> bool {
+    values.into_iter().any(|v| {
+        v.split(|&b| b == b',').any(|ext| {
+            let name = ext.split(|&b| b == b';').next().unwrap_or_default();
+            name.trim_ascii().eq_ignore_ascii_case(b"permessage-deflate")
+        })
     })
 }
 
@@ -530,7 +545,10 @@ mod tests {
                   Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n";
         assert_eq!(
             inspect_response(ok.as_bytes(), &accept),
-            Ok(Answer::Switching { head_len: ok.len() })
+            Ok(Answer::Switching {
+                head_len: ok.len(),
+                deflate: false
+            })
         );
         let bad = ok.replace("s3pP", "AAAA");
         assert_eq!(inspect_response(bad.as_bytes(), &accept), Err(ResponseError::BadAccept));

@@ -121,6 +121,33 @@ pub fn write_header(out: &mut [u8; MAX_HEADER], fin: bool, opcode: u8, mask: Opt
     n
 }
 
+/// A whole control frame of wsgate's own: masked with `mask` when it goes to a backend.
+pub fn control_frame(opcode: u8, payload: &[u8], mask: Option<[u8; 4]>) -> Vec<u8> {
+    let payload = &payload[..payload.len().min(MAX_CONTROL_PAYLOAD)];
+    let mut header = [0u8; MAX_HEADER];
+    let n = write_header(&mut header, true, opcode, mask, payload.len() as u64);
+    let mut frame = Vec::with_capacity(n + payload.len());
+    frame.extend_from_slice(&header[..n]);
+    let start = frame.len();
+    frame.extend_from_slice(payload);
+    if let Some(key) = mask {
+        apply_mask(&mut frame[start..], key, 0);
+    }
+    frame
+}
+
+/// A close frame with `code` and as much of `reason` as fits (cut at a character boundary).
+pub fn close_frame(code: u16, reason: &str, mask: Option<[u8; 4]>) -> Vec<u8> {
+    let mut payload = Vec::with_capacity(MAX_CONTROL_PAYLOAD);
+    payload.extend_from_slice(&code.to_be_bytes());
+    let mut end = reason.len().min(MAX_CONTROL_PAYLOAD - 2);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    payload.extend_from_slice(&reason.as_bytes()[..end]);
+    control_frame(opcode::CLOSE, &payload, mask)
+}
+
 /// XORs `payload` with `key`, starting `offset` bytes into the payload (masking and unmasking are the same).
 pub fn apply_mask(payload: &mut [u8], key: [u8; 4], offset: u64) {
     for (i, b) in payload.iter_mut().enumerate() {
@@ -225,6 +252,8 @@ pub struct Tracker {
     budget: Option<u64>,
     /// A violation found after bytes that were passed first; answered on the next call.
     poisoned: Option<Violation>,
+    /// End a [`Step::Pass`] at the first frame boundary, so the relay can put a frame of its own there.
+    stop_at_boundary: bool,
 }
 
 impl Tracker {
@@ -248,6 +277,11 @@ impl Tracker {
     /// Whether this side has sent its close frame.
     pub fn close_seen(&self) -> bool {
         self.close_seen
+    }
+
+    /// Makes [`Tracker::next`] end each [`Step::Pass`] at the first frame boundary it reaches.
+    pub fn set_stop_at_boundary(&mut self, stop: bool) {
+        self.stop_at_boundary = stop;
     }
 
     /// Allows `n` more message starts; the one after is a [`Violation::RateLimited`].
@@ -279,6 +313,9 @@ impl Tracker {
                 self.remaining -= take as u64;
                 self.offset += take as u64;
                 pos += take;
+                if self.remaining == 0 && self.stop_at_boundary {
+                    return Step::Pass(pos);
+                }
                 continue;
             }
             let header = match parse_header(&buf[pos..]) {
@@ -309,6 +346,9 @@ impl Tracker {
                 return self.stop(pos, Violation::InvalidUtf8);
             }
             pos += header.len;
+            if header.payload_len == 0 && self.stop_at_boundary {
+                return Step::Pass(pos);
+            }
         }
         Step::Pass(pos)
     }

@@ -1,7 +1,9 @@
-//! Relays that carry a WebSocket connection after the `101 Switching Protocols`. `tunnel` copies bytes both
-//! ways without looking at them; a frame-aware relay will share its loop.
+//! Relays that carry a WebSocket connection after the `101 Switching Protocols`: `tunnel` copies bytes both ways
+//! without looking at them; `frames` runs the same copy loop with a frame tracker per direction (see `copy`).
 
+mod copy;
 pub mod frame;
-mod tunnel;
+mod frames;
 
-pub use tunnel::{End, Side, tunnel};
+pub use copy::{End, Side, relay};
+pub use frames::Frames;

@@ -14,7 +14,7 @@ use tokio::net::TcpStream;
 use tokio::time::{Instant, timeout};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Config;
+use crate::config::{self, Config};
 use crate::http::handshake::{
     self, Answer, BodyEnd, HandshakeError, Inspected, MAX_HEAD_BYTES, ResponseError, Upgrade,
 };
@@ -27,6 +27,8 @@ use crate::upstream::{self, Pool, UpstreamError};
 pub struct Shared {
     pub config: Config,
     pub pool: Pool,
+    /// Cancelled when the server starts draining: listeners close, and frames-mode sessions close with 1001.
+    pub draining: CancellationToken,
     /// Cancelled when the drain timeout has run out: sessions still open then are closed.
     pub force_close: CancellationToken,
 }
@@ -71,23 +73,41 @@ pub async fn session(shared: Arc<Shared>, client: TcpStream, peer: SocketAddr, i
 async fn run(shared: &Arc<Shared>, client: TcpStream, record: &mut ConnectionRecord) {
     // The handshake runs in a future of its own on the heap, freed before the relay starts: a long-lived session
     // keeps only the relay's small state.
-    let Some((client, backend)) = Box::pin(open(shared, client, record)).await else {
+    let Some((client, backend, deflate)) = Box::pin(open(shared, client, record)).await else {
         return;
     };
-    let idle = shared.config.timeouts.idle;
-    record.end = relay::tunnel(&client, &backend, idle, &mut record.bytes)
+    record.end = relay_switched(shared, &client, &backend, deflate, &mut record.bytes)
         .await
         .to_string();
 }
 
+/// Relays a switched connection in the configured mode.
+fn relay_switched<'a>(
+    shared: &Shared,
+    client: &'a TcpStream,
+    backend: &'a TcpStream,
+    deflate: bool,
+    counters: &'a mut crate::observe::Counters,
+) -> impl Future<Output = relay::End> + 'a {
+    let frames = match shared.config.relay {
+        config::Relay::Tunnel => None,
+        config::Relay::Frames(rules) => Some(relay::Frames::new(
+            rules,
+            deflate,
+            shared.draining.clone().cancelled_owned(),
+        )),
+    };
+    relay::relay(client, backend, shared.config.timeouts.idle, frames, counters)
+}
+
 /// Everything before the relay. Returns the client's and the backend's sockets once the backend's 101 has been
-/// passed to the client; `None` when the connection was answered otherwise (a refusal, plain HTTP, a backend's
+/// passed to the client (and whether it negotiated permessage-deflate); `None` when the connection was answered otherwise (a refusal, plain HTTP, a backend's
 /// non-101 answer) and is done.
 async fn open(
     shared: &Arc<Shared>,
     mut client: TcpStream,
     record: &mut ConnectionRecord,
-) -> Option<(TcpStream, TcpStream)> {
+) -> Option<(TcpStream, TcpStream, bool)> {
     let timeouts = shared.config.timeouts;
     let mut head = Vec::with_capacity(1024);
     let read = timeout(timeouts.handshake, read_request(&mut client, &mut head, record.client));
@@ -122,13 +142,13 @@ async fn open(
         Err(refusal) => return refuse(client, record, refusal).await,
     };
     match answer_head {
-        AnswerHead::Switching => {
+        AnswerHead::Switching { deflate } => {
             record.status = 101;
             if let Err(e) = client.write_all(&answer).await {
                 record.end = format!("error: client: {e}");
                 return None;
             }
-            Some((client, backend))
+            Some((client, backend, deflate))
         }
         AnswerHead::Other { status, head, body } => {
             record.status = status;
@@ -177,7 +197,9 @@ async fn read_request(
 
 /// The parts of a backend's answer the session acts on.
 enum AnswerHead {
-    Switching,
+    Switching {
+        deflate: bool,
+    },
     Other {
         status: u16,
         /// The head to write to the client.
@@ -256,7 +278,7 @@ async fn exchange_heads(
         }
         let head = match handshake::inspect_response(&buf, accept).map_err(Exchange::Answer)? {
             Answer::Partial => continue,
-            Answer::Switching { .. } => AnswerHead::Switching,
+            Answer::Switching { deflate, .. } => AnswerHead::Switching { deflate },
             Answer::Other {
                 status,
                 head_len,
@@ -316,7 +338,7 @@ async fn refuse(
     mut client: TcpStream,
     record: &mut ConnectionRecord,
     refusal: Refusal,
-) -> Option<(TcpStream, TcpStream)> {
+) -> Option<(TcpStream, TcpStream, bool)> {
     let status = refusal.status();
     let reason = refusal.to_string();
     let answer = crate::http::error_response(status, &reason);

@@ -31,7 +31,6 @@ use crate::http::Forwarding;
 use crate::http::handshake::{self, Inspected};
 use crate::http::headers::{drop_when_forwarding, has_token};
 use crate::observe::ConnectionRecord;
-use crate::relay;
 use crate::upstream::{self, UpstreamError};
 
 type Body = Either<Incoming, Full<Bytes>>;
@@ -75,7 +74,7 @@ pub(super) async fn serve(shared: Arc<Shared>, client: TcpStream, head: Vec<u8>,
     let switched = state.switched.lock().await.take();
     if let Some(switched) = switched {
         record.backend = Some(switched.server);
-        record.end = relay_switched(switched, shared.config.timeouts.idle, record).await;
+        record.end = relay_upgraded(switched, &shared, record).await;
     }
 }
 
@@ -87,18 +86,17 @@ struct Switched {
     backend: TcpStream,
     /// Bytes the backend sent after its 101 that hyper had already read.
     backend_early: Bytes,
+    /// The backend accepted permessage-deflate.
+    deflate: bool,
 }
 
 /// Takes the client's socket back from hyper and relays the switched connection.
-async fn relay_switched(
-    switched: Switched,
-    idle: Option<std::time::Duration>,
-    record: &mut ConnectionRecord,
-) -> String {
+async fn relay_upgraded(switched: Switched, shared: &Shared, record: &mut ConnectionRecord) -> String {
     let Switched {
         client,
         backend,
         backend_early,
+        deflate,
         ..
     } = switched;
     let upgraded = match client.await {
@@ -124,7 +122,7 @@ async fn relay_switched(
     if let Err(e) = client.write_all(&backend_early).await {
         return format!("error: client: {e}");
     }
-    relay::tunnel(&client, &backend, idle, &mut record.bytes)
+    super::relay_switched(shared, &client, &backend, deflate, &mut record.bytes)
         .await
         .to_string()
 }
@@ -226,7 +224,14 @@ async fn upgrade(state: &State, mut req: Request<Incoming>) -> Response<Body> {
     let Ok(parts) = backend_side.downcast::<TokioIo<TcpStream>>() else {
         return error(502, "backend connection of an unexpected type");
     };
+    let deflate = handshake::negotiates_deflate(
+        resp.headers()
+            .get_all("sec-websocket-extensions")
+            .iter()
+            .map(HeaderValue::as_bytes),
+    );
     *state.switched.lock().await = Some(Switched {
+        deflate,
         client: client_side,
         server,
         backend: parts.io.into_inner(),

@@ -1,0 +1,455 @@
+//! The relay loop both modes share: a readiness-driven copy in both directions between the client's and the
+//! backend's sockets.
+//!
+//! Each direction waits until its source is readable, reads into a scratch buffer shared by every connection on
+//! the thread, and writes straight to the destination. Only the bytes the destination could not take are copied
+//! into a buffer of the connection's own, held until they are written; while that buffer is not empty the
+//! direction stops reading, so a slow reader slows its writer and memory per connection stays bounded by one
+//! scratch buffer per direction. An idle connection holds no buffer at all.
+//!
+//! A short read (fewer bytes than asked for) or a short write means the socket is drained or full: the relay then
+//! clears the readiness it holds instead of making one more system call only to be told `EAGAIN`.
+//!
+//! In `tunnel` mode that is all. In `frames` mode each direction also has a [`FrameDir`]: every chunk read goes
+//! through its frame tracker before it is written, which may keep a few bytes of an incomplete header for the next
+//! read, drop a pong that answers wsgate's own ping, or put a frame of wsgate's own at a frame boundary; and the
+//! connection's [`Frames`] state decides when and how the connection ends (close codes, keepalive, drain).
+
+use std::cell::RefCell;
+use std::future::Future;
+use std::io::{self, Read as _, Write as _};
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use socket2::SockRef;
+use tokio::io::Interest;
+use tokio::net::TcpStream;
+use tokio::time::{Instant, Sleep};
+
+use super::frames::{FrameDir, Frames, Verdict};
+use crate::observe::Counters;
+
+/// Size of the per-thread scratch buffer, and so of the largest single read.
+const SCRATCH_BYTES: usize = 64 * 1024;
+/// Reads one direction may make in one poll before yielding to other connections on the thread.
+const READS_PER_POLL: usize = 16;
+/// How long the other direction may go on after one side has closed its half of the connection (tunnel mode).
+pub const HALF_CLOSE_LINGER: Duration = Duration::from_secs(1);
+
+thread_local! {
+    static SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0; SCRATCH_BYTES].into_boxed_slice());
+}
+
+/// One end of the relayed connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Client,
+    Backend,
+}
+
+impl Side {
+    pub fn other(self) -> Side {
+        match self {
+            Side::Client => Side::Backend,
+            Side::Backend => Side::Client,
+        }
+    }
+}
+
+impl std::fmt::Display for Side {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Side::Client => "client",
+            Side::Backend => "backend",
+        })
+    }
+}
+
+/// How a relay ended.
+#[derive(Debug)]
+pub enum End {
+    /// This side closed its half of the TCP connection first (tunnel mode).
+    Closed(Side),
+    /// The WebSocket close handshake completed; this side sent its close frame first (frames mode).
+    CloseHandshake { first: Side, code: Option<u16> },
+    /// wsgate closed the connection itself (frames mode): why, and the close codes it sent.
+    ClosedByProxy(String),
+    /// No byte either way for the idle timeout.
+    IdleTimeout,
+    /// A socket error on this side.
+    Error(Side, io::Error),
+}
+
+impl std::fmt::Display for End {
+    /// How the access log says it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            End::Closed(side) => write!(f, "{side} closed"),
+            End::CloseHandshake {
+                first,
+                code: Some(code),
+            } => write!(f, "{first} closed with {code}"),
+            End::CloseHandshake { first, code: None } => write!(f, "{first} closed without a code"),
+            End::ClosedByProxy(why) => write!(f, "closed by wsgate: {why}"),
+            End::IdleTimeout => f.write_str("idle timeout"),
+            End::Error(side, e) => write!(f, "error: {side}: {e}"),
+        }
+    }
+}
+
+/// Relays between `client` and `backend` until the connection ends. `frames` turns on the frames mode.
+pub fn relay<'a>(
+    client: &'a TcpStream,
+    backend: &'a TcpStream,
+    idle_timeout: Option<Duration>,
+    frames: Option<Box<Frames>>,
+    counters: &'a mut Counters,
+) -> impl Future<Output = End> + 'a {
+    Relay {
+        client,
+        backend,
+        up: Half::default(),
+        down: Half::default(),
+        first_closed: None,
+        linger: None,
+        idle: idle_timeout.map(|after| Idle {
+            after,
+            last_activity: Instant::now(),
+            timer: Box::pin(tokio::time::sleep(after)),
+        }),
+        frames,
+        counters,
+    }
+}
+
+struct Relay<'a> {
+    client: &'a TcpStream,
+    backend: &'a TcpStream,
+    /// Client to backend.
+    up: Half,
+    /// Backend to client.
+    down: Half,
+    first_closed: Option<Side>,
+    linger: Option<Pin<Box<Sleep>>>,
+    idle: Option<Idle>,
+    frames: Option<Box<Frames>>,
+    counters: &'a mut Counters,
+}
+
+struct Idle {
+    after: Duration,
+    last_activity: Instant,
+    timer: Pin<Box<Sleep>>,
+}
+
+/// One direction's bytes in flight.
+#[derive(Default)]
+struct Half {
+    /// Bytes read but not yet written; empty (and unallocated) most of the time.
+    pending: Vec<u8>,
+    written: usize,
+    eof: bool,
+    done: bool,
+}
+
+/// What stopped a direction.
+pub(super) enum HalfError {
+    Read(io::Error),
+    Write(io::Error),
+}
+
+impl Half {
+    /// Moves bytes from `src` to `dst` until it would block. `Ready(Ok(()))` once `src` has closed and every byte
+    /// has been written (in tunnel mode, also once `dst`'s write half has been shut down), or, in frames mode, once
+    /// the direction has nothing more to do.
+    #[allow(clippy::too_many_arguments)]
+    fn poll_copy(
+        &mut self,
+        cx: &mut Context<'_>,
+        src: &TcpStream,
+        dst: &TcpStream,
+        relayed: &mut u64,
+        active: &mut bool,
+        other_done: bool,
+        mut frames: Option<&mut FrameDir>,
+    ) -> Poll<Result<(), HalfError>> {
+        if self.done && frames.as_deref().is_none_or(|dir| !dir.has_injection()) {
+            return Poll::Ready(Ok(()));
+        }
+        let mut reads = 0;
+        loop {
+            while self.written < self.pending.len() {
+                ready!(dst.poll_write_ready(cx)).map_err(HalfError::Write)?;
+                match write_some(dst, &self.pending[self.written..]) {
+                    Ok(n) => {
+                        self.written += n;
+                        *active = true;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Poll::Ready(Err(HalfError::Write(e))),
+                }
+            }
+            if !self.pending.is_empty() {
+                self.pending = Vec::new();
+                self.written = 0;
+            }
+            if let Some(dir) = frames.as_deref_mut() {
+                // A frame of wsgate's own waiting for a boundary the walk has already reached.
+                if let Some(frame) = dir.take_injection() {
+                    self.pending = frame;
+                    continue;
+                }
+                if self.eof || dir.stopped() {
+                    self.done = true;
+                    return Poll::Ready(Ok(()));
+                }
+            } else if self.eof {
+                // When the other direction is over too, both sockets are about to be closed and the close sends
+                // the FIN: no need to shut the write half first. The peer may already be gone; its own direction
+                // reports that.
+                if !other_done {
+                    let _ = SockRef::from(dst).shutdown(std::net::Shutdown::Write);
+                }
+                self.done = true;
+                return Poll::Ready(Ok(()));
+            }
+            if reads == READS_PER_POLL {
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            reads += 1;
+            ready!(src.poll_read_ready(cx)).map_err(HalfError::Read)?;
+            SCRATCH.with(|scratch| {
+                let mut scratch = scratch.borrow_mut();
+                let carried = frames.as_deref_mut().map_or(0, |dir| dir.take_carry(&mut scratch));
+                let n = match read_some(src, &mut scratch[carried..]) {
+                    Ok(0) => {
+                        self.eof = true;
+                        return Ok(());
+                    }
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        if let Some(dir) = frames.as_deref_mut() {
+                            dir.put_back_carry(&scratch[..carried]);
+                        }
+                        return Ok(());
+                    }
+                    Err(e) => return Err(HalfError::Read(e)),
+                };
+                *relayed += n as u64;
+                *active = true;
+                let chunk = &scratch[..carried + n];
+                match frames.as_deref_mut() {
+                    None => self.emit(dst, chunk),
+                    Some(dir) => dir.walk(chunk, |bytes| self.emit(dst, bytes)),
+                }
+                .map_err(HalfError::Write)
+            })?;
+        }
+    }
+
+    /// Writes `bytes` to `dst` now if nothing is waiting before them, and keeps what `dst` cannot take.
+    fn emit(&mut self, dst: &TcpStream, bytes: &[u8]) -> io::Result<()> {
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        if self.written < self.pending.len() {
+            self.pending.extend_from_slice(bytes);
+            return Ok(());
+        }
+        let sent = match write_some(dst, bytes) {
+            Ok(w) => w,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+            Err(e) => return Err(e),
+        };
+        if sent < bytes.len() {
+            self.pending.clear();
+            self.written = 0;
+            self.pending.extend_from_slice(&bytes[sent..]);
+        }
+        Ok(())
+    }
+
+    fn has_pending(&self) -> bool {
+        self.written < self.pending.len()
+    }
+}
+
+/// One `read(2)`; a short read also clears the socket's read readiness.
+fn read_some(src: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    let mut got = 0;
+    let result = src.try_io(Interest::READABLE, || {
+        got = (&*SockRef::from(src)).read(buf)?;
+        if got > 0 && got < buf.len() {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(got)
+    });
+    match result {
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock && got > 0 => Ok(got),
+        other => other,
+    }
+}
+
+/// One `send(2)`; a short write also clears the socket's write readiness.
+fn write_some(dst: &TcpStream, buf: &[u8]) -> io::Result<usize> {
+    let mut put = 0;
+    let result = dst.try_io(Interest::WRITABLE, || {
+        put = (&*SockRef::from(dst)).write(buf)?;
+        if put < buf.len() {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(put)
+    });
+    match result {
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock && put > 0 => Ok(put),
+        other => other,
+    }
+}
+
+impl Future for Relay<'_> {
+    type Output = End;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<End> {
+        let this = self.get_mut();
+        match this.frames.take() {
+            Some(mut frames) => {
+                let end = this.poll_frames(cx, &mut frames);
+                this.frames = Some(frames);
+                end
+            }
+            None => this.poll_tunnel(cx),
+        }
+    }
+}
+
+impl Relay<'_> {
+    fn poll_tunnel(&mut self, cx: &mut Context<'_>) -> Poll<End> {
+        let mut active = false;
+        let up = self.up.poll_copy(
+            cx,
+            self.client,
+            self.backend,
+            &mut self.counters.client_to_backend,
+            &mut active,
+            self.down.done,
+            None,
+        );
+        let up_done = match up {
+            Poll::Ready(Ok(())) => true,
+            Poll::Ready(Err(HalfError::Read(e))) => return Poll::Ready(End::Error(Side::Client, e)),
+            Poll::Ready(Err(HalfError::Write(e))) => return Poll::Ready(End::Error(Side::Backend, e)),
+            Poll::Pending => false,
+        };
+        let down = self.down.poll_copy(
+            cx,
+            self.backend,
+            self.client,
+            &mut self.counters.backend_to_client,
+            &mut active,
+            self.up.done,
+            None,
+        );
+        let down_done = match down {
+            Poll::Ready(Ok(())) => true,
+            Poll::Ready(Err(HalfError::Read(e))) => return Poll::Ready(End::Error(Side::Backend, e)),
+            Poll::Ready(Err(HalfError::Write(e))) => return Poll::Ready(End::Error(Side::Client, e)),
+            Poll::Pending => false,
+        };
+        if self.first_closed.is_none() {
+            self.first_closed = match (up_done, down_done) {
+                (true, _) => Some(Side::Client),
+                (false, true) => Some(Side::Backend),
+                _ => None,
+            };
+        }
+        if let Some(first) = self.first_closed {
+            if up_done && down_done {
+                return Poll::Ready(End::Closed(first));
+            }
+            let linger = self
+                .linger
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep(HALF_CLOSE_LINGER)));
+            if linger.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(End::Closed(first));
+            }
+        }
+        self.poll_idle(cx, active)
+    }
+
+    fn poll_frames(&mut self, cx: &mut Context<'_>, frames: &mut Frames) -> Poll<End> {
+        let mut active = false;
+        // Each direction runs until it blocks; a failed side is handed to the frame state, which decides what the
+        // other side is told.
+        for side in [Side::Client, Side::Backend] {
+            let (half, other_done, src, dst, relayed) = match side {
+                Side::Client => (
+                    &mut self.up,
+                    self.down.done,
+                    self.client,
+                    self.backend,
+                    &mut self.counters.client_to_backend,
+                ),
+                Side::Backend => (
+                    &mut self.down,
+                    self.up.done,
+                    self.backend,
+                    self.client,
+                    &mut self.counters.backend_to_client,
+                ),
+            };
+            if frames.is_dead(side.other()) {
+                // Bytes for a receiver that is gone are dropped.
+                half.pending = Vec::new();
+                half.written = 0;
+            }
+            let heard_before = *relayed;
+            let dir = frames.dir_mut(side);
+            match half.poll_copy(cx, src, dst, &mut *relayed, &mut active, other_done, Some(dir)) {
+                Poll::Ready(Ok(())) => {
+                    if half.eof {
+                        frames.source_closed(side, None);
+                    }
+                }
+                Poll::Ready(Err(HalfError::Read(e))) => frames.source_closed(side, Some(e)),
+                Poll::Ready(Err(HalfError::Write(e))) => frames.sink_failed(side.other(), e),
+                Poll::Pending => {}
+            }
+            if *relayed != heard_before {
+                frames.heard(side);
+            }
+        }
+        let pending = [self.up.has_pending(), self.down.has_pending()];
+        match frames.poll_verdict(cx, pending) {
+            Verdict::Continue => {}
+            Verdict::Wake => cx.waker().wake_by_ref(),
+            Verdict::End(end) => {
+                frames.record(self.counters);
+                return Poll::Ready(end);
+            }
+        }
+        self.poll_idle(cx, active)
+    }
+
+    fn poll_idle(&mut self, cx: &mut Context<'_>, active: bool) -> Poll<End> {
+        if let Some(idle) = &mut self.idle {
+            // Bytes held for a reader that is draining them slowly are not idleness: the kernel may not report the
+            // socket writable again for longer than the timeout while the reader keeps reading.
+            if active || self.up.has_pending() || self.down.has_pending() {
+                idle.last_activity = Instant::now();
+            }
+            while idle.timer.as_mut().poll(cx).is_ready() {
+                let deadline = idle.last_activity + idle.after;
+                if deadline <= Instant::now() {
+                    if let Some(frames) = &mut self.frames {
+                        frames.record(self.counters);
+                    }
+                    return Poll::Ready(End::IdleTimeout);
+                }
+                idle.timer.as_mut().reset(deadline);
+            }
+        }
+        Poll::Pending
+    }
+}

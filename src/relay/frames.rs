@@ -1,0 +1,508 @@
+//! The `frames` relay's knowledge of the WebSocket protocol, on top of the shared copy loop in `copy`: one
+//! [`FrameDir`] per direction walks the frames of the bytes read (through the pure codec in `frame`), and
+//! [`Frames`] decides for the connection: limits and protocol violations become close codes, silent peers get pings,
+//! a dead or stuck peer gets its partner told with a close frame, and a drain closes with 1001.
+
+use std::future::Future;
+use std::hash::BuildHasher;
+use std::io;
+use std::pin::Pin;
+use std::task::Context;
+
+use tokio::time::{Instant, Sleep};
+use tokio_util::sync::WaitForCancellationFutureOwned;
+
+use super::copy::{End, Side};
+use super::frame::{self, Rules, Step, Tracker, Violation, opcode};
+use crate::config::FrameRules;
+use crate::observe::Counters;
+
+/// One direction of a frames-mode connection, named by the side it reads from.
+#[derive(Debug, Default)]
+pub(super) struct FrameDir {
+    tracker: Tracker,
+    /// An incomplete header or control frame from the last read, put in front of the next one.
+    carry: Vec<u8>,
+    /// A frame of wsgate's own for this direction's receiver, sent at the next frame boundary.
+    inject: Vec<u8>,
+    inject_is_close: bool,
+    /// wsgate's close has gone to the receiver: the sender's bytes are only read to find its close frame.
+    muted: bool,
+    /// Nothing more is read from the sender.
+    stopped: bool,
+    /// Payload of wsgate's unanswered ping to the sender; the pong that carries it is not forwarded.
+    ping: Option<[u8; 8]>,
+    close_code: Option<Option<u16>>,
+    violation: Option<Violation>,
+}
+
+impl FrameDir {
+    fn new(rules: Rules) -> Self {
+        Self {
+            tracker: Tracker::new(rules),
+            ..Self::default()
+        }
+    }
+
+    /// Moves the carried bytes to the front of `scratch`; returns how many.
+    pub(super) fn take_carry(&mut self, scratch: &mut [u8]) -> usize {
+        let n = self.carry.len();
+        scratch[..n].copy_from_slice(&self.carry);
+        self.carry.clear();
+        n
+    }
+
+    /// Keeps `bytes` for the next read again (the read found nothing new).
+    pub(super) fn put_back_carry(&mut self, bytes: &[u8]) {
+        self.carry.extend_from_slice(bytes);
+    }
+
+    /// wsgate's own frame, when the walk is at a frame boundary.
+    pub(super) fn take_injection(&mut self) -> Option<Vec<u8>> {
+        if self.inject.is_empty() || !self.tracker.at_boundary() {
+            return None;
+        }
+        if self.inject_is_close {
+            self.muted = true;
+        }
+        self.tracker.set_stop_at_boundary(false);
+        Some(std::mem::take(&mut self.inject))
+    }
+
+    pub(super) fn has_injection(&self) -> bool {
+        !self.inject.is_empty()
+    }
+
+    fn injection_ready(&self) -> bool {
+        !self.inject.is_empty() && self.tracker.at_boundary()
+    }
+
+    /// Whether nothing more is to be read from the sender.
+    pub(super) fn stopped(&self) -> bool {
+        self.stopped || self.violation.is_some() || (self.muted && self.close_code.is_some())
+    }
+
+    fn set_injection(&mut self, frame: Vec<u8>, is_close: bool) {
+        self.inject = frame;
+        self.inject_is_close = is_close;
+        self.tracker.set_stop_at_boundary(true);
+    }
+
+    /// Walks a chunk read from the sender and hands what goes on to the receiver to `emit`, in order.
+    pub(super) fn walk(&mut self, chunk: &[u8], mut emit: impl FnMut(&[u8]) -> io::Result<()>) -> io::Result<()> {
+        let mut start = 0;
+        let mut pos = 0;
+        while pos < chunk.len() {
+            if !self.inject.is_empty() && self.tracker.at_boundary() {
+                emit(&chunk[start..pos])?;
+                start = pos;
+                if let Some(frame) = self.take_injection() {
+                    emit(&frame)?;
+                }
+            }
+            if self.stopped() {
+                // Whatever else the sender sent is not wanted.
+                return emit(&chunk[start..pos]);
+            }
+            match self.tracker.next(&chunk[pos..]) {
+                Step::Pass(n) => {
+                    pos += n;
+                    if self.muted {
+                        start = pos;
+                    }
+                }
+                Step::Control(c) => {
+                    let forward = match c.opcode {
+                        opcode::PONG if self.ping.is_some_and(|p| p == c.payload()) => {
+                            self.ping = None;
+                            false
+                        }
+                        opcode::CLOSE => {
+                            self.close_code = Some(c.close().map(|(code, _)| code));
+                            // A close from the sender makes wsgate's own close to the receiver pointless: the
+                            // receiver gets the sender's instead.
+                            if self.inject_is_close && !self.inject.is_empty() {
+                                self.inject.clear();
+                                self.tracker.set_stop_at_boundary(false);
+                            }
+                            !self.muted
+                        }
+                        _ => !self.muted,
+                    };
+                    if !forward {
+                        emit(&chunk[start..pos])?;
+                        start = pos + c.wire_len;
+                    }
+                    pos += c.wire_len;
+                }
+                Step::NeedMore => {
+                    self.carry.extend_from_slice(&chunk[pos..]);
+                    break;
+                }
+                Step::Violation(v) => {
+                    self.violation = Some(v);
+                    break;
+                }
+            }
+        }
+        emit(&chunk[start..pos])
+    }
+}
+
+/// What [`Frames::poll_verdict`] says about the connection.
+pub(super) enum Verdict {
+    Continue,
+    /// Poll again at once: a deadline has passed.
+    Wake,
+    End(End),
+}
+
+/// A close wsgate started.
+#[derive(Debug)]
+struct Closing {
+    why: String,
+    deadline: Instant,
+}
+
+/// The frames-mode state of one connection.
+pub struct Frames {
+    rules: FrameRules,
+    client: FrameDir,
+    backend: FrameDir,
+    dead: [bool; 2],
+    first_close: Option<Side>,
+    closing: Option<Closing>,
+    last_heard: [Instant; 2],
+    pong_deadline: [Option<Instant>; 2],
+    pending_since: [Option<Instant>; 2],
+    tokens: [f64; 2],
+    accounted: [u64; 2],
+    refilled: Instant,
+    drain: Pin<Box<WaitForCancellationFutureOwned>>,
+    timer: Pin<Box<Sleep>>,
+    timer_at: Option<Instant>,
+}
+
+fn index(side: Side) -> usize {
+    match side {
+        Side::Client => 0,
+        Side::Backend => 1,
+    }
+}
+
+/// A mask key or ping payload: unpredictable enough for a proxy talking to a backend.
+fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut out = [0u8; N];
+    for (i, chunk) in out.chunks_mut(8).enumerate() {
+        let value = std::hash::RandomState::new().hash_one(i);
+        chunk.copy_from_slice(&value.to_le_bytes()[..chunk.len()]);
+    }
+    out
+}
+
+impl Frames {
+    /// The frames state for a connection whose 101 negotiated `deflate` or not; `drain` fires when the server
+    /// starts draining.
+    pub fn new(rules: FrameRules, deflate: bool, drain: WaitForCancellationFutureOwned) -> Box<Frames> {
+        let dir_rules = |masked| Rules {
+            masked,
+            rsv1_allowed: deflate,
+            validate_utf8: rules.validate_utf8,
+            max_frame_size: rules.max_frame_size,
+            max_message_size: rules.max_message_size,
+        };
+        let now = Instant::now();
+        let full = f64::from(rules.burst) + f64::from(rules.messages_per_second.unwrap_or(0));
+        let mut frames = Box::new(Frames {
+            rules,
+            client: FrameDir::new(dir_rules(true)),
+            backend: FrameDir::new(dir_rules(false)),
+            dead: [false; 2],
+            first_close: None,
+            closing: None,
+            last_heard: [now; 2],
+            pong_deadline: [None; 2],
+            pending_since: [None; 2],
+            tokens: [full; 2],
+            accounted: [0; 2],
+            refilled: now,
+            drain: Box::pin(drain),
+            timer: Box::pin(tokio::time::sleep_until(now)),
+            timer_at: None,
+        });
+        frames.account_rate(now);
+        frames
+    }
+
+    /// Whether `side` is gone (nothing can be written to it any more).
+    pub(super) fn is_dead(&self, side: Side) -> bool {
+        self.dead[index(side)]
+    }
+
+    pub(super) fn dir_mut(&mut self, side: Side) -> &mut FrameDir {
+        match side {
+            Side::Client => &mut self.client,
+            Side::Backend => &mut self.backend,
+        }
+    }
+
+    fn dir(&self, side: Side) -> &FrameDir {
+        match side {
+            Side::Client => &self.client,
+            Side::Backend => &self.backend,
+        }
+    }
+
+    /// Bytes were read from `side`.
+    pub(super) fn heard(&mut self, side: Side) {
+        if self.rules.ping_interval.is_some() {
+            self.last_heard[index(side)] = Instant::now();
+        }
+    }
+
+    /// `side`'s connection ended (`None`: EOF) or failed while reading.
+    pub(super) fn source_closed(&mut self, side: Side, error: Option<io::Error>) {
+        if self.dead[index(side)] {
+            return;
+        }
+        let dir = self.dir_mut(side);
+        dir.stopped = true;
+        if dir.close_code.is_some() && error.is_none() {
+            // The close handshake came first: an orderly end.
+            return;
+        }
+        let why = match error {
+            Some(e) => format!("{side} connection failed: {e}"),
+            None => format!("{side} connection lost without a close frame"),
+        };
+        self.lost(side, why);
+    }
+
+    /// Writing to `side` failed.
+    pub(super) fn sink_failed(&mut self, side: Side, error: io::Error) {
+        if !self.dead[index(side)] {
+            self.lost(side, format!("{side} connection failed: {error}"));
+        }
+    }
+
+    /// `side` is gone: its partner is told with a close frame, and wsgate waits for the partner's close reply.
+    fn lost(&mut self, side: Side, why: String) {
+        self.dead[index(side)] = true;
+        self.dir_mut(side).stopped = true;
+        // Nothing more can be written to the lost side, and nothing more of the partner's is forwarded.
+        self.dir_mut(side.other()).muted = true;
+        let (code, reason) = match side {
+            Side::Backend => (1011, "backend connection lost"),
+            Side::Client => (1001, "client went away"),
+        };
+        self.close_to(side.other(), code, reason);
+        self.start_closing(why);
+    }
+
+    /// Queues a close frame to `side` (written by the direction that writes to it).
+    fn close_to(&mut self, side: Side, code: u16, reason: &str) {
+        // Not to a side that is gone, nor to one that has already been sent its partner's close.
+        if self.dead[index(side)] || self.dir(side.other()).close_code.is_some() {
+            return;
+        }
+        let mask = (side == Side::Backend).then(random_bytes::<4>);
+        let frame = frame::close_frame(code, reason, mask);
+        self.dir_mut(side.other()).set_injection(frame, true);
+    }
+
+    fn start_closing(&mut self, why: String) {
+        if self.closing.is_none() {
+            self.closing = Some(Closing {
+                why,
+                deadline: Instant::now() + self.rules.close_timeout,
+            });
+        }
+    }
+
+    /// Closes both sides with `code` (drain: 1001 "going away").
+    fn close_both(&mut self, code: u16, reason: &str, why: String) {
+        self.close_to(Side::Client, code, reason);
+        self.close_to(Side::Backend, code, reason);
+        self.start_closing(why);
+    }
+
+    /// Decides what happens to the connection after both directions have run.
+    pub(super) fn poll_verdict(&mut self, cx: &mut Context<'_>, pending: [bool; 2]) -> Verdict {
+        let now = Instant::now();
+        self.account_rate(now);
+        for side in [Side::Client, Side::Backend] {
+            if let Some(v) = self.dir(side).violation
+                && self.closing.is_none()
+            {
+                self.dir_mut(side).stopped = true;
+                self.close_to(side, v.close_code(), &v.to_string());
+                self.dir_mut(side.other()).muted = true;
+                self.close_to(side.other(), 1011, &format!("{side} broke the WebSocket protocol"));
+                self.start_closing(format!(
+                    "{side} sent {v} (close {} to it, 1011 to the other side)",
+                    v.close_code()
+                ));
+            }
+            if self.first_close.is_none() && self.dir(side).close_code.is_some() {
+                self.first_close = Some(side);
+            }
+        }
+        if self.closing.is_none() && self.drain.as_mut().poll(cx).is_ready() {
+            self.close_both(
+                1001,
+                "going away",
+                "server shutting down (close 1001 to both sides)".into(),
+            );
+        }
+        let flushed = !pending[0] && !pending[1] && self.client.inject.is_empty() && self.backend.inject.is_empty();
+        if flushed && let Some(end) = self.finished() {
+            return Verdict::End(end);
+        }
+        if let Some(closing) = &self.closing
+            && now >= closing.deadline
+        {
+            return Verdict::End(End::ClosedByProxy(format!("{} (no close reply in time)", closing.why)));
+        }
+        self.keepalive(now);
+        self.write_timeouts(now, pending);
+        // A frame of wsgate's own queued just now, with its direction at a boundary and nothing in the way: the
+        // direction must run again to send it.
+        if (self.client.injection_ready() && !pending[0]) || (self.backend.injection_ready() && !pending[1]) {
+            return Verdict::Wake;
+        }
+        match self.next_deadline(pending) {
+            Some(at) if at <= now => Verdict::Wake,
+            Some(at) => {
+                if self.timer_at != Some(at) {
+                    self.timer.as_mut().reset(at);
+                    self.timer_at = Some(at);
+                }
+                if self.timer.as_mut().poll(cx).is_ready() {
+                    self.timer_at = None;
+                    Verdict::Wake
+                } else {
+                    Verdict::Continue
+                }
+            }
+            None => Verdict::Continue,
+        }
+    }
+
+    /// The end of the connection, once there is nothing left to say on it.
+    fn finished(&self) -> Option<End> {
+        let done = |side: Side| {
+            let dir = self.dir(side);
+            self.dead[index(side)] || dir.stopped || dir.violation.is_some() || dir.close_code.is_some()
+        };
+        if let Some(closing) = &self.closing {
+            // Each side still alive is waited for until its close reply arrives.
+            return (done(Side::Client) && done(Side::Backend)).then(|| End::ClosedByProxy(closing.why.clone()));
+        }
+        let (client_close, backend_close) = (self.client.close_code, self.backend.close_code);
+        if let (Some(_), Some(_)) = (client_close, backend_close) {
+            let first = self.first_close.unwrap_or(Side::Client);
+            let code = self.dir(first).close_code.flatten();
+            return Some(End::CloseHandshake { first, code });
+        }
+        None
+    }
+
+    /// The token bucket of `messages_per_second`: messages started since the last look are paid for, time pays
+    /// back (up to one second's worth plus the burst), and each side may start as many messages as it has whole
+    /// tokens before its tracker answers with a rate-limit violation.
+    fn account_rate(&mut self, now: Instant) {
+        let Some(rate) = self.rules.messages_per_second else {
+            return;
+        };
+        let rate = f64::from(rate);
+        let cap = rate + f64::from(self.rules.burst);
+        let elapsed = now.saturating_duration_since(self.refilled).as_secs_f64();
+        self.refilled = now;
+        for (i, side) in [Side::Client, Side::Backend].into_iter().enumerate() {
+            let started = self.dir(side).tracker.messages();
+            let spent = started.saturating_sub(self.accounted[i]);
+            self.accounted[i] = started;
+            self.tokens[i] = (self.tokens[i] - spent as f64 + elapsed * rate).min(cap);
+            let budget = self.tokens[i].max(0.0).floor() as u64;
+            self.dir_mut(side).tracker.set_budget(Some(budget));
+        }
+    }
+
+    fn keepalive(&mut self, now: Instant) {
+        let Some(interval) = self.rules.ping_interval else {
+            return;
+        };
+        if self.closing.is_some() {
+            return;
+        }
+        for side in [Side::Client, Side::Backend] {
+            let i = index(side);
+            if self.dead[i] {
+                continue;
+            }
+            if self.dir(side).ping.is_none() {
+                self.pong_deadline[i] = None;
+                let writer = self.dir(side.other());
+                if now >= self.last_heard[i] + interval && writer.inject.is_empty() {
+                    let payload = random_bytes::<8>();
+                    let mask = (side == Side::Backend).then(random_bytes::<4>);
+                    let ping = frame::control_frame(opcode::PING, &payload, mask);
+                    self.dir_mut(side.other()).set_injection(ping, false);
+                    self.dir_mut(side).ping = Some(payload);
+                    self.pong_deadline[i] = Some(now + self.rules.pong_timeout);
+                }
+            } else if self.pong_deadline[i].is_some_and(|d| now >= d) {
+                let why = format!("{side} did not answer a ping within {:?}", self.rules.pong_timeout);
+                self.lost(side, why);
+            }
+        }
+    }
+
+    fn write_timeouts(&mut self, now: Instant, pending: [bool; 2]) {
+        // pending[0]: bytes for the backend (read from the client); pending[1]: bytes for the client.
+        for (i, receiver) in [Side::Backend, Side::Client].into_iter().enumerate() {
+            if !pending[i] {
+                self.pending_since[i] = None;
+                continue;
+            }
+            let since = *self.pending_since[i].get_or_insert(now);
+            if now >= since + self.rules.write_timeout && !self.dead[index(receiver)] {
+                let why = format!("{receiver} stopped reading for {:?}", self.rules.write_timeout);
+                self.lost(receiver, why);
+            }
+        }
+    }
+
+    fn next_deadline(&self, pending: [bool; 2]) -> Option<Instant> {
+        let mut at: Option<Instant> = None;
+        let mut consider = |t: Instant| at = Some(at.map_or(t, |a| a.min(t)));
+        if let Some(closing) = &self.closing {
+            consider(closing.deadline);
+        } else if let Some(interval) = self.rules.ping_interval {
+            for side in [Side::Client, Side::Backend] {
+                let i = index(side);
+                match self.pong_deadline[i] {
+                    Some(d) => consider(d),
+                    None if !self.dead[i] => consider(self.last_heard[i] + interval),
+                    None => {}
+                }
+            }
+        }
+        for (i, since) in self.pending_since.iter().enumerate() {
+            if let (true, Some(since)) = (pending[i], since) {
+                consider(*since + self.rules.write_timeout);
+            }
+        }
+        at
+    }
+
+    /// Puts the connection's frame counters into the access log record.
+    pub(super) fn record(&self, counters: &mut Counters) {
+        counters.messages = Some((self.client.tracker.messages(), self.backend.tracker.messages()));
+        counters.close_code = self.first_close.and_then(|side| self.dir(side).close_code.flatten());
+        counters.close_first = self.first_close.map(|side| match side {
+            Side::Client => "client",
+            Side::Backend => "backend",
+        });
+    }
+}
