@@ -162,6 +162,8 @@ pub(super) enum Verdict {
 struct Closing {
     why: String,
     deadline: Instant,
+    /// wsgate sent close frames of its own (otherwise it only waits for a reply to a side's close).
+    by_proxy: bool,
 }
 
 /// The frames-mode state of one connection.
@@ -289,6 +291,16 @@ impl Frames {
     fn lost(&mut self, side: Side, why: String) {
         self.dead[index(side)] = true;
         self.dir_mut(side).stopped = true;
+        if self.dir(side).close_code.is_some() {
+            // It said goodbye before it went: the partner's close reply ends the connection as usual, if it comes
+            // in time.
+            self.closing.get_or_insert(Closing {
+                why: format!("{side} left after its close frame; the other side did not answer it"),
+                deadline: Instant::now() + self.rules.close_timeout,
+                by_proxy: false,
+            });
+            return;
+        }
         // Nothing more can be written to the lost side, and nothing more of the partner's is forwarded.
         self.dir_mut(side.other()).muted = true;
         let (code, reason) = match side {
@@ -315,6 +327,7 @@ impl Frames {
             self.closing = Some(Closing {
                 why,
                 deadline: Instant::now() + self.rules.close_timeout,
+                by_proxy: true,
             });
         }
     }
@@ -394,17 +407,20 @@ impl Frames {
             let dir = self.dir(side);
             self.dead[index(side)] || dir.stopped || dir.violation.is_some() || dir.close_code.is_some()
         };
-        if let Some(closing) = &self.closing {
+        match &self.closing {
             // Each side still alive is waited for until its close reply arrives.
-            return (done(Side::Client) && done(Side::Backend)).then(|| End::ClosedByProxy(closing.why.clone()));
+            Some(closing) if closing.by_proxy => {
+                (done(Side::Client) && done(Side::Backend)).then(|| End::ClosedByProxy(closing.why.clone()))
+            }
+            _ => {
+                let both = self.client.close_code.is_some() && self.backend.close_code.is_some();
+                both.then(|| {
+                    let first = self.first_close.unwrap_or(Side::Client);
+                    let code = self.dir(first).close_code.flatten();
+                    End::CloseHandshake { first, code }
+                })
+            }
         }
-        let (client_close, backend_close) = (self.client.close_code, self.backend.close_code);
-        if let (Some(_), Some(_)) = (client_close, backend_close) {
-            let first = self.first_close.unwrap_or(Side::Client);
-            let code = self.dir(first).close_code.flatten();
-            return Some(End::CloseHandshake { first, code });
-        }
-        None
     }
 
     /// The token bucket of `messages_per_second`: messages started since the last look are paid for, time pays
@@ -483,7 +499,10 @@ impl Frames {
                 let i = index(side);
                 match self.pong_deadline[i] {
                     Some(d) => consider(d),
-                    None if !self.dead[i] => consider(self.last_heard[i] + interval),
+                    // A ping can only be queued when the direction that carries it has nothing queued.
+                    None if !self.dead[i] && self.dir(side.other()).inject.is_empty() => {
+                        consider(self.last_heard[i] + interval)
+                    }
                     None => {}
                 }
             }
