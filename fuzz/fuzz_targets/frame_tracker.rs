@@ -4,7 +4,9 @@
 //!
 //! Input layout (missing bytes read as 0):
 //! - byte 0: flags. bit 0 `masked`, bit 1 `rsv1_allowed`, bit 2 `validate_utf8`, bit 3 `max_frame_size` = byte 1,
-//!   bit 4 `max_message_size` = byte 2, bit 5 `set_budget(Some(byte 3))`.
+//!   bit 4 `max_message_size` = byte 2, bit 5 `set_budget(Some(byte 3))`, bit 6 `set_stop_at_boundary(true)`
+//!   before the first read, bit 7 flip `stop_at_boundary` after every read (as the relay does when it has a frame
+//!   of its own to send, and once it has sent it).
 //! - bytes 1, 2, 3: the limits above, used only when their flag is set.
 //! - byte 4: the number of read boundaries (low 4 bits, so 0 to 15).
 //! - then one byte per boundary: the length of each read in turn (0 is an empty read); a last read takes the rest.
@@ -17,9 +19,16 @@ use wsgate::relay::frame::{self, Rules, Step, Tracker, Violation, opcode};
 
 const PREFIX: usize = 5;
 
-struct Input<'a> {
+#[derive(Debug, Clone, Copy)]
+struct Drive {
     rules: Rules,
     budget: Option<u64>,
+    stop_at_boundary: bool,
+    flip_after_each_read: bool,
+}
+
+struct Input<'a> {
+    drive: Drive,
     reads: Vec<&'a [u8]>,
     stream: &'a [u8],
 }
@@ -28,14 +37,18 @@ fn decode(data: &[u8]) -> Input<'_> {
     let byte = |i: usize| data.get(i).copied().unwrap_or(0);
     let flags = byte(0);
     let flag = |bit: u8| flags & (1 << bit) != 0;
-    let rules = Rules {
-        masked: flag(0),
-        rsv1_allowed: flag(1),
-        validate_utf8: flag(2),
-        max_frame_size: flag(3).then(|| u64::from(byte(1))),
-        max_message_size: flag(4).then(|| u64::from(byte(2))),
+    let drive = Drive {
+        rules: Rules {
+            masked: flag(0),
+            rsv1_allowed: flag(1),
+            validate_utf8: flag(2),
+            max_frame_size: flag(3).then(|| u64::from(byte(1))),
+            max_message_size: flag(4).then(|| u64::from(byte(2))),
+        },
+        budget: flag(5).then(|| u64::from(byte(3))),
+        stop_at_boundary: flag(6),
+        flip_after_each_read: flag(7),
     };
-    let budget = flag(5).then(|| u64::from(byte(3)));
     let cuts = usize::from(byte(4) & 0x0F);
     let lens = data.get(PREFIX..).unwrap_or_default();
     let lens = &lens[..cuts.min(lens.len())];
@@ -48,12 +61,7 @@ fn decode(data: &[u8]) -> Input<'_> {
         rest = after;
     }
     reads.push(rest);
-    Input {
-        rules,
-        budget,
-        reads,
-        stream,
-    }
+    Input { drive, reads, stream }
 }
 
 /// What the relay did with one side's bytes.
@@ -66,16 +74,34 @@ struct Walk {
     carried: usize,
 }
 
+/// Offsets in `stream` where a frame ends, by reading headers one after the other (valid or not).
+fn frame_ends(stream: &[u8]) -> Vec<u64> {
+    let mut ends = Vec::new();
+    let mut pos = 0u64;
+    while let Some(rest) = usize::try_from(pos).ok().and_then(|p| stream.get(p..)) {
+        let Ok(Some(h)) = frame::parse_header(rest) else {
+            break;
+        };
+        pos += h.len as u64 + h.payload_len;
+        ends.push(pos);
+    }
+    ends
+}
+
 /// The relay's loop (as `walk()` in tests/frame_codec.rs), with every step's contract asserted.
-fn walk(rules: Rules, budget: Option<u64>, reads: &[&[u8]]) -> Walk {
-    let mut tracker = Tracker::new(rules);
-    tracker.set_budget(budget);
+fn walk(drive: Drive, reads: &[&[u8]], ends: &[u64]) -> Walk {
+    let mut tracker = Tracker::new(drive.rules);
+    tracker.set_budget(drive.budget);
+    let mut stop_at_boundary = drive.stop_at_boundary;
+    tracker.set_stop_at_boundary(stop_at_boundary);
     let mut out = Walk {
         passed: Vec::new(),
         controls: Vec::new(),
         violation: None,
         carried: 0,
     };
+    // A pass that ended inside a frame with bytes left: only a violation may come next.
+    let mut violation_due = false;
     let mut carry: Vec<u8> = Vec::new();
     for read in reads {
         let mut buf = std::mem::take(&mut carry);
@@ -83,10 +109,25 @@ fn walk(rules: Rules, budget: Option<u64>, reads: &[&[u8]]) -> Walk {
         let mut pos = 0;
         while pos < buf.len() {
             let rest = &buf[pos..];
-            match tracker.next(rest) {
+            let step = tracker.next(rest);
+            assert!(
+                !violation_due || matches!(step, Step::Violation(_)),
+                "a pass stopped inside a frame, then {step:?}"
+            );
+            match step {
                 Step::Pass(n) => {
                     assert!(n > 0, "Pass(0) on {} bytes", rest.len());
                     assert!(n <= rest.len(), "Pass({n}) on {} bytes", rest.len());
+                    let from = out.passed.len() as u64;
+                    let to = from + n as u64;
+                    if stop_at_boundary {
+                        // The relay puts its own frame at the first boundary: a pass may not run past one.
+                        assert!(
+                            !ends.iter().any(|&e| from < e && e < to),
+                            "Pass({n}) from offset {from} runs past a frame boundary (frames end at {ends:?})"
+                        );
+                    }
+                    violation_due = n < rest.len() && !tracker.at_boundary();
                     out.passed.extend_from_slice(&rest[..n]);
                     pos += n;
                 }
@@ -97,7 +138,7 @@ fn walk(rules: Rules, budget: Option<u64>, reads: &[&[u8]]) -> Walk {
                         c.wire_len,
                         rest.len()
                     );
-                    check_control(rules, &c, &rest[..c.wire_len]);
+                    check_control(drive.rules, &c, &rest[..c.wire_len]);
                     assert!(tracker.at_boundary(), "Control inside a data frame");
                     out.passed.extend_from_slice(&rest[..c.wire_len]);
                     out.controls.push((c.opcode, c.payload().to_vec()));
@@ -120,8 +161,16 @@ fn walk(rules: Rules, budget: Option<u64>, reads: &[&[u8]]) -> Walk {
                 }
             }
         }
-        if let Some(budget) = budget {
-            assert!(tracker.messages() <= budget, "{} messages on a budget of {budget}", tracker.messages());
+        if let Some(budget) = drive.budget {
+            assert!(
+                tracker.messages() <= budget,
+                "{} messages on a budget of {budget}",
+                tracker.messages()
+            );
+        }
+        if drive.flip_after_each_read {
+            stop_at_boundary = !stop_at_boundary;
+            tracker.set_stop_at_boundary(stop_at_boundary);
         }
     }
     out.carried = carry.len();
@@ -130,7 +179,11 @@ fn walk(rules: Rules, budget: Option<u64>, reads: &[&[u8]]) -> Walk {
 
 /// A control frame as reported must be the frame on the wire: a valid header, its payload unmasked.
 fn check_control(rules: Rules, c: &frame::Control, wire: &[u8]) {
-    assert!(matches!(c.opcode, opcode::CLOSE | opcode::PING | opcode::PONG), "opcode {}", c.opcode);
+    assert!(
+        matches!(c.opcode, opcode::CLOSE | opcode::PING | opcode::PONG),
+        "opcode {}",
+        c.opcode
+    );
     let h = frame::parse_header(wire)
         .expect("control frame with a bad length")
         .expect("control frame without a whole header");
@@ -167,8 +220,9 @@ fn check_header(bytes: &[u8]) {
 fuzz_target!(|data: &[u8]| {
     let input = decode(data);
     check_header(input.stream);
+    let ends = frame_ends(input.stream);
 
-    let pieces = walk(input.rules, input.budget, &input.reads);
+    let pieces = walk(input.drive, &input.reads, &ends);
     assert!(
         input.stream.starts_with(&pieces.passed),
         "passed bytes are not a prefix of the input"
@@ -178,12 +232,26 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(pieces.passed.len() + pieces.carried, input.stream.len());
     }
 
-    // The read boundaries change nothing but when an invalid UTF-8 payload is noticed (as the proptest
-    // `any_bytes_give_the_same_walk_whatever_the_read_boundaries` in tests/frame_codec.rs states).
-    let whole = walk(input.rules, input.budget, &[input.stream]);
-    assert_eq!(whole.violation, pieces.violation, "verdict depends on the read boundaries");
-    assert_eq!(whole.controls, pieces.controls, "control frames depend on the read boundaries");
+    // Read boundaries and stop_at_boundary change nothing but when an invalid UTF-8 payload is noticed (as the
+    // proptest `any_bytes_give_the_same_walk_whatever_the_read_boundaries` in tests/frame_codec.rs states).
+    let one_read = Drive {
+        stop_at_boundary: false,
+        flip_after_each_read: false,
+        ..input.drive
+    };
+    let whole = walk(one_read, &[input.stream], &ends);
+    assert_eq!(
+        whole.violation, pieces.violation,
+        "verdict depends on the read boundaries"
+    );
+    assert_eq!(
+        whole.controls, pieces.controls,
+        "control frames depend on the read boundaries"
+    );
     if whole.violation != Some(Violation::InvalidUtf8) {
-        assert_eq!(whole.passed, pieces.passed, "passed bytes depend on the read boundaries");
+        assert_eq!(
+            whole.passed, pieces.passed,
+            "passed bytes depend on the read boundaries"
+        );
     }
 });

@@ -46,7 +46,11 @@ fn check_request(buf: &[u8], ip: IpAddr, proto: &'static str) -> Option<[u8; 28]
             None
         }
         Ok(Inspected::Plain { head_len }) => {
-            assert!(head_len > 0 && head_len <= buf.len(), "head_len {head_len} of {}", buf.len());
+            assert!(
+                head_len > 0 && head_len <= buf.len(),
+                "head_len {head_len} of {}",
+                buf.len()
+            );
             // Bytes after the head are not looked at.
             assert_eq!(
                 handshake::inspect_request(&buf[..head_len], ip, proto),
@@ -56,8 +60,16 @@ fn check_request(buf: &[u8], ip: IpAddr, proto: &'static str) -> Option<[u8; 28]
         }
         Ok(Inspected::Upgrade(up)) => {
             assert!(up.head_len <= buf.len(), "head_len {} of {}", up.head_len, buf.len());
-            assert!(up.forward.starts_with(b"GET "), "forwarded head: {:?}", String::from_utf8_lossy(&up.forward));
-            assert!(up.forward.ends_with(b"\r\n\r\n"), "forwarded head: {:?}", String::from_utf8_lossy(&up.forward));
+            assert!(
+                up.forward.starts_with(b"GET "),
+                "forwarded head: {:?}",
+                String::from_utf8_lossy(&up.forward)
+            );
+            assert!(
+                up.forward.ends_with(b"\r\n\r\n"),
+                "forwarded head: {:?}",
+                String::from_utf8_lossy(&up.forward)
+            );
             assert_eq!(
                 parsed_request_len(&up.forward),
                 Some(up.forward.len()),
@@ -66,7 +78,10 @@ fn check_request(buf: &[u8], ip: IpAddr, proto: &'static str) -> Option<[u8; 28]
             );
             // What follows the head (the first frames) is not looked at.
             let head_only = handshake::inspect_request(&buf[..up.head_len], ip, proto);
-            assert!(matches!(&head_only, Ok(Inspected::Upgrade(u)) if *u == up), "{head_only:?}");
+            assert!(
+                matches!(&head_only, Ok(Inspected::Upgrade(u)) if *u == up),
+                "{head_only:?}"
+            );
             // The forwarded head is itself a valid upgrade that forwards unchanged, unless it grew past a limit.
             match handshake::inspect_request(&up.forward, ip, proto) {
                 Ok(Inspected::Upgrade(again)) => {
@@ -98,8 +113,12 @@ fn check_request(buf: &[u8], ip: IpAddr, proto: &'static str) -> Option<[u8; 28]
 fn check_response(buf: &[u8], accept: &[u8; 28], cut: u8) {
     match handshake::inspect_response(buf, accept) {
         Ok(Answer::Partial) => assert!(buf.len() < MAX_HEAD_BYTES),
-        Ok(Answer::Switching { head_len }) => {
-            assert!(head_len > 0 && head_len <= buf.len(), "head_len {head_len} of {}", buf.len());
+        Ok(Answer::Switching { head_len, deflate: _ }) => {
+            assert!(
+                head_len > 0 && head_len <= buf.len(),
+                "head_len {head_len} of {}",
+                buf.len()
+            );
         }
         Ok(Answer::Other {
             status,
@@ -107,7 +126,11 @@ fn check_response(buf: &[u8], accept: &[u8; 28], cut: u8) {
             head,
             framing,
         }) => {
-            assert!(head_len > 0 && head_len <= buf.len(), "head_len {head_len} of {}", buf.len());
+            assert!(
+                head_len > 0 && head_len <= buf.len(),
+                "head_len {head_len} of {}",
+                buf.len()
+            );
             assert_ne!(status, 101);
             assert!(head.starts_with(b"HTTP/1.1 "), "{:?}", String::from_utf8_lossy(&head));
             assert!(head.ends_with(b"\r\n\r\n"), "{:?}", String::from_utf8_lossy(&head));

@@ -189,6 +189,8 @@ pub enum ResponseError {
     Syntax(httparse::Error),
     #[error("backend response head larger than {MAX_HEAD_BYTES} bytes")]
     HeadTooLarge,
+    #[error("backend answered with status {0:03}, outside 100-599")]
+    BadStatus(u16),
     #[error("backend answered 101 with a wrong Sec-WebSocket-Accept")]
     BadAccept,
     #[error("backend answered 101 without Upgrade: websocket")]
@@ -238,6 +240,9 @@ pub fn inspect_response(buf: &[u8], accept: &[u8; 28]) -> Result<Answer, Respons
         Err(e) => return Err(ResponseError::Syntax(e)),
     };
     let status = resp.code.unwrap_or(0);
+    if !(100..=599).contains(&status) {
+        return Err(ResponseError::BadStatus(status));
+    }
     let headers = resp.headers;
     if status == 101 {
         if !header(headers, "upgrade").any(|v| has_token(v, "websocket")) {
@@ -550,6 +555,8 @@ mod tests {
                 deflate: false
             })
         );
+        let odd = "HTTP/1.1 099 Odd\r\nContent-Length: 2\r\n\r\nno";
+        assert_eq!(inspect_response(odd.as_bytes(), &accept), Err(ResponseError::BadStatus(99)));
         let bad = ok.replace("s3pP", "AAAA");
         assert_eq!(inspect_response(bad.as_bytes(), &accept), Err(ResponseError::BadAccept));
         let denied = "HTTP/1.1 403 Forbidden\r\nContent-Length: 6\r\nConnection: keep-alive\r\n\r\nnope!\n";
