@@ -77,9 +77,10 @@ impl FrameDir {
         !self.inject.is_empty() && self.tracker.at_boundary()
     }
 
-    /// Whether nothing more is to be read from the sender.
+    /// Whether nothing more is to be read from the sender: it failed, broke the rules, or sent its close frame
+    /// (after which a sender may send nothing, and whatever it sends is ignored, as endpoints do).
     pub(super) fn stopped(&self) -> bool {
-        self.stopped || self.violation.is_some() || (self.muted && self.close_code.is_some())
+        self.stopped || self.violation.is_some() || self.close_code.is_some()
     }
 
     fn set_injection(&mut self, frame: Vec<u8>, is_close: bool) {
@@ -134,6 +135,9 @@ impl FrameDir {
                         start = pos + c.wire_len;
                     }
                     pos += c.wire_len;
+                    if self.close_code.is_some() {
+                        break;
+                    }
                 }
                 Step::NeedMore => {
                     self.carry.extend_from_slice(&chunk[pos..]);
@@ -323,12 +327,20 @@ impl Frames {
     }
 
     fn start_closing(&mut self, why: String) {
-        if self.closing.is_none() {
-            self.closing = Some(Closing {
-                why,
-                deadline: Instant::now() + self.rules.close_timeout,
-                by_proxy: true,
-            });
+        match &mut self.closing {
+            None => {
+                self.closing = Some(Closing {
+                    why,
+                    deadline: Instant::now() + self.rules.close_timeout,
+                    by_proxy: true,
+                })
+            }
+            // Waiting for a reply to a side's close, and now wsgate closes too: its reason is the one to log.
+            Some(closing) if !closing.by_proxy => {
+                closing.why = why;
+                closing.by_proxy = true;
+            }
+            Some(_) => {}
         }
     }
 
@@ -351,13 +363,16 @@ impl Frames {
                 self.close_to(side, v.close_code(), &v.to_string());
                 self.dir_mut(side.other()).muted = true;
                 self.close_to(side.other(), 1011, &format!("{side} broke the WebSocket protocol"));
-                self.start_closing(format!(
-                    "{side} sent {v} (close {} to it, 1011 to the other side)",
-                    v.close_code()
-                ));
+                self.start_closing(format!("{side} sent {v} (close {})", v.close_code()));
             }
             if self.first_close.is_none() && self.dir(side).close_code.is_some() {
                 self.first_close = Some(side);
+                // The other side has close_timeout to answer.
+                self.closing.get_or_insert(Closing {
+                    why: format!("{side} sent its close frame; the other side did not answer it"),
+                    deadline: now + self.rules.close_timeout,
+                    by_proxy: false,
+                });
             }
         }
         if self.closing.is_none() && self.drain.as_mut().poll(cx).is_ready() {
