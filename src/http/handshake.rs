@@ -556,7 +556,10 @@ mod tests {
             })
         );
         let odd = "HTTP/1.1 099 Odd\r\nContent-Length: 2\r\n\r\nno";
-        assert_eq!(inspect_response(odd.as_bytes(), &accept), Err(ResponseError::BadStatus(99)));
+        assert_eq!(
+            inspect_response(odd.as_bytes(), &accept),
+            Err(ResponseError::BadStatus(99))
+        );
         let bad = ok.replace("s3pP", "AAAA");
         assert_eq!(inspect_response(bad.as_bytes(), &accept), Err(ResponseError::BadAccept));
         let denied = "HTTP/1.1 403 Forbidden\r\nContent-Length: 6\r\nConnection: keep-alive\r\n\r\nnope!\n";
