@@ -98,19 +98,36 @@ impl std::fmt::Display for End {
     }
 }
 
-/// Relays between `client` and `backend` until the connection ends. `frames` turns on the frames mode.
+/// Relays between `client` and `backend` until the connection ends. `frames` turns on the frames mode. `early`
+/// holds bytes already read with the handshake heads (client to backend, backend to client): they go first, and in
+/// frames mode through the frame trackers like every other byte.
 pub fn relay<'a>(
     client: &'a TcpStream,
     backend: &'a TcpStream,
     idle_timeout: Option<Duration>,
-    frames: Option<Box<Frames>>,
+    mut frames: Option<Box<Frames>>,
+    early: [Vec<u8>; 2],
     counters: &'a mut Counters,
 ) -> impl Future<Output = End> + 'a {
+    let mut halves = [Half::default(), Half::default()];
+    for ((half, bytes), side) in halves.iter_mut().zip(early).zip([Side::Client, Side::Backend]) {
+        match frames.as_deref_mut() {
+            None => half.pending = bytes,
+            Some(frames) if !bytes.is_empty() => {
+                let _ = frames.dir_mut(side).walk(&bytes, |passed| {
+                    half.pending.extend_from_slice(passed);
+                    Ok(())
+                });
+            }
+            Some(_) => {}
+        }
+    }
+    let [up, down] = halves;
     Relay {
         client,
         backend,
-        up: Half::default(),
-        down: Half::default(),
+        up,
+        down,
         first_closed: None,
         linger: None,
         idle: idle_timeout.map(|after| Idle {

@@ -295,6 +295,8 @@ impl Tracker {
             return Step::Violation(v);
         }
         let mut pos = 0;
+        // Where the current data frame's header starts in `buf`, when it does.
+        let mut frame_start = None;
         while pos < buf.len() {
             if self.remaining > 0 {
                 let take = self.remaining.min((buf.len() - pos) as u64) as usize;
@@ -307,14 +309,23 @@ impl Tracker {
                     } else {
                         Ok(())
                     }) {
+                        // When the frame's header is in these bytes too, nothing of the frame passes and the
+                        // receiver stays at a frame boundary; otherwise it is left inside the frame.
+                        if let Some(start) = frame_start {
+                            self.remaining = 0;
+                            return self.stop(start, v);
+                        }
                         return self.stop(pos, v);
                     }
                 }
                 self.remaining -= take as u64;
                 self.offset += take as u64;
                 pos += take;
-                if self.remaining == 0 && self.stop_at_boundary {
-                    return Step::Pass(pos);
+                if self.remaining == 0 {
+                    frame_start = None;
+                    if self.stop_at_boundary {
+                        return Step::Pass(pos);
+                    }
                 }
                 continue;
             }
@@ -344,6 +355,9 @@ impl Tracker {
             }
             if header.payload_len == 0 && header.fin && self.checking_utf8 && !self.utf8.is_complete() {
                 return self.stop(pos, Violation::InvalidUtf8);
+            }
+            if header.payload_len > 0 {
+                frame_start = Some(pos);
             }
             pos += header.len;
             if header.payload_len == 0 && self.stop_at_boundary {

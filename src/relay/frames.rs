@@ -360,6 +360,12 @@ impl Frames {
                 && self.closing.is_none()
             {
                 self.dir_mut(side).stopped = true;
+                if !self.dir(side).tracker.at_boundary() {
+                    // Part of the offending frame has gone to the other side: no close frame can follow it there,
+                    // so that connection is only closed.
+                    self.dead[index(side.other())] = true;
+                    self.dir_mut(side.other()).stopped = true;
+                }
                 self.close_to(side, v.close_code(), &v.to_string());
                 self.dir_mut(side.other()).muted = true;
                 self.close_to(side.other(), 1011, &format!("{side} broke the WebSocket protocol"));

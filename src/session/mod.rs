@@ -73,22 +73,30 @@ pub async fn session(shared: Arc<Shared>, client: TcpStream, peer: SocketAddr, i
 async fn run(shared: &Arc<Shared>, client: TcpStream, record: &mut ConnectionRecord) {
     // The handshake runs in a future of its own on the heap, freed before the relay starts: a long-lived session
     // keeps only the relay's small state.
-    let Some((client, backend, deflate)) = Box::pin(open(shared, client, record)).await else {
+    let Some(switched) = Box::pin(open(shared, client, record)).await else {
         return;
     };
-    record.end = relay_switched(shared, &client, &backend, deflate, &mut record.bytes)
-        .await
-        .to_string();
+    record.end = relay_switched(shared, switched, &mut record.bytes).await.to_string();
+}
+
+/// A connection both sides have switched to WebSocket.
+struct Switched {
+    client: TcpStream,
+    backend: TcpStream,
+    /// The backend accepted permessage-deflate.
+    deflate: bool,
+    /// Bytes read with the handshake heads: client to backend, backend to client.
+    early: [Vec<u8>; 2],
 }
 
 /// Relays a switched connection in the configured mode.
-fn relay_switched<'a>(
-    shared: &Shared,
-    client: &'a TcpStream,
-    backend: &'a TcpStream,
-    deflate: bool,
-    counters: &'a mut crate::observe::Counters,
-) -> impl Future<Output = relay::End> + 'a {
+async fn relay_switched(shared: &Shared, switched: Switched, counters: &mut crate::observe::Counters) -> relay::End {
+    let Switched {
+        client,
+        backend,
+        deflate,
+        early,
+    } = switched;
     let frames = match shared.config.relay {
         config::Relay::Tunnel => None,
         config::Relay::Frames(rules) => Some(relay::Frames::new(
@@ -97,17 +105,13 @@ fn relay_switched<'a>(
             shared.draining.clone().cancelled_owned(),
         )),
     };
-    relay::relay(client, backend, shared.config.timeouts.idle, frames, counters)
+    relay::relay(&client, &backend, shared.config.timeouts.idle, frames, early, counters).await
 }
 
 /// Everything before the relay. Returns the client's and the backend's sockets once the backend's 101 has been
 /// passed to the client (and whether it negotiated permessage-deflate); `None` when the connection was answered otherwise (a refusal, plain HTTP, a backend's
 /// non-101 answer) and is done.
-async fn open(
-    shared: &Arc<Shared>,
-    mut client: TcpStream,
-    record: &mut ConnectionRecord,
-) -> Option<(TcpStream, TcpStream, bool)> {
+async fn open(shared: &Arc<Shared>, mut client: TcpStream, record: &mut ConnectionRecord) -> Option<Switched> {
     let timeouts = shared.config.timeouts;
     let mut head = Vec::with_capacity(1024);
     let read = timeout(timeouts.handshake, read_request(&mut client, &mut head, record.client));
@@ -130,11 +134,11 @@ async fn open(
     };
     let Upgrade {
         head_len,
-        mut forward,
+        forward,
         accept,
     } = upgrade;
-    // Bytes the client sent after its head already belong to the WebSocket stream.
-    forward.extend_from_slice(head.get(head_len..).unwrap_or_default());
+    // Bytes the client sent after its head already belong to the WebSocket stream: they go to the relay.
+    let client_early = head.get(head_len..).unwrap_or_default().to_vec();
     drop(head);
 
     let (mut backend, answer, answer_head) = match open_backend(shared, &forward, &accept, record).await {
@@ -142,13 +146,19 @@ async fn open(
         Err(refusal) => return refuse(client, record, refusal).await,
     };
     match answer_head {
-        AnswerHead::Switching { deflate } => {
+        AnswerHead::Switching { deflate, head_len } => {
             record.status = 101;
-            if let Err(e) = client.write_all(&answer).await {
+            let (head, backend_early) = answer.split_at(head_len.min(answer.len()));
+            if let Err(e) = client.write_all(head).await {
                 record.end = format!("error: client: {e}");
                 return None;
             }
-            Some((client, backend, deflate))
+            Some(Switched {
+                client,
+                backend,
+                deflate,
+                early: [client_early, backend_early.to_vec()],
+            })
         }
         AnswerHead::Other { status, head, body } => {
             record.status = status;
@@ -199,6 +209,7 @@ async fn read_request(
 enum AnswerHead {
     Switching {
         deflate: bool,
+        head_len: usize,
     },
     Other {
         status: u16,
@@ -278,7 +289,7 @@ async fn exchange_heads(
         }
         let head = match handshake::inspect_response(&buf, accept).map_err(Exchange::Answer)? {
             Answer::Partial => continue,
-            Answer::Switching { deflate, .. } => AnswerHead::Switching { deflate },
+            Answer::Switching { deflate, head_len } => AnswerHead::Switching { deflate, head_len },
             Answer::Other {
                 status,
                 head_len,
@@ -334,11 +345,7 @@ async fn pass_answer(
 }
 
 /// Answers the client with an error status and closes. Returns `None`: the connection is done.
-async fn refuse(
-    mut client: TcpStream,
-    record: &mut ConnectionRecord,
-    refusal: Refusal,
-) -> Option<(TcpStream, TcpStream, bool)> {
+async fn refuse(mut client: TcpStream, record: &mut ConnectionRecord, refusal: Refusal) -> Option<Switched> {
     let status = refusal.status();
     let reason = refusal.to_string();
     let answer = crate::http::error_response(status, &reason);

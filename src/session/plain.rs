@@ -22,7 +22,7 @@ use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::Mutex;
 
@@ -80,7 +80,7 @@ pub(super) async fn serve(shared: Arc<Shared>, client: TcpStream, head: Vec<u8>,
 
 /// A WebSocket upgrade accepted on a keep-alive connection: the client's side as hyper will hand it over, and the
 /// backend's side already switched.
-struct Switched {
+struct Upgrading {
     client: hyper::upgrade::OnUpgrade,
     server: SocketAddr,
     backend: TcpStream,
@@ -91,8 +91,8 @@ struct Switched {
 }
 
 /// Takes the client's socket back from hyper and relays the switched connection.
-async fn relay_upgraded(switched: Switched, shared: &Shared, record: &mut ConnectionRecord) -> String {
-    let Switched {
+async fn relay_upgraded(switched: Upgrading, shared: &Shared, record: &mut ConnectionRecord) -> String {
+    let Upgrading {
         client,
         backend,
         backend_early,
@@ -109,20 +109,19 @@ async fn relay_upgraded(switched: Switched, shared: &Shared, record: &mut Connec
     let Counted {
         prefix,
         read_from_prefix,
-        inner: mut client,
+        inner: client,
         ..
     } = parts.io.into_inner();
-    // What the prefix and hyper's read buffer still hold of the client's WebSocket stream goes to the backend
-    // first, and what hyper read after the backend's 101 goes to the client.
+    // What the prefix and hyper's read buffer still hold of the client's WebSocket stream, and what hyper read
+    // after the backend's 101, go first, through the relay like every other byte.
     let client_early = [prefix.get(read_from_prefix..).unwrap_or_default(), &parts.read_buf[..]].concat();
-    let mut backend = backend;
-    if let Err(e) = backend.write_all(&client_early).await {
-        return format!("error: backend: {e}");
-    }
-    if let Err(e) = client.write_all(&backend_early).await {
-        return format!("error: client: {e}");
-    }
-    super::relay_switched(shared, &client, &backend, deflate, &mut record.bytes)
+    let switched = super::Switched {
+        client,
+        backend,
+        deflate,
+        early: [client_early, backend_early.to_vec()],
+    };
+    super::relay_switched(shared, switched, &mut record.bytes)
         .await
         .to_string()
 }
@@ -132,7 +131,7 @@ struct State {
     client_ip: std::net::IpAddr,
     backend: Mutex<Option<Backend>>,
     /// Set when a WebSocket upgrade was accepted: served once hyper hands the connection back.
-    switched: Mutex<Option<Switched>>,
+    switched: Mutex<Option<Upgrading>>,
     stats: Stats,
 }
 
@@ -230,7 +229,7 @@ async fn upgrade(state: &State, mut req: Request<Incoming>) -> Response<Body> {
             .iter()
             .map(HeaderValue::as_bytes),
     );
-    *state.switched.lock().await = Some(Switched {
+    *state.switched.lock().await = Some(Upgrading {
         deflate,
         client: client_side,
         server,
