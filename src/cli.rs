@@ -150,12 +150,11 @@ impl CommonArgs {
             LogFormatArg::Text => LogFormat::Text,
             LogFormatArg::Json => LogFormat::Json,
         };
-        let mut config = Config::quick(listen, to, timeouts, format)?;
-        config.workers = self.workers;
-        config.relay = match self.mode {
+        let mut config = Config::quick(listen, to, timeouts, format)?.with_relay(match self.mode {
             ModeArg::Tunnel => Relay::Tunnel,
             ModeArg::Frames => Relay::Frames(self.frames.rules()),
-        };
+        })?;
+        config.workers = self.workers;
         Ok(config)
     }
 }

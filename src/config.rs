@@ -125,7 +125,14 @@ pub enum ConfigError {
     Resolve { name: String, reason: String },
     #[error("a timeout of 0 is not allowed for `{0}`")]
     ZeroTimeout(&'static str),
+    #[error("`{key}` is out of range: {expected}")]
+    OutOfRange { key: &'static str, expected: &'static str },
 }
+
+/// The longest duration any setting may have (longer ones would only overflow clocks).
+pub const MAX_DURATION: Duration = Duration::from_secs(30 * 24 * 3600);
+/// The shortest ping interval: pings more often than this are a load, not a keepalive.
+pub const MIN_PING_INTERVAL: Duration = Duration::from_millis(100);
 
 /// A duration as people write it: `250ms`, `5s`, `2m`, `1h`, or a bare number of seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -176,7 +183,44 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("size `{s}` is out of range"))
 }
 
+impl FrameRules {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let range = |key, expected| Err(ConfigError::OutOfRange { key, expected });
+        if self
+            .ping_interval
+            .is_some_and(|d| !(MIN_PING_INTERVAL..=MAX_DURATION).contains(&d))
+        {
+            return range("ping-interval", "from 100ms to 30 days");
+        }
+        for (key, d) in [
+            ("pong-timeout", self.pong_timeout),
+            ("close-timeout", self.close_timeout),
+            ("write-timeout", self.write_timeout),
+        ] {
+            if d.is_zero() || d > MAX_DURATION {
+                return range(key, "more than 0 and at most 30 days");
+            }
+        }
+        if self.messages_per_second == Some(0) {
+            return range("messages-per-second", "at least 1");
+        }
+        if self.max_message_size == Some(0) || self.max_frame_size == Some(0) {
+            return range("max-message-size / max-frame-size", "at least 1 byte");
+        }
+        Ok(())
+    }
+}
+
 impl Config {
+    /// Sets the relay mode, checking its rules.
+    pub fn with_relay(mut self, relay: Relay) -> Result<Config, ConfigError> {
+        if let Relay::Frames(rules) = &relay {
+            rules.validate()?;
+        }
+        self.relay = relay;
+        Ok(self)
+    }
+
     /// The quick-mode configuration: one listener, round robin over `servers` (each `host:port`).
     pub fn quick(
         listen: &str,
@@ -195,6 +239,19 @@ impl Config {
         ] {
             if d.is_zero() {
                 return Err(ConfigError::ZeroTimeout(name));
+            }
+        }
+        for (key, d) in [
+            ("connect-timeout", Some(timeouts.connect)),
+            ("handshake-timeout", Some(timeouts.handshake)),
+            ("idle-timeout", timeouts.idle),
+            ("drain-timeout", Some(timeouts.drain)),
+        ] {
+            if d.is_some_and(|d| d > MAX_DURATION) {
+                return Err(ConfigError::OutOfRange {
+                    key,
+                    expected: "at most 30 days",
+                });
             }
         }
         Ok(Config {
@@ -256,6 +313,18 @@ mod tests {
         let cfg = Config::quick("127.0.0.1:0", &to, Timeouts::default(), LogFormat::Text).unwrap();
         assert_eq!(cfg.servers[0].address.port(), 9000);
         assert!(Config::quick("nowhere", &to, Timeouts::default(), LogFormat::Text).is_err());
+        let frames = |rules| Config::quick("127.0.0.1:0", &to, Timeouts::default(), LogFormat::Text)?.with_relay(rules);
+        assert!(frames(Relay::Frames(FrameRules::default())).is_ok());
+        let zero_ping = FrameRules {
+            ping_interval: Some(Duration::ZERO),
+            ..FrameRules::default()
+        };
+        assert!(frames(Relay::Frames(zero_ping)).is_err());
+        let huge = FrameRules {
+            write_timeout: Duration::from_secs(u64::MAX / 4),
+            ..FrameRules::default()
+        };
+        assert!(frames(Relay::Frames(huge)).is_err());
         let bad = ["no-port".to_string()];
         assert!(Config::quick("127.0.0.1:0", &bad, Timeouts::default(), LogFormat::Text).is_err());
     }

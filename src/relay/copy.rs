@@ -166,6 +166,8 @@ struct Half {
     /// Bytes read but not yet written; empty (and unallocated) most of the time.
     pending: Vec<u8>,
     written: usize,
+    /// Bytes written from `pending` so far (progress of a backpressured direction).
+    delivered: u64,
     eof: bool,
     done: bool,
 }
@@ -191,7 +193,7 @@ impl Half {
         other_done: bool,
         mut frames: Option<&mut FrameDir>,
     ) -> Poll<Result<(), HalfError>> {
-        if self.done && frames.as_deref().is_none_or(|dir| !dir.has_injection()) {
+        if self.done && !self.has_pending() && frames.as_deref().is_none_or(|dir| !dir.has_injection()) {
             return Poll::Ready(Ok(()));
         }
         let mut reads = 0;
@@ -201,6 +203,7 @@ impl Half {
                 match write_some(dst, &self.pending[self.written..]) {
                     Ok(n) => {
                         self.written += n;
+                        self.delivered += n as u64;
                         *active = true;
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
@@ -397,6 +400,8 @@ impl Relay<'_> {
 
     fn poll_frames(&mut self, cx: &mut Context<'_>, frames: &mut Frames) -> Poll<End> {
         let mut active = false;
+        // Tokens earned since the last poll are handed out before the directions spend them.
+        frames.account_rate();
         // Each direction runs until it blocks; a failed side is handed to the frame state, which decides what the
         // other side is told.
         for side in [Side::Client, Side::Backend] {
@@ -438,7 +443,8 @@ impl Relay<'_> {
             }
         }
         let pending = [self.up.has_pending(), self.down.has_pending()];
-        match frames.poll_verdict(cx, pending) {
+        let written = [self.up.delivered, self.down.delivered];
+        match frames.poll_verdict(cx, pending, written) {
             Verdict::Continue => {}
             Verdict::Wake => cx.waker().wake_by_ref(),
             Verdict::End(end) => {

@@ -34,6 +34,8 @@ pub(super) struct FrameDir {
     ping: Option<[u8; 8]>,
     close_code: Option<Option<u16>>,
     violation: Option<Violation>,
+    /// wsgate's ping to the receiver has just been written: its pong deadline starts now.
+    ping_written: bool,
 }
 
 impl FrameDir {
@@ -64,6 +66,8 @@ impl FrameDir {
         }
         if self.inject_is_close {
             self.muted = true;
+        } else {
+            self.ping_written = true;
         }
         self.tracker.set_stop_at_boundary(false);
         Some(std::mem::take(&mut self.inject))
@@ -176,11 +180,15 @@ pub struct Frames {
     client: FrameDir,
     backend: FrameDir,
     dead: [bool; 2],
+    /// wsgate has queued a close frame of its own to this side.
+    close_sent: [bool; 2],
     first_close: Option<Side>,
     closing: Option<Closing>,
     last_heard: [Instant; 2],
     pong_deadline: [Option<Instant>; 2],
     pending_since: [Option<Instant>; 2],
+    /// Bytes written to each receiver so far, as last seen.
+    written: [u64; 2],
     tokens: [f64; 2],
     accounted: [u64; 2],
     refilled: Instant,
@@ -224,11 +232,13 @@ impl Frames {
             client: FrameDir::new(dir_rules(true)),
             backend: FrameDir::new(dir_rules(false)),
             dead: [false; 2],
+            close_sent: [false; 2],
             first_close: None,
             closing: None,
             last_heard: [now; 2],
             pong_deadline: [None; 2],
             pending_since: [None; 2],
+            written: [0; 2],
             tokens: [full; 2],
             accounted: [0; 2],
             refilled: now,
@@ -236,7 +246,7 @@ impl Frames {
             timer: Box::pin(tokio::time::sleep_until(now)),
             timer_at: None,
         });
-        frames.account_rate(now);
+        frames.account_rate();
         frames
     }
 
@@ -317,10 +327,11 @@ impl Frames {
 
     /// Queues a close frame to `side` (written by the direction that writes to it).
     fn close_to(&mut self, side: Side, code: u16, reason: &str) {
-        // Not to a side that is gone, nor to one that has already been sent its partner's close.
-        if self.dead[index(side)] || self.dir(side.other()).close_code.is_some() {
+        // Not to a side that is gone, nor to one that has already been sent a close (its partner's or wsgate's).
+        if self.dead[index(side)] || self.dir(side.other()).close_code.is_some() || self.close_sent[index(side)] {
             return;
         }
+        self.close_sent[index(side)] = true;
         let mask = (side == Side::Backend).then(random_bytes::<4>);
         let frame = frame::close_frame(code, reason, mask);
         self.dir_mut(side.other()).set_injection(frame, true);
@@ -352,9 +363,8 @@ impl Frames {
     }
 
     /// Decides what happens to the connection after both directions have run.
-    pub(super) fn poll_verdict(&mut self, cx: &mut Context<'_>, pending: [bool; 2]) -> Verdict {
+    pub(super) fn poll_verdict(&mut self, cx: &mut Context<'_>, pending: [bool; 2], written: [u64; 2]) -> Verdict {
         let now = Instant::now();
-        self.account_rate(now);
         for side in [Side::Client, Side::Backend] {
             if let Some(v) = self.dir(side).violation
                 && self.closing.is_none()
@@ -366,8 +376,8 @@ impl Frames {
                     self.dead[index(side.other())] = true;
                     self.dir_mut(side.other()).stopped = true;
                 }
+                // The rule-breaker still gets what is on its way to it, up to a frame boundary, then the close.
                 self.close_to(side, v.close_code(), &v.to_string());
-                self.dir_mut(side.other()).muted = true;
                 self.close_to(side.other(), 1011, &format!("{side} broke the WebSocket protocol"));
                 self.start_closing(format!("{side} sent {v} (close {})", v.close_code()));
             }
@@ -398,7 +408,7 @@ impl Frames {
             return Verdict::End(End::ClosedByProxy(format!("{} (no close reply in time)", closing.why)));
         }
         self.keepalive(now);
-        self.write_timeouts(now, pending);
+        self.write_timeouts(now, pending, written);
         // A frame of wsgate's own queued just now, with its direction at a boundary and nothing in the way: the
         // direction must run again to send it.
         if (self.client.injection_ready() && !pending[0]) || (self.backend.injection_ready() && !pending[1]) {
@@ -447,10 +457,11 @@ impl Frames {
     /// The token bucket of `messages_per_second`: messages started since the last look are paid for, time pays
     /// back (up to one second's worth plus the burst), and each side may start as many messages as it has whole
     /// tokens before its tracker answers with a rate-limit violation.
-    fn account_rate(&mut self, now: Instant) {
+    pub(super) fn account_rate(&mut self) {
         let Some(rate) = self.rules.messages_per_second else {
             return;
         };
+        let now = Instant::now();
         let rate = f64::from(rate);
         let cap = rate + f64::from(self.rules.burst);
         let elapsed = now.saturating_duration_since(self.refilled).as_secs_f64();
@@ -486,8 +497,11 @@ impl Frames {
                     let ping = frame::control_frame(opcode::PING, &payload, mask);
                     self.dir_mut(side.other()).set_injection(ping, false);
                     self.dir_mut(side).ping = Some(payload);
-                    self.pong_deadline[i] = Some(now + self.rules.pong_timeout);
                 }
+            } else if std::mem::take(&mut self.dir_mut(side.other()).ping_written) {
+                // The pong may take pong_timeout from when the ping went out, not from when it was queued behind a
+                // long frame.
+                self.pong_deadline[i] = Some(now + self.rules.pong_timeout);
             } else if self.pong_deadline[i].is_some_and(|d| now >= d) {
                 let why = format!("{side} did not answer a ping within {:?}", self.rules.pong_timeout);
                 self.lost(side, why);
@@ -495,12 +509,16 @@ impl Frames {
         }
     }
 
-    fn write_timeouts(&mut self, now: Instant, pending: [bool; 2]) {
-        // pending[0]: bytes for the backend (read from the client); pending[1]: bytes for the client.
+    fn write_timeouts(&mut self, now: Instant, pending: [bool; 2], written: [u64; 2]) {
+        // pending[0]: bytes for the backend (read from the client); pending[1]: bytes for the client. A receiver
+        // that takes some of them, however slowly, starts the timeout again.
         for (i, receiver) in [Side::Backend, Side::Client].into_iter().enumerate() {
-            if !pending[i] {
+            if !pending[i] || written[i] != self.written[i] {
+                self.written[i] = written[i];
                 self.pending_since[i] = None;
-                continue;
+                if !pending[i] {
+                    continue;
+                }
             }
             let since = *self.pending_since[i].get_or_insert(now);
             if now >= since + self.rules.write_timeout && !self.dead[index(receiver)] {

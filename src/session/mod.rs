@@ -149,7 +149,7 @@ async fn open(shared: &Arc<Shared>, mut client: TcpStream, record: &mut Connecti
         AnswerHead::Switching { deflate, head_len } => {
             record.status = 101;
             let (head, backend_early) = answer.split_at(head_len.min(answer.len()));
-            if let Err(e) = client.write_all(head).await {
+            if let Err(e) = write_within(&mut client, head, timeouts.handshake).await {
                 record.end = format!("error: client: {e}");
                 return None;
             }
@@ -306,7 +306,7 @@ async fn exchange_heads(
 }
 
 /// Passes a backend's non-101 answer to the client: its head, then its body up to where the body ends. Each read
-/// from the backend must come within `read_timeout`.
+/// from the backend and each write to the client must complete within `read_timeout`.
 async fn pass_answer(
     client: &mut TcpStream,
     backend: &mut TcpStream,
@@ -315,7 +315,7 @@ async fn pass_answer(
     body: Option<(BodyEnd, usize)>,
     read_timeout: Duration,
 ) -> std::io::Result<()> {
-    client.write_all(head).await?;
+    write_within(client, head, read_timeout).await?;
     let Some((mut end, body_start)) = body else {
         return Ok(());
     };
@@ -323,7 +323,7 @@ async fn pass_answer(
     let mut chunk = answer.get(body_start..).unwrap_or_default().to_vec();
     loop {
         let done = end.feed(&chunk).map_err(malformed)?;
-        client.write_all(&chunk[..done.unwrap_or(chunk.len())]).await?;
+        write_within(client, &chunk[..done.unwrap_or(chunk.len())], read_timeout).await?;
         if done.is_some() {
             return Ok(());
         }
@@ -342,6 +342,13 @@ async fn pass_answer(
             };
         }
     }
+}
+
+/// Writes all of `bytes` unless the peer takes none of them for `limit`.
+async fn write_within(stream: &mut TcpStream, bytes: &[u8], limit: Duration) -> std::io::Result<()> {
+    timeout(limit, stream.write_all(bytes))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "peer stopped reading"))?
 }
 
 /// Answers the client with an error status and closes. Returns `None`: the connection is done.
