@@ -175,6 +175,10 @@ proptest! {
                 prop_assert_eq!(mine.opcode, u8::from(h.opcode));
             }
             (Ok(Some((_, len))), Err(frame::BadLength)) => prop_assert!(len >> 63 != 0),
+            // An impossible length is refused as soon as it is read, before the mask key has arrived.
+            (Ok(None), Err(frame::BadLength)) => {
+                prop_assert!(bytes.len() >= 10 && bytes[1] & 0x7F == 127 && bytes[2] & 0x80 != 0)
+            }
             (Err(_), Ok(Some(mine))) => {
                 // tungstenite refuses reserved opcodes in the parser; the tracker refuses them as a protocol error.
                 prop_assert!(matches!(mine.opcode, 3..=7 | 11..=15));
