@@ -18,6 +18,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::{CloseCode, Data, O
 use tokio_tungstenite::tungstenite::{Bytes, Message};
 
 use support::*;
+use wsgate::config::Relay;
 use wsgate::http::handshake::accept_key;
 
 /// The key in [`upgrade_request`].
@@ -398,7 +399,7 @@ async fn busy_session_outlives_idle_timeout() {
 #[tokio::test]
 async fn client_half_close_lets_backend_still_answer() {
     let (backend_addr, backend) = raw_backend().await;
-    let proxy = Proxy::start(&[backend_addr]);
+    let proxy = Proxy::start_with(&[backend_addr], |c| c.relay = Relay::Tunnel);
     let (mut client, early) = raw_client(proxy.addr).await;
     assert!(early.is_empty(), "unexpected bytes after the 101");
     let (mut server, rest) = within("the backend's connection", backend)
@@ -443,7 +444,7 @@ async fn slow_client_stalls_backend_without_losing_bytes() {
     const CHUNK: usize = 64 * 1024;
 
     let (backend_addr, backend) = raw_backend().await;
-    let proxy = Proxy::start(&[backend_addr]);
+    let proxy = Proxy::start_with(&[backend_addr], |c| c.relay = Relay::Tunnel);
     let (mut client, early) = raw_client(proxy.addr).await;
     assert!(early.is_empty(), "unexpected bytes after the 101");
     let (mut server, _) = within("the backend's connection", backend)
@@ -578,7 +579,10 @@ async fn thousand_concurrent_connections_echo_in_order() {
 async fn slow_steady_reader_is_not_cut_by_idle_timeout() {
     const TOTAL: usize = 8 * 1024 * 1024;
     let (backend_addr, backend) = raw_backend().await;
-    let proxy = Proxy::start_with(&[backend_addr], |c| c.timeouts.idle = Some(IDLE));
+    let proxy = Proxy::start_with(&[backend_addr], |c| {
+        c.relay = Relay::Tunnel;
+        c.timeouts.idle = Some(IDLE);
+    });
     let (mut client, early) = raw_client(proxy.addr).await;
     let (mut server, _) = within("the backend's connection", backend)
         .await

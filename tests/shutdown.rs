@@ -83,7 +83,7 @@ async fn echo(ws: &mut Client, text: &str) {
 #[tokio::test]
 async fn sigterm_stops_accepting_keeps_live_sessions_and_exits_zero_when_they_end() {
     let backend = ws_backend("b").await;
-    let mut proxy = Binary::start(backend.addr, &["--drain-timeout", "30s"]).await;
+    let mut proxy = Binary::start(backend.addr, &["--mode", "tunnel", "--drain-timeout", "30s"]).await;
     let url = format!("ws://{}/echo", proxy.addr);
     let mut live = Vec::new();
     for _ in 0..3 {
@@ -112,7 +112,7 @@ async fn sigterm_stops_accepting_keeps_live_sessions_and_exits_zero_when_they_en
 #[tokio::test]
 async fn drain_timeout_closes_remaining_sessions_and_exits_zero() {
     let backend = ws_backend("b").await;
-    let mut proxy = Binary::start(backend.addr, &["--drain-timeout", "1s"]).await;
+    let mut proxy = Binary::start(backend.addr, &["--mode", "tunnel", "--drain-timeout", "1s"]).await;
     let mut ws = connect(&format!("ws://{}/echo", proxy.addr)).await;
     echo(&mut ws, "hello").await;
     let signalled = tokio::time::Instant::now();
@@ -132,7 +132,7 @@ async fn drain_timeout_closes_remaining_sessions_and_exits_zero() {
 #[tokio::test]
 async fn second_signal_exits_at_once() {
     let backend = ws_backend("b").await;
-    let mut proxy = Binary::start(backend.addr, &["--drain-timeout", "60s"]).await;
+    let mut proxy = Binary::start(backend.addr, &["--mode", "tunnel", "--drain-timeout", "60s"]).await;
     let mut ws = connect(&format!("ws://{}/echo", proxy.addr)).await;
     echo(&mut ws, "hello").await;
     proxy.signal(Signal::TERM);
