@@ -1,6 +1,8 @@
-//! The command line: `wsgate proxy` (quick mode) and `wsgate demo`; signal handling and exit codes. Nothing else
-//! lives here.
+//! The command line: `wsgate proxy` (quick mode), `wsgate run` and `wsgate check` (config file), `wsgate demo`;
+//! signals (SIGTERM/SIGINT drain, SIGHUP reloads), watching the config file, and exit codes. Nothing else lives
+//! here.
 
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -24,8 +26,22 @@ enum Command {
     ///
     /// Example: wsgate proxy --listen 0.0.0.0:8080 --to 127.0.0.1:9001 --to 127.0.0.1:9002
     Proxy(ProxyArgs),
+    /// Serve a config file: its listeners, routes and upstreams. SIGHUP (or a change of the file, with
+    /// `watch = true`) reloads it without dropping a connection; SIGTERM drains.
+    ///
+    /// Example: wsgate run --config /etc/wsgate/wsgate.toml
+    Run(FileArgs),
+    /// Check a config file and exit: 0 with a one-line summary, or 1 with every problem (file:line:column).
+    Check(FileArgs),
     /// Run an embedded WebSocket echo and chat backend with wsgate in front of it, and print a URL to try it.
     Demo(DemoArgs),
+}
+
+#[derive(Args, Debug)]
+struct FileArgs {
+    /// The config file (TOML; its keys are documented in docs/config.md).
+    #[arg(long, short = 'c', value_name = "FILE")]
+    config: PathBuf,
 }
 
 #[derive(Args, Debug)]
@@ -154,7 +170,7 @@ impl CommonArgs {
             ModeArg::Tunnel => Relay::Tunnel,
             ModeArg::Frames => Relay::Frames(self.frames.rules()),
         })?;
-        config.workers = self.workers;
+        config.server.workers = self.workers;
         Ok(config)
     }
 }
@@ -163,7 +179,7 @@ impl CommonArgs {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("wsgate: {e:#}");
             ExitCode::FAILURE
@@ -171,7 +187,7 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn run(cli: Cli) -> anyhow::Result<()> {
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     raise_open_files_limit();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -182,17 +198,25 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         let _runtime = runtime.enter();
         Signals::watch()?
     };
-    match cli.command {
+    let served = match cli.command {
         Command::Proxy(args) => {
             let config = args.common.config(&args.listen, &args.to)?;
-            observe::init_logging(config.log_format);
+            observe::init_logging(config.server.log_format);
             let running = server::start(config)?;
-            runtime.block_on(signals.serve_until_signalled(running))
+            runtime.block_on(signals.serve_until_signalled(running, None))
         }
+        Command::Run(args) => {
+            let config = config::file::load(&args.config)?;
+            observe::init_logging(config.server.log_format);
+            tracing::info!(config = %args.config.display(), "{}", summary(&config));
+            let running = server::start(config)?;
+            runtime.block_on(signals.serve_until_signalled(running, Some(args.config)))
+        }
+        Command::Check(args) => return Ok(check(&args.config)),
         Command::Demo(args) => runtime.block_on(async {
             let backend = demo::start_backend().await.context("cannot start the demo backend")?;
             let config = args.common.config(&args.listen, &[backend.to_string()])?;
-            observe::init_logging(config.log_format);
+            observe::init_logging(config.server.log_format);
             let running = server::start(config)?;
             println!(
                 "wsgate demo: open http://{}/ in a browser (Ctrl-C to stop)",
@@ -204,14 +228,52 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 running.local_addr()
             );
             println!("  embedded backend behind the proxy: {backend}");
-            signals.serve_until_signalled(running).await
+            signals.serve_until_signalled(running, None).await
         }),
+    };
+    served.map(|()| ExitCode::SUCCESS)
+}
+
+/// `wsgate check`: every problem on stderr and exit 1, or a summary on stdout and exit 0.
+fn check(path: &Path) -> ExitCode {
+    match config::file::load(path) {
+        Ok(config) => {
+            println!("{}: ok: {}", path.display(), summary(&config));
+            ExitCode::SUCCESS
+        }
+        Err(config::file::FileError::Invalid(problems)) => {
+            for problem in &problems {
+                eprintln!("{problem}");
+            }
+            let s = if problems.len() == 1 { "" } else { "s" };
+            eprintln!("wsgate: {} problem{s} in {}", problems.len(), path.display());
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("wsgate: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
+
+fn summary(config: &Config) -> String {
+    let plural = |n: usize, what: &str| format!("{n} {what}{}", if n == 1 { "" } else { "s" });
+    format!(
+        "{}, {}, {} ({})",
+        plural(config.listeners.len(), "listener"),
+        plural(config.routes.len(), "route"),
+        plural(config.upstreams.len(), "upstream"),
+        plural(config.server_count(), "server")
+    )
+}
+
+/// How often a watched config file is looked at.
+const WATCH_INTERVAL: Duration = Duration::from_secs(1);
 
 struct Signals {
     terminate: tokio::signal::unix::Signal,
     interrupt: tokio::signal::unix::Signal,
+    hangup: tokio::signal::unix::Signal,
 }
 
 impl Signals {
@@ -219,18 +281,56 @@ impl Signals {
         Ok(Self {
             terminate: signal(SignalKind::terminate()).context("cannot watch SIGTERM")?,
             interrupt: signal(SignalKind::interrupt()).context("cannot watch SIGINT")?,
+            hangup: signal(SignalKind::hangup()).context("cannot watch SIGHUP")?,
         })
     }
 
-    /// Serves until SIGTERM or SIGINT, then drains; a second signal exits at once.
-    async fn serve_until_signalled(self, running: server::Running) -> anyhow::Result<()> {
+    /// Serves until SIGTERM or SIGINT, then drains; a second signal exits at once. SIGHUP (and, with `watch =
+    /// true`, a change of the file's content) reloads `config_file`.
+    async fn serve_until_signalled(
+        self,
+        mut running: server::Running,
+        config_file: Option<PathBuf>,
+    ) -> anyhow::Result<()> {
         let Signals {
             mut terminate,
             mut interrupt,
+            mut hangup,
         } = self;
-        tokio::select! {
-            _ = terminate.recv() => tracing::info!(signal = "SIGTERM", "shutting down: no new connections, draining live ones"),
-            _ = interrupt.recv() => tracing::info!(signal = "SIGINT", "shutting down: no new connections, draining live ones"),
+        let mut last_seen = match &config_file {
+            Some(path) => std::fs::read(path).ok(),
+            None => None,
+        };
+        let mut watch = tokio::time::interval(WATCH_INTERVAL);
+        watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = terminate.recv() => {
+                    tracing::info!(signal = "SIGTERM", "shutting down: no new connections, draining live ones");
+                    break;
+                }
+                _ = interrupt.recv() => {
+                    tracing::info!(signal = "SIGINT", "shutting down: no new connections, draining live ones");
+                    break;
+                }
+                _ = hangup.recv() => match &config_file {
+                    Some(path) => {
+                        tracing::info!(signal = "SIGHUP", config = %path.display(), "reloading");
+                        last_seen = std::fs::read(path).ok();
+                        reload(&mut running, path).await;
+                    }
+                    None => tracing::info!(signal = "SIGHUP", "no config file to reload (quick mode)"),
+                },
+                _ = watch.tick(), if config_file.is_some() && running.snapshot().config.server.watch => {
+                    let Some(path) = &config_file else { continue };
+                    let now = std::fs::read(path).ok();
+                    if now.is_some() && now != last_seen {
+                        tracing::info!(config = %path.display(), "config file changed: reloading");
+                        last_seen = now;
+                        reload(&mut running, path).await;
+                    }
+                }
+            }
         }
         running.shutdown();
         let (done_tx, done_rx) = tokio::sync::oneshot::channel();
@@ -246,6 +346,32 @@ impl Signals {
             _ = terminate.recv() => second_signal(),
             _ = interrupt.recv() => second_signal(),
         }
+    }
+}
+
+/// Loads the config file and serves it; a file that does not load leaves the running config as it is.
+async fn reload(running: &mut server::Running, path: &Path) {
+    let owned = path.to_path_buf();
+    // Loading resolves server names: off the signal-handling thread.
+    let loaded = tokio::task::spawn_blocking(move || config::file::load(&owned)).await;
+    let config = match loaded {
+        Ok(Ok(config)) => config,
+        Ok(Err(e)) => {
+            for line in e.to_string().lines() {
+                tracing::error!(config = %path.display(), "reload refused: {line}");
+            }
+            tracing::error!(config = %path.display(), "reload refused: the running config stays in force");
+            return;
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "reload failed");
+            return;
+        }
+    };
+    let summary = summary(&config);
+    match running.reload(config) {
+        Ok(()) => tracing::info!(config = %path.display(), "reloaded: {summary}"),
+        Err(e) => tracing::error!(error = %e, "reload refused: the running config stays in force"),
     }
 }
 

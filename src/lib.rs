@@ -9,6 +9,7 @@ pub mod demo;
 pub mod http;
 pub mod observe;
 pub mod relay;
+pub mod route;
 pub mod server;
 pub mod session;
 pub mod upstream;

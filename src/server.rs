@@ -1,8 +1,13 @@
-//! Listeners, accept loops, worker threads and the drain on shutdown.
+//! Listeners, accept loops, worker threads, config reloads and the drain on shutdown.
 //!
 //! wsgate runs one single-threaded tokio runtime per worker thread, each accepting on its own `SO_REUSEPORT`
-//! socket bound to the same address: the kernel spreads new connections over the workers, and a connection lives
-//! on one thread for its whole life, with no cross-thread wake-ups on the relay path.
+//! socket for every listener: the kernel spreads new connections over the workers, and a connection lives on one
+//! thread for its whole life, with no cross-thread wake-ups on the relay path.
+//!
+//! Reload: [`Running::reload`] builds a new snapshot from a validated config (the upstreams' state carried over),
+//! opens the sockets of listeners the new config adds, swaps the snapshot in, then closes the listeners it
+//! dropped. A listener whose address stays keeps its sockets, so no connection is refused during a reload; live
+//! connections keep the snapshot they started with.
 //!
 //! Shutdown: [`Running::shutdown`] closes every listener at once; live sessions run on until they end or the
 //! drain timeout passes, when the rest are closed.
@@ -14,14 +19,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::TcpListener;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
-use crate::session::{Shared, session};
-use crate::upstream::Pool;
+use crate::session::{Accepted, Shared, Snapshot, session};
 
 /// How long sessions get to finish after the drain timeout has closed them.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
@@ -39,75 +45,186 @@ pub enum ServerError {
     },
     #[error("cannot start worker thread: {0}")]
     Worker(#[source] io::Error),
+    #[error("worker threads have stopped")]
+    Stopped,
 }
 
 /// A started server.
 pub struct Running {
-    local_addr: SocketAddr,
-    stop_accepting: CancellationToken,
-    workers: Vec<JoinHandle<()>>,
+    shared: Arc<Shared>,
+    /// The open listeners: configured address, bound address, and the token that closes it.
+    listeners: Vec<Open>,
+    workers: Vec<WorkerHandle>,
+}
+
+struct Open {
+    configured: SocketAddr,
+    bound: SocketAddr,
+    stop: CancellationToken,
+}
+
+struct WorkerHandle {
+    control: mpsc::UnboundedSender<Listen>,
+    thread: JoinHandle<()>,
+}
+
+/// A listening socket handed to a worker, with the token that closes it.
+struct Listen {
+    socket: Socket,
+    /// The listener's address as configured (how a session finds the listener's name in its snapshot).
+    configured: SocketAddr,
+    stop: CancellationToken,
 }
 
 impl Running {
-    /// The address the listener is bound to (the real port when the config asked for port 0).
+    /// The address the first listener is bound to (the real port when the config asked for port 0).
     pub fn local_addr(&self) -> SocketAddr {
-        self.local_addr
+        self.listeners
+            .first()
+            .map_or(SocketAddr::from(([0, 0, 0, 0], 0)), |l| l.bound)
+    }
+
+    /// Each listener's configured and bound address.
+    pub fn listener_addrs(&self) -> Vec<(SocketAddr, SocketAddr)> {
+        self.listeners.iter().map(|l| (l.configured, l.bound)).collect()
+    }
+
+    /// The snapshot new connections get.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.shared.snapshot.load_full()
+    }
+
+    /// Serves `config` from now on: new connections use it; live ones keep theirs. Fails (and changes nothing)
+    /// when a new listener cannot be opened.
+    pub fn reload(&mut self, config: Config) -> Result<(), ServerError> {
+        let current = self.shared.snapshot.load_full();
+        if config.server.workers != current.config.server.workers {
+            tracing::warn!("`workers` changed: it takes effect at the next start, not on reload");
+        }
+        if config.server.log_format != current.config.server.log_format {
+            tracing::warn!("`log_format` changed: it takes effect at the next start, not on reload");
+        }
+        let mut added = Vec::new();
+        for listener in &config.listeners {
+            if self.listeners.iter().any(|l| l.configured == listener.address) {
+                continue;
+            }
+            // Every socket is bound before anything changes: a failure leaves the old config serving.
+            let sockets = bind_all(listener.address, self.workers.len())?;
+            added.push((listener.address, sockets));
+        }
+        let snapshot = Arc::new(Snapshot::new(config, Some(&current)));
+        self.shared.snapshot.store(snapshot.clone());
+        for (configured, (bound, sockets)) in added {
+            let stop = CancellationToken::new();
+            self.hand_out(configured, sockets, &stop)?;
+            tracing::info!(address = %bound, "listening");
+            self.listeners.push(Open {
+                configured,
+                bound,
+                stop,
+            });
+        }
+        let config = &snapshot.config;
+        self.listeners.retain(|l| {
+            let keep = config.listeners.iter().any(|c| c.address == l.configured);
+            if !keep {
+                tracing::info!(address = %l.bound, "listener removed: no longer accepting");
+                l.stop.cancel();
+            }
+            keep
+        });
+        Ok(())
+    }
+
+    fn hand_out(
+        &self,
+        configured: SocketAddr,
+        sockets: Vec<Socket>,
+        stop: &CancellationToken,
+    ) -> Result<(), ServerError> {
+        for (worker, socket) in self.workers.iter().zip(sockets) {
+            let listen = Listen {
+                socket,
+                configured,
+                stop: stop.clone(),
+            };
+            worker.control.send(listen).map_err(|_| ServerError::Stopped)?;
+        }
+        Ok(())
     }
 
     /// Stops accepting at once and lets live connections drain (up to the drain timeout). Returns at once.
     pub fn shutdown(&self) {
-        self.stop_accepting.cancel();
+        self.shared.draining.cancel();
     }
 
     /// Waits until every worker has finished (after [`Running::shutdown`] and the drain).
     pub fn join(self) {
         for worker in self.workers {
-            let _ = worker.join();
+            drop(worker.control);
+            let _ = worker.thread.join();
         }
     }
 }
 
 /// Binds the listening sockets and starts the worker threads.
 pub fn start(config: Config) -> Result<Running, ServerError> {
-    let workers = match config.workers {
+    let workers = match config.server.workers {
         0 => std::thread::available_parallelism().map_or(1, usize::from),
         n => n,
     };
-    let mut listeners = Vec::with_capacity(workers);
-    let mut address = config.listen;
-    for _ in 0..workers {
-        let socket = bind(address).map_err(|source| ServerError::Listen { address, source })?;
-        // With port 0, the first bind picks the port and the others join it.
-        address = socket.local_addr().ok().and_then(|a| a.as_socket()).unwrap_or(address);
-        listeners.push(socket);
+    let mut bound = Vec::with_capacity(config.listeners.len());
+    for listener in &config.listeners {
+        bound.push((listener.address, bind_all(listener.address, workers)?));
     }
-    let stop_accepting = CancellationToken::new();
     let shared = Arc::new(Shared {
-        pool: Pool::new(config.servers.clone()),
-        config,
-        draining: stop_accepting.clone(),
+        snapshot: ArcSwap::from_pointee(Snapshot::new(config, None)),
+        draining: CancellationToken::new(),
         force_close: CancellationToken::new(),
     });
     let next_id = Arc::new(AtomicU64::new(1));
     let mut handles = Vec::with_capacity(workers);
-    for (i, listener) in listeners.into_iter().enumerate() {
+    for i in 0..workers {
+        let (control, requests) = mpsc::unbounded_channel();
         let worker = Worker {
             shared: shared.clone(),
-            stop_accepting: stop_accepting.clone(),
             next_id: next_id.clone(),
         };
-        let handle = std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name(format!("wsgate-worker-{i}"))
-            .spawn(move || worker.run(listener))
+            .spawn(move || worker.run(requests))
             .map_err(ServerError::Worker)?;
-        handles.push(handle);
+        handles.push(WorkerHandle { control, thread });
     }
-    tracing::info!(address = %address, workers, servers = shared.pool.len(), "listening");
-    Ok(Running {
-        local_addr: address,
-        stop_accepting,
+    let mut running = Running {
+        shared,
+        listeners: Vec::new(),
         workers: handles,
-    })
+    };
+    for (configured, (address, sockets)) in bound {
+        let stop = CancellationToken::new();
+        running.hand_out(configured, sockets, &stop)?;
+        tracing::info!(address = %address, workers, "listening");
+        running.listeners.push(Open {
+            configured,
+            bound: address,
+            stop,
+        });
+    }
+    Ok(running)
+}
+
+/// One socket per worker on `address`; with port 0, the first bind picks the port and the others join it.
+fn bind_all(address: SocketAddr, workers: usize) -> Result<(SocketAddr, Vec<Socket>), ServerError> {
+    let mut sockets = Vec::with_capacity(workers);
+    let mut bound = address;
+    for _ in 0..workers {
+        let socket = bind(bound).map_err(|source| ServerError::Listen { address, source })?;
+        bound = socket.local_addr().ok().and_then(|a| a.as_socket()).unwrap_or(bound);
+        sockets.push(socket);
+    }
+    Ok((bound, sockets))
 }
 
 fn bind(address: SocketAddr) -> io::Result<Socket> {
@@ -126,12 +243,11 @@ fn bind(address: SocketAddr) -> io::Result<Socket> {
 
 struct Worker {
     shared: Arc<Shared>,
-    stop_accepting: CancellationToken,
     next_id: Arc<AtomicU64>,
 }
 
 impl Worker {
-    fn run(self, listener: Socket) {
+    fn run(self, requests: mpsc::UnboundedReceiver<Listen>) {
         let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
             Ok(rt) => rt,
             Err(e) => {
@@ -139,38 +255,40 @@ impl Worker {
                 return;
             }
         };
-        runtime.block_on(self.serve(listener));
+        runtime.block_on(self.serve(requests));
     }
 
-    async fn serve(self, listener: Socket) {
-        let listener = match TcpListener::from_std(listener.into()) {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot register a listener");
-                return;
-            }
-        };
+    async fn serve(self, mut requests: mpsc::UnboundedReceiver<Listen>) {
         let sessions = TaskTracker::new();
+        let accepting = TaskTracker::new();
+        let draining = self.shared.draining.clone();
         loop {
-            let accepted = tokio::select! {
+            let listen = tokio::select! {
                 biased;
-                () = self.stop_accepting.cancelled() => break,
-                accepted = listener.accept() => accepted,
+                () = draining.cancelled() => break,
+                listen = requests.recv() => listen,
             };
-            match accepted {
-                Ok((stream, peer)) => {
-                    let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-                    sessions.spawn(session(self.shared.clone(), stream, peer, id));
-                }
+            let Some(listen) = listen else { break };
+            let listener = match TcpListener::from_std(listen.socket.into()) {
+                Ok(l) => l,
                 Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                    tracing::error!(error = %e, "cannot register a listener");
+                    continue;
                 }
-            }
+            };
+            accepting.spawn(accept_loop(
+                listener,
+                listen.configured,
+                listen.stop,
+                self.shared.clone(),
+                sessions.clone(),
+                self.next_id.clone(),
+            ));
         }
-        drop(listener);
+        accepting.close();
+        accepting.wait().await;
         sessions.close();
-        let drain = self.shared.config.timeouts.drain;
+        let drain = self.shared.snapshot.load().config.server.drain_timeout;
         if !sessions.is_empty() {
             tracing::info!(live = sessions.len(), ?drain, "draining connections");
         }
@@ -181,6 +299,45 @@ impl Worker {
             );
             self.shared.force_close.cancel();
             let _ = tokio::time::timeout(CLOSE_GRACE, sessions.wait()).await;
+        }
+    }
+}
+
+/// Accepts on one listener until it is removed or the server drains.
+async fn accept_loop(
+    listener: TcpListener,
+    configured: SocketAddr,
+    stop: CancellationToken,
+    shared: Arc<Shared>,
+    sessions: TaskTracker,
+    next_id: Arc<AtomicU64>,
+) {
+    let draining = shared.draining.clone();
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            () = draining.cancelled() => return,
+            () = stop.cancelled() => return,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let accepted = Accepted {
+                    stream,
+                    peer,
+                    id: next_id.fetch_add(1, Ordering::Relaxed),
+                    listener: configured,
+                };
+                sessions.spawn(session(shared.clone(), accepted));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::select! {
+                    () = draining.cancelled() => return,
+                    () = stop.cancelled() => return,
+                    () = tokio::time::sleep(ACCEPT_BACKOFF) => {}
+                }
+            }
         }
     }
 }

@@ -43,7 +43,7 @@ static CPU: RwLock<()> = RwLock::const_new(());
 const CLIENT_MASK: [u8; 4] = [0x37, 0xfa, 0x21, 0x3d];
 
 fn frames(rules: FrameRules) -> impl FnOnce(&mut Config) {
-    move |c| c.relay = Relay::Frames(rules)
+    move |c| c.routes[0].relay = Relay::Frames(rules)
 }
 
 /// A frame as a peer puts it on the wire: `rsv` holds RSV1..RSV3 as its low three bits (RSV1 = 0b100); the

@@ -13,7 +13,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use wsgate::config::{FrameRules, Relay};
 
 fn frames(rules: FrameRules) -> impl FnOnce(&mut wsgate::config::Config) {
-    move |c| c.relay = Relay::Frames(rules)
+    move |c| c.routes[0].relay = Relay::Frames(rules)
 }
 
 async fn close_of(ws: &mut Client) -> Option<(u16, String)> {

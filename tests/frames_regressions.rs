@@ -29,7 +29,7 @@ use wsgate::relay::frame::{MAX_HEADER, apply_mask, close_frame, opcode, parse_he
 const CLIENT_MASK: [u8; 4] = [0x37, 0xfa, 0x21, 0x3d];
 
 fn frames(rules: FrameRules) -> impl FnOnce(&mut Config) {
-    move |c| c.relay = Relay::Frames(rules)
+    move |c| c.routes[0].relay = Relay::Frames(rules)
 }
 
 /// A final frame as a peer puts it on the wire, its payload masked with `mask` when there is one.
@@ -539,7 +539,7 @@ async fn drain_then_client_drop_sends_the_backend_one_close() {
 async fn non_101_answer_to_a_client_that_never_reads_does_not_hang() {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
-    let proxy = Proxy::start_with(&[addr], |c| c.timeouts.handshake = Duration::from_secs(1));
+    let proxy = Proxy::start_with(&[addr], |c| c.server.handshake_timeout = Duration::from_secs(1));
     let answering = tokio::spawn(async move {
         let (mut stream, _) = listener.accept().await.expect("accept");
         read_head(&mut stream).await;

@@ -420,7 +420,7 @@ async fn exactly_100_header_fields_are_accepted() {
 #[tokio::test]
 async fn slow_client_gets_408_after_handshake_timeout() {
     let backend = ws_backend("a").await;
-    let proxy = Proxy::start_with(&[backend.addr], |c| c.timeouts.handshake = Duration::from_secs(1));
+    let proxy = Proxy::start_with(&[backend.addr], |c| c.server.handshake_timeout = Duration::from_secs(1));
     let mut conn = RawConn::open(proxy.addr).await;
     let started = Instant::now();
     // Half a head, then nothing: the connection stays open on our side.
@@ -442,7 +442,7 @@ async fn slow_client_gets_408_after_handshake_timeout() {
 async fn trickling_client_gets_408_after_handshake_timeout_in_all() {
     // The timeout covers the whole head, not each read: a byte every 100 ms does not keep a client alive.
     let backend = ws_backend("a").await;
-    let proxy = Proxy::start_with(&[backend.addr], |c| c.timeouts.handshake = Duration::from_secs(1));
+    let proxy = Proxy::start_with(&[backend.addr], |c| c.server.handshake_timeout = Duration::from_secs(1));
     let stream = within("connect", TcpStream::connect(proxy.addr))
         .await
         .expect("connect");
@@ -700,7 +700,7 @@ async fn refusing_server_is_skipped_for_a_good_one() {
 
 #[tokio::test]
 async fn no_servers_gets_503() {
-    let proxy = Proxy::start_with(&[], |c| c.servers = vec![]);
+    let proxy = Proxy::start_with(&[], |c| c.upstreams[0].servers = vec![]);
     let reply = exchange(proxy.addr, upgrade_request("/", "").as_bytes()).await;
     assert_eq!(
         refusal_reason(&reply, 503, "Service Unavailable"),
@@ -711,7 +711,7 @@ async fn no_servers_gets_503() {
 #[tokio::test]
 async fn silent_backend_gets_504_after_handshake_timeout() {
     let mut silent = raw_backend(hold).await;
-    let proxy = Proxy::start_with(&[silent.addr], |c| c.timeouts.handshake = Duration::from_secs(1));
+    let proxy = Proxy::start_with(&[silent.addr], |c| c.server.handshake_timeout = Duration::from_secs(1));
     let started = Instant::now();
     let reply = exchange(proxy.addr, upgrade_request("/", "").as_bytes()).await;
     let waited = started.elapsed();
@@ -868,7 +868,7 @@ async fn backend_connect_timeout_gets_504() {
     let probe = tokio::time::timeout(Duration::from_millis(300), TcpStream::connect(addr)).await;
     assert!(probe.is_err(), "the accept queue should be full, so a connect hangs");
 
-    let proxy = Proxy::start_with(&[addr], |c| c.timeouts.connect = Duration::from_millis(500));
+    let proxy = Proxy::start_with(&[addr], |c| c.upstreams[0].connect_timeout = Duration::from_millis(500));
     let started = Instant::now();
     let reply = exchange(proxy.addr, upgrade_request("/", "").as_bytes()).await;
     let waited = started.elapsed();

@@ -350,7 +350,7 @@ const IDLE: Duration = Duration::from_millis(500);
 #[tokio::test]
 async fn silent_session_is_closed_after_idle_timeout() {
     let mut backend = ws_backend("a").await;
-    let proxy = Proxy::start_with(&[backend.addr], |c| c.timeouts.idle = Some(IDLE));
+    let proxy = Proxy::start_with(&[backend.addr], |c| c.routes[0].idle_timeout = Some(IDLE));
     let mut ws = connect(&proxy.url("/idle")).await;
     assert!(matches!(backend.next_event().await, Event::Upgraded { .. }));
     send(&mut ws, Message::text("one")).await;
@@ -369,7 +369,7 @@ async fn silent_session_is_closed_after_idle_timeout() {
 #[tokio::test]
 async fn busy_session_outlives_idle_timeout() {
     let mut backend = ws_backend("a").await;
-    let proxy = Proxy::start_with(&[backend.addr], |c| c.timeouts.idle = Some(IDLE));
+    let proxy = Proxy::start_with(&[backend.addr], |c| c.routes[0].idle_timeout = Some(IDLE));
     let mut ws = connect(&proxy.url("/busy")).await;
     assert!(matches!(backend.next_event().await, Event::Upgraded { .. }));
 
@@ -399,7 +399,7 @@ async fn busy_session_outlives_idle_timeout() {
 #[tokio::test]
 async fn client_half_close_lets_backend_still_answer() {
     let (backend_addr, backend) = raw_backend().await;
-    let proxy = Proxy::start_with(&[backend_addr], |c| c.relay = Relay::Tunnel);
+    let proxy = Proxy::start_with(&[backend_addr], |c| c.routes[0].relay = Relay::Tunnel);
     let (mut client, early) = raw_client(proxy.addr).await;
     assert!(early.is_empty(), "unexpected bytes after the 101");
     let (mut server, rest) = within("the backend's connection", backend)
@@ -444,7 +444,7 @@ async fn slow_client_stalls_backend_without_losing_bytes() {
     const CHUNK: usize = 64 * 1024;
 
     let (backend_addr, backend) = raw_backend().await;
-    let proxy = Proxy::start_with(&[backend_addr], |c| c.relay = Relay::Tunnel);
+    let proxy = Proxy::start_with(&[backend_addr], |c| c.routes[0].relay = Relay::Tunnel);
     let (mut client, early) = raw_client(proxy.addr).await;
     assert!(early.is_empty(), "unexpected bytes after the 101");
     let (mut server, _) = within("the backend's connection", backend)
@@ -580,8 +580,8 @@ async fn slow_steady_reader_is_not_cut_by_idle_timeout() {
     const TOTAL: usize = 8 * 1024 * 1024;
     let (backend_addr, backend) = raw_backend().await;
     let proxy = Proxy::start_with(&[backend_addr], |c| {
-        c.relay = Relay::Tunnel;
-        c.timeouts.idle = Some(IDLE);
+        c.routes[0].relay = Relay::Tunnel;
+        c.routes[0].idle_timeout = Some(IDLE);
     });
     let (mut client, early) = raw_client(proxy.addr).await;
     let (mut server, _) = within("the backend's connection", backend)

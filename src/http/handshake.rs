@@ -62,41 +62,90 @@ pub struct Upgrade {
     pub accept: [u8; 28],
 }
 
-fn header<'h>(headers: &'h [httparse::Header<'h>], name: &str) -> impl Iterator<Item = &'h [u8]> {
+/// Room for the header fields of one head.
+pub type HeaderStorage<'b> = [httparse::Header<'b>; MAX_HEADERS];
+
+/// An empty [`HeaderStorage`].
+pub fn header_storage<'b>() -> HeaderStorage<'b> {
+    [httparse::EMPTY_HEADER; MAX_HEADERS]
+}
+
+/// What a client's bytes so far amount to, as a view into them (see [`parse_request`]).
+#[derive(Debug)]
+pub enum Parsed<'h, 'b> {
+    Partial,
+    Plain { head_len: usize },
+    Upgrade(UpgradeHead<'h, 'b>),
+}
+
+/// A validated upgrade request head, borrowed from the bytes read: routing and the choice of a server look at it
+/// before [`UpgradeHead::forward`] writes the head for the backend.
+#[derive(Debug)]
+pub struct UpgradeHead<'h, 'b> {
+    /// Length of the client's head in the buffer; bytes after it belong to the WebSocket stream.
+    pub head_len: usize,
+    /// The request target, as sent.
+    pub target: &'b str,
+    /// The `Host` value, trimmed.
+    pub host: &'b [u8],
+    pub headers: &'h [httparse::Header<'b>],
+    key: &'b [u8],
+}
+
+fn header<'h, 'b: 'h>(headers: &'h [httparse::Header<'b>], name: &'h str) -> impl Iterator<Item = &'b [u8]> + 'h {
     headers
         .iter()
         .filter(move |h| h.name.eq_ignore_ascii_case(name))
         .map(|h| h.value)
 }
 
-/// Inspects the bytes a client has sent so far. `buf` may hold bytes past the head (the start of the WebSocket
-/// stream); they are not looked at.
+/// Inspects the bytes a client has sent so far, and for an upgrade writes the head to forward (with no cookie
+/// removed). `buf` may hold bytes past the head (the start of the WebSocket stream); they are not looked at.
 pub fn inspect_request(
     buf: &[u8],
     client_ip: std::net::IpAddr,
     proto: &'static str,
 ) -> Result<Inspected, HandshakeError> {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut req = httparse::Request::new(&mut headers);
+    let mut storage = header_storage();
+    Ok(match parse_request(buf, &mut storage)? {
+        Parsed::Partial => Inspected::Partial,
+        Parsed::Plain { head_len } => Inspected::Plain { head_len },
+        Parsed::Upgrade(head) => Inspected::Upgrade(Upgrade {
+            head_len: head.head_len,
+            forward: head.forward(client_ip, proto, None),
+            accept: head.accept(),
+        }),
+    })
+}
+
+/// Parses and validates the bytes a client has sent so far (RFC 6455 §4.2.1). `buf` may hold bytes past the head.
+pub fn parse_request<'h, 'b>(
+    buf: &'b [u8],
+    storage: &'h mut HeaderStorage<'b>,
+) -> Result<Parsed<'h, 'b>, HandshakeError>
+where
+    'b: 'h,
+{
+    let mut req = httparse::Request::new(storage);
     let head_len = match req.parse(buf) {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) if buf.len() >= MAX_HEAD_BYTES => {
             return Err(HandshakeError::HeadTooLarge);
         }
-        Ok(httparse::Status::Partial) => return Ok(Inspected::Partial),
+        Ok(httparse::Status::Partial) => return Ok(Parsed::Partial),
         Err(httparse::Error::TooManyHeaders) => return Err(HandshakeError::TooManyHeaders),
         Err(e) => return Err(HandshakeError::Syntax(e)),
     };
     if head_len > MAX_HEAD_BYTES {
         return Err(HandshakeError::HeadTooLarge);
     }
-    let headers = req.headers;
-    if !header(headers, "upgrade").any(|v| has_token(v, "websocket")) {
-        return Ok(Inspected::Plain { head_len });
-    }
-    let (Some(method), Some(path), Some(version)) = (req.method, req.path, req.version) else {
+    let (Some(method), Some(target), Some(version)) = (req.method, req.path, req.version) else {
         return Err(HandshakeError::Malformed("incomplete request line"));
     };
+    let headers: &'h [httparse::Header<'b>] = req.headers;
+    if !header(headers, "upgrade").any(|v| has_token(v, "websocket")) {
+        return Ok(Parsed::Plain { head_len });
+    }
     if method != "GET" {
         return Err(HandshakeError::Malformed("WebSocket upgrade must use GET"));
     }
@@ -137,31 +186,71 @@ pub fn inspect_request(
             "Sec-WebSocket-Key is not the base64 encoding of 16 bytes",
         ));
     }
-
-    let mut forward = Vec::with_capacity(head_len + 256);
-    forward.extend_from_slice(b"GET ");
-    forward.extend_from_slice(path.as_bytes());
-    forward.extend_from_slice(b" HTTP/1.1\r\n");
-    for h in headers.iter() {
-        let connection = header(headers, "connection");
-        if !drop_when_forwarding(h.name.as_bytes(), connection, true) {
-            push_header(&mut forward, h.name, h.value);
-        }
-    }
-    push_header(&mut forward, "Connection", b"Upgrade");
-    push_header(&mut forward, "Upgrade", b"websocket");
-    Forwarding {
-        client_ip,
-        proto,
-        host: Some(host),
-    }
-    .each(|name, value| push_header(&mut forward, name, value));
-    forward.extend_from_slice(b"\r\n");
-    Ok(Inspected::Upgrade(Upgrade {
+    Ok(Parsed::Upgrade(UpgradeHead {
         head_len,
-        forward,
-        accept: accept_key(key),
+        target,
+        host,
+        headers,
+        key,
     }))
+}
+
+impl UpgradeHead<'_, '_> {
+    /// The `Sec-WebSocket-Accept` value the backend must answer with.
+    pub fn accept(&self) -> [u8; 28] {
+        accept_key(self.key)
+    }
+
+    /// The head to send to the backend: hop-by-hop headers out, forwarding headers in, and, when
+    /// `remove_cookie` names one, that cookie taken out of the `Cookie` headers.
+    pub fn forward(&self, client_ip: std::net::IpAddr, proto: &'static str, remove_cookie: Option<&str>) -> Vec<u8> {
+        let mut forward = Vec::with_capacity(self.head_len + 256);
+        forward.extend_from_slice(b"GET ");
+        forward.extend_from_slice(self.target.as_bytes());
+        forward.extend_from_slice(b" HTTP/1.1\r\n");
+        for h in self.headers.iter() {
+            let connection = header(self.headers, "connection");
+            if drop_when_forwarding(h.name.as_bytes(), connection, true) {
+                continue;
+            }
+            match remove_cookie {
+                Some(cookie) if h.name.eq_ignore_ascii_case("cookie") => {
+                    let kept = without_cookie(h.value, cookie);
+                    if !kept.is_empty() {
+                        push_header(&mut forward, h.name, &kept);
+                    }
+                }
+                _ => push_header(&mut forward, h.name, h.value),
+            }
+        }
+        push_header(&mut forward, "Connection", b"Upgrade");
+        push_header(&mut forward, "Upgrade", b"websocket");
+        Forwarding {
+            client_ip,
+            proto,
+            host: Some(self.host),
+        }
+        .each(|name, value| push_header(&mut forward, name, value));
+        forward.extend_from_slice(b"\r\n");
+        forward
+    }
+}
+
+/// A `Cookie` value without the cookie called `name` (other cookies kept in order).
+pub fn without_cookie(value: &[u8], name: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(value.len());
+    for pair in value.split(|&b| b == b';') {
+        let pair = pair.trim_ascii();
+        let pair_name = pair.split(|&b| b == b'=').next().unwrap_or_default();
+        if pair.is_empty() || pair_name == name.as_bytes() {
+            continue;
+        }
+        if !out.is_empty() {
+            out.extend_from_slice(b"; ");
+        }
+        out.extend_from_slice(pair);
+    }
+    out
 }
 
 fn push_header(out: &mut Vec<u8>, name: &str, value: &[u8]) {
@@ -479,6 +568,19 @@ mod tests {
 
     fn inspect(req: &str) -> Result<Inspected, HandshakeError> {
         inspect_request(req.as_bytes(), "10.1.2.3".parse().unwrap(), "http")
+    }
+
+    #[test]
+    fn sticky_cookie_is_removed_from_the_forwarded_head() {
+        let req = upgrade_request("Cookie: a=1; SERVERID=abc; b=2\r\nCookie: SERVERID=x\r\n");
+        let mut storage = header_storage();
+        let Ok(Parsed::Upgrade(head)) = parse_request(req.as_bytes(), &mut storage) else {
+            panic!("not an upgrade")
+        };
+        let fwd = String::from_utf8(head.forward("10.1.2.3".parse().unwrap(), "http", Some("SERVERID"))).unwrap();
+        assert!(fwd.contains("Cookie: a=1; b=2\r\n"), "{fwd}");
+        assert_eq!(fwd.matches("Cookie").count(), 1, "{fwd}");
+        assert_eq!(without_cookie(b"SERVERIDX=1;SERVERID=2", "SERVERID"), b"SERVERIDX=1");
     }
 
     #[test]

@@ -5,32 +5,76 @@
 
 mod plain;
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, timeout};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{self, Config};
+use crate::config::{self, Balance, Config, HashKey, Route, Sticky};
 use crate::http::handshake::{
-    self, Answer, BodyEnd, HandshakeError, Inspected, MAX_HEAD_BYTES, ResponseError, Upgrade,
+    self, Answer, BodyEnd, HandshakeError, MAX_HEAD_BYTES, Parsed, ResponseError, UpgradeHead,
 };
 use crate::observe::ConnectionRecord;
 use crate::relay;
-use crate::upstream::{self, Pool, UpstreamError};
+use crate::route;
+use crate::upstream::{self, Active, Choice, ServerState, Upstream, UpstreamError, hash_bytes};
 
 /// What every session of a server shares.
 #[derive(Debug)]
 pub struct Shared {
-    pub config: Config,
-    pub pool: Pool,
+    /// The config in force and the upstreams' state. A connection takes the current one when it is accepted and
+    /// keeps it for its life; a reload swaps in a new one for the connections after it.
+    pub snapshot: ArcSwap<Snapshot>,
     /// Cancelled when the server starts draining: listeners close, and frames-mode sessions close with 1001.
     pub draining: CancellationToken,
     /// Cancelled when the drain timeout has run out: sessions still open then are closed.
     pub force_close: CancellationToken,
+}
+
+/// One validated config and the live state of its upstreams.
+#[derive(Debug)]
+pub struct Snapshot {
+    pub config: Config,
+    /// In the order of `config.upstreams`.
+    pub upstreams: Vec<Upstream>,
+}
+
+impl Snapshot {
+    /// Builds the upstreams' state, carrying over from `previous` what belongs to upstreams and servers that stay.
+    pub fn new(config: Config, previous: Option<&Snapshot>) -> Snapshot {
+        let upstreams = config
+            .upstreams
+            .iter()
+            .map(|u| {
+                let old = previous.and_then(|p| p.upstreams.iter().find(|o| o.config.name == u.name));
+                Upstream::new(u, old)
+            })
+            .collect();
+        Snapshot { config, upstreams }
+    }
+
+    /// The name of the listener configured on `address` ("" once a reload has removed it).
+    pub fn listener_name(&self, address: SocketAddr) -> &str {
+        let listeners = &self.config.listeners;
+        listeners
+            .iter()
+            .find(|l| l.address == address)
+            .map_or("", |l| l.name.as_str())
+    }
+}
+
+/// A client connection just accepted.
+pub struct Accepted {
+    pub stream: TcpStream,
+    pub peer: SocketAddr,
+    pub id: u64,
+    /// The configured address of the listener that accepted it (routes may be limited to one listener).
+    pub listener: SocketAddr,
 }
 
 /// Why a client gets an error answer instead of its WebSocket. Each maps to one status in [`Refusal::status`].
@@ -40,6 +84,8 @@ enum Refusal {
     HeadTimeout(Duration),
     #[error(transparent)]
     Handshake(#[from] HandshakeError),
+    #[error("no route for host `{host}` and path `{path}`")]
+    NoRoute { host: String, path: String },
     #[error(transparent)]
     Upstream(#[from] UpstreamError),
     #[error("{server}: {source}")]
@@ -51,18 +97,28 @@ impl Refusal {
         match self {
             Self::HeadTimeout(_) => 408,
             Self::Handshake(e) => e.status(),
+            Self::NoRoute { .. } => 404,
             Self::Upstream(e) => e.status(),
             Self::Answer { .. } => 502,
+        }
+    }
+
+    fn no_route(req: &impl route::Request) -> Refusal {
+        let text = |b: Option<&[u8]>| String::from_utf8_lossy(b.unwrap_or(b"-")).chars().take(200).collect();
+        Refusal::NoRoute {
+            host: text(req.host()),
+            path: text(Some(req.path())),
         }
     }
 }
 
 /// Serves one client connection from accept to close, and writes its access log line.
-pub async fn session(shared: Arc<Shared>, client: TcpStream, peer: SocketAddr, id: u64) {
+pub async fn session(shared: Arc<Shared>, accepted: Accepted) {
     let started = Instant::now();
-    let mut record = ConnectionRecord::new(id, peer);
+    let mut record = ConnectionRecord::new(accepted.id, accepted.peer);
+    let snapshot = shared.snapshot.load_full();
     tokio::select! {
-        () = run(&shared, client, &mut record) => {}
+        () = run(&shared, &snapshot, accepted, &mut record) => {}
         () = shared.force_close.cancelled() => {
             record.end = "closed: drain timeout reached during shutdown".into();
         }
@@ -70,34 +126,48 @@ pub async fn session(shared: Arc<Shared>, client: TcpStream, peer: SocketAddr, i
     record.log(started.elapsed());
 }
 
-async fn run(shared: &Arc<Shared>, client: TcpStream, record: &mut ConnectionRecord) {
+async fn run(shared: &Arc<Shared>, snapshot: &Arc<Snapshot>, accepted: Accepted, record: &mut ConnectionRecord) {
     // The handshake runs in a future of its own on the heap, freed before the relay starts: a long-lived session
     // keeps only the relay's small state.
-    let Some(switched) = Box::pin(open(shared, client, record)).await else {
+    let Some(switched) = Box::pin(open(shared, snapshot, accepted, record)).await else {
         return;
     };
-    record.end = relay_switched(shared, switched, &mut record.bytes).await.to_string();
+    let route = &snapshot.config.routes[switched.route];
+    record.end = relay_switched(shared, route, switched, &mut record.bytes)
+        .await
+        .to_string();
 }
 
 /// A connection both sides have switched to WebSocket.
 struct Switched {
     client: TcpStream,
     backend: TcpStream,
+    /// Index of the route in the session's snapshot.
+    route: usize,
+    /// Counts the connection on its server while it lives.
+    _active: Active,
     /// The backend accepted permessage-deflate.
     deflate: bool,
     /// Bytes read with the handshake heads: client to backend, backend to client.
     early: [Vec<u8>; 2],
 }
 
-/// Relays a switched connection in the configured mode.
-async fn relay_switched(shared: &Shared, switched: Switched, counters: &mut crate::observe::Counters) -> relay::End {
+/// Relays a switched connection in its route's mode.
+async fn relay_switched(
+    shared: &Shared,
+    route: &Route,
+    switched: Switched,
+    counters: &mut crate::observe::Counters,
+) -> relay::End {
     let Switched {
         client,
         backend,
         deflate,
         early,
+        _active,
+        ..
     } = switched;
-    let frames = match shared.config.relay {
+    let frames = match route.relay {
         config::Relay::Tunnel => None,
         config::Relay::Frames(rules) => Some(relay::Frames::new(
             rules,
@@ -105,18 +175,159 @@ async fn relay_switched(shared: &Shared, switched: Switched, counters: &mut crat
             shared.draining.clone().cancelled_owned(),
         )),
     };
-    relay::relay(&client, &backend, shared.config.timeouts.idle, frames, early, counters).await
+    relay::relay(&client, &backend, route.idle_timeout, frames, early, counters).await
+}
+
+/// An upgrade request routed, with its server choice made and its head for the backend written.
+struct Prepared {
+    head_len: usize,
+    forward: Vec<u8>,
+    accept: [u8; 28],
+    route: usize,
+    choice: Choice,
+}
+
+/// What the bytes read so far call for.
+enum Step {
+    More,
+    Plain,
+    Upgrade(Prepared),
+}
+
+/// The upgrade fast path's view of a request head, for routing.
+struct HeadView<'a, 'h, 'b>(&'a UpgradeHead<'h, 'b>);
+
+impl route::Request for HeadView<'_, '_, '_> {
+    fn host(&self) -> Option<&[u8]> {
+        Some(self.0.host)
+    }
+    fn target(&self) -> &[u8] {
+        self.0.target.as_bytes()
+    }
+    fn header_values(&self, name: &str) -> impl Iterator<Item = &[u8]> {
+        let headers = self.0.headers.iter();
+        headers
+            .filter(move |h| h.name.eq_ignore_ascii_case(name))
+            .map(|h| h.value)
+    }
+}
+
+/// Parses what the client sent so far; for a complete upgrade request: validates it, finds its route and the
+/// server choice, and writes the head for the backend. One parse of the head serves all of it.
+fn inspect(snapshot: &Snapshot, listener: &str, buf: &[u8], client_ip: IpAddr) -> Result<Step, Refusal> {
+    let mut storage = handshake::header_storage();
+    let head = match handshake::parse_request(buf, &mut storage)? {
+        Parsed::Partial => return Ok(Step::More),
+        Parsed::Plain { .. } => return Ok(Step::Plain),
+        Parsed::Upgrade(head) => head,
+    };
+    let view = HeadView(&head);
+    let routes = &snapshot.config.routes;
+    let Some(route) = route::find(routes, listener, &view) else {
+        return Err(Refusal::no_route(&view));
+    };
+    let upstream = &snapshot.upstreams[route.upstream];
+    let remove_cookie = match &upstream.config.sticky {
+        Some(Sticky::Cookie(c)) if !c.forward_cookie => Some(c.name.as_str()),
+        _ => None,
+    };
+    Ok(Step::Upgrade(Prepared {
+        head_len: head.head_len,
+        forward: head.forward(client_ip, "http", remove_cookie),
+        accept: head.accept(),
+        route: routes.iter().position(|r| std::ptr::eq(r, route)).unwrap_or(0),
+        choice: choose(upstream, &view, client_ip),
+    }))
+}
+
+/// Which server the request asks for: the server its sticky cookie names, or the owner of its sticky header or IP
+/// on the hash ring; and the key a hashing balancer hashes.
+fn choose(upstream: &Upstream, req: &impl route::Request, client_ip: IpAddr) -> Choice {
+    let ip_hash = || match client_ip.to_canonical() {
+        IpAddr::V4(ip) => hash_bytes(&ip.octets()),
+        IpAddr::V6(ip) => hash_bytes(&ip.octets()),
+    };
+    let sticky = match &upstream.config.sticky {
+        Some(Sticky::Cookie(c)) => req.cookie(&c.name).and_then(|v| upstream.server_by_cookie(v)),
+        Some(Sticky::Header(name)) => req.header(name).map(|v| upstream.ring_owner(hash_bytes(v))),
+        Some(Sticky::SourceIp) => Some(upstream.ring_owner(ip_hash())),
+        None => None,
+    };
+    let key = match (upstream.config.balance, &upstream.config.hash_key) {
+        (Balance::SourceIp, _) | (Balance::ConsistentHash, HashKey::SourceIp) => Some(ip_hash()),
+        (Balance::ConsistentHash, HashKey::Header(name)) => req.header(name).map(hash_bytes),
+        (Balance::ConsistentHash, HashKey::Cookie(name)) => req.cookie(name).map(hash_bytes),
+        (Balance::ConsistentHash, HashKey::Query(name)) => req.query(name).map(hash_bytes),
+        (Balance::ConsistentHash, HashKey::Path) => Some(hash_bytes(req.path())),
+        _ => None,
+    };
+    Choice { sticky, key }
+}
+
+/// The `Set-Cookie` value that sticks a client to `server`, when the upstream uses a sticky cookie and the client
+/// did not present one naming that server.
+fn sticky_cookie(upstream: &Upstream, choice: Choice, server: &ServerState) -> Option<String> {
+    let Some(Sticky::Cookie(c)) = &upstream.config.sticky else {
+        return None;
+    };
+    let presented = choice.sticky.and_then(|i| upstream.servers().get(i));
+    if presented.is_some_and(|s| std::ptr::eq(&**s, server)) {
+        return None;
+    }
+    let mut cookie = format!(
+        "{}={}; Path={}; HttpOnly; SameSite=Lax",
+        c.name,
+        server.cookie_id(),
+        c.path
+    );
+    if let Some(age) = c.max_age {
+        cookie.push_str(&format!("; Max-Age={}", age.as_secs()));
+    }
+    Some(cookie)
+}
+
+/// A response head with one more header line before its end.
+fn with_header(head: &[u8], name: &str, value: &str) -> Vec<u8> {
+    let end = if head.ends_with(b"\r\n\r\n") {
+        head.len() - 2
+    } else {
+        head.len().saturating_sub(1)
+    };
+    let mut out = Vec::with_capacity(head.len() + name.len() + value.len() + 4);
+    out.extend_from_slice(&head[..end]);
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value.as_bytes());
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(&head[end..]);
+    out
 }
 
 /// Everything before the relay. Returns the client's and the backend's sockets once the backend's 101 has been
-/// passed to the client (and whether it negotiated permessage-deflate); `None` when the connection was answered otherwise (a refusal, plain HTTP, a backend's
+/// passed to the client; `None` when the connection was answered otherwise (a refusal, plain HTTP, a backend's
 /// non-101 answer) and is done.
-async fn open(shared: &Arc<Shared>, mut client: TcpStream, record: &mut ConnectionRecord) -> Option<Switched> {
-    let timeouts = shared.config.timeouts;
+async fn open(
+    shared: &Arc<Shared>,
+    snapshot: &Arc<Snapshot>,
+    accepted: Accepted,
+    record: &mut ConnectionRecord,
+) -> Option<Switched> {
+    let Accepted {
+        stream: mut client,
+        listener,
+        ..
+    } = accepted;
+    let handshake_timeout = snapshot.config.server.handshake_timeout;
     let mut head = Vec::with_capacity(1024);
-    let read = timeout(timeouts.handshake, read_request(&mut client, &mut head, record.client));
-    let upgrade = match read.await {
-        Err(_) => return refuse(client, record, Refusal::HeadTimeout(timeouts.handshake)).await,
+    let read = read_request(
+        &mut client,
+        &mut head,
+        snapshot,
+        snapshot.listener_name(listener),
+        record.client,
+    );
+    let prepared = match timeout(handshake_timeout, read).await {
+        Err(_) => return refuse(client, record, Refusal::HeadTimeout(handshake_timeout)).await,
         Ok(Err(ReadError::Closed)) => {
             record.end = "client closed before sending a request".into();
             return None;
@@ -125,23 +336,26 @@ async fn open(shared: &Arc<Shared>, mut client: TcpStream, record: &mut Connecti
             record.end = format!("error: client: {e}");
             return None;
         }
-        Ok(Err(ReadError::Refused(e))) => return refuse(client, record, e.into()).await,
+        Ok(Err(ReadError::Refused(e))) => return refuse(client, record, e).await,
         Ok(Ok(None)) => {
-            plain::serve(shared.clone(), client, head, record).await;
+            plain::serve(shared.clone(), snapshot.clone(), listener, client, head, record).await;
             return None;
         }
-        Ok(Ok(Some(upgrade))) => upgrade,
+        Ok(Ok(Some(prepared))) => prepared,
     };
-    let Upgrade {
-        head_len,
-        forward,
-        accept,
-    } = upgrade;
     // Bytes the client sent after its head already belong to the WebSocket stream: they go to the relay.
-    let client_early = head.get(head_len..).unwrap_or_default().to_vec();
+    let client_early = head.get(prepared.head_len..).unwrap_or_default().to_vec();
     drop(head);
 
-    let (mut backend, answer, answer_head) = match open_backend(shared, &forward, &accept, record).await {
+    let route = &snapshot.config.routes[prepared.route];
+    let upstream = &snapshot.upstreams[route.upstream];
+    let opened = open_backend(upstream, handshake_timeout, &prepared, record).await;
+    let Opened {
+        mut backend,
+        server,
+        answer,
+        head: answer_head,
+    } = match opened {
         Ok(opened) => opened,
         Err(refusal) => return refuse(client, record, refusal).await,
     };
@@ -149,20 +363,33 @@ async fn open(shared: &Arc<Shared>, mut client: TcpStream, record: &mut Connecti
         AnswerHead::Switching { deflate, head_len } => {
             record.status = 101;
             let (head, backend_early) = answer.split_at(head_len.min(answer.len()));
-            if let Err(e) = write_within(&mut client, head, timeouts.handshake).await {
+            let written = match sticky_cookie(upstream, prepared.choice, server.server()) {
+                Some(cookie) => {
+                    write_within(
+                        &mut client,
+                        &with_header(head, "Set-Cookie", &cookie),
+                        handshake_timeout,
+                    )
+                    .await
+                }
+                None => write_within(&mut client, head, handshake_timeout).await,
+            };
+            if let Err(e) = written {
                 record.end = format!("error: client: {e}");
                 return None;
             }
             Some(Switched {
                 client,
                 backend,
+                route: prepared.route,
+                _active: server,
                 deflate,
                 early: [client_early, backend_early.to_vec()],
             })
         }
         AnswerHead::Other { status, head, body } => {
             record.status = status;
-            let passed = pass_answer(&mut client, &mut backend, &head, &answer, body, timeouts.handshake);
+            let passed = pass_answer(&mut client, &mut backend, &head, &answer, body, handshake_timeout);
             record.end = match passed.await {
                 Ok(()) => format!("backend answered {status} to the upgrade"),
                 Err(e) => format!("error: while passing the backend's {status} answer: {e}"),
@@ -176,15 +403,18 @@ async fn open(shared: &Arc<Shared>, mut client: TcpStream, record: &mut Connecti
 enum ReadError {
     Closed,
     Io(std::io::Error),
-    Refused(HandshakeError),
+    Refused(Refusal),
 }
 
-/// Reads the client's request head into `buf`: `Some` for a valid upgrade, `None` for a plain HTTP request.
+/// Reads the client's request head into `buf`: `Some` for a valid upgrade (routed and ready to forward), `None`
+/// for a plain HTTP request.
 async fn read_request(
     client: &mut TcpStream,
     buf: &mut Vec<u8>,
+    snapshot: &Snapshot,
+    listener: &str,
     peer: SocketAddr,
-) -> Result<Option<Upgrade>, ReadError> {
+) -> Result<Option<Prepared>, ReadError> {
     loop {
         let room = MAX_HEAD_BYTES.saturating_sub(buf.len()).max(1);
         buf.reserve(room.min(4096));
@@ -196,10 +426,10 @@ async fn read_request(
         if n == 0 {
             return Err(ReadError::Closed);
         }
-        match handshake::inspect_request(buf, peer.ip(), "http") {
-            Ok(Inspected::Partial) => continue,
-            Ok(Inspected::Plain { .. }) => return Ok(None),
-            Ok(Inspected::Upgrade(up)) => return Ok(Some(up)),
+        match inspect(snapshot, listener, buf, peer.ip()) {
+            Ok(Step::More) => continue,
+            Ok(Step::Plain) => return Ok(None),
+            Ok(Step::Upgrade(prepared)) => return Ok(Some(prepared)),
             Err(e) => return Err(ReadError::Refused(e)),
         }
     }
@@ -220,22 +450,29 @@ enum AnswerHead {
     },
 }
 
-/// Connects to a backend server, forwards the request head, and reads its answer. Refused or reset connections
-/// move on to the next server (each at most once); a timeout ends the attempt.
+/// A backend connection that has answered the forwarded head.
+struct Opened {
+    backend: TcpStream,
+    server: Active,
+    /// The bytes read from the backend: its answer's head and what followed it.
+    answer: Vec<u8>,
+    head: AnswerHead,
+}
+
+/// Connects to a server of the upstream, forwards the request head, and reads its answer. Refused or reset
+/// connections move on to the next server (each at most once); a timeout ends the attempt.
 async fn open_backend(
-    shared: &Shared,
-    forward: &[u8],
-    accept: &[u8; 28],
+    upstream: &Upstream,
+    handshake_timeout: Duration,
+    prepared: &Prepared,
     record: &mut ConnectionRecord,
-) -> Result<(TcpStream, Vec<u8>, AnswerHead), Refusal> {
-    if shared.pool.is_empty() {
-        return Err(UpstreamError::NoServers.into());
-    }
-    let timeouts = shared.config.timeouts;
+) -> Result<Opened, Refusal> {
     let mut last = None;
-    for server in shared.pool.order() {
-        record.backend = Some(server);
-        let mut backend = match upstream::connect(server, timeouts.connect).await {
+    for server in upstream.order(prepared.choice) {
+        let address = server.address;
+        record.backend = Some(address);
+        let active = Active::new(server.clone());
+        let mut backend = match upstream::connect(address, upstream.config.connect_timeout).await {
             Ok(b) => b,
             Err(e @ UpstreamError::AllFailed { .. }) => {
                 last = Some(e);
@@ -243,19 +480,39 @@ async fn open_backend(
             }
             Err(e) => return Err(e.into()),
         };
-        let exchange = timeout(timeouts.handshake, exchange_heads(&mut backend, forward, accept));
+        let exchange = timeout(
+            handshake_timeout,
+            exchange_heads(&mut backend, &prepared.forward, &prepared.accept),
+        );
         match exchange.await {
             Err(_) => {
                 return Err(UpstreamError::Timeout {
-                    server,
+                    server: address,
                     during: "waiting for the handshake answer from",
-                    after: timeouts.handshake,
+                    after: handshake_timeout,
                 }
                 .into());
             }
-            Ok(Ok((answer, head))) => return Ok((backend, answer, head)),
-            Ok(Err(Exchange::Io(source))) => last = Some(UpstreamError::AllFailed { server, source }),
-            Ok(Err(Exchange::Answer(source))) => return Err(Refusal::Answer { server, source }),
+            Ok(Ok((answer, head))) => {
+                return Ok(Opened {
+                    backend,
+                    server: active,
+                    answer,
+                    head,
+                });
+            }
+            Ok(Err(Exchange::Io(source))) => {
+                last = Some(UpstreamError::AllFailed {
+                    server: address,
+                    source,
+                })
+            }
+            Ok(Err(Exchange::Answer(source))) => {
+                return Err(Refusal::Answer {
+                    server: address,
+                    source,
+                });
+            }
         }
     }
     Err(last.unwrap_or(UpstreamError::NoServers).into())

@@ -26,19 +26,30 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::Mutex;
 
-use super::Shared;
+use super::{Refusal, Shared, Snapshot};
+use crate::config::{Route, Sticky};
 use crate::http::Forwarding;
-use crate::http::handshake::{self, Inspected};
+use crate::http::handshake::{self, Inspected, without_cookie};
 use crate::http::headers::{drop_when_forwarding, has_token};
 use crate::observe::ConnectionRecord;
-use crate::upstream::{self, UpstreamError};
+use crate::route;
+use crate::upstream::{self, Active, Choice, Upstream, UpstreamError};
 
 type Body = Either<Incoming, Full<Bytes>>;
 
 /// Serves plain HTTP requests on `client` until it closes; `head` holds the bytes already read from it.
-pub(super) async fn serve(shared: Arc<Shared>, client: TcpStream, head: Vec<u8>, record: &mut ConnectionRecord) {
+pub(super) async fn serve(
+    shared: Arc<Shared>,
+    snapshot: Arc<Snapshot>,
+    listener: SocketAddr,
+    client: TcpStream,
+    head: Vec<u8>,
+    record: &mut ConnectionRecord,
+) {
+    let handshake_timeout = snapshot.config.server.handshake_timeout;
     let state = Arc::new(State {
-        shared: shared.clone(),
+        snapshot,
+        listener,
         client_ip: record.client.ip(),
         backend: Mutex::new(None),
         switched: Mutex::new(None),
@@ -56,7 +67,7 @@ pub(super) async fn serve(shared: Arc<Shared>, client: TcpStream, head: Vec<u8>,
     };
     let result = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
-        .header_read_timeout(shared.config.timeouts.handshake)
+        .header_read_timeout(handshake_timeout)
         .serve_connection(io, service)
         .with_upgrades()
         .await;
@@ -65,7 +76,7 @@ pub(super) async fn serve(shared: Arc<Shared>, client: TcpStream, head: Vec<u8>,
     record.status = stats.last_status.load(Ordering::Relaxed);
     record.bytes.client_to_backend = stats.bytes_in.load(Ordering::Relaxed);
     record.bytes.backend_to_client = stats.bytes_out.load(Ordering::Relaxed);
-    record.backend = state.backend.lock().await.as_ref().map(|b| b.server);
+    record.backend = state.backend.lock().await.as_ref().map(|b| b.server.server().address);
     record.end = match result {
         Ok(()) => "client closed".into(),
         Err(e) if e.is_timeout() => "client idle past the handshake timeout".into(),
@@ -73,8 +84,9 @@ pub(super) async fn serve(shared: Arc<Shared>, client: TcpStream, head: Vec<u8>,
     };
     let switched = state.switched.lock().await.take();
     if let Some(switched) = switched {
-        record.backend = Some(switched.server);
-        record.end = relay_upgraded(switched, &shared, record).await;
+        record.backend = Some(switched.server.server().address);
+        let route = &state.snapshot.config.routes[switched.route];
+        record.end = relay_upgraded(switched, &shared, route, record).await;
     }
 }
 
@@ -82,7 +94,8 @@ pub(super) async fn serve(shared: Arc<Shared>, client: TcpStream, head: Vec<u8>,
 /// backend's side already switched.
 struct Upgrading {
     client: hyper::upgrade::OnUpgrade,
-    server: SocketAddr,
+    route: usize,
+    server: Active,
     backend: TcpStream,
     /// Bytes the backend sent after its 101 that hyper had already read.
     backend_early: Bytes,
@@ -91,13 +104,14 @@ struct Upgrading {
 }
 
 /// Takes the client's socket back from hyper and relays the switched connection.
-async fn relay_upgraded(switched: Upgrading, shared: &Shared, record: &mut ConnectionRecord) -> String {
+async fn relay_upgraded(switched: Upgrading, shared: &Shared, route: &Route, record: &mut ConnectionRecord) -> String {
     let Upgrading {
         client,
+        route: route_index,
+        server,
         backend,
         backend_early,
         deflate,
-        ..
     } = switched;
     let upgraded = match client.await {
         Ok(upgraded) => upgraded,
@@ -118,16 +132,20 @@ async fn relay_upgraded(switched: Upgrading, shared: &Shared, record: &mut Conne
     let switched = super::Switched {
         client,
         backend,
+        route: route_index,
+        _active: server,
         deflate,
         early: [client_early, backend_early.to_vec()],
     };
-    super::relay_switched(shared, switched, &mut record.bytes)
+    super::relay_switched(shared, route, switched, &mut record.bytes)
         .await
         .to_string()
 }
 
 struct State {
-    shared: Arc<Shared>,
+    snapshot: Arc<Snapshot>,
+    /// The configured address of the listener that accepted the connection.
+    listener: SocketAddr,
     client_ip: std::net::IpAddr,
     backend: Mutex<Option<Backend>>,
     /// Set when a WebSocket upgrade was accepted: served once hyper hands the connection back.
@@ -143,9 +161,90 @@ struct Stats {
     bytes_out: AtomicU64,
 }
 
+/// The client connection's backend connection for plain requests.
 struct Backend {
-    server: SocketAddr,
+    /// Index of the upstream in the session's snapshot.
+    upstream: usize,
+    server: Active,
     sender: SendRequest<Incoming>,
+}
+
+/// A plain request's route, seen through hyper.
+struct HyperView<'a>(&'a Request<Incoming>);
+
+impl route::Request for HyperView<'_> {
+    fn host(&self) -> Option<&[u8]> {
+        match self.0.headers().get(HOST) {
+            Some(host) => Some(host.as_bytes()),
+            None => self.0.uri().authority().map(|a| a.as_str().as_bytes()),
+        }
+    }
+    fn target(&self) -> &[u8] {
+        self.0.uri().path_and_query().map_or(b"/", |p| p.as_str().as_bytes())
+    }
+    fn header_values(&self, name: &str) -> impl Iterator<Item = &[u8]> {
+        self.0.headers().get_all(name).iter().map(HeaderValue::as_bytes)
+    }
+}
+
+/// Where a plain request goes: its route and upstream (indexes in the snapshot) and the server choice.
+#[derive(Clone, Copy)]
+struct Target {
+    route: usize,
+    upstream: usize,
+    choice: Choice,
+}
+
+impl State {
+    /// The request's route and server choice, or why it has no route (a 404).
+    fn target(&self, req: &Request<Incoming>) -> Result<Target, String> {
+        let view = HyperView(req);
+        let routes = &self.snapshot.config.routes;
+        let Some(route) = route::find(routes, self.snapshot.listener_name(self.listener), &view) else {
+            return Err(Refusal::no_route(&view).to_string());
+        };
+        let upstream = &self.snapshot.upstreams[route.upstream];
+        Ok(Target {
+            route: routes.iter().position(|r| std::ptr::eq(r, route)).unwrap_or(0),
+            upstream: route.upstream,
+            choice: super::choose(upstream, &view, self.client_ip),
+        })
+    }
+
+    fn upstream(&self, target: Target) -> &Upstream {
+        &self.snapshot.upstreams[target.upstream]
+    }
+}
+
+/// Removes the sticky cookie from a request forwarded to the backend (unless the upstream keeps it).
+fn remove_sticky_cookie(req: &mut Request<Incoming>, upstream: &Upstream) {
+    let Some(Sticky::Cookie(c)) = &upstream.config.sticky else {
+        return;
+    };
+    if c.forward_cookie {
+        return;
+    }
+    let headers = req.headers_mut();
+    let kept: Vec<HeaderValue> = headers
+        .get_all(http::header::COOKIE)
+        .iter()
+        .map(|v| without_cookie(v.as_bytes(), &c.name))
+        .filter(|v| !v.is_empty())
+        .filter_map(|v| HeaderValue::from_bytes(&v).ok())
+        .collect();
+    headers.remove(http::header::COOKIE);
+    for v in kept {
+        headers.append(http::header::COOKIE, v);
+    }
+}
+
+/// Adds the sticky cookie to an answer when the client is not stuck to the server that gave it.
+fn add_sticky_cookie<B>(resp: &mut Response<B>, upstream: &Upstream, choice: Choice, server: &Active) {
+    if let Some(cookie) = super::sticky_cookie(upstream, choice, server.server())
+        && let Ok(value) = HeaderValue::from_str(&cookie)
+    {
+        resp.headers_mut().append(http::header::SET_COOKIE, value);
+    }
 }
 
 async fn forward(state: Arc<State>, mut req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
@@ -155,16 +254,19 @@ async fn forward(state: Arc<State>, mut req: Request<Incoming>) -> Result<Respon
         .get_all(UPGRADE)
         .iter()
         .any(|v| has_token(v.as_bytes(), "websocket"));
-    let response = if wants_websocket {
-        upgrade(&state, req).await
-    } else {
-        rewrite_request(&mut req, state.client_ip);
-        match send(&state, req).await {
-            Ok(mut resp) => {
-                strip_hop_by_hop(resp.headers_mut(), false);
-                resp.map(Either::Left)
+    let response = match state.target(&req) {
+        Err(no_route) => error(404, &no_route),
+        Ok(target) if wants_websocket => upgrade(&state, target, req).await,
+        Ok(target) => {
+            rewrite_request(&mut req, state.client_ip);
+            remove_sticky_cookie(&mut req, state.upstream(target));
+            match send(&state, target, req).await {
+                Ok(mut resp) => {
+                    strip_hop_by_hop(resp.headers_mut(), false);
+                    resp.map(Either::Left)
+                }
+                Err(e) => error(e.status(), &e.to_string()),
             }
-            Err(e) => error(e.status(), &e.to_string()),
         }
     };
     state
@@ -177,7 +279,7 @@ async fn forward(state: Arc<State>, mut req: Request<Incoming>) -> Result<Respon
 /// A WebSocket upgrade on a keep-alive connection: validated by the fast path's rules, sent on a backend
 /// connection of its own; on a 101 with the right accept key, both sides are switched and the session relays
 /// them when hyper hands the client's connection back.
-async fn upgrade(state: &State, mut req: Request<Incoming>) -> Response<Body> {
+async fn upgrade(state: &State, target: Target, mut req: Request<Incoming>) -> Response<Body> {
     let accept = match handshake::inspect_request(&request_head(&req), state.client_ip, "http") {
         Ok(Inspected::Upgrade(up)) => up.accept,
         Ok(Inspected::Plain { .. } | Inspected::Partial) => return error(400, "malformed upgrade request"),
@@ -185,14 +287,21 @@ async fn upgrade(state: &State, mut req: Request<Incoming>) -> Response<Body> {
     };
     let client_side = hyper::upgrade::on(&mut req);
     rewrite_request(&mut req, state.client_ip);
+    let upstream = state.upstream(target);
+    remove_sticky_cookie(&mut req, upstream);
     let headers = req.headers_mut();
     headers.insert(CONNECTION, HeaderValue::from_static("Upgrade"));
     headers.insert(UPGRADE, HeaderValue::from_static("websocket"));
-    let Backend { server, mut sender } = match open(&state.shared).await {
+    let Backend {
+        server: active,
+        mut sender,
+        ..
+    } = match open(upstream, target).await {
         Ok(backend) => backend,
         Err(e) => return error(e.status(), &e.to_string()),
     };
-    let wait = state.shared.config.timeouts.handshake;
+    let server = active.server().address;
+    let wait = state.snapshot.config.server.handshake_timeout;
     let mut resp = match tokio::time::timeout(wait, sender.send_request(req)).await {
         Ok(Ok(resp)) => resp,
         Ok(Err(e)) => return error(502, &format!("{server}: {e}")),
@@ -229,10 +338,12 @@ async fn upgrade(state: &State, mut req: Request<Incoming>) -> Response<Body> {
             .iter()
             .map(HeaderValue::as_bytes),
     );
+    add_sticky_cookie(&mut resp, upstream, target.choice, &active);
     *state.switched.lock().await = Some(Upgrading {
         deflate,
         client: client_side,
-        server,
+        route: target.route,
+        server: active,
         backend: parts.io.into_inner(),
         backend_early: parts.read_buf,
     });
@@ -258,26 +369,41 @@ fn request_head(req: &Request<Incoming>) -> Vec<u8> {
     head
 }
 
-/// Sends `req` on the client's backend connection, opening one (round robin, each server once) when there is
-/// none or the last one was closed by the backend before this request went out.
-async fn send(state: &State, mut req: Request<Incoming>) -> Result<Response<Incoming>, UpstreamError> {
+/// Sends `req` on the client's backend connection, opening one when there is none, when the last one was closed
+/// by the backend before this request went out, or when it goes to another upstream or to a server other than
+/// the one the request is stuck to.
+async fn send(state: &State, target: Target, mut req: Request<Incoming>) -> Result<Response<Incoming>, UpstreamError> {
+    let upstream = state.upstream(target);
     let mut backend = state.backend.lock().await;
     let mut reopened = false;
     loop {
+        let fits = backend.as_ref().is_some_and(|b| {
+            b.upstream == target.upstream
+                && target.choice.sticky.is_none_or(|i| {
+                    upstream
+                        .servers()
+                        .get(i)
+                        .is_some_and(|s| std::ptr::eq(&**s, b.server.server()))
+                })
+        });
         let ready = match backend.as_mut() {
-            Some(b) => b.sender.ready().await.is_ok(),
-            None => false,
+            Some(b) if fits => b.sender.ready().await.is_ok(),
+            _ => false,
         };
         if !ready {
-            *backend = Some(open(&state.shared).await?);
+            *backend = None;
+            *backend = Some(open(upstream, target).await?);
             reopened = true;
         }
         let Some(b) = backend.as_mut() else {
             continue;
         };
-        let server = b.server;
+        let server = b.server.server().address;
         match b.sender.try_send_request(req).await {
-            Ok(resp) => return Ok(resp),
+            Ok(mut resp) => {
+                add_sticky_cookie(&mut resp, upstream, target.choice, &b.server);
+                return Ok(resp);
+            }
             Err(mut e) => {
                 *backend = None;
                 match e.take_message() {
@@ -295,10 +421,13 @@ async fn send(state: &State, mut req: Request<Incoming>) -> Result<Response<Inco
     }
 }
 
-async fn open(shared: &Shared) -> Result<Backend, UpstreamError> {
+/// Opens a backend connection for plain HTTP: the servers in the upstream's order, each once.
+async fn open(upstream: &Upstream, target: Target) -> Result<Backend, UpstreamError> {
     let mut last = UpstreamError::NoServers;
-    for server in shared.pool.order() {
-        let stream = match upstream::connect(server, shared.config.timeouts.connect).await {
+    for server in upstream.order(target.choice) {
+        let active = Active::new(server.clone());
+        let address = server.address;
+        let stream = match upstream::connect(address, upstream.config.connect_timeout).await {
             Ok(s) => s,
             Err(e @ UpstreamError::AllFailed { .. }) => {
                 last = e;
@@ -311,11 +440,15 @@ async fn open(shared: &Shared) -> Result<Backend, UpstreamError> {
                 // The connection task ends when `sender` is dropped with the client's session, or when the backend
                 // closes it.
                 tokio::spawn(conn.with_upgrades());
-                return Ok(Backend { server, sender });
+                return Ok(Backend {
+                    upstream: target.upstream,
+                    server: active,
+                    sender,
+                });
             }
             Err(e) => {
                 last = UpstreamError::AllFailed {
-                    server,
+                    server: address,
                     source: io::Error::other(e),
                 }
             }

@@ -68,8 +68,24 @@ impl Proxy {
             ..Timeouts::default()
         };
         let mut config = Config::quick("127.0.0.1:0", &names, timeouts, LogFormat::Text).expect("test config");
-        config.workers = 1;
+        config.server.workers = 1;
         tweak(&mut config);
+        let running = wsgate::server::start(config).expect("proxy starts");
+        Proxy {
+            addr: running.local_addr(),
+            running: Some(running),
+        }
+    }
+
+    /// Starts from config file text, with one worker and a short drain.
+    pub fn from_toml(text: &str) -> Proxy {
+        init();
+        let mut config = wsgate::config::file::parse(text, "test.toml").unwrap_or_else(|problems| {
+            let lines: Vec<String> = problems.iter().map(ToString::to_string).collect();
+            panic!("test config refused:\n{}\n{text}", lines.join("\n"))
+        });
+        config.server.workers = 1;
+        config.server.drain_timeout = Duration::from_secs(1);
         let running = wsgate::server::start(config).expect("proxy starts");
         Proxy {
             addr: running.local_addr(),
@@ -261,6 +277,31 @@ pub async fn connect(url: &str) -> Client {
     .await
     .unwrap_or_else(|e| panic!("connect {url}: {e}"));
     ws
+}
+
+/// Connects to `url` with extra request headers; returns the client and the 101's headers.
+pub async fn connect_with(url: &str, headers: &[(&str, &str)]) -> (Client, http::HeaderMap) {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut request = url.into_client_request().expect("request");
+    for (name, value) in headers {
+        let name = http::HeaderName::from_bytes(name.as_bytes()).expect("header name");
+        request.headers_mut().insert(name, value.parse().expect("header value"));
+    }
+    let (ws, response) = within(
+        "the WebSocket handshake",
+        tokio_tungstenite::connect_async_with_config(request, Some(ws_config()), true),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("connect {url} with {headers:?}: {e}"));
+    (ws, response.headers().clone())
+}
+
+/// Asks a test backend its name over `ws`.
+pub async fn backend_name(ws: &mut Client) -> String {
+    within("sending name?", ws.send(Message::text("name?")))
+        .await
+        .expect("send");
+    next_text(ws).await
 }
 
 /// The next data or close message (pings and pongs are skipped), within [`WAIT`].

@@ -1,6 +1,9 @@
-//! The configuration model: what to listen on, which servers to forward to, and the timeouts. It is data only
-//! (no runtime module is imported here) and is validated once, when it is built; code that receives a
-//! [`Config`] never re-checks it.
+//! The configuration model: listeners, routes, upstreams and their servers, the relay rules and the timeouts. It
+//! is data only (no runtime module is imported here) and is validated once, when it is built, from a file
+//! ([`file`]) or from the quick-mode flags ([`Config::quick`]); code that receives a [`Config`] never re-checks it.
+//! Every default lives in this module.
+
+pub mod file;
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::time::Duration;
@@ -11,29 +14,167 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default time live connections get to finish after a shutdown signal.
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default name of the sticky-session cookie.
+pub const DEFAULT_STICKY_COOKIE: &str = "SERVERID";
 
 /// A whole, validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
-    pub listen: SocketAddr,
-    /// Backend servers, tried in round-robin order.
-    pub servers: Vec<Server>,
-    pub timeouts: Timeouts,
-    /// How WebSocket connections are relayed after the 101.
-    pub relay: Relay,
+    pub server: ServerSettings,
+    pub listeners: Vec<Listener>,
+    /// Tried in order; the first that matches a request wins.
+    pub routes: Vec<Route>,
+    pub upstreams: Vec<Upstream>,
+}
+
+/// Settings of the whole process.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerSettings {
+    /// Time live connections get to finish after a shutdown signal.
+    pub drain_timeout: Duration,
+    /// Time a client gets to send its whole request head, and a backend to answer the handshake.
+    pub handshake_timeout: Duration,
     pub log_format: LogFormat,
-    /// Worker threads, each with its own runtime and listening socket; 0 = one per available core.
+    /// Worker threads, each with its own runtime and listening sockets; 0 = one per available core.
     pub workers: usize,
+    /// Reload when the config file changes (as well as on SIGHUP).
+    pub watch: bool,
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        Self {
+            drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            log_format: LogFormat::Text,
+            workers: 0,
+            watch: false,
+        }
+    }
+}
+
+/// An address wsgate accepts client connections on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listener {
+    pub name: String,
+    pub address: SocketAddr,
+}
+
+/// Which requests go to which upstream, and how their WebSocket connections are relayed.
+#[derive(Debug, Clone)]
+pub struct Route {
+    /// For logs: the route's `name`, or `route #N` (1-based, in file order).
+    pub name: String,
+    /// Only requests accepted on this listener match; `None` = any listener.
+    pub listener: Option<String>,
+    pub host: HostMatch,
+    pub path: PathMatch,
+    /// Headers that must all be present with these values (names lowercase, values compared exactly).
+    pub headers: Vec<(String, String)>,
+    /// Index into [`Config::upstreams`].
+    pub upstream: usize,
+    pub relay: Relay,
+    /// Closes a relayed connection after this long without a byte either way; `None` = never.
+    pub idle_timeout: Option<Duration>,
+}
+
+/// How a route matches the request's host (the `Host` header without its port, compared case-insensitively).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostMatch {
+    Any,
+    /// Lowercase host name.
+    Exact(String),
+    /// `*.example.com`, stored as `.example.com`: matches any name ending in it (not `example.com` itself).
+    Suffix(String),
+}
+
+/// How a route matches the request's path (the request target without its query, as sent: not decoded).
+#[derive(Debug, Clone)]
+pub enum PathMatch {
+    Any,
+    /// The path starts with this string (as nginx's and Envoy's prefixes do: `/ws` matches `/ws`, `/ws/a` and
+    /// `/wsx`).
+    Prefix(String),
+    Exact(String),
+    Regex(regex::Regex),
+}
+
+/// A named group of backend servers and how connections are spread over them.
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    pub name: String,
+    pub balance: Balance,
+    /// What `Balance::ConsistentHash` hashes; requests without it fall back to round robin.
+    pub hash_key: HashKey,
+    pub connect_timeout: Duration,
+    pub sticky: Option<Sticky>,
+    pub servers: Vec<Server>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Balance {
+    /// Smooth weighted round robin, as nginx does it.
+    RoundRobin,
+    /// Fewest live connections for its weight; ties in round-robin order.
+    LeastConn,
+    /// A hash ring over `hash_key`: adding or removing one of N servers moves about 1/N of the keys.
+    ConsistentHash,
+    /// Two servers drawn at random (by weight); the one with fewer live connections for its weight.
+    RandomTwo,
+    /// The client's IP on the hash ring.
+    SourceIp,
+}
+
+/// The part of a request that consistent hashing maps to a server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HashKey {
+    /// A header's value (name lowercase).
+    Header(String),
+    Cookie(String),
+    /// A query-string parameter.
+    Query(String),
+    SourceIp,
+    Path,
+}
+
+/// How a client is kept on the server it was first sent to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Sticky {
+    /// wsgate sets a cookie naming the server (by a keyed hash, not its address).
+    Cookie(StickyCookie),
+    /// Requests with the same value of this header (name lowercase) go to the same server, on the hash ring.
+    Header(String),
+    /// Requests from the same IP go to the same server, on the hash ring.
+    SourceIp,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StickyCookie {
+    pub name: String,
+    pub path: String,
+    /// `Max-Age` of the cookie; `None` = a session cookie.
+    pub max_age: Option<Duration>,
+    /// Keep the cookie in the request forwarded to the backend (by default it is removed).
+    pub forward_cookie: bool,
+    /// Key of the hash that names a server in the cookie. Without one, the upstream's name is the key: cookies
+    /// survive restarts either way, but only a secret keeps the server ids from being computed from addresses.
+    pub secret: String,
 }
 
 /// A backend server as configured and as resolved.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Server {
-    /// As written by the user (`host:port`), for logs.
+    /// As written by the user (`host:port`): its identity for logs, balancer state and sticky cookies.
     pub name: String,
     pub address: SocketAddr,
+    /// Relative share of new connections (1 to [`MAX_WEIGHT`]).
+    pub weight: u32,
 }
 
+/// The largest server weight.
+pub const MAX_WEIGHT: u32 = 1000;
+
+/// The timeouts quick mode takes from its flags.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Timeouts {
     pub connect: Duration,
@@ -184,44 +325,52 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 }
 
 impl FrameRules {
-    fn validate(&self) -> Result<(), ConfigError> {
-        let range = |key, expected| Err(ConfigError::OutOfRange { key, expected });
+    /// The first rule out of range, as (key, what is expected).
+    pub(crate) fn check(&self) -> Result<(), (&'static str, &'static str)> {
         if self
             .ping_interval
             .is_some_and(|d| !(MIN_PING_INTERVAL..=MAX_DURATION).contains(&d))
         {
-            return range("ping-interval", "from 100ms to 30 days");
+            return Err(("ping_interval", "from 100ms to 30 days"));
         }
         for (key, d) in [
-            ("pong-timeout", self.pong_timeout),
-            ("close-timeout", self.close_timeout),
-            ("write-timeout", self.write_timeout),
+            ("pong_timeout", self.pong_timeout),
+            ("close_timeout", self.close_timeout),
+            ("write_timeout", self.write_timeout),
         ] {
             if d.is_zero() || d > MAX_DURATION {
-                return range(key, "more than 0 and at most 30 days");
+                return Err((key, "more than 0 and at most 30 days"));
             }
         }
         if self.messages_per_second == Some(0) {
-            return range("messages-per-second", "at least 1");
+            return Err(("messages_per_second", "at least 1"));
         }
-        if self.max_message_size == Some(0) || self.max_frame_size == Some(0) {
-            return range("max-message-size / max-frame-size", "at least 1 byte");
+        if self.max_message_size == Some(0) {
+            return Err(("max_message_size", "at least 1 byte"));
+        }
+        if self.max_frame_size == Some(0) {
+            return Err(("max_frame_size", "at least 1 byte"));
         }
         Ok(())
     }
 }
 
 impl Config {
-    /// Sets the relay mode, checking its rules.
+    /// Sets the relay mode of every route, checking its rules.
     pub fn with_relay(mut self, relay: Relay) -> Result<Config, ConfigError> {
         if let Relay::Frames(rules) = &relay {
-            rules.validate()?;
+            rules
+                .check()
+                .map_err(|(key, expected)| ConfigError::OutOfRange { key, expected })?;
         }
-        self.relay = relay;
+        for route in &mut self.routes {
+            route.relay = relay;
+        }
         Ok(self)
     }
 
-    /// The quick-mode configuration: one listener, round robin over `servers` (each `host:port`).
+    /// The quick-mode configuration: one listener, one route for every request, one upstream with round robin
+    /// over `servers` (each `host:port`). The same model a file gives, so both share one code path after parsing.
     pub fn quick(
         listen: &str,
         servers: &[String],
@@ -231,7 +380,12 @@ impl Config {
         let listen: SocketAddr = listen.parse().map_err(|_| ConfigError::Listen(listen.to_string()))?;
         let servers = servers
             .iter()
-            .map(|name| resolve(name))
+            .map(|name| {
+                resolve(name).map_err(|reason| ConfigError::Resolve {
+                    name: name.clone(),
+                    reason,
+                })
+            })
             .collect::<Result<Vec<_>, _>>()?;
         for (name, d) in [
             ("connect-timeout", timeouts.connect),
@@ -255,32 +409,54 @@ impl Config {
             }
         }
         Ok(Config {
-            listen,
-            servers,
-            timeouts: Timeouts {
-                idle: timeouts.idle.filter(|d| !d.is_zero()),
-                ..timeouts
+            server: ServerSettings {
+                drain_timeout: timeouts.drain,
+                handshake_timeout: timeouts.handshake,
+                log_format,
+                ..ServerSettings::default()
             },
-            relay: Relay::Tunnel,
-            log_format,
-            workers: 0,
+            listeners: vec![Listener {
+                name: "quick".into(),
+                address: listen,
+            }],
+            routes: vec![Route {
+                name: "quick".into(),
+                listener: None,
+                host: HostMatch::Any,
+                path: PathMatch::Any,
+                headers: Vec::new(),
+                upstream: 0,
+                relay: Relay::default(),
+                idle_timeout: timeouts.idle.filter(|d| !d.is_zero()),
+            }],
+            upstreams: vec![Upstream {
+                name: "quick".into(),
+                balance: Balance::RoundRobin,
+                hash_key: HashKey::SourceIp,
+                connect_timeout: timeouts.connect,
+                sticky: None,
+                servers,
+            }],
         })
+    }
+
+    /// Every server of every upstream.
+    pub fn server_count(&self) -> usize {
+        self.upstreams.iter().map(|u| u.servers.len()).sum()
     }
 }
 
-fn resolve(name: &str) -> Result<Server, ConfigError> {
-    let err = |reason: String| ConfigError::Resolve {
-        name: name.to_string(),
-        reason,
-    };
+/// Resolves `host:port` (an IP or a name) to its first address, as a weight-1 server.
+pub(crate) fn resolve(name: &str) -> Result<Server, String> {
     let address = name
         .to_socket_addrs()
-        .map_err(|e| err(e.to_string()))?
+        .map_err(|e| e.to_string())?
         .next()
-        .ok_or_else(|| err("no address found".into()))?;
+        .ok_or_else(|| "no address found".to_string())?;
     Ok(Server {
         name: name.to_string(),
         address,
+        weight: 1,
     })
 }
 
@@ -311,7 +487,7 @@ mod tests {
     fn quick_mode_resolves_and_refuses() {
         let to = ["localhost:9000".to_string()];
         let cfg = Config::quick("127.0.0.1:0", &to, Timeouts::default(), LogFormat::Text).unwrap();
-        assert_eq!(cfg.servers[0].address.port(), 9000);
+        assert_eq!(cfg.upstreams[0].servers[0].address.port(), 9000);
         assert!(Config::quick("nowhere", &to, Timeouts::default(), LogFormat::Text).is_err());
         let frames = |rules| Config::quick("127.0.0.1:0", &to, Timeouts::default(), LogFormat::Text)?.with_relay(rules);
         assert!(frames(Relay::Frames(FrameRules::default())).is_ok());

@@ -1,0 +1,952 @@
+//! The config file: TOML read through serde into a schema that mirrors the file (unknown keys refused), then
+//! checked and turned into the [`Config`] model. Every problem names the file, the line and column, the key, and
+//! what was expected; the checks after parsing report every problem they find, not only the first.
+//!
+//! The keys are documented in `docs/config.md`.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde::de::{self, Deserializer, MapAccess, Visitor};
+use toml::Spanned;
+
+use super::{
+    Balance, Config, DEFAULT_CONNECT_TIMEOUT, DEFAULT_STICKY_COOKIE, FrameRules, HashKey, HostMatch, Listener,
+    LogFormat, MAX_DURATION, MAX_WEIGHT, PathMatch, Relay, Route, Server, ServerSettings, Sticky, StickyCookie,
+    Upstream, parse_duration, parse_size,
+};
+
+/// Why a config file cannot be served.
+#[derive(Debug, thiserror::Error)]
+pub enum FileError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}", lines(.0))]
+    Invalid(Vec<Problem>),
+}
+
+fn lines(problems: &[Problem]) -> String {
+    problems.iter().map(Problem::to_string).collect::<Vec<_>>().join("\n")
+}
+
+/// One problem in a config file, where it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub file: String,
+    /// 1-based; 0 when the problem has no place (such as a file with no listener).
+    pub line: usize,
+    pub column: usize,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.line == 0 {
+            write!(f, "{}: {}", self.file, self.message)
+        } else {
+            write!(f, "{}:{}:{}: {}", self.file, self.line, self.column, self.message)
+        }
+    }
+}
+
+/// Reads and validates the config file at `path`.
+pub fn load(path: &Path) -> Result<Config, FileError> {
+    let text = std::fs::read_to_string(path).map_err(|source| FileError::Read {
+        path: path.display().to_string(),
+        source,
+    })?;
+    parse(&text, &path.display().to_string()).map_err(FileError::Invalid)
+}
+
+/// Validates config text; `file` names it in the problems.
+pub fn parse(text: &str, file: &str) -> Result<Config, Vec<Problem>> {
+    let mut report = Report {
+        text,
+        file,
+        problems: Vec::new(),
+    };
+    let raw: RawFile = match toml::from_str(text) {
+        Ok(raw) => raw,
+        Err(e) => {
+            // serde stops at the first problem of syntax or type.
+            report.at(e.span(), e.message().trim_end().to_string());
+            return Err(report.problems);
+        }
+    };
+    let config = build(raw, &mut report);
+    if report.problems.is_empty() {
+        Ok(config)
+    } else {
+        Err(report.problems)
+    }
+}
+
+struct Report<'a> {
+    text: &'a str,
+    file: &'a str,
+    problems: Vec<Problem>,
+}
+
+impl Report<'_> {
+    fn at(&mut self, span: Option<Range<usize>>, message: String) {
+        let (line, column) = match span {
+            Some(span) => line_column(self.text, span.start),
+            None => (0, 0),
+        };
+        self.problems.push(Problem {
+            file: self.file.to_string(),
+            line,
+            column,
+            message,
+        });
+    }
+
+    fn key<T>(&mut self, value: &Spanned<T>, key: &str, message: impl fmt::Display) {
+        self.at(Some(value.span()), format!("`{key}`: {message}"));
+    }
+}
+
+/// 1-based line and column (in characters) of a byte offset.
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(text.len());
+    let before = text.get(..offset).unwrap_or(text);
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let column = before.get(line_start..).map_or(0, |s| s.chars().count()) + 1;
+    (line, column)
+}
+
+// ---- The schema, as written in the file ----
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    #[serde(default)]
+    server: RawServer,
+    #[serde(default)]
+    listener: Vec<Spanned<RawListener>>,
+    #[serde(default)]
+    route: Vec<Spanned<RawRoute>>,
+    #[serde(default)]
+    upstream: Vec<Spanned<RawUpstream>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    drain_timeout: Option<Spanned<Dur>>,
+    handshake_timeout: Option<Spanned<Dur>>,
+    log_format: Option<RawLogFormat>,
+    workers: Option<Spanned<usize>>,
+    watch: Option<bool>,
+}
+
+#[derive(Deserialize, Clone, Copy)]
+#[serde(rename_all = "snake_case")]
+enum RawLogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawListener {
+    name: Spanned<String>,
+    address: Spanned<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRoute {
+    name: Option<Spanned<String>>,
+    listener: Option<Spanned<String>>,
+    host: Option<Spanned<String>>,
+    path_prefix: Option<Spanned<String>>,
+    path: Option<Spanned<String>>,
+    path_regex: Option<Spanned<String>>,
+    #[serde(default)]
+    headers: BTreeMap<Spanned<String>, String>,
+    upstream: Spanned<String>,
+    relay: Option<Spanned<RawRelay>>,
+    idle_timeout: Option<Spanned<Dur>>,
+    // The frames relay's rules (relay = "frames" only).
+    max_message_size: Option<Spanned<Size>>,
+    max_frame_size: Option<Spanned<Size>>,
+    messages_per_second: Option<Spanned<u32>>,
+    burst: Option<Spanned<u32>>,
+    ping_interval: Option<Spanned<Dur>>,
+    pong_timeout: Option<Spanned<Dur>>,
+    validate_utf8: Option<Spanned<bool>>,
+    close_timeout: Option<Spanned<Dur>>,
+    write_timeout: Option<Spanned<Dur>>,
+}
+
+#[derive(Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+enum RawRelay {
+    Tunnel,
+    Frames,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpstream {
+    name: Spanned<String>,
+    balance: Option<Spanned<RawBalance>>,
+    hash_key: Option<Spanned<HashKey>>,
+    connect_timeout: Option<Spanned<Dur>>,
+    sticky: Option<Spanned<RawSticky>>,
+    #[serde(default)]
+    server: Vec<Spanned<RawServerEntry>>,
+}
+
+#[derive(Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+enum RawBalance {
+    RoundRobin,
+    LeastConn,
+    ConsistentHash,
+    RandomTwo,
+    SourceIp,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServerEntry {
+    address: Spanned<String>,
+    weight: Option<Spanned<u32>>,
+}
+
+/// `sticky = "source_ip"`, or a table with `cookie = "NAME"` or `header = "NAME"`.
+enum RawSticky {
+    SourceIp,
+    Table(RawStickyTable),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStickyTable {
+    cookie: Option<String>,
+    header: Option<String>,
+    path: Option<String>,
+    max_age: Option<Dur>,
+    forward_cookie: Option<bool>,
+    secret: Option<String>,
+}
+
+impl<'de> Deserialize<'de> for RawSticky {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct StickyVisitor;
+        impl<'de> Visitor<'de> for StickyVisitor {
+            type Value = RawSticky;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str(r#""source_ip", { cookie = "NAME" } or { header = "NAME" }"#)
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<RawSticky, E> {
+                match v {
+                    "source_ip" => Ok(RawSticky::SourceIp),
+                    other => Err(E::invalid_value(de::Unexpected::Str(other), &self)),
+                }
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<RawSticky, A::Error> {
+                RawStickyTable::deserialize(de::value::MapAccessDeserializer::new(map)).map(RawSticky::Table)
+            }
+        }
+        deserializer.deserialize_any(StickyVisitor)
+    }
+}
+
+/// A duration written as a string: `250ms`, `30s`, `5m`, `1h`.
+#[derive(Clone, Copy)]
+struct Dur(Duration);
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(deserializer)?;
+        let d = parse_duration(&s).map_err(de::Error::custom)?;
+        if d > MAX_DURATION {
+            return Err(de::Error::custom(format!("duration `{s}` is over the 30-day maximum")));
+        }
+        Ok(Dur(d))
+    }
+}
+
+/// A size written as a string (`16MiB`, `64KiB`) or a number of bytes.
+#[derive(Clone, Copy)]
+struct Size(u64);
+
+impl<'de> Deserialize<'de> for Size {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct SizeVisitor;
+        impl Visitor<'_> for SizeVisitor {
+            type Value = Size;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str(r#"a size such as "16MiB", "64KiB" or a number of bytes"#)
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Size, E> {
+                parse_size(v).map(Size).map_err(E::custom)
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Size, E> {
+                u64::try_from(v)
+                    .map(Size)
+                    .map_err(|_| E::invalid_value(de::Unexpected::Signed(v), &self))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Size, E> {
+                Ok(Size(v))
+            }
+        }
+        deserializer.deserialize_any(SizeVisitor)
+    }
+}
+
+impl<'de> Deserialize<'de> for HashKey {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(deserializer)?;
+        let expected = "header:NAME, cookie:NAME, query:NAME, source_ip or path";
+        let named = |kind: fn(String) -> HashKey, name: &str| {
+            if name.is_empty() {
+                Err(de::Error::custom(format!(
+                    "hash key `{s}` names nothing: expected {expected}"
+                )))
+            } else {
+                Ok(kind(name.to_string()))
+            }
+        };
+        match s.split_once(':') {
+            Some(("header", name)) => named(|n| HashKey::Header(n.to_ascii_lowercase()), name),
+            Some(("cookie", name)) => named(HashKey::Cookie, name),
+            Some(("query", name)) => named(HashKey::Query, name),
+            None if s == "source_ip" => Ok(HashKey::SourceIp),
+            None if s == "path" => Ok(HashKey::Path),
+            _ => Err(de::Error::custom(format!(
+                "unknown hash key `{s}`: expected {expected}"
+            ))),
+        }
+    }
+}
+
+// ---- From the schema to the model ----
+
+fn build(raw: RawFile, report: &mut Report<'_>) -> Config {
+    let server = build_server(&raw.server, report);
+    let listeners = build_listeners(&raw.listener, report);
+    let upstreams = build_upstreams(&raw.upstream, report);
+    let routes = build_routes(&raw.route, &listeners, &upstreams, report);
+    Config {
+        server,
+        listeners,
+        routes,
+        upstreams,
+    }
+}
+
+fn build_server(raw: &RawServer, report: &mut Report<'_>) -> ServerSettings {
+    let defaults = ServerSettings::default();
+    if let Some(d) = &raw.handshake_timeout
+        && d.get_ref().0.is_zero()
+    {
+        report.key(d, "handshake_timeout", "must be more than 0");
+    }
+    ServerSettings {
+        drain_timeout: raw
+            .drain_timeout
+            .as_ref()
+            .map_or(defaults.drain_timeout, |d| d.get_ref().0),
+        handshake_timeout: raw
+            .handshake_timeout
+            .as_ref()
+            .map_or(defaults.handshake_timeout, |d| d.get_ref().0),
+        log_format: match raw.log_format {
+            None => defaults.log_format,
+            Some(RawLogFormat::Text) => LogFormat::Text,
+            Some(RawLogFormat::Json) => LogFormat::Json,
+        },
+        workers: raw.workers.as_ref().map_or(defaults.workers, |w| *w.get_ref()),
+        watch: raw.watch.unwrap_or(defaults.watch),
+    }
+}
+
+/// Reports a name used twice (`what` says what it names).
+fn unique_name(seen: &mut HashSet<String>, name: &Spanned<String>, what: &str, report: &mut Report<'_>) {
+    if name.get_ref().trim().is_empty() {
+        report.key(name, "name", format!("{what} needs a non-empty name"));
+    } else if !seen.insert(name.get_ref().clone()) {
+        report.key(name, "name", format!("duplicate {what} name `{}`", name.get_ref()));
+    }
+}
+
+fn build_listeners(raw: &[Spanned<RawListener>], report: &mut Report<'_>) -> Vec<Listener> {
+    if raw.is_empty() {
+        report.at(
+            None,
+            "no [[listener]]: at least one is needed, e.g. [[listener]] name = \"public\" address = \"0.0.0.0:8080\""
+                .into(),
+        );
+    }
+    let mut names = HashSet::new();
+    let mut addresses = HashSet::new();
+    let mut listeners = Vec::with_capacity(raw.len());
+    for listener in raw {
+        let l = listener.get_ref();
+        unique_name(&mut names, &l.name, "listener", report);
+        let Ok(address) = l.address.get_ref().parse::<SocketAddr>() else {
+            report.key(
+                &l.address,
+                "address",
+                format!(
+                    "invalid address `{}`: expected IP:PORT, e.g. 0.0.0.0:8080",
+                    l.address.get_ref()
+                ),
+            );
+            continue;
+        };
+        if !addresses.insert(address) {
+            report.key(&l.address, "address", format!("two listeners on {address}"));
+        }
+        listeners.push(Listener {
+            name: l.name.get_ref().clone(),
+            address,
+        });
+    }
+    listeners
+}
+
+fn build_upstreams(raw: &[Spanned<RawUpstream>], report: &mut Report<'_>) -> Vec<Upstream> {
+    let mut names = HashSet::new();
+    let mut upstreams = Vec::with_capacity(raw.len());
+    for upstream in raw {
+        let u = upstream.get_ref();
+        unique_name(&mut names, &u.name, "upstream", report);
+        let name = u.name.get_ref().clone();
+        if u.server.is_empty() {
+            report.at(
+                Some(upstream.span()),
+                format!("upstream `{name}` has no servers: add at least one [[upstream.server]] with an address"),
+            );
+        }
+        let mut servers = Vec::with_capacity(u.server.len());
+        let mut identities = HashSet::new();
+        for entry in &u.server {
+            let s = entry.get_ref();
+            let weight = s.weight.as_ref().map_or(1, |w| *w.get_ref());
+            if let Some(w) = &s.weight
+                && !(1..=MAX_WEIGHT).contains(w.get_ref())
+            {
+                report.key(
+                    w,
+                    "weight",
+                    format!("must be from 1 to {MAX_WEIGHT}, not {}", w.get_ref()),
+                );
+            }
+            let address = s.address.get_ref();
+            if !identities.insert(address.clone()) {
+                report.key(
+                    &s.address,
+                    "address",
+                    format!("server `{address}` is listed twice in `{name}`"),
+                );
+            }
+            match super::resolve(address) {
+                Ok(resolved) => servers.push(Server { weight, ..resolved }),
+                Err(reason) => report.key(
+                    &s.address,
+                    "address",
+                    format!("cannot resolve `{address}` (expected IP:PORT or HOST:PORT): {reason}"),
+                ),
+            }
+        }
+        let balance = match u.balance.as_ref().map(|b| *b.get_ref()) {
+            None | Some(RawBalance::RoundRobin) => Balance::RoundRobin,
+            Some(RawBalance::LeastConn) => Balance::LeastConn,
+            Some(RawBalance::ConsistentHash) => Balance::ConsistentHash,
+            Some(RawBalance::RandomTwo) => Balance::RandomTwo,
+            Some(RawBalance::SourceIp) => Balance::SourceIp,
+        };
+        let hash_key = match (&u.hash_key, balance) {
+            (Some(key), Balance::ConsistentHash) => key.get_ref().clone(),
+            (None, Balance::ConsistentHash) => {
+                if let Some(b) = &u.balance {
+                    report.key(
+                        b,
+                        "balance",
+                        "consistent_hash needs `hash_key` (header:NAME, cookie:NAME, query:NAME, source_ip or path)",
+                    );
+                }
+                HashKey::SourceIp
+            }
+            (Some(key), _) => {
+                report.key(key, "hash_key", "is used only with balance = \"consistent_hash\"");
+                HashKey::SourceIp
+            }
+            (None, _) => HashKey::SourceIp,
+        };
+        let sticky = u.sticky.as_ref().and_then(|s| build_sticky(s, &name, report));
+        upstreams.push(Upstream {
+            name,
+            balance,
+            hash_key,
+            connect_timeout: u
+                .connect_timeout
+                .as_ref()
+                .map_or(DEFAULT_CONNECT_TIMEOUT, |d| d.get_ref().0),
+            sticky,
+            servers,
+        });
+        if let Some(d) = &u.connect_timeout
+            && d.get_ref().0.is_zero()
+        {
+            report.key(d, "connect_timeout", "must be more than 0");
+        }
+    }
+    upstreams
+}
+
+fn build_sticky(raw: &Spanned<RawSticky>, upstream: &str, report: &mut Report<'_>) -> Option<Sticky> {
+    let table = match raw.get_ref() {
+        RawSticky::SourceIp => return Some(Sticky::SourceIp),
+        RawSticky::Table(table) => table,
+    };
+    let cookie_only = [
+        ("path", table.path.is_some()),
+        ("max_age", table.max_age.is_some()),
+        ("forward_cookie", table.forward_cookie.is_some()),
+        ("secret", table.secret.is_some()),
+    ];
+    match (&table.cookie, &table.header) {
+        (Some(name), None) => {
+            if !is_token(name) {
+                report.key(raw, "sticky.cookie", format!("`{name}` is not a valid cookie name"));
+            }
+            Some(Sticky::Cookie(StickyCookie {
+                name: name.clone(),
+                path: table.path.clone().unwrap_or_else(|| "/".into()),
+                max_age: table.max_age.map(|d| d.0),
+                forward_cookie: table.forward_cookie.unwrap_or(false),
+                secret: table.secret.clone().unwrap_or_else(|| upstream.to_string()),
+            }))
+        }
+        (None, Some(header)) => {
+            if !is_token(header) {
+                report.key(raw, "sticky.header", format!("`{header}` is not a valid header name"));
+            }
+            for (key, set) in cookie_only {
+                if set {
+                    report.key(raw, &format!("sticky.{key}"), "applies to cookie stickiness only");
+                }
+            }
+            Some(Sticky::Header(header.to_ascii_lowercase()))
+        }
+        _ => {
+            report.key(
+                raw,
+                "sticky",
+                format!(
+                    "expected exactly one of `cookie` or `header`, e.g. {{ cookie = \"{DEFAULT_STICKY_COOKIE}\" }}"
+                ),
+            );
+            None
+        }
+    }
+}
+
+/// An HTTP token (RFC 9110 §5.6.2): what header and cookie names are made of.
+fn is_token(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+fn build_routes(
+    raw: &[Spanned<RawRoute>],
+    listeners: &[Listener],
+    upstreams: &[Upstream],
+    report: &mut Report<'_>,
+) -> Vec<Route> {
+    if raw.is_empty() {
+        report.at(
+            None,
+            "no [[route]]: at least one is needed, e.g. [[route]] upstream = \"NAME\" (matches every request)".into(),
+        );
+    }
+    let mut names = HashSet::new();
+    let mut routes = Vec::with_capacity(raw.len());
+    for (i, route) in raw.iter().enumerate() {
+        let r = route.get_ref();
+        if let Some(name) = &r.name {
+            unique_name(&mut names, name, "route", report);
+        }
+        let upstream = upstreams.iter().position(|u| u.name == *r.upstream.get_ref());
+        if upstream.is_none() {
+            let known: Vec<&str> = upstreams.iter().map(|u| u.name.as_str()).collect();
+            report.key(
+                &r.upstream,
+                "upstream",
+                format!(
+                    "no upstream named `{}` (upstreams: {})",
+                    r.upstream.get_ref(),
+                    if known.is_empty() {
+                        "none".into()
+                    } else {
+                        known.join(", ")
+                    }
+                ),
+            );
+        }
+        if let Some(listener) = &r.listener
+            && !listeners.iter().any(|l| l.name == *listener.get_ref())
+        {
+            report.key(
+                listener,
+                "listener",
+                format!("no listener named `{}`", listener.get_ref()),
+            );
+        }
+        let mut headers = Vec::with_capacity(r.headers.len());
+        for (name, value) in &r.headers {
+            if !is_token(name.get_ref()) {
+                report.key(
+                    name,
+                    "headers",
+                    format!("`{}` is not a valid header name", name.get_ref()),
+                );
+            }
+            headers.push((name.get_ref().to_ascii_lowercase(), value.clone()));
+        }
+        let relay = build_relay(r, report);
+        if let Some(d) = &r.idle_timeout
+            && d.get_ref().0.is_zero()
+        {
+            report.key(
+                d,
+                "idle_timeout",
+                "must be more than 0 (leave it out for no idle timeout)",
+            );
+        }
+        routes.push(Route {
+            name: r
+                .name
+                .as_ref()
+                .map_or_else(|| format!("route #{}", i + 1), |n| n.get_ref().clone()),
+            listener: r.listener.as_ref().map(|l| l.get_ref().clone()),
+            host: build_host(r.host.as_ref(), report),
+            path: build_path(r, report),
+            headers,
+            upstream: upstream.unwrap_or(0),
+            relay,
+            idle_timeout: r.idle_timeout.as_ref().map(|d| d.get_ref().0),
+        });
+    }
+    routes
+}
+
+fn build_host(raw: Option<&Spanned<String>>, report: &mut Report<'_>) -> HostMatch {
+    let Some(host) = raw else {
+        return HostMatch::Any;
+    };
+    let name = host.get_ref().to_ascii_lowercase();
+    let (suffix, rest) = match name.strip_prefix("*.") {
+        Some(rest) => (true, rest),
+        None => (false, name.as_str()),
+    };
+    let valid = !rest.is_empty()
+        && rest
+            .split('.')
+            .all(|label| !label.is_empty() && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'));
+    if !valid {
+        report.key(
+            host,
+            "host",
+            format!(
+                "`{}` is not a host name: expected a name like chat.example.com or *.example.com (no port)",
+                host.get_ref()
+            ),
+        );
+    }
+    if suffix {
+        HostMatch::Suffix(format!(".{rest}"))
+    } else {
+        HostMatch::Exact(name)
+    }
+}
+
+fn build_path(r: &RawRoute, report: &mut Report<'_>) -> PathMatch {
+    let given: Vec<&Spanned<String>> = [&r.path_prefix, &r.path, &r.path_regex].into_iter().flatten().collect();
+    if given.len() > 1 {
+        report.key(
+            given[1],
+            "path",
+            "give at most one of `path`, `path_prefix` and `path_regex`",
+        );
+    }
+    let starts_with_slash = |key: &str, p: &Spanned<String>, report: &mut Report<'_>| {
+        if !p.get_ref().starts_with('/') {
+            report.key(p, key, format!("`{}` must start with /", p.get_ref()));
+        }
+    };
+    if let Some(p) = &r.path_prefix {
+        starts_with_slash("path_prefix", p, report);
+        PathMatch::Prefix(p.get_ref().clone())
+    } else if let Some(p) = &r.path {
+        starts_with_slash("path", p, report);
+        PathMatch::Exact(p.get_ref().clone())
+    } else if let Some(p) = &r.path_regex {
+        match regex::Regex::new(p.get_ref()) {
+            Ok(re) => PathMatch::Regex(re),
+            Err(e) => {
+                let first = e.to_string().lines().last().unwrap_or_default().trim().to_string();
+                report.key(p, "path_regex", format!("invalid regular expression: {first}"));
+                PathMatch::Any
+            }
+        }
+    } else {
+        PathMatch::Any
+    }
+}
+
+fn build_relay(r: &RawRoute, report: &mut Report<'_>) -> Relay {
+    let frames = r
+        .relay
+        .as_ref()
+        .map_or(Relay::default() != Relay::Tunnel, |m| *m.get_ref() == RawRelay::Frames);
+    let dur = |d: &Option<Spanned<Dur>>| d.as_ref().map(|d| d.get_ref().0);
+    let size = |s: &Option<Spanned<Size>>| s.as_ref().map(|s| s.get_ref().0);
+    // (key, its span when given): for the problems below.
+    let given: [(&str, Option<Range<usize>>); 9] = [
+        ("max_message_size", r.max_message_size.as_ref().map(Spanned::span)),
+        ("max_frame_size", r.max_frame_size.as_ref().map(Spanned::span)),
+        ("messages_per_second", r.messages_per_second.as_ref().map(Spanned::span)),
+        ("burst", r.burst.as_ref().map(Spanned::span)),
+        ("ping_interval", r.ping_interval.as_ref().map(Spanned::span)),
+        ("pong_timeout", r.pong_timeout.as_ref().map(Spanned::span)),
+        ("validate_utf8", r.validate_utf8.as_ref().map(Spanned::span)),
+        ("close_timeout", r.close_timeout.as_ref().map(Spanned::span)),
+        ("write_timeout", r.write_timeout.as_ref().map(Spanned::span)),
+    ];
+    if !frames {
+        for (key, span) in &given {
+            if span.is_some() {
+                report.at(
+                    span.clone(),
+                    format!("`{key}`: applies to relay = \"frames\" only (this route relays as a tunnel)"),
+                );
+            }
+        }
+        return Relay::Tunnel;
+    }
+    let defaults = FrameRules::default();
+    let rules = FrameRules {
+        max_message_size: size(&r.max_message_size),
+        max_frame_size: size(&r.max_frame_size),
+        messages_per_second: r.messages_per_second.as_ref().map(|n| *n.get_ref()),
+        burst: r.burst.as_ref().map_or(defaults.burst, |n| *n.get_ref()),
+        ping_interval: dur(&r.ping_interval),
+        pong_timeout: dur(&r.pong_timeout).unwrap_or(defaults.pong_timeout),
+        validate_utf8: r.validate_utf8.as_ref().is_some_and(|v| *v.get_ref()),
+        close_timeout: dur(&r.close_timeout).unwrap_or(defaults.close_timeout),
+        write_timeout: dur(&r.write_timeout).unwrap_or(defaults.write_timeout),
+    };
+    if let Err((key, expected)) = rules.check() {
+        let span = given.iter().find(|(k, _)| *k == key).and_then(|(_, span)| span.clone());
+        report.at(span, format!("`{key}`: out of range: expected {expected}"));
+    }
+    Relay::Frames(rules)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn problems(text: &str) -> Vec<String> {
+        match parse(text, "t.toml") {
+            Ok(_) => Vec::new(),
+            Err(p) => p.iter().map(ToString::to_string).collect(),
+        }
+    }
+
+    const MINIMAL: &str = r#"
+[[listener]]
+name = "public"
+address = "127.0.0.1:8080"
+
+[[route]]
+upstream = "app"
+
+[[upstream]]
+name = "app"
+[[upstream.server]]
+address = "127.0.0.1:9000"
+"#;
+
+    #[test]
+    fn minimal_file_builds_the_model_with_defaults() {
+        let config = parse(MINIMAL, "t.toml").expect("valid");
+        assert_eq!(config.listeners[0].address, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(config.routes[0].name, "route #1");
+        assert_eq!(config.upstreams[0].balance, Balance::RoundRobin);
+        assert_eq!(config.upstreams[0].servers[0].weight, 1);
+        assert_eq!(config.server, ServerSettings::default());
+    }
+
+    #[test]
+    fn unknown_key_names_line_column_and_the_expected_keys() {
+        let text = MINIMAL.replace("upstream = \"app\"", "upstream = \"app\"\nno_such_key = 1");
+        let p = problems(&text);
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(
+            p[0].starts_with("t.toml:8:1: unknown field `no_such_key`, expected one of"),
+            "{}",
+            p[0]
+        );
+    }
+
+    #[test]
+    fn wrong_types_and_bad_values_are_placed() {
+        let p = problems(&MINIMAL.replace(
+            "address = \"127.0.0.1:9000\"",
+            "address = \"127.0.0.1:9000\"\nweight = \"x\"",
+        ));
+        assert!(
+            p[0].starts_with("t.toml:13:10: invalid type: string \"x\", expected u32"),
+            "{p:?}"
+        );
+        let p = problems(&format!("[server]\ndrain_timeout = \"5 parsecs\"\n{MINIMAL}"));
+        assert!(p[0].starts_with("t.toml:2:17: invalid duration unit"), "{p:?}");
+    }
+
+    #[test]
+    fn every_semantic_problem_is_reported_with_its_place() {
+        let text = r#"
+[[listener]]
+name = "a"
+address = "127.0.0.1:8080"
+[[listener]]
+name = "a"
+address = "127.0.0.1:8080"
+
+[[route]]
+upstream = "missing"
+path = "/x"
+path_regex = "^/y"
+
+[[route]]
+upstream = "app"
+path_regex = "(unclosed"
+
+[[upstream]]
+name = "app"
+[[upstream.server]]
+address = "127.0.0.1:9000"
+weight = 0
+
+[[upstream]]
+name = "empty"
+"#;
+        let p = problems(text);
+        let expect = [
+            "t.toml:6:8: `name`: duplicate listener name `a`",
+            "t.toml:7:11: `address`: two listeners on 127.0.0.1:8080",
+            "t.toml:22:10: `weight`: must be from 1 to 1000, not 0",
+            "t.toml:24:1: upstream `empty` has no servers",
+            "t.toml:10:12: `upstream`: no upstream named `missing` (upstreams: app, empty)",
+            "t.toml:12:14: `path`: give at most one of",
+            "t.toml:16:14: `path_regex`: invalid regular expression",
+        ];
+        assert_eq!(p.len(), expect.len(), "{p:#?}");
+        for (got, want) in p.iter().zip(expect) {
+            assert!(got.starts_with(want), "got {got}\nwant {want}");
+        }
+    }
+
+    #[test]
+    fn routes_hosts_headers_sticky_and_frames_keys() {
+        let text = r#"
+[[listener]]
+name = "public"
+address = "127.0.0.1:8080"
+
+[[route]]
+host = "*.Example.com"
+path_prefix = "/ws"
+headers = { "X-Tenant" = "a" }
+upstream = "chat"
+relay = "frames"
+max_message_size = "1MiB"
+ping_interval = "30s"
+
+[[route]]
+host = "api.example.com"
+upstream = "chat"
+relay = "tunnel"
+
+[[upstream]]
+name = "chat"
+balance = "consistent_hash"
+hash_key = "header:X-User"
+sticky = { cookie = "SERVERID", max_age = "1h" }
+[[upstream.server]]
+address = "localhost:9000"
+weight = 3
+"#;
+        let config = parse(text, "t.toml").expect("valid");
+        let r = &config.routes[0];
+        assert_eq!(r.host, HostMatch::Suffix(".example.com".into()));
+        assert!(matches!(&r.path, PathMatch::Prefix(p) if p == "/ws"));
+        assert_eq!(r.headers, [("x-tenant".to_string(), "a".to_string())]);
+        let Relay::Frames(rules) = r.relay else {
+            panic!("frames")
+        };
+        assert_eq!(rules.max_message_size, Some(1 << 20));
+        assert_eq!(rules.ping_interval, Some(Duration::from_secs(30)));
+        assert_eq!(config.routes[1].relay, Relay::Tunnel);
+        let u = &config.upstreams[0];
+        assert_eq!(u.hash_key, HashKey::Header("x-user".into()));
+        let Some(Sticky::Cookie(c)) = &u.sticky else {
+            panic!("cookie")
+        };
+        assert_eq!(
+            (c.name.as_str(), c.max_age, c.secret.as_str()),
+            ("SERVERID", Some(Duration::from_secs(3600)), "chat")
+        );
+        assert_eq!(u.servers[0].weight, 3);
+
+        let tunnel_with_limit = text.replace("relay = \"tunnel\"", "relay = \"tunnel\"\nping_interval = \"1s\"");
+        let p = problems(&tunnel_with_limit);
+        assert!(
+            p[0].contains("`ping_interval`: applies to relay = \"frames\" only"),
+            "{p:?}"
+        );
+        let p = problems(&text.replace("\"30s\"", "\"10ms\""));
+        assert!(p[0].starts_with("t.toml:13:17: `ping_interval`: out of range"), "{p:?}");
+        let p = problems(&text.replace(
+            "{ cookie = \"SERVERID\", max_age = \"1h\" }",
+            "{ cookie = \"A\", header = \"B\" }",
+        ));
+        assert!(p[0].contains("expected exactly one of `cookie` or `header`"), "{p:?}");
+        let p = problems(&text.replace(
+            "{ cookie = \"SERVERID\", max_age = \"1h\" }",
+            "{ cookie = \"A\", colour = \"B\" }",
+        ));
+        assert!(p[0].contains("unknown field `colour`"), "{p:?}");
+        let p = problems(&text.replace("hash_key = \"header:X-User\"", "hash_key = \"header:\""));
+        assert!(p[0].contains("names nothing"), "{p:?}");
+        let p = problems(&text.replace("*.Example.com", "example.com:8080"));
+        assert!(p[0].contains("is not a host name"), "{p:?}");
+    }
+
+    #[test]
+    fn not_toml_and_empty_files_are_refused() {
+        assert!(problems("[[listener]\nname=")[0].starts_with("t.toml:1:"));
+        let p = problems("");
+        assert_eq!(p.len(), 2, "{p:?}");
+        assert!(p[0].contains("no [[listener]]") && p[1].contains("no [[route]]"));
+    }
+}
