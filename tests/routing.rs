@@ -283,3 +283,39 @@ async fn consistent_hash_on_a_header_keeps_each_key_on_one_backend() {
     let used: HashSet<&String> = seen.values().collect();
     assert!(used.len() >= 2, "12 keys all hashed to one of 3 servers: {seen:?}");
 }
+
+#[tokio::test]
+async fn plain_http_requests_on_one_connection_are_each_hashed_to_their_server() {
+    let (a, _a) = http_backend("alpha").await;
+    let (b, _b) = http_backend("beta").await;
+    let text = format!(
+        "[[listener]]\nname = \"l\"\naddress = \"127.0.0.1:0\"\n[[route]]\nupstream = \"app\"\n[[upstream]]\nname = \"app\"\n\
+         balance = \"consistent_hash\"\nhash_key = \"path\"\n[[upstream.server]]\naddress = \"{a}\"\n\
+         [[upstream.server]]\naddress = \"{b}\"\n"
+    );
+    let proxy = Proxy::from_toml(&text);
+    // Where each path goes on a connection of its own.
+    let mut owner = Vec::new();
+    for i in 0..10 {
+        let request = format!("GET /p{i} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        let answer = raw_exchange(proxy.addr, request.as_bytes()).await;
+        owner.push(if answer.contains(&format!("alpha /p{i}")) {
+            "alpha"
+        } else {
+            "beta"
+        });
+    }
+    assert!(owner.contains(&"alpha") && owner.contains(&"beta"), "{owner:?}");
+    // The same paths on one keep-alive connection go to the same servers.
+    let mut requests: String = (0..10)
+        .map(|i| format!("GET /p{i} HTTP/1.1\r\nHost: x\r\n\r\n"))
+        .collect();
+    requests.push_str("GET /end HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    let answer = raw_exchange(proxy.addr, requests.as_bytes()).await;
+    for (i, name) in owner.iter().enumerate() {
+        assert!(
+            answer.contains(&format!("{name} /p{i}\n")),
+            "/p{i} should reach {name}: {answer}"
+        );
+    }
+}

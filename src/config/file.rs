@@ -17,8 +17,8 @@ use toml::Spanned;
 
 use super::{
     Balance, Config, DEFAULT_CONNECT_TIMEOUT, DEFAULT_STICKY_COOKIE, FrameRules, HashKey, HostMatch, Listener,
-    LogFormat, MAX_DURATION, MAX_WEIGHT, PathMatch, Relay, Route, Server, ServerSettings, Sticky, StickyCookie,
-    Upstream, parse_duration, parse_size,
+    LogFormat, MAX_DURATION, MAX_WEIGHT, MAX_WORKERS, PathMatch, Relay, Route, Server, ServerSettings, Sticky,
+    StickyCookie, Upstream, parse_duration, parse_size,
 };
 
 /// Why a config file cannot be served.
@@ -356,6 +356,15 @@ fn build_server(raw: &RawServer, report: &mut Report<'_>) -> ServerSettings {
     {
         report.key(d, "handshake_timeout", "must be more than 0");
     }
+    if let Some(w) = &raw.workers
+        && *w.get_ref() > MAX_WORKERS
+    {
+        report.key(
+            w,
+            "workers",
+            format!("must be at most {MAX_WORKERS} (0 = one per core)"),
+        );
+    }
     ServerSettings {
         drain_timeout: raw
             .drain_timeout
@@ -409,7 +418,8 @@ fn build_listeners(raw: &[Spanned<RawListener>], report: &mut Report<'_>) -> Vec
             );
             continue;
         };
-        if !addresses.insert(address) {
+        // Port 0 asks for any free port: each such listener gets its own.
+        if address.port() != 0 && !addresses.insert(address) {
             report.key(&l.address, "address", format!("two listeners on {address}"));
         }
         listeners.push(Listener {
@@ -456,6 +466,11 @@ fn build_upstreams(raw: &[Spanned<RawUpstream>], report: &mut Report<'_>) -> Vec
                 );
             }
             match super::resolve(address) {
+                Ok(resolved) if servers.iter().any(|s: &Server| s.address == resolved.address) => report.key(
+                    &s.address,
+                    "address",
+                    format!("`{address}` is {}, which `{name}` already lists", resolved.address),
+                ),
                 Ok(resolved) => servers.push(Server { weight, ..resolved }),
                 Err(reason) => report.key(
                     &s.address,
@@ -526,6 +541,22 @@ fn build_sticky(raw: &Spanned<RawSticky>, upstream: &str, report: &mut Report<'_
             if !is_token(name) {
                 report.key(raw, "sticky.cookie", format!("`{name}` is not a valid cookie name"));
             }
+            if table.max_age.is_some_and(|d| d.0 < Duration::from_secs(1)) {
+                report.key(
+                    raw,
+                    "sticky.max_age",
+                    "must be at least 1s (leave it out for a session cookie)",
+                );
+            }
+            if let Some(path) = &table.path
+                && !(path.starts_with('/') && path.bytes().all(|b| b.is_ascii_graphic() && b != b';' && b != b','))
+            {
+                report.key(
+                    raw,
+                    "sticky.path",
+                    format!("`{path}` is not a cookie path: expected / and visible characters other than ; and ,"),
+                );
+            }
             Some(Sticky::Cookie(StickyCookie {
                 name: name.clone(),
                 path: table.path.clone().unwrap_or_else(|| "/".into()),
@@ -586,7 +617,8 @@ fn build_routes(
         }
         let upstream = upstreams.iter().position(|u| u.name == *r.upstream.get_ref());
         if upstream.is_none() {
-            let known: Vec<&str> = upstreams.iter().map(|u| u.name.as_str()).collect();
+            let mut known: Vec<&str> = upstreams.iter().map(|u| u.name.as_str()).collect();
+            known.dedup();
             report.key(
                 &r.upstream,
                 "upstream",
@@ -754,7 +786,7 @@ fn build_relay(r: &RawRoute, report: &mut Report<'_>) -> Relay {
         close_timeout: dur(&r.close_timeout).unwrap_or(defaults.close_timeout),
         write_timeout: dur(&r.write_timeout).unwrap_or(defaults.write_timeout),
     };
-    if let Err((key, expected)) = rules.check() {
+    for (key, expected) in rules.problems() {
         let span = given.iter().find(|(k, _)| *k == key).and_then(|(_, span)| span.clone());
         report.at(span, format!("`{key}`: out of range: expected {expected}"));
     }
@@ -936,6 +968,18 @@ weight = 3
             "{ cookie = \"A\", colour = \"B\" }",
         ));
         assert!(p[0].contains("unknown field `colour`"), "{p:?}");
+        let p = problems(&text.replace("max_age = \"1h\"", "max_age = \"0s\", path = \"/a;Domain=x\""));
+        assert!(p[0].contains("`sticky.max_age`: must be at least 1s"), "{p:?}");
+        assert!(
+            p[1].contains("`sticky.path`: `/a;Domain=x` is not a cookie path"),
+            "{p:?}"
+        );
+        let p = problems(&text.replace("ping_interval = \"30s\"", "messages_per_second = 0\nmax_frame_size = 0"));
+        assert_eq!(p.len(), 2, "every frames key out of range is reported: {p:?}");
+        // localhost resolves to one of these first, whatever the machine's resolver prefers.
+        let twice = "weight = 3\n[[upstream.server]]\naddress = \"127.0.0.1:9000\"\n[[upstream.server]]\naddress = \"[::1]:9000\"";
+        let p = problems(&text.replace("weight = 3", twice));
+        assert!(p.len() == 1 && p[0].contains("which `chat` already lists"), "{p:?}");
         let p = problems(&text.replace("hash_key = \"header:X-User\"", "hash_key = \"header:\""));
         assert!(p[0].contains("names nothing"), "{p:?}");
         let p = problems(&text.replace("*.Example.com", "example.com:8080"));

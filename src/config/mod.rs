@@ -171,6 +171,9 @@ pub struct Server {
     pub weight: u32,
 }
 
+/// The most worker threads.
+pub const MAX_WORKERS: usize = 1024;
+
 /// The largest server weight.
 pub const MAX_WEIGHT: u32 = 1000;
 
@@ -325,13 +328,14 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 }
 
 impl FrameRules {
-    /// The first rule out of range, as (key, what is expected).
-    pub(crate) fn check(&self) -> Result<(), (&'static str, &'static str)> {
+    /// Every rule out of range, as (key, what is expected).
+    pub(crate) fn problems(&self) -> Vec<(&'static str, &'static str)> {
+        let mut problems = Vec::new();
         if self
             .ping_interval
             .is_some_and(|d| !(MIN_PING_INTERVAL..=MAX_DURATION).contains(&d))
         {
-            return Err(("ping_interval", "from 100ms to 30 days"));
+            problems.push(("ping_interval", "from 100ms to 30 days"));
         }
         for (key, d) in [
             ("pong_timeout", self.pong_timeout),
@@ -339,29 +343,29 @@ impl FrameRules {
             ("write_timeout", self.write_timeout),
         ] {
             if d.is_zero() || d > MAX_DURATION {
-                return Err((key, "more than 0 and at most 30 days"));
+                problems.push((key, "more than 0 and at most 30 days"));
             }
         }
         if self.messages_per_second == Some(0) {
-            return Err(("messages_per_second", "at least 1"));
+            problems.push(("messages_per_second", "at least 1"));
         }
         if self.max_message_size == Some(0) {
-            return Err(("max_message_size", "at least 1 byte"));
+            problems.push(("max_message_size", "at least 1 byte"));
         }
         if self.max_frame_size == Some(0) {
-            return Err(("max_frame_size", "at least 1 byte"));
+            problems.push(("max_frame_size", "at least 1 byte"));
         }
-        Ok(())
+        problems
     }
 }
 
 impl Config {
     /// Sets the relay mode of every route, checking its rules.
     pub fn with_relay(mut self, relay: Relay) -> Result<Config, ConfigError> {
-        if let Relay::Frames(rules) = &relay {
-            rules
-                .check()
-                .map_err(|(key, expected)| ConfigError::OutOfRange { key, expected })?;
+        if let Relay::Frames(rules) = &relay
+            && let Some(&(key, expected)) = rules.problems().first()
+        {
+            return Err(ConfigError::OutOfRange { key, expected });
         }
         for route in &mut self.routes {
             route.relay = relay;

@@ -277,7 +277,7 @@ fn sticky_cookie(upstream: &Upstream, choice: Choice, server: &ServerState) -> O
     let mut cookie = format!(
         "{}={}; Path={}; HttpOnly; SameSite=Lax",
         c.name,
-        server.cookie_id(),
+        upstream.cookie_id(server)?,
         c.path
     );
     if let Some(age) = c.max_age {

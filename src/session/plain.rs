@@ -371,15 +371,16 @@ fn request_head(req: &Request<Incoming>) -> Vec<u8> {
 
 /// Sends `req` on the client's backend connection, opening one when there is none, when the last one was closed
 /// by the backend before this request went out, or when it goes to another upstream or to a server other than
-/// the one the request is stuck to.
+/// the one the request is stuck or hashed to.
 async fn send(state: &State, target: Target, mut req: Request<Incoming>) -> Result<Response<Incoming>, UpstreamError> {
     let upstream = state.upstream(target);
     let mut backend = state.backend.lock().await;
     let mut reopened = false;
     loop {
+        let preferred = upstream.preferred(target.choice);
         let fits = backend.as_ref().is_some_and(|b| {
             b.upstream == target.upstream
-                && target.choice.sticky.is_none_or(|i| {
+                && preferred.is_none_or(|i| {
                     upstream
                         .servers()
                         .get(i)

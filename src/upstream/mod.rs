@@ -26,6 +26,9 @@ use crate::config::{self, Balance};
 pub struct Upstream {
     pub config: config::Upstream,
     servers: Vec<Arc<ServerState>>,
+    /// The value of the sticky cookie that names each server (a keyed hash: it reveals no address). Computed
+    /// for each snapshot, so a new secret takes effect on reload.
+    cookie_ids: Vec<String>,
     balancer: Balancer,
 }
 
@@ -37,18 +40,11 @@ pub struct ServerState {
     pub address: SocketAddr,
     /// Live connections (WebSocket sessions and plain HTTP backend connections) to this server.
     active: AtomicU32,
-    /// The value of the sticky cookie that names this server (a keyed hash: it reveals no address).
-    cookie_id: String,
 }
 
 impl ServerState {
     pub fn active(&self) -> u32 {
         self.active.load(Ordering::Relaxed)
-    }
-
-    /// The value of the sticky cookie naming this server.
-    pub fn cookie_id(&self) -> &str {
-        &self.cookie_id
     }
 }
 
@@ -101,7 +97,6 @@ impl Upstream {
                         name: s.name.clone(),
                         address: s.address,
                         active: AtomicU32::new(0),
-                        cookie_id: cookie_id(config, &s.name),
                     }),
                 }
             })
@@ -123,6 +118,7 @@ impl Upstream {
         let seed = hash_bytes(config.name.as_bytes());
         let balancer = Balancer::new(strategy, &members, previous.map(|p| &p.balancer), seed);
         Upstream {
+            cookie_ids: config.servers.iter().map(|s| cookie_id(config, &s.name)).collect(),
             config: config.clone(),
             servers,
             balancer,
@@ -135,7 +131,22 @@ impl Upstream {
 
     /// The server whose sticky cookie has this value.
     pub fn server_by_cookie(&self, value: &[u8]) -> Option<usize> {
-        self.servers.iter().position(|s| s.cookie_id.as_bytes() == value)
+        self.cookie_ids.iter().position(|id| id.as_bytes() == value)
+    }
+
+    /// The value of the sticky cookie naming `server` (`None` for a server this upstream does not list).
+    pub fn cookie_id(&self, server: &ServerState) -> Option<&str> {
+        let index = self.servers.iter().position(|s| std::ptr::eq(&**s, server))?;
+        self.cookie_ids.get(index).map(String::as_str)
+    }
+
+    /// The server a request must go to when one is determined by it: the sticky server, or the owner of its key
+    /// for a hashing balancer. A plain HTTP connection reuses its backend connection only for that server.
+    pub fn preferred(&self, choice: Choice) -> Option<usize> {
+        let hashing = matches!(self.config.balance, Balance::ConsistentHash | Balance::SourceIp);
+        choice
+            .sticky
+            .or_else(|| choice.key.filter(|_| hashing).map(|key| self.ring_owner(key)))
     }
 
     /// The server that owns `key` on the hash ring (the same on every wsgate instance with the same servers).
@@ -296,11 +307,15 @@ mod tests {
         let a = Upstream::new(&upstream(2, Some(cookie("s1"))), None);
         let again = Upstream::new(&upstream(2, Some(cookie("s1"))), None);
         let other_key = Upstream::new(&upstream(2, Some(cookie("s2"))), None);
-        let id = a.servers()[1].cookie_id().to_string();
+        let id = a.cookie_id(&a.servers()[1]).expect("listed").to_string();
         assert_eq!(id.len(), 16);
         assert!(!id.contains("9001"));
-        assert_eq!(again.servers()[1].cookie_id(), id);
-        assert_ne!(other_key.servers()[1].cookie_id(), id);
+        assert_eq!(again.cookie_id(&again.servers()[1]), Some(id.as_str()));
+        assert_ne!(other_key.cookie_id(&other_key.servers()[1]), Some(id.as_str()));
+        // A new secret on reload renames the servers that stay.
+        let reloaded = Upstream::new(&upstream(2, Some(cookie("s2"))), Some(&a));
+        assert!(Arc::ptr_eq(&reloaded.servers()[1], &a.servers()[1]));
+        assert_eq!(reloaded.server_by_cookie(id.as_bytes()), None);
         assert_eq!(a.server_by_cookie(id.as_bytes()), Some(1));
         assert_eq!(a.server_by_cookie(b"nope"), None);
     }
