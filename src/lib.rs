@@ -1,7 +1,7 @@
 //! wsgate: a WebSocket reverse proxy and gateway.
 //!
 //! The data path and the module map are described in `ARCHITECTURE.md`.
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
 pub mod cli;
 pub mod config;
@@ -12,4 +12,5 @@ pub mod relay;
 pub mod route;
 pub mod server;
 pub mod session;
+mod sys;
 pub mod upstream;

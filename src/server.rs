@@ -234,8 +234,6 @@ fn bind(address: SocketAddr) -> io::Result<Socket> {
     socket.set_nonblocking(true)?;
     // Accepted sockets inherit TCP_NODELAY from the listener: one system call saved per connection.
     socket.set_tcp_nodelay(true)?;
-    // And TCP_NOTSENT_LOWAT (see `upstream::NOTSENT_LOWAT`).
-    socket.set_tcp_notsent_lowat(crate::upstream::NOTSENT_LOWAT)?;
     socket.bind(&address.into())?;
     socket.listen(LISTEN_BACKLOG)?;
     Ok(socket)

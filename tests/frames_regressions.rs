@@ -432,13 +432,55 @@ async fn steady_reader_at_4_mb_per_s_is_not_closed_by_a_1s_write_timeout() {
     steady_reader_gets_everything(512, Duration::from_millis(15)).await;
 }
 
-/// The same at about 1.3 MB/s (4 MiB: about 3.3 s). wsgate measures the reader's progress by its own writes, and
-/// the kernel reports the socket writable again only once its unsent bytes are down to a low-water mark: without
-/// TCP_NOTSENT_LOWAT that mark is two thirds of the send buffer (autotuned to 4 MB on loopback), and this reader,
-/// taking 1.3 MB/s, was closed as stuck.
+/// The same at about 1.3 MB/s (4 MiB: about 3.3 s). wsgate saw the reader's progress only in its own writes, and
+/// the kernel reports the socket writable again only once the send buffer (autotuned to 4 MB on loopback) is down
+/// to two thirds: this reader, taking 1.3 MB/s, showed no progress for a second and was closed as stuck. The
+/// kernel's count of unacknowledged bytes now shows its progress.
 #[tokio::test]
 async fn steady_reader_at_1_3_mb_per_s_is_not_closed_by_a_1s_write_timeout() {
     steady_reader_gets_everything(256, Duration::from_millis(50)).await;
+}
+
+/// The other side of the write timeout: a backend that takes nothing at all. Once the kernel's buffers are full the
+/// client's bytes wait in wsgate, and after the write timeout (not before, and not long after) the client is told
+/// 1011 "backend connection lost" and its connection ends.
+#[tokio::test]
+async fn backend_that_stops_reading_gives_the_client_1011_after_the_write_timeout() {
+    const TIMEOUT: Duration = Duration::from_secs(1);
+    let mut backend = RawBackend::start().await;
+    let rules = FrameRules {
+        write_timeout: TIMEOUT,
+        ..FrameRules::default()
+    };
+    let proxy = Proxy::start_with(&[backend.addr], frames(rules));
+    let client = raw_client(proxy.addr, "/stuck-backend").await;
+    // The backend's socket stays open and is never read.
+    let _server = backend.next_conn().await;
+    let (mut from_wsgate, mut to_wsgate) = client.stream.into_split();
+    let started = Instant::now();
+    let writer = tokio::spawn(async move {
+        let frame = frame_bytes(opcode::BINARY, &pattern(64 * 1024), Some(CLIENT_MASK));
+        // Far more than the kernel buffers on the way hold; stops when wsgate closes the connection.
+        for _ in 0..1024 {
+            if to_wsgate.write_all(&frame).await.is_err() {
+                break;
+            }
+        }
+    });
+    let mut buf = client.buf;
+    within("wsgate to close the client's connection", async {
+        while from_wsgate.read_buf(&mut buf).await.is_ok_and(|n| n > 0) {}
+    })
+    .await;
+    let took = started.elapsed();
+    let frames: Vec<Got> = std::iter::from_fn(|| take_frame(&mut buf)).collect();
+    assert!(
+        matches!(frames.as_slice(), [close] if close.close() == Some((1011, "backend connection lost".into()))),
+        "the client got {:?}",
+        brief(&frames)
+    );
+    assert!(took >= TIMEOUT, "closed after {took:?}, before the write timeout");
+    writer.abort();
 }
 
 /// Review: the pong deadline of wsgate's ping to the backend ran from when the ping was queued, and a ping waits

@@ -444,7 +444,9 @@ impl Relay<'_> {
         }
         let pending = [self.up.has_pending(), self.down.has_pending()];
         let written = [self.up.delivered, self.down.delivered];
-        match frames.poll_verdict(cx, pending, written) {
+        let (client, backend) = (self.client, self.backend);
+        let unacked = |i: usize| crate::sys::unacked_bytes(if i == 0 { backend } else { client });
+        match frames.poll_verdict(cx, pending, written, unacked) {
             Verdict::Continue => {}
             Verdict::Wake => cx.waker().wake_by_ref(),
             Verdict::End(end) => {

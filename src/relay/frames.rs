@@ -189,6 +189,9 @@ pub struct Frames {
     pending_since: [Option<Instant>; 2],
     /// Bytes written to each receiver so far, as last seen.
     written: [u64; 2],
+    /// The receiver's unacknowledged bytes, read once half the write timeout has passed without a write (`None`
+    /// until then; `Some(None)` where the kernel cannot tell).
+    unacked_mark: [Option<Option<u64>>; 2],
     tokens: [f64; 2],
     accounted: [u64; 2],
     refilled: Instant,
@@ -239,6 +242,7 @@ impl Frames {
             pong_deadline: [None; 2],
             pending_since: [None; 2],
             written: [0; 2],
+            unacked_mark: [None; 2],
             tokens: [full; 2],
             accounted: [0; 2],
             refilled: now,
@@ -363,7 +367,14 @@ impl Frames {
     }
 
     /// Decides what happens to the connection after both directions have run.
-    pub(super) fn poll_verdict(&mut self, cx: &mut Context<'_>, pending: [bool; 2], written: [u64; 2]) -> Verdict {
+    /// `unacked(i)`: the bytes receiver i (0: the backend, 1: the client) has not acknowledged yet.
+    pub(super) fn poll_verdict(
+        &mut self,
+        cx: &mut Context<'_>,
+        pending: [bool; 2],
+        written: [u64; 2],
+        unacked: impl Fn(usize) -> Option<u64>,
+    ) -> Verdict {
         let now = Instant::now();
         for side in [Side::Client, Side::Backend] {
             if let Some(v) = self.dir(side).violation
@@ -408,7 +419,7 @@ impl Frames {
             return Verdict::End(End::ClosedByProxy(format!("{} (no close reply in time)", closing.why)));
         }
         self.keepalive(now);
-        self.write_timeouts(now, pending, written);
+        self.write_timeouts(now, pending, written, unacked);
         // A frame of wsgate's own queued just now, with its direction at a boundary and nothing in the way: the
         // direction must run again to send it.
         if (self.client.injection_ready() && !pending[0]) || (self.backend.injection_ready() && !pending[1]) {
@@ -509,20 +520,45 @@ impl Frames {
         }
     }
 
-    fn write_timeouts(&mut self, now: Instant, pending: [bool; 2], written: [u64; 2]) {
-        // pending[0]: bytes for the backend (read from the client); pending[1]: bytes for the client. A receiver
-        // that takes some of them, however slowly, starts the timeout again.
+    /// A receiver that leaves bytes for it unwritten for the write timeout is lost. wsgate's own writes show most
+    /// progress, but while the kernel's send buffer is full (megabytes on a fast link) a slow reader drains it for
+    /// a long time before the socket is writable again: the kernel's count of unacknowledged bytes, read at half
+    /// the timeout and again at its end, shows that progress. A reader that took some restarts the timeout.
+    fn write_timeouts(
+        &mut self,
+        now: Instant,
+        pending: [bool; 2],
+        written: [u64; 2],
+        unacked: impl Fn(usize) -> Option<u64>,
+    ) {
+        // pending[0]: bytes for the backend (read from the client); pending[1]: bytes for the client.
+        let timeout = self.rules.write_timeout;
         for (i, receiver) in [Side::Backend, Side::Client].into_iter().enumerate() {
             if !pending[i] || written[i] != self.written[i] {
                 self.written[i] = written[i];
                 self.pending_since[i] = None;
+                self.unacked_mark[i] = None;
                 if !pending[i] {
                     continue;
                 }
             }
             let since = *self.pending_since[i].get_or_insert(now);
-            if now >= since + self.rules.write_timeout && !self.dead[index(receiver)] {
-                let why = format!("{receiver} stopped reading for {:?}", self.rules.write_timeout);
+            if self.dead[index(receiver)] {
+                continue;
+            }
+            if self.unacked_mark[i].is_none() && now >= since + timeout / 2 {
+                self.unacked_mark[i] = Some(unacked(i));
+            }
+            if now >= since + timeout {
+                let now_unacked = unacked(i);
+                if let (Some(Some(mark)), Some(left)) = (self.unacked_mark[i], now_unacked)
+                    && left < mark
+                {
+                    self.pending_since[i] = Some(now);
+                    self.unacked_mark[i] = Some(now_unacked);
+                    continue;
+                }
+                let why = format!("{receiver} stopped reading for {timeout:?}");
                 self.lost(receiver, why);
             }
         }
@@ -548,7 +584,15 @@ impl Frames {
         }
         for (i, since) in self.pending_since.iter().enumerate() {
             if let (true, Some(since)) = (pending[i], since) {
-                consider(*since + self.rules.write_timeout);
+                let timeout = self.rules.write_timeout;
+                consider(
+                    *since
+                        + if self.unacked_mark[i].is_none() {
+                            timeout / 2
+                        } else {
+                            timeout
+                        },
+                );
             }
         }
         at

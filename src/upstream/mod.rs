@@ -214,14 +214,7 @@ impl UpstreamError {
     }
 }
 
-/// Unsent bytes a relayed socket may hold in the kernel before it stops taking writes. Without a cap the kernel
-/// takes up to the autotuned send buffer (4 MB and more) from a connection whose reader is slow, and reports the
-/// socket writable again only when a third of it has gone: a reader taking 1 MB/s steadily would show no progress
-/// for over a second, and a write timeout could not tell it from a reader that stopped. With the cap, every
-/// NOTSENT_LOWAT the reader takes is seen as progress, and the kernel memory a slow reader pins stays small.
-pub const NOTSENT_LOWAT: u32 = 128 * 1024;
-
-/// Opens a TCP connection to `server` within `timeout`, with `TCP_NODELAY` and `TCP_NOTSENT_LOWAT` set.
+/// Opens a TCP connection to `server` within `timeout`, with `TCP_NODELAY` set.
 pub async fn connect(server: SocketAddr, timeout: Duration) -> Result<TcpStream, UpstreamError> {
     let failed = |source| UpstreamError::AllFailed { server, source };
     let stream = tokio::time::timeout(timeout, TcpStream::connect(server))
@@ -233,9 +226,6 @@ pub async fn connect(server: SocketAddr, timeout: Duration) -> Result<TcpStream,
         })?
         .map_err(failed)?;
     stream.set_nodelay(true).map_err(failed)?;
-    socket2::SockRef::from(&stream)
-        .set_tcp_notsent_lowat(NOTSENT_LOWAT)
-        .map_err(failed)?;
     Ok(stream)
 }
 

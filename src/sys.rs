@@ -1,0 +1,85 @@
+//! What wsgate asks the kernel beyond what its libraries offer: how many bytes written to a TCP socket its peer
+//! has not acknowledged yet (`SIOCOUTQ`). The frames relay's write timeout reads it to tell a reader that is slow
+//! but steady from one that stopped: while the kernel's send buffer is full wsgate cannot write, and the count is
+//! the only sign that the reader is still taking bytes. The one module that needs `unsafe` (an ioctl).
+#![allow(unsafe_code)]
+
+use std::os::fd::AsFd;
+
+/// Bytes written to `socket` that its peer has not acknowledged yet; `None` where this is not known.
+#[cfg(all(
+    target_os = "linux",
+    any(
+        target_arch = "x86_64",
+        target_arch = "x86",
+        target_arch = "aarch64",
+        target_arch = "arm",
+        target_arch = "riscv64"
+    )
+))]
+pub(crate) fn unacked_bytes(socket: impl AsFd) -> Option<u64> {
+    // SIOCOUTQ is TIOCOUTQ, 0x5411 on these architectures (asm-generic/ioctls.h).
+    const SIOCOUTQ: rustix::ioctl::Opcode = 0x5411;
+    // SAFETY: for SIOCOUTQ on a socket the kernel writes exactly one `int` through the pointer it is given.
+    let getter = unsafe { rustix::ioctl::Getter::<SIOCOUTQ, std::ffi::c_int>::new() };
+    // SAFETY: `socket` is an open descriptor for the length of the call; the output type matches the opcode.
+    let count = unsafe { rustix::ioctl::ioctl(socket, getter) }.ok()?;
+    u64::try_from(count).ok()
+}
+
+#[cfg(not(all(
+    target_os = "linux",
+    any(
+        target_arch = "x86_64",
+        target_arch = "x86",
+        target_arch = "aarch64",
+        target_arch = "arm",
+        target_arch = "riscv64"
+    )
+)))]
+pub(crate) fn unacked_bytes(_socket: impl AsFd) -> Option<u64> {
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::net::{TcpListener, TcpStream};
+
+    #[test]
+    fn unacked_bytes_drop_as_the_peer_reads() {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let mut writer = TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
+        let (mut reader, _) = listener.accept().expect("accept");
+        writer.set_nonblocking(true).expect("nonblocking");
+        // Fill the peer's receive buffer and our send buffer: the peer does not read.
+        let chunk = vec![0u8; 64 * 1024];
+        let mut written = 0usize;
+        while written < 64 << 20 {
+            match writer.write(&chunk) {
+                Ok(n) => written += n,
+                Err(_) => break,
+            }
+        }
+        let before = super::unacked_bytes(&writer).expect("SIOCOUTQ");
+        assert!(before > 0, "a full send buffer holds unacknowledged bytes");
+        let mut sink = vec![0u8; 1 << 20];
+        let mut taken = 0;
+        while taken < written / 2 {
+            taken += std::io::Read::read(&mut reader, &mut sink).expect("read");
+        }
+        // Acknowledgements flow as the reader takes bytes: wait for them (bounded).
+        let mut after = before;
+        for _ in 0..1000 {
+            after = super::unacked_bytes(&writer).expect("SIOCOUTQ");
+            if after < before {
+                break;
+            }
+            std::thread::yield_now();
+        }
+        assert!(
+            after < before,
+            "{before} unacknowledged bytes before the read, {after} after"
+        );
+    }
+}
