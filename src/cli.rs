@@ -85,9 +85,9 @@ struct CommonArgs {
     /// Worker threads, each with its own event loop (default: one per available core).
     #[arg(long, value_name = "N", default_value_t = 0)]
     workers: usize,
-    /// Relay mode after the 101: `tunnel` copies bytes; `frames` understands WebSocket frames (limits, keepalive,
-    /// protocol checks, close codes, 1001 on shutdown).
-    #[arg(long, value_enum, default_value = "tunnel")]
+    /// Relay mode after the 101: `frames` understands WebSocket frames (limits, keepalive, protocol checks, close
+    /// codes, 1001 on shutdown) at about the tunnel's cost; `tunnel` copies bytes blindly.
+    #[arg(long, value_enum, default_value = "frames")]
     mode: ModeArg,
     #[command(flatten)]
     frames: FrameArgs,

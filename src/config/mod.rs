@@ -199,13 +199,20 @@ impl Default for Timeouts {
 }
 
 /// How a WebSocket connection is relayed after the 101.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Relay {
-    /// Bytes both ways, blind to frames. Cheapest.
-    #[default]
+    /// Bytes both ways, blind to frames.
     Tunnel,
     /// Frame-aware: message counts, limits, keepalive pings, protocol checks, close codes, 1001 on drain.
     Frames(FrameRules),
+}
+
+/// Frames is the default: measured at the tunnel's CPU per echo (within the noise), it adds close codes, 1001 on
+/// drain and message counts at no cost.
+impl Default for Relay {
+    fn default() -> Self {
+        Relay::Frames(FrameRules::default())
+    }
 }
 
 /// Default time wsgate waits for the close replies after sending close frames of its own.

@@ -10,7 +10,7 @@ use std::pin::Pin;
 use std::task::Context;
 
 use tokio::time::{Instant, Sleep};
-use tokio_util::sync::WaitForCancellationFutureOwned;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use super::copy::{End, Side};
 use super::frame::{self, Rules, Step, Tracker, Violation, opcode};
@@ -195,7 +195,12 @@ pub struct Frames {
     tokens: [f64; 2],
     accounted: [u64; 2],
     refilled: Instant,
+    /// Cancelled when the server drains.
+    draining: CancellationToken,
+    /// Registers the connection's waker with `draining`: polled once, it stays registered, and later polls only
+    /// read the token's flag (polling the future again would take a lock on every relay wake-up).
     drain: Pin<Box<WaitForCancellationFutureOwned>>,
+    drain_registered: bool,
     timer: Pin<Box<Sleep>>,
     timer_at: Option<Instant>,
 }
@@ -218,9 +223,9 @@ fn random_bytes<const N: usize>() -> [u8; N] {
 }
 
 impl Frames {
-    /// The frames state for a connection whose 101 negotiated `deflate` or not; `drain` fires when the server
-    /// starts draining.
-    pub fn new(rules: FrameRules, deflate: bool, drain: WaitForCancellationFutureOwned) -> Box<Frames> {
+    /// The frames state for a connection whose 101 negotiated `deflate` or not; `draining` is cancelled when the
+    /// server starts draining.
+    pub fn new(rules: FrameRules, deflate: bool, draining: CancellationToken) -> Box<Frames> {
         let dir_rules = |masked| Rules {
             masked,
             rsv1_allowed: deflate,
@@ -246,7 +251,9 @@ impl Frames {
             tokens: [full; 2],
             accounted: [0; 2],
             refilled: now,
-            drain: Box::pin(drain),
+            drain: Box::pin(draining.clone().cancelled_owned()),
+            draining,
+            drain_registered: false,
             timer: Box::pin(tokio::time::sleep_until(now)),
             timer_at: None,
         });
@@ -402,7 +409,13 @@ impl Frames {
                 });
             }
         }
-        if self.closing.is_none() && self.drain.as_mut().poll(cx).is_ready() {
+        let drained = if self.drain_registered {
+            self.draining.is_cancelled()
+        } else {
+            self.drain_registered = true;
+            self.drain.as_mut().poll(cx).is_ready()
+        };
+        if self.closing.is_none() && drained {
             self.close_both(
                 1001,
                 "going away",

@@ -169,11 +169,7 @@ async fn relay_switched(
     } = switched;
     let frames = match route.relay {
         config::Relay::Tunnel => None,
-        config::Relay::Frames(rules) => Some(relay::Frames::new(
-            rules,
-            deflate,
-            shared.draining.clone().cancelled_owned(),
-        )),
+        config::Relay::Frames(rules) => Some(relay::Frames::new(rules, deflate, shared.draining.clone())),
     };
     relay::relay(&client, &backend, route.idle_timeout, frames, early, counters).await
 }
