@@ -206,11 +206,18 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             runtime.block_on(signals.serve_until_signalled(running, None))
         }
         Command::Run(args) => {
+            // What the file holds before it is loaded: a change after this point, even one made as soon as wsgate
+            // says it listens, is a change the watch sees.
+            let seen = std::fs::read(&args.config).ok();
             let config = config::file::load(&args.config)?;
             observe::init_logging(config.server.log_format);
             tracing::info!(config = %args.config.display(), "{}", summary(&config));
             let running = server::start(config)?;
-            runtime.block_on(signals.serve_until_signalled(running, Some(args.config)))
+            let file = Watched {
+                path: args.config,
+                seen,
+            };
+            runtime.block_on(signals.serve_until_signalled(running, Some(file)))
         }
         Command::Check(args) => return Ok(check(&args.config)),
         Command::Demo(args) => runtime.block_on(async {
@@ -267,6 +274,12 @@ fn summary(config: &Config) -> String {
     )
 }
 
+/// The config file served, and its content when it was loaded.
+struct Watched {
+    path: PathBuf,
+    seen: Option<Vec<u8>>,
+}
+
 /// How often a watched config file is looked at.
 const WATCH_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -287,19 +300,15 @@ impl Signals {
 
     /// Serves until SIGTERM or SIGINT, then drains; a second signal exits at once. SIGHUP (and, with `watch =
     /// true`, a change of the file's content) reloads `config_file`.
-    async fn serve_until_signalled(
-        self,
-        mut running: server::Running,
-        config_file: Option<PathBuf>,
-    ) -> anyhow::Result<()> {
+    async fn serve_until_signalled(self, mut running: server::Running, watched: Option<Watched>) -> anyhow::Result<()> {
         let Signals {
             mut terminate,
             mut interrupt,
             mut hangup,
         } = self;
-        let mut last_seen = match &config_file {
-            Some(path) => std::fs::read(path).ok(),
-            None => None,
+        let (config_file, mut last_seen) = match watched {
+            Some(Watched { path, seen }) => (Some(path), seen),
+            None => (None, None),
         };
         let mut watch = tokio::time::interval(WATCH_INTERVAL);
         watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -15,21 +15,21 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use rustix::process::{Pid, Signal, kill_process};
+use rustix::process::Signal;
+use support::binary::BinaryProxy;
+use support::raw::*;
 use support::*;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
 use tokio::sync::{RwLock, mpsc};
-use tokio::task::JoinHandle;
 use tokio::time::{Instant, timeout};
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::Frame as WsFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::{CloseCode, Data, OpCode};
 use tokio_tungstenite::tungstenite::{Bytes as WsBytes, Message};
-use wsgate::config::{Config, FrameRules, Relay};
-use wsgate::http::handshake::accept_key;
-use wsgate::relay::frame::{MAX_HEADER, apply_mask, close_frame, control_frame, opcode, parse_header, write_header};
+use wsgate::config::FrameRules;
+use wsgate::relay::frame::{apply_mask, close_frame, control_frame, opcode, parse_header};
 
 // ---------------------------------------------------------------------------------------------------------------
 // Helpers of this file
@@ -39,246 +39,8 @@ use wsgate::relay::frame::{MAX_HEADER, apply_mask, close_frame, control_frame, o
 /// depend on timers of a few hundred milliseconds take it for reading, so the two never overlap.
 static CPU: RwLock<()> = RwLock::const_new(());
 
-/// The mask key of every hand-built client frame.
-const CLIENT_MASK: [u8; 4] = [0x37, 0xfa, 0x21, 0x3d];
-
-fn frames(rules: FrameRules) -> impl FnOnce(&mut Config) {
-    move |c| c.routes[0].relay = Relay::Frames(rules)
-}
-
-/// A frame as a peer puts it on the wire: `rsv` holds RSV1..RSV3 as its low three bits (RSV1 = 0b100); the
-/// payload is masked with `mask` when there is one.
-fn frame_bytes(fin: bool, rsv: u8, op: u8, payload: &[u8], mask: Option<[u8; 4]>) -> Vec<u8> {
-    let mut header = [0u8; MAX_HEADER];
-    let n = write_header(&mut header, fin, op, mask, payload.len() as u64);
-    header[0] |= (rsv & 0x7) << 4;
-    let mut out = header[..n].to_vec();
-    let start = out.len();
-    out.extend_from_slice(payload);
-    if let Some(key) = mask {
-        apply_mask(&mut out[start..], key, 0);
-    }
-    out
-}
-
-/// A masked client frame.
-fn client_frame(fin: bool, op: u8, payload: &[u8]) -> Vec<u8> {
-    frame_bytes(fin, 0, op, payload, Some(CLIENT_MASK))
-}
-
-/// A frame read from a raw socket, its payload unmasked, with its bytes as they were on the wire.
-#[derive(Debug, Clone)]
-struct Got {
-    fin: bool,
-    rsv: u8,
-    opcode: u8,
-    mask: Option<[u8; 4]>,
-    payload: Vec<u8>,
-    wire: Vec<u8>,
-}
-
-impl Got {
-    /// The close frame's code and reason (`None` for a close without a code); panics on another frame.
-    fn close(&self) -> Option<(u16, String)> {
-        assert_eq!(self.opcode, opcode::CLOSE, "expected a close frame, got {self:?}");
-        let code = u16::from_be_bytes([*self.payload.first()?, *self.payload.get(1)?]);
-        Some((code, String::from_utf8_lossy(&self.payload[2..]).into_owned()))
-    }
-}
-
-/// Takes the first complete frame off the front of `buf`.
-fn take_frame(buf: &mut Vec<u8>) -> Option<Got> {
-    let header = parse_header(buf).expect("a valid payload length")?;
-    let total = header.len + usize::try_from(header.payload_len).expect("length");
-    if buf.len() < total {
-        return None;
-    }
-    let wire: Vec<u8> = buf.drain(..total).collect();
-    let mut payload = wire[header.len..].to_vec();
-    if let Some(key) = header.mask {
-        apply_mask(&mut payload, key, 0);
-    }
-    Some(Got {
-        fin: header.fin,
-        rsv: header.rsv,
-        opcode: header.opcode,
-        mask: header.mask,
-        payload,
-        wire,
-    })
-}
-
-/// One end of a WebSocket connection on a raw socket: a client (its frames masked) or a backend (unmasked).
-struct Peer {
-    stream: TcpStream,
-    /// Bytes read but not yet taken as frames.
-    buf: Vec<u8>,
-    /// The mask key of the frames this peer sends.
-    mask: Option<[u8; 4]>,
-}
-
-impl Peer {
-    async fn send(&mut self, bytes: &[u8]) {
-        within("a write", self.stream.write_all(bytes))
-            .await
-            .expect("write to wsgate");
-    }
-
-    /// Sends one frame, masked when this peer is a client.
-    async fn send_frame(&mut self, fin: bool, op: u8, payload: &[u8]) {
-        let frame = frame_bytes(fin, 0, op, payload, self.mask);
-        self.send(&frame).await;
-    }
-
-    async fn send_close(&mut self, code: u16, reason: &str) {
-        let frame = close_frame(code, reason, self.mask);
-        self.send(&frame).await;
-    }
-
-    /// The next frame, or `None` when the connection ends (EOF or reset), within [`WAIT`].
-    async fn next_frame(&mut self) -> Option<Got> {
-        within("a frame or the end of the connection", async {
-            loop {
-                if let Some(frame) = take_frame(&mut self.buf) {
-                    assert_eq!(frame.rsv, 0, "no extension was negotiated: {frame:?}");
-                    return Some(frame);
-                }
-                let mut chunk = vec![0u8; 64 * 1024];
-                match self.stream.read(&mut chunk).await {
-                    Ok(0) | Err(_) => {
-                        assert!(
-                            self.buf.is_empty(),
-                            "the connection ended inside a frame: {:?}",
-                            self.buf
-                        );
-                        return None;
-                    }
-                    Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
-                }
-            }
-        })
-        .await
-    }
-
-    /// The next close frame (pings and pongs are skipped); panics on a data frame or the end of the connection.
-    async fn expect_close(&mut self) -> Got {
-        loop {
-            match self.next_frame().await {
-                Some(f) if f.opcode == opcode::CLOSE => return f,
-                Some(f) if f.opcode == opcode::PING || f.opcode == opcode::PONG => continue,
-                Some(f) => panic!("expected a close frame, got {f:?}"),
-                None => panic!("the connection ended without a close frame"),
-            }
-        }
-    }
-
-    /// Reads until the connection ends; returns the frames that came before, within [`WAIT`].
-    async fn until_eof(&mut self) -> Vec<Got> {
-        let mut frames = Vec::new();
-        while let Some(f) = self.next_frame().await {
-            frames.push(f);
-        }
-        frames
-    }
-}
-
-/// Reads an HTTP head; returns it and the bytes read past its end.
-async fn read_head(stream: &mut TcpStream) -> (String, Vec<u8>) {
-    let mut buf = Vec::new();
-    within("an HTTP head", async {
-        let mut chunk = [0u8; 4096];
-        loop {
-            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                let rest = buf.split_off(end + 4);
-                return (String::from_utf8_lossy(&buf).into_owned(), rest);
-            }
-            let n = stream.read(&mut chunk).await.expect("read head");
-            assert!(n > 0, "connection closed inside an HTTP head: {buf:?}");
-            buf.extend_from_slice(&chunk[..n]);
-        }
-    })
-    .await
-}
-
-fn header_value<'a>(head: &'a str, name: &str) -> Option<&'a str> {
-    head.split("\r\n").find_map(|line| {
-        let (k, v) = line.split_once(':')?;
-        k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
-    })
-}
-
-/// A raw client through the proxy, after a checked `101`.
-async fn raw_client(proxy: SocketAddr, path: &str) -> Peer {
-    let mut stream = within("connect", TcpStream::connect(proxy)).await.expect("connect");
-    stream
-        .write_all(upgrade_request(path, "").as_bytes())
-        .await
-        .expect("write upgrade");
-    let (head, rest) = read_head(&mut stream).await;
-    assert!(head.starts_with("HTTP/1.1 101"), "expected a 101: {head}");
-    Peer {
-        stream,
-        buf: rest,
-        mask: Some(CLIENT_MASK),
-    }
-}
-
-/// A backend on raw sockets: each connection's upgrade is answered with a correct `101`, and the connection is
-/// handed to the test.
-struct RawBackend {
-    addr: SocketAddr,
-    conns: mpsc::UnboundedReceiver<Peer>,
-    task: JoinHandle<()>,
-}
-
-impl Drop for RawBackend {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-impl RawBackend {
-    async fn start() -> RawBackend {
-        Self::start_with_greeting(Vec::new()).await
-    }
-
-    /// Each connection's `101` is followed by `greeting` in the same write (so wsgate reads them together).
-    async fn start_with_greeting(greeting: Vec<u8>) -> RawBackend {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let (tx, conns) = mpsc::unbounded_channel();
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((mut stream, _)) = listener.accept().await else {
-                    continue;
-                };
-                let (head, rest) = read_head(&mut stream).await;
-                let key = header_value(&head, "sec-websocket-key").expect("a Sec-WebSocket-Key");
-                let accept = accept_key(key.as_bytes());
-                let answer = format!(
-                    "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-                     Sec-WebSocket-Accept: {}\r\n\r\n",
-                    std::str::from_utf8(&accept).expect("ascii")
-                );
-                let mut answer = answer.into_bytes();
-                answer.extend_from_slice(&greeting);
-                stream.write_all(&answer).await.expect("write 101");
-                let _ = tx.send(Peer {
-                    stream,
-                    buf: rest,
-                    mask: None,
-                });
-            }
-        });
-        RawBackend { addr, conns, task }
-    }
-
-    async fn next_conn(&mut self) -> Peer {
-        within("a connection to the raw backend", self.conns.recv())
-            .await
-            .expect("raw backend running")
-    }
-}
+/// The data frames a recording backend (see [`recording_backend`]) echoes.
+const ECHOED: &[u8] = &[opcode::TEXT, opcode::BINARY];
 
 /// The data messages before the next close frame, and the close's code and reason.
 async fn close_after(ws: &mut Client) -> (Vec<Message>, Option<(u16, String)>) {
@@ -1124,24 +886,6 @@ async fn next_raw_skipping_wsgate_pings(ws: &mut Client) -> Message {
     }
 }
 
-/// What a recording raw backend saw: every frame it received, in order, until the connection ended.
-async fn recording_backend(mut server: Peer, answer_pings: bool) -> Vec<Got> {
-    let mut seen = Vec::new();
-    while let Some(f) = server.next_frame().await {
-        match f.opcode {
-            opcode::PING if answer_pings => server.send_frame(true, opcode::PONG, &f.payload).await,
-            opcode::TEXT | opcode::BINARY => server.send_frame(true, f.opcode, &f.payload).await,
-            opcode::CLOSE => {
-                let reply = close_frame(1000, "", None);
-                server.send(&reply).await;
-            }
-            _ => {}
-        }
-        seen.push(f);
-    }
-    seen
-}
-
 #[tokio::test]
 async fn silent_backend_is_pinged_too_and_its_pongs_keep_it() {
     let _cpu = CPU.read().await;
@@ -1153,7 +897,7 @@ async fn silent_backend_is_pinged_too_and_its_pongs_keep_it() {
     };
     let proxy = Proxy::start_with(&[backend.addr], frames(rules));
     let mut ws = connect(&proxy.url("/silent-backend")).await;
-    let recorder = tokio::spawn(recording_backend(backend.next_conn().await, true));
+    let recorder = tokio::spawn(recording_backend(backend.next_conn().await, true, ECHOED));
     // Both sides silent for 1.5 s; the client answers wsgate's pings as it reads.
     let quiet = tokio::time::sleep(Duration::from_millis(1500));
     tokio::pin!(quiet);
@@ -1206,7 +950,7 @@ async fn backend_that_stops_answering_pings_gives_the_client_1011() {
     };
     let proxy = Proxy::start_with(&[backend.addr], frames(rules));
     let mut ws = connect(&proxy.url("/dead-backend")).await;
-    let recorder = tokio::spawn(recording_backend(backend.next_conn().await, false));
+    let recorder = tokio::spawn(recording_backend(backend.next_conn().await, false, ECHOED));
     let (data, close) = close_after(&mut ws).await;
     assert!(data.is_empty(), "{data:?}");
     assert_eq!(close, Some((1011, "backend connection lost".into())));
@@ -1259,78 +1003,6 @@ fn require_node_ws() {
     }
 }
 
-/// The built `wsgate proxy` in front of `backend`, with its stderr lines forwarded to a channel.
-struct Binary {
-    child: Child,
-    addr: SocketAddr,
-    log: mpsc::UnboundedReceiver<String>,
-}
-
-impl Binary {
-    async fn start(backend: SocketAddr, extra: &[&str]) -> Binary {
-        let addr = unused_addr();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_wsgate"))
-            .args([
-                "proxy",
-                "--listen",
-                &addr.to_string(),
-                "--to",
-                &backend.to_string(),
-                "--log-format",
-                "json",
-                "--mode",
-                "frames",
-            ])
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start wsgate");
-        let stderr = child.stderr.take().expect("stderr");
-        let (tx, log) = mpsc::unbounded_channel();
-        tokio::spawn(async move {
-            let mut lines = BufReader::new(stderr).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                let _ = tx.send(line);
-            }
-        });
-        let mut binary = Binary { child, addr, log };
-        binary.wait_for_log("listening").await;
-        binary
-    }
-
-    async fn wait_for_log(&mut self, needle: &str) -> String {
-        within(&format!("a log line with {needle:?}"), async {
-            loop {
-                let line = self.log.recv().await.expect("wsgate exited");
-                if line.contains(needle) {
-                    return line;
-                }
-            }
-        })
-        .await
-    }
-
-    /// The log lines so far.
-    fn drain_log(&mut self) -> Vec<String> {
-        let mut lines = Vec::new();
-        while let Ok(line) = self.log.try_recv() {
-            lines.push(line);
-        }
-        lines
-    }
-
-    fn signal(&self, signal: Signal) {
-        let pid = Pid::from_raw(self.child.id().expect("pid") as i32).expect("pid");
-        kill_process(pid, signal).expect("signal");
-    }
-
-    async fn exit_code(&mut self) -> Option<i32> {
-        within("wsgate to exit", self.child.wait()).await.expect("wait").code()
-    }
-}
-
 /// A client script in its own process, its stdout read line by line.
 struct Script {
     name: &'static str,
@@ -1374,7 +1046,7 @@ async fn sigterm_sends_1001_going_away_to_tungstenite_python_and_node_clients() 
     require_node_ws();
     let _cpu = CPU.read().await;
     let mut backend = ws_backend("b").await;
-    let mut proxy = Binary::start(backend.addr, &["--drain-timeout", "20s"]).await;
+    let mut proxy = BinaryProxy::start(backend.addr, &["--mode", "frames", "--drain-timeout", "20s"]).await;
     let base = format!("ws://{}", proxy.addr);
 
     let mut ws = connect(&format!("{base}/tungstenite")).await;
@@ -2008,9 +1680,11 @@ async fn ten_thousand_random_frame_streams_end_cleanly_and_other_connections_are
         .and_then(|s| s.parse().ok())
         .unwrap_or(FUZZ_SEED);
     let backend = ws_backend("b").await;
-    let mut proxy = Binary::start(
+    let mut proxy = BinaryProxy::start(
         backend.addr,
         &[
+            "--mode",
+            "frames",
             "--validate-utf8",
             "--max-message-size",
             "100000",

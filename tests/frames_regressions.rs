@@ -6,298 +6,17 @@
 
 mod support;
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use futures_util::SinkExt;
+use support::raw::*;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
-use wsgate::config::{Config, FrameRules, Relay};
-use wsgate::http::handshake::accept_key;
-use wsgate::relay::frame::{MAX_HEADER, apply_mask, close_frame, opcode, parse_header, write_header};
-
-// ---------------------------------------------------------------------------------------------------------------
-// Helpers of this file (raw-socket peers, as in tests/frames.rs)
-// ---------------------------------------------------------------------------------------------------------------
-
-/// The mask key of every hand-built client frame.
-const CLIENT_MASK: [u8; 4] = [0x37, 0xfa, 0x21, 0x3d];
-
-fn frames(rules: FrameRules) -> impl FnOnce(&mut Config) {
-    move |c| c.routes[0].relay = Relay::Frames(rules)
-}
-
-/// A final frame as a peer puts it on the wire, its payload masked with `mask` when there is one.
-fn frame_bytes(op: u8, payload: &[u8], mask: Option<[u8; 4]>) -> Vec<u8> {
-    let mut header = [0u8; MAX_HEADER];
-    let n = write_header(&mut header, true, op, mask, payload.len() as u64);
-    let mut out = header[..n].to_vec();
-    let start = out.len();
-    out.extend_from_slice(payload);
-    if let Some(key) = mask {
-        apply_mask(&mut out[start..], key, 0);
-    }
-    out
-}
-
-/// `len` bytes that are not all alike, so that a lost or moved byte shows.
-fn pattern(len: usize) -> Vec<u8> {
-    (0..len).map(|i| (i % 251) as u8).collect()
-}
-
-/// A frame read from a raw socket, its payload unmasked.
-#[derive(Debug, Clone)]
-struct Got {
-    rsv: u8,
-    opcode: u8,
-    mask: Option<[u8; 4]>,
-    payload: Vec<u8>,
-}
-
-impl Got {
-    /// The close frame's code and reason (`None` for a close without a code); panics on another frame.
-    fn close(&self) -> Option<(u16, String)> {
-        assert_eq!(self.opcode, opcode::CLOSE, "expected a close frame, got {self:?}");
-        let code = u16::from_be_bytes([*self.payload.first()?, *self.payload.get(1)?]);
-        Some((code, String::from_utf8_lossy(&self.payload[2..]).into_owned()))
-    }
-
-    /// Short enough to print: a data frame's payload is shown by its length only.
-    fn brief(&self) -> String {
-        match self.opcode {
-            opcode::CLOSE => format!("close {:?}", self.close()),
-            op => format!("opcode {op:#x}, {} bytes", self.payload.len()),
-        }
-    }
-}
-
-fn brief(frames: &[Got]) -> Vec<String> {
-    frames.iter().map(Got::brief).collect()
-}
-
-/// Takes the first complete frame off the front of `buf`.
-fn take_frame(buf: &mut Vec<u8>) -> Option<Got> {
-    let header = parse_header(buf).expect("a valid payload length")?;
-    let total = header.len + usize::try_from(header.payload_len).expect("length");
-    if buf.len() < total {
-        return None;
-    }
-    let wire: Vec<u8> = buf.drain(..total).collect();
-    let mut payload = wire[header.len..].to_vec();
-    if let Some(key) = header.mask {
-        apply_mask(&mut payload, key, 0);
-    }
-    Some(Got {
-        rsv: header.rsv,
-        opcode: header.opcode,
-        mask: header.mask,
-        payload,
-    })
-}
-
-/// One end of a WebSocket connection on a raw socket: a client (its frames masked) or a backend (unmasked).
-struct Peer {
-    stream: TcpStream,
-    /// Bytes read but not yet taken as frames.
-    buf: Vec<u8>,
-    /// The mask key of the frames this peer sends.
-    mask: Option<[u8; 4]>,
-}
-
-impl Peer {
-    async fn send(&mut self, bytes: &[u8]) {
-        within("a write", self.stream.write_all(bytes))
-            .await
-            .expect("write to wsgate");
-    }
-
-    /// Sends one final frame, masked when this peer is a client.
-    async fn send_frame(&mut self, op: u8, payload: &[u8]) {
-        let frame = frame_bytes(op, payload, self.mask);
-        self.send(&frame).await;
-    }
-
-    async fn send_close(&mut self, code: u16, reason: &str) {
-        let frame = close_frame(code, reason, self.mask);
-        self.send(&frame).await;
-    }
-
-    /// One read into `buf`; panics if the connection ends.
-    async fn read_more(&mut self) {
-        let mut chunk = vec![0u8; 64 * 1024];
-        let n = within("bytes from wsgate", self.stream.read(&mut chunk))
-            .await
-            .unwrap_or(0);
-        assert!(n > 0, "the connection ended after {} unparsed bytes", self.buf.len());
-        self.buf.extend_from_slice(&chunk[..n]);
-    }
-
-    /// Reads until at least `n` bytes are held, without taking them as frames.
-    async fn fill(&mut self, n: usize) {
-        while self.buf.len() < n {
-            self.read_more().await;
-        }
-    }
-
-    /// The next frame, or `None` when the connection ends (EOF or reset), within [`WAIT`].
-    async fn next_frame(&mut self) -> Option<Got> {
-        within("a frame or the end of the connection", async {
-            loop {
-                if let Some(frame) = take_frame(&mut self.buf) {
-                    assert_eq!(frame.rsv, 0, "no extension was negotiated: {frame:?}");
-                    return Some(frame);
-                }
-                let mut chunk = vec![0u8; 64 * 1024];
-                match self.stream.read(&mut chunk).await {
-                    Ok(0) | Err(_) => {
-                        assert!(
-                            self.buf.is_empty(),
-                            "the connection ended inside a frame ({} bytes of it)",
-                            self.buf.len()
-                        );
-                        return None;
-                    }
-                    Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
-                }
-            }
-        })
-        .await
-    }
-
-    /// The next frame that is not one of wsgate's pings (each is answered with its pong); panics at the end of the
-    /// connection.
-    async fn next_answering_pings(&mut self) -> Got {
-        loop {
-            let f = self.next_frame().await.expect("a frame, not the end of the connection");
-            if f.opcode == opcode::PING {
-                self.send_frame(opcode::PONG, &f.payload).await;
-                continue;
-            }
-            return f;
-        }
-    }
-
-    /// Reads until the connection ends; returns the frames that came before, within [`WAIT`] each.
-    async fn until_eof(&mut self) -> Vec<Got> {
-        let mut frames = Vec::new();
-        while let Some(f) = self.next_frame().await {
-            frames.push(f);
-        }
-        frames
-    }
-}
-
-/// Reads an HTTP head; returns it and the bytes read past its end.
-async fn read_head(stream: &mut TcpStream) -> (String, Vec<u8>) {
-    let mut buf = Vec::new();
-    within("an HTTP head", async {
-        let mut chunk = [0u8; 4096];
-        loop {
-            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                let rest = buf.split_off(end + 4);
-                return (String::from_utf8_lossy(&buf).into_owned(), rest);
-            }
-            let n = stream.read(&mut chunk).await.expect("read head");
-            assert!(n > 0, "connection closed inside an HTTP head: {buf:?}");
-            buf.extend_from_slice(&chunk[..n]);
-        }
-    })
-    .await
-}
-
-fn header_value<'a>(head: &'a str, name: &str) -> Option<&'a str> {
-    head.split("\r\n").find_map(|line| {
-        let (k, v) = line.split_once(':')?;
-        k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
-    })
-}
-
-/// A raw client through the proxy, after a checked `101`.
-async fn raw_client(proxy: SocketAddr, path: &str) -> Peer {
-    let mut stream = within("connect", TcpStream::connect(proxy)).await.expect("connect");
-    stream
-        .write_all(upgrade_request(path, "").as_bytes())
-        .await
-        .expect("write upgrade");
-    let (head, rest) = read_head(&mut stream).await;
-    assert!(head.starts_with("HTTP/1.1 101"), "expected a 101: {head}");
-    Peer {
-        stream,
-        buf: rest,
-        mask: Some(CLIENT_MASK),
-    }
-}
-
-/// A backend on raw sockets: each connection's upgrade is answered with a correct `101`, and the connection is
-/// handed to the test.
-struct RawBackend {
-    addr: SocketAddr,
-    conns: mpsc::UnboundedReceiver<Peer>,
-    task: JoinHandle<()>,
-}
-
-impl Drop for RawBackend {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-impl RawBackend {
-    async fn start() -> RawBackend {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let (tx, conns) = mpsc::unbounded_channel();
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((mut stream, _)) = listener.accept().await else {
-                    continue;
-                };
-                let (head, rest) = read_head(&mut stream).await;
-                let key = header_value(&head, "sec-websocket-key").expect("a Sec-WebSocket-Key");
-                let accept = accept_key(key.as_bytes());
-                let answer = format!(
-                    "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-                     Sec-WebSocket-Accept: {}\r\n\r\n",
-                    std::str::from_utf8(&accept).expect("ascii")
-                );
-                stream.write_all(answer.as_bytes()).await.expect("write 101");
-                let _ = tx.send(Peer {
-                    stream,
-                    buf: rest,
-                    mask: None,
-                });
-            }
-        });
-        RawBackend { addr, conns, task }
-    }
-
-    async fn next_conn(&mut self) -> Peer {
-        within("a connection to the raw backend", self.conns.recv())
-            .await
-            .expect("raw backend running")
-    }
-}
-
-/// A backend that records every frame it receives until its connection ends: it answers pings, echoes data frames
-/// and answers a close with close 1000.
-async fn recording_backend(mut server: Peer) -> Vec<Got> {
-    let mut seen = Vec::new();
-    while let Some(f) = server.next_frame().await {
-        match f.opcode {
-            opcode::PING => server.send_frame(opcode::PONG, &f.payload).await,
-            opcode::TEXT => server.send_frame(f.opcode, &f.payload).await,
-            opcode::CLOSE => server.send_close(1000, "").await,
-            _ => {}
-        }
-        seen.push(f);
-    }
-    seen
-}
+use wsgate::config::FrameRules;
+use wsgate::relay::frame::opcode;
 
 // ---------------------------------------------------------------------------------------------------------------
 // The regressions
@@ -312,13 +31,15 @@ async fn rule_breaker_gets_the_whole_frame_in_flight_to_it_before_its_1002() {
     let mut client = raw_client(proxy.addr, "/in-flight").await;
     let mut server = backend.next_conn().await;
     let payload = pattern(100_000);
-    let frame = frame_bytes(opcode::BINARY, &payload, None);
+    let frame = frame_bytes(true, 0, opcode::BINARY, &payload, None);
     // The header (10 bytes for this length) and the first 1 000 bytes of payload reach the client.
     let first_part = 10 + 1000;
     server.send(&frame[..first_part]).await;
     client.fill(first_part).await;
     // An unmasked client frame: a protocol violation, while the backend's frame is in flight to the client.
-    client.send(&frame_bytes(opcode::TEXT, b"unmasked", None)).await;
+    client
+        .send(&frame_bytes(true, 0, opcode::TEXT, b"unmasked", None))
+        .await;
     // wsgate's close to the backend shows that the violation has been seen.
     let close = server.next_frame().await.expect("wsgate's close to the backend");
     assert_eq!(close.close().map(|c| c.0), Some(1011), "{}", close.brief());
@@ -384,7 +105,7 @@ async fn steady_reader_gets_everything(frames_sent: usize, pace: Duration) {
     let mut client = raw_client(proxy.addr, "/slow-reader").await;
     let mut server = backend.next_conn().await;
     let payload = pattern(FRAME_PAYLOAD);
-    let frame = frame_bytes(opcode::BINARY, &payload, None);
+    let frame = frame_bytes(true, 0, opcode::BINARY, &payload, None);
     let sender = tokio::spawn(async move {
         let all = frame.repeat(frames_sent);
         server.send(&all).await;
@@ -459,7 +180,7 @@ async fn backend_that_stops_reading_gives_the_client_1011_after_the_write_timeou
     let (mut from_wsgate, mut to_wsgate) = client.stream.into_split();
     let started = Instant::now();
     let writer = tokio::spawn(async move {
-        let frame = frame_bytes(opcode::BINARY, &pattern(64 * 1024), Some(CLIENT_MASK));
+        let frame = client_frame(true, opcode::BINARY, &pattern(64 * 1024));
         // Far more than the kernel buffers on the way hold; stops when wsgate closes the connection.
         for _ in 0..1024 {
             if to_wsgate.write_all(&frame).await.is_err() {
@@ -497,17 +218,17 @@ async fn ping_queued_behind_a_long_frame_does_not_kill_a_live_backend() {
     };
     let proxy = Proxy::start_with(&[backend.addr], frames(rules));
     let mut client = raw_client(proxy.addr, "/long-upload").await;
-    let recorder = tokio::spawn(recording_backend(backend.next_conn().await));
+    let recorder = tokio::spawn(recording_backend(backend.next_conn().await, true, &[opcode::TEXT]));
     // One 2 MB binary frame, sent over about 2.5 s: the backend is silent meanwhile, so wsgate's pings to it wait
     // behind the frame.
     let payload = pattern(LEN);
-    let frame = frame_bytes(opcode::BINARY, &payload, Some(CLIENT_MASK));
+    let frame = client_frame(true, opcode::BINARY, &payload);
     let mut tick = tokio::time::interval(Duration::from_millis(25));
     for part in frame.chunks(CHUNK) {
         tick.tick().await;
         client.send(part).await;
     }
-    client.send_frame(opcode::TEXT, b"still here").await;
+    client.send_frame(true, opcode::TEXT, b"still here").await;
     let echo = client.next_answering_pings().await;
     assert_eq!(
         (echo.opcode, &echo.payload[..]),
@@ -552,7 +273,7 @@ async fn drain_then_client_drop_sends_the_backend_one_close() {
     let proxy = Proxy::start_with(&[backend.addr], frames(FrameRules::default()));
     let mut client = raw_client(proxy.addr, "/drain").await;
     let mut server = backend.next_conn().await;
-    client.send_frame(opcode::TEXT, b"hello").await;
+    client.send_frame(true, opcode::TEXT, b"hello").await;
     let hello = server.next_frame().await.expect("hello");
     assert_eq!(hello.payload, b"hello");
     drop(proxy); // starts the drain

@@ -17,6 +17,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::Frame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::{CloseCode, Data, OpCode};
 use tokio_tungstenite::tungstenite::{Bytes, Message};
 
+use support::raw::{header_value, read_head};
 use support::*;
 use wsgate::config::Relay;
 use wsgate::http::handshake::accept_key;
@@ -71,31 +72,6 @@ async fn until_end(ws: &mut Client, limit: Duration) -> Duration {
     .await;
     assert!(ended.is_ok(), "the client connection was still open after {limit:?}");
     started.elapsed()
-}
-
-/// Reads an HTTP head; returns it and the bytes read past its end.
-async fn read_head(stream: &mut TcpStream) -> (String, Vec<u8>) {
-    let mut buf = Vec::new();
-    within("an HTTP head", async {
-        let mut chunk = [0u8; 4096];
-        loop {
-            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                let rest = buf.split_off(end + 4);
-                return (String::from_utf8_lossy(&buf).into_owned(), rest);
-            }
-            let n = stream.read(&mut chunk).await.expect("read head");
-            assert!(n > 0, "connection closed inside an HTTP head: {buf:?}");
-            buf.extend_from_slice(&chunk[..n]);
-        }
-    })
-    .await
-}
-
-fn header_value<'a>(head: &'a str, name: &str) -> Option<&'a str> {
-    head.split("\r\n").find_map(|line| {
-        let (k, v) = line.split_once(':')?;
-        k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
-    })
 }
 
 /// A backend that takes one connection, answers its upgrade with a correct `101`, and hands the socket (and any

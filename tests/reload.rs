@@ -5,19 +5,18 @@
 
 mod support;
 
+use std::ffi::OsStr;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use rustix::process::{Pid, Signal, kill_process};
+use rustix::process::Signal;
+use support::binary::Binary;
 use support::*;
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::TcpStream;
-use tokio::process::{Child, Command};
 use tokio_tungstenite::tungstenite::Message;
 
 /// A config file in the temp dir, removed on drop.
@@ -42,51 +41,12 @@ impl Drop for ConfigFile {
     }
 }
 
-/// The built `wsgate run --config FILE`, with its stderr lines forwarded to a channel.
-struct Binary {
-    child: Child,
-    log: tokio::sync::mpsc::UnboundedReceiver<String>,
-}
-
+/// The built `wsgate run --config FILE` (this file's additions to the shared [`Binary`]).
 impl Binary {
     async fn start(config: &ConfigFile) -> Binary {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_wsgate"))
-            .args(["run", "--config"])
-            .arg(&config.0)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start wsgate");
-        let stderr = child.stderr.take().expect("stderr");
-        let (tx, log) = tokio::sync::mpsc::unbounded_channel();
-        tokio::spawn(async move {
-            let mut lines = BufReader::new(stderr).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                let _ = tx.send(line);
-            }
-        });
-        let mut binary = Binary { child, log };
+        let mut binary = Binary::spawn([OsStr::new("run"), OsStr::new("--config"), config.0.as_os_str()]);
         binary.wait_for_log(&["listening"]).await;
         binary
-    }
-
-    /// The first log line containing one of `needles`.
-    async fn wait_for_log(&mut self, needles: &[&str]) -> String {
-        within(&format!("a log line with one of {needles:?}"), async {
-            loop {
-                let line = self.log.recv().await.expect("wsgate exited");
-                if needles.iter().any(|n| line.contains(n)) {
-                    return line;
-                }
-            }
-        })
-        .await
-    }
-
-    fn signal(&self, signal: Signal) {
-        let pid = Pid::from_raw(self.child.id().expect("pid") as i32).expect("pid");
-        kill_process(pid, signal).expect("signal");
     }
 
     /// Sends SIGHUP and waits for the outcome: `true` when the new file was taken.
@@ -273,8 +233,7 @@ async fn two_hundred_live_connections_survive_twenty_reloads_and_new_ones_follow
     );
 
     wsgate.signal(Signal::TERM);
-    let status = within("wsgate to exit", wsgate.child.wait()).await.expect("wait");
-    assert_eq!(status.code(), Some(0));
+    assert_eq!(wsgate.exit_code().await, Some(0));
 }
 
 #[tokio::test]
@@ -306,6 +265,5 @@ async fn watch_reloads_when_the_file_changes_and_keeps_the_old_config_on_a_bad_o
     assert_eq!(reaches(main, "/").await, "green", "a bad file keeps the running config");
 
     wsgate.signal(Signal::TERM);
-    let status = within("wsgate to exit", wsgate.child.wait()).await.expect("wait");
-    assert_eq!(status.code(), Some(0));
+    assert_eq!(wsgate.exit_code().await, Some(0));
 }

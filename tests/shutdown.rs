@@ -2,78 +2,14 @@
 //! they end or the drain timeout passes, and the process exits 0; a second signal exits at once.
 mod support;
 
-use std::net::SocketAddr;
-use std::process::Stdio;
 use std::time::Duration;
 
 use futures_util::SinkExt;
-use rustix::process::{Pid, Signal, kill_process};
+use rustix::process::Signal;
+use support::binary::BinaryProxy;
 use support::*;
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::TcpStream;
-use tokio::process::{Child, Command};
 use tokio_tungstenite::tungstenite::Message;
-
-/// The built `wsgate proxy` in front of `backend`, with its stderr lines forwarded to a channel.
-struct Binary {
-    child: Child,
-    addr: SocketAddr,
-    log: tokio::sync::mpsc::UnboundedReceiver<String>,
-}
-
-impl Binary {
-    async fn start(backend: SocketAddr, extra: &[&str]) -> Binary {
-        let addr = unused_addr();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_wsgate"))
-            .args([
-                "proxy",
-                "--listen",
-                &addr.to_string(),
-                "--to",
-                &backend.to_string(),
-                "--log-format",
-                "json",
-            ])
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start wsgate");
-        let stderr = child.stderr.take().expect("stderr");
-        let (tx, log) = tokio::sync::mpsc::unbounded_channel();
-        tokio::spawn(async move {
-            let mut lines = BufReader::new(stderr).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                let _ = tx.send(line);
-            }
-        });
-        let mut binary = Binary { child, addr, log };
-        binary.wait_for_log("listening").await;
-        binary
-    }
-
-    async fn wait_for_log(&mut self, needle: &str) -> String {
-        within(&format!("a log line with {needle:?}"), async {
-            loop {
-                let line = self.log.recv().await.expect("wsgate exited");
-                if line.contains(needle) {
-                    return line;
-                }
-            }
-        })
-        .await
-    }
-
-    fn signal(&self, signal: Signal) {
-        let pid = Pid::from_raw(self.child.id().expect("pid") as i32).expect("pid");
-        kill_process(pid, signal).expect("signal");
-    }
-
-    async fn exit_code(&mut self) -> Option<i32> {
-        within("wsgate to exit", self.child.wait()).await.expect("wait").code()
-    }
-}
 
 async fn echo(ws: &mut Client, text: &str) {
     ws.send(Message::text(text)).await.expect("send");
@@ -83,7 +19,7 @@ async fn echo(ws: &mut Client, text: &str) {
 #[tokio::test]
 async fn sigterm_stops_accepting_keeps_live_sessions_and_exits_zero_when_they_end() {
     let backend = ws_backend("b").await;
-    let mut proxy = Binary::start(backend.addr, &["--mode", "tunnel", "--drain-timeout", "30s"]).await;
+    let mut proxy = BinaryProxy::start(backend.addr, &["--mode", "tunnel", "--drain-timeout", "30s"]).await;
     let url = format!("ws://{}/echo", proxy.addr);
     let mut live = Vec::new();
     for _ in 0..3 {
@@ -92,7 +28,7 @@ async fn sigterm_stops_accepting_keeps_live_sessions_and_exits_zero_when_they_en
         live.push(ws);
     }
     proxy.signal(Signal::TERM);
-    proxy.wait_for_log("shutting down").await;
+    proxy.wait_for_log(&["shutting down"]).await;
     within("the listener to close", async {
         while TcpStream::connect(proxy.addr).await.is_ok() {
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -112,12 +48,12 @@ async fn sigterm_stops_accepting_keeps_live_sessions_and_exits_zero_when_they_en
 #[tokio::test]
 async fn drain_timeout_closes_remaining_sessions_and_exits_zero() {
     let backend = ws_backend("b").await;
-    let mut proxy = Binary::start(backend.addr, &["--mode", "tunnel", "--drain-timeout", "1s"]).await;
+    let mut proxy = BinaryProxy::start(backend.addr, &["--mode", "tunnel", "--drain-timeout", "1s"]).await;
     let mut ws = connect(&format!("ws://{}/echo", proxy.addr)).await;
     echo(&mut ws, "hello").await;
     let signalled = tokio::time::Instant::now();
     proxy.signal(Signal::TERM);
-    let line = proxy.wait_for_log("drain timeout reached during shutdown").await;
+    let line = proxy.wait_for_log(&["drain timeout reached during shutdown"]).await;
     assert!(line.contains("\"status\":101"), "{line}");
     assert_eq!(proxy.exit_code().await, Some(0));
     assert!(
@@ -132,11 +68,11 @@ async fn drain_timeout_closes_remaining_sessions_and_exits_zero() {
 #[tokio::test]
 async fn second_signal_exits_at_once() {
     let backend = ws_backend("b").await;
-    let mut proxy = Binary::start(backend.addr, &["--mode", "tunnel", "--drain-timeout", "60s"]).await;
+    let mut proxy = BinaryProxy::start(backend.addr, &["--mode", "tunnel", "--drain-timeout", "60s"]).await;
     let mut ws = connect(&format!("ws://{}/echo", proxy.addr)).await;
     echo(&mut ws, "hello").await;
     proxy.signal(Signal::TERM);
-    proxy.wait_for_log("shutting down").await;
+    proxy.wait_for_log(&["shutting down"]).await;
     proxy.signal(Signal::INT);
     assert_eq!(proxy.exit_code().await, Some(1));
 }
@@ -144,7 +80,7 @@ async fn second_signal_exits_at_once() {
 #[tokio::test]
 async fn sigint_with_no_connections_exits_zero_at_once() {
     let backend = ws_backend("b").await;
-    let mut proxy = Binary::start(backend.addr, &[]).await;
+    let mut proxy = BinaryProxy::start(backend.addr, &[]).await;
     proxy.signal(Signal::INT);
     assert_eq!(proxy.exit_code().await, Some(0));
 }

@@ -1,6 +1,10 @@
 //! Shared pieces for the integration tests: wsgate started in-process on a free port, real WebSocket and HTTP
-//! backends, and clients that never wait without a timeout.
+//! backends, and clients that never wait without a timeout; the built binary in a child process ([`binary`]) and
+//! WebSocket peers on raw sockets ([`raw`]).
 #![allow(dead_code, clippy::result_large_err)]
+
+pub mod binary;
+pub mod raw;
 
 use std::net::SocketAddr;
 use std::sync::Once;

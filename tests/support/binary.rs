@@ -1,0 +1,107 @@
+//! The built `wsgate` binary in a child process, its stderr lines forwarded to a channel that the test reads.
+
+use std::ffi::OsStr;
+use std::net::SocketAddr;
+use std::ops::{Deref, DerefMut};
+use std::process::Stdio;
+
+use rustix::process::{Pid, Signal, kill_process};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::mpsc;
+
+use super::{unused_addr, within};
+
+/// The built `wsgate`, with its stderr lines forwarded to a channel; killed when dropped.
+pub struct Binary {
+    pub child: Child,
+    log: mpsc::UnboundedReceiver<String>,
+}
+
+impl Binary {
+    /// Starts `wsgate ARGS`, its stdout discarded. It does not wait for anything: see [`Binary::wait_for_log`].
+    pub fn spawn(args: impl IntoIterator<Item = impl AsRef<OsStr>>) -> Binary {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_wsgate"))
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start wsgate");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, log) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                let _ = tx.send(line);
+            }
+        });
+        Binary { child, log }
+    }
+
+    /// The first log line containing one of `needles` (earlier lines are passed over), within [`super::WAIT`].
+    pub async fn wait_for_log(&mut self, needles: &[&str]) -> String {
+        within(&format!("a log line with one of {needles:?}"), async {
+            loop {
+                let line = self.log.recv().await.expect("wsgate exited");
+                if needles.iter().any(|n| line.contains(n)) {
+                    return line;
+                }
+            }
+        })
+        .await
+    }
+
+    /// The log lines so far.
+    pub fn drain_log(&mut self) -> Vec<String> {
+        let mut lines = Vec::new();
+        while let Ok(line) = self.log.try_recv() {
+            lines.push(line);
+        }
+        lines
+    }
+
+    pub fn signal(&self, signal: Signal) {
+        let pid = Pid::from_raw(self.child.id().expect("pid") as i32).expect("pid");
+        kill_process(pid, signal).expect("signal");
+    }
+
+    /// Waits for the process to exit, within [`super::WAIT`]; its exit code (`None` if a signal ended it).
+    pub async fn exit_code(&mut self) -> Option<i32> {
+        within("wsgate to exit", self.child.wait()).await.expect("wait").code()
+    }
+}
+
+/// The built `wsgate proxy` on a free loopback port in front of one backend, with JSON logs. It derefs to its
+/// [`Binary`].
+pub struct BinaryProxy {
+    /// The address it listens on.
+    pub addr: SocketAddr,
+    binary: Binary,
+}
+
+impl BinaryProxy {
+    /// `wsgate proxy --listen ADDR --to BACKEND --log-format json EXTRA..`, once it has logged "listening".
+    pub async fn start(backend: SocketAddr, extra: &[&str]) -> BinaryProxy {
+        let addr = unused_addr();
+        let (listen, to) = (addr.to_string(), backend.to_string());
+        let args = ["proxy", "--listen", &listen, "--to", &to, "--log-format", "json"];
+        let mut binary = Binary::spawn(args.iter().chain(extra));
+        binary.wait_for_log(&["listening"]).await;
+        BinaryProxy { addr, binary }
+    }
+}
+
+impl Deref for BinaryProxy {
+    type Target = Binary;
+
+    fn deref(&self) -> &Binary {
+        &self.binary
+    }
+}
+
+impl DerefMut for BinaryProxy {
+    fn deref_mut(&mut self) -> &mut Binary {
+        &mut self.binary
+    }
+}
