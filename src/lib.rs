@@ -12,5 +12,6 @@ pub mod relay;
 pub mod route;
 pub mod server;
 pub mod session;
+pub mod supervise;
 mod sys;
 pub mod upstream;

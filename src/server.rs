@@ -28,6 +28,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
 use crate::session::{Accepted, Shared, Snapshot, session};
+use crate::supervise::Supervisor;
 
 /// How long sessions get to finish after the drain timeout has closed them.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
@@ -45,6 +46,8 @@ pub enum ServerError {
     },
     #[error("cannot start worker thread: {0}")]
     Worker(#[source] io::Error),
+    #[error("cannot start the control thread: {0}")]
+    Control(#[source] io::Error),
     #[error("worker threads have stopped")]
     Stopped,
 }
@@ -55,6 +58,8 @@ pub struct Running {
     /// The open listeners: configured address, bound address, and the token that closes it.
     listeners: Vec<Open>,
     workers: Vec<WorkerHandle>,
+    /// Health checks, drains and rebalancing.
+    supervisor: Supervisor,
 }
 
 struct Open {
@@ -115,6 +120,7 @@ impl Running {
         }
         let snapshot = Arc::new(Snapshot::new(config, Some(&current)));
         self.shared.snapshot.store(snapshot.clone());
+        self.supervisor.update(snapshot.clone());
         for (configured, (bound, sockets)) in added {
             let stop = CancellationToken::new();
             self.hand_out(configured, sockets, &stop)?;
@@ -165,6 +171,7 @@ impl Running {
             drop(worker.control);
             let _ = worker.thread.join();
         }
+        self.supervisor.stop();
     }
 }
 
@@ -178,8 +185,10 @@ pub fn start(config: Config) -> Result<Running, ServerError> {
     for listener in &config.listeners {
         bound.push((listener.address, bind_all(listener.address, workers)?));
     }
+    let snapshot = Arc::new(Snapshot::new(config, None));
+    let supervisor = Supervisor::start(snapshot.clone()).map_err(ServerError::Control)?;
     let shared = Arc::new(Shared {
-        snapshot: ArcSwap::from_pointee(Snapshot::new(config, None)),
+        snapshot: ArcSwap::new(snapshot),
         draining: CancellationToken::new(),
         force_close: CancellationToken::new(),
     });
@@ -201,6 +210,7 @@ pub fn start(config: Config) -> Result<Running, ServerError> {
         shared,
         listeners: Vec::new(),
         workers: handles,
+        supervisor,
     };
     for (configured, (address, sockets)) in bound {
         let stop = CancellationToken::new();

@@ -16,9 +16,10 @@ use serde::de::{self, Deserializer, MapAccess, Visitor};
 use toml::Spanned;
 
 use super::{
-    Balance, Config, DEFAULT_CONNECT_TIMEOUT, DEFAULT_STICKY_COOKIE, FrameRules, HashKey, HostMatch, Listener,
-    LogFormat, MAX_DURATION, MAX_WEIGHT, MAX_WORKERS, PathMatch, Relay, Route, Server, ServerSettings, Sticky,
-    StickyCookie, Upstream, parse_duration, parse_size,
+    Balance, Config, DEFAULT_CONNECT_TIMEOUT, DEFAULT_FALL, DEFAULT_HEALTH_INTERVAL, DEFAULT_HEALTH_TIMEOUT,
+    DEFAULT_REBALANCE_THRESHOLD, DEFAULT_RISE, DEFAULT_STICKY_COOKIE, FrameRules, HashKey, HealthCheck, HealthKind,
+    HostMatch, Listener, LogFormat, MAX_DURATION, MAX_EJECTION, MAX_WEIGHT, MAX_WORKERS, MIN_HEALTH_INTERVAL, Outlier,
+    PathMatch, Relay, Route, Server, ServerSettings, Sticky, StickyCookie, Upstream, parse_duration, parse_size,
 };
 
 /// Why a config file cannot be served.
@@ -207,6 +208,46 @@ struct RawUpstream {
     sticky: Option<Spanned<RawSticky>>,
     #[serde(default)]
     server: Vec<Spanned<RawServerEntry>>,
+    health: Option<Spanned<RawHealth>>,
+    outlier: Option<RawOutlier>,
+    retries: Option<Spanned<u32>>,
+    retry_budget_percent: Option<Spanned<u32>>,
+    max_connections: Option<Spanned<u32>>,
+    max_pending_handshakes: Option<Spanned<u32>>,
+    slow_start: Option<Spanned<Dur>>,
+    drain_rate: Option<Spanned<u32>>,
+    rebalance: Option<bool>,
+    rebalance_threshold: Option<Spanned<f64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHealth {
+    kind: Spanned<RawHealthKind>,
+    path: Option<Spanned<String>>,
+    host: Option<Spanned<String>>,
+    expect_status: Option<Spanned<Vec<Spanned<u16>>>>,
+    send: Option<Spanned<String>>,
+    interval: Option<Spanned<Dur>>,
+    timeout: Option<Spanned<Dur>>,
+    rise: Option<Spanned<u32>>,
+    fall: Option<Spanned<u32>>,
+}
+
+#[derive(Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+enum RawHealthKind {
+    Tcp,
+    Http,
+    Websocket,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOutlier {
+    consecutive_failures: Option<Spanned<u32>>,
+    ejection: Option<Spanned<Dur>>,
+    max_ejected_percent: Option<Spanned<u32>>,
 }
 
 #[derive(Deserialize, Clone, Copy, PartialEq, Eq)]
@@ -224,6 +265,9 @@ enum RawBalance {
 struct RawServerEntry {
     address: Spanned<String>,
     weight: Option<Spanned<u32>>,
+    backup: Option<bool>,
+    drain: Option<bool>,
+    max_connections: Option<Spanned<u32>>,
 }
 
 /// `sticky = "source_ip"`, or a table with `cookie = "NAME"` or `header = "NAME"`.
@@ -471,7 +515,13 @@ fn build_upstreams(raw: &[Spanned<RawUpstream>], report: &mut Report<'_>) -> Vec
                     "address",
                     format!("`{address}` is {}, which `{name}` already lists", resolved.address),
                 ),
-                Ok(resolved) => servers.push(Server { weight, ..resolved }),
+                Ok(resolved) => servers.push(Server {
+                    weight,
+                    backup: s.backup.unwrap_or(false),
+                    drain: s.drain.unwrap_or(false),
+                    max_connections: s.max_connections.as_ref().map(|m| *m.get_ref()),
+                    ..resolved
+                }),
                 Err(reason) => report.key(
                     &s.address,
                     "address",
@@ -504,9 +554,22 @@ fn build_upstreams(raw: &[Spanned<RawUpstream>], report: &mut Report<'_>) -> Vec
             }
             (None, _) => HashKey::SourceIp,
         };
+        for entry in &u.server {
+            if let Some(m) = &entry.get_ref().max_connections
+                && *m.get_ref() == 0
+            {
+                report.key(m, "max_connections", "must be at least 1 (leave it out for no limit)");
+            }
+        }
+        if !servers.is_empty() && servers.iter().all(|s| s.backup) {
+            report.at(
+                Some(upstream.span()),
+                format!("every server of upstream `{name}` is a backup: at least one must be a primary"),
+            );
+        }
         let sticky = u.sticky.as_ref().and_then(|s| build_sticky(s, &name, report));
+        let defaults = Upstream::new(&name, Vec::new());
         upstreams.push(Upstream {
-            name,
             balance,
             hash_key,
             connect_timeout: u
@@ -515,6 +578,22 @@ fn build_upstreams(raw: &[Spanned<RawUpstream>], report: &mut Report<'_>) -> Vec
                 .map_or(DEFAULT_CONNECT_TIMEOUT, |d| d.get_ref().0),
             sticky,
             servers,
+            health: u.health.as_ref().map(|h| build_health(h, report)),
+            outlier: build_outlier(u.outlier.as_ref(), report),
+            retries: limited(&u.retries, "retries", 0..=MAX_RETRIES, report).unwrap_or(defaults.retries),
+            retry_budget_percent: limited(&u.retry_budget_percent, "retry_budget_percent", 0..=100, report)
+                .unwrap_or(defaults.retry_budget_percent),
+            max_connections: limited(&u.max_connections, "max_connections", 1..=u32::MAX, report),
+            max_pending_handshakes: limited(
+                &u.max_pending_handshakes,
+                "max_pending_handshakes",
+                1..=u32::MAX,
+                report,
+            ),
+            slow_start: u.slow_start.as_ref().map(|d| d.get_ref().0).filter(|d| !d.is_zero()),
+            drain_rate: limited(&u.drain_rate, "drain_rate", 1..=MAX_DRAIN_RATE, report).unwrap_or(defaults.drain_rate),
+            rebalance: build_rebalance(u, report),
+            ..defaults
         });
         if let Some(d) = &u.connect_timeout
             && d.get_ref().0.is_zero()
@@ -588,6 +667,149 @@ fn build_sticky(raw: &Spanned<RawSticky>, upstream: &str, report: &mut Report<'_
         }
     }
 }
+
+/// The most retries an upstream may ask for.
+const MAX_RETRIES: u32 = 100;
+/// The fastest drain pace.
+const MAX_DRAIN_RATE: u32 = 100_000;
+
+/// A number key's value when it is within `range`; reported otherwise.
+fn limited(
+    value: &Option<Spanned<u32>>,
+    key: &str,
+    range: std::ops::RangeInclusive<u32>,
+    report: &mut Report<'_>,
+) -> Option<u32> {
+    let value = value.as_ref()?;
+    let v = *value.get_ref();
+    if range.contains(&v) {
+        return Some(v);
+    }
+    let expected = if *range.end() == u32::MAX {
+        format!("must be at least {}", range.start())
+    } else {
+        format!("must be from {} to {}", range.start(), range.end())
+    };
+    report.key(value, key, format!("{expected}, not {v}"));
+    None
+}
+
+fn build_rebalance(u: &RawUpstream, report: &mut Report<'_>) -> Option<f64> {
+    let threshold = match &u.rebalance_threshold {
+        Some(t) if !(t.get_ref().is_finite() && *t.get_ref() > 0.0 && *t.get_ref() <= 1.0) => {
+            report.key(t, "rebalance_threshold", "must be a fraction above 0 and at most 1, e.g. 0.1");
+            DEFAULT_REBALANCE_THRESHOLD
+        }
+        Some(t) => *t.get_ref(),
+        None => DEFAULT_REBALANCE_THRESHOLD,
+    };
+    if u.rebalance != Some(true)
+        && let Some(t) = &u.rebalance_threshold
+    {
+        report.key(t, "rebalance_threshold", "is used only with rebalance = true");
+    }
+    (u.rebalance == Some(true)).then_some(threshold)
+}
+
+fn build_outlier(raw: Option<&RawOutlier>, report: &mut Report<'_>) -> Outlier {
+    let defaults = Outlier::default();
+    let Some(raw) = raw else {
+        return defaults;
+    };
+    if let Some(d) = &raw.ejection
+        && !(Duration::from_secs(1)..=MAX_EJECTION).contains(&d.get_ref().0)
+    {
+        report.key(d, "outlier.ejection", "must be from 1s to 5m");
+    }
+    Outlier {
+        consecutive_failures: raw
+            .consecutive_failures
+            .as_ref()
+            .map_or(defaults.consecutive_failures, |c| *c.get_ref()),
+        ejection: raw.ejection.as_ref().map_or(defaults.ejection, |d| d.get_ref().0),
+        max_ejected_percent: limited(&raw.max_ejected_percent, "outlier.max_ejected_percent", 0..=100, report)
+            .unwrap_or(defaults.max_ejected_percent),
+    }
+}
+
+fn build_health(raw: &Spanned<RawHealth>, report: &mut Report<'_>) -> HealthCheck {
+    let h = raw.get_ref();
+    let kind = match h.kind.get_ref() {
+        RawHealthKind::Tcp => HealthKind::Tcp,
+        RawHealthKind::Http => HealthKind::Http,
+        RawHealthKind::Websocket => HealthKind::WebSocket,
+    };
+    let interval = h.interval.as_ref().map_or(DEFAULT_HEALTH_INTERVAL, |d| d.get_ref().0);
+    if let Some(d) = &h.interval
+        && d.get_ref().0 < MIN_HEALTH_INTERVAL
+    {
+        report.key(d, "health.interval", "must be at least 100ms");
+    }
+    let timeout = h.timeout.as_ref().map_or(DEFAULT_HEALTH_TIMEOUT, |d| d.get_ref().0);
+    if let Some(d) = &h.timeout
+        && d.get_ref().0.is_zero()
+    {
+        report.key(d, "health.timeout", "must be more than 0");
+    }
+    let rise = limited(&h.rise, "health.rise", 1..=MAX_RISE_FALL, report).unwrap_or(DEFAULT_RISE);
+    let fall = limited(&h.fall, "health.fall", 1..=MAX_RISE_FALL, report).unwrap_or(DEFAULT_FALL);
+    let not_for = |key: &str, kinds: &str, report: &mut Report<'_>| {
+        report.at(
+            Some(h.kind.span()),
+            format!("`health.{key}` is used only by {kinds} checks, not by this one"),
+        )
+    };
+    if kind == HealthKind::Tcp {
+        if h.path.is_some() {
+            not_for("path", "http and websocket", report);
+        }
+        if h.host.is_some() {
+            not_for("host", "http and websocket", report);
+        }
+    }
+    if kind != HealthKind::Http && h.expect_status.is_some() {
+        not_for("expect_status", "http", report);
+    }
+    if kind != HealthKind::WebSocket && h.send.is_some() {
+        not_for("send", "websocket", report);
+    }
+    if let Some(path) = &h.path
+        && !(path.get_ref().starts_with('/') && path.get_ref().bytes().all(|b| b.is_ascii_graphic()))
+    {
+        report.key(path, "health.path", "must start with / and hold only visible ASCII characters");
+    }
+    if let Some(host) = &h.host
+        && (host.get_ref().is_empty() || !host.get_ref().bytes().all(|b| b.is_ascii_graphic()))
+    {
+        report.key(host, "health.host", "must be a non-empty host name");
+    }
+    let mut expect_status = Vec::new();
+    if let Some(list) = &h.expect_status {
+        if list.get_ref().is_empty() {
+            report.key(list, "health.expect_status", "must list at least one status (leave it out for any 2xx)");
+        }
+        for status in list.get_ref() {
+            if !(100..=599).contains(status.get_ref()) {
+                report.key(status, "health.expect_status", format!("{} is not an HTTP status", status.get_ref()));
+            }
+            expect_status.push(*status.get_ref());
+        }
+    }
+    HealthCheck {
+        kind,
+        path: h.path.as_ref().map_or_else(|| "/".into(), |p| p.get_ref().clone()),
+        host: h.host.as_ref().map(|p| p.get_ref().clone()),
+        expect_status,
+        send: h.send.as_ref().map(|p| p.get_ref().clone()),
+        interval,
+        timeout,
+        rise,
+        fall,
+    }
+}
+
+/// The most consecutive results `rise` and `fall` may ask for.
+const MAX_RISE_FALL: u32 = 1000;
 
 /// An HTTP token (RFC 9110 §5.6.2): what header and cookie names are made of.
 fn is_token(s: &str) -> bool {

@@ -109,7 +109,98 @@ pub struct Upstream {
     pub connect_timeout: Duration,
     pub sticky: Option<Sticky>,
     pub servers: Vec<Server>,
+    /// Active health checks; `None` = servers are assumed up (passive outlier detection still applies).
+    pub health: Option<HealthCheck>,
+    pub outlier: Outlier,
+    /// Servers tried after the first one fails before the 101 (each server at most once).
+    pub retries: u32,
+    /// Retries may be at most this percentage of the handshakes in flight (at least [`MIN_RETRY_CONCURRENCY`]).
+    pub retry_budget_percent: u32,
+    /// Live connections to the whole upstream; over it new connections get 503.
+    pub max_connections: Option<u32>,
+    /// Handshakes waiting for a backend's answer; over it new connections get 503.
+    pub max_pending_handshakes: Option<u32>,
+    /// A server that comes back (up again, back from ejection, or new in a reload) ramps its share of new
+    /// connections from 10 % to full over this time.
+    pub slow_start: Option<Duration>,
+    /// Live connections closed per second on a server being drained (or shed to rebalance).
+    pub drain_rate: u32,
+    /// Shed connections from the busiest servers when a server joins or returns and the spread of live connections
+    /// is uneven by more than this fraction of even; `None` = never.
+    pub rebalance: Option<f64>,
 }
+
+/// Active health checking of an upstream's servers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HealthCheck {
+    pub kind: HealthKind,
+    /// Request path of `http` and `websocket` checks.
+    pub path: String,
+    /// `Host` of `http` and `websocket` checks; `None` = the server as written in the config.
+    pub host: Option<String>,
+    /// Statuses an `http` check accepts; empty = any 2xx.
+    pub expect_status: Vec<u16>,
+    /// Text a `websocket` check sends after the 101, expecting a message back; `None` = a ping, expecting its pong.
+    pub send: Option<String>,
+    pub interval: Duration,
+    pub timeout: Duration,
+    /// Consecutive successes that mark a down server up.
+    pub rise: u32,
+    /// Consecutive failures that mark an up server down.
+    pub fall: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HealthKind {
+    /// A TCP connection.
+    Tcp,
+    /// `GET path` answered with an accepted status.
+    Http,
+    /// A full upgrade handshake (accept key checked), one round trip, and a clean close 1000.
+    WebSocket,
+}
+
+/// Passive outlier detection: servers failing real handshakes are ejected for a while.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Outlier {
+    /// Consecutive failures (connect failure, reset or timeout before the answer, 5xx to the upgrade) that eject a
+    /// server; 0 = never.
+    pub consecutive_failures: u32,
+    /// How long a first ejection lasts; it doubles for a server ejected again soon after, up to [`MAX_EJECTION`].
+    pub ejection: Duration,
+    /// Never eject more than this percentage of an upstream's servers.
+    pub max_ejected_percent: u32,
+}
+
+impl Default for Outlier {
+    fn default() -> Self {
+        Self {
+            consecutive_failures: 5,
+            ejection: Duration::from_secs(30),
+            max_ejected_percent: 50,
+        }
+    }
+}
+
+/// The longest an ejection lasts, however often a server is ejected.
+pub const MAX_EJECTION: Duration = Duration::from_secs(300);
+/// Default number of servers tried after the first one fails.
+pub const DEFAULT_RETRIES: u32 = 2;
+/// Default share of the handshakes in flight that may be retries.
+pub const DEFAULT_RETRY_BUDGET_PERCENT: u32 = 20;
+/// Retries always allowed in flight, whatever the budget says (so that a quiet upstream can still retry).
+pub const MIN_RETRY_CONCURRENCY: u32 = 3;
+/// Default pace of a drain: connections closed per second.
+pub const DEFAULT_DRAIN_RATE: u32 = 50;
+/// Default health check settings.
+pub const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(2);
+pub const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(1);
+pub const DEFAULT_RISE: u32 = 2;
+pub const DEFAULT_FALL: u32 = 3;
+/// The shortest health check interval.
+pub const MIN_HEALTH_INTERVAL: Duration = Duration::from_millis(100);
+/// Default fraction of even by which the spread of live connections may differ before `rebalance` sheds.
+pub const DEFAULT_REBALANCE_THRESHOLD: f64 = 0.1;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Balance {
@@ -169,6 +260,35 @@ pub struct Server {
     pub address: SocketAddr,
     /// Relative share of new connections (1 to [`MAX_WEIGHT`]).
     pub weight: u32,
+    /// Takes connections only when every primary server is down or ejected.
+    pub backup: bool,
+    /// Takes no new connections; its live ones are closed at the upstream's `drain_rate`.
+    pub drain: bool,
+    /// Live connections to this server; when every server is at its limit new connections get 503.
+    pub max_connections: Option<u32>,
+}
+
+impl Upstream {
+    /// An upstream with every setting but its name, servers and balancing at its default.
+    pub fn new(name: &str, servers: Vec<Server>) -> Upstream {
+        Upstream {
+            name: name.into(),
+            balance: Balance::RoundRobin,
+            hash_key: HashKey::SourceIp,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            sticky: None,
+            servers,
+            health: None,
+            outlier: Outlier::default(),
+            retries: DEFAULT_RETRIES,
+            retry_budget_percent: DEFAULT_RETRY_BUDGET_PERCENT,
+            max_connections: None,
+            max_pending_handshakes: None,
+            slow_start: None,
+            drain_rate: DEFAULT_DRAIN_RATE,
+            rebalance: None,
+        }
+    }
 }
 
 /// The most worker threads.
@@ -441,12 +561,8 @@ impl Config {
                 idle_timeout: timeouts.idle.filter(|d| !d.is_zero()),
             }],
             upstreams: vec![Upstream {
-                name: "quick".into(),
-                balance: Balance::RoundRobin,
-                hash_key: HashKey::SourceIp,
                 connect_timeout: timeouts.connect,
-                sticky: None,
-                servers,
+                ..Upstream::new("quick", servers)
             }],
         })
     }
@@ -468,6 +584,9 @@ pub(crate) fn resolve(name: &str) -> Result<Server, String> {
         name: name.to_string(),
         address,
         weight: 1,
+        backup: false,
+        drain: false,
+        max_connections: None,
     })
 }
 

@@ -28,6 +28,7 @@ use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
 use super::frames::{FrameDir, Frames, Verdict};
+use super::{Stop, StopCause};
 use crate::observe::Counters;
 
 /// Size of the per-thread scratch buffer, and so of the largest single read.
@@ -100,7 +101,8 @@ impl std::fmt::Display for End {
 
 /// Relays between `client` and `backend` until the connection ends. `frames` turns on the frames mode. `early`
 /// holds bytes already read with the handshake heads (client to backend, backend to client): they go first, and in
-/// frames mode through the frame trackers like every other byte.
+/// frames mode through the frame trackers like every other byte. `stop` closes the connection: in frames mode with
+/// close frames, in tunnel mode at once.
 pub fn relay<'a>(
     client: &'a TcpStream,
     backend: &'a TcpStream,
@@ -108,6 +110,7 @@ pub fn relay<'a>(
     mut frames: Option<Box<Frames>>,
     early: [Vec<u8>; 2],
     counters: &'a mut Counters,
+    stop: Stop,
 ) -> impl Future<Output = End> + 'a {
     let mut halves = [Half::default(), Half::default()];
     for ((half, bytes), side) in halves.iter_mut().zip(early).zip([Side::Client, Side::Backend]) {
@@ -137,6 +140,7 @@ pub fn relay<'a>(
         }),
         frames,
         counters,
+        stop,
     }
 }
 
@@ -152,6 +156,7 @@ struct Relay<'a> {
     idle: Option<Idle>,
     frames: Option<Box<Frames>>,
     counters: &'a mut Counters,
+    stop: Stop,
 }
 
 struct Idle {
@@ -333,13 +338,18 @@ impl Future for Relay<'_> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<End> {
         let this = self.get_mut();
+        let stop = this.stop.poll(cx);
         match this.frames.take() {
             Some(mut frames) => {
-                let end = this.poll_frames(cx, &mut frames);
+                let end = this.poll_frames(cx, &mut frames, stop);
                 this.frames = Some(frames);
                 end
             }
-            None => this.poll_tunnel(cx),
+            None => match stop {
+                Some(StopCause::Shed(reason)) => Poll::Ready(End::ClosedByProxy(format!("{reason} (TCP closed)"))),
+                Some(StopCause::ShuttingDown) => Poll::Ready(End::ClosedByProxy("server shutting down".into())),
+                None => this.poll_tunnel(cx),
+            },
         }
     }
 }
@@ -398,7 +408,7 @@ impl Relay<'_> {
         self.poll_idle(cx, active)
     }
 
-    fn poll_frames(&mut self, cx: &mut Context<'_>, frames: &mut Frames) -> Poll<End> {
+    fn poll_frames(&mut self, cx: &mut Context<'_>, frames: &mut Frames, stop: Option<StopCause>) -> Poll<End> {
         let mut active = false;
         // Tokens earned since the last poll are handed out before the directions spend them.
         frames.account_rate();
@@ -446,7 +456,7 @@ impl Relay<'_> {
         let written = [self.up.delivered, self.down.delivered];
         let (client, backend) = (self.client, self.backend);
         let unacked = |i: usize| crate::sys::unacked_bytes(if i == 0 { backend } else { client });
-        match frames.poll_verdict(cx, pending, written, unacked) {
+        match frames.poll_verdict(cx, pending, written, unacked, stop) {
             Verdict::Continue => {}
             Verdict::Wake => cx.waker().wake_by_ref(),
             Verdict::End(end) => {

@@ -3,15 +3,14 @@
 //! [`Frames`] decides for the connection: limits and protocol violations become close codes, silent peers get pings,
 //! a dead or stuck peer gets its partner told with a close frame, and a drain closes with 1001.
 
-use std::future::Future;
 use std::hash::BuildHasher;
 use std::io;
 use std::pin::Pin;
 use std::task::Context;
 
 use tokio::time::{Instant, Sleep};
-use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
+use super::StopCause;
 use super::copy::{End, Side};
 use super::frame::{self, Rules, Step, Tracker, Violation, opcode};
 use crate::config::FrameRules;
@@ -195,12 +194,6 @@ pub struct Frames {
     tokens: [f64; 2],
     accounted: [u64; 2],
     refilled: Instant,
-    /// Cancelled when the server drains.
-    draining: CancellationToken,
-    /// Registers the connection's waker with `draining`: polled once, it stays registered, and later polls only
-    /// read the token's flag (polling the future again would take a lock on every relay wake-up).
-    drain: Pin<Box<WaitForCancellationFutureOwned>>,
-    drain_registered: bool,
     timer: Pin<Box<Sleep>>,
     timer_at: Option<Instant>,
 }
@@ -223,9 +216,8 @@ fn random_bytes<const N: usize>() -> [u8; N] {
 }
 
 impl Frames {
-    /// The frames state for a connection whose 101 negotiated `deflate` or not; `draining` is cancelled when the
-    /// server starts draining.
-    pub fn new(rules: FrameRules, deflate: bool, draining: CancellationToken) -> Box<Frames> {
+    /// The frames state for a connection whose 101 negotiated `deflate` or not.
+    pub fn new(rules: FrameRules, deflate: bool) -> Box<Frames> {
         let dir_rules = |masked| Rules {
             masked,
             rsv1_allowed: deflate,
@@ -251,9 +243,6 @@ impl Frames {
             tokens: [full; 2],
             accounted: [0; 2],
             refilled: now,
-            drain: Box::pin(draining.clone().cancelled_owned()),
-            draining,
-            drain_registered: false,
             timer: Box::pin(tokio::time::sleep_until(now)),
             timer_at: None,
         });
@@ -366,7 +355,7 @@ impl Frames {
         }
     }
 
-    /// Closes both sides with `code` (drain: 1001 "going away").
+    /// Closes both sides with `code` (shutdown: 1001 "going away"; a server drained: 1012 "service restart").
     fn close_both(&mut self, code: u16, reason: &str, why: String) {
         self.close_to(Side::Client, code, reason);
         self.close_to(Side::Backend, code, reason);
@@ -374,13 +363,15 @@ impl Frames {
     }
 
     /// Decides what happens to the connection after both directions have run.
-    /// `unacked(i)`: the bytes receiver i (0: the backend, 1: the client) has not acknowledged yet.
+    /// `unacked(i)`: the bytes receiver i (0: the backend, 1: the client) has not acknowledged yet. `stop`: wsgate
+    /// wants the connection closed (shutdown, or its server drained).
     pub(super) fn poll_verdict(
         &mut self,
         cx: &mut Context<'_>,
         pending: [bool; 2],
         written: [u64; 2],
         unacked: impl Fn(usize) -> Option<u64>,
+        stop: Option<StopCause>,
     ) -> Verdict {
         let now = Instant::now();
         for side in [Side::Client, Side::Backend] {
@@ -409,18 +400,17 @@ impl Frames {
                 });
             }
         }
-        let drained = if self.drain_registered {
-            self.draining.is_cancelled()
-        } else {
-            self.drain_registered = true;
-            self.drain.as_mut().poll(cx).is_ready()
-        };
-        if self.closing.is_none() && drained {
-            self.close_both(
+        match stop {
+            _ if self.closing.is_some() => {}
+            None => {}
+            Some(StopCause::ShuttingDown) => self.close_both(
                 1001,
                 "going away",
                 "server shutting down (close 1001 to both sides)".into(),
-            );
+            ),
+            Some(StopCause::Shed(reason)) => {
+                self.close_both(1012, reason, format!("{reason} (close 1012 to both sides)"))
+            }
         }
         let flushed = !pending[0] && !pending[1] && self.client.inject.is_empty() && self.backend.inject.is_empty();
         if flushed && let Some(end) = self.finished() {

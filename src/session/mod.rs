@@ -133,7 +133,7 @@ async fn run(shared: &Arc<Shared>, snapshot: &Arc<Snapshot>, accepted: Accepted,
         return;
     };
     let route = &snapshot.config.routes[switched.route];
-    record.end = relay_switched(shared, route, switched, &mut record.bytes)
+    record.end = relay_switched(shared, route, switched, record.id, &mut record.bytes)
         .await
         .to_string();
 }
@@ -145,18 +145,20 @@ struct Switched {
     /// Index of the route in the session's snapshot.
     route: usize,
     /// Counts the connection on its server while it lives.
-    _active: Active,
+    active: Active,
     /// The backend accepted permessage-deflate.
     deflate: bool,
     /// Bytes read with the handshake heads: client to backend, backend to client.
     early: [Vec<u8>; 2],
 }
 
-/// Relays a switched connection in its route's mode.
+/// Relays a switched connection in its route's mode. The session is registered on its server, so that a drain or
+/// a rebalance can close it (close 1012 in frames mode).
 async fn relay_switched(
     shared: &Shared,
     route: &Route,
     switched: Switched,
+    id: u64,
     counters: &mut crate::observe::Counters,
 ) -> relay::End {
     let Switched {
@@ -164,14 +166,18 @@ async fn relay_switched(
         backend,
         deflate,
         early,
-        _active,
+        mut active,
         ..
     } = switched;
-    let frames = match route.relay {
-        config::Relay::Tunnel => None,
-        config::Relay::Frames(rules) => Some(relay::Frames::new(rules, deflate, shared.draining.clone())),
+    let (frames, token) = match route.relay {
+        config::Relay::Tunnel => (None, CancellationToken::new()),
+        // A child of the shutdown token: a shutdown closes frames-mode connections with 1001 at once.
+        config::Relay::Frames(rules) => (Some(relay::Frames::new(rules, deflate)), shared.draining.child_token()),
     };
-    relay::relay(&client, &backend, route.idle_timeout, frames, early, counters).await
+    active.register(id, token.clone());
+    let server = active.server_arc().clone();
+    let stop = relay::Stop::new(token, shared.draining.clone(), move || server.shed_reason().text());
+    relay::relay(&client, &backend, route.idle_timeout, frames, early, counters, stop).await
 }
 
 /// An upgrade request routed, with its server choice made and its head for the backend written.
@@ -243,11 +249,11 @@ fn choose(upstream: &Upstream, req: &impl route::Request, client_ip: IpAddr) -> 
         IpAddr::V4(ip) => hash_bytes(&ip.octets()),
         IpAddr::V6(ip) => hash_bytes(&ip.octets()),
     };
-    let sticky = match &upstream.config.sticky {
-        Some(Sticky::Cookie(c)) => req.cookie(&c.name).and_then(|v| upstream.server_by_cookie(v)),
-        Some(Sticky::Header(name)) => req.header(name).map(|v| upstream.ring_owner(hash_bytes(v))),
-        Some(Sticky::SourceIp) => Some(upstream.ring_owner(ip_hash())),
-        None => None,
+    let (sticky, ring_key) = match &upstream.config.sticky {
+        Some(Sticky::Cookie(c)) => (req.cookie(&c.name).and_then(|v| upstream.server_by_cookie(v)), None),
+        Some(Sticky::Header(name)) => (None, req.header(name).map(hash_bytes)),
+        Some(Sticky::SourceIp) => (None, Some(ip_hash())),
+        None => (None, None),
     };
     let key = match (upstream.config.balance, &upstream.config.hash_key) {
         (Balance::SourceIp, _) | (Balance::ConsistentHash, HashKey::SourceIp) => Some(ip_hash()),
@@ -257,7 +263,7 @@ fn choose(upstream: &Upstream, req: &impl route::Request, client_ip: IpAddr) -> 
         (Balance::ConsistentHash, HashKey::Path) => Some(hash_bytes(req.path())),
         _ => None,
     };
-    Choice { sticky, key }
+    Choice { sticky, ring_key, key }
 }
 
 /// The `Set-Cookie` value that sticks a client to `server`, when the upstream uses a sticky cookie and the client
@@ -378,7 +384,7 @@ async fn open(
                 client,
                 backend,
                 route: prepared.route,
-                _active: server,
+                active: server,
                 deflate,
                 early: [client_early, backend_early.to_vec()],
             })
@@ -455,41 +461,42 @@ struct Opened {
     head: AnswerHead,
 }
 
-/// Connects to a server of the upstream, forwards the request head, and reads its answer. Refused or reset
-/// connections move on to the next server (each at most once); a timeout ends the attempt.
+/// Connects to a server of the upstream, forwards the request head, and reads its answer. A connect failure, a
+/// reset or a timeout before the answer moves on to another server, as the upstream's retries allow.
 async fn open_backend(
     upstream: &Upstream,
     handshake_timeout: Duration,
     prepared: &Prepared,
     record: &mut ConnectionRecord,
 ) -> Result<Opened, Refusal> {
-    let mut last = None;
-    for server in upstream.order(prepared.choice) {
-        let address = server.address;
+    let mut attempts = upstream::Attempts::start(upstream, prepared.choice)?;
+    loop {
+        let (i, active) = attempts.next()?;
+        let address = active.server().address;
         record.backend = Some(address);
-        let active = Active::new(server.clone());
         let mut backend = match upstream::connect(address, upstream.config.connect_timeout).await {
             Ok(b) => b,
-            Err(e @ UpstreamError::AllFailed { .. }) => {
-                last = Some(e);
+            Err(e) => {
+                attempts.failed(i, e);
                 continue;
             }
-            Err(e) => return Err(e.into()),
         };
         let exchange = timeout(
             handshake_timeout,
             exchange_heads(&mut backend, &prepared.forward, &prepared.accept),
         );
         match exchange.await {
-            Err(_) => {
-                return Err(UpstreamError::Timeout {
+            Err(_) => attempts.failed(
+                i,
+                UpstreamError::Timeout {
                     server: address,
                     during: "waiting for the handshake answer from",
                     after: handshake_timeout,
-                }
-                .into());
-            }
+                },
+            ),
             Ok(Ok((answer, head))) => {
+                let error_status = matches!(head, AnswerHead::Other { status, .. } if status >= 500);
+                attempts.answered(i, error_status);
                 return Ok(Opened {
                     backend,
                     server: active,
@@ -497,13 +504,15 @@ async fn open_backend(
                     head,
                 });
             }
-            Ok(Err(Exchange::Io(source))) => {
-                last = Some(UpstreamError::AllFailed {
+            Ok(Err(Exchange::Io(source))) => attempts.failed(
+                i,
+                UpstreamError::AllFailed {
                     server: address,
                     source,
-                })
-            }
+                },
+            ),
             Ok(Err(Exchange::Answer(source))) => {
+                attempts.answered(i, true);
                 return Err(Refusal::Answer {
                     server: address,
                     source,
@@ -511,7 +520,6 @@ async fn open_backend(
             }
         }
     }
-    Err(last.unwrap_or(UpstreamError::NoServers).into())
 }
 
 enum Exchange {
@@ -608,7 +616,11 @@ async fn write_within(stream: &mut TcpStream, bytes: &[u8], limit: Duration) -> 
 async fn refuse(mut client: TcpStream, record: &mut ConnectionRecord, refusal: Refusal) -> Option<Switched> {
     let status = refusal.status();
     let reason = refusal.to_string();
-    let answer = crate::http::error_response(status, &reason);
+    let retry_after = match &refusal {
+        Refusal::Upstream(e) => e.retry_after(),
+        _ => None,
+    };
+    let answer = crate::http::error_response_retry(status, &reason, retry_after);
     record.status = status;
     record.end = format!("refused: {reason}");
     if timeout(Duration::from_secs(5), client.write_all(&answer)).await.is_ok() {

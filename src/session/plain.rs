@@ -133,11 +133,11 @@ async fn relay_upgraded(switched: Upgrading, shared: &Shared, route: &Route, rec
         client,
         backend,
         route: route_index,
-        _active: server,
+        active: server,
         deflate,
         early: [client_early, backend_early.to_vec()],
     };
-    super::relay_switched(shared, route, switched, &mut record.bytes)
+    super::relay_switched(shared, route, switched, record.id, &mut record.bytes)
         .await
         .to_string()
 }
@@ -265,7 +265,7 @@ async fn forward(state: Arc<State>, mut req: Request<Incoming>) -> Result<Respon
                     strip_hop_by_hop(resp.headers_mut(), false);
                     resp.map(Either::Left)
                 }
-                Err(e) => error(e.status(), &e.to_string()),
+                Err(e) => upstream_error(&e),
             }
         }
     };
@@ -298,7 +298,7 @@ async fn upgrade(state: &State, target: Target, mut req: Request<Incoming>) -> R
         ..
     } = match open(upstream, target).await {
         Ok(backend) => backend,
-        Err(e) => return error(e.status(), &e.to_string()),
+        Err(e) => return upstream_error(&e),
     };
     let server = active.server().address;
     let wait = state.snapshot.config.server.handshake_timeout;
@@ -311,7 +311,7 @@ async fn upgrade(state: &State, target: Target, mut req: Request<Incoming>) -> R
                 during: "waiting for the handshake answer from",
                 after: wait,
             };
-            return error(e.status(), &e.to_string());
+            return upstream_error(&e);
         }
     };
     if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
@@ -422,19 +422,18 @@ async fn send(state: &State, target: Target, mut req: Request<Incoming>) -> Resu
     }
 }
 
-/// Opens a backend connection for plain HTTP: the servers in the upstream's order, each once.
+/// Opens a backend connection for plain HTTP: servers tried in turn as the upstream's retries allow.
 async fn open(upstream: &Upstream, target: Target) -> Result<Backend, UpstreamError> {
-    let mut last = UpstreamError::NoServers;
-    for server in upstream.order(target.choice) {
-        let active = Active::new(server.clone());
-        let address = server.address;
+    let mut attempts = upstream::Attempts::start(upstream, target.choice)?;
+    loop {
+        let (i, active) = attempts.next()?;
+        let address = active.server().address;
         let stream = match upstream::connect(address, upstream.config.connect_timeout).await {
             Ok(s) => s,
-            Err(e @ UpstreamError::AllFailed { .. }) => {
-                last = e;
+            Err(e) => {
+                attempts.failed(i, e);
                 continue;
             }
-            Err(e) => return Err(e),
         };
         match hyper::client::conn::http1::handshake(TokioIo::new(stream)).await {
             Ok((sender, conn)) => {
@@ -447,15 +446,15 @@ async fn open(upstream: &Upstream, target: Target) -> Result<Backend, UpstreamEr
                     sender,
                 });
             }
-            Err(e) => {
-                last = UpstreamError::AllFailed {
+            Err(e) => attempts.failed(
+                i,
+                UpstreamError::AllFailed {
                     server: address,
                     source: io::Error::other(e),
-                }
-            }
+                },
+            ),
         }
     }
-    Err(last)
 }
 
 fn rewrite_request(req: &mut Request<Incoming>, client_ip: std::net::IpAddr) {
@@ -501,6 +500,15 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, is_request: bool) {
     for name in drop {
         headers.remove(name);
     }
+}
+
+/// The answer to a request no backend server could take, with `Retry-After` when waiting may help.
+fn upstream_error(e: &UpstreamError) -> Response<Body> {
+    let mut resp = error(e.status(), &e.to_string());
+    if let Some(seconds) = e.retry_after() {
+        resp.headers_mut().insert(http::header::RETRY_AFTER, HeaderValue::from(seconds));
+    }
+    resp
 }
 
 fn error(status: u16, reason: &str) -> Response<Body> {

@@ -19,6 +19,8 @@ const MAX_SCHEDULE: u64 = 1 << 16;
 /// Building the schedule costs (servers × schedule length) steps; past this budget the schedule gets shorter, so
 /// that a reload of an upstream with thousands of servers still takes milliseconds, not seconds.
 const SCHEDULE_WORK: u64 = 1 << 24;
+/// A member's whole share of its weight, in thousandths (see [`Balancer::pick_usable`]).
+pub const FULL: u32 = 1000;
 /// splitmix64's increment (the golden ratio in 64-bit fixed point).
 const GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
 
@@ -106,19 +108,33 @@ impl Balancer {
         }
     }
 
-    /// Index (into `members`) of the server a new connection tries first. `key`: the hash of the request's key for
-    /// ConsistentHash (from `hash_key`); with `None`, ConsistentHash falls back to round robin. `active(i)`: live
-    /// connections of server i (used by LeastConn and RandomTwo). Never panics; `members` is never empty (the
-    /// caller guarantees it).
+    /// Index (into `members`) of the server a new connection tries first, ignoring availability (tests).
+    #[cfg(test)]
     pub fn pick(&self, key: Option<u64>, active: impl Fn(usize) -> u32) -> usize {
-        if self.weights.len() <= 1 {
-            return 0;
+        self.pick_usable(key, active, |_| FULL).unwrap_or(0)
+    }
+
+    /// Index (into `members`) of the server a new connection tries, among those `share(i)` lets take connections.
+    /// `key`: the hash of the request's key for ConsistentHash (from `hash_key`); with `None`, ConsistentHash falls
+    /// back to round robin. `active(i)`: live connections of server i (LeastConn and RandomTwo). `share(i)`: the part
+    /// of its weight server i has now, in thousandths: 0 for a server that must not be tried (down, ejected,
+    /// draining, full, already tried), [`FULL`] normally, in between while it ramps up after coming back (slow start).
+    /// `None` when no member may be tried.
+    pub fn pick_usable(
+        &self,
+        key: Option<u64>,
+        active: impl Fn(usize) -> u32,
+        share: impl Fn(usize) -> u32,
+    ) -> Option<usize> {
+        let n = self.weights.len();
+        if n <= 1 {
+            return (n == 1 && share(0) > 0).then_some(0);
         }
         match (self.strategy, key) {
-            (Strategy::ConsistentHash, Some(key)) => self.ring_owner(key),
-            (Strategy::RoundRobin | Strategy::ConsistentHash, _) => self.round_robin(),
-            (Strategy::LeastConn, _) => self.least_conn(&active),
-            (Strategy::RandomTwo, _) => self.random_two(&active),
+            (Strategy::ConsistentHash, Some(key)) => self.ring_walk(key, &share),
+            (Strategy::RoundRobin | Strategy::ConsistentHash, _) => self.round_robin(&active, &share),
+            (Strategy::LeastConn, _) => self.least_conn(&active, &share),
+            (Strategy::RandomTwo, _) => self.random_two(&active, &share),
         }
     }
 
@@ -133,38 +149,66 @@ impl Balancer {
             .map_or(0, |&(_, member)| member as usize)
     }
 
-    fn round_robin(&self) -> usize {
-        let len = self.schedule.len() as u64;
-        if len == 0 {
-            return 0;
+    /// The owner of `key` on the ring or, when it may not be tried, the next member along the ring that may: the keys
+    /// of a server that is down move to their neighbours only, the same on every instance, and come back with it.
+    pub fn ring_walk(&self, key: u64, share: &impl Fn(usize) -> u32) -> Option<usize> {
+        let n = self.weights.len();
+        if !(0..n).any(|i| share(i) > 0) {
+            return None;
         }
-        let at = self.counter.fetch_add(1, Ordering::Relaxed) % len;
-        self.schedule.get(at as usize).map_or(0, |&member| member as usize)
+        let at = self.ring.partition_point(|&(point, _)| point < key);
+        let (after, before) = self.ring.split_at(at.min(self.ring.len()));
+        before
+            .iter()
+            .chain(after)
+            .map(|&(_, member)| member as usize)
+            .find(|&m| share(m) > 0)
     }
 
-    /// Fewest live connections for its weight, compared as cross products so that no division rounds a difference
-    /// away. Ties go to the first one found scanning from a cursor that advances on every pick, so idle servers
-    /// take turns. Each server's count is read once: the counts move while we scan, and comparing against a
-    /// re-read value could make the comparison inconsistent.
-    fn least_conn(&self, active: &impl Fn(usize) -> u32) -> usize {
-        let n = self.weights.len();
-        let start = self.cursor.fetch_add(1, Ordering::Relaxed) % n;
-        let mut best = start;
-        let mut best_load = u64::from(active(start));
-        for i in (1..n).map(|k| (start + k) % n) {
-            let load = u64::from(active(i));
-            if load * self.weights[best] < best_load * self.weights[i] {
-                best = i;
-                best_load = load;
+    /// The next member of the smooth schedule that may be tried. A member ramping up is taken with a probability
+    /// equal to its share, and skipped otherwise. Past a bounded number of skips (most members unavailable), the
+    /// least loaded available member for its weight.
+    fn round_robin(&self, active: &impl Fn(usize) -> u32, share: &impl Fn(usize) -> u32) -> Option<usize> {
+        let len = self.schedule.len() as u64;
+        let tries = len.min(4 * self.weights.len() as u64 + 16);
+        for _ in 0..tries {
+            let at = self.counter.fetch_add(1, Ordering::Relaxed) % len;
+            let member = self.schedule.get(at as usize).map_or(0, |&m| m as usize);
+            let s = share(member);
+            if s >= FULL || (s > 0 && self.random_below(u64::from(FULL)) < u64::from(s)) {
+                return Some(member);
             }
         }
-        best
+        self.least_conn(active, share)
+    }
+
+    /// Fewest live connections for its weight (times its share), compared as cross products so that no division
+    /// rounds a difference away. Ties go to the first one found scanning from a cursor that advances on every pick,
+    /// so idle servers take turns. Each server's count is read once: the counts move while we scan, and comparing
+    /// against a re-read value could make the comparison inconsistent.
+    fn least_conn(&self, active: &impl Fn(usize) -> u32, share: &impl Fn(usize) -> u32) -> Option<usize> {
+        let n = self.weights.len();
+        let start = self.cursor.fetch_add(1, Ordering::Relaxed) % n;
+        let mut best: Option<(usize, u64, u64)> = None;
+        for i in (0..n).map(|k| (start + k) % n) {
+            let s = u64::from(share(i));
+            if s == 0 {
+                continue;
+            }
+            let load = u64::from(active(i));
+            let capacity = self.weights[i] * s;
+            match best {
+                Some((_, best_load, best_capacity)) if load * best_capacity >= best_load * capacity => {}
+                _ => best = Some((i, load, capacity)),
+            }
+        }
+        best.map(|(i, _, _)| i)
     }
 
     /// The power of two random choices: two distinct servers drawn in proportion to their weights, and the one with
     /// fewer live connections for its weight wins (the first drawn on a tie). It avoids both the herd effect of
     /// everyone choosing the same least-loaded server and a scan of every server's count.
-    fn random_two(&self, active: &impl Fn(usize) -> u32) -> usize {
+    fn random_two(&self, active: &impl Fn(usize) -> u32, share: &impl Fn(usize) -> u32) -> Option<usize> {
         let total = self.cumulative.last().copied().unwrap_or(0);
         let first = self.member_at(self.random_below(total));
         // The second is drawn from the others only, still in proportion to their weights: draw below the total
@@ -176,12 +220,17 @@ impl Balancer {
             x += first_weight;
         }
         let second = self.member_at(x);
+        let (share_first, share_second) = (u64::from(share(first)), u64::from(share(second)));
+        if share_first == 0 || share_second == 0 {
+            // Some members are unavailable: drawing again could take long; the least loaded of the rest is as good.
+            return self.least_conn(active, share);
+        }
         let load_first = u64::from(active(first));
         let load_second = u64::from(active(second));
-        if load_second * self.weights[first] < load_first * self.weights[second] {
-            second
+        if load_second * self.weights[first] * share_first < load_first * self.weights[second] * share_second {
+            Some(second)
         } else {
-            first
+            Some(first)
         }
     }
 
