@@ -72,6 +72,7 @@ impl Supervisor {
 /// A running health check.
 struct Check {
     check: HealthCheck,
+    server: Arc<ServerState>,
     stop: CancellationToken,
 }
 
@@ -172,10 +173,19 @@ impl Control {
                 wanted.insert(key(server), (check, upstream, server));
             }
         }
+        let listed: Vec<usize> = snapshot
+            .upstreams
+            .iter()
+            .flat_map(|u| u.servers().iter().map(key))
+            .collect();
         self.checks.retain(|k, running| {
             let keep = wanted.get(k).is_some_and(|(check, _, _)| **check == running.check);
             if !keep {
                 running.stop.cancel();
+                // A server that stays but is no longer checked is assumed up again, as an unchecked server is.
+                if !wanted.contains_key(k) && listed.contains(k) && running.server.set_down(false) {
+                    tracing::info!(server = %running.server.name, "health checks removed: down -> up");
+                }
             }
             keep
         });
@@ -195,15 +205,11 @@ impl Control {
                 k,
                 Check {
                     check: check.clone(),
+                    server: server.clone(),
                     stop,
                 },
             );
         }
-        let listed: Vec<usize> = snapshot
-            .upstreams
-            .iter()
-            .flat_map(|u| u.servers().iter().map(key))
-            .collect();
         let after = Instant::now() + snapshot.config.server.drain_timeout;
         for upstream in previous.map_or(&[][..], |p| &p.upstreams) {
             for server in upstream.servers() {

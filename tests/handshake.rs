@@ -682,7 +682,7 @@ async fn all_servers_refusing_gets_502() {
     let reason = refusal_reason(&reply, 502, "Bad Gateway");
     // The first connection starts at the first server, so the last one tried is the second.
     assert!(
-        reason.starts_with(&format!("every backend server failed; last: {dead2}: ")),
+        reason.starts_with(&format!("every backend server tried failed; last: {dead2}: ")),
         "{reason}"
     );
 }

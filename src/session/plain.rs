@@ -380,6 +380,7 @@ async fn send(state: &State, target: Target, mut req: Request<Incoming>) -> Resu
         let preferred = upstream.preferred(target.choice);
         let fits = backend.as_ref().is_some_and(|b| {
             b.upstream == target.upstream
+                && upstream.takes_new(b.server.server())
                 && preferred.is_none_or(|i| {
                     upstream
                         .servers()

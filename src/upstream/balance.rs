@@ -138,6 +138,30 @@ impl Balancer {
         }
     }
 
+    /// [`Balancer::pick_usable`] for a retry: round robin takes the next member of the schedule that may be tried
+    /// without moving the schedule on, so that retries do not shift the rotation of first attempts (with one
+    /// failing server out of two, it would otherwise get every first attempt).
+    pub fn pick_retry(
+        &self,
+        key: Option<u64>,
+        active: impl Fn(usize) -> u32,
+        share: impl Fn(usize) -> u32,
+    ) -> Option<usize> {
+        let round_robin = match (self.strategy, key) {
+            (Strategy::RoundRobin, _) | (Strategy::ConsistentHash, None) => self.weights.len() > 1,
+            _ => false,
+        };
+        if !round_robin {
+            return self.pick_usable(key, active, share);
+        }
+        let len = self.schedule.len() as u64;
+        let at = self.counter.load(Ordering::Relaxed);
+        (0..len.min(4 * self.weights.len() as u64 + 16))
+            .map(|k| self.schedule.get(((at + k) % len) as usize).map_or(0, |&m| m as usize))
+            .find(|&m| share(m) > 0)
+            .or_else(|| self.least_conn(&active, &share))
+    }
+
     /// Index of the server owning `key` on the consistent-hash ring (available whatever the strategy: sticky header
     /// and source-IP stickiness use it so that several wsgate instances agree without sharing state).
     pub fn ring_owner(&self, key: u64) -> usize {
@@ -395,6 +419,32 @@ mod tests {
         // Weights are divided by their gcd: 10, 2, 2 is the same 7-pick cycle.
         let scaled = Balancer::new(Strategy::RoundRobin, &members(&[10, 2, 2]), None, 1);
         assert_eq!(picks(&scaled, 7, &[0; 3]), [0, 0, 1, 0, 2, 0, 0]);
+    }
+
+    #[test]
+    fn retries_do_not_shift_the_round_robin_rotation() {
+        let b = Balancer::new(Strategy::RoundRobin, &members(&[1, 1, 1]), None, 1);
+        let mut firsts = Vec::new();
+        for _ in 0..6 {
+            let first = b.pick_usable(None, |_| 0, |_| FULL).expect("a member");
+            firsts.push(first);
+            let retry = b.pick_retry(None, |_| 0, |m| if m == first { 0 } else { FULL });
+            assert_eq!(retry, Some((first + 1) % 3), "the retry takes the next one along");
+        }
+        assert_eq!(firsts, [0, 1, 2, 0, 1, 2]);
+        assert_eq!(b.pick_retry(None, |_| 0, |_| 0), None);
+    }
+
+    #[test]
+    fn unavailable_members_are_skipped_by_every_strategy() {
+        for strategy in [Strategy::RoundRobin, Strategy::LeastConn, Strategy::RandomTwo, Strategy::ConsistentHash] {
+            let b = Balancer::new(strategy, &members(&[1, 2, 1, 1]), None, 7);
+            let share = |m: usize| if m == 1 || m == 3 { 0 } else { FULL };
+            let c = counts((0..1_000u64).map(|k| b.pick_usable(Some(k.wrapping_mul(GAMMA)), |_| 0, share).expect("some")), 4);
+            assert_eq!((c[1], c[3]), (0, 0), "{strategy:?}: {c:?}");
+            assert!(c[0] > 200 && c[2] > 200, "{strategy:?}: {c:?}");
+            assert_eq!(b.pick_usable(None, |_| 0, |_| 0), None, "{strategy:?}");
+        }
     }
 
     #[test]

@@ -429,6 +429,16 @@ impl Upstream {
         !config.drain && !state.is_down() && !state.is_ejected(now)
     }
 
+    /// Whether `server` (of this upstream) may take new requests: a keep-alive backend connection to a server that
+    /// went down, was ejected or is in drain is not reused.
+    pub fn takes_new(&self, server: &ServerState) -> bool {
+        let now = now_ms();
+        self.servers
+            .iter()
+            .position(|s| std::ptr::eq(&**s, server))
+            .is_some_and(|i| self.healthy(i, now))
+    }
+
     /// The group new connections go to: the primaries while one of them is healthy, else the backups.
     fn group(&self, now: u64) -> Option<&Group> {
         [&self.primary, &self.backup]
@@ -488,7 +498,12 @@ impl Upstream {
         }
         let share = |m: usize| self.share(group.members[m], now, tried);
         let active = |m: usize| self.servers[group.members[m]].active();
-        match group.balancer.pick_usable(choice.key, active, share) {
+        let pick = if tried.is_empty() {
+            group.balancer.pick_usable(choice.key, active, share)
+        } else {
+            group.balancer.pick_retry(choice.key, active, share)
+        };
+        match pick {
             Some(m) => Ok(group.members[m]),
             None if group.members.iter().any(|&i| !tried.contains(&i) && self.healthy(i, now)) => {
                 Err(Unavailable::Full)

@@ -1,0 +1,413 @@
+//! Active health checks against real servers: a killed backend is marked down within `fall` intervals and up
+//! again within `rise` intervals of its restart; each kind of check fails against a server that breaks it; a
+//! health endpoint that hangs, answers garbage or closes mid-handshake marks its server down without leaking
+//! sockets; checks of a server removed by a reload stop; bad `[upstream.health]` keys are refused with their line.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+
+use support::{Proxy, backend_name, connect, unused_addr, ws_backend, ws_backend_on};
+
+/// How a fake server treats each connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Script {
+    /// Accepts and never answers.
+    Hang,
+    /// Answers the request head with bytes that are not HTTP.
+    Garbage,
+    /// Starts an answer and closes in the middle of it.
+    CloseMidAnswer,
+    /// Answers with this status (and an empty body).
+    Status(u16),
+    /// Answers an upgrade with a 101 whose accept key is wrong.
+    WrongAccept,
+    /// Completes the upgrade, then never answers a frame.
+    SilentAfter101,
+    /// Completes the upgrade for WebSocket requests (then stays silent) and answers plain requests to `/health`
+    /// with this status.
+    UpgradeAndHealth(u16),
+}
+
+/// A scripted TCP server that counts the connections it accepted and those still open.
+struct Fake {
+    addr: SocketAddr,
+    accepted: Arc<AtomicUsize>,
+    open: Arc<AtomicUsize>,
+    most_open: Arc<AtomicUsize>,
+    upgrades: Arc<AtomicUsize>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for Fake {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Fake {
+    async fn start(script: Script) -> Fake {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let open = Arc::new(AtomicUsize::new(0));
+        let most_open = Arc::new(AtomicUsize::new(0));
+        let upgrades = Arc::new(AtomicUsize::new(0));
+        let counters = (accepted.clone(), open.clone(), most_open.clone(), upgrades.clone());
+        let task = tokio::spawn(async move {
+            let (accepted, open, most_open, upgrades) = counters;
+            let mut conns = tokio::task::JoinSet::new();
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                accepted.fetch_add(1, Ordering::SeqCst);
+                let now_open = open.fetch_add(1, Ordering::SeqCst) + 1;
+                most_open.fetch_max(now_open, Ordering::SeqCst);
+                let (open, upgrades) = (open.clone(), upgrades.clone());
+                conns.spawn(async move {
+                    serve(stream, script, &upgrades).await;
+                    open.fetch_sub(1, Ordering::SeqCst);
+                });
+            }
+        });
+        Fake {
+            addr,
+            accepted,
+            open,
+            most_open,
+            upgrades,
+            task,
+        }
+    }
+
+    fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+}
+
+/// Reads a request head (up to 16 KiB); `None` when the peer closed first.
+async fn read_head(stream: &mut TcpStream) -> Option<String> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 1024];
+    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+        if buf.len() > 16 * 1024 {
+            return None;
+        }
+    }
+    Some(String::from_utf8_lossy(&buf).into_owned())
+}
+
+fn key_of(head: &str) -> Option<String> {
+    head.lines()
+        .find_map(|l| l.strip_prefix("Sec-WebSocket-Key: ").or_else(|| l.strip_prefix("sec-websocket-key: ")))
+        .map(|k| k.trim().to_string())
+}
+
+/// Waits for the peer to close (reading and dropping what it sends).
+async fn until_closed(stream: &mut TcpStream) {
+    let mut sink = [0u8; 1024];
+    while let Ok(n) = stream.read(&mut sink).await {
+        if n == 0 {
+            break;
+        }
+    }
+}
+
+async fn switch(stream: &mut TcpStream, head: &str) {
+    let accept = derive_accept_key(key_of(head).unwrap_or_default().as_bytes());
+    let answer =
+        format!("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n");
+    let _ = stream.write_all(answer.as_bytes()).await;
+}
+
+async fn serve(mut stream: TcpStream, script: Script, upgrades: &AtomicUsize) {
+    if script == Script::Hang {
+        return until_closed(&mut stream).await;
+    }
+    let Some(head) = read_head(&mut stream).await else {
+        return;
+    };
+    let status = |code: u16| format!("HTTP/1.1 {code} Status\r\nContent-Length: 0\r\n\r\n");
+    match script {
+        Script::Hang => {}
+        Script::Garbage => {
+            let _ = stream.write_all(b"\x00\xff\x13 this is not HTTP\r\n\r\n").await;
+        }
+        Script::CloseMidAnswer => {
+            let _ = stream.write_all(b"HTTP/1.1 101 Swit").await;
+            return;
+        }
+        Script::Status(code) => {
+            let _ = stream.write_all(status(code).as_bytes()).await;
+        }
+        Script::WrongAccept => {
+            let answer = "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                          Sec-WebSocket-Accept: AAAAAAAAAAAAAAAAAAAAAAAAAAA=\r\n\r\n";
+            let _ = stream.write_all(answer.as_bytes()).await;
+        }
+        Script::SilentAfter101 => switch(&mut stream, &head).await,
+        Script::UpgradeAndHealth(code) => {
+            if key_of(&head).is_some() {
+                upgrades.fetch_add(1, Ordering::SeqCst);
+                switch(&mut stream, &head).await;
+            } else {
+                let _ = stream.write_all(status(code).as_bytes()).await;
+            }
+        }
+    }
+    until_closed(&mut stream).await;
+}
+
+/// One upstream `app` over `servers`, checked as `health` says; retries and outlier detection off, so that only
+/// the health checks decide where connections go.
+fn config(servers: &[SocketAddr], health: &str) -> String {
+    let mut text = String::from(
+        "[[listener]]\nname = \"l\"\naddress = \"127.0.0.1:0\"\n\n[[route]]\nupstream = \"app\"\n\n\
+         [[upstream]]\nname = \"app\"\nretries = 0\n",
+    );
+    for s in servers {
+        text.push_str(&format!("[[upstream.server]]\naddress = \"{s}\"\n"));
+    }
+    text.push_str("[upstream.outlier]\nconsecutive_failures = 0\n[upstream.health]\n");
+    text.push_str(health);
+    text
+}
+
+/// Whether server `i` of the first upstream is down, as new connections see it.
+fn is_down(proxy: &Proxy, i: usize) -> bool {
+    proxy.snapshot().upstreams[0].servers()[i].is_down()
+}
+
+/// Waits until server `i` is down (or up); returns how long that took.
+async fn wait_state(proxy: &Proxy, i: usize, down: bool, limit: Duration) -> Duration {
+    let start = Instant::now();
+    while is_down(proxy, i) != down {
+        assert!(
+            start.elapsed() < limit,
+            "server {i} not {} within {limit:?}",
+            if down { "down" } else { "up" }
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    start.elapsed()
+}
+
+#[tokio::test]
+async fn a_killed_backend_is_down_within_fall_intervals_and_up_within_rise_intervals_of_its_restart() {
+    let a = ws_backend("a").await;
+    let b = ws_backend("b").await;
+    let a_addr = a.addr;
+    let interval = Duration::from_millis(200);
+    let proxy = Proxy::from_toml(&config(
+        &[a.addr, b.addr],
+        "kind = \"websocket\"\ninterval = \"200ms\"\ntimeout = \"150ms\"\nrise = 2\nfall = 3\n",
+    ));
+    // Checks pass: the server stays up, and connections go to both.
+    tokio::time::sleep(interval * 2).await;
+    assert!(!is_down(&proxy, 0));
+    let mut names = Vec::new();
+    for _ in 0..4 {
+        let mut ws = connect(&proxy.url("/")).await;
+        names.push(backend_name(&mut ws).await);
+    }
+    assert!(names.contains(&"a".to_string()) && names.contains(&"b".to_string()), "{names:?}");
+
+    a.kill();
+    // fall checks, one interval apart (±10 % jitter), the first within one interval of the kill.
+    let took = wait_state(&proxy, 0, true, interval.mul_f64(3.0 * 1.1) + Duration::from_millis(150)).await;
+    eprintln!("marked down {took:?} after the kill (fall 3 x interval 200ms)");
+    // Down: every new connection goes to b, with retries off (a dead server picked would be a 502).
+    for _ in 0..20 {
+        let mut ws = connect(&proxy.url("/")).await;
+        assert_eq!(backend_name(&mut ws).await, "b");
+    }
+
+    let restarted = ws_backend_on("a", a_addr).await;
+    let took = wait_state(&proxy, 0, false, interval.mul_f64(2.0 * 1.1) + Duration::from_millis(150)).await;
+    eprintln!("marked up {took:?} after the restart (rise 2 x interval 200ms)");
+    let mut names = Vec::new();
+    for _ in 0..4 {
+        let mut ws = connect(&proxy.url("/")).await;
+        names.push(backend_name(&mut ws).await);
+    }
+    assert!(names.contains(&"a".to_string()), "{names:?}");
+    drop(restarted);
+}
+
+#[tokio::test]
+async fn a_server_failing_its_http_check_gets_no_new_handshake() {
+    // The server still upgrades WebSockets, but its /health says 503: once down, no handshake reaches it.
+    let sick = Fake::start(Script::UpgradeAndHealth(503)).await;
+    let well = Fake::start(Script::UpgradeAndHealth(200)).await;
+    let proxy = Proxy::from_toml(&config(
+        &[sick.addr, well.addr],
+        "kind = \"http\"\npath = \"/health\"\ninterval = \"100ms\"\ntimeout = \"100ms\"\nrise = 1\nfall = 2\n",
+    ));
+    wait_state(&proxy, 0, true, Duration::from_secs(2)).await;
+    let before = sick.upgrades.load(Ordering::SeqCst);
+    let well_before = well.upgrades.load(Ordering::SeqCst);
+    for _ in 0..30 {
+        let _ws = connect(&proxy.url("/")).await;
+    }
+    assert_eq!(sick.upgrades.load(Ordering::SeqCst), before);
+    assert_eq!(well.upgrades.load(Ordering::SeqCst), well_before + 30);
+}
+
+/// Every kind of check marks down a server that fails it, and keeps up one that passes it.
+#[tokio::test]
+async fn each_kind_of_check_fails_against_a_server_that_breaks_it() {
+    let fast = "interval = \"100ms\"\ntimeout = \"200ms\"\nrise = 1\nfall = 2\n";
+    let http_ok = Fake::start(Script::Status(200)).await;
+    let http_500 = Fake::start(Script::Status(500)).await;
+    let http_204 = Fake::start(Script::Status(204)).await;
+    let echo = ws_backend("echo").await;
+    let wrong_accept = Fake::start(Script::WrongAccept).await;
+    let silent = Fake::start(Script::SilentAfter101).await;
+    let refused = unused_addr();
+    let cases: Vec<(&str, SocketAddr, String, bool)> = vec![
+        ("tcp, refused", refused, format!("kind = \"tcp\"\n{fast}"), true),
+        ("tcp, listening", http_500.addr, format!("kind = \"tcp\"\n{fast}"), false),
+        ("http, 500", http_500.addr, format!("kind = \"http\"\n{fast}"), true),
+        ("http, 200", http_ok.addr, format!("kind = \"http\"\n{fast}"), false),
+        (
+            "http, 204 not in expect_status",
+            http_204.addr,
+            format!("kind = \"http\"\nexpect_status = [200]\n{fast}"),
+            true,
+        ),
+        ("websocket, wrong accept key", wrong_accept.addr, format!("kind = \"websocket\"\n{fast}"), true),
+        ("websocket, ping never answered", silent.addr, format!("kind = \"websocket\"\n{fast}"), true),
+        ("websocket, ping answered", echo.addr, format!("kind = \"websocket\"\n{fast}"), false),
+        (
+            "websocket, text echoed",
+            echo.addr,
+            format!("kind = \"websocket\"\nsend = \"are you there\"\n{fast}"),
+            false,
+        ),
+    ];
+    let proxies: Vec<(&str, Proxy, bool)> = cases
+        .into_iter()
+        .map(|(name, addr, health, fails)| (name, Proxy::from_toml(&config(&[addr], &health)), fails))
+        .collect();
+    for (name, proxy, fails) in &proxies {
+        if *fails {
+            let took = wait_state(proxy, 0, true, Duration::from_secs(3)).await;
+            eprintln!("{name}: down after {took:?}");
+        }
+    }
+    // The passing ones have had several checks by now: still up.
+    for (name, proxy, fails) in &proxies {
+        assert_eq!(is_down(proxy, 0), *fails, "{name}");
+    }
+    // A passing WebSocket check ends with a clean close 1000 on the backend.
+    let mut echo = echo;
+    let mut saw_close = false;
+    for _ in 0..20 {
+        if let support::Event::Closed(Some((1000, _))) = echo.next_event().await {
+            saw_close = true;
+            break;
+        }
+    }
+    assert!(saw_close, "the echo backend saw a close 1000 from the checks");
+}
+
+/// A health endpoint that hangs, answers garbage or closes mid-answer marks its server down, and each check's
+/// socket is closed when the check ends: the servers never see more than a couple of wsgate's sockets open at a
+/// time, and none once the proxy has stopped.
+#[tokio::test]
+async fn broken_health_endpoints_mark_down_without_leaking_sockets() {
+    let fast = "interval = \"100ms\"\ntimeout = \"100ms\"\nrise = 1\nfall = 2\n";
+    let hang = Fake::start(Script::Hang).await;
+    let garbage = Fake::start(Script::Garbage).await;
+    let mid = Fake::start(Script::CloseMidAnswer).await;
+    let fakes = [&hang, &garbage, &mid];
+    let mut proxies = Vec::new();
+    for kind in ["http", "websocket"] {
+        for fake in fakes {
+            let text = config(&[fake.addr], &format!("kind = \"{kind}\"\n{fast}"));
+            proxies.push((kind, fake.addr, Proxy::from_toml(&text)));
+        }
+    }
+    for (kind, addr, proxy) in &proxies {
+        let took = wait_state(proxy, 0, true, Duration::from_secs(3)).await;
+        eprintln!("{kind} check of {addr}: down after {took:?}");
+    }
+    // Let each server see a couple of dozen checks.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while fakes.iter().any(|f| f.accepted() < 2 * 20) {
+        assert!(Instant::now() < deadline, "checks kept running");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for fake in fakes {
+        // Two proxies check each server, each check at most `timeout` long, one `interval` apart.
+        let most = fake.most_open.load(Ordering::SeqCst);
+        assert!(most <= 4, "{:?}: {most} of wsgate's sockets open at once", fake.addr);
+    }
+    for (_, _, proxy) in proxies {
+        tokio::task::spawn_blocking(move || proxy.shutdown_and_join())
+            .await
+            .expect("joined");
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while fakes.iter().any(|f| f.open.load(Ordering::SeqCst) > 0) {
+        assert!(Instant::now() < deadline, "a check's socket outlived the proxy");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn checks_of_a_server_removed_by_a_reload_stop() {
+    let checked = Fake::start(Script::Status(200)).await;
+    let other = Fake::start(Script::Status(200)).await;
+    let health = "kind = \"http\"\ninterval = \"100ms\"\ntimeout = \"100ms\"\n";
+    let mut proxy = Proxy::from_toml(&config(&[checked.addr, other.addr], health));
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while checked.accepted() < 3 {
+        assert!(Instant::now() < deadline, "no checks");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    proxy.reload(&config(&[other.addr], health));
+    // A check in flight at the reload may still land; after that, none.
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let after = checked.accepted();
+    let still = other.accepted();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(checked.accepted(), after, "the removed server is no longer checked");
+    assert!(other.accepted() >= still + 4, "the server that stays is still checked");
+}
+
+#[test]
+fn bad_health_keys_are_refused_with_their_line() {
+    let base = config(&[SocketAddr::from(([127, 0, 0, 1], 9))], "");
+    let cases = [
+        ("kind = \"tcp\"\nrise = 0\n", "`health.rise`: must be from 1 to 1000, not 0"),
+        ("kind = \"tcp\"\ninterval = \"50ms\"\n", "`health.interval`: must be at least 100ms"),
+        ("kind = \"smoke-signals\"\n", "unknown variant `smoke-signals`"),
+        ("kind = \"tcp\"\npath = \"/health\"\n", "`health.path` is used only by http and websocket checks"),
+        ("kind = \"http\"\nexpect_status = [700]\n", "700 is not an HTTP status"),
+        ("kind = \"http\"\nsend = \"hi\"\n", "`health.send` is used only by websocket checks"),
+        ("interval = \"1s\"\n", "missing field `kind`"),
+    ];
+    let health_line = base.lines().count();
+    for (health, expected) in cases {
+        let text = format!("{base}{health}");
+        let problems = wsgate::config::file::parse(&text, "t.toml").expect_err(health);
+        let first = problems.first().expect("a problem");
+        assert!(first.message.contains(expected), "{health}: {}", first.message);
+        assert!(first.line >= health_line, "{health}: placed at line {}", first.line);
+    }
+}
