@@ -101,6 +101,23 @@ impl Proxy {
         format!("ws://{}{}", self.addr, path)
     }
 
+    /// Reloads from config file text (one worker; the drain timeout the proxy has), as SIGHUP would.
+    pub fn reload(&mut self, text: &str) {
+        let running = self.running.as_mut().expect("running");
+        let mut config = wsgate::config::file::parse(text, "test.toml").unwrap_or_else(|problems| {
+            let lines: Vec<String> = problems.iter().map(ToString::to_string).collect();
+            panic!("test config refused:\n{}\n{text}", lines.join("\n"))
+        });
+        config.server.workers = 1;
+        config.server.drain_timeout = running.snapshot().config.server.drain_timeout;
+        running.reload(config).expect("reload");
+    }
+
+    /// The config and upstream state new connections get.
+    pub fn snapshot(&self) -> std::sync::Arc<wsgate::session::Snapshot> {
+        self.running.as_ref().expect("running").snapshot()
+    }
+
     /// Stops accepting and waits for the drain to finish.
     pub fn shutdown_and_join(mut self) {
         if let Some(running) = self.running.take() {
@@ -176,7 +193,12 @@ pub fn ws_config() -> WebSocketConfig {
 }
 
 pub async fn ws_backend(name: &str) -> Backend {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind backend");
+    ws_backend_on(name, SocketAddr::from(([127, 0, 0, 1], 0))).await
+}
+
+/// [`ws_backend`] on a given address (to start a killed backend again on its port).
+pub async fn ws_backend_on(name: &str, addr: SocketAddr) -> Backend {
+    let listener = TcpListener::bind(addr).await.expect("bind backend");
     let addr = listener.local_addr().expect("addr");
     let (tx, events) = mpsc::unbounded_channel();
     let name = name.to_string();
