@@ -69,10 +69,10 @@ impl Supervisor {
     }
 }
 
-/// A running health check.
+/// The running health checks of one upstream.
 struct Check {
     check: HealthCheck,
-    server: Arc<ServerState>,
+    servers: Vec<Arc<ServerState>>,
     stop: CancellationToken,
 }
 
@@ -123,8 +123,8 @@ struct Rebalancing {
 
 #[derive(Default)]
 struct Control {
-    /// Health checks by server (the address of its shared state).
-    checks: HashMap<usize, Check>,
+    /// Health checks by upstream name.
+    checks: HashMap<String, Check>,
     /// Servers in drain, by server.
     draining: HashMap<usize, Pace>,
     removed: Vec<Removed>,
@@ -162,53 +162,86 @@ impl Control {
         }
     }
 
-    /// Starts and stops health checks to match `snapshot`, and notes the servers it no longer lists.
+    /// Starts and stops health checks to match `snapshot`, arms rebalancing of upstreams a server joined, and notes
+    /// the servers it no longer lists.
     fn follow(&mut self, snapshot: &Snapshot, previous: Option<&Snapshot>) {
-        let mut wanted = HashMap::new();
-        for upstream in &snapshot.upstreams {
-            let Some(check) = &upstream.config.health else {
-                continue;
-            };
-            for server in upstream.servers() {
-                wanted.insert(key(server), (check, upstream, server));
-            }
-        }
         let listed: Vec<usize> = snapshot
             .upstreams
             .iter()
             .flat_map(|u| u.servers().iter().map(key))
             .collect();
-        self.checks.retain(|k, running| {
-            let keep = wanted.get(k).is_some_and(|(check, _, _)| **check == running.check);
+        let wanted: HashMap<&str, &Upstream> = snapshot
+            .upstreams
+            .iter()
+            .filter(|u| u.config.health.is_some())
+            .map(|u| (u.config.name.as_str(), u))
+            .collect();
+        let unchanged = |running: &Check, upstream: &Upstream| {
+            upstream.config.health.as_ref() == Some(&running.check)
+                && running.servers.len() == upstream.servers().len()
+                && running
+                    .servers
+                    .iter()
+                    .zip(upstream.servers())
+                    .all(|(a, b)| Arc::ptr_eq(a, b))
+        };
+        let checked: Vec<usize> = wanted.values().flat_map(|u| u.servers().iter().map(key)).collect();
+        self.checks.retain(|name, running| {
+            let keep = wanted.get(name.as_str()).is_some_and(|u| unchanged(running, u));
             if !keep {
                 running.stop.cancel();
                 // A server that stays but is no longer checked is assumed up again, as an unchecked server is.
-                if !wanted.contains_key(k) && listed.contains(k) && running.server.set_down(false) {
-                    tracing::info!(server = %running.server.name, "health checks removed: down -> up");
+                for server in &running.servers {
+                    let k = key(server);
+                    if !checked.contains(&k) && listed.contains(&k) && server.set_down(false) {
+                        tracing::info!(upstream = %name, server = %server.name, "health checks removed: down -> up");
+                    }
                 }
             }
             keep
         });
-        for (k, (check, upstream, server)) in wanted {
-            if self.checks.contains_key(&k) {
+        for (name, upstream) in wanted {
+            let Some(check) = &upstream.config.health else {
+                continue;
+            };
+            if self.checks.contains_key(name) {
                 continue;
             }
             let stop = CancellationToken::new();
             tokio::spawn(health::run(
                 check.clone(),
-                upstream.config.name.clone(),
-                server.clone(),
+                name.to_string(),
+                upstream.servers().to_vec(),
                 upstream.shared.clone(),
                 stop.clone(),
             ));
             self.checks.insert(
-                k,
+                name.to_string(),
                 Check {
                     check: check.clone(),
-                    server: server.clone(),
+                    servers: upstream.servers().to_vec(),
                     stop,
                 },
             );
+        }
+        if let Some(previous) = previous {
+            // A server joined: its upstream may need evening out. Armed here, on the control thread, so that no
+            // look at the old snapshot can disarm it in between.
+            for upstream in &snapshot.upstreams {
+                let old = previous
+                    .upstreams
+                    .iter()
+                    .find(|o| o.config.name == upstream.config.name);
+                let joined = old.is_some_and(|o| {
+                    upstream
+                        .servers()
+                        .iter()
+                        .any(|s| !o.servers().iter().any(|p| Arc::ptr_eq(p, s)))
+                });
+                if joined {
+                    upstream.shared.rebalance_armed.store(true, Ordering::Relaxed);
+                }
+            }
         }
         let after = Instant::now() + snapshot.config.server.drain_timeout;
         for upstream in previous.map_or(&[][..], |p| &p.upstreams) {
@@ -237,10 +270,12 @@ impl Control {
         }
         // Drains of servers the snapshot no longer has in drain stop.
         self.draining.retain(|k, _| {
-            snapshot
-                .upstreams
-                .iter()
-                .any(|u| u.servers().iter().zip(&u.config.servers).any(|(s, c)| key(s) == *k && c.drain))
+            snapshot.upstreams.iter().any(|u| {
+                u.servers()
+                    .iter()
+                    .zip(&u.config.servers)
+                    .any(|(s, c)| key(s) == *k && c.drain)
+            })
         });
     }
 
@@ -267,7 +302,9 @@ impl Control {
                         );
                         Pace::now()
                     });
-                    pace.run(now, upstream.config.drain_rate, || server.shed_one(ShedReason::Draining));
+                    pace.run(now, upstream.config.drain_rate, || {
+                        server.shed_one(ShedReason::Draining)
+                    });
                     busy = true;
                 }
             }
@@ -303,26 +340,9 @@ impl Control {
         if !upstream.shared.rebalance_armed.load(Ordering::Relaxed) {
             return false;
         }
-        let members: Vec<(usize, f64)> = (0..upstream.servers().len())
-            .filter(|&i| upstream.healthy(i, now_ms) && !upstream.config.servers[i].backup)
-            .map(|i| (upstream.servers()[i].sessions(), f64::from(upstream.config.servers[i].weight)))
-            .collect();
-        let total: usize = members.iter().map(|m| m.0).sum();
-        let weights: f64 = members.iter().map(|m| m.1).sum();
-        // The server furthest over its fair share, and how many connections are over their share in all.
-        let mut busiest: Option<(usize, f64)> = None;
-        let mut excess = 0.0;
-        for (i, &(count, weight)) in members.iter().enumerate() {
-            let fair = total as f64 * weight / weights;
-            excess += (count as f64 - fair).max(0.0);
-            let over = count as f64 / fair.max(f64::MIN_POSITIVE);
-            if count as f64 > fair * (1.0 + threshold) + 0.5 && busiest.is_none_or(|(_, o)| over > o) {
-                busiest = Some((i, over));
-            }
-        }
-        let Some((busiest, _)) = busiest.filter(|_| members.len() > 1) else {
+        let Some(spread) = Spread::of(upstream, now_ms).filter(|s| s.uneven(threshold)) else {
             if self.rebalancing.remove(name).is_some() {
-                tracing::info!(upstream = %name, total, "rebalanced: live connections are within the threshold of even");
+                tracing::info!(upstream = %name, "rebalanced: live connections are within the threshold of even");
             }
             upstream.shared.rebalance_armed.store(false, Ordering::Relaxed);
             return false;
@@ -330,31 +350,25 @@ impl Control {
         let state = self.rebalancing.entry(name.clone()).or_insert_with(|| {
             tracing::info!(
                 upstream = %name,
-                total,
-                over_even = excess.round(),
+                total = spread.total,
+                over_even = spread.excess,
                 rate = upstream.config.drain_rate,
                 "rebalancing: shedding connections from the busiest servers at a paced rate"
             );
             // Each round sheds at most what is over even: clients that come back to the same server (sticky ones)
             // cannot make it churn for ever.
             Rebalancing {
-                budget: excess.ceil() as usize,
+                budget: spread.excess,
                 pace: Pace::now(),
             }
         });
-        let server = upstream
-            .servers()
-            .iter()
-            .enumerate()
-            .filter(|&(i, _)| upstream.healthy(i, now_ms) && !upstream.config.servers[i].backup)
-            .nth(busiest)
-            .map(|(_, s)| s.clone());
-        let Some(server) = server else {
-            return false;
-        };
         let budget = &mut state.budget;
         let closed = state.pace.run(now, upstream.config.drain_rate, || {
-            *budget > 0 && server.shed_one(ShedReason::Rebalancing)
+            // The spread is looked at again before each shed: the busiest server changes as connections move.
+            *budget > 0
+                && Spread::of(upstream, now_ms)
+                    .filter(|s| s.uneven(threshold))
+                    .is_some_and(|s| upstream.servers()[s.busiest].shed_one(ShedReason::Rebalancing))
         });
         state.budget = state.budget.saturating_sub(closed);
         if state.budget == 0 {
@@ -364,6 +378,64 @@ impl Control {
             return false;
         }
         true
+    }
+}
+
+/// How an upstream's live WebSocket sessions are spread over its primary servers that are up, against the share of
+/// each (in proportion to its weight).
+struct Spread {
+    servers: usize,
+    total: usize,
+    /// Sessions over their server's share, summed.
+    excess: usize,
+    /// The server furthest over its share, and how far (count / share); the one furthest under.
+    busiest: usize,
+    most: f64,
+    least: f64,
+}
+
+impl Spread {
+    fn of(upstream: &Upstream, now_ms: u64) -> Option<Spread> {
+        let members: Vec<(usize, f64, f64)> = (0..upstream.servers().len())
+            .filter(|&i| upstream.healthy(i, now_ms) && !upstream.config.servers[i].backup)
+            .map(|i| {
+                let count = upstream.servers()[i].sessions() as f64;
+                (i, count, f64::from(upstream.config.servers[i].weight))
+            })
+            .collect();
+        let total: f64 = members.iter().map(|m| m.1).sum();
+        let weights: f64 = members.iter().map(|m| m.2).sum();
+        if members.len() < 2 || total < 1.0 {
+            return None;
+        }
+        let mut spread = Spread {
+            servers: members.len(),
+            total: total as usize,
+            excess: 0,
+            busiest: members[0].0,
+            most: f64::MIN,
+            least: f64::MAX,
+        };
+        let mut excess = 0.0;
+        for &(i, count, weight) in &members {
+            let share = total * weight / weights;
+            excess += (count - share).max(0.0);
+            let ratio = count / share;
+            if ratio > spread.most {
+                spread.most = ratio;
+                spread.busiest = i;
+            }
+            spread.least = spread.least.min(ratio);
+        }
+        spread.excess = excess.round() as usize;
+        Some(spread)
+    }
+
+    /// Whether a server is more than `threshold` (a fraction of its share) over or under its share, by more than
+    /// half a connection (rounding cannot make it even).
+    fn uneven(&self, threshold: f64) -> bool {
+        let slack = 0.5 * self.servers as f64 / (self.total as f64).max(1.0);
+        self.excess > 0 && (self.most > 1.0 + threshold + slack || self.least < 1.0 - threshold - slack)
     }
 }
 

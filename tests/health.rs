@@ -113,7 +113,10 @@ async fn read_head(stream: &mut TcpStream) -> Option<String> {
 
 fn key_of(head: &str) -> Option<String> {
     head.lines()
-        .find_map(|l| l.strip_prefix("Sec-WebSocket-Key: ").or_else(|| l.strip_prefix("sec-websocket-key: ")))
+        .find_map(|l| {
+            l.strip_prefix("Sec-WebSocket-Key: ")
+                .or_else(|| l.strip_prefix("sec-websocket-key: "))
+        })
         .map(|k| k.trim().to_string())
 }
 
@@ -129,8 +132,9 @@ async fn until_closed(stream: &mut TcpStream) {
 
 async fn switch(stream: &mut TcpStream, head: &str) {
     let accept = derive_accept_key(key_of(head).unwrap_or_default().as_bytes());
-    let answer =
-        format!("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n");
+    let answer = format!(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
+    );
     let _ = stream.write_all(answer.as_bytes()).await;
 }
 
@@ -224,11 +228,20 @@ async fn a_killed_backend_is_down_within_fall_intervals_and_up_within_rise_inter
         let mut ws = connect(&proxy.url("/")).await;
         names.push(backend_name(&mut ws).await);
     }
-    assert!(names.contains(&"a".to_string()) && names.contains(&"b".to_string()), "{names:?}");
+    assert!(
+        names.contains(&"a".to_string()) && names.contains(&"b".to_string()),
+        "{names:?}"
+    );
 
     a.kill();
     // fall checks, one interval apart (±10 % jitter), the first within one interval of the kill.
-    let took = wait_state(&proxy, 0, true, interval.mul_f64(3.0 * 1.1) + Duration::from_millis(150)).await;
+    let took = wait_state(
+        &proxy,
+        0,
+        true,
+        interval.mul_f64(3.0 * 1.1) + Duration::from_millis(150),
+    )
+    .await;
     eprintln!("marked down {took:?} after the kill (fall 3 x interval 200ms)");
     // Down: every new connection goes to b, with retries off (a dead server picked would be a 502).
     for _ in 0..20 {
@@ -237,7 +250,13 @@ async fn a_killed_backend_is_down_within_fall_intervals_and_up_within_rise_inter
     }
 
     let restarted = ws_backend_on("a", a_addr).await;
-    let took = wait_state(&proxy, 0, false, interval.mul_f64(2.0 * 1.1) + Duration::from_millis(150)).await;
+    let took = wait_state(
+        &proxy,
+        0,
+        false,
+        interval.mul_f64(2.0 * 1.1) + Duration::from_millis(150),
+    )
+    .await;
     eprintln!("marked up {took:?} after the restart (rise 2 x interval 200ms)");
     let mut names = Vec::new();
     for _ in 0..4 {
@@ -280,7 +299,12 @@ async fn each_kind_of_check_fails_against_a_server_that_breaks_it() {
     let refused = unused_addr();
     let cases: Vec<(&str, SocketAddr, String, bool)> = vec![
         ("tcp, refused", refused, format!("kind = \"tcp\"\n{fast}"), true),
-        ("tcp, listening", http_500.addr, format!("kind = \"tcp\"\n{fast}"), false),
+        (
+            "tcp, listening",
+            http_500.addr,
+            format!("kind = \"tcp\"\n{fast}"),
+            false,
+        ),
         ("http, 500", http_500.addr, format!("kind = \"http\"\n{fast}"), true),
         ("http, 200", http_ok.addr, format!("kind = \"http\"\n{fast}"), false),
         (
@@ -289,9 +313,24 @@ async fn each_kind_of_check_fails_against_a_server_that_breaks_it() {
             format!("kind = \"http\"\nexpect_status = [200]\n{fast}"),
             true,
         ),
-        ("websocket, wrong accept key", wrong_accept.addr, format!("kind = \"websocket\"\n{fast}"), true),
-        ("websocket, ping never answered", silent.addr, format!("kind = \"websocket\"\n{fast}"), true),
-        ("websocket, ping answered", echo.addr, format!("kind = \"websocket\"\n{fast}"), false),
+        (
+            "websocket, wrong accept key",
+            wrong_accept.addr,
+            format!("kind = \"websocket\"\n{fast}"),
+            true,
+        ),
+        (
+            "websocket, ping never answered",
+            silent.addr,
+            format!("kind = \"websocket\"\n{fast}"),
+            true,
+        ),
+        (
+            "websocket, ping answered",
+            echo.addr,
+            format!("kind = \"websocket\"\n{fast}"),
+            false,
+        ),
         (
             "websocket, text echoed",
             echo.addr,
@@ -394,12 +433,24 @@ async fn checks_of_a_server_removed_by_a_reload_stop() {
 fn bad_health_keys_are_refused_with_their_line() {
     let base = config(&[SocketAddr::from(([127, 0, 0, 1], 9))], "");
     let cases = [
-        ("kind = \"tcp\"\nrise = 0\n", "`health.rise`: must be from 1 to 1000, not 0"),
-        ("kind = \"tcp\"\ninterval = \"50ms\"\n", "`health.interval`: must be at least 100ms"),
+        (
+            "kind = \"tcp\"\nrise = 0\n",
+            "`health.rise`: must be from 1 to 1000, not 0",
+        ),
+        (
+            "kind = \"tcp\"\ninterval = \"50ms\"\n",
+            "`health.interval`: must be at least 100ms",
+        ),
         ("kind = \"smoke-signals\"\n", "unknown variant `smoke-signals`"),
-        ("kind = \"tcp\"\npath = \"/health\"\n", "`health.path` is used only by http and websocket checks"),
+        (
+            "kind = \"tcp\"\npath = \"/health\"\n",
+            "`health.path` is used only by http and websocket checks",
+        ),
         ("kind = \"http\"\nexpect_status = [700]\n", "700 is not an HTTP status"),
-        ("kind = \"http\"\nsend = \"hi\"\n", "`health.send` is used only by websocket checks"),
+        (
+            "kind = \"http\"\nsend = \"hi\"\n",
+            "`health.send` is used only by websocket checks",
+        ),
         ("interval = \"1s\"\n", "missing field `kind`"),
     ];
     let health_line = base.lines().count();

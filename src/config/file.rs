@@ -697,7 +697,11 @@ fn limited(
 fn build_rebalance(u: &RawUpstream, report: &mut Report<'_>) -> Option<f64> {
     let threshold = match &u.rebalance_threshold {
         Some(t) if !(t.get_ref().is_finite() && *t.get_ref() > 0.0 && *t.get_ref() <= 1.0) => {
-            report.key(t, "rebalance_threshold", "must be a fraction above 0 and at most 1, e.g. 0.1");
+            report.key(
+                t,
+                "rebalance_threshold",
+                "must be a fraction above 0 and at most 1, e.g. 0.1",
+            );
             DEFAULT_REBALANCE_THRESHOLD
         }
         Some(t) => *t.get_ref(),
@@ -776,7 +780,11 @@ fn build_health(raw: &Spanned<RawHealth>, report: &mut Report<'_>) -> HealthChec
     if let Some(path) = &h.path
         && !(path.get_ref().starts_with('/') && path.get_ref().bytes().all(|b| b.is_ascii_graphic()))
     {
-        report.key(path, "health.path", "must start with / and hold only visible ASCII characters");
+        report.key(
+            path,
+            "health.path",
+            "must start with / and hold only visible ASCII characters",
+        );
     }
     if let Some(host) = &h.host
         && (host.get_ref().is_empty() || !host.get_ref().bytes().all(|b| b.is_ascii_graphic()))
@@ -786,11 +794,19 @@ fn build_health(raw: &Spanned<RawHealth>, report: &mut Report<'_>) -> HealthChec
     let mut expect_status = Vec::new();
     if let Some(list) = &h.expect_status {
         if list.get_ref().is_empty() {
-            report.key(list, "health.expect_status", "must list at least one status (leave it out for any 2xx)");
+            report.key(
+                list,
+                "health.expect_status",
+                "must list at least one status (leave it out for any 2xx)",
+            );
         }
         for status in list.get_ref() {
             if !(100..=599).contains(status.get_ref()) {
-                report.key(status, "health.expect_status", format!("{} is not an HTTP status", status.get_ref()));
+                report.key(
+                    status,
+                    "health.expect_status",
+                    format!("{} is not an HTTP status", status.get_ref()),
+                );
             }
             expect_status.push(*status.get_ref());
         }
@@ -1018,6 +1034,7 @@ fn build_relay(r: &RawRoute, report: &mut Report<'_>) -> Relay {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::HealthKind;
 
     fn problems(text: &str) -> Vec<String> {
         match parse(text, "t.toml") {
@@ -1117,6 +1134,82 @@ name = "empty"
         assert_eq!(p.len(), expect.len(), "{p:#?}");
         for (got, want) in p.iter().zip(expect) {
             assert!(got.starts_with(want), "got {got}\nwant {want}");
+        }
+    }
+
+    #[test]
+    fn resilience_keys_build_the_model_and_bad_values_are_placed() {
+        let head = "[[listener]]\nname = \"l\"\naddress = \"127.0.0.1:0\"\n[[route]]\nupstream = \"app\"\n";
+        let good = format!(
+            "{head}[[upstream]]\nname = \"app\"\nretries = 1\nretry_budget_percent = 10\nmax_connections = 100\n\
+             max_pending_handshakes = 5\nslow_start = \"30s\"\ndrain_rate = 20\nrebalance = true\n\
+             rebalance_threshold = 0.2\n[upstream.health]\nkind = \"websocket\"\npath = \"/ws\"\nsend = \"hi\"\n\
+             [upstream.outlier]\nconsecutive_failures = 2\nejection = \"10s\"\nmax_ejected_percent = 30\n\
+             [[upstream.server]]\naddress = \"127.0.0.1:9000\"\nmax_connections = 7\n\
+             [[upstream.server]]\naddress = \"127.0.0.1:9001\"\nbackup = true\ndrain = true\n"
+        );
+        let config = parse(&good, "t.toml").expect("valid");
+        let u = &config.upstreams[0];
+        assert_eq!((u.retries, u.retry_budget_percent), (1, 10));
+        assert_eq!((u.max_connections, u.max_pending_handshakes), (Some(100), Some(5)));
+        assert_eq!(
+            (u.slow_start, u.drain_rate, u.rebalance),
+            (Some(Duration::from_secs(30)), 20, Some(0.2))
+        );
+        let health = u.health.as_ref().expect("health");
+        assert_eq!(
+            (health.kind, health.path.as_str(), health.send.as_deref()),
+            (HealthKind::WebSocket, "/ws", Some("hi"))
+        );
+        assert_eq!(
+            (health.interval, health.rise, health.fall),
+            (DEFAULT_HEALTH_INTERVAL, DEFAULT_RISE, DEFAULT_FALL)
+        );
+        assert_eq!(
+            u.outlier,
+            Outlier {
+                consecutive_failures: 2,
+                ejection: Duration::from_secs(10),
+                max_ejected_percent: 30
+            }
+        );
+        assert_eq!(u.servers[0].max_connections, Some(7));
+        assert!(u.servers[1].backup && u.servers[1].drain && !u.servers[0].backup);
+
+        let defaults = parse(
+            &format!("{head}[[upstream]]\nname = \"app\"\n[[upstream.server]]\naddress = \"127.0.0.1:9\"\n"),
+            "t.toml",
+        )
+        .expect("valid");
+        let u = &defaults.upstreams[0];
+        assert_eq!((u.retries, u.retry_budget_percent, u.drain_rate), (2, 20, 50));
+        assert_eq!(
+            (u.health.is_none(), u.rebalance, u.outlier),
+            (true, None, Outlier::default())
+        );
+
+        let bad = format!(
+            "{head}[[upstream]]\nname = \"app\"\nretries = 101\nmax_connections = 0\ndrain_rate = 0\n\
+             rebalance_threshold = 0.5\n[upstream.outlier]\nejection = \"10m\"\nmax_ejected_percent = 101\n\
+             [[upstream.server]]\naddress = \"127.0.0.1:9\"\nbackup = true\nmax_connections = 0\n"
+        );
+        let p = problems(&bad);
+        let expect = [
+            "`max_connections`: must be at least 1 (leave it out for no limit)",
+            "every server of upstream `app` is a backup",
+            "`outlier.ejection`: must be from 1s to 5m",
+            "`outlier.max_ejected_percent`: must be from 0 to 100, not 101",
+            "`retries`: must be from 0 to 100, not 101",
+            "`max_connections`: must be at least 1, not 0",
+            "`drain_rate`: must be from 1 to 100000, not 0",
+            "`rebalance_threshold`: is used only with rebalance = true",
+        ];
+        assert_eq!(p.len(), expect.len(), "{p:#?}");
+        for want in expect {
+            assert!(
+                p.iter().any(|got| got.contains(want) && got.starts_with("t.toml:")),
+                "{want}\n{p:#?}"
+            );
         }
     }
 

@@ -471,7 +471,7 @@ async fn open_backend(
 ) -> Result<Opened, Refusal> {
     let mut attempts = upstream::Attempts::start(upstream, prepared.choice)?;
     loop {
-        let (i, active) = attempts.next()?;
+        let (i, active) = attempts.next_server()?;
         let address = active.server().address;
         record.backend = Some(address);
         let mut backend = match upstream::connect(address, upstream.config.connect_timeout).await {

@@ -427,7 +427,7 @@ async fn send(state: &State, target: Target, mut req: Request<Incoming>) -> Resu
 async fn open(upstream: &Upstream, target: Target) -> Result<Backend, UpstreamError> {
     let mut attempts = upstream::Attempts::start(upstream, target.choice)?;
     loop {
-        let (i, active) = attempts.next()?;
+        let (i, active) = attempts.next_server()?;
         let address = active.server().address;
         let stream = match upstream::connect(address, upstream.config.connect_timeout).await {
             Ok(s) => s,
@@ -507,7 +507,8 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, is_request: bool) {
 fn upstream_error(e: &UpstreamError) -> Response<Body> {
     let mut resp = error(e.status(), &e.to_string());
     if let Some(seconds) = e.retry_after() {
-        resp.headers_mut().insert(http::header::RETRY_AFTER, HeaderValue::from(seconds));
+        resp.headers_mut()
+            .insert(http::header::RETRY_AFTER, HeaderValue::from(seconds));
     }
     resp
 }

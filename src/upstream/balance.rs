@@ -437,10 +437,18 @@ mod tests {
 
     #[test]
     fn unavailable_members_are_skipped_by_every_strategy() {
-        for strategy in [Strategy::RoundRobin, Strategy::LeastConn, Strategy::RandomTwo, Strategy::ConsistentHash] {
+        for strategy in [
+            Strategy::RoundRobin,
+            Strategy::LeastConn,
+            Strategy::RandomTwo,
+            Strategy::ConsistentHash,
+        ] {
             let b = Balancer::new(strategy, &members(&[1, 2, 1, 1]), None, 7);
             let share = |m: usize| if m == 1 || m == 3 { 0 } else { FULL };
-            let c = counts((0..1_000u64).map(|k| b.pick_usable(Some(k.wrapping_mul(GAMMA)), |_| 0, share).expect("some")), 4);
+            let c = counts(
+                (0..1_000u64).map(|k| b.pick_usable(Some(k.wrapping_mul(GAMMA)), |_| 0, share).expect("some")),
+                4,
+            );
             assert_eq!((c[1], c[3]), (0, 0), "{strategy:?}: {c:?}");
             assert!(c[0] > 200 && c[2] > 200, "{strategy:?}: {c:?}");
             assert_eq!(b.pick_usable(None, |_| 0, |_| 0), None, "{strategy:?}");

@@ -1,11 +1,14 @@
-//! Active health checks: one task per server of an upstream with `[upstream.health]`, probing it every `interval`
-//! (with jitter, so that checks of many servers do not fire together) and marking it down after `fall` failures in
-//! a row, up after `rise` successes in a row. A server starts up. A success run of `rise` also ends a passive
-//! ejection early.
+//! Active health checks: one task per upstream with `[upstream.health]`. Every `interval` (±10 % jitter; the first
+//! round at a random point of the first interval) it probes all the upstream's servers at once, each probe on its
+//! own socket within `timeout`: a round wakes the control thread a few times for all the servers together instead
+//! of a few times per server, which is what keeps checking a hundred servers every second under 1 % of a core. A
+//! server goes down after `fall` failures in a row and up after `rise` successes in a row (the counts live in the
+//! server's shared state, so they survive reloads); servers start up. `rise` successes while ejected also end a
+//! passive ejection early.
 //!
-//! Probes: `tcp` connects; `http` sends `GET path` and reads the status line; `websocket` does a full upgrade
-//! handshake (the accept key checked), one round trip (a text message, or a ping), and a clean close 1000. Every
-//! probe runs within `timeout` and holds its socket only while it runs.
+//! Probes: `tcp` connects (and resets, leaving no TIME_WAIT behind); `http` sends `GET path` and reads the status
+//! line; `websocket` does a full upgrade handshake (the accept key checked), one round trip (a text message, or a
+//! ping), and a clean close 1000. Each holds its socket only while it runs.
 
 use std::hash::BuildHasher;
 use std::net::SocketAddr;
@@ -13,19 +16,21 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use futures_util::{SinkExt, StreamExt};
+use base64::Engine as _;
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::protocol::CloseFrame;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::{ServerState, UpstreamShared, now_ms};
 use crate::config::{HealthCheck, HealthKind};
+use crate::http::handshake::{self, Answer};
+use crate::relay::frame::{self, opcode};
 
-/// The largest answer head an `http` probe reads.
-const MAX_ANSWER_HEAD: usize = 16 * 1024;
+/// The largest answer head, or WebSocket frame, a probe reads.
+const MAX_READ: usize = 16 * 1024;
 
 /// Why a probe failed.
 #[derive(Debug, thiserror::Error)]
@@ -51,7 +56,11 @@ pub async fn probe(check: &HealthCheck, address: SocketAddr, host: &str) -> Resu
     let run = async {
         let stream = TcpStream::connect(address).await.map_err(ProbeError::Connect)?;
         match check.kind {
-            HealthKind::Tcp => Ok(()),
+            HealthKind::Tcp => {
+                // A reset instead of a FIN: no TIME_WAIT socket per check (HAProxy's checks do the same).
+                let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+                Ok(())
+            }
             HealthKind::Http => probe_http(stream, check, host).await,
             HealthKind::WebSocket => probe_websocket(stream, check, host).await,
         }
@@ -61,6 +70,29 @@ pub async fn probe(check: &HealthCheck, address: SocketAddr, host: &str) -> Resu
         .map_err(|_| ProbeError::Timeout(check.timeout))?
 }
 
+/// Reads into `buf` until `done` says what it holds is enough (`Some`), at most [`MAX_READ`] bytes.
+async fn read_until<T>(
+    stream: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    mut done: impl FnMut(&[u8]) -> Result<Option<T>, ProbeError>,
+) -> Result<T, ProbeError> {
+    loop {
+        if let Some(t) = done(buf)? {
+            return Ok(t);
+        }
+        if buf.len() >= MAX_READ {
+            return Err(ProbeError::Malformed(format!(
+                "more than {MAX_READ} bytes without an answer"
+            )));
+        }
+        buf.reserve(1024);
+        let n = (&mut *stream).take((MAX_READ - buf.len()) as u64).read_buf(buf).await?;
+        if n == 0 {
+            return Err(ProbeError::Closed);
+        }
+    }
+}
+
 async fn probe_http(mut stream: TcpStream, check: &HealthCheck, host: &str) -> Result<(), ProbeError> {
     let request = format!(
         "GET {} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: wsgate-health-check\r\nAccept: */*\r\nConnection: close\r\n\r\n",
@@ -68,162 +100,197 @@ async fn probe_http(mut stream: TcpStream, check: &HealthCheck, host: &str) -> R
     );
     stream.write_all(request.as_bytes()).await?;
     let mut buf = Vec::with_capacity(1024);
-    loop {
-        if buf.len() >= MAX_ANSWER_HEAD {
-            return Err(ProbeError::Malformed(format!(
-                "answer head over {MAX_ANSWER_HEAD} bytes"
-            )));
-        }
-        buf.reserve(1024);
-        let n = (&mut stream)
-            .take((MAX_ANSWER_HEAD - buf.len()) as u64)
-            .read_buf(&mut buf)
-            .await?;
-        if n == 0 {
-            return Err(ProbeError::Closed);
-        }
+    let status = read_until(&mut stream, &mut buf, |bytes| {
         let mut headers = [httparse::EMPTY_HEADER; 64];
         let mut answer = httparse::Response::new(&mut headers);
-        match answer.parse(&buf) {
-            Ok(httparse::Status::Partial) => continue,
-            Ok(httparse::Status::Complete(_)) => {
-                let status = answer.code.unwrap_or(0);
-                let accepted = if check.expect_status.is_empty() {
-                    (200..300).contains(&status)
-                } else {
-                    check.expect_status.contains(&status)
-                };
-                return if accepted {
-                    Ok(())
-                } else {
-                    Err(ProbeError::Status(status))
-                };
-            }
-            Err(e) => return Err(ProbeError::Malformed(e.to_string())),
+        match answer.parse(bytes) {
+            Ok(httparse::Status::Partial) => Ok(None),
+            Ok(httparse::Status::Complete(_)) => Ok(Some(answer.code.unwrap_or(0))),
+            Err(e) => Err(ProbeError::Malformed(e.to_string())),
         }
-    }
-}
-
-async fn probe_websocket(stream: TcpStream, check: &HealthCheck, host: &str) -> Result<(), ProbeError> {
-    let url = format!("ws://{host}{}", check.path);
-    let failed = |e: tokio_tungstenite::tungstenite::Error| ProbeError::WebSocket(e.to_string());
-    let (mut ws, _) = tokio_tungstenite::client_async(url.as_str(), stream)
-        .await
-        .map_err(failed)?;
-    let payload = random_u64().to_be_bytes();
-    match &check.send {
-        Some(text) => ws.send(Message::text(text.as_str())).await.map_err(failed)?,
-        None => ws.send(Message::Ping(payload.to_vec().into())).await.map_err(failed)?,
-    }
-    loop {
-        let message = ws
-            .next()
-            .await
-            .ok_or_else(|| ProbeError::WebSocket("closed before the reply".into()))?
-            .map_err(failed)?;
-        let replied = match (&message, &check.send) {
-            (Message::Text(_) | Message::Binary(_), Some(_)) => true,
-            (Message::Pong(p), None) => p.as_ref() == payload,
-            (Message::Close(frame), _) => {
-                return Err(ProbeError::WebSocket(format!(
-                    "server closed instead of replying ({})",
-                    frame.as_ref().map_or(0, |f| u16::from(f.code))
-                )));
-            }
-            _ => false,
-        };
-        if replied {
-            break;
-        }
-    }
-    let close = CloseFrame {
-        code: CloseCode::Normal,
-        reason: "health check".into(),
+    })
+    .await?;
+    let accepted = if check.expect_status.is_empty() {
+        (200..300).contains(&status)
+    } else {
+        check.expect_status.contains(&status)
     };
-    ws.close(Some(close)).await.map_err(failed)?;
-    // The server's close reply ends the exchange cleanly.
-    while let Some(message) = ws.next().await {
-        if message.is_err() {
-            break;
-        }
-    }
-    Ok(())
-}
-
-/// Consecutive results, and the state they call for.
-#[derive(Debug, Clone, Copy)]
-pub struct Streak {
-    rise: u32,
-    fall: u32,
-    successes: u32,
-    failures: u32,
-}
-
-impl Streak {
-    pub fn new(rise: u32, fall: u32) -> Streak {
-        Streak {
-            rise: rise.max(1),
-            fall: fall.max(1),
-            successes: 0,
-            failures: 0,
-        }
-    }
-
-    /// Records a result; returns whether the server should now be down (`Some(true)`), up (`Some(false)`), or
-    /// stay as it is (`None`).
-    pub fn record(&mut self, ok: bool) -> Option<bool> {
-        if ok {
-            self.failures = 0;
-            self.successes = self.successes.saturating_add(1);
-            (self.successes >= self.rise).then_some(false)
-        } else {
-            self.successes = 0;
-            self.failures = self.failures.saturating_add(1);
-            (self.failures >= self.fall).then_some(true)
-        }
+    if accepted {
+        Ok(())
+    } else {
+        Err(ProbeError::Status(status))
     }
 }
 
-/// Checks `server` until `stop` is cancelled (the server or its upstream removed, or the check changed by a reload).
+/// The next whole frame from a server at the front of `buf`: its header and payload, removed from `buf`.
+fn take_frame(buf: &mut Vec<u8>) -> Result<Option<(frame::Header, Vec<u8>)>, ProbeError> {
+    let header = frame::parse_header(buf).map_err(|e| ProbeError::WebSocket(e.to_string()))?;
+    let Some(header) = header else {
+        return Ok(None);
+    };
+    if header.mask.is_some() {
+        return Err(ProbeError::WebSocket("the server masked a frame".into()));
+    }
+    let end = header.len as u64 + header.payload_len;
+    if end > MAX_READ as u64 {
+        return Err(ProbeError::WebSocket(format!(
+            "a frame of {} bytes",
+            header.payload_len
+        )));
+    }
+    if (buf.len() as u64) < end {
+        return Ok(None);
+    }
+    let payload = buf[header.len..end as usize].to_vec();
+    buf.drain(..end as usize);
+    Ok(Some((header, payload)))
+}
+
+async fn probe_websocket(mut stream: TcpStream, check: &HealthCheck, host: &str) -> Result<(), ProbeError> {
+    let key_bytes: Vec<u8> = [random_u64(), random_u64()]
+        .iter()
+        .flat_map(|x| x.to_le_bytes())
+        .collect();
+    let key = base64::engine::general_purpose::STANDARD.encode(&key_bytes);
+    let request = format!(
+        "GET {} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n\
+         Sec-WebSocket-Version: 13\r\nUser-Agent: wsgate-health-check\r\n\r\n",
+        check.path
+    );
+    stream.write_all(request.as_bytes()).await?;
+    let accept = handshake::accept_key(key.as_bytes());
+    let mut buf = Vec::with_capacity(1024);
+    let head_len = read_until(&mut stream, &mut buf, |bytes| {
+        match handshake::inspect_response(bytes, &accept) {
+            Ok(Answer::Partial) => Ok(None),
+            Ok(Answer::Switching { head_len, .. }) => Ok(Some(head_len)),
+            Ok(Answer::Other { status, .. }) => Err(ProbeError::Status(status)),
+            Err(e) => Err(ProbeError::WebSocket(e.to_string())),
+        }
+    })
+    .await?;
+    buf.drain(..head_len);
+    let mask = random_u64().to_le_bytes();
+    let mask = [mask[0], mask[1], mask[2], mask[3]];
+    let payload = random_u64().to_be_bytes();
+    let message = match &check.send {
+        Some(text) => data_frame(opcode::TEXT, text.as_bytes(), mask),
+        None => frame::control_frame(opcode::PING, &payload, Some(mask)),
+    };
+    stream.write_all(&message).await?;
+    read_until(&mut stream, &mut buf, |bytes| {
+        let mut rest = bytes.to_vec();
+        while let Some((header, body)) = take_frame(&mut rest)? {
+            match (header.opcode, &check.send) {
+                (opcode::TEXT | opcode::BINARY, Some(_)) => return Ok(Some(())),
+                (opcode::PONG, None) if body == payload => return Ok(Some(())),
+                (opcode::CLOSE, _) => {
+                    return Err(ProbeError::WebSocket("the server closed instead of replying".into()));
+                }
+                _ => {}
+            }
+        }
+        Ok(None)
+    })
+    .await?;
+    // The close handshake: wsgate's close 1000, then the server's close frame.
+    stream
+        .write_all(&frame::close_frame(1000, "health check", Some(mask)))
+        .await?;
+    let mut buf = Vec::new();
+    read_until(&mut stream, &mut buf, |bytes| {
+        let mut rest = bytes.to_vec();
+        while let Some((header, _)) = take_frame(&mut rest)? {
+            if header.opcode == opcode::CLOSE {
+                return Ok(Some(()));
+            }
+        }
+        Ok(None)
+    })
+    .await
+}
+
+/// A whole masked data frame.
+fn data_frame(op: u8, payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
+    let mut header = [0u8; frame::MAX_HEADER];
+    let n = frame::write_header(&mut header, true, op, Some(mask), payload.len() as u64);
+    let mut out = Vec::with_capacity(n + payload.len());
+    out.extend_from_slice(&header[..n]);
+    let start = out.len();
+    out.extend_from_slice(payload);
+    frame::apply_mask(&mut out[start..], mask, 0);
+    out
+}
+
+/// Checks the servers of `upstream` until `stop` is cancelled (the upstream removed, or its check or its servers
+/// changed by a reload: a new task takes over from the servers' shared state).
 pub async fn run(
     check: HealthCheck,
     upstream: String,
-    server: Arc<ServerState>,
+    servers: Vec<Arc<ServerState>>,
     shared: Arc<UpstreamShared>,
     stop: CancellationToken,
 ) {
-    let host = check.host.clone().unwrap_or_else(|| server.name.clone());
-    let mut streak = Streak::new(check.rise, check.fall);
-    // The first check comes at a random point of the first interval.
-    let mut wait = check.interval.mul_f64(unit_random());
+    let hosts: Vec<String> = servers
+        .iter()
+        .map(|s| check.host.clone().unwrap_or_else(|| s.name.clone()))
+        .collect();
+    // The first round comes at a random point of the first interval.
+    let mut next = Instant::now() + check.interval.mul_f64(unit_random());
     loop {
         tokio::select! {
             () = stop.cancelled() => return,
-            () = tokio::time::sleep(wait) => {}
+            () = tokio::time::sleep_until(next) => {}
         }
-        let result = tokio::select! {
-            () = stop.cancelled() => return,
-            result = probe(&check, server.address, &host) => result,
-        };
-        let ok = result.is_ok();
-        let wanted = streak.record(ok);
-        if wanted == Some(false) && server.end_ejection(now_ms()) {
-            tracing::info!(upstream, server = %server.name, "server back early: ejected -> up (health checks pass)");
+        // Rounds start one interval apart (±10 %), however long the probes take.
+        next += check.interval.mul_f64(0.9 + 0.2 * unit_random());
+        let mut round: FuturesUnordered<_> = servers
+            .iter()
+            .zip(&hosts)
+            .map(|(server, host)| {
+                let check = &check;
+                async move { (server, probe(check, server.address, host).await) }
+            })
+            .collect();
+        loop {
+            let done = tokio::select! {
+                () = stop.cancelled() => return,
+                done = round.next() => done,
+            };
+            let Some((server, result)) = done else {
+                break;
+            };
+            note(&check, &upstream, server, &shared, result);
+        }
+        if next < Instant::now() {
+            next = Instant::now();
+        }
+    }
+}
+
+/// Applies one probe's result to its server.
+fn note(
+    check: &HealthCheck,
+    upstream: &str,
+    server: &ServerState,
+    shared: &UpstreamShared,
+    result: Result<(), ProbeError>,
+) {
+    let wanted = server.record_check(result.is_ok(), check.rise, check.fall);
+    if wanted == Some(false) && server.end_ejection(now_ms()) {
+        tracing::info!(upstream, server = %server.name, "server back early: ejected -> up (health checks pass)");
+        shared.rebalance_armed.store(true, Ordering::Relaxed);
+    }
+    if let Some(down) = wanted
+        && server.set_down(down)
+    {
+        if down {
+            let reason = result.err().map_or_else(String::new, |e| e.to_string());
+            tracing::warn!(upstream, server = %server.name, %reason, "health check: up -> down");
+        } else {
+            tracing::info!(upstream, server = %server.name, "health check: down -> up");
             shared.rebalance_armed.store(true, Ordering::Relaxed);
         }
-        if let Some(down) = wanted
-            && server.set_down(down)
-        {
-            if down {
-                let reason = result.err().map_or_else(String::new, |e| e.to_string());
-                tracing::warn!(upstream, server = %server.name, %reason, "health check: up -> down");
-            } else {
-                tracing::info!(upstream, server = %server.name, "health check: down -> up");
-                shared.rebalance_armed.store(true, Ordering::Relaxed);
-            }
-        }
-        // Each interval varies by up to a tenth either way.
-        wait = check.interval.mul_f64(0.9 + 0.2 * unit_random());
     }
 }
 
@@ -239,20 +306,6 @@ pub fn unit_random() -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn streaks_need_rise_successes_and_fall_failures_in_a_row() {
-        let mut s = Streak::new(2, 3);
-        assert_eq!(s.record(false), None);
-        assert_eq!(s.record(false), None);
-        assert_eq!(s.record(true), None, "a success breaks the failure run");
-        assert_eq!(s.record(false), None);
-        assert_eq!(s.record(false), None);
-        assert_eq!(s.record(false), Some(true));
-        assert_eq!(s.record(false), Some(true));
-        assert_eq!(s.record(true), None);
-        assert_eq!(s.record(true), Some(false));
-    }
 
     #[test]
     fn unit_random_stays_in_range() {

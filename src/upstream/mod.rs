@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use sha1::{Digest, Sha1};
@@ -98,25 +98,30 @@ pub struct ServerState {
     active: AtomicU32,
     /// Active health checks say it is down.
     down: AtomicBool,
+    /// Active health checks: successes and failures in a row.
+    check_successes: AtomicU32,
+    check_failures: AtomicU32,
     /// Passive outlier detection: failures since the last success.
     failures: AtomicU32,
     /// Ejected until this time ([`now_ms`]); 0 = not ejected. Kept after it passes until the supervisor notes the
     /// return.
     ejected_until: AtomicU64,
-    outlier: Mutex<OutlierHistory>,
+    /// Ejections in a row, each within [`MAX_EJECTION`] of the return from the one before.
+    ejections: AtomicU32,
+    /// When the last ejection ended ([`now_ms`]; 0 = never ejected).
+    returned_at: AtomicU64,
     /// Slow start: when the server came back ([`now_ms`]); 0 = not ramping.
     ramp_start: AtomicU64,
     /// Live WebSocket sessions, by connection id, with the token that makes each close itself.
-    sessions: Mutex<HashMap<u64, CancellationToken>>,
+    sessions: Registry,
     shed_reason: AtomicU8,
 }
 
-#[derive(Debug, Default)]
-struct OutlierHistory {
-    /// Ejections in a row, each within [`MAX_EJECTION`] of the return from the one before.
-    ejections: u32,
-    returned_at: Option<u64>,
-}
+/// The live sessions of a server. Locked once when a session starts relaying and once when it ends (and by the
+/// control thread to shed one), never per message and never across an await: a plain mutex is the cheapest correct
+/// tool here, which is why the project-wide ban on `std::sync::Mutex` (meant for the relay path) is lifted for it.
+#[allow(clippy::disallowed_types)]
+type Registry = std::sync::Mutex<HashMap<u64, CancellationToken>>;
 
 impl ServerState {
     fn new(name: &str, address: SocketAddr) -> ServerState {
@@ -125,11 +130,14 @@ impl ServerState {
             address,
             active: AtomicU32::new(0),
             down: AtomicBool::new(false),
+            check_successes: AtomicU32::new(0),
+            check_failures: AtomicU32::new(0),
             failures: AtomicU32::new(0),
             ejected_until: AtomicU64::new(0),
-            outlier: Mutex::new(OutlierHistory::default()),
+            ejections: AtomicU32::new(0),
+            returned_at: AtomicU64::new(0),
             ramp_start: AtomicU64::new(0),
-            sessions: Mutex::new(HashMap::new()),
+            sessions: Registry::default(),
             shed_reason: AtomicU8::new(0),
         }
     }
@@ -151,6 +159,19 @@ impl ServerState {
         was != down
     }
 
+    /// Records a health check's result: returns whether the server should now be down (`Some(true)`: `fall`
+    /// failures in a row), up (`Some(false)`: `rise` successes in a row), or stay as it is (`None`).
+    pub fn record_check(&self, ok: bool, rise: u32, fall: u32) -> Option<bool> {
+        let (reset, count, needed) = if ok {
+            (&self.check_failures, &self.check_successes, rise)
+        } else {
+            (&self.check_successes, &self.check_failures, fall)
+        };
+        reset.store(0, Ordering::Relaxed);
+        let run = count.fetch_add(1, Ordering::Relaxed).saturating_add(1);
+        (run >= needed.max(1)).then_some(!ok)
+    }
+
     /// Whether the server is ejected at `now` ([`now_ms`]).
     pub fn is_ejected(&self, now: u64) -> bool {
         let until = self.ejected_until.load(Ordering::Relaxed);
@@ -166,9 +187,7 @@ impl ServerState {
         }
         self.failures.store(0, Ordering::Relaxed);
         self.ramp_start.store(now, Ordering::Relaxed);
-        if let Ok(mut history) = self.outlier.lock() {
-            history.returned_at = Some(now);
-        }
+        self.returned_at.store(now, Ordering::Relaxed);
         true
     }
 
@@ -393,9 +412,6 @@ impl Upstream {
             Group { members, balancer }
         };
         let shared = previous.map_or_else(Arc::default, |p| p.shared.clone());
-        if previous.is_some_and(|p| servers.iter().any(|s| !p.servers.iter().any(|o| Arc::ptr_eq(o, s)))) {
-            shared.rebalance_armed.store(true, Ordering::Relaxed);
-        }
         Upstream {
             cookie_ids: config.servers.iter().map(|s| cookie_id(config, &s.name)).collect(),
             primary: group(false, previous.map(|p| &p.primary)),
@@ -484,15 +500,26 @@ impl Upstream {
 
     /// The next server to try for a request, none of `tried`: the sticky server or the owner of the request's key if
     /// it can take the connection, else the balancer's pick among the servers that can. Backup servers only when
-    /// no primary is healthy.
+    /// no primary is healthy, or when every healthy primary has been tried for this request (as nginx does).
     pub fn next(&self, choice: Choice, tried: &[usize]) -> Result<usize, Unavailable> {
         if self.servers.is_empty() {
             return Err(Unavailable::NoServers);
         }
         let now = now_ms();
-        let Some(group) = self.group(now) else {
-            return Err(Unavailable::AllDown);
-        };
+        let mut result = Err(Unavailable::AllDown);
+        for group in [&self.primary, &self.backup] {
+            if !group.members.iter().any(|&i| self.healthy(i, now)) {
+                continue;
+            }
+            result = self.next_in(group, choice, tried, now);
+            if result != Err(Unavailable::Exhausted) {
+                break;
+            }
+        }
+        result
+    }
+
+    fn next_in(&self, group: &Group, choice: Choice, tried: &[usize], now: u64) -> Result<usize, Unavailable> {
         if let Some(i) = self.determined(group, choice, now, tried) {
             return Ok(i);
         }
@@ -505,7 +532,11 @@ impl Upstream {
         };
         match pick {
             Some(m) => Ok(group.members[m]),
-            None if group.members.iter().any(|&i| !tried.contains(&i) && self.healthy(i, now)) => {
+            None if group
+                .members
+                .iter()
+                .any(|&i| !tried.contains(&i) && self.healthy(i, now)) =>
+            {
                 Err(Unavailable::Full)
             }
             None => Err(Unavailable::Exhausted),
@@ -565,21 +596,33 @@ impl Upstream {
             );
             return;
         }
-        let Ok(mut history) = server.outlier.lock() else {
-            return;
-        };
-        if server.is_ejected(now) {
+        // One thread ejects: the one that moves `ejected_until` from "not ejected" (or a past ejection) to the new end.
+        let seen = server.ejected_until.load(Ordering::Relaxed);
+        if seen > now {
             return;
         }
-        let repeat = history
-            .returned_at
-            .is_some_and(|at| now.saturating_sub(at) < MAX_EJECTION.as_millis() as u64);
-        history.ejections = if repeat { history.ejections + 1 } else { 1 };
-        let time = ejection_time(outlier.ejection, history.ejections);
-        server.failures.store(0, Ordering::Relaxed);
-        server
+        // A repeat offender: ejected again within MAX_EJECTION of its return (or before its return was even noted).
+        let returned_at = server.returned_at.load(Ordering::Relaxed);
+        let repeat =
+            seen != 0 || (returned_at != 0 && now.saturating_sub(returned_at) < MAX_EJECTION.as_millis() as u64);
+        let in_a_row = if repeat {
+            server.ejections.load(Ordering::Relaxed) + 1
+        } else {
+            1
+        };
+        let time = ejection_time(outlier.ejection, in_a_row);
+        let until = now + time.as_millis() as u64;
+        if server
             .ejected_until
-            .store(now + time.as_millis() as u64, Ordering::Relaxed);
+            .compare_exchange(seen, until, Ordering::Relaxed, Ordering::Relaxed)
+            .is_err()
+        {
+            return;
+        }
+        server.ejections.store(in_a_row, Ordering::Relaxed);
+        server.failures.store(0, Ordering::Relaxed);
+        // Health checks bring it back early only with `rise` successes counted from now.
+        server.check_successes.store(0, Ordering::Relaxed);
         tracing::warn!(
             upstream = %self.config.name,
             server = %server.name,
@@ -633,7 +676,7 @@ impl<'a> Attempts<'a> {
 
     /// The next server to try and its counted connection; `Err` with the reason to give the client when no server
     /// is left to try.
-    pub fn next(&mut self) -> Result<(usize, Active), UpstreamError> {
+    pub fn next_server(&mut self) -> Result<(usize, Active), UpstreamError> {
         loop {
             if !self.tried.is_empty() {
                 if self.tried.len() > self.upstream.config.retries as usize {
@@ -818,7 +861,11 @@ mod tests {
             sticky: Some(0),
             ..Choice::default()
         };
-        assert_eq!(ports(&u, sticky), [9002], "a sticky server that is down falls back to the balancer");
+        assert_eq!(
+            ports(&u, sticky),
+            [9002],
+            "a sticky server that is down falls back to the balancer"
+        );
         u.servers()[2].set_down(true);
         assert_eq!(u.next(Choice::default(), &[]), Err(Unavailable::AllDown));
         u.servers()[0].set_down(false);
@@ -831,6 +878,11 @@ mod tests {
         config.servers[2].backup = true;
         let u = Upstream::new(&config, None);
         assert_eq!(picks(&u, 100), [50, 50, 0]);
+        assert_eq!(
+            u.next(Choice::default(), &[0, 1]),
+            Ok(2),
+            "a retry after every primary failed"
+        );
         u.servers()[0].set_down(true);
         assert_eq!(picks(&u, 100), [0, 100, 0]);
         u.servers()[1].set_down(true);
@@ -939,6 +991,34 @@ mod tests {
     }
 
     #[test]
+    fn health_results_need_rise_successes_and_fall_failures_in_a_row() {
+        let u = Upstream::new(&upstream(1, None), None);
+        let s = &u.servers()[0];
+        assert_eq!(s.record_check(false, 2, 3), None);
+        assert_eq!(s.record_check(false, 2, 3), None);
+        assert_eq!(s.record_check(true, 2, 3), None, "a success breaks the failure run");
+        assert_eq!(s.record_check(false, 2, 3), None);
+        assert_eq!(s.record_check(false, 2, 3), None);
+        assert_eq!(s.record_check(false, 2, 3), Some(true));
+        assert_eq!(s.record_check(false, 2, 3), Some(true));
+        assert_eq!(s.record_check(true, 2, 3), None);
+        assert_eq!(s.record_check(true, 2, 3), Some(false));
+        // An ejection restarts the success run: passing checks end it early only after `rise` more.
+        let mut config = upstream(2, None);
+        config.outlier.consecutive_failures = 1;
+        let u = Upstream::new(&config, None);
+        let s = &u.servers()[0];
+        for _ in 0..5 {
+            s.record_check(true, 3, 3);
+        }
+        u.report(0, Outcome::Failure("refused"));
+        assert!(s.is_ejected(now_ms()));
+        assert_eq!(s.record_check(true, 3, 3), None);
+        assert_eq!(s.record_check(true, 3, 3), None);
+        assert_eq!(s.record_check(true, 3, 3), Some(false));
+    }
+
+    #[test]
     fn ramp_share_grows_from_a_tenth_to_full() {
         let d = Duration::from_secs(30);
         assert_eq!(ramp_share(Duration::ZERO, d), 100);
@@ -1005,7 +1085,6 @@ mod tests {
         let new = Upstream::new(&changed, Some(&old));
         assert_eq!(new.servers()[0].active(), 1, "9001 kept its live connection");
         assert_eq!(new.servers()[1].active(), 0);
-        assert!(new.shared.rebalance_armed.load(Ordering::Relaxed), "9002 joined");
         drop(guard);
         assert_eq!(new.servers()[0].active(), 0);
     }

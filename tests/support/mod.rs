@@ -83,13 +83,18 @@ impl Proxy {
 
     /// Starts from config file text, with one worker and a short drain.
     pub fn from_toml(text: &str) -> Proxy {
+        Self::from_toml_with_drain(text, Duration::from_secs(1))
+    }
+
+    /// [`Proxy::from_toml`] with the given drain timeout (reloads keep it).
+    pub fn from_toml_with_drain(text: &str, drain_timeout: Duration) -> Proxy {
         init();
         let mut config = wsgate::config::file::parse(text, "test.toml").unwrap_or_else(|problems| {
             let lines: Vec<String> = problems.iter().map(ToString::to_string).collect();
             panic!("test config refused:\n{}\n{text}", lines.join("\n"))
         });
         config.server.workers = 1;
-        config.server.drain_timeout = Duration::from_secs(1);
+        config.server.drain_timeout = drain_timeout;
         let running = wsgate::server::start(config).expect("proxy starts");
         Proxy {
             addr: running.local_addr(),
