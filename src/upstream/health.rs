@@ -172,31 +172,44 @@ async fn probe_websocket(mut stream: TcpStream, check: &HealthCheck, host: &str)
     buf.drain(..head_len);
     let mask = random_u64().to_le_bytes();
     let mask = [mask[0], mask[1], mask[2], mask[3]];
-    let payload = random_u64().to_be_bytes();
-    let message = match &check.send {
-        Some(text) => data_frame(opcode::TEXT, text.as_bytes(), mask),
-        None => frame::control_frame(opcode::PING, &payload, Some(mask)),
+    let close = frame::close_frame(1000, "health check", Some(mask));
+    let Some(text) = &check.send else {
+        // A ping and the close right behind it, in one write: the server's pong comes before its close reply
+        // (frames are answered in order), so the round trip and the clean close take one exchange.
+        let payload = random_u64().to_be_bytes();
+        let mut out = frame::control_frame(opcode::PING, &payload, Some(mask));
+        out.extend_from_slice(&close);
+        stream.write_all(&out).await?;
+        let mut ponged = false;
+        return read_until(&mut stream, &mut buf, |bytes| {
+            let mut rest = bytes.to_vec();
+            while let Some((header, body)) = take_frame(&mut rest)? {
+                match header.opcode {
+                    opcode::PONG if body == payload => ponged = true,
+                    opcode::CLOSE if ponged => return Ok(Some(())),
+                    opcode::CLOSE => return Err(ProbeError::WebSocket("the server closed without a pong".into())),
+                    _ => {}
+                }
+            }
+            Ok(None)
+        })
+        .await;
     };
-    stream.write_all(&message).await?;
+    // A message needs the application to answer: the close waits for its reply.
+    stream.write_all(&data_frame(opcode::TEXT, text.as_bytes(), mask)).await?;
     read_until(&mut stream, &mut buf, |bytes| {
         let mut rest = bytes.to_vec();
-        while let Some((header, body)) = take_frame(&mut rest)? {
-            match (header.opcode, &check.send) {
-                (opcode::TEXT | opcode::BINARY, Some(_)) => return Ok(Some(())),
-                (opcode::PONG, None) if body == payload => return Ok(Some(())),
-                (opcode::CLOSE, _) => {
-                    return Err(ProbeError::WebSocket("the server closed instead of replying".into()));
-                }
+        while let Some((header, _)) = take_frame(&mut rest)? {
+            match header.opcode {
+                opcode::TEXT | opcode::BINARY => return Ok(Some(())),
+                opcode::CLOSE => return Err(ProbeError::WebSocket("the server closed instead of replying".into())),
                 _ => {}
             }
         }
         Ok(None)
     })
     .await?;
-    // The close handshake: wsgate's close 1000, then the server's close frame.
-    stream
-        .write_all(&frame::close_frame(1000, "health check", Some(mask)))
-        .await?;
+    stream.write_all(&close).await?;
     let mut buf = Vec::new();
     read_until(&mut stream, &mut buf, |bytes| {
         let mut rest = bytes.to_vec();
