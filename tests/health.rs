@@ -429,6 +429,26 @@ async fn checks_of_a_server_removed_by_a_reload_stop() {
     assert!(other.accepted() >= still + 4, "the server that stays is still checked");
 }
 
+#[tokio::test]
+async fn a_down_server_stays_down_across_a_reload_that_keeps_it() {
+    let dead = unused_addr();
+    let well = ws_backend("well").await;
+    let other = ws_backend("other").await;
+    let fast = "kind = \"tcp\"\ninterval = \"100ms\"\ntimeout = \"100ms\"\nrise = 1\nfall = 1\n";
+    let mut proxy = Proxy::from_toml(&config(&[dead, well.addr], fast));
+    wait_state(&proxy, 0, true, Duration::from_secs(2)).await;
+    // A new check config restarts the checks: with a long interval, no check comes soon enough to decide anything
+    // again, so what the server is after the reload is what it was before.
+    let slow = "kind = \"tcp\"\ninterval = \"30s\"\ntimeout = \"100ms\"\nrise = 1\nfall = 1\n";
+    proxy.reload(&config(&[dead, well.addr, other.addr], slow));
+    assert!(is_down(&proxy, 0), "the reload kept the server's health state");
+    // Retries are off: a connection sent to the dead server would fail (`connect` panics on its 502).
+    for _ in 0..10 {
+        let mut ws = connect(&proxy.url("/")).await;
+        assert_ne!(backend_name(&mut ws).await, "dead");
+    }
+}
+
 #[test]
 fn bad_health_keys_are_refused_with_their_line() {
     let base = config(&[SocketAddr::from(([127, 0, 0, 1], 9))], "");

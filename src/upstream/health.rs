@@ -196,7 +196,9 @@ async fn probe_websocket(mut stream: TcpStream, check: &HealthCheck, host: &str)
         .await;
     };
     // A message needs the application to answer: the close waits for its reply.
-    stream.write_all(&data_frame(opcode::TEXT, text.as_bytes(), mask)).await?;
+    stream
+        .write_all(&data_frame(opcode::TEXT, text.as_bytes(), mask))
+        .await?;
     read_until(&mut stream, &mut buf, |bytes| {
         let mut rest = bytes.to_vec();
         while let Some((header, _)) = take_frame(&mut rest)? {
