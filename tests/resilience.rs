@@ -15,10 +15,11 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use support::raw::{header_value, read_head};
+use support::scripted::{Fake, Script};
 use support::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::task::{JoinHandle, JoinSet};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_util::sync::CancellationToken;
@@ -82,6 +83,20 @@ async fn raw_upgrade(addr: SocketAddr) -> (u16, String, TcpStream) {
 }
 
 /// Polls `cond` every 10 ms until it holds; fails the test after `limit`.
+/// The first connection let in, trying while the answers are 503 (a close on the proxy's side takes a moment).
+async fn admitted(url: &str, what: &str) -> Client {
+    let mut admitted = None;
+    wait_until(what, WAIT, async || {
+        match try_connect(url).await {
+            Ok(ws) => admitted = Some(ws),
+            Err(r) => assert_eq!(r.status, 503, "{r:?}"),
+        }
+        admitted.is_some()
+    })
+    .await;
+    admitted.expect("admitted")
+}
+
 async fn wait_until(what: &str, limit: Duration, cond: impl AsyncFnMut() -> bool) {
     if let Err(e) = poll_until(what, limit, cond).await {
         panic!("{e}");
@@ -99,63 +114,6 @@ async fn poll_until(what: &str, limit: Duration, mut cond: impl AsyncFnMut() -> 
             return Err(format!("timed out after {limit:?} waiting for {what}"));
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
-/// A TCP server that counts the connections it accepts. It reads each request head, then answers `answer` and
-/// closes, or (without an answer) holds the connection open without ever answering.
-struct Scripted {
-    addr: SocketAddr,
-    accepted: Arc<AtomicUsize>,
-    task: JoinHandle<()>,
-}
-
-impl Drop for Scripted {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-impl Scripted {
-    async fn start(answer: Option<&'static str>) -> Scripted {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let count = accepted.clone();
-        let task = tokio::spawn(async move {
-            let mut conns = JoinSet::new();
-            loop {
-                let Ok((mut stream, _)) = listener.accept().await else {
-                    continue;
-                };
-                count.fetch_add(1, Ordering::SeqCst);
-                conns.spawn(async move {
-                    let mut head = Vec::new();
-                    let mut chunk = [0u8; 4096];
-                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                        match stream.read(&mut chunk).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => head.extend_from_slice(&chunk[..n]),
-                        }
-                    }
-                    if let Some(answer) = answer {
-                        let _ = stream.write_all(answer.as_bytes()).await;
-                        let _ = stream.shutdown().await;
-                    }
-                    // Until the peer closes (bounded: the server is aborted when the test drops it).
-                    while let Ok(n) = stream.read(&mut chunk).await {
-                        if n == 0 {
-                            break;
-                        }
-                    }
-                });
-            }
-        });
-        Scripted { addr, accepted, task }
-    }
-
-    fn accepted(&self) -> usize {
-        self.accepted.load(Ordering::SeqCst)
     }
 }
 
@@ -274,7 +232,7 @@ const ANSWER_503: &str = "HTTP/1.1 503 Service Unavailable\r\nX-Backend: bad\r\n
 
 #[tokio::test]
 async fn a_server_answering_503_is_ejected_for_its_time_then_tried_again() {
-    let bad = Scripted::start(Some(ANSWER_503)).await;
+    let bad = Fake::start(Script::Answer(ANSWER_503)).await;
     let good = ws_backend("good").await;
     let upstream = format!(
         "{}[upstream.outlier]\nconsecutive_failures = 3\nejection = \"1s\"\n",
@@ -350,7 +308,7 @@ async fn a_server_answering_503_is_ejected_for_its_time_then_tried_again() {
 #[tokio::test]
 async fn an_ejected_server_whose_health_checks_pass_stays_out_until_rise_checks_in_a_row() {
     // Its TCP health check passes all along; only its answers to upgrades fail.
-    let bad = Scripted::start(Some(ANSWER_503)).await;
+    let bad = Fake::start(Script::Answer(ANSWER_503)).await;
     let good = ws_backend("good").await;
     let upstream = format!(
         "{}[upstream.health]\nkind = \"tcp\"\ninterval = \"100ms\"\ntimeout = \"100ms\"\nrise = 5\nfall = 5\n\
@@ -437,16 +395,7 @@ async fn max_connections_of_a_server_and_of_the_upstream_answer_503_with_retry_a
     let at = open.iter().position(|(n, _)| n == "a").expect("a");
     let (_, mut ws) = open.remove(at);
     ws.close(None).await.expect("close");
-    let mut admitted = None;
-    wait_until("room after a close", WAIT, async || {
-        match try_connect(&url).await {
-            Ok(ws) => admitted = Some(ws),
-            Err(r) => assert_eq!(r.status, 503, "{r:?}"),
-        }
-        admitted.is_some()
-    })
-    .await;
-    let mut ws = admitted.expect("admitted");
+    let mut ws = admitted(&url, "room after a close").await;
     assert_eq!(backend_name(&mut ws).await, "a");
     let (status, head, _) = raw_upgrade(proxy.addr).await;
     assert_full(status, &head, "full again");
@@ -465,16 +414,7 @@ async fn max_connections_of_a_server_and_of_the_upstream_answer_503_with_retry_a
     let (status, head, _) = raw_upgrade(proxy.addr).await;
     assert_full(status, &head, "upstream full");
     first.close(None).await.expect("close");
-    let mut admitted = None;
-    wait_until("room in the upstream after a close", WAIT, async || {
-        match try_connect(&url).await {
-            Ok(ws) => admitted = Some(ws),
-            Err(r) => assert_eq!(r.status, 503, "{r:?}"),
-        }
-        admitted.is_some()
-    })
-    .await;
-    let mut third = admitted.expect("admitted");
+    let mut third = admitted(&url, "room in the upstream after a close").await;
     echo(&mut third, "in").await;
     echo(&mut second, "still here").await;
     let (status, head, _) = raw_upgrade(proxy.addr).await;
@@ -483,7 +423,7 @@ async fn max_connections_of_a_server_and_of_the_upstream_answer_503_with_retry_a
 
 #[tokio::test]
 async fn max_pending_handshakes_answers_503_at_once_while_a_backend_hangs() {
-    let hanging = Scripted::start(None).await;
+    let hanging = Fake::start(Script::Hang).await;
     let text = format!(
         "[server]\nhandshake_timeout = \"1s\"\n\n{}",
         config(

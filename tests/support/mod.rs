@@ -5,6 +5,7 @@
 
 pub mod binary;
 pub mod raw;
+pub mod scripted;
 
 use std::net::SocketAddr;
 use std::sync::Once;
