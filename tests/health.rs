@@ -1,7 +1,7 @@
 //! Active health checks against real servers: a killed backend is marked down within `fall` intervals and up
-//! again within `rise` intervals of its restart; each kind of check fails against a server that breaks it; a
-//! health endpoint that hangs, answers garbage or closes mid-handshake marks its server down without leaking
-//! sockets; checks of a server removed by a reload stop; bad `[upstream.health]` keys are refused with their line.
+//! again within `rise` intervals of its restart; each kind of check fails against a server that breaks it; checks
+//! of a server removed by a reload stop, and a server that stays keeps its state; bad `[upstream.health]` keys are
+//! refused with their line. (Broken health endpoints and leaks: `health_faults.rs`.)
 
 mod support;
 
@@ -11,42 +11,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use support::scripted::{Fake, Script};
+use support::scripted::{Fake, Script, config, is_down, wait_state};
 use support::{Proxy, backend_name, connect, unused_addr, ws_backend, ws_backend_on};
-
-/// One upstream `app` over `servers`, checked as `health` says; retries and outlier detection off, so that only
-/// the health checks decide where connections go.
-fn config(servers: &[SocketAddr], health: &str) -> String {
-    let mut text = String::from(
-        "[[listener]]\nname = \"l\"\naddress = \"127.0.0.1:0\"\n\n[[route]]\nupstream = \"app\"\n\n\
-         [[upstream]]\nname = \"app\"\nretries = 0\n",
-    );
-    for s in servers {
-        text.push_str(&format!("[[upstream.server]]\naddress = \"{s}\"\n"));
-    }
-    text.push_str("[upstream.outlier]\nconsecutive_failures = 0\n[upstream.health]\n");
-    text.push_str(health);
-    text
-}
-
-/// Whether server `i` of the first upstream is down, as new connections see it.
-fn is_down(proxy: &Proxy, i: usize) -> bool {
-    proxy.snapshot().upstreams[0].servers()[i].is_down()
-}
-
-/// Waits until server `i` is down (or up); returns how long that took.
-async fn wait_state(proxy: &Proxy, i: usize, down: bool, limit: Duration) -> Duration {
-    let start = Instant::now();
-    while is_down(proxy, i) != down {
-        assert!(
-            start.elapsed() < limit,
-            "server {i} not {} within {limit:?}",
-            if down { "down" } else { "up" }
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    start.elapsed()
-}
 
 #[tokio::test]
 async fn a_killed_backend_is_down_within_fall_intervals_and_up_within_rise_intervals_of_its_restart() {
@@ -200,50 +166,6 @@ async fn each_kind_of_check_fails_against_a_server_that_breaks_it() {
         }
     }
     assert!(saw_close, "the echo backend saw a close 1000 from the checks");
-}
-
-/// A health endpoint that hangs, answers garbage or closes mid-answer marks its server down, and each check's
-/// socket is closed when the check ends: the servers never see more than a couple of wsgate's sockets open at a
-/// time, and none once the proxy has stopped.
-#[tokio::test]
-async fn broken_health_endpoints_mark_down_without_leaking_sockets() {
-    let fast = "interval = \"100ms\"\ntimeout = \"100ms\"\nrise = 1\nfall = 2\n";
-    let hang = Fake::start(Script::Hang).await;
-    let garbage = Fake::start(Script::Garbage).await;
-    let mid = Fake::start(Script::CloseMidAnswer).await;
-    let fakes = [&hang, &garbage, &mid];
-    let mut proxies = Vec::new();
-    for kind in ["http", "websocket"] {
-        for fake in fakes {
-            let text = config(&[fake.addr], &format!("kind = \"{kind}\"\n{fast}"));
-            proxies.push((kind, fake.addr, Proxy::from_toml(&text)));
-        }
-    }
-    for (kind, addr, proxy) in &proxies {
-        let took = wait_state(proxy, 0, true, Duration::from_secs(3)).await;
-        eprintln!("{kind} check of {addr}: down after {took:?}");
-    }
-    // Let each server see a couple of dozen checks.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while fakes.iter().any(|f| f.accepted() < 2 * 20) {
-        assert!(Instant::now() < deadline, "checks kept running");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    for fake in fakes {
-        // Two proxies check each server, each check at most `timeout` long, one `interval` apart.
-        let most = fake.most_open.load(Ordering::SeqCst);
-        assert!(most <= 4, "{:?}: {most} of wsgate's sockets open at once", fake.addr);
-    }
-    for (_, _, proxy) in proxies {
-        tokio::task::spawn_blocking(move || proxy.shutdown_and_join())
-            .await
-            .expect("joined");
-    }
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while fakes.iter().any(|f| f.open.load(Ordering::SeqCst) > 0) {
-        assert!(Instant::now() < deadline, "a check's socket outlived the proxy");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
 }
 
 #[tokio::test]

@@ -1,14 +1,17 @@
 //! Scripted TCP servers for the tests of health checks and upstream failures: each connection is treated as a
 //! [`Script`] says (hang, answer garbage, close mid-answer, answer a status, upgrade with a wrong key, ...), and the
-//! server counts the connections it accepted, those still open and the most open at once.
+//! server counts the connections it accepted, those still open and the most open at once. And the config and the
+//! waits the health check tests share.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
 /// How a fake server treats each connection.
@@ -173,4 +176,38 @@ async fn serve(mut stream: TcpStream, script: Script, upgrades: &AtomicUsize) {
         }
     }
     until_closed(&mut stream).await;
+}
+
+/// One upstream `app` over `servers`, checked as `health` says; retries and outlier detection off, so that only
+/// the health checks decide where connections go.
+pub fn config(servers: &[SocketAddr], health: &str) -> String {
+    let mut text = String::from(
+        "[[listener]]\nname = \"l\"\naddress = \"127.0.0.1:0\"\n\n[[route]]\nupstream = \"app\"\n\n\
+         [[upstream]]\nname = \"app\"\nretries = 0\n",
+    );
+    for s in servers {
+        text.push_str(&format!("[[upstream.server]]\naddress = \"{s}\"\n"));
+    }
+    text.push_str("[upstream.outlier]\nconsecutive_failures = 0\n[upstream.health]\n");
+    text.push_str(health);
+    text
+}
+
+/// Whether server `i` of the first upstream is down, as new connections see it.
+pub fn is_down(proxy: &super::Proxy, i: usize) -> bool {
+    proxy.snapshot().upstreams[0].servers()[i].is_down()
+}
+
+/// Waits until server `i` is down (or up); returns how long that took.
+pub async fn wait_state(proxy: &super::Proxy, i: usize, down: bool, limit: Duration) -> Duration {
+    let start = Instant::now();
+    while is_down(proxy, i) != down {
+        assert!(
+            start.elapsed() < limit,
+            "server {i} not {} within {limit:?}",
+            if down { "down" } else { "up" }
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    start.elapsed()
 }
