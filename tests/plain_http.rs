@@ -264,3 +264,82 @@ async fn bad_websocket_upgrade_after_a_plain_request_gets_426() {
         "{head}"
     );
 }
+
+/// A config with one listener and one route to `backend`.
+fn one_route(backend: std::net::SocketAddr) -> String {
+    format!(
+        "[[listener]]\nname = \"l\"\naddress = \"127.0.0.1:0\"\n[[route]]\nupstream = \"app\"\n\
+         [[upstream]]\nname = \"app\"\n[[upstream.server]]\naddress = \"{backend}\"\n"
+    )
+}
+
+#[tokio::test]
+async fn shutdown_closes_keep_alive_connections_gracefully_not_at_the_drain_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // A backend that takes its time over `/slow`, so that a request is in flight when the shutdown starts.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let backend = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let mut seen = Vec::new();
+                loop {
+                    while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match s.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => seen.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    if seen.starts_with(b"GET /slow") {
+                        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                    }
+                    seen.clear();
+                    if s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let proxy = Proxy::from_toml_with_drain(&one_route(backend), std::time::Duration::from_secs(30));
+    let mut idle = TcpStream::connect(proxy.addr).await.expect("connect");
+    let mut busy = TcpStream::connect(proxy.addr).await.expect("connect");
+    for stream in [&mut idle, &mut busy] {
+        stream
+            .write_all(b"GET /fast HTTP/1.1\r\nHost: h\r\n\r\n")
+            .await
+            .expect("write");
+        let head = read_head(stream).await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        assert_eq!(read_body(stream, &head).await, "ok");
+    }
+    busy.write_all(b"GET /slow HTTP/1.1\r\nHost: h\r\n\r\n")
+        .await
+        .expect("write");
+    // The request is at the backend (it takes 500 ms): shut down now.
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let started = tokio::time::Instant::now();
+    drop(proxy);
+    // The idle connection is closed at once; the busy one gets its answer, marked as the last, then the close.
+    let mut rest = Vec::new();
+    within("the idle connection's close", idle.read_to_end(&mut rest))
+        .await
+        .expect("eof");
+    assert!(rest.is_empty());
+    let head = read_head(&mut busy).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(head.to_ascii_lowercase().contains("connection: close"), "{head}");
+    assert_eq!(read_body(&mut busy, &head).await, "ok");
+    within("the busy connection's close", busy.read_to_end(&mut rest))
+        .await
+        .expect("eof");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+}

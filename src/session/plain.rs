@@ -65,12 +65,21 @@ pub(super) async fn serve(
         let state = state.clone();
         hyper::service::service_fn(move |req| forward(state.clone(), req))
     };
-    let result = hyper::server::conn::http1::Builder::new()
+    let connection = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(handshake_timeout)
         .serve_connection(io, service)
-        .with_upgrades()
-        .await;
+        .with_upgrades();
+    tokio::pin!(connection);
+    // On shutdown a keep-alive connection is closed gracefully: at once when idle, else after the answer in flight,
+    // which goes out with `Connection: close`.
+    let result = tokio::select! {
+        result = connection.as_mut() => result,
+        () = shared.draining.cancelled() => {
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+    };
     let stats = &state.stats;
     record.requests = stats.requests.load(Ordering::Relaxed);
     record.status = stats.last_status.load(Ordering::Relaxed);
