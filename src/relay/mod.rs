@@ -27,8 +27,9 @@ pub enum StopCause {
 /// frames mode, where it is a child of the shutdown token, by shutdown).
 pub struct Stop {
     token: CancellationToken,
-    /// Registers the connection's waker with `token`: polled once, it stays registered, and later polls only read
-    /// the token's flag (polling the future again would take a lock on every relay wake-up).
+    /// Registers the connection's waker with `token`: polled once, it stays registered, and later polls only ask the
+    /// token whether it is cancelled. The token is the connection's own (a child of the shutdown token in frames
+    /// mode), so that question takes a lock no other connection contends for.
     wait: Pin<Box<WaitForCancellationFutureOwned>>,
     registered: bool,
     shutting_down: CancellationToken,
