@@ -12,6 +12,7 @@ use tokio::time::{Instant, Sleep};
 
 use super::StopCause;
 use super::copy::{End, Side};
+use super::watch::WriteWatch;
 use super::frame::{self, Rules, Step, Tracker, Violation, opcode};
 use crate::config::FrameRules;
 use crate::observe::Counters;
@@ -185,12 +186,8 @@ pub struct Frames {
     closing: Option<Closing>,
     last_heard: [Instant; 2],
     pong_deadline: [Option<Instant>; 2],
-    pending_since: [Option<Instant>; 2],
-    /// Bytes written to each receiver so far, as last seen.
-    written: [u64; 2],
-    /// The receiver's unacknowledged bytes, read once half the write timeout has passed without a write (`None`
-    /// until then; `Some(None)` where the kernel cannot tell).
-    unacked_mark: [Option<Option<u64>>; 2],
+    /// The write timeout of each receiver.
+    watch: WriteWatch,
     tokens: [f64; 2],
     accounted: [u64; 2],
     refilled: Instant,
@@ -237,9 +234,7 @@ impl Frames {
             closing: None,
             last_heard: [now; 2],
             pong_deadline: [None; 2],
-            pending_since: [None; 2],
-            written: [0; 2],
-            unacked_mark: [None; 2],
+            watch: WriteWatch::default(),
             tokens: [full; 2],
             accounted: [0; 2],
             refilled: now,
@@ -523,10 +518,7 @@ impl Frames {
         }
     }
 
-    /// A receiver that leaves bytes for it unwritten for the write timeout is lost. wsgate's own writes show most
-    /// progress, but while the kernel's send buffer is full (megabytes on a fast link) a slow reader drains it for
-    /// a long time before the socket is writable again: the kernel's count of unacknowledged bytes, read at half
-    /// the timeout and again at its end, shows that progress. A reader that took some restarts the timeout.
+    /// A receiver that leaves bytes for it unread for the write timeout is lost (see `watch`).
     fn write_timeouts(
         &mut self,
         now: Instant,
@@ -534,35 +526,14 @@ impl Frames {
         written: [u64; 2],
         unacked: impl Fn(usize) -> Option<u64>,
     ) {
-        // pending[0]: bytes for the backend (read from the client); pending[1]: bytes for the client.
+        // Receiver 0 is the backend (bytes read from the client), 1 the client.
+        let receivers = [Side::Backend, Side::Client];
+        let gone = receivers.map(|r| self.dead[index(r)]);
         let timeout = self.rules.write_timeout;
-        for (i, receiver) in [Side::Backend, Side::Client].into_iter().enumerate() {
-            if !pending[i] || written[i] != self.written[i] {
-                self.written[i] = written[i];
-                self.pending_since[i] = None;
-                self.unacked_mark[i] = None;
-                if !pending[i] {
-                    continue;
-                }
-            }
-            let since = *self.pending_since[i].get_or_insert(now);
-            if self.dead[index(receiver)] {
-                continue;
-            }
-            if self.unacked_mark[i].is_none() && now >= since + timeout / 2 {
-                self.unacked_mark[i] = Some(unacked(i));
-            }
-            if now >= since + timeout {
-                let now_unacked = unacked(i);
-                if let (Some(Some(mark)), Some(left)) = (self.unacked_mark[i], now_unacked)
-                    && left < mark
-                {
-                    self.pending_since[i] = Some(now);
-                    self.unacked_mark[i] = Some(now_unacked);
-                    continue;
-                }
-                let why = format!("{receiver} stopped reading for {timeout:?}");
-                self.lost(receiver, why);
+        let stuck = self.watch.stuck(now, timeout, pending, written, unacked, gone);
+        for (receiver, stuck) in receivers.into_iter().zip(stuck) {
+            if stuck {
+                self.lost(receiver, format!("{receiver} stopped reading for {timeout:?}"));
             }
         }
     }
@@ -585,18 +556,8 @@ impl Frames {
                 }
             }
         }
-        for (i, since) in self.pending_since.iter().enumerate() {
-            if let (true, Some(since)) = (pending[i], since) {
-                let timeout = self.rules.write_timeout;
-                consider(
-                    *since
-                        + if self.unacked_mark[i].is_none() {
-                            timeout / 2
-                        } else {
-                            timeout
-                        },
-                );
-            }
+        if let Some(t) = self.watch.deadline(self.rules.write_timeout, pending) {
+            consider(t);
         }
         at
     }

@@ -4,6 +4,7 @@
 mod copy;
 pub mod frame;
 mod frames;
+mod watch;
 
 pub use copy::{End, Side, relay};
 pub use frames::Frames;
