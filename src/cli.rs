@@ -10,7 +10,7 @@ use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use tokio::signal::unix::{SignalKind, signal};
 
-use crate::config::{self, Config, FrameRules, LogFormat, Relay, Timeouts, parse_duration, parse_size};
+use crate::config::{self, Config, FrameRules, LogFormat, Relay, Timeouts, TunnelRules, parse_duration, parse_size};
 use crate::{demo, observe, server};
 
 #[derive(Parser, Debug)]
@@ -89,6 +89,9 @@ struct CommonArgs {
     /// codes, 1001 on shutdown) at about the tunnel's cost; `tunnel` copies bytes blindly.
     #[arg(long, value_enum, default_value = "frames")]
     mode: ModeArg,
+    /// Close a WebSocket connection when a side leaves bytes for it unread this long (either mode).
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    write_timeout: Duration,
     #[command(flatten)]
     frames: FrameArgs,
 }
@@ -127,13 +130,10 @@ struct FrameArgs {
     /// After wsgate sends close frames itself, how long it waits for the replies.
     #[arg(long, value_name = "DURATION", default_value = "3s", value_parser = parse_duration)]
     close_timeout: Duration,
-    /// Close the connection when a side leaves bytes unread for this long.
-    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
-    write_timeout: Duration,
 }
 
 impl FrameArgs {
-    fn rules(&self) -> FrameRules {
+    fn rules(&self, write_timeout: Duration) -> FrameRules {
         FrameRules {
             max_message_size: self.max_message_size,
             max_frame_size: self.max_frame_size,
@@ -143,7 +143,7 @@ impl FrameArgs {
             pong_timeout: self.pong_timeout,
             validate_utf8: self.validate_utf8,
             close_timeout: self.close_timeout,
-            write_timeout: self.write_timeout,
+            write_timeout,
         }
     }
 }
@@ -167,8 +167,10 @@ impl CommonArgs {
             LogFormatArg::Json => LogFormat::Json,
         };
         let mut config = Config::quick(listen, to, timeouts, format)?.with_relay(match self.mode {
-            ModeArg::Tunnel => Relay::Tunnel,
-            ModeArg::Frames => Relay::Frames(self.frames.rules()),
+            ModeArg::Tunnel => Relay::Tunnel(TunnelRules {
+                write_timeout: self.write_timeout,
+            }),
+            ModeArg::Frames => Relay::Frames(self.frames.rules(self.write_timeout)),
         })?;
         config.server.workers = self.workers;
         Ok(config)

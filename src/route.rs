@@ -140,7 +140,7 @@ mod tests {
             path,
             headers: headers.iter().map(|(n, v)| (n.to_string(), v.to_string())).collect(),
             upstream: 0,
-            relay: Relay::Tunnel,
+            relay: Relay::tunnel(),
             idle_timeout: None,
         }
     }

@@ -543,8 +543,38 @@ const ROUTE_KEYS: &[&str] = &[
     "close_timeout",
     "write_timeout",
 ];
-const UPSTREAM_KEYS: &[&str] = &["name", "name", "balance", "hash_key", "connect_timeout", "sticky"];
-const SERVER_ENTRY_KEYS: &[&str] = &["address", "address", "weight"];
+const UPSTREAM_KEYS: &[&str] = &[
+    "name",
+    "name",
+    "balance",
+    "hash_key",
+    "connect_timeout",
+    "sticky",
+    "retries",
+    "retry_budget_percent",
+    "max_connections",
+    "max_pending_handshakes",
+    "slow_start",
+    "drain_rate",
+    "rebalance",
+    "rebalance_threshold",
+];
+const SERVER_ENTRY_KEYS: &[&str] = &["address", "address", "weight", "backup", "drain", "max_connections"];
+const HEALTH_KEYS: &[&str] = &[
+    "kind",
+    "path",
+    "host",
+    "expect_status",
+    "send",
+    "interval",
+    "timeout",
+    "rise",
+    "fall",
+];
+const OUTLIER_KEYS: &[&str] = &["consecutive_failures", "ejection", "max_ejected_percent"];
+const HEALTH_KINDS: &[&str] = &["\"tcp\"", "\"http\"", "\"websocket\"", "\"smoke\""];
+const STATUS_LISTS: &[&str] = &["[200]", "[200, 204]", "[]", "[700]", "[\"200\"]"];
+const FRACTIONS: &[&str] = &["0.1", "0.5", "0.0", "1.5", "-1.0", "nan", "1"];
 const STICKY_KEYS: &[&str] = &["cookie", "header", "path", "max_age", "forward_cookie", "secret"];
 
 const NAMES: &[&str] = &["\"public\"", "\"app\"", "\"chat\"", "\"admin\"", "\"\""];
@@ -633,8 +663,24 @@ fn typed(key: &str) -> &'static [&'static str] {
         "log_format" => LOG_FORMATS,
         "cookie" | "header" => STICKY_NAMES,
         "max_message_size" | "max_frame_size" => SIZES,
-        "messages_per_second" | "burst" | "workers" | "weight" => COUNTS,
-        "watch" | "validate_utf8" | "forward_cookie" => BOOLS,
+        "messages_per_second"
+        | "burst"
+        | "workers"
+        | "weight"
+        | "retries"
+        | "retry_budget_percent"
+        | "max_connections"
+        | "max_pending_handshakes"
+        | "drain_rate"
+        | "rise"
+        | "fall"
+        | "consecutive_failures"
+        | "max_ejected_percent" => COUNTS,
+        "watch" | "validate_utf8" | "forward_cookie" | "backup" | "drain" | "rebalance" => BOOLS,
+        "kind" => HEALTH_KINDS,
+        "expect_status" => STATUS_LISTS,
+        "rebalance_threshold" => FRACTIONS,
+        "send" => NAMES,
         _ => DURATIONS,
     }
 }
@@ -670,14 +716,18 @@ fn section() -> impl Strategy<Value = String> {
         pairs(&["name"], UPSTREAM_KEYS),
         prop::collection::vec(pairs(&["address"], SERVER_ENTRY_KEYS), 0..4),
         prop::option::weighted(0.15, pairs(&[], STICKY_KEYS)),
+        prop::option::weighted(0.2, pairs(&["kind"], HEALTH_KEYS)),
+        prop::option::weighted(0.15, pairs(&[], OUTLIER_KEYS)),
     )
-        .prop_map(|(upstream, servers, sticky)| {
+        .prop_map(|(upstream, servers, sticky, health, outlier)| {
             let mut text = format!("[[upstream]]\n{upstream}");
             for server in servers {
                 text.push_str(&format!("[[upstream.server]]\n{server}"));
             }
-            if let Some(sticky) = sticky {
-                text.push_str(&format!("[upstream.sticky]\n{sticky}"));
+            for (table, keys) in [("sticky", sticky), ("health", health), ("outlier", outlier)] {
+                if let Some(keys) = keys {
+                    text.push_str(&format!("[upstream.{table}]\n{keys}"));
+                }
             }
             text
         });

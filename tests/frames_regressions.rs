@@ -15,7 +15,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
-use wsgate::config::FrameRules;
+use wsgate::config::{Config, FrameRules, Relay, TunnelRules};
 use wsgate::relay::frame::opcode;
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -92,16 +92,27 @@ async fn message_after_a_quiet_period_is_within_the_rate_limit() {
     assert!(matches!(next_message(&mut ws).await, Message::Close(None)));
 }
 
+/// A config tweak: the first route relays as `tunnel` says (true: tunnel, false: frames) with a write timeout.
+fn with_write_timeout(tunnel: bool, write_timeout: Duration) -> impl FnOnce(&mut Config) {
+    move |c| {
+        c.routes[0].relay = if tunnel {
+            Relay::Tunnel(TunnelRules { write_timeout })
+        } else {
+            Relay::Frames(FrameRules {
+                write_timeout,
+                ..FrameRules::default()
+            })
+        }
+    }
+}
+
 /// A backend sends `frames` binary frames of 16 KiB at once; the client reads at most 64 KiB every `pace`, far
-/// slower than that, with a write timeout of 1 s. It must get every frame and stay connected.
-async fn steady_reader_gets_everything(frames_sent: usize, pace: Duration) {
+/// slower than that, with a write timeout of 1 s, through the tunnel or the frames relay. It must get every frame
+/// and stay connected.
+async fn steady_reader_gets_everything(frames_sent: usize, pace: Duration, tunnel: bool) {
     const FRAME_PAYLOAD: usize = 16 * 1024;
     let mut backend = RawBackend::start().await;
-    let rules = FrameRules {
-        write_timeout: Duration::from_secs(1),
-        ..FrameRules::default()
-    };
-    let proxy = Proxy::start_with(&[backend.addr], frames(rules));
+    let proxy = Proxy::start_with(&[backend.addr], with_write_timeout(tunnel, Duration::from_secs(1)));
     let mut client = raw_client(proxy.addr, "/slow-reader").await;
     let mut server = backend.next_conn().await;
     let payload = pattern(FRAME_PAYLOAD);
@@ -140,6 +151,8 @@ async fn steady_reader_gets_everything(frames_sent: usize, pace: Duration) {
     server.send_close(1000, "").await;
     let close = client.next_frame().await.expect("the backend's close");
     assert_eq!(close.close(), Some((1000, String::new())));
+    // The frames relay closes the connection after the close handshake; the tunnel when the backend closes it.
+    drop(server);
     assert!(client.until_eof().await.is_empty());
 }
 
@@ -150,7 +163,7 @@ async fn steady_reader_gets_everything(frames_sent: usize, pace: Duration) {
 /// behaviour test. 8 MiB at about 4.4 MB/s: about 2.5 s.
 #[tokio::test]
 async fn steady_reader_at_4_mb_per_s_is_not_closed_by_a_1s_write_timeout() {
-    steady_reader_gets_everything(512, Duration::from_millis(15)).await;
+    steady_reader_gets_everything(512, Duration::from_millis(15), false).await;
 }
 
 /// The same at about 1.3 MB/s (4 MiB: about 3.3 s). wsgate saw the reader's progress only in its own writes, and
@@ -159,7 +172,13 @@ async fn steady_reader_at_4_mb_per_s_is_not_closed_by_a_1s_write_timeout() {
 /// kernel's count of unacknowledged bytes now shows its progress.
 #[tokio::test]
 async fn steady_reader_at_1_3_mb_per_s_is_not_closed_by_a_1s_write_timeout() {
-    steady_reader_gets_everything(256, Duration::from_millis(50)).await;
+    steady_reader_gets_everything(256, Duration::from_millis(50), false).await;
+}
+
+/// The same through the tunnel, which has the same write timeout.
+#[tokio::test]
+async fn steady_reader_through_the_tunnel_is_not_closed_by_a_1s_write_timeout() {
+    steady_reader_gets_everything(256, Duration::from_millis(50), true).await;
 }
 
 /// The other side of the write timeout: a backend that takes nothing at all. Once the kernel's buffers are full the
@@ -167,13 +186,27 @@ async fn steady_reader_at_1_3_mb_per_s_is_not_closed_by_a_1s_write_timeout() {
 /// 1011 "backend connection lost" and its connection ends.
 #[tokio::test]
 async fn backend_that_stops_reading_gives_the_client_1011_after_the_write_timeout() {
+    let frames = backend_that_stops_reading(false).await;
+    assert!(
+        matches!(frames.as_slice(), [close] if close.close() == Some((1011, "backend connection lost".into()))),
+        "the client got {:?}",
+        brief(&frames)
+    );
+}
+
+/// The tunnel cannot say why: the client's connection is closed after the write timeout, without a frame.
+#[tokio::test]
+async fn backend_that_stops_reading_closes_the_tunnel_after_the_write_timeout() {
+    let frames = backend_that_stops_reading(true).await;
+    assert!(frames.is_empty(), "the client got {:?}", brief(&frames));
+}
+
+/// A backend that takes nothing: the client writes until wsgate closes its connection, which must come after the
+/// write timeout (1 s) and not long after. Returns the frames the client got.
+async fn backend_that_stops_reading(tunnel: bool) -> Vec<Got> {
     const TIMEOUT: Duration = Duration::from_secs(1);
     let mut backend = RawBackend::start().await;
-    let rules = FrameRules {
-        write_timeout: TIMEOUT,
-        ..FrameRules::default()
-    };
-    let proxy = Proxy::start_with(&[backend.addr], frames(rules));
+    let proxy = Proxy::start_with(&[backend.addr], with_write_timeout(tunnel, TIMEOUT));
     let client = raw_client(proxy.addr, "/stuck-backend").await;
     // The backend's socket stays open and is never read.
     let _server = backend.next_conn().await;
@@ -195,13 +228,10 @@ async fn backend_that_stops_reading_gives_the_client_1011_after_the_write_timeou
     .await;
     let took = started.elapsed();
     let frames: Vec<Got> = std::iter::from_fn(|| take_frame(&mut buf)).collect();
-    assert!(
-        matches!(frames.as_slice(), [close] if close.close() == Some((1011, "backend connection lost".into()))),
-        "the client got {:?}",
-        brief(&frames)
-    );
     assert!(took >= TIMEOUT, "closed after {took:?}, before the write timeout");
+    assert!(took < TIMEOUT * 5, "closed only after {took:?}");
     writer.abort();
+    frames
 }
 
 /// Review: the pong deadline of wsgate's ping to the backend ran from when the ping was queued, and a ping waits

@@ -375,7 +375,7 @@ async fn busy_session_outlives_idle_timeout() {
 #[tokio::test]
 async fn client_half_close_lets_backend_still_answer() {
     let (backend_addr, backend) = raw_backend().await;
-    let proxy = Proxy::start_with(&[backend_addr], |c| c.routes[0].relay = Relay::Tunnel);
+    let proxy = Proxy::start_with(&[backend_addr], |c| c.routes[0].relay = Relay::tunnel());
     let (mut client, early) = raw_client(proxy.addr).await;
     assert!(early.is_empty(), "unexpected bytes after the 101");
     let (mut server, rest) = within("the backend's connection", backend)
@@ -420,7 +420,7 @@ async fn slow_client_stalls_backend_without_losing_bytes() {
     const CHUNK: usize = 64 * 1024;
 
     let (backend_addr, backend) = raw_backend().await;
-    let proxy = Proxy::start_with(&[backend_addr], |c| c.routes[0].relay = Relay::Tunnel);
+    let proxy = Proxy::start_with(&[backend_addr], |c| c.routes[0].relay = Relay::tunnel());
     let (mut client, early) = raw_client(proxy.addr).await;
     assert!(early.is_empty(), "unexpected bytes after the 101");
     let (mut server, _) = within("the backend's connection", backend)
@@ -556,7 +556,7 @@ async fn slow_steady_reader_is_not_cut_by_idle_timeout() {
     const TOTAL: usize = 8 * 1024 * 1024;
     let (backend_addr, backend) = raw_backend().await;
     let proxy = Proxy::start_with(&[backend_addr], |c| {
-        c.routes[0].relay = Relay::Tunnel;
+        c.routes[0].relay = Relay::tunnel();
         c.routes[0].idle_timeout = Some(IDLE);
     });
     let (mut client, early) = raw_client(proxy.addr).await;

@@ -17,9 +17,10 @@ use toml::Spanned;
 
 use super::{
     Balance, Config, DEFAULT_CONNECT_TIMEOUT, DEFAULT_FALL, DEFAULT_HEALTH_INTERVAL, DEFAULT_HEALTH_TIMEOUT,
-    DEFAULT_REBALANCE_THRESHOLD, DEFAULT_RISE, DEFAULT_STICKY_COOKIE, FrameRules, HashKey, HealthCheck, HealthKind,
-    HostMatch, Listener, LogFormat, MAX_DURATION, MAX_EJECTION, MAX_WEIGHT, MAX_WORKERS, MIN_HEALTH_INTERVAL, Outlier,
-    PathMatch, Relay, Route, Server, ServerSettings, Sticky, StickyCookie, Upstream, parse_duration, parse_size,
+    DEFAULT_REBALANCE_THRESHOLD, DEFAULT_RISE, DEFAULT_STICKY_COOKIE, DEFAULT_WRITE_TIMEOUT, FrameRules, HashKey,
+    HealthCheck, HealthKind, HostMatch, Listener, LogFormat, MAX_DURATION, MAX_EJECTION, MAX_WEIGHT, MAX_WORKERS,
+    MIN_HEALTH_INTERVAL, Outlier, PathMatch, Relay, Route, Server, ServerSettings, Sticky, StickyCookie, TunnelRules,
+    Upstream, parse_duration, parse_size,
 };
 
 /// Why a config file cannot be served.
@@ -986,7 +987,9 @@ fn build_relay(r: &RawRoute, report: &mut Report<'_>) -> Relay {
     let frames = r
         .relay
         .as_ref()
-        .map_or(Relay::default() != Relay::Tunnel, |m| *m.get_ref() == RawRelay::Frames);
+        .map_or(matches!(Relay::default(), Relay::Frames(_)), |m| {
+            *m.get_ref() == RawRelay::Frames
+        });
     let dur = |d: &Option<Spanned<Dur>>| d.as_ref().map(|d| d.get_ref().0);
     let size = |s: &Option<Spanned<Size>>| s.as_ref().map(|s| s.get_ref().0);
     // (key, its span when given): for the problems below.
@@ -1002,15 +1005,25 @@ fn build_relay(r: &RawRoute, report: &mut Report<'_>) -> Relay {
         ("write_timeout", r.write_timeout.as_ref().map(Spanned::span)),
     ];
     if !frames {
+        // The write timeout is the tunnel's one rule; every other key belongs to the frames relay.
         for (key, span) in &given {
-            if span.is_some() {
+            if span.is_some() && *key != "write_timeout" {
                 report.at(
                     span.clone(),
                     format!("`{key}`: applies to relay = \"frames\" only (this route relays as a tunnel)"),
                 );
             }
         }
-        return Relay::Tunnel;
+        let rules = TunnelRules {
+            write_timeout: dur(&r.write_timeout).unwrap_or(DEFAULT_WRITE_TIMEOUT),
+        };
+        for (key, expected) in rules.problems() {
+            report.at(
+                r.write_timeout.as_ref().map(Spanned::span),
+                format!("`{key}`: out of range: expected {expected}"),
+            );
+        }
+        return Relay::Tunnel(rules);
     }
     let defaults = FrameRules::default();
     let rules = FrameRules {
@@ -1138,6 +1151,26 @@ name = "empty"
     }
 
     #[test]
+    fn tunnel_routes_take_a_write_timeout_and_refuse_the_frames_keys() {
+        let head = "[[listener]]\nname = \"l\"\naddress = \"127.0.0.1:0\"\n[[upstream]]\nname = \"app\"\n\
+                    [[upstream.server]]\naddress = \"127.0.0.1:9\"\n[[route]]\nupstream = \"app\"\nrelay = \"tunnel\"\n";
+        let config = parse(&format!("{head}write_timeout = \"5s\"\n"), "t.toml").expect("valid");
+        let rules = TunnelRules {
+            write_timeout: Duration::from_secs(5),
+        };
+        assert_eq!(config.routes[0].relay, Relay::Tunnel(rules));
+        let default = parse(head, "t.toml").expect("valid");
+        assert_eq!(default.routes[0].relay, Relay::tunnel());
+        let p = problems(&format!("{head}write_timeout = \"0s\"\nping_interval = \"1s\"\n"));
+        assert_eq!(p.len(), 2, "{p:#?}");
+        assert!(
+            p[0].contains("`ping_interval`: applies to relay = \"frames\" only"),
+            "{p:#?}"
+        );
+        assert!(p[1].contains("`write_timeout`: out of range"), "{p:#?}");
+    }
+
+    #[test]
     fn resilience_keys_build_the_model_and_bad_values_are_placed() {
         let head = "[[listener]]\nname = \"l\"\naddress = \"127.0.0.1:0\"\n[[route]]\nupstream = \"app\"\n";
         let good = format!(
@@ -1253,7 +1286,7 @@ weight = 3
         };
         assert_eq!(rules.max_message_size, Some(1 << 20));
         assert_eq!(rules.ping_interval, Some(Duration::from_secs(30)));
-        assert_eq!(config.routes[1].relay, Relay::Tunnel);
+        assert_eq!(config.routes[1].relay, Relay::tunnel());
         let u = &config.upstreams[0];
         assert_eq!(u.hash_key, HashKey::Header("x-user".into()));
         let Some(Sticky::Cookie(c)) = &u.sticky else {

@@ -322,9 +322,31 @@ impl Default for Timeouts {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Relay {
     /// Bytes both ways, blind to frames.
-    Tunnel,
+    Tunnel(TunnelRules),
     /// Frame-aware: message counts, limits, keepalive pings, protocol checks, close codes, 1001 on drain.
     Frames(FrameRules),
+}
+
+impl Relay {
+    /// The tunnel with its default rules.
+    pub fn tunnel() -> Relay {
+        Relay::Tunnel(TunnelRules::default())
+    }
+}
+
+/// What the tunnel relay enforces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TunnelRules {
+    /// How long a side may leave bytes for it unread before the connection is closed.
+    pub write_timeout: Duration,
+}
+
+impl Default for TunnelRules {
+    fn default() -> Self {
+        Self {
+            write_timeout: DEFAULT_WRITE_TIMEOUT,
+        }
+    }
 }
 
 /// Frames is the default: measured at the tunnel's CPU per echo (within the noise), it adds close codes, 1001 on
@@ -454,6 +476,18 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("size `{s}` is out of range"))
 }
 
+/// A write timeout's allowed range, for [`FrameRules::problems`] and [`TunnelRules::problems`].
+fn write_timeout_problem(d: Duration) -> Option<(&'static str, &'static str)> {
+    (d.is_zero() || d > MAX_DURATION).then_some(("write_timeout", "more than 0 and at most 30 days"))
+}
+
+impl TunnelRules {
+    /// Every rule out of range, as (key, what is expected).
+    pub(crate) fn problems(&self) -> Vec<(&'static str, &'static str)> {
+        write_timeout_problem(self.write_timeout).into_iter().collect()
+    }
+}
+
 impl FrameRules {
     /// Every rule out of range, as (key, what is expected).
     pub(crate) fn problems(&self) -> Vec<(&'static str, &'static str)> {
@@ -467,12 +501,12 @@ impl FrameRules {
         for (key, d) in [
             ("pong_timeout", self.pong_timeout),
             ("close_timeout", self.close_timeout),
-            ("write_timeout", self.write_timeout),
         ] {
             if d.is_zero() || d > MAX_DURATION {
                 problems.push((key, "more than 0 and at most 30 days"));
             }
         }
+        problems.extend(write_timeout_problem(self.write_timeout));
         if self.messages_per_second == Some(0) {
             problems.push(("messages_per_second", "at least 1"));
         }
@@ -489,9 +523,11 @@ impl FrameRules {
 impl Config {
     /// Sets the relay mode of every route, checking its rules.
     pub fn with_relay(mut self, relay: Relay) -> Result<Config, ConfigError> {
-        if let Relay::Frames(rules) = &relay
-            && let Some(&(key, expected)) = rules.problems().first()
-        {
+        let problems = match &relay {
+            Relay::Frames(rules) => rules.problems(),
+            Relay::Tunnel(rules) => rules.problems(),
+        };
+        if let Some(&(key, expected)) = problems.first() {
             return Err(ConfigError::OutOfRange { key, expected });
         }
         for route in &mut self.routes {

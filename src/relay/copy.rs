@@ -28,6 +28,7 @@ use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
 use super::frames::{FrameDir, Frames, Verdict};
+use super::watch::WriteWatch;
 use super::{Stop, StopCause};
 use crate::observe::Counters;
 
@@ -106,7 +107,7 @@ impl std::fmt::Display for End {
 pub fn relay<'a>(
     client: &'a TcpStream,
     backend: &'a TcpStream,
-    idle_timeout: Option<Duration>,
+    timeouts: Timeouts,
     mut frames: Option<Box<Frames>>,
     early: [Vec<u8>; 2],
     counters: &'a mut Counters,
@@ -133,7 +134,7 @@ pub fn relay<'a>(
         down,
         first_closed: None,
         linger: None,
-        idle: idle_timeout.map(|after| Idle {
+        idle: timeouts.idle.map(|after| Idle {
             after,
             last_activity: Instant::now(),
             timer: Box::pin(tokio::time::sleep(after)),
@@ -141,7 +142,26 @@ pub fn relay<'a>(
         frames,
         counters,
         stop,
+        write_timeout: timeouts.write,
+        watch: None,
     }
+}
+
+/// The timeouts of a relayed connection.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// No byte either way for this long closes the connection; `None` = never.
+    pub idle: Option<Duration>,
+    /// A side leaving bytes for it unread this long closes the connection (tunnel mode: frames mode has its own in
+    /// its rules).
+    pub write: Duration,
+}
+
+/// The tunnel's write timeout, made the first time bytes wait for a receiver.
+struct TunnelWatch {
+    watch: WriteWatch,
+    timer: Pin<Box<Sleep>>,
+    timer_at: Option<Instant>,
 }
 
 struct Relay<'a> {
@@ -157,6 +177,9 @@ struct Relay<'a> {
     frames: Option<Box<Frames>>,
     counters: &'a mut Counters,
     stop: Stop,
+    write_timeout: Duration,
+    /// Tunnel mode's write timeout, once bytes have had to wait.
+    watch: Option<Box<TunnelWatch>>,
 }
 
 struct Idle {
@@ -405,7 +428,53 @@ impl Relay<'_> {
                 return Poll::Ready(End::Closed(first));
             }
         }
+        if let Some(end) = self.poll_write_timeout(cx) {
+            return Poll::Ready(end);
+        }
         self.poll_idle(cx, active)
+    }
+
+    /// Tunnel mode: a receiver that leaves the bytes held for it unread for the write timeout ends the connection.
+    fn poll_write_timeout(&mut self, cx: &mut Context<'_>) -> Option<End> {
+        let pending = [self.up.has_pending(), self.down.has_pending()];
+        if !pending[0] && !pending[1] && self.watch.is_none() {
+            return None;
+        }
+        let now = Instant::now();
+        let w = self.watch.get_or_insert_with(|| {
+            Box::new(TunnelWatch {
+                watch: WriteWatch::default(),
+                timer: Box::pin(tokio::time::sleep_until(now)),
+                timer_at: None,
+            })
+        });
+        let written = [self.up.delivered, self.down.delivered];
+        let (client, backend) = (self.client, self.backend);
+        let unacked = |i: usize| crate::sys::unacked_bytes(if i == 0 { backend } else { client });
+        let stuck = w
+            .watch
+            .stuck(now, self.write_timeout, pending, written, unacked, [false; 2]);
+        if let Some(receiver) = [Side::Backend, Side::Client]
+            .into_iter()
+            .zip(stuck)
+            .find_map(|(r, s)| s.then_some(r))
+        {
+            return Some(End::ClosedByProxy(format!(
+                "{receiver} stopped reading for {:?} (TCP closed)",
+                self.write_timeout
+            )));
+        }
+        if let Some(at) = w.watch.deadline(self.write_timeout, pending) {
+            if w.timer_at != Some(at) {
+                w.timer.as_mut().reset(at);
+                w.timer_at = Some(at);
+            }
+            if w.timer.as_mut().poll(cx).is_ready() {
+                w.timer_at = None;
+                cx.waker().wake_by_ref();
+            }
+        }
+        None
     }
 
     fn poll_frames(&mut self, cx: &mut Context<'_>, frames: &mut Frames, stop: Option<StopCause>) -> Poll<End> {

@@ -12,8 +12,8 @@ use tokio::time::{Instant, Sleep};
 
 use super::StopCause;
 use super::copy::{End, Side};
-use super::watch::WriteWatch;
 use super::frame::{self, Rules, Step, Tracker, Violation, opcode};
+use super::watch::WriteWatch;
 use crate::config::FrameRules;
 use crate::observe::Counters;
 

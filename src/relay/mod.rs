@@ -6,7 +6,7 @@ pub mod frame;
 mod frames;
 mod watch;
 
-pub use copy::{End, Side, relay};
+pub use copy::{End, Side, Timeouts, relay};
 pub use frames::Frames;
 
 use std::future::Future;

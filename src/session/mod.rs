@@ -169,15 +169,23 @@ async fn relay_switched(
         mut active,
         ..
     } = switched;
-    let (frames, token) = match route.relay {
-        config::Relay::Tunnel => (None, CancellationToken::new()),
+    let (frames, token, write) = match route.relay {
+        config::Relay::Tunnel(rules) => (None, CancellationToken::new(), rules.write_timeout),
         // A child of the shutdown token: a shutdown closes frames-mode connections with 1001 at once.
-        config::Relay::Frames(rules) => (Some(relay::Frames::new(rules, deflate)), shared.draining.child_token()),
+        config::Relay::Frames(rules) => (
+            Some(relay::Frames::new(rules, deflate)),
+            shared.draining.child_token(),
+            rules.write_timeout,
+        ),
+    };
+    let timeouts = relay::Timeouts {
+        idle: route.idle_timeout,
+        write,
     };
     active.register(id, token.clone());
     let server = active.server_arc().clone();
     let stop = relay::Stop::new(token, shared.draining.clone(), move || server.shed_reason().text());
-    relay::relay(&client, &backend, route.idle_timeout, frames, early, counters, stop).await
+    relay::relay(&client, &backend, timeouts, frames, early, counters, stop).await
 }
 
 /// An upgrade request routed, with its server choice made and its head for the backend written.
