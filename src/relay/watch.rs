@@ -66,6 +66,12 @@ impl WriteWatch {
         stuck
     }
 
+    /// Nothing waits for either receiver any more: forget the waits (no clock needed, unlike [`WriteWatch::stuck`]).
+    pub(super) fn clear(&mut self) {
+        self.pending_since = [None; 2];
+        self.unacked_mark = [None; 2];
+    }
+
     /// When the watch must look again: at half the timeout (to read the kernel's count), then at its end.
     pub(super) fn deadline(&self, timeout: Duration, pending: [bool; 2]) -> Option<Instant> {
         (0..2)
