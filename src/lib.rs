@@ -12,6 +12,7 @@ pub mod relay;
 pub mod route;
 pub mod server;
 pub mod session;
+pub mod signal;
 pub mod supervise;
 mod sys;
 pub mod upstream;

@@ -162,6 +162,7 @@ impl Running {
 
     /// Stops accepting at once and lets live connections drain (up to the drain timeout). Returns at once.
     pub fn shutdown(&self) {
+        self.shared.shutting_down.store(true, Ordering::Release);
         self.shared.draining.cancel();
     }
 
@@ -190,6 +191,7 @@ pub fn start(config: Config) -> Result<Running, ServerError> {
     let shared = Arc::new(Shared {
         snapshot: ArcSwap::new(snapshot),
         draining: CancellationToken::new(),
+        shutting_down: Arc::default(),
         force_close: CancellationToken::new(),
     });
     let next_id = Arc::new(AtomicU64::new(1));

@@ -11,9 +11,13 @@ pub use frames::Frames;
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::Context;
 
-use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+use tokio_util::sync::WaitForCancellationFutureOwned;
+
+use crate::signal::StopSignal;
 
 /// Why wsgate closes a connection it relays.
 #[derive(Debug, Clone, Copy)]
@@ -24,49 +28,40 @@ pub enum StopCause {
     Shed(&'static str),
 }
 
-/// How wsgate tells a relayed connection to close: a token of its own, cancelled by a drain of its server (or, in
-/// frames mode, where it is a child of the shutdown token, by shutdown).
+/// A relayed connection's side of its [`StopSignal`]: woken through the signal's token, it reads the signal's reason
+/// (a shed) and, in frames mode, the process's shutdown flag, one atomic load each.
 pub struct Stop {
-    token: CancellationToken,
-    /// Registers the connection's waker with `token`: polled once, it stays registered, and later polls only ask the
-    /// token whether it is cancelled. The token is the connection's own (a child of the shutdown token in frames
-    /// mode), so that question takes a lock no other connection contends for.
+    signal: Arc<StopSignal>,
+    /// Registers the connection's waker with the signal's token: polled once, it stays registered.
     wait: Pin<Box<WaitForCancellationFutureOwned>>,
     registered: bool,
-    shutting_down: CancellationToken,
-    reason: Box<dyn Fn() -> &'static str + Send + Sync>,
+    /// Set at shutdown (frames mode only: the token is then a child of the shutdown token, so it wakes the relay).
+    shutting_down: Option<Arc<AtomicBool>>,
 }
 
 impl Stop {
-    /// `token` stops the connection; `shutting_down` tells a shutdown from a shed, whose reason `reason` gives.
-    pub fn new(
-        token: CancellationToken,
-        shutting_down: CancellationToken,
-        reason: impl Fn() -> &'static str + Send + Sync + 'static,
-    ) -> Stop {
+    pub fn new(signal: Arc<StopSignal>, shutting_down: Option<Arc<AtomicBool>>) -> Stop {
         Stop {
-            wait: Box::pin(token.clone().cancelled_owned()),
-            token,
+            wait: Box::pin(signal.token().clone().cancelled_owned()),
+            signal,
             registered: false,
             shutting_down,
-            reason: Box::new(reason),
         }
     }
 
     /// Whether the connection must close, and why.
     fn poll(&mut self, cx: &mut Context<'_>) -> Option<StopCause> {
-        let stopped = if self.registered {
-            self.token.is_cancelled()
-        } else {
+        if !self.registered {
             self.registered = true;
-            self.wait.as_mut().poll(cx).is_ready()
-        };
-        if !stopped {
-            None
-        } else if self.shutting_down.is_cancelled() {
-            Some(StopCause::ShuttingDown)
-        } else {
-            Some(StopCause::Shed((self.reason)()))
+            // Ready at once only for a signal already given; its cause is read below either way.
+            let _ = self.wait.as_mut().poll(cx);
         }
+        if let Some(reason) = self.signal.reason() {
+            return Some(StopCause::Shed(reason));
+        }
+        self.shutting_down
+            .as_ref()
+            .is_some_and(|flag| flag.load(Ordering::Acquire))
+            .then_some(StopCause::ShuttingDown)
     }
 }

@@ -7,6 +7,7 @@ mod plain;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -22,6 +23,7 @@ use crate::http::handshake::{
 use crate::observe::ConnectionRecord;
 use crate::relay;
 use crate::route;
+use crate::signal::StopSignal;
 use crate::upstream::{self, Active, Choice, ServerState, Upstream, UpstreamError, hash_bytes};
 
 /// What every session of a server shares.
@@ -32,6 +34,8 @@ pub struct Shared {
     pub snapshot: ArcSwap<Snapshot>,
     /// Cancelled when the server starts draining: listeners close, and frames-mode sessions close with 1001.
     pub draining: CancellationToken,
+    /// Set just before `draining` is cancelled: what a frames-mode relay woken by it reads to know it is a shutdown.
+    pub shutting_down: Arc<AtomicBool>,
     /// Cancelled when the drain timeout has run out: sessions still open then are closed.
     pub force_close: CancellationToken,
 }
@@ -171,7 +175,7 @@ async fn relay_switched(
     } = switched;
     let (frames, token, write) = match route.relay {
         config::Relay::Tunnel(rules) => (None, CancellationToken::new(), rules.write_timeout),
-        // A child of the shutdown token: a shutdown closes frames-mode connections with 1001 at once.
+        // A child of the shutdown token: a shutdown wakes frames-mode connections, which close with 1001 at once.
         config::Relay::Frames(rules) => (
             Some(relay::Frames::new(rules, deflate)),
             shared.draining.child_token(),
@@ -182,9 +186,10 @@ async fn relay_switched(
         idle: route.idle_timeout,
         write,
     };
-    active.register(id, token.clone());
-    let server = active.server_arc().clone();
-    let stop = relay::Stop::new(token, shared.draining.clone(), move || server.shed_reason().text());
+    let signal = Arc::new(StopSignal::new(token));
+    active.register(id, signal.clone());
+    let shutting_down = frames.is_some().then(|| shared.shutting_down.clone());
+    let stop = relay::Stop::new(signal, shutting_down);
     relay::relay(&client, &backend, timeouts, frames, early, counters, stop).await
 }
 

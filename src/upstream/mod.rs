@@ -11,19 +11,19 @@ pub mod health;
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use sha1::{Digest, Sha1};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
 pub use balance::hash_bytes;
 use balance::{Balancer, FULL, Member, Strategy};
 
 use crate::config::{self, Balance, MAX_EJECTION, MIN_RETRY_CONCURRENCY};
+use crate::signal::StopSignal;
 
 /// One upstream's servers and balancers, as of one config snapshot.
 #[derive(Debug)]
@@ -70,11 +70,10 @@ pub fn now_ms() -> u64 {
 
 /// Why a server's live connections are being closed by wsgate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u8)]
 pub enum ShedReason {
-    Draining = 0,
-    Removed = 1,
-    Rebalancing = 2,
+    Draining,
+    Removed,
+    Rebalancing,
 }
 
 impl ShedReason {
@@ -112,16 +111,15 @@ pub struct ServerState {
     returned_at: AtomicU64,
     /// Slow start: when the server came back ([`now_ms`]); 0 = not ramping.
     ramp_start: AtomicU64,
-    /// Live WebSocket sessions, by connection id, with the token that makes each close itself.
+    /// Live WebSocket sessions, by connection id, with the signal that makes each close itself.
     sessions: Registry,
-    shed_reason: AtomicU8,
 }
 
 /// The live sessions of a server. Locked once when a session starts relaying and once when it ends (and by the
 /// control thread to shed one), never per message and never across an await: a plain mutex is the cheapest correct
 /// tool here, which is why the project-wide ban on `std::sync::Mutex` (meant for the relay path) is lifted for it.
 #[allow(clippy::disallowed_types)]
-type Registry = std::sync::Mutex<HashMap<u64, CancellationToken>>;
+type Registry = std::sync::Mutex<HashMap<u64, Arc<StopSignal>>>;
 
 impl ServerState {
     fn new(name: &str, address: SocketAddr) -> ServerState {
@@ -138,7 +136,6 @@ impl ServerState {
             returned_at: AtomicU64::new(0),
             ramp_start: AtomicU64::new(0),
             sessions: Registry::default(),
-            shed_reason: AtomicU8::new(0),
         }
     }
 
@@ -217,7 +214,7 @@ impl ServerState {
 
     /// Closes one live session (any one), saying `reason`; false when there is none.
     pub fn shed_one(&self, reason: ShedReason) -> bool {
-        let token = {
+        let signal = {
             let Ok(mut sessions) = self.sessions.lock() else {
                 return false;
             };
@@ -226,17 +223,7 @@ impl ServerState {
             };
             sessions.remove(&id)
         };
-        self.shed_reason.store(reason as u8, Ordering::Relaxed);
-        token.inspect(CancellationToken::cancel).is_some()
-    }
-
-    /// Why the last shed session was closed.
-    pub fn shed_reason(&self) -> ShedReason {
-        match self.shed_reason.load(Ordering::Relaxed) {
-            1 => ShedReason::Removed,
-            2 => ShedReason::Rebalancing,
-            _ => ShedReason::Draining,
-        }
+        signal.map(|s| s.stop(reason.text())).is_some()
     }
 }
 
@@ -288,8 +275,8 @@ impl Active {
         &self.server
     }
 
-    /// Registers the WebSocket session `id` so that a drain or a rebalance can close it with `stop`.
-    pub fn register(&mut self, id: u64, stop: CancellationToken) {
+    /// Registers the WebSocket session `id` so that a drain or a rebalance can close it through `stop`.
+    pub fn register(&mut self, id: u64, stop: Arc<StopSignal>) {
         if let Ok(mut sessions) = self.server.sessions.lock() {
             sessions.insert(id, stop);
             self.registered = Some(id);
@@ -1092,20 +1079,23 @@ mod tests {
     #[test]
     fn registered_sessions_are_shed_one_at_a_time() {
         let u = Upstream::new(&upstream(1, None), None);
-        let tokens: Vec<CancellationToken> = (0..3).map(|_| CancellationToken::new()).collect();
-        let mut held: Vec<Active> = tokens
+        let signals: Vec<Arc<StopSignal>> = (0..3)
+            .map(|_| Arc::new(StopSignal::new(tokio_util::sync::CancellationToken::new())))
+            .collect();
+        let mut held: Vec<Active> = signals
             .iter()
             .enumerate()
-            .map(|(id, t)| {
+            .map(|(id, s)| {
                 let mut a = u.connect_to(0).expect("room");
-                a.register(id as u64, t.clone());
+                a.register(id as u64, s.clone());
                 a
             })
             .collect();
         assert_eq!(u.servers()[0].sessions(), 3);
         assert!(u.servers()[0].shed_one(ShedReason::Rebalancing));
-        assert_eq!(tokens.iter().filter(|t| t.is_cancelled()).count(), 1);
-        assert_eq!(u.servers()[0].shed_reason(), ShedReason::Rebalancing);
+        let shed: Vec<_> = signals.iter().filter(|s| s.token().is_cancelled()).collect();
+        assert_eq!(shed.len(), 1);
+        assert_eq!(shed[0].reason(), Some("rebalancing connections"));
         held.pop();
         assert!(u.servers()[0].sessions() <= 2);
         drop(held);
