@@ -175,7 +175,7 @@ impl ServerState {
         until != 0 && now < until
     }
 
-    /// Ends an ejection: its time has passed (`early` false) or health checks say the server is up. Returns
+    /// Ends an ejection, because its time has passed or because health checks say the server is up. Returns
     /// whether the server was ejected.
     pub fn end_ejection(&self, now: u64) -> bool {
         let until = self.ejected_until.swap(0, Ordering::Relaxed);
@@ -268,10 +268,6 @@ impl Active {
     }
 
     pub fn server(&self) -> &ServerState {
-        &self.server
-    }
-
-    pub fn server_arc(&self) -> &Arc<ServerState> {
         &self.server
     }
 
@@ -535,6 +531,13 @@ impl Upstream {
         Active::try_new(self, i)
     }
 
+    /// Whether the upstream is at its own `max_connections`.
+    fn is_full(&self) -> bool {
+        self.config
+            .max_connections
+            .is_some_and(|limit| self.shared.active.load(Ordering::Relaxed) >= limit)
+    }
+
     /// Counts a handshake in flight; `Err` when the upstream has `max_pending_handshakes` already.
     pub fn begin(&self) -> Result<Pending, Unavailable> {
         let before = self.shared.pending.fetch_add(1, Ordering::Relaxed);
@@ -682,6 +685,9 @@ impl<'a> Attempts<'a> {
             self.tried.push(i);
             match self.upstream.connect_to(i) {
                 Some(active) => return Ok((i, active)),
+                // The whole upstream is full: no other server can take it either.
+                None if self.upstream.is_full() => return Err(UpstreamError::Unavailable(Unavailable::Full)),
+                // This server filled up since it was picked: another may have room.
                 None => self.last = Some(UpstreamError::Unavailable(Unavailable::Full)),
             }
         }
