@@ -83,6 +83,25 @@ async fn raw_upgrade(addr: SocketAddr) -> (u16, String, TcpStream) {
 }
 
 /// Polls `cond` every 10 ms until it holds; fails the test after `limit`.
+/// Every task's result, waiting at most `limit` for all of them (the test fails after that, saying `what`).
+async fn join_all<T: 'static>(tasks: &mut JoinSet<T>, limit: Duration, what: &str) -> Vec<T> {
+    let mut results = Vec::with_capacity(tasks.len());
+    let all = async {
+        while let Some(done) = tasks.join_next().await {
+            results.push(done.expect("test task"));
+        }
+    };
+    tokio::time::timeout(limit, all)
+        .await
+        .unwrap_or_else(|_| panic!("{what} within {limit:?}"));
+    results
+}
+
+/// Reads what is left of a closed WebSocket (its TCP close), bounded.
+async fn drain_rest(ws: &mut Client) {
+    let _ = tokio::time::timeout(Duration::from_secs(3), async { while ws.next().await.is_some() {} }).await;
+}
+
 /// The first connection let in, trying while the answers are 503 (a close on the proxy's side takes a moment).
 async fn admitted(url: &str, what: &str) -> Client {
     let mut admitted = None;
@@ -166,15 +185,11 @@ async fn retries_hide_a_refusing_server_from_a_thousand_handshakes_and_outlier_d
             failures
         });
     }
-    let mut failures = Vec::new();
-    let all = async {
-        while let Some(done) = workers.join_next().await {
-            failures.extend(done.expect("worker"));
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(40), all)
+    let failures: Vec<String> = join_all(&mut workers, Duration::from_secs(40), "1 000 handshakes")
         .await
-        .expect("1 000 handshakes within 40 s");
+        .into_iter()
+        .flatten()
+        .collect();
     eprintln!("1 000 handshakes and echoes in {:?}", started.elapsed());
     assert!(
         failures.is_empty(),
@@ -578,8 +593,7 @@ async fn until_closed(mut ws: Client, deadline: Instant) -> End {
             Ok(Some(Ok(Message::Close(frame)))) => {
                 let at = Instant::now();
                 let (code, reason) = frame.map_or((0, String::new()), |f| (u16::from(f.code), f.reason.to_string()));
-                let _ =
-                    tokio::time::timeout(Duration::from_secs(3), async { while ws.next().await.is_some() {} }).await;
+                drain_rest(&mut ws).await;
                 return End::Frame { at, code, reason };
             }
             Ok(Some(Ok(_))) => continue,
@@ -634,15 +648,8 @@ async fn drain(relay: &str, n: usize, rate: u32) -> (Vec<f64>, Vec<End>) {
     let reloaded = Instant::now();
     assert_eq!(reaches(&url).await, Ok("b".into()), "new connections go to B");
 
-    let mut ends = Vec::with_capacity(n);
-    let all = async {
-        while let Some(end) = readers.join_next().await {
-            ends.push(end.expect("reader"));
-        }
-    };
-    tokio::time::timeout_at(deadline + Duration::from_secs(5), all)
-        .await
-        .expect("the readers end by their deadline");
+    let limit = deadline.saturating_duration_since(Instant::now()) + Duration::from_secs(5);
+    let ends = join_all(&mut readers, limit, "the readers to end by their deadline").await;
     let mut times: Vec<f64> = ends
         .iter()
         .filter_map(|e| match e {
@@ -742,15 +749,7 @@ async fn a_server_removed_by_a_reload_keeps_its_connections_until_the_drain_time
             (last_echo, End::TimedOut)
         });
     }
-    let mut results = Vec::new();
-    let all = async {
-        while let Some(r) = talkers.join_next().await {
-            results.push(r.expect("talker"));
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(15), all)
-        .await
-        .expect("the clients end");
+    let results = join_all(&mut talkers, Duration::from_secs(15), "the clients to end").await;
     let since = |at: &Instant| at.saturating_duration_since(reloaded);
     let closes: Vec<Duration> = results
         .iter()
@@ -822,8 +821,7 @@ async fn rebalanced_client(
                     return Err(format!("close 1012 with reason {:?}", f.reason.as_str()));
                 }
                 sheds.fetch_add(1, Ordering::SeqCst);
-                let _ =
-                    tokio::time::timeout(Duration::from_secs(3), async { while ws.next().await.is_some() {} }).await;
+                drain_rest(&mut ws).await;
             }
             Some(other) => return Err(format!("unexpected end: {other:?}")),
         }
@@ -915,15 +913,11 @@ async fn rebalance_evens_out_live_connections_after_a_server_joins() {
     );
 
     stop.cancel();
-    let mut errors = Vec::new();
-    let all = async {
-        while let Some(r) = clients.join_next().await {
-            if let Err(e) = r.expect("client task") {
-                errors.push(e);
-            }
-        }
-    };
-    within("the clients to stop", all).await;
+    let errors: Vec<String> = join_all(&mut clients, WAIT, "the clients to stop")
+        .await
+        .into_iter()
+        .filter_map(Result::err)
+        .collect();
     assert!(
         errors.is_empty(),
         "{} clients failed: {:?}",
