@@ -1,18 +1,21 @@
 //! wsgate: a WebSocket reverse proxy and gateway.
 //!
-//! The data path and the module map are described in `ARCHITECTURE.md`.
+//! The data path and the module map are described in `ARCHITECTURE.md`. The public modules are what the binary,
+//! the tests and the fuzz targets use; the rest is the crate's own.
 #![deny(unsafe_code)]
 
 pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod http;
-pub mod observe;
-pub mod relay;
-pub mod route;
+mod observe;
+mod relay;
+mod route;
 pub mod server;
-pub mod session;
-pub mod signal;
-pub mod supervise;
+mod session;
+mod signal;
+pub mod state;
+mod supervise;
 mod sys;
 pub mod upstream;
+pub mod ws;

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use tracing_subscriber::EnvFilter;
 
-use crate::config::LogFormat;
+use crate::config::{Config, LogFormat};
 
 /// Installs the global log subscriber: `info` and above unless `RUST_LOG` says otherwise, to stderr.
 /// Calling it again (as tests do) keeps the first one.
@@ -39,7 +39,12 @@ pub struct Counters {
 pub struct ConnectionRecord {
     pub id: u64,
     pub client: SocketAddr,
-    pub backend: Option<SocketAddr>,
+    /// The route the request matched and its upstream (indexes into the config in force for the connection); on a
+    /// plain HTTP connection, those of its last request.
+    pub route: Option<usize>,
+    pub upstream: Option<usize>,
+    /// The backend server tried last (the one relayed to, for a WebSocket).
+    pub server: Option<SocketAddr>,
     /// The HTTP status the client was given (101 for a relayed WebSocket); 0 when it got none.
     pub status: u16,
     pub bytes: Counters,
@@ -54,7 +59,9 @@ impl ConnectionRecord {
         Self {
             id,
             client,
-            backend: None,
+            route: None,
+            upstream: None,
+            server: None,
             status: 0,
             bytes: Counters::default(),
             requests: 0,
@@ -62,14 +69,21 @@ impl ConnectionRecord {
         }
     }
 
-    /// Writes the connection's access log line.
-    pub fn log(&self, duration: Duration) {
-        let backend = self.backend.map(|b| b.to_string());
+    /// Writes the connection's access log line; `config` (the one the connection used) names its route and upstream.
+    pub fn log(&self, duration: Duration, config: &Config) {
+        let route = self.route.and_then(|i| config.routes.get(i)).map(|r| r.name.as_str());
+        let upstream = self
+            .upstream
+            .and_then(|i| config.upstreams.get(i))
+            .map(|u| u.name.as_str());
+        let server = self.server.map(|b| b.to_string());
         tracing::info!(
             target: "wsgate::access",
             id = self.id,
             client = %self.client,
-            backend = backend.as_deref().unwrap_or("-"),
+            route = route.unwrap_or("-"),
+            upstream = upstream.unwrap_or("-"),
+            server = server.as_deref().unwrap_or("-"),
             status = self.status,
             duration_ms = duration.as_millis() as u64,
             bytes_in = self.bytes.client_to_backend,

@@ -1,51 +1,9 @@
 //! Matching a request to a route: the first route in config order whose listener, host, path and headers all
-//! match wins. It knows nothing of upstreams or sockets: it sees a request through [`Request`], which both
+//! match wins. It knows nothing of upstreams or sockets: it sees a request through [`RequestView`], which both
 //! request paths (the upgrade fast path's parsed head and hyper's plain HTTP request) implement.
 
 use crate::config::{HostMatch, PathMatch, Route};
-
-/// What routing (and the choice of a server) may ask of a request.
-pub trait Request {
-    /// The `Host` header (or the request target's authority), as sent.
-    fn host(&self) -> Option<&[u8]>;
-    /// The request target (origin form: path and query), as sent.
-    fn target(&self) -> &[u8];
-    /// Values of a header, in order; `name` is lowercase.
-    fn header_values(&self, name: &str) -> impl Iterator<Item = &[u8]>;
-
-    /// The path: the request target without its query.
-    fn path(&self) -> &[u8] {
-        let target = self.target();
-        let end = target.iter().position(|&b| b == b'?').unwrap_or(target.len());
-        &target[..end]
-    }
-
-    /// The first value of a header.
-    fn header(&self, name: &str) -> Option<&[u8]> {
-        self.header_values(name).next()
-    }
-
-    /// A cookie's value, from the `Cookie` headers.
-    fn cookie(&self, name: &str) -> Option<&[u8]> {
-        self.header_values("cookie")
-            .flat_map(|v| v.split(|&b| b == b';'))
-            .find_map(|pair| {
-                let pair = pair.trim_ascii();
-                let eq = pair.iter().position(|&b| b == b'=')?;
-                (&pair[..eq] == name.as_bytes()).then(|| pair[eq + 1..].trim_ascii())
-            })
-    }
-
-    /// A query-string parameter's value, as sent (not decoded).
-    fn query(&self, name: &str) -> Option<&[u8]> {
-        let target = self.target();
-        let start = target.iter().position(|&b| b == b'?')? + 1;
-        target[start..].split(|&b| b == b'&').find_map(|pair| {
-            let eq = pair.iter().position(|&b| b == b'=').unwrap_or(pair.len());
-            (&pair[..eq] == name.as_bytes()).then(|| pair.get(eq + 1..).unwrap_or_default())
-        })
-    }
-}
+use crate::http::RequestView;
 
 /// The host name of a `Host` value: without its port, lowercase ASCII compared by the caller.
 fn host_name(host: &[u8]) -> &[u8] {
@@ -86,7 +44,7 @@ impl PathMatch {
 }
 
 /// The first route that matches a request accepted on `listener`.
-pub fn find<'r>(routes: &'r [Route], listener: &str, request: &impl Request) -> Option<&'r Route> {
+pub fn find<'r>(routes: &'r [Route], listener: &str, request: &impl RequestView) -> Option<&'r Route> {
     routes.iter().find(|route| {
         route.listener.as_deref().is_none_or(|l| l == listener)
             && route.host.matches(request.host())
@@ -109,7 +67,7 @@ mod tests {
         headers: Vec<(&'static str, &'static str)>,
     }
 
-    impl Request for Req {
+    impl RequestView for Req {
         fn host(&self) -> Option<&[u8]> {
             self.host.map(str::as_bytes)
         }

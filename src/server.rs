@@ -27,7 +27,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
-use crate::session::{Accepted, Shared, Snapshot, session};
+use crate::session::{Accepted, session};
+use crate::state::{Shared, Snapshot};
 use crate::supervise::Supervisor;
 
 /// How long sessions get to finish after the drain timeout has closed them.
@@ -87,11 +88,6 @@ impl Running {
         self.listeners
             .first()
             .map_or(SocketAddr::from(([0, 0, 0, 0], 0)), |l| l.bound)
-    }
-
-    /// Each listener's configured and bound address.
-    pub fn listener_addrs(&self) -> Vec<(SocketAddr, SocketAddr)> {
-        self.listeners.iter().map(|l| (l.configured, l.bound)).collect()
     }
 
     /// The snapshot new connections get.

@@ -20,7 +20,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::HealthCheck;
-use crate::session::Snapshot;
+use crate::state::Snapshot;
 use crate::upstream::health::{self, unit_random};
 use crate::upstream::{ServerState, ShedReason, Upstream, now_ms};
 

@@ -5,7 +5,7 @@ use std::io::Cursor;
 
 use proptest::prelude::*;
 use tokio_tungstenite::tungstenite::protocol::frame::FrameHeader;
-use wsgate::relay::frame::{self, Rules, Step, Tracker, Violation, opcode};
+use wsgate::ws::frame::{self, Rules, Step, Tracker, Violation, opcode};
 
 /// What a relay does with a tracker's steps: the bytes it passes on, the control frames it sees, and the
 /// violation that ends the walk, for bytes arriving in `chunks`.

@@ -29,7 +29,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::Frame as WsFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::{CloseCode, Data, OpCode};
 use tokio_tungstenite::tungstenite::{Bytes as WsBytes, Message};
 use wsgate::config::FrameRules;
-use wsgate::relay::frame::{apply_mask, close_frame, control_frame, opcode, parse_header};
+use wsgate::ws::frame::{apply_mask, close_frame, control_frame, opcode, parse_header};
 
 // ---------------------------------------------------------------------------------------------------------------
 // Helpers of this file

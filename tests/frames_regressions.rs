@@ -16,7 +16,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 use wsgate::config::{Config, FrameRules, Relay, TunnelRules};
-use wsgate::relay::frame::opcode;
+use wsgate::ws::frame::opcode;
 
 // ---------------------------------------------------------------------------------------------------------------
 // The regressions

@@ -20,7 +20,7 @@ use tokio_tungstenite::tungstenite::{Bytes, Message};
 use support::raw::{header_value, read_head};
 use support::*;
 use wsgate::config::Relay;
-use wsgate::http::handshake::accept_key;
+use wsgate::ws::accept_key;
 
 /// The key in [`upgrade_request`].
 const CLIENT_KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";

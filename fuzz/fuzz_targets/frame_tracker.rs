@@ -1,4 +1,4 @@
-//! Drives `relay::frame::Tracker` the way the frames relay does: bytes arrive in reads of arbitrary sizes, what
+//! Drives `ws::frame::Tracker` the way the frames relay does: bytes arrive in reads of arbitrary sizes, what
 //! the tracker does not take yet is carried in front of the next read, and the walk ends at the first violation.
 //! Also checks `parse_header` on the raw stream.
 //!
@@ -15,7 +15,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use wsgate::relay::frame::{self, Rules, Step, Tracker, Violation, opcode};
+use wsgate::ws::frame::{self, Rules, Step, Tracker, Violation, opcode};
 
 const PREFIX: usize = 5;
 

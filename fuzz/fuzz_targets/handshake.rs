@@ -13,7 +13,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use libfuzzer_sys::fuzz_target;
 use wsgate::http::handshake::{
-    self, Answer, BodyEnd, BodyFraming, ChunkedEnd, ChunkedError, HandshakeError, Inspected, MAX_HEAD_BYTES,
+    self, BackendAnswer, BodyEnd, BodyFraming, ChunkedEnd, ChunkedError, HandshakeError, Inspected, MAX_HEAD_BYTES,
 };
 
 /// The RFC 6455 example key: the accept value a backend's 101 must carry when the bytes are no upgrade request.
@@ -30,7 +30,7 @@ fuzz_target!(|data: &[u8]| {
     };
     let proto = if flags & 2 == 0 { "http" } else { "https" };
 
-    let accept = check_request(buf, ip, proto).unwrap_or_else(|| handshake::accept_key(RFC_KEY));
+    let accept = check_request(buf, ip, proto).unwrap_or_else(|| wsgate::ws::accept_key(RFC_KEY));
     check_response(buf, &accept, cut);
 
     // The chunked-body tracker on its own, so that its states are reached without a response head in front.
@@ -112,15 +112,15 @@ fn check_request(buf: &[u8], ip: IpAddr, proto: &'static str) -> Option<[u8; 28]
 
 fn check_response(buf: &[u8], accept: &[u8; 28], cut: u8) {
     match handshake::inspect_response(buf, accept) {
-        Ok(Answer::Partial) => assert!(buf.len() < MAX_HEAD_BYTES),
-        Ok(Answer::Switching { head_len, deflate: _ }) => {
+        Ok(BackendAnswer::Partial) => assert!(buf.len() < MAX_HEAD_BYTES),
+        Ok(BackendAnswer::Switching { head_len, deflate: _ }) => {
             assert!(
                 head_len > 0 && head_len <= buf.len(),
                 "head_len {head_len} of {}",
                 buf.len()
             );
         }
-        Ok(Answer::Other {
+        Ok(BackendAnswer::Other {
             status,
             head_len,
             head,

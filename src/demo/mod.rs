@@ -17,8 +17,8 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::Role;
 
-use crate::http::handshake::accept_key;
 use crate::http::headers::has_token;
+use crate::ws::accept_key;
 
 const PAGE: &str = include_str!("page.html");
 

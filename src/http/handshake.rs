@@ -4,7 +4,6 @@
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
-use sha1::{Digest, Sha1};
 
 use super::headers::{Forwarding, drop_when_forwarding, has_token};
 
@@ -12,8 +11,6 @@ use super::headers::{Forwarding, drop_when_forwarding, has_token};
 pub const MAX_HEAD_BYTES: usize = 32 * 1024;
 /// Most header fields accepted in one head.
 pub const MAX_HEADERS: usize = 100;
-
-const WEBSOCKET_GUID: &[u8] = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
 
 /// Why a client's request head was refused. Each maps to one HTTP status in [`HandshakeError::status`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -198,7 +195,7 @@ where
 impl UpgradeHead<'_, '_> {
     /// The `Sec-WebSocket-Accept` value the backend must answer with.
     pub fn accept(&self) -> [u8; 28] {
-        accept_key(self.key)
+        crate::ws::accept_key(self.key)
     }
 
     /// The head to send to the backend: hop-by-hop headers out, forwarding headers in, and, when
@@ -260,17 +257,6 @@ fn push_header(out: &mut Vec<u8>, name: &str, value: &[u8]) {
     out.extend_from_slice(b"\r\n");
 }
 
-/// `Sec-WebSocket-Accept` for a key (RFC 6455 §4.2.2).
-pub fn accept_key(key: &[u8]) -> [u8; 28] {
-    let mut sha = Sha1::new();
-    sha.update(key);
-    sha.update(WEBSOCKET_GUID);
-    let mut out = [0u8; 28];
-    // A 20-byte digest always encodes to exactly 28 base64 bytes.
-    let _ = BASE64.encode_slice(sha.finalize(), &mut out);
-    out
-}
-
 /// Why a backend's answer to the upgrade cannot be passed on. All of these are a 502 to the client.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ResponseError {
@@ -299,7 +285,7 @@ pub enum BodyFraming {
 
 /// What a backend's bytes so far amount to.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Answer {
+pub enum BackendAnswer {
     Partial,
     /// `101 Switching Protocols` with the right accept key: pass `head_len` bytes on as they are. `deflate`: the
     /// backend accepted permessage-deflate (frames may carry RSV1).
@@ -317,7 +303,7 @@ pub enum Answer {
 }
 
 /// Inspects a backend's answer to a forwarded upgrade request.
-pub fn inspect_response(buf: &[u8], accept: &[u8; 28]) -> Result<Answer, ResponseError> {
+pub fn inspect_response(buf: &[u8], accept: &[u8; 28]) -> Result<BackendAnswer, ResponseError> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut resp = httparse::Response::new(&mut headers);
     let head_len = match resp.parse(buf) {
@@ -325,7 +311,7 @@ pub fn inspect_response(buf: &[u8], accept: &[u8; 28]) -> Result<Answer, Respons
         Ok(httparse::Status::Partial) if buf.len() >= MAX_HEAD_BYTES => {
             return Err(ResponseError::HeadTooLarge);
         }
-        Ok(httparse::Status::Partial) => return Ok(Answer::Partial),
+        Ok(httparse::Status::Partial) => return Ok(BackendAnswer::Partial),
         Err(e) => return Err(ResponseError::Syntax(e)),
     };
     let status = resp.code.unwrap_or(0);
@@ -339,7 +325,7 @@ pub fn inspect_response(buf: &[u8], accept: &[u8; 28]) -> Result<Answer, Respons
         }
         let mut accepts = header(headers, "sec-websocket-accept");
         return match (accepts.next(), accepts.next()) {
-            (Some(a), None) if a.trim_ascii() == accept => Ok(Answer::Switching {
+            (Some(a), None) if a.trim_ascii() == accept => Ok(BackendAnswer::Switching {
                 head_len,
                 deflate: negotiates_deflate(header(headers, "sec-websocket-extensions")),
             }),
@@ -364,7 +350,7 @@ pub fn inspect_response(buf: &[u8], accept: &[u8; 28]) -> Result<Answer, Respons
     }
     push_header(&mut head, "Connection", b"close");
     head.extend_from_slice(b"\r\n");
-    Ok(Answer::Other {
+    Ok(BackendAnswer::Other {
         status,
         head_len,
         head,
@@ -584,11 +570,6 @@ mod tests {
     }
 
     #[test]
-    fn accept_key_matches_rfc_example() {
-        assert_eq!(&accept_key(KEY.as_bytes()), b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
-    }
-
-    #[test]
     fn valid_upgrade_is_rewritten() {
         let req = upgrade_request("X-Forwarded-For: 6.6.6.6\r\nKeep-Alive: 5\r\nSec-WebSocket-Protocol: chat\r\n");
         let Ok(Inspected::Upgrade(up)) = inspect(&req) else {
@@ -647,12 +628,12 @@ mod tests {
 
     #[test]
     fn backend_answers() {
-        let accept = accept_key(KEY.as_bytes());
+        let accept = crate::ws::accept_key(KEY.as_bytes());
         let ok = "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
                   Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n";
         assert_eq!(
             inspect_response(ok.as_bytes(), &accept),
-            Ok(Answer::Switching {
+            Ok(BackendAnswer::Switching {
                 head_len: ok.len(),
                 deflate: false
             })
@@ -665,7 +646,7 @@ mod tests {
         let bad = ok.replace("s3pP", "AAAA");
         assert_eq!(inspect_response(bad.as_bytes(), &accept), Err(ResponseError::BadAccept));
         let denied = "HTTP/1.1 403 Forbidden\r\nContent-Length: 6\r\nConnection: keep-alive\r\n\r\nnope!\n";
-        let Ok(Answer::Other {
+        let Ok(BackendAnswer::Other {
             status, framing, head, ..
         }) = inspect_response(denied.as_bytes(), &accept)
         else {

@@ -27,9 +27,10 @@ use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
+use super::Stop;
+use super::end::{End, Side, StopCause};
 use super::frames::{FrameDir, Frames, Verdict};
 use super::watch::WriteWatch;
-use super::{Stop, StopCause};
 use crate::observe::Counters;
 
 /// Size of the per-thread scratch buffer, and so of the largest single read.
@@ -41,63 +42,6 @@ pub const HALF_CLOSE_LINGER: Duration = Duration::from_secs(1);
 
 thread_local! {
     static SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0; SCRATCH_BYTES].into_boxed_slice());
-}
-
-/// One end of the relayed connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Side {
-    Client,
-    Backend,
-}
-
-impl Side {
-    pub fn other(self) -> Side {
-        match self {
-            Side::Client => Side::Backend,
-            Side::Backend => Side::Client,
-        }
-    }
-}
-
-impl std::fmt::Display for Side {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Side::Client => "client",
-            Side::Backend => "backend",
-        })
-    }
-}
-
-/// How a relay ended.
-#[derive(Debug)]
-pub enum End {
-    /// This side closed its half of the TCP connection first (tunnel mode).
-    Closed(Side),
-    /// The WebSocket close handshake completed; this side sent its close frame first (frames mode).
-    CloseHandshake { first: Side, code: Option<u16> },
-    /// wsgate closed the connection itself (frames mode): why, and the close codes it sent.
-    ClosedByProxy(String),
-    /// No byte either way for the idle timeout.
-    IdleTimeout,
-    /// A socket error on this side.
-    Error(Side, io::Error),
-}
-
-impl std::fmt::Display for End {
-    /// How the access log says it.
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            End::Closed(side) => write!(f, "{side} closed"),
-            End::CloseHandshake {
-                first,
-                code: Some(code),
-            } => write!(f, "{first} closed with {code}"),
-            End::CloseHandshake { first, code: None } => write!(f, "{first} closed without a code"),
-            End::ClosedByProxy(why) => write!(f, "closed by wsgate: {why}"),
-            End::IdleTimeout => f.write_str("idle timeout"),
-            End::Error(side, e) => write!(f, "error: {side}: {e}"),
-        }
-    }
 }
 
 /// Relays between `client` and `backend` until the connection ends. `frames` turns on the frames mode. `early`

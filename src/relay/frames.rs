@@ -10,12 +10,11 @@ use std::task::Context;
 
 use tokio::time::{Instant, Sleep};
 
-use super::StopCause;
-use super::copy::{End, Side};
-use super::frame::{self, Rules, Step, Tracker, Violation, opcode};
+use super::end::{End, Side, StopCause};
 use super::watch::WriteWatch;
 use crate::config::FrameRules;
 use crate::observe::Counters;
+use crate::ws::frame::{self, Rules, Step, Tracker, Violation, opcode};
 
 /// One direction of a frames-mode connection, named by the side it reads from.
 #[derive(Debug, Default)]

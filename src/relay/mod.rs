@@ -2,11 +2,13 @@
 //! without looking at them; `frames` runs the same copy loop with a frame tracker per direction (see `copy`).
 
 mod copy;
-pub mod frame;
+mod end;
 mod frames;
 mod watch;
 
-pub use copy::{End, Side, Timeouts, relay};
+pub use copy::{Timeouts, relay};
+pub use end::End;
+use end::StopCause;
 pub use frames::Frames;
 
 use std::future::Future;
@@ -18,15 +20,6 @@ use std::task::Context;
 use tokio_util::sync::WaitForCancellationFutureOwned;
 
 use crate::signal::StopSignal;
-
-/// Why wsgate closes a connection it relays.
-#[derive(Debug, Clone, Copy)]
-pub enum StopCause {
-    /// The process is shutting down: close 1001 "going away".
-    ShuttingDown,
-    /// The connection's server is drained, removed or rebalanced: close 1012 with this reason.
-    Shed(&'static str),
-}
 
 /// A relayed connection's side of its [`StopSignal`]: woken through the signal's token, it reads the signal's reason
 /// (a shed) and, in frames mode, the process's shutdown flag, one atomic load each.

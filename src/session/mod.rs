@@ -1,76 +1,30 @@
 //! The per-connection pipeline. [`session`] reads like the data path: read and validate the request head,
 //! pick and connect a backend server, forward the head, check the answer, then relay; or hand a plain HTTP
-//! request to [`plain`]. Each step is a module of its own; this one only passes what one step found to the next
-//! and turns failures into answers.
+//! request to [`plain`]. Each step is a module of its own; this one only passes what one step found to the next,
+//! and every refusal of either path is a [`Refusal`] answered from one place.
 
 mod plain;
+mod refusal;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, timeout};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{self, Balance, Config, HashKey, Route, Sticky};
-use crate::http::handshake::{
-    self, Answer, BodyEnd, HandshakeError, MAX_HEAD_BYTES, Parsed, ResponseError, UpgradeHead,
-};
+use crate::config::{self, Route, Sticky};
+use crate::http::RequestView;
+use crate::http::handshake::{self, BackendAnswer, BodyEnd, MAX_HEAD_BYTES, Parsed, ResponseError, UpgradeHead};
 use crate::observe::ConnectionRecord;
 use crate::relay;
 use crate::route;
 use crate::signal::StopSignal;
-use crate::upstream::{self, Active, Choice, ServerState, Upstream, UpstreamError, hash_bytes};
-
-/// What every session of a server shares.
-#[derive(Debug)]
-pub struct Shared {
-    /// The config in force and the upstreams' state. A connection takes the current one when it is accepted and
-    /// keeps it for its life; a reload swaps in a new one for the connections after it.
-    pub snapshot: ArcSwap<Snapshot>,
-    /// Cancelled when the server starts draining: listeners close, and frames-mode sessions close with 1001.
-    pub draining: CancellationToken,
-    /// Set just before `draining` is cancelled: what a frames-mode relay woken by it reads to know it is a shutdown.
-    pub shutting_down: Arc<AtomicBool>,
-    /// Cancelled when the drain timeout has run out: sessions still open then are closed.
-    pub force_close: CancellationToken,
-}
-
-/// One validated config and the live state of its upstreams.
-#[derive(Debug)]
-pub struct Snapshot {
-    pub config: Config,
-    /// In the order of `config.upstreams`.
-    pub upstreams: Vec<Upstream>,
-}
-
-impl Snapshot {
-    /// Builds the upstreams' state, carrying over from `previous` what belongs to upstreams and servers that stay.
-    pub fn new(config: Config, previous: Option<&Snapshot>) -> Snapshot {
-        let upstreams = config
-            .upstreams
-            .iter()
-            .map(|u| {
-                let old = previous.and_then(|p| p.upstreams.iter().find(|o| o.config.name == u.name));
-                Upstream::new(u, old)
-            })
-            .collect();
-        Snapshot { config, upstreams }
-    }
-
-    /// The name of the listener configured on `address` ("" once a reload has removed it).
-    pub fn listener_name(&self, address: SocketAddr) -> &str {
-        let listeners = &self.config.listeners;
-        listeners
-            .iter()
-            .find(|l| l.address == address)
-            .map_or("", |l| l.name.as_str())
-    }
-}
+use crate::state::{Shared, Snapshot};
+use crate::upstream::{self, Active, Upstream, UpstreamError};
+use refusal::Refusal;
 
 /// A client connection just accepted.
 pub struct Accepted {
@@ -79,41 +33,6 @@ pub struct Accepted {
     pub id: u64,
     /// The configured address of the listener that accepted it (routes may be limited to one listener).
     pub listener: SocketAddr,
-}
-
-/// Why a client gets an error answer instead of its WebSocket. Each maps to one status in [`Refusal::status`].
-#[derive(Debug, thiserror::Error)]
-enum Refusal {
-    #[error("client sent no complete request head within {0:?}")]
-    HeadTimeout(Duration),
-    #[error(transparent)]
-    Handshake(#[from] HandshakeError),
-    #[error("no route for host `{host}` and path `{path}`")]
-    NoRoute { host: String, path: String },
-    #[error(transparent)]
-    Upstream(#[from] UpstreamError),
-    #[error("{server}: {source}")]
-    Answer { server: SocketAddr, source: ResponseError },
-}
-
-impl Refusal {
-    fn status(&self) -> u16 {
-        match self {
-            Self::HeadTimeout(_) => 408,
-            Self::Handshake(e) => e.status(),
-            Self::NoRoute { .. } => 404,
-            Self::Upstream(e) => e.status(),
-            Self::Answer { .. } => 502,
-        }
-    }
-
-    fn no_route(req: &impl route::Request) -> Refusal {
-        let text = |b: Option<&[u8]>| String::from_utf8_lossy(b.unwrap_or(b"-")).chars().take(200).collect();
-        Refusal::NoRoute {
-            host: text(req.host()),
-            path: text(Some(req.path())),
-        }
-    }
 }
 
 /// Serves one client connection from accept to close, and writes its access log line.
@@ -127,7 +46,7 @@ pub async fn session(shared: Arc<Shared>, accepted: Accepted) {
             record.end = "closed: drain timeout reached during shutdown".into();
         }
     }
-    record.log(started.elapsed());
+    record.log(started.elapsed(), &snapshot.config);
 }
 
 async fn run(shared: &Arc<Shared>, snapshot: &Arc<Snapshot>, accepted: Accepted, record: &mut ConnectionRecord) {
@@ -199,7 +118,7 @@ struct Prepared {
     forward: Vec<u8>,
     accept: [u8; 28],
     route: usize,
-    choice: Choice,
+    choice: upstream::Choice,
 }
 
 /// What the bytes read so far call for.
@@ -212,7 +131,7 @@ enum Step {
 /// The upgrade fast path's view of a request head, for routing.
 struct HeadView<'a, 'h, 'b>(&'a UpgradeHead<'h, 'b>);
 
-impl route::Request for HeadView<'_, '_, '_> {
+impl RequestView for HeadView<'_, '_, '_> {
     fn host(&self) -> Option<&[u8]> {
         Some(self.0.host)
     }
@@ -251,54 +170,8 @@ fn inspect(snapshot: &Snapshot, listener: &str, buf: &[u8], client_ip: IpAddr) -
         forward: head.forward(client_ip, "http", remove_cookie),
         accept: head.accept(),
         route: routes.iter().position(|r| std::ptr::eq(r, route)).unwrap_or(0),
-        choice: choose(upstream, &view, client_ip),
+        choice: upstream.choose(&view, client_ip),
     }))
-}
-
-/// Which server the request asks for: the server its sticky cookie names, or the owner of its sticky header or IP
-/// on the hash ring; and the key a hashing balancer hashes.
-fn choose(upstream: &Upstream, req: &impl route::Request, client_ip: IpAddr) -> Choice {
-    let ip_hash = || match client_ip.to_canonical() {
-        IpAddr::V4(ip) => hash_bytes(&ip.octets()),
-        IpAddr::V6(ip) => hash_bytes(&ip.octets()),
-    };
-    let (sticky, ring_key) = match &upstream.config.sticky {
-        Some(Sticky::Cookie(c)) => (req.cookie(&c.name).and_then(|v| upstream.server_by_cookie(v)), None),
-        Some(Sticky::Header(name)) => (None, req.header(name).map(hash_bytes)),
-        Some(Sticky::SourceIp) => (None, Some(ip_hash())),
-        None => (None, None),
-    };
-    let key = match (upstream.config.balance, &upstream.config.hash_key) {
-        (Balance::SourceIp, _) | (Balance::ConsistentHash, HashKey::SourceIp) => Some(ip_hash()),
-        (Balance::ConsistentHash, HashKey::Header(name)) => req.header(name).map(hash_bytes),
-        (Balance::ConsistentHash, HashKey::Cookie(name)) => req.cookie(name).map(hash_bytes),
-        (Balance::ConsistentHash, HashKey::Query(name)) => req.query(name).map(hash_bytes),
-        (Balance::ConsistentHash, HashKey::Path) => Some(hash_bytes(req.path())),
-        _ => None,
-    };
-    Choice { sticky, ring_key, key }
-}
-
-/// The `Set-Cookie` value that sticks a client to `server`, when the upstream uses a sticky cookie and the client
-/// did not present one naming that server.
-fn sticky_cookie(upstream: &Upstream, choice: Choice, server: &ServerState) -> Option<String> {
-    let Some(Sticky::Cookie(c)) = &upstream.config.sticky else {
-        return None;
-    };
-    let presented = choice.sticky.and_then(|i| upstream.servers().get(i));
-    if presented.is_some_and(|s| std::ptr::eq(&**s, server)) {
-        return None;
-    }
-    let mut cookie = format!(
-        "{}={}; Path={}; HttpOnly; SameSite=Lax",
-        c.name,
-        upstream.cookie_id(server)?,
-        c.path
-    );
-    if let Some(age) = c.max_age {
-        cookie.push_str(&format!("; Max-Age={}", age.as_secs()));
-    }
-    Some(cookie)
 }
 
 /// A response head with one more header line before its end.
@@ -332,77 +205,58 @@ async fn open(
         listener,
         ..
     } = accepted;
-    let handshake_timeout = snapshot.config.server.handshake_timeout;
     let mut head = Vec::with_capacity(1024);
-    let read = read_request(
-        &mut client,
-        &mut head,
-        snapshot,
-        snapshot.listener_name(listener),
-        record.client,
-    );
-    let prepared = match timeout(handshake_timeout, read).await {
-        Err(_) => return refuse(client, record, Refusal::HeadTimeout(handshake_timeout)).await,
-        Ok(Err(ReadError::Closed)) => {
-            record.end = "client closed before sending a request".into();
-            return None;
-        }
-        Ok(Err(ReadError::Io(e))) => {
-            record.end = format!("error: client: {e}");
-            return None;
-        }
-        Ok(Err(ReadError::Refused(e))) => return refuse(client, record, e).await,
-        Ok(Ok(None)) => {
+    let prepared = match read_head(&mut client, &mut head, snapshot, listener, record).await {
+        Head::Upgrade(prepared) => prepared,
+        Head::Plain => {
             plain::serve(shared.clone(), snapshot.clone(), listener, client, head, record).await;
             return None;
         }
-        Ok(Ok(Some(prepared))) => prepared,
+        Head::Refused(refusal) => return refuse(client, record, refusal).await,
+        Head::Gone => return None,
     };
     // Bytes the client sent after its head already belong to the WebSocket stream: they go to the relay.
     let client_early = head.get(prepared.head_len..).unwrap_or_default().to_vec();
     drop(head);
 
     let route = &snapshot.config.routes[prepared.route];
+    record.route = Some(prepared.route);
+    record.upstream = Some(route.upstream);
     let upstream = &snapshot.upstreams[route.upstream];
-    let opened = open_backend(upstream, handshake_timeout, &prepared, record).await;
-    let Opened {
-        mut backend,
-        server,
-        answer,
-        head: answer_head,
-    } = match opened {
+    let handshake_timeout = snapshot.config.server.handshake_timeout;
+    let opened = match open_backend(upstream, handshake_timeout, &prepared, record).await {
         Ok(opened) => opened,
         Err(refusal) => return refuse(client, record, refusal).await,
     };
-    match answer_head {
+    match opened.head {
         AnswerHead::Switching { deflate, head_len } => {
-            record.status = 101;
-            let (head, backend_early) = answer.split_at(head_len.min(answer.len()));
-            let written = match sticky_cookie(upstream, prepared.choice, server.server()) {
+            let cookie = upstream.sticky_cookie(prepared.choice, opened.server.server());
+            let (answer_head, backend_early) = opened.answer.split_at(head_len.min(opened.answer.len()));
+            let written = match cookie {
                 Some(cookie) => {
-                    write_within(
-                        &mut client,
-                        &with_header(head, "Set-Cookie", &cookie),
-                        handshake_timeout,
-                    )
-                    .await
+                    let with_cookie = with_header(answer_head, "Set-Cookie", &cookie);
+                    write_within(&mut client, &with_cookie, handshake_timeout).await
                 }
-                None => write_within(&mut client, head, handshake_timeout).await,
+                None => write_within(&mut client, answer_head, handshake_timeout).await,
             };
+            record.status = 101;
             if let Err(e) = written {
                 record.end = format!("error: client: {e}");
                 return None;
             }
             Some(Switched {
                 client,
-                backend,
-                route: prepared.route,
-                active: server,
-                deflate,
                 early: [client_early, backend_early.to_vec()],
+                backend: opened.backend,
+                route: prepared.route,
+                active: opened.server,
+                deflate,
             })
         }
         AnswerHead::Other { status, head, body } => {
+            let Opened {
+                mut backend, answer, ..
+            } = opened;
             record.status = status;
             let passed = pass_answer(&mut client, &mut backend, &head, &answer, body, handshake_timeout);
             record.end = match passed.await {
@@ -412,6 +266,41 @@ async fn open(
             lingering_close(client).await;
             None
         }
+    }
+}
+
+/// What the client's first request head turned out to be.
+enum Head {
+    Upgrade(Prepared),
+    Plain,
+    Refused(Refusal),
+    /// The client left or failed before sending a whole head (the record says how).
+    Gone,
+}
+
+/// Reads the client's first request head within the handshake timeout.
+async fn read_head(
+    client: &mut TcpStream,
+    head: &mut Vec<u8>,
+    snapshot: &Snapshot,
+    listener: SocketAddr,
+    record: &mut ConnectionRecord,
+) -> Head {
+    let limit = snapshot.config.server.handshake_timeout;
+    let read = read_request(client, head, snapshot, snapshot.listener_name(listener), record.client);
+    match timeout(limit, read).await {
+        Err(_) => Head::Refused(Refusal::HeadTimeout(limit)),
+        Ok(Err(ReadError::Closed)) => {
+            record.end = "client closed before sending a request".into();
+            Head::Gone
+        }
+        Ok(Err(ReadError::Io(e))) => {
+            record.end = format!("error: client: {e}");
+            Head::Gone
+        }
+        Ok(Err(ReadError::Refused(refusal))) => Head::Refused(refusal),
+        Ok(Ok(None)) => Head::Plain,
+        Ok(Ok(Some(prepared))) => Head::Upgrade(prepared),
     }
 }
 
@@ -474,8 +363,8 @@ struct Opened {
     head: AnswerHead,
 }
 
-/// Connects to a server of the upstream, forwards the request head, and reads its answer. A connect failure, a
-/// reset or a timeout before the answer moves on to another server, as the upstream's retries allow.
+/// Connects to a server of the upstream, forwards the request head, and reads its answer. A failure another server
+/// may not share (refused, reset, a timeout) moves on to the next server, as the upstream's retries allow.
 async fn open_backend(
     upstream: &Upstream,
     handshake_timeout: Duration,
@@ -484,54 +373,43 @@ async fn open_backend(
 ) -> Result<Opened, Refusal> {
     let mut attempts = upstream::Attempts::start(upstream, prepared.choice)?;
     loop {
-        let (i, active) = attempts.next_server()?;
-        let address = active.server().address;
-        record.backend = Some(address);
-        let mut backend = match upstream::connect(address, upstream.config.connect_timeout).await {
-            Ok(b) => b,
-            Err(e) => {
-                attempts.failed(i, e);
-                continue;
+        let (i, active) = attempts.next_server().map_err(|error| Refusal::Upstream {
+            error,
+            tries: attempts.tries(),
+        })?;
+        let server = active.server().address;
+        record.server = Some(server);
+        let error = match upstream::connect(server, upstream.config.connect_timeout).await {
+            Err(e) => e,
+            Ok(mut backend) => {
+                let exchange = exchange_heads(&mut backend, &prepared.forward, &prepared.accept);
+                match timeout(handshake_timeout, exchange).await {
+                    Ok(Ok((answer, head))) => {
+                        let error_status = matches!(head, AnswerHead::Other { status, .. } if status >= 500);
+                        attempts.answered(i, error_status);
+                        return Ok(Opened {
+                            backend,
+                            server: active,
+                            answer,
+                            head,
+                        });
+                    }
+                    Err(_) => UpstreamError::AnswerTimeout {
+                        server,
+                        after: handshake_timeout,
+                    },
+                    Ok(Err(Exchange::Io(source))) => UpstreamError::Lost { server, source },
+                    Ok(Err(Exchange::Answer(source))) => UpstreamError::BadAnswer {
+                        server,
+                        reason: source.to_string(),
+                    },
+                }
             }
         };
-        let exchange = timeout(
-            handshake_timeout,
-            exchange_heads(&mut backend, &prepared.forward, &prepared.accept),
-        );
-        match exchange.await {
-            Err(_) => attempts.failed(
-                i,
-                UpstreamError::Timeout {
-                    server: address,
-                    during: "waiting for the handshake answer from",
-                    after: handshake_timeout,
-                },
-            ),
-            Ok(Ok((answer, head))) => {
-                let error_status = matches!(head, AnswerHead::Other { status, .. } if status >= 500);
-                attempts.answered(i, error_status);
-                return Ok(Opened {
-                    backend,
-                    server: active,
-                    answer,
-                    head,
-                });
-            }
-            Ok(Err(Exchange::Io(source))) => attempts.failed(
-                i,
-                UpstreamError::AllFailed {
-                    server: address,
-                    source,
-                },
-            ),
-            Ok(Err(Exchange::Answer(source))) => {
-                attempts.answered(i, true);
-                return Err(Refusal::Answer {
-                    server: address,
-                    source,
-                });
-            }
-        }
+        let tries = attempts.tries();
+        attempts
+            .failed(i, error)
+            .map_err(|error| Refusal::Upstream { error, tries })?;
     }
 }
 
@@ -562,9 +440,9 @@ async fn exchange_heads(
             )));
         }
         let head = match handshake::inspect_response(&buf, accept).map_err(Exchange::Answer)? {
-            Answer::Partial => continue,
-            Answer::Switching { deflate, head_len } => AnswerHead::Switching { deflate, head_len },
-            Answer::Other {
+            BackendAnswer::Partial => continue,
+            BackendAnswer::Switching { deflate, head_len } => AnswerHead::Switching { deflate, head_len },
+            BackendAnswer::Other {
                 status,
                 head_len,
                 head,
@@ -625,18 +503,14 @@ async fn write_within(stream: &mut TcpStream, bytes: &[u8], limit: Duration) -> 
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "peer stopped reading"))?
 }
 
-/// Answers the client with an error status and closes. Returns `None`: the connection is done.
+/// Answers the client with a refusal and closes: the fast path serves one request per connection. Returns `None`:
+/// the connection is done.
 async fn refuse(mut client: TcpStream, record: &mut ConnectionRecord, refusal: Refusal) -> Option<Switched> {
-    let status = refusal.status();
-    let reason = refusal.to_string();
-    let retry_after = match &refusal {
-        Refusal::Upstream(e) => e.retry_after(),
-        _ => None,
-    };
-    let answer = crate::http::error_response_retry(status, &reason, retry_after);
-    record.status = status;
-    record.end = format!("refused: {reason}");
-    if timeout(Duration::from_secs(5), client.write_all(&answer)).await.is_ok() {
+    const WRITE_LIMIT: Duration = Duration::from_secs(5);
+    let answer = refusal.answer().closing();
+    record.status = answer.status;
+    record.end = format!("refused: {refusal}");
+    if timeout(WRITE_LIMIT, client.write_all(&answer.to_bytes())).await.is_ok() {
         lingering_close(client).await;
     }
     None

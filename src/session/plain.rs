@@ -5,7 +5,10 @@
 //! A WebSocket upgrade that comes later on such a keep-alive connection (the first request of a connection takes
 //! the fast path in [`super`]) is validated by the same rules, forwarded on a backend connection of its own
 //! through hyper's upgrade path, and once both sides have switched, the raw sockets are taken back from hyper
-//! and relayed by the same tunnel as every other WebSocket.
+//! and relayed like every other WebSocket, in the route's mode.
+//!
+//! A request refused here is a [`Refusal`] like on the upgrade path, answered by the same [`Refusal::answer`];
+//! the connection stays open for the next request.
 
 use std::convert::Infallible;
 use std::io;
@@ -26,14 +29,16 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::Mutex;
 
-use super::{Refusal, Shared, Snapshot};
+use super::Refusal;
 use crate::config::{Route, Sticky};
-use crate::http::Forwarding;
-use crate::http::handshake::{self, Inspected, without_cookie};
+use crate::http::handshake::{self, HandshakeError, Inspected, without_cookie};
 use crate::http::headers::{drop_when_forwarding, has_token};
+use crate::http::{Forwarding, RequestView};
 use crate::observe::ConnectionRecord;
 use crate::route;
+use crate::state::{Shared, Snapshot};
 use crate::upstream::{self, Active, Choice, Upstream, UpstreamError};
+use std::net::IpAddr;
 
 type Body = Either<Incoming, Full<Bytes>>;
 
@@ -48,12 +53,14 @@ pub(super) async fn serve(
 ) {
     let handshake_timeout = snapshot.config.server.handshake_timeout;
     let state = Arc::new(State {
+        id: record.id,
         snapshot,
         listener,
         client_ip: record.client.ip(),
         backend: Mutex::new(None),
         switched: Mutex::new(None),
         stats: Stats::default(),
+        last: Mutex::new(Last::default()),
     });
     let io = TokioIo::new(Counted {
         prefix: head,
@@ -65,8 +72,10 @@ pub(super) async fn serve(
         let state = state.clone();
         hyper::service::service_fn(move |req| forward(state.clone(), req))
     };
+    // Header names in title case, as the upgrade path writes them (wsgate's own answers look the same on both).
     let connection = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
+        .title_case_headers(true)
         .header_read_timeout(handshake_timeout)
         .serve_connection(io, service)
         .with_upgrades();
@@ -85,7 +94,8 @@ pub(super) async fn serve(
     record.status = stats.last_status.load(Ordering::Relaxed);
     record.bytes.client_to_backend = stats.bytes_in.load(Ordering::Relaxed);
     record.bytes.backend_to_client = stats.bytes_out.load(Ordering::Relaxed);
-    record.backend = state.backend.lock().await.as_ref().map(|b| b.server.server().address);
+    let last = *state.last.lock().await;
+    (record.route, record.upstream, record.server) = (last.route, last.upstream, last.server);
     record.end = match result {
         Ok(()) => "client closed".into(),
         Err(e) if e.is_timeout() => "client idle past the handshake timeout".into(),
@@ -93,7 +103,9 @@ pub(super) async fn serve(
     };
     let switched = state.switched.lock().await.take();
     if let Some(switched) = switched {
-        record.backend = Some(switched.server.server().address);
+        record.server = Some(switched.server.server().address);
+        record.route = Some(switched.route);
+        record.upstream = Some(state.snapshot.config.routes[switched.route].upstream);
         let route = &state.snapshot.config.routes[switched.route];
         record.end = relay_upgraded(switched, &shared, route, record).await;
     }
@@ -152,14 +164,26 @@ async fn relay_upgraded(switched: Upgrading, shared: &Shared, route: &Route, rec
 }
 
 struct State {
+    /// The connection's id, for log lines.
+    id: u64,
     snapshot: Arc<Snapshot>,
     /// The configured address of the listener that accepted the connection.
     listener: SocketAddr,
-    client_ip: std::net::IpAddr,
+    client_ip: IpAddr,
     backend: Mutex<Option<Backend>>,
     /// Set when a WebSocket upgrade was accepted: served once hyper hands the connection back.
     switched: Mutex<Option<Upgrading>>,
     stats: Stats,
+    /// What the last request went to, for the access log line.
+    last: Mutex<Last>,
+}
+
+/// The route, upstream and server of a connection's last request.
+#[derive(Debug, Default, Clone, Copy)]
+struct Last {
+    route: Option<usize>,
+    upstream: Option<usize>,
+    server: Option<SocketAddr>,
 }
 
 #[derive(Default)]
@@ -181,7 +205,7 @@ struct Backend {
 /// A plain request's route, seen through hyper.
 struct HyperView<'a>(&'a Request<Incoming>);
 
-impl route::Request for HyperView<'_> {
+impl RequestView for HyperView<'_> {
     fn host(&self) -> Option<&[u8]> {
         match self.0.headers().get(HOST) {
             Some(host) => Some(host.as_bytes()),
@@ -206,18 +230,41 @@ struct Target {
 
 impl State {
     /// The request's route and server choice, or why it has no route (a 404).
-    fn target(&self, req: &Request<Incoming>) -> Result<Target, String> {
+    fn target(&self, req: &Request<Incoming>) -> Result<Target, Refusal> {
         let view = HyperView(req);
         let routes = &self.snapshot.config.routes;
         let Some(route) = route::find(routes, self.snapshot.listener_name(self.listener), &view) else {
-            return Err(Refusal::no_route(&view).to_string());
+            return Err(Refusal::no_route(&view));
         };
         let upstream = &self.snapshot.upstreams[route.upstream];
         Ok(Target {
             route: routes.iter().position(|r| std::ptr::eq(r, route)).unwrap_or(0),
             upstream: route.upstream,
-            choice: super::choose(upstream, &view, self.client_ip),
+            choice: upstream.choose(&view, self.client_ip),
         })
+    }
+
+    /// Notes what the request goes to, for the access log line.
+    async fn note(&self, target: Option<Target>, server: Option<SocketAddr>) {
+        let mut last = self.last.lock().await;
+        if let Some(target) = target {
+            last.route = Some(target.route);
+            last.upstream = Some(target.upstream);
+            last.server = None;
+        }
+        if server.is_some() {
+            last.server = server;
+        }
+    }
+
+    /// The answer to a refused request, with a log line that says why (the answer itself names nothing internal).
+    async fn refused(&self, refusal: Refusal) -> Response<Body> {
+        if let Refusal::Upstream { error, .. } = &refusal {
+            self.note(None, error.server()).await;
+        }
+        let answer = refusal.answer();
+        tracing::info!(id = self.id, status = answer.status, reason = %refusal, "plain request refused");
+        answer.to_response().map(Either::Right)
     }
 
     fn upstream(&self, target: Target) -> &Upstream {
@@ -249,7 +296,7 @@ fn remove_sticky_cookie(req: &mut Request<Incoming>, upstream: &Upstream) {
 
 /// Adds the sticky cookie to an answer when the client is not stuck to the server that gave it.
 fn add_sticky_cookie<B>(resp: &mut Response<B>, upstream: &Upstream, choice: Choice, server: &Active) {
-    if let Some(cookie) = super::sticky_cookie(upstream, choice, server.server())
+    if let Some(cookie) = upstream.sticky_cookie(choice, server.server())
         && let Ok(value) = HeaderValue::from_str(&cookie)
     {
         resp.headers_mut().append(http::header::SET_COOKIE, value);
@@ -263,20 +310,23 @@ async fn forward(state: Arc<State>, mut req: Request<Incoming>) -> Result<Respon
         .get_all(UPGRADE)
         .iter()
         .any(|v| has_token(v.as_bytes(), "websocket"));
-    let response = match state.target(&req) {
-        Err(no_route) => error(404, &no_route),
+    let target = state.target(&req);
+    state.note(target.as_ref().ok().copied(), None).await;
+    let result = match target {
+        Err(no_route) => Err(no_route),
         Ok(target) if wants_websocket => upgrade(&state, target, req).await,
         Ok(target) => {
             rewrite_request(&mut req, state.client_ip);
             remove_sticky_cookie(&mut req, state.upstream(target));
-            match send(&state, target, req).await {
-                Ok(mut resp) => {
-                    strip_hop_by_hop(resp.headers_mut(), false);
-                    resp.map(Either::Left)
-                }
-                Err(e) => upstream_error(&e),
-            }
+            send(&state, target, req).await.map(|mut resp| {
+                strip_hop_by_hop(resp.headers_mut(), false);
+                resp.map(Either::Left)
+            })
         }
+    };
+    let response = match result {
+        Ok(response) => response,
+        Err(refusal) => state.refused(refusal).await,
     };
     state
         .stats
@@ -288,11 +338,12 @@ async fn forward(state: Arc<State>, mut req: Request<Incoming>) -> Result<Respon
 /// A WebSocket upgrade on a keep-alive connection: validated by the fast path's rules, sent on a backend
 /// connection of its own; on a 101 with the right accept key, both sides are switched and the session relays
 /// them when hyper hands the client's connection back.
-async fn upgrade(state: &State, target: Target, mut req: Request<Incoming>) -> Response<Body> {
-    let accept = match handshake::inspect_request(&request_head(&req), state.client_ip, "http") {
-        Ok(Inspected::Upgrade(up)) => up.accept,
-        Ok(Inspected::Plain { .. } | Inspected::Partial) => return error(400, "malformed upgrade request"),
-        Err(e) => return error(e.status(), &e.to_string()),
+async fn upgrade(state: &State, target: Target, mut req: Request<Incoming>) -> Result<Response<Body>, Refusal> {
+    let accept = match handshake::inspect_request(&request_head(&req), state.client_ip, "http")? {
+        Inspected::Upgrade(up) => up.accept,
+        Inspected::Plain { .. } | Inspected::Partial => {
+            return Err(HandshakeError::Malformed("malformed upgrade request").into());
+        }
     };
     let client_side = hyper::upgrade::on(&mut req);
     rewrite_request(&mut req, state.client_ip);
@@ -305,41 +356,30 @@ async fn upgrade(state: &State, target: Target, mut req: Request<Incoming>) -> R
         server: active,
         mut sender,
         ..
-    } = match open(upstream, target).await {
-        Ok(backend) => backend,
-        Err(e) => return upstream_error(&e),
-    };
+    } = open(upstream, target).await?;
     let server = active.server().address;
+    state.note(None, Some(server)).await;
     let wait = state.snapshot.config.server.handshake_timeout;
     let mut resp = match tokio::time::timeout(wait, sender.send_request(req)).await {
         Ok(Ok(resp)) => resp,
-        Ok(Err(e)) => return error(502, &format!("{server}: {e}")),
-        Err(_) => {
-            let e = UpstreamError::Timeout {
-                server,
-                during: "waiting for the handshake answer from",
-                after: wait,
-            };
-            return upstream_error(&e);
-        }
+        Ok(Err(e)) => return Err(failed_exchange(server, e).into()),
+        Err(_) => return Err(UpstreamError::AnswerTimeout { server, after: wait }.into()),
     };
     if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
         strip_hop_by_hop(resp.headers_mut(), false);
-        return resp.map(Either::Left);
+        return Ok(resp.map(Either::Left));
     }
     let mut accepts = resp.headers().get_all("sec-websocket-accept").iter();
     if !matches!((accepts.next(), accepts.next()), (Some(a), None) if a.as_bytes() == accept) {
-        return error(
-            502,
-            &format!("{server}: backend answered 101 with a wrong Sec-WebSocket-Accept"),
-        );
+        let reason = handshake::ResponseError::BadAccept.to_string();
+        return Err(UpstreamError::BadAnswer { server, reason }.into());
     }
-    let backend_side = match hyper::upgrade::on(&mut resp).await {
-        Ok(upgraded) => upgraded,
-        Err(e) => return error(502, &format!("{server}: {e}")),
-    };
+    let lost = |source| UpstreamError::Lost { server, source };
+    let backend_side = hyper::upgrade::on(&mut resp)
+        .await
+        .map_err(|e| lost(io::Error::other(e)))?;
     let Ok(parts) = backend_side.downcast::<TokioIo<TcpStream>>() else {
-        return error(502, "backend connection of an unexpected type");
+        return Err(lost(io::Error::other("upgraded backend connection of an unexpected type")).into());
     };
     let deflate = handshake::negotiates_deflate(
         resp.headers()
@@ -357,7 +397,23 @@ async fn upgrade(state: &State, target: Target, mut req: Request<Incoming>) -> R
         backend_early: parts.read_buf,
     });
     let (head, _) = resp.into_parts();
-    Response::from_parts(head, Either::Right(Full::new(Bytes::new())))
+    Ok(Response::from_parts(head, Either::Right(Full::new(Bytes::new()))))
+}
+
+/// A request exchange with `server` that hyper gave up on: an answer it could not parse is a bad answer, anything
+/// else a connection lost before the answer.
+fn failed_exchange(server: SocketAddr, e: hyper::Error) -> UpstreamError {
+    if e.is_parse() || e.is_parse_status() {
+        UpstreamError::BadAnswer {
+            server,
+            reason: e.to_string(),
+        }
+    } else {
+        UpstreamError::Lost {
+            server,
+            source: io::Error::other(e),
+        }
+    }
 }
 
 /// The request head as the client sent it, for the fast path's validation.
@@ -381,7 +437,7 @@ fn request_head(req: &Request<Incoming>) -> Vec<u8> {
 /// Sends `req` on the client's backend connection, opening one when there is none, when the last one was closed
 /// by the backend before this request went out, or when it goes to another upstream or to a server other than
 /// the one the request is stuck or hashed to.
-async fn send(state: &State, target: Target, mut req: Request<Incoming>) -> Result<Response<Incoming>, UpstreamError> {
+async fn send(state: &State, target: Target, mut req: Request<Incoming>) -> Result<Response<Incoming>, Refusal> {
     let upstream = state.upstream(target);
     let mut backend = state.backend.lock().await;
     let mut reopened = false;
@@ -410,6 +466,7 @@ async fn send(state: &State, target: Target, mut req: Request<Incoming>) -> Resu
             continue;
         };
         let server = b.server.server().address;
+        state.note(None, Some(server)).await;
         match b.sender.try_send_request(req).await {
             Ok(mut resp) => {
                 add_sticky_cookie(&mut resp, upstream, target.choice, &b.server);
@@ -420,12 +477,7 @@ async fn send(state: &State, target: Target, mut req: Request<Incoming>) -> Resu
                 match e.take_message() {
                     // Never sent: the backend closed its idle connection under us; one fresh try.
                     Some(unsent) if !reopened => req = unsent,
-                    _ => {
-                        return Err(UpstreamError::AllFailed {
-                            server,
-                            source: io::Error::other(e.into_error()),
-                        });
-                    }
+                    _ => return Err(failed_exchange(server, e.into_error()).into()),
                 }
             }
         }
@@ -433,41 +485,41 @@ async fn send(state: &State, target: Target, mut req: Request<Incoming>) -> Resu
 }
 
 /// Opens a backend connection for plain HTTP: servers tried in turn as the upstream's retries allow.
-async fn open(upstream: &Upstream, target: Target) -> Result<Backend, UpstreamError> {
+async fn open(upstream: &Upstream, target: Target) -> Result<Backend, Refusal> {
     let mut attempts = upstream::Attempts::start(upstream, target.choice)?;
     loop {
-        let (i, active) = attempts.next_server()?;
-        let address = active.server().address;
-        let stream = match upstream::connect(address, upstream.config.connect_timeout).await {
-            Ok(s) => s,
-            Err(e) => {
-                attempts.failed(i, e);
-                continue;
-            }
-        };
-        match hyper::client::conn::http1::handshake(TokioIo::new(stream)).await {
-            Ok((sender, conn)) => {
-                // The connection task ends when `sender` is dropped with the client's session, or when the backend
-                // closes it.
-                tokio::spawn(conn.with_upgrades());
-                return Ok(Backend {
-                    upstream: target.upstream,
-                    server: active,
-                    sender,
-                });
-            }
-            Err(e) => attempts.failed(
-                i,
-                UpstreamError::AllFailed {
-                    server: address,
+        let (i, active) = attempts.next_server().map_err(|error| Refusal::Upstream {
+            error,
+            tries: attempts.tries(),
+        })?;
+        let server = active.server().address;
+        let error = match upstream::connect(server, upstream.config.connect_timeout).await {
+            Err(e) => e,
+            Ok(stream) => match hyper::client::conn::http1::handshake(TokioIo::new(stream)).await {
+                Ok((sender, conn)) => {
+                    // The connection task ends when `sender` is dropped with the client's session, or when the
+                    // backend closes it.
+                    tokio::spawn(conn.with_upgrades());
+                    return Ok(Backend {
+                        upstream: target.upstream,
+                        server: active,
+                        sender,
+                    });
+                }
+                Err(e) => UpstreamError::Lost {
+                    server,
                     source: io::Error::other(e),
                 },
-            ),
-        }
+            },
+        };
+        let tries = attempts.tries();
+        attempts
+            .failed(i, error)
+            .map_err(|error| Refusal::Upstream { error, tries })?;
     }
 }
 
-fn rewrite_request(req: &mut Request<Incoming>, client_ip: std::net::IpAddr) {
+fn rewrite_request(req: &mut Request<Incoming>, client_ip: IpAddr) {
     if req.uri().authority().is_some() {
         let origin_form = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
         if let Ok(uri) = origin_form.parse::<Uri>() {
@@ -510,30 +562,6 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, is_request: bool) {
     for name in drop {
         headers.remove(name);
     }
-}
-
-/// The answer to a request no backend server could take, with `Retry-After` when waiting may help.
-fn upstream_error(e: &UpstreamError) -> Response<Body> {
-    let mut resp = error(e.status(), &e.to_string());
-    if let Some(seconds) = e.retry_after() {
-        resp.headers_mut()
-            .insert(http::header::RETRY_AFTER, HeaderValue::from(seconds));
-    }
-    resp
-}
-
-fn error(status: u16, reason: &str) -> Response<Body> {
-    let mut resp = Response::new(Either::Right(Full::new(Bytes::from(format!("{reason}\n")))));
-    *resp.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
-    let headers = resp.headers_mut();
-    headers.insert(
-        http::header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    if status == 426 {
-        headers.insert("sec-websocket-version", HeaderValue::from_static("13"));
-    }
-    resp
 }
 
 /// The client connection as hyper sees it: first the bytes wsgate already read while looking for an upgrade,

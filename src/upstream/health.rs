@@ -26,8 +26,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::{ServerState, UpstreamShared, now_ms};
 use crate::config::{HealthCheck, HealthKind};
-use crate::http::handshake::{self, Answer};
-use crate::relay::frame::{self, opcode};
+use crate::http::handshake::{self, BackendAnswer};
+use crate::ws::frame::{self, opcode};
 
 /// The largest answer head, or WebSocket frame, a probe reads.
 const MAX_READ: usize = 16 * 1024;
@@ -158,13 +158,13 @@ async fn probe_websocket(mut stream: TcpStream, check: &HealthCheck, host: &str)
         check.path
     );
     stream.write_all(request.as_bytes()).await?;
-    let accept = handshake::accept_key(key.as_bytes());
+    let accept = crate::ws::accept_key(key.as_bytes());
     let mut buf = Vec::with_capacity(1024);
     let head_len = read_until(&mut stream, &mut buf, |bytes| {
         match handshake::inspect_response(bytes, &accept) {
-            Ok(Answer::Partial) => Ok(None),
-            Ok(Answer::Switching { head_len, .. }) => Ok(Some(head_len)),
-            Ok(Answer::Other { status, .. }) => Err(ProbeError::Status(status)),
+            Ok(BackendAnswer::Partial) => Ok(None),
+            Ok(BackendAnswer::Switching { head_len, .. }) => Ok(Some(head_len)),
+            Ok(BackendAnswer::Other { status, .. }) => Err(ProbeError::Status(status)),
             Err(e) => Err(ProbeError::WebSocket(e.to_string())),
         }
     })

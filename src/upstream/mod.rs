@@ -1,29 +1,32 @@
-//! Backend servers: the live state of each upstream (its servers, their live connection counts, the balancer),
-//! which server a new connection tries first and in what order the others follow (each at most once per
-//! handshake), the sticky-cookie ids, and connecting within the connect timeout.
+//! Backend servers: the live state of each upstream as of one config snapshot (its servers and balancers) and which
+//! server a new connection tries first and in what order the others follow. The rest is split by concern:
+//! [`server`] (one server's live state and its connection count), [`sticky`] (what a request asks for: sticky cookie,
+//! ring keys), [`attempts`] (the tries of one request: retries, their budget, pending-handshake limit, connecting),
+//! [`outlier`] (passive ejection), [`error`] (why a request got no connection, who caused it, whether to retry),
+//! [`balance`] (the pure balancers and the stable hash), [`health`] (active checks).
 //!
 //! State is rebuilt on every config reload from the previous state: a server that stays (same upstream, same
 //! name) keeps its live connection count, and the balancer keeps its position.
 
+mod attempts;
 pub mod balance;
+mod error;
 pub mod health;
+mod outlier;
+mod server;
+mod sticky;
 
-use std::collections::HashMap;
-use std::io;
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
-use sha1::{Digest, Sha1};
-use tokio::net::TcpStream;
-use tokio::time::Instant;
-
+pub use attempts::{Attempts, Pending, connect};
 pub use balance::hash_bytes;
-use balance::{Balancer, FULL, Member, Strategy};
+use balance::{Balancer, Member, Strategy};
+pub use error::{Cause, Retry, Unavailable, UpstreamError};
+pub use outlier::{Outcome, ejection_time};
+pub use server::{Active, ServerState, ShedReason, now_ms, ramp_share};
 
-use crate::config::{self, Balance, MAX_EJECTION, MIN_RETRY_CONCURRENCY};
-use crate::signal::StopSignal;
+use crate::config::{self, Balance};
 
 /// One upstream's servers and balancers, as of one config snapshot.
 #[derive(Debug)]
@@ -60,275 +63,6 @@ pub struct UpstreamShared {
     pub rebalance_armed: AtomicBool,
 }
 
-/// Milliseconds on the process clock (tokio's, so that tests with a paused clock control it), never 0: 0 stands for
-/// "not set" in the atomics below.
-pub fn now_ms() -> u64 {
-    static EPOCH: OnceLock<Instant> = OnceLock::new();
-    let epoch = *EPOCH.get_or_init(Instant::now);
-    1 + Instant::now().saturating_duration_since(epoch).as_millis() as u64
-}
-
-/// Why a server's live connections are being closed by wsgate.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ShedReason {
-    Draining,
-    Removed,
-    Rebalancing,
-}
-
-impl ShedReason {
-    /// The reason sent with close 1012 and written to the access log.
-    pub fn text(self) -> &'static str {
-        match self {
-            ShedReason::Draining => "server draining",
-            ShedReason::Removed => "server removed from the configuration",
-            ShedReason::Rebalancing => "rebalancing connections",
-        }
-    }
-}
-
-/// A server's live state, shared by every snapshot that still lists it.
-#[derive(Debug)]
-pub struct ServerState {
-    /// As written in the config: the server's identity.
-    pub name: String,
-    pub address: SocketAddr,
-    /// Live connections (WebSocket sessions and plain HTTP backend connections) to this server.
-    active: AtomicU32,
-    /// Active health checks say it is down.
-    down: AtomicBool,
-    /// Active health checks: successes and failures in a row.
-    check_successes: AtomicU32,
-    check_failures: AtomicU32,
-    /// Passive outlier detection: failures since the last success.
-    failures: AtomicU32,
-    /// Ejected until this time ([`now_ms`]); 0 = not ejected. Kept after it passes until the supervisor notes the
-    /// return.
-    ejected_until: AtomicU64,
-    /// Ejections in a row, each within [`MAX_EJECTION`] of the return from the one before.
-    ejections: AtomicU32,
-    /// When the last ejection ended ([`now_ms`]; 0 = never ejected).
-    returned_at: AtomicU64,
-    /// Slow start: when the server came back ([`now_ms`]); 0 = not ramping.
-    ramp_start: AtomicU64,
-    /// Live WebSocket sessions, by connection id, with the signal that makes each close itself.
-    sessions: Registry,
-}
-
-/// The live sessions of a server. Locked once when a session starts relaying and once when it ends (and by the
-/// control thread to shed one), never per message and never across an await: a plain mutex is the cheapest correct
-/// tool here, which is why the project-wide ban on `std::sync::Mutex` (meant for the relay path) is lifted for it.
-#[allow(clippy::disallowed_types)]
-type Registry = std::sync::Mutex<HashMap<u64, Arc<StopSignal>>>;
-
-impl ServerState {
-    fn new(name: &str, address: SocketAddr) -> ServerState {
-        ServerState {
-            name: name.to_string(),
-            address,
-            active: AtomicU32::new(0),
-            down: AtomicBool::new(false),
-            check_successes: AtomicU32::new(0),
-            check_failures: AtomicU32::new(0),
-            failures: AtomicU32::new(0),
-            ejected_until: AtomicU64::new(0),
-            ejections: AtomicU32::new(0),
-            returned_at: AtomicU64::new(0),
-            ramp_start: AtomicU64::new(0),
-            sessions: Registry::default(),
-        }
-    }
-
-    pub fn active(&self) -> u32 {
-        self.active.load(Ordering::Relaxed)
-    }
-
-    pub fn is_down(&self) -> bool {
-        self.down.load(Ordering::Relaxed)
-    }
-
-    /// Marks the server down or up (active health checks); returns whether that changed anything.
-    pub fn set_down(&self, down: bool) -> bool {
-        let was = self.down.swap(down, Ordering::Relaxed);
-        if was && !down {
-            self.ramp_start.store(now_ms(), Ordering::Relaxed);
-        }
-        was != down
-    }
-
-    /// Records a health check's result: returns whether the server should now be down (`Some(true)`: `fall`
-    /// failures in a row), up (`Some(false)`: `rise` successes in a row), or stay as it is (`None`).
-    pub fn record_check(&self, ok: bool, rise: u32, fall: u32) -> Option<bool> {
-        let (reset, count, needed) = if ok {
-            (&self.check_failures, &self.check_successes, rise)
-        } else {
-            (&self.check_successes, &self.check_failures, fall)
-        };
-        reset.store(0, Ordering::Relaxed);
-        let run = count.fetch_add(1, Ordering::Relaxed).saturating_add(1);
-        (run >= needed.max(1)).then_some(!ok)
-    }
-
-    /// Whether the server is ejected at `now` ([`now_ms`]).
-    pub fn is_ejected(&self, now: u64) -> bool {
-        let until = self.ejected_until.load(Ordering::Relaxed);
-        until != 0 && now < until
-    }
-
-    /// Ends an ejection, because its time has passed or because health checks say the server is up. Returns
-    /// whether the server was ejected.
-    pub fn end_ejection(&self, now: u64) -> bool {
-        let until = self.ejected_until.swap(0, Ordering::Relaxed);
-        if until == 0 {
-            return false;
-        }
-        self.failures.store(0, Ordering::Relaxed);
-        self.ramp_start.store(now, Ordering::Relaxed);
-        self.returned_at.store(now, Ordering::Relaxed);
-        true
-    }
-
-    /// An ejection whose time has passed and that nobody has ended yet.
-    pub fn ejection_over(&self, now: u64) -> bool {
-        let until = self.ejected_until.load(Ordering::Relaxed);
-        until != 0 && now >= until
-    }
-
-    /// The part of its weight a server ramping up after coming back gets at `now`, in thousandths.
-    fn ramp(&self, slow_start: Option<Duration>, now: u64) -> u32 {
-        let start = self.ramp_start.load(Ordering::Relaxed);
-        let Some(slow_start) = slow_start.filter(|_| start != 0) else {
-            return FULL;
-        };
-        let ramp = ramp_share(Duration::from_millis(now.saturating_sub(start)), slow_start);
-        if ramp == FULL {
-            self.ramp_start.store(0, Ordering::Relaxed);
-        }
-        ramp
-    }
-
-    /// Live WebSocket sessions registered for shedding.
-    pub fn sessions(&self) -> usize {
-        self.sessions.lock().map_or(0, |s| s.len())
-    }
-
-    /// Closes one live session (any one), saying `reason`; false when there is none.
-    pub fn shed_one(&self, reason: ShedReason) -> bool {
-        let signal = {
-            let Ok(mut sessions) = self.sessions.lock() else {
-                return false;
-            };
-            let Some(&id) = sessions.keys().next() else {
-                return false;
-            };
-            sessions.remove(&id)
-        };
-        signal.map(|s| s.stop(reason.text())).is_some()
-    }
-}
-
-/// Slow start: a server back for `elapsed` of `slow_start` gets that fraction of its weight, at least 10 %.
-pub fn ramp_share(elapsed: Duration, slow_start: Duration) -> u32 {
-    if elapsed >= slow_start || slow_start.is_zero() {
-        return FULL;
-    }
-    let share = (elapsed.as_millis() * u128::from(FULL) / slow_start.as_millis().max(1)) as u32;
-    share.clamp(FULL / 10, FULL)
-}
-
-/// How long an ejection lasts: `base` doubled for each ejection in a row before it, at most [`MAX_EJECTION`].
-pub fn ejection_time(base: Duration, in_a_row: u32) -> Duration {
-    let doubled = base.saturating_mul(1u32 << in_a_row.saturating_sub(1).min(16));
-    doubled.min(MAX_EJECTION).max(base.min(MAX_EJECTION))
-}
-
-/// A live connection to a server, counted on the server and its upstream while this lives.
-#[derive(Debug)]
-pub struct Active {
-    server: Arc<ServerState>,
-    upstream: Arc<UpstreamShared>,
-    /// The session's id in the server's registry of sessions, once registered.
-    registered: Option<u64>,
-}
-
-impl Active {
-    /// Counts a new connection, unless the server or the upstream is at its `max_connections`.
-    fn try_new(upstream: &Upstream, index: usize) -> Option<Active> {
-        let server = upstream.servers.get(index)?;
-        let limit = upstream.config.servers.get(index).and_then(|s| s.max_connections);
-        let before = server.active.fetch_add(1, Ordering::Relaxed);
-        let total = upstream.shared.active.fetch_add(1, Ordering::Relaxed);
-        let active = Active {
-            server: server.clone(),
-            upstream: upstream.shared.clone(),
-            registered: None,
-        };
-        let over = limit.is_some_and(|l| before >= l) || upstream.config.max_connections.is_some_and(|l| total >= l);
-        (!over).then_some(active)
-    }
-
-    pub fn server(&self) -> &ServerState {
-        &self.server
-    }
-
-    /// Registers the WebSocket session `id` so that a drain or a rebalance can close it through `stop`.
-    pub fn register(&mut self, id: u64, stop: Arc<StopSignal>) {
-        if let Ok(mut sessions) = self.server.sessions.lock() {
-            sessions.insert(id, stop);
-            self.registered = Some(id);
-        }
-    }
-}
-
-impl Drop for Active {
-    fn drop(&mut self) {
-        self.server.active.fetch_sub(1, Ordering::Relaxed);
-        self.upstream.active.fetch_sub(1, Ordering::Relaxed);
-        if let Some(id) = self.registered
-            && let Ok(mut sessions) = self.server.sessions.lock()
-        {
-            sessions.remove(&id);
-        }
-    }
-}
-
-/// A handshake waiting for a server's answer, counted while this lives.
-#[derive(Debug)]
-pub struct Pending {
-    upstream: Arc<UpstreamShared>,
-    budget_percent: u32,
-    retrying: bool,
-}
-
-impl Pending {
-    /// Whether the retry budget lets this handshake go on to another server: retries in flight stay within the
-    /// budget's share of handshakes in flight (at least [`MIN_RETRY_CONCURRENCY`]).
-    pub fn may_retry(&mut self) -> bool {
-        if self.retrying {
-            return true;
-        }
-        let pending = u64::from(self.upstream.pending.load(Ordering::Relaxed));
-        let allowed = (pending * u64::from(self.budget_percent) / 100).max(u64::from(MIN_RETRY_CONCURRENCY));
-        let retrying = self.upstream.retrying.fetch_add(1, Ordering::Relaxed);
-        if u64::from(retrying) < allowed {
-            self.retrying = true;
-            true
-        } else {
-            self.upstream.retrying.fetch_sub(1, Ordering::Relaxed);
-            false
-        }
-    }
-}
-
-impl Drop for Pending {
-    fn drop(&mut self) {
-        self.upstream.pending.fetch_sub(1, Ordering::Relaxed);
-        if self.retrying {
-            self.upstream.retrying.fetch_sub(1, Ordering::Relaxed);
-        }
-    }
-}
-
 /// What a request says about which server it should go to, found by the session from the request.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Choice {
@@ -338,14 +72,6 @@ pub struct Choice {
     pub ring_key: Option<u64>,
     /// The hash of the request's key, for a hashing balancer.
     pub key: Option<u64>,
-}
-
-/// How a handshake to a backend server went, for passive outlier detection.
-#[derive(Debug)]
-pub enum Outcome<'a> {
-    Success,
-    /// Connect failure, reset or timeout before the answer, 5xx to the upgrade: why.
-    Failure(&'a str),
 }
 
 impl Upstream {
@@ -396,7 +122,11 @@ impl Upstream {
         };
         let shared = previous.map_or_else(Arc::default, |p| p.shared.clone());
         Upstream {
-            cookie_ids: config.servers.iter().map(|s| cookie_id(config, &s.name)).collect(),
+            cookie_ids: config
+                .servers
+                .iter()
+                .map(|s| sticky::cookie_id(config, &s.name))
+                .collect(),
             primary: group(false, previous.map(|p| &p.primary)),
             backup: group(true, previous.map(|p| &p.backup)),
             config: config.clone(),
@@ -407,17 +137,6 @@ impl Upstream {
 
     pub fn servers(&self) -> &[Arc<ServerState>] {
         &self.servers
-    }
-
-    /// The server whose sticky cookie has this value.
-    pub fn server_by_cookie(&self, value: &[u8]) -> Option<usize> {
-        self.cookie_ids.iter().position(|id| id.as_bytes() == value)
-    }
-
-    /// The value of the sticky cookie naming `server` (`None` for a server this upstream does not list).
-    pub fn cookie_id(&self, server: &ServerState) -> Option<&str> {
-        let index = self.servers.iter().position(|s| std::ptr::eq(&**s, server))?;
-        self.cookie_ids.get(index).map(String::as_str)
     }
 
     /// Whether server `i` may take new connections as far as its health goes: not down, not ejected, not draining.
@@ -537,258 +256,17 @@ impl Upstream {
             .max_connections
             .is_some_and(|limit| self.shared.active.load(Ordering::Relaxed) >= limit)
     }
-
-    /// Counts a handshake in flight; `Err` when the upstream has `max_pending_handshakes` already.
-    pub fn begin(&self) -> Result<Pending, Unavailable> {
-        let before = self.shared.pending.fetch_add(1, Ordering::Relaxed);
-        let pending = Pending {
-            upstream: self.shared.clone(),
-            budget_percent: self.config.retry_budget_percent,
-            retrying: false,
-        };
-        match self.config.max_pending_handshakes {
-            Some(limit) if before >= limit => Err(Unavailable::TooManyPending),
-            _ => Ok(pending),
-        }
-    }
-
-    /// Notes how a handshake to server `i` went: failures in a row eject it (passive outlier detection).
-    pub fn report(&self, i: usize, outcome: Outcome<'_>) {
-        let Some(server) = self.servers.get(i) else {
-            return;
-        };
-        let why = match outcome {
-            Outcome::Success => {
-                if server.failures.load(Ordering::Relaxed) != 0 {
-                    server.failures.store(0, Ordering::Relaxed);
-                }
-                return;
-            }
-            Outcome::Failure(why) => why,
-        };
-        let failures = server.failures.fetch_add(1, Ordering::Relaxed) + 1;
-        let outlier = self.config.outlier;
-        if outlier.consecutive_failures == 0 || failures < outlier.consecutive_failures {
-            return;
-        }
-        let now = now_ms();
-        if server.is_ejected(now) {
-            return;
-        }
-        let ejected = self.servers.iter().filter(|s| s.is_ejected(now)).count();
-        if (ejected + 1) * 100 > outlier.max_ejected_percent as usize * self.servers.len() {
-            tracing::warn!(
-                upstream = %self.config.name,
-                server = %server.name,
-                failures,
-                ejected,
-                "not ejecting a failing server: max_ejected_percent reached"
-            );
-            return;
-        }
-        // One thread ejects: the one that moves `ejected_until` from "not ejected" (or a past ejection) to the new end.
-        let seen = server.ejected_until.load(Ordering::Relaxed);
-        if seen > now {
-            return;
-        }
-        // A repeat offender: ejected again within MAX_EJECTION of its return (or before its return was even noted).
-        let returned_at = server.returned_at.load(Ordering::Relaxed);
-        let repeat =
-            seen != 0 || (returned_at != 0 && now.saturating_sub(returned_at) < MAX_EJECTION.as_millis() as u64);
-        let in_a_row = if repeat {
-            server.ejections.load(Ordering::Relaxed) + 1
-        } else {
-            1
-        };
-        let time = ejection_time(outlier.ejection, in_a_row);
-        let until = now + time.as_millis() as u64;
-        if server
-            .ejected_until
-            .compare_exchange(seen, until, Ordering::Relaxed, Ordering::Relaxed)
-            .is_err()
-        {
-            return;
-        }
-        server.ejections.store(in_a_row, Ordering::Relaxed);
-        server.failures.store(0, Ordering::Relaxed);
-        // Health checks bring it back early only with `rise` successes counted from now.
-        server.check_successes.store(0, Ordering::Relaxed);
-        tracing::warn!(
-            upstream = %self.config.name,
-            server = %server.name,
-            failures,
-            ejection = ?time,
-            last_failure = why,
-            "server ejected: up -> ejected"
-        );
-    }
-}
-
-/// Why no server of an upstream can take a new connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum Unavailable {
-    #[error("no backend servers configured")]
-    NoServers,
-    #[error("every backend server is down, ejected or draining")]
-    AllDown,
-    #[error("every available backend server is at its max_connections")]
-    Full,
-    #[error("the upstream is at its max_pending_handshakes")]
-    TooManyPending,
-    /// Every server that could take the connection has been tried.
-    #[error("every backend server has been tried")]
-    Exhausted,
-}
-
-/// The servers one request tries in turn: each at most once, at most `retries` after the first, within the
-/// upstream's retry budget. Failures feed outlier detection.
-#[derive(Debug)]
-pub struct Attempts<'a> {
-    upstream: &'a Upstream,
-    choice: Choice,
-    tried: Vec<usize>,
-    pending: Pending,
-    last: Option<UpstreamError>,
-}
-
-impl<'a> Attempts<'a> {
-    /// Starts a request's attempts; `Err` when the upstream cannot take another handshake now.
-    pub fn start(upstream: &'a Upstream, choice: Choice) -> Result<Attempts<'a>, UpstreamError> {
-        let pending = upstream.begin().map_err(UpstreamError::Unavailable)?;
-        Ok(Attempts {
-            upstream,
-            choice,
-            tried: Vec::with_capacity(2),
-            pending,
-            last: None,
-        })
-    }
-
-    /// The next server to try and its counted connection; `Err` with the reason to give the client when no server
-    /// is left to try.
-    pub fn next_server(&mut self) -> Result<(usize, Active), UpstreamError> {
-        loop {
-            if !self.tried.is_empty() {
-                if self.tried.len() > self.upstream.config.retries as usize {
-                    return Err(self.give_up());
-                }
-                if !self.pending.may_retry() {
-                    tracing::debug!(upstream = %self.upstream.config.name, "retry budget spent: no retry");
-                    return Err(self.give_up());
-                }
-            }
-            let i = match self.upstream.next(self.choice, &self.tried) {
-                Ok(i) => i,
-                Err(Unavailable::Exhausted) => return Err(self.give_up()),
-                Err(e) => return Err(self.last.take().unwrap_or(UpstreamError::Unavailable(e))),
-            };
-            self.tried.push(i);
-            match self.upstream.connect_to(i) {
-                Some(active) => return Ok((i, active)),
-                // The whole upstream is full: no other server can take it either.
-                None if self.upstream.is_full() => return Err(UpstreamError::Unavailable(Unavailable::Full)),
-                // This server filled up since it was picked: another may have room.
-                None => self.last = Some(UpstreamError::Unavailable(Unavailable::Full)),
-            }
-        }
-    }
-
-    fn give_up(&mut self) -> UpstreamError {
-        self.last
-            .take()
-            .unwrap_or(UpstreamError::Unavailable(Unavailable::AllDown))
-    }
-
-    /// Server `i` failed before answering: the next attempt goes elsewhere, and `error` is what the client hears
-    /// when none is left.
-    pub fn failed(&mut self, i: usize, error: UpstreamError) {
-        self.upstream.report(i, Outcome::Failure(&error.to_string()));
-        self.last = Some(error);
-    }
-
-    /// Server `i` answered (`error_status`: with a 5xx, which counts against it but is passed to the client).
-    pub fn answered(&self, i: usize, error_status: bool) {
-        let outcome = if error_status {
-            Outcome::Failure("answered the upgrade with a 5xx status")
-        } else {
-            Outcome::Success
-        };
-        self.upstream.report(i, outcome);
-    }
-}
-
-/// The sticky-cookie id of a server: a keyed hash of its identity, so it names the server without revealing its
-/// address, and stays the same across reloads and restarts.
-fn cookie_id(upstream: &config::Upstream, server: &str) -> String {
-    let secret = match &upstream.sticky {
-        Some(config::Sticky::Cookie(c)) => c.secret.as_str(),
-        _ => upstream.name.as_str(),
-    };
-    let mut sha = Sha1::new();
-    sha.update((secret.len() as u64).to_be_bytes());
-    sha.update(secret.as_bytes());
-    sha.update(server.as_bytes());
-    let digest = sha.finalize();
-    digest[..8].iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// Why no backend connection could be had. Each maps to one HTTP status in [`UpstreamError::status`].
-#[derive(Debug, thiserror::Error)]
-pub enum UpstreamError {
-    #[error("{0}")]
-    Unavailable(Unavailable),
-    #[error("every backend server tried failed; last: {server}: {source}")]
-    AllFailed {
-        server: SocketAddr,
-        #[source]
-        source: io::Error,
-    },
-    #[error("timed out after {after:?} {during} {server}")]
-    Timeout {
-        server: SocketAddr,
-        during: &'static str,
-        after: Duration,
-    },
-}
-
-impl UpstreamError {
-    pub fn status(&self) -> u16 {
-        match self {
-            Self::Unavailable(_) => 503,
-            Self::AllFailed { .. } => 502,
-            Self::Timeout { .. } => 504,
-        }
-    }
-
-    /// Seconds the client is told to wait before trying again (`Retry-After`), for an answer that says the upstream
-    /// is overloaded or out of servers for now.
-    pub fn retry_after(&self) -> Option<u32> {
-        match self {
-            Self::Unavailable(Unavailable::Full | Unavailable::TooManyPending) => Some(1),
-            Self::Unavailable(_) => Some(5),
-            _ => None,
-        }
-    }
-}
-
-/// Opens a TCP connection to `server` within `timeout`, with `TCP_NODELAY` set.
-pub async fn connect(server: SocketAddr, timeout: Duration) -> Result<TcpStream, UpstreamError> {
-    let failed = |source| UpstreamError::AllFailed { server, source };
-    let stream = tokio::time::timeout(timeout, TcpStream::connect(server))
-        .await
-        .map_err(|_| UpstreamError::Timeout {
-            server,
-            during: "connecting to",
-            after: timeout,
-        })?
-        .map_err(failed)?;
-    stream.set_nodelay(true).map_err(failed)?;
-    Ok(stream)
 }
 
 #[cfg(test)]
 mod tests {
+    use std::net::SocketAddr;
+    use std::time::Duration;
+
     use super::*;
+    use crate::config::MAX_EJECTION;
+    use crate::signal::StopSignal;
+    use balance::FULL;
 
     fn upstream(n: u16, sticky: Option<config::Sticky>) -> config::Upstream {
         let servers = (0..n)

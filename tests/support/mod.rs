@@ -120,7 +120,7 @@ impl Proxy {
     }
 
     /// The config and upstream state new connections get.
-    pub fn snapshot(&self) -> std::sync::Arc<wsgate::session::Snapshot> {
+    pub fn snapshot(&self) -> std::sync::Arc<wsgate::state::Snapshot> {
         self.running.as_ref().expect("running").snapshot()
     }
 

@@ -9,8 +9,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use wsgate::config::{Config, FrameRules, Relay};
-use wsgate::http::handshake::accept_key;
-use wsgate::relay::frame::{MAX_HEADER, apply_mask, close_frame, opcode, parse_header, write_header};
+use wsgate::ws::accept_key;
+use wsgate::ws::frame::{MAX_HEADER, apply_mask, close_frame, opcode, parse_header, write_header};
 
 use super::{upgrade_request, within};
 

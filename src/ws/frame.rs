@@ -1,5 +1,5 @@
-//! The RFC 6455 frame codec of the `frames` relay: a pure, incremental tracker of frame boundaries (bytes in,
-//! steps out; no sockets, no allocation per frame).
+//! The RFC 6455 frame codec, used by the `frames` relay and the WebSocket health probe: a pure, incremental
+//! tracker of frame boundaries (bytes in, steps out; no sockets, no allocation per frame).
 //!
 //! The relay hands [`Tracker::next`] the bytes it has read from one side. Data frames are never reassembled or
 //! unmasked on the wire: the tracker walks their headers and counts their payload bytes, and answers with
@@ -272,11 +272,6 @@ impl Tracker {
     /// Whether the walk is between frames: something of wsgate's own may be sent to this direction's receiver.
     pub fn at_boundary(&self) -> bool {
         self.remaining == 0
-    }
-
-    /// Whether this side has sent its close frame.
-    pub fn close_seen(&self) -> bool {
-        self.close_seen
     }
 
     /// Makes [`Tracker::next`] end each [`Step::Pass`] at the first frame boundary it reaches.

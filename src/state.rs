@@ -1,0 +1,59 @@
+//! The shared model every part of wsgate reads: the config in force with the live state of its upstreams
+//! ([`Snapshot`]), and what every session of a running server shares ([`Shared`]: the current snapshot and the
+//! drain and shutdown signals). The server swaps snapshots in, sessions read them, the control thread follows them.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use arc_swap::ArcSwap;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::upstream::Upstream;
+
+/// What every session of a server shares.
+#[derive(Debug)]
+pub struct Shared {
+    /// The config in force and the upstreams' state. A connection takes the current one when it is accepted and
+    /// keeps it for its life; a reload swaps in a new one for the connections after it.
+    pub snapshot: ArcSwap<Snapshot>,
+    /// Cancelled when the server starts draining: listeners close, and frames-mode sessions close with 1001.
+    pub draining: CancellationToken,
+    /// Set just before `draining` is cancelled: what a frames-mode relay woken by it reads to know it is a shutdown.
+    pub shutting_down: Arc<AtomicBool>,
+    /// Cancelled when the drain timeout has run out: sessions still open then are closed.
+    pub force_close: CancellationToken,
+}
+
+/// One validated config and the live state of its upstreams.
+#[derive(Debug)]
+pub struct Snapshot {
+    pub config: Config,
+    /// In the order of `config.upstreams`.
+    pub upstreams: Vec<Upstream>,
+}
+
+impl Snapshot {
+    /// Builds the upstreams' state, carrying over from `previous` what belongs to upstreams and servers that stay.
+    pub fn new(config: Config, previous: Option<&Snapshot>) -> Snapshot {
+        let upstreams = config
+            .upstreams
+            .iter()
+            .map(|u| {
+                let old = previous.and_then(|p| p.upstreams.iter().find(|o| o.config.name == u.name));
+                Upstream::new(u, old)
+            })
+            .collect();
+        Snapshot { config, upstreams }
+    }
+
+    /// The name of the listener configured on `address` ("" once a reload has removed it).
+    pub fn listener_name(&self, address: SocketAddr) -> &str {
+        let listeners = &self.config.listeners;
+        listeners
+            .iter()
+            .find(|l| l.address == address)
+            .map_or("", |l| l.name.as_str())
+    }
+}
