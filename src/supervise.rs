@@ -1,12 +1,14 @@
 //! The control thread: everything that acts on upstreams over time rather than on one connection. It runs the
-//! active health checks (one task per checked server), notes the return of ejected servers, and closes live
-//! connections at a paced rate: those of a server in drain, of a server a reload removed (once the drain timeout
-//! has passed), and those shed to even out an upstream after a server joins or returns (`rebalance`).
+//! active health checks (one task per upstream with `[upstream.health]`, which probes all its servers together in
+//! one round every interval), notes the return of ejected servers, and closes live connections at a paced rate:
+//! those of a server in drain, of a server a reload removed (once the drain timeout has passed), and those shed to
+//! even out an upstream after a server joins or returns (`rebalance`).
 //!
 //! It runs on a thread of its own with a single-threaded runtime, apart from the workers: a slow health endpoint
-//! or a long drain never takes time from the relays. It follows config reloads through [`Supervisor::update`]:
-//! checks of servers that stay keep running (their state lives in the server's shared state anyway), checks of
-//! removed servers stop, new ones start.
+//! or a long drain never takes time from the relays. It follows config reloads through [`Supervisor::update`]: the
+//! check of an upstream whose check settings and servers stay the same keeps running; any other is stopped and,
+//! if the upstream is still checked, started again (the rise and fall streaks live in each server's shared state,
+//! so they survive); checks of upstreams removed or no longer checked stop, new ones start.
 
 use std::collections::HashMap;
 use std::io;
