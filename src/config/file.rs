@@ -482,127 +482,158 @@ fn build_upstreams(raw: &[Spanned<RawUpstream>], report: &mut Report<'_>) -> Vec
         let u = upstream.get_ref();
         unique_name(&mut names, &u.name, "upstream", report);
         let name = u.name.get_ref().clone();
-        if u.server.is_empty() {
-            report.at(
-                Some(upstream.span()),
-                format!("upstream `{name}` has no servers: add at least one [[upstream.server]] with an address"),
-            );
-        }
-        let mut servers = Vec::with_capacity(u.server.len());
-        let mut identities = HashSet::new();
-        for entry in &u.server {
-            let s = entry.get_ref();
-            let weight = s.weight.as_ref().map_or(1, |w| *w.get_ref());
-            if let Some(w) = &s.weight
-                && !(1..=MAX_WEIGHT).contains(w.get_ref())
-            {
-                report.key(
-                    w,
-                    "weight",
-                    format!("must be from 1 to {MAX_WEIGHT}, not {}", w.get_ref()),
-                );
-            }
-            let address = s.address.get_ref();
-            if !identities.insert(address.clone()) {
-                report.key(
-                    &s.address,
-                    "address",
-                    format!("server `{address}` is listed twice in `{name}`"),
-                );
-            }
-            match super::resolve(address) {
-                Ok(resolved) if servers.iter().any(|s: &Server| s.address == resolved.address) => report.key(
-                    &s.address,
-                    "address",
-                    format!("`{address}` is {}, which `{name}` already lists", resolved.address),
-                ),
-                Ok(resolved) => servers.push(Server {
-                    weight,
-                    backup: s.backup.unwrap_or(false),
-                    drain: s.drain.unwrap_or(false),
-                    max_connections: s.max_connections.as_ref().map(|m| *m.get_ref()),
-                    ..resolved
-                }),
-                Err(reason) => report.key(
-                    &s.address,
-                    "address",
-                    format!("cannot resolve `{address}` (expected IP:PORT or HOST:PORT): {reason}"),
-                ),
-            }
-        }
-        let balance = match u.balance.as_ref().map(|b| *b.get_ref()) {
-            None | Some(RawBalance::RoundRobin) => Balance::RoundRobin,
-            Some(RawBalance::LeastConn) => Balance::LeastConn,
-            Some(RawBalance::ConsistentHash) => Balance::ConsistentHash,
-            Some(RawBalance::RandomTwo) => Balance::RandomTwo,
-            Some(RawBalance::SourceIp) => Balance::SourceIp,
-        };
-        let hash_key = match (&u.hash_key, balance) {
-            (Some(key), Balance::ConsistentHash) => key.get_ref().clone(),
-            (None, Balance::ConsistentHash) => {
-                if let Some(b) = &u.balance {
-                    report.key(
-                        b,
-                        "balance",
-                        "consistent_hash needs `hash_key` (header:NAME, cookie:NAME, query:NAME, source_ip or path)",
-                    );
-                }
-                HashKey::SourceIp
-            }
-            (Some(key), _) => {
-                report.key(key, "hash_key", "is used only with balance = \"consistent_hash\"");
-                HashKey::SourceIp
-            }
-            (None, _) => HashKey::SourceIp,
-        };
-        for entry in &u.server {
-            if let Some(m) = &entry.get_ref().max_connections
-                && *m.get_ref() == 0
-            {
-                report.key(m, "max_connections", "must be at least 1 (leave it out for no limit)");
-            }
-        }
-        if !servers.is_empty() && servers.iter().all(|s| s.backup) {
-            report.at(
-                Some(upstream.span()),
-                format!("every server of upstream `{name}` is a backup: at least one must be a primary"),
-            );
-        }
+        let servers = build_servers(upstream, &name, report);
+        let (balance, hash_key) = build_balance(u, report);
+        check_servers(upstream, &servers, &name, report);
         let sticky = u.sticky.as_ref().and_then(|s| build_sticky(s, &name, report));
-        let defaults = Upstream::new(&name, Vec::new());
+        let health = u.health.as_ref().map(|h| build_health(h, report));
+        let outlier = build_outlier(u.outlier.as_ref(), report);
+        let limits = build_limits(u, Upstream::new(&name, servers), report);
+        let rebalance = build_rebalance(u, report);
+        let connect_timeout = build_connect_timeout(u, report);
         upstreams.push(Upstream {
             balance,
             hash_key,
-            connect_timeout: u
-                .connect_timeout
-                .as_ref()
-                .map_or(DEFAULT_CONNECT_TIMEOUT, |d| d.get_ref().0),
+            connect_timeout,
             sticky,
-            servers,
-            health: u.health.as_ref().map(|h| build_health(h, report)),
-            outlier: build_outlier(u.outlier.as_ref(), report),
-            retries: limited(&u.retries, "retries", 0..=MAX_RETRIES, report).unwrap_or(defaults.retries),
-            retry_budget_percent: limited(&u.retry_budget_percent, "retry_budget_percent", 0..=100, report)
-                .unwrap_or(defaults.retry_budget_percent),
-            max_connections: limited(&u.max_connections, "max_connections", 1..=u32::MAX, report),
-            max_pending_handshakes: limited(
-                &u.max_pending_handshakes,
-                "max_pending_handshakes",
-                1..=u32::MAX,
-                report,
-            ),
-            slow_start: u.slow_start.as_ref().map(|d| d.get_ref().0).filter(|d| !d.is_zero()),
-            drain_rate: limited(&u.drain_rate, "drain_rate", 1..=MAX_DRAIN_RATE, report).unwrap_or(defaults.drain_rate),
-            rebalance: build_rebalance(u, report),
-            ..defaults
+            health,
+            outlier,
+            rebalance,
+            ..limits
         });
-        if let Some(d) = &u.connect_timeout
-            && d.get_ref().0.is_zero()
-        {
-            report.key(d, "connect_timeout", "must be more than 0");
-        }
     }
     upstreams
+}
+
+/// Resolves an upstream's servers, refusing one listed twice (by name or by address): it would get a double share.
+fn build_servers(upstream: &Spanned<RawUpstream>, name: &str, report: &mut Report<'_>) -> Vec<Server> {
+    let u = upstream.get_ref();
+    if u.server.is_empty() {
+        report.at(
+            Some(upstream.span()),
+            format!("upstream `{name}` has no servers: add at least one [[upstream.server]] with an address"),
+        );
+    }
+    let mut servers = Vec::with_capacity(u.server.len());
+    let mut identities = HashSet::new();
+    for entry in &u.server {
+        let s = entry.get_ref();
+        let weight = s.weight.as_ref().map_or(1, |w| *w.get_ref());
+        if let Some(w) = &s.weight
+            && !(1..=MAX_WEIGHT).contains(w.get_ref())
+        {
+            report.key(
+                w,
+                "weight",
+                format!("must be from 1 to {MAX_WEIGHT}, not {}", w.get_ref()),
+            );
+        }
+        let address = s.address.get_ref();
+        if !identities.insert(address.clone()) {
+            report.key(
+                &s.address,
+                "address",
+                format!("server `{address}` is listed twice in `{name}`"),
+            );
+        }
+        match super::resolve(address) {
+            Ok(resolved) if servers.iter().any(|s: &Server| s.address == resolved.address) => report.key(
+                &s.address,
+                "address",
+                format!("`{address}` is {}, which `{name}` already lists", resolved.address),
+            ),
+            Ok(resolved) => servers.push(Server {
+                weight,
+                backup: s.backup.unwrap_or(false),
+                drain: s.drain.unwrap_or(false),
+                max_connections: s.max_connections.as_ref().map(|m| *m.get_ref()),
+                ..resolved
+            }),
+            Err(reason) => report.key(
+                &s.address,
+                "address",
+                format!("cannot resolve `{address}` (expected IP:PORT or HOST:PORT): {reason}"),
+            ),
+        }
+    }
+    servers
+}
+
+/// The balancer and what it hashes: consistent hashing needs a `hash_key`, and no other balancer reads one.
+fn build_balance(u: &RawUpstream, report: &mut Report<'_>) -> (Balance, HashKey) {
+    let balance = match u.balance.as_ref().map(|b| *b.get_ref()) {
+        None | Some(RawBalance::RoundRobin) => Balance::RoundRobin,
+        Some(RawBalance::LeastConn) => Balance::LeastConn,
+        Some(RawBalance::ConsistentHash) => Balance::ConsistentHash,
+        Some(RawBalance::RandomTwo) => Balance::RandomTwo,
+        Some(RawBalance::SourceIp) => Balance::SourceIp,
+    };
+    let hash_key = match (&u.hash_key, balance) {
+        (Some(key), Balance::ConsistentHash) => key.get_ref().clone(),
+        (None, Balance::ConsistentHash) => {
+            if let Some(b) = &u.balance {
+                report.key(
+                    b,
+                    "balance",
+                    "consistent_hash needs `hash_key` (header:NAME, cookie:NAME, query:NAME, source_ip or path)",
+                );
+            }
+            HashKey::SourceIp
+        }
+        (Some(key), _) => {
+            report.key(key, "hash_key", "is used only with balance = \"consistent_hash\"");
+            HashKey::SourceIp
+        }
+        (None, _) => HashKey::SourceIp,
+    };
+    (balance, hash_key)
+}
+
+/// Reports a server limit of 0 and an upstream of backups only: either could never take a connection.
+fn check_servers(upstream: &Spanned<RawUpstream>, servers: &[Server], name: &str, report: &mut Report<'_>) {
+    for entry in &upstream.get_ref().server {
+        if let Some(m) = &entry.get_ref().max_connections
+            && *m.get_ref() == 0
+        {
+            report.key(m, "max_connections", "must be at least 1 (leave it out for no limit)");
+        }
+    }
+    if !servers.is_empty() && servers.iter().all(|s| s.backup) {
+        report.at(
+            Some(upstream.span()),
+            format!("every server of upstream `{name}` is a backup: at least one must be a primary"),
+        );
+    }
+}
+
+/// The retry, connection and drain limits the file gives over `defaults`, each refused outside its range.
+fn build_limits(u: &RawUpstream, defaults: Upstream, report: &mut Report<'_>) -> Upstream {
+    Upstream {
+        retries: limited(&u.retries, "retries", 0..=MAX_RETRIES, report).unwrap_or(defaults.retries),
+        retry_budget_percent: limited(&u.retry_budget_percent, "retry_budget_percent", 0..=100, report)
+            .unwrap_or(defaults.retry_budget_percent),
+        max_connections: limited(&u.max_connections, "max_connections", 1..=u32::MAX, report),
+        max_pending_handshakes: limited(
+            &u.max_pending_handshakes,
+            "max_pending_handshakes",
+            1..=u32::MAX,
+            report,
+        ),
+        slow_start: u.slow_start.as_ref().map(|d| d.get_ref().0).filter(|d| !d.is_zero()),
+        drain_rate: limited(&u.drain_rate, "drain_rate", 1..=MAX_DRAIN_RATE, report).unwrap_or(defaults.drain_rate),
+        ..defaults
+    }
+}
+
+/// The connect timeout, refused at 0: no connection could ever open.
+fn build_connect_timeout(u: &RawUpstream, report: &mut Report<'_>) -> Duration {
+    let Some(d) = &u.connect_timeout else {
+        return DEFAULT_CONNECT_TIMEOUT;
+    };
+    if d.get_ref().0.is_zero() {
+        report.key(d, "connect_timeout", "must be more than 0");
+    }
+    d.get_ref().0
 }
 
 fn build_sticky(raw: &Spanned<RawSticky>, upstream: &str, report: &mut Report<'_>) -> Option<Sticky> {
