@@ -1,12 +1,14 @@
 //! The control thread: everything that acts on upstreams over time rather than on one connection. It runs the
-//! active health checks (one task per checked server), notes the return of ejected servers, and closes live
-//! connections at a paced rate: those of a server in drain, of a server a reload removed (once the drain timeout
-//! has passed), and those shed to even out an upstream after a server joins or returns (`rebalance`).
+//! active health checks (one task per upstream with `[upstream.health]`, which probes all its servers together in
+//! one round every interval), notes the return of ejected servers, and closes live connections at a paced rate:
+//! those of a server in drain, of a server a reload removed (once the drain timeout has passed), and those shed to
+//! even out an upstream after a server joins or returns (`rebalance`).
 //!
 //! It runs on a thread of its own with a single-threaded runtime, apart from the workers: a slow health endpoint
-//! or a long drain never takes time from the relays. It follows config reloads through [`Supervisor::update`]:
-//! checks of servers that stay keep running (their state lives in the server's shared state anyway), checks of
-//! removed servers stop, new ones start.
+//! or a long drain never takes time from the relays. It follows config reloads through [`Supervisor::update`]: the
+//! check of an upstream whose check settings and servers stay the same keeps running; any other is stopped and,
+//! if the upstream is still checked, started again (the rise and fall streaks live in each server's shared state,
+//! so they survive); checks of upstreams removed or no longer checked stop, new ones start.
 
 use std::collections::HashMap;
 use std::io;
@@ -176,6 +178,17 @@ impl Control {
             .filter(|u| u.config.health.is_some())
             .map(|u| (u.config.name.as_str(), u))
             .collect();
+        self.stop_changed_checks(&wanted, &listed);
+        self.start_missing_checks(wanted);
+        if let Some(previous) = previous {
+            Self::arm_rebalancing(snapshot, previous);
+            self.note_removed(snapshot, previous, &listed);
+        }
+        self.forget_ended_drains(snapshot);
+    }
+
+    /// Stops the checks whose upstream is gone or changed: a check task keeps the settings and servers it started with.
+    fn stop_changed_checks(&mut self, wanted: &HashMap<&str, &Upstream>, listed: &[usize]) {
         let unchanged = |running: &Check, upstream: &Upstream| {
             upstream.config.health.as_ref() == Some(&running.check)
                 && running.servers.len() == upstream.servers().len()
@@ -200,6 +213,10 @@ impl Control {
             }
             keep
         });
+    }
+
+    /// Starts a check task for every checked upstream without one: new, newly checked, or just stopped for a change.
+    fn start_missing_checks(&mut self, wanted: HashMap<&str, &Upstream>) {
         for (name, upstream) in wanted {
             let Some(check) = &upstream.config.health else {
                 continue;
@@ -224,27 +241,32 @@ impl Control {
                 },
             );
         }
-        if let Some(previous) = previous {
-            // A server joined: its upstream may need evening out. Armed here, on the control thread, so that no
-            // look at the old snapshot can disarm it in between.
-            for upstream in &snapshot.upstreams {
-                let old = previous
-                    .upstreams
+    }
+
+    /// Arms rebalancing of each upstream a server joined: a newcomer has no connections, so the spread may be uneven.
+    fn arm_rebalancing(snapshot: &Snapshot, previous: &Snapshot) {
+        // Armed here, on the control thread, so that no look at the old snapshot can disarm it in between.
+        for upstream in &snapshot.upstreams {
+            let old = previous
+                .upstreams
+                .iter()
+                .find(|o| o.config.name == upstream.config.name);
+            let joined = old.is_some_and(|o| {
+                upstream
+                    .servers()
                     .iter()
-                    .find(|o| o.config.name == upstream.config.name);
-                let joined = old.is_some_and(|o| {
-                    upstream
-                        .servers()
-                        .iter()
-                        .any(|s| !o.servers().iter().any(|p| Arc::ptr_eq(p, s)))
-                });
-                if joined {
-                    upstream.shared.rebalance_armed.store(true, Ordering::Relaxed);
-                }
+                    .any(|s| !o.servers().iter().any(|p| Arc::ptr_eq(p, s)))
+            });
+            if joined {
+                upstream.shared.rebalance_armed.store(true, Ordering::Relaxed);
             }
         }
+    }
+
+    /// Notes the removed servers that still have live connections: they get the drain timeout to end on their own.
+    fn note_removed(&mut self, snapshot: &Snapshot, previous: &Snapshot, listed: &[usize]) {
         let after = Instant::now() + snapshot.config.server.drain_timeout;
-        for upstream in previous.map_or(&[][..], |p| &p.upstreams) {
+        for upstream in &previous.upstreams {
             for server in upstream.servers() {
                 if listed.contains(&key(server)) || self.removed.iter().any(|r| Arc::ptr_eq(&r.server, server)) {
                     continue;
@@ -268,7 +290,10 @@ impl Control {
                 }
             }
         }
-        // Drains of servers the snapshot no longer has in drain stop.
+    }
+
+    /// Forgets the drains `snapshot` ended: a later drain starts afresh, and no entry outlives its server's address.
+    fn forget_ended_drains(&mut self, snapshot: &Snapshot) {
         self.draining.retain(|k, _| {
             snapshot.upstreams.iter().any(|u| {
                 u.servers()

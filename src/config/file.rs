@@ -16,11 +16,13 @@ use serde::de::{self, Deserializer, MapAccess, Visitor};
 use toml::Spanned;
 
 use super::{
-    Balance, Config, DEFAULT_CONNECT_TIMEOUT, DEFAULT_FALL, DEFAULT_HEALTH_INTERVAL, DEFAULT_HEALTH_TIMEOUT,
-    DEFAULT_REBALANCE_THRESHOLD, DEFAULT_RISE, DEFAULT_STICKY_COOKIE, DEFAULT_WRITE_TIMEOUT, FrameRules, HashKey,
-    HealthCheck, HealthKind, HostMatch, Listener, LogFormat, MAX_DURATION, MAX_EJECTION, MAX_WEIGHT, MAX_WORKERS,
-    MIN_HEALTH_INTERVAL, Outlier, PathMatch, Relay, Route, Server, ServerSettings, Sticky, StickyCookie, TunnelRules,
-    Upstream, parse_duration, parse_size,
+    Balance, Config, DEFAULT_CONNECT_TIMEOUT, DEFAULT_FALL, DEFAULT_HEALTH_INTERVAL, DEFAULT_HEALTH_PATH,
+    DEFAULT_HEALTH_TIMEOUT, DEFAULT_REBALANCE_THRESHOLD, DEFAULT_RISE, DEFAULT_STICKY_COOKIE, DEFAULT_STICKY_PATH,
+    DEFAULT_WEIGHT, DEFAULT_WRITE_TIMEOUT, FrameRules, HTTP_STATUSES, HashKey, HealthCheck, HealthKind, HostMatch,
+    Listener, LogFormat, MAX_DRAIN_RATE, MAX_DURATION, MAX_DURATION_DAYS, MAX_EJECTION, MAX_PERCENT,
+    MAX_REBALANCE_THRESHOLD, MAX_RETRIES, MAX_RISE_FALL, MAX_WEIGHT, MAX_WORKERS, MIN_CONNECTION_LIMIT, MIN_DRAIN_RATE,
+    MIN_EJECTION, MIN_HEALTH_INTERVAL, MIN_RISE_FALL, MIN_STICKY_MAX_AGE, MIN_WEIGHT, Outlier, PathMatch, Relay, Route,
+    Server, ServerSettings, Sticky, StickyCookie, TunnelRules, Upstream, human_duration, parse_duration, parse_size,
 };
 
 /// Why a config file cannot be served.
@@ -319,7 +321,9 @@ impl<'de> Deserialize<'de> for Dur {
         let s = String::deserialize(deserializer)?;
         let d = parse_duration(&s).map_err(de::Error::custom)?;
         if d > MAX_DURATION {
-            return Err(de::Error::custom(format!("duration `{s}` is over the 30-day maximum")));
+            return Err(de::Error::custom(format!(
+                "duration `{s}` is over the {MAX_DURATION_DAYS}-day maximum"
+            )));
         }
         Ok(Dur(d))
     }
@@ -482,127 +486,168 @@ fn build_upstreams(raw: &[Spanned<RawUpstream>], report: &mut Report<'_>) -> Vec
         let u = upstream.get_ref();
         unique_name(&mut names, &u.name, "upstream", report);
         let name = u.name.get_ref().clone();
-        if u.server.is_empty() {
-            report.at(
-                Some(upstream.span()),
-                format!("upstream `{name}` has no servers: add at least one [[upstream.server]] with an address"),
-            );
-        }
-        let mut servers = Vec::with_capacity(u.server.len());
-        let mut identities = HashSet::new();
-        for entry in &u.server {
-            let s = entry.get_ref();
-            let weight = s.weight.as_ref().map_or(1, |w| *w.get_ref());
-            if let Some(w) = &s.weight
-                && !(1..=MAX_WEIGHT).contains(w.get_ref())
-            {
-                report.key(
-                    w,
-                    "weight",
-                    format!("must be from 1 to {MAX_WEIGHT}, not {}", w.get_ref()),
-                );
-            }
-            let address = s.address.get_ref();
-            if !identities.insert(address.clone()) {
-                report.key(
-                    &s.address,
-                    "address",
-                    format!("server `{address}` is listed twice in `{name}`"),
-                );
-            }
-            match super::resolve(address) {
-                Ok(resolved) if servers.iter().any(|s: &Server| s.address == resolved.address) => report.key(
-                    &s.address,
-                    "address",
-                    format!("`{address}` is {}, which `{name}` already lists", resolved.address),
-                ),
-                Ok(resolved) => servers.push(Server {
-                    weight,
-                    backup: s.backup.unwrap_or(false),
-                    drain: s.drain.unwrap_or(false),
-                    max_connections: s.max_connections.as_ref().map(|m| *m.get_ref()),
-                    ..resolved
-                }),
-                Err(reason) => report.key(
-                    &s.address,
-                    "address",
-                    format!("cannot resolve `{address}` (expected IP:PORT or HOST:PORT): {reason}"),
-                ),
-            }
-        }
-        let balance = match u.balance.as_ref().map(|b| *b.get_ref()) {
-            None | Some(RawBalance::RoundRobin) => Balance::RoundRobin,
-            Some(RawBalance::LeastConn) => Balance::LeastConn,
-            Some(RawBalance::ConsistentHash) => Balance::ConsistentHash,
-            Some(RawBalance::RandomTwo) => Balance::RandomTwo,
-            Some(RawBalance::SourceIp) => Balance::SourceIp,
-        };
-        let hash_key = match (&u.hash_key, balance) {
-            (Some(key), Balance::ConsistentHash) => key.get_ref().clone(),
-            (None, Balance::ConsistentHash) => {
-                if let Some(b) = &u.balance {
-                    report.key(
-                        b,
-                        "balance",
-                        "consistent_hash needs `hash_key` (header:NAME, cookie:NAME, query:NAME, source_ip or path)",
-                    );
-                }
-                HashKey::SourceIp
-            }
-            (Some(key), _) => {
-                report.key(key, "hash_key", "is used only with balance = \"consistent_hash\"");
-                HashKey::SourceIp
-            }
-            (None, _) => HashKey::SourceIp,
-        };
-        for entry in &u.server {
-            if let Some(m) = &entry.get_ref().max_connections
-                && *m.get_ref() == 0
-            {
-                report.key(m, "max_connections", "must be at least 1 (leave it out for no limit)");
-            }
-        }
-        if !servers.is_empty() && servers.iter().all(|s| s.backup) {
-            report.at(
-                Some(upstream.span()),
-                format!("every server of upstream `{name}` is a backup: at least one must be a primary"),
-            );
-        }
+        let servers = build_servers(upstream, &name, report);
+        let (balance, hash_key) = build_balance(u, report);
+        check_servers(upstream, &servers, &name, report);
         let sticky = u.sticky.as_ref().and_then(|s| build_sticky(s, &name, report));
-        let defaults = Upstream::new(&name, Vec::new());
+        let health = u.health.as_ref().map(|h| build_health(h, report));
+        let outlier = build_outlier(u.outlier.as_ref(), report);
+        let limits = build_limits(u, Upstream::new(&name, servers), report);
+        let rebalance = build_rebalance(u, report);
+        let connect_timeout = build_connect_timeout(u, report);
         upstreams.push(Upstream {
             balance,
             hash_key,
-            connect_timeout: u
-                .connect_timeout
-                .as_ref()
-                .map_or(DEFAULT_CONNECT_TIMEOUT, |d| d.get_ref().0),
+            connect_timeout,
             sticky,
-            servers,
-            health: u.health.as_ref().map(|h| build_health(h, report)),
-            outlier: build_outlier(u.outlier.as_ref(), report),
-            retries: limited(&u.retries, "retries", 0..=MAX_RETRIES, report).unwrap_or(defaults.retries),
-            retry_budget_percent: limited(&u.retry_budget_percent, "retry_budget_percent", 0..=100, report)
-                .unwrap_or(defaults.retry_budget_percent),
-            max_connections: limited(&u.max_connections, "max_connections", 1..=u32::MAX, report),
-            max_pending_handshakes: limited(
-                &u.max_pending_handshakes,
-                "max_pending_handshakes",
-                1..=u32::MAX,
-                report,
-            ),
-            slow_start: u.slow_start.as_ref().map(|d| d.get_ref().0).filter(|d| !d.is_zero()),
-            drain_rate: limited(&u.drain_rate, "drain_rate", 1..=MAX_DRAIN_RATE, report).unwrap_or(defaults.drain_rate),
-            rebalance: build_rebalance(u, report),
-            ..defaults
+            health,
+            outlier,
+            rebalance,
+            ..limits
         });
-        if let Some(d) = &u.connect_timeout
-            && d.get_ref().0.is_zero()
-        {
-            report.key(d, "connect_timeout", "must be more than 0");
-        }
     }
     upstreams
+}
+
+/// Resolves an upstream's servers, refusing one listed twice (by name or by address): it would get a double share.
+fn build_servers(upstream: &Spanned<RawUpstream>, name: &str, report: &mut Report<'_>) -> Vec<Server> {
+    let u = upstream.get_ref();
+    if u.server.is_empty() {
+        report.at(
+            Some(upstream.span()),
+            format!("upstream `{name}` has no servers: add at least one [[upstream.server]] with an address"),
+        );
+    }
+    let mut servers = Vec::with_capacity(u.server.len());
+    let mut identities = HashSet::new();
+    for entry in &u.server {
+        let s = entry.get_ref();
+        let weight = s.weight.as_ref().map_or(DEFAULT_WEIGHT, |w| *w.get_ref());
+        if let Some(w) = &s.weight
+            && !(MIN_WEIGHT..=MAX_WEIGHT).contains(w.get_ref())
+        {
+            report.key(
+                w,
+                "weight",
+                format!("must be from {MIN_WEIGHT} to {MAX_WEIGHT}, not {}", w.get_ref()),
+            );
+        }
+        let address = s.address.get_ref();
+        if !identities.insert(address.clone()) {
+            report.key(
+                &s.address,
+                "address",
+                format!("server `{address}` is listed twice in `{name}`"),
+            );
+        }
+        match super::resolve(address) {
+            Ok(resolved) if servers.iter().any(|s: &Server| s.address == resolved.address) => report.key(
+                &s.address,
+                "address",
+                format!("`{address}` is {}, which `{name}` already lists", resolved.address),
+            ),
+            Ok(resolved) => servers.push(Server {
+                weight,
+                backup: s.backup.unwrap_or(false),
+                drain: s.drain.unwrap_or(false),
+                max_connections: s.max_connections.as_ref().map(|m| *m.get_ref()),
+                ..resolved
+            }),
+            Err(reason) => report.key(
+                &s.address,
+                "address",
+                format!("cannot resolve `{address}` (expected IP:PORT or HOST:PORT): {reason}"),
+            ),
+        }
+    }
+    servers
+}
+
+/// The balancer and what it hashes: consistent hashing needs a `hash_key`, and no other balancer reads one.
+fn build_balance(u: &RawUpstream, report: &mut Report<'_>) -> (Balance, HashKey) {
+    let balance = match u.balance.as_ref().map(|b| *b.get_ref()) {
+        None | Some(RawBalance::RoundRobin) => Balance::RoundRobin,
+        Some(RawBalance::LeastConn) => Balance::LeastConn,
+        Some(RawBalance::ConsistentHash) => Balance::ConsistentHash,
+        Some(RawBalance::RandomTwo) => Balance::RandomTwo,
+        Some(RawBalance::SourceIp) => Balance::SourceIp,
+    };
+    let hash_key = match (&u.hash_key, balance) {
+        (Some(key), Balance::ConsistentHash) => key.get_ref().clone(),
+        (None, Balance::ConsistentHash) => {
+            if let Some(b) = &u.balance {
+                report.key(
+                    b,
+                    "balance",
+                    "consistent_hash needs `hash_key` (header:NAME, cookie:NAME, query:NAME, source_ip or path)",
+                );
+            }
+            HashKey::SourceIp
+        }
+        (Some(key), _) => {
+            report.key(key, "hash_key", "is used only with balance = \"consistent_hash\"");
+            HashKey::SourceIp
+        }
+        (None, _) => HashKey::SourceIp,
+    };
+    (balance, hash_key)
+}
+
+/// Reports a server limit of 0 and an upstream of backups only: either could never take a connection.
+fn check_servers(upstream: &Spanned<RawUpstream>, servers: &[Server], name: &str, report: &mut Report<'_>) {
+    for entry in &upstream.get_ref().server {
+        if let Some(m) = &entry.get_ref().max_connections
+            && *m.get_ref() < MIN_CONNECTION_LIMIT
+        {
+            report.key(
+                m,
+                "max_connections",
+                format!("must be at least {MIN_CONNECTION_LIMIT} (leave it out for no limit)"),
+            );
+        }
+    }
+    if !servers.is_empty() && servers.iter().all(|s| s.backup) {
+        report.at(
+            Some(upstream.span()),
+            format!("every server of upstream `{name}` is a backup: at least one must be a primary"),
+        );
+    }
+}
+
+/// The retry, connection and drain limits the file gives over `defaults`, each refused outside its range.
+fn build_limits(u: &RawUpstream, defaults: Upstream, report: &mut Report<'_>) -> Upstream {
+    Upstream {
+        retries: limited(&u.retries, "retries", 0..=MAX_RETRIES, report).unwrap_or(defaults.retries),
+        retry_budget_percent: limited(&u.retry_budget_percent, "retry_budget_percent", 0..=MAX_PERCENT, report)
+            .unwrap_or(defaults.retry_budget_percent),
+        max_connections: limited(
+            &u.max_connections,
+            "max_connections",
+            MIN_CONNECTION_LIMIT..=u32::MAX,
+            report,
+        ),
+        max_pending_handshakes: limited(
+            &u.max_pending_handshakes,
+            "max_pending_handshakes",
+            MIN_CONNECTION_LIMIT..=u32::MAX,
+            report,
+        ),
+        slow_start: u.slow_start.as_ref().map(|d| d.get_ref().0).filter(|d| !d.is_zero()),
+        drain_rate: limited(&u.drain_rate, "drain_rate", MIN_DRAIN_RATE..=MAX_DRAIN_RATE, report)
+            .unwrap_or(defaults.drain_rate),
+        ..defaults
+    }
+}
+
+/// The connect timeout, refused at 0: no connection could ever open.
+fn build_connect_timeout(u: &RawUpstream, report: &mut Report<'_>) -> Duration {
+    let Some(d) = &u.connect_timeout else {
+        return DEFAULT_CONNECT_TIMEOUT;
+    };
+    if d.get_ref().0.is_zero() {
+        report.key(d, "connect_timeout", "must be more than 0");
+    }
+    d.get_ref().0
 }
 
 fn build_sticky(raw: &Spanned<RawSticky>, upstream: &str, report: &mut Report<'_>) -> Option<Sticky> {
@@ -621,11 +666,14 @@ fn build_sticky(raw: &Spanned<RawSticky>, upstream: &str, report: &mut Report<'_
             if !is_token(name) {
                 report.key(raw, "sticky.cookie", format!("`{name}` is not a valid cookie name"));
             }
-            if table.max_age.is_some_and(|d| d.0 < Duration::from_secs(1)) {
+            if table.max_age.is_some_and(|d| d.0 < MIN_STICKY_MAX_AGE) {
                 report.key(
                     raw,
                     "sticky.max_age",
-                    "must be at least 1s (leave it out for a session cookie)",
+                    format!(
+                        "must be at least {} (leave it out for a session cookie)",
+                        human_duration(MIN_STICKY_MAX_AGE)
+                    ),
                 );
             }
             if let Some(path) = &table.path
@@ -639,7 +687,7 @@ fn build_sticky(raw: &Spanned<RawSticky>, upstream: &str, report: &mut Report<'_
             }
             Some(Sticky::Cookie(StickyCookie {
                 name: name.clone(),
-                path: table.path.clone().unwrap_or_else(|| "/".into()),
+                path: table.path.clone().unwrap_or_else(|| DEFAULT_STICKY_PATH.into()),
                 max_age: table.max_age.map(|d| d.0),
                 forward_cookie: table.forward_cookie.unwrap_or(false),
                 secret: table.secret.clone().unwrap_or_else(|| upstream.to_string()),
@@ -669,11 +717,6 @@ fn build_sticky(raw: &Spanned<RawSticky>, upstream: &str, report: &mut Report<'_
     }
 }
 
-/// The most retries an upstream may ask for.
-const MAX_RETRIES: u32 = 100;
-/// The fastest drain pace.
-const MAX_DRAIN_RATE: u32 = 100_000;
-
 /// A number key's value when it is within `range`; reported otherwise.
 fn limited(
     value: &Option<Spanned<u32>>,
@@ -697,11 +740,14 @@ fn limited(
 
 fn build_rebalance(u: &RawUpstream, report: &mut Report<'_>) -> Option<f64> {
     let threshold = match &u.rebalance_threshold {
-        Some(t) if !(t.get_ref().is_finite() && *t.get_ref() > 0.0 && *t.get_ref() <= 1.0) => {
+        Some(t) if !(t.get_ref().is_finite() && *t.get_ref() > 0.0 && *t.get_ref() <= MAX_REBALANCE_THRESHOLD) => {
             report.key(
                 t,
                 "rebalance_threshold",
-                "must be a fraction above 0 and at most 1, e.g. 0.1",
+                format!(
+                    "must be a fraction above 0 and at most {MAX_REBALANCE_THRESHOLD}, \
+                     e.g. {DEFAULT_REBALANCE_THRESHOLD}"
+                ),
             );
             DEFAULT_REBALANCE_THRESHOLD
         }
@@ -722,9 +768,17 @@ fn build_outlier(raw: Option<&RawOutlier>, report: &mut Report<'_>) -> Outlier {
         return defaults;
     };
     if let Some(d) = &raw.ejection
-        && !(Duration::from_secs(1)..=MAX_EJECTION).contains(&d.get_ref().0)
+        && !(MIN_EJECTION..=MAX_EJECTION).contains(&d.get_ref().0)
     {
-        report.key(d, "outlier.ejection", "must be from 1s to 5m");
+        report.key(
+            d,
+            "outlier.ejection",
+            format!(
+                "must be from {} to {}",
+                human_duration(MIN_EJECTION),
+                human_duration(MAX_EJECTION)
+            ),
+        );
     }
     Outlier {
         consecutive_failures: raw
@@ -732,8 +786,13 @@ fn build_outlier(raw: Option<&RawOutlier>, report: &mut Report<'_>) -> Outlier {
             .as_ref()
             .map_or(defaults.consecutive_failures, |c| *c.get_ref()),
         ejection: raw.ejection.as_ref().map_or(defaults.ejection, |d| d.get_ref().0),
-        max_ejected_percent: limited(&raw.max_ejected_percent, "outlier.max_ejected_percent", 0..=100, report)
-            .unwrap_or(defaults.max_ejected_percent),
+        max_ejected_percent: limited(
+            &raw.max_ejected_percent,
+            "outlier.max_ejected_percent",
+            0..=MAX_PERCENT,
+            report,
+        )
+        .unwrap_or(defaults.max_ejected_percent),
     }
 }
 
@@ -748,7 +807,11 @@ fn build_health(raw: &Spanned<RawHealth>, report: &mut Report<'_>) -> HealthChec
     if let Some(d) = &h.interval
         && d.get_ref().0 < MIN_HEALTH_INTERVAL
     {
-        report.key(d, "health.interval", "must be at least 100ms");
+        report.key(
+            d,
+            "health.interval",
+            format!("must be at least {}", human_duration(MIN_HEALTH_INTERVAL)),
+        );
     }
     let timeout = h.timeout.as_ref().map_or(DEFAULT_HEALTH_TIMEOUT, |d| d.get_ref().0);
     if let Some(d) = &h.timeout
@@ -756,8 +819,8 @@ fn build_health(raw: &Spanned<RawHealth>, report: &mut Report<'_>) -> HealthChec
     {
         report.key(d, "health.timeout", "must be more than 0");
     }
-    let rise = limited(&h.rise, "health.rise", 1..=MAX_RISE_FALL, report).unwrap_or(DEFAULT_RISE);
-    let fall = limited(&h.fall, "health.fall", 1..=MAX_RISE_FALL, report).unwrap_or(DEFAULT_FALL);
+    let rise = limited(&h.rise, "health.rise", MIN_RISE_FALL..=MAX_RISE_FALL, report).unwrap_or(DEFAULT_RISE);
+    let fall = limited(&h.fall, "health.fall", MIN_RISE_FALL..=MAX_RISE_FALL, report).unwrap_or(DEFAULT_FALL);
     let not_for = |key: &str, kinds: &str, report: &mut Report<'_>| {
         report.at(
             Some(h.kind.span()),
@@ -802,7 +865,7 @@ fn build_health(raw: &Spanned<RawHealth>, report: &mut Report<'_>) -> HealthChec
             );
         }
         for status in list.get_ref() {
-            if !(100..=599).contains(status.get_ref()) {
+            if !HTTP_STATUSES.contains(status.get_ref()) {
                 report.key(
                     status,
                     "health.expect_status",
@@ -814,7 +877,10 @@ fn build_health(raw: &Spanned<RawHealth>, report: &mut Report<'_>) -> HealthChec
     }
     HealthCheck {
         kind,
-        path: h.path.as_ref().map_or_else(|| "/".into(), |p| p.get_ref().clone()),
+        path: h
+            .path
+            .as_ref()
+            .map_or_else(|| DEFAULT_HEALTH_PATH.into(), |p| p.get_ref().clone()),
         host: h.host.as_ref().map(|p| p.get_ref().clone()),
         expect_status,
         send: h.send.as_ref().map(|p| p.get_ref().clone()),
@@ -824,9 +890,6 @@ fn build_health(raw: &Spanned<RawHealth>, report: &mut Report<'_>) -> HealthChec
         fall,
     }
 }
-
-/// The most consecutive results `rise` and `fall` may ask for.
-const MAX_RISE_FALL: u32 = 1000;
 
 /// An HTTP token (RFC 9110 §5.6.2): what header and cookie names are made of.
 fn is_token(s: &str) -> bool {

@@ -16,6 +16,11 @@ pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default name of the sticky-session cookie.
 pub const DEFAULT_STICKY_COOKIE: &str = "SERVERID";
+/// Default `Path` of the sticky-session cookie.
+pub const DEFAULT_STICKY_PATH: &str = "/";
+/// The shortest `Max-Age` of the sticky-session cookie (`Max-Age` counts whole seconds; leave it out for a session
+/// cookie).
+pub const MIN_STICKY_MAX_AGE: Duration = Duration::from_secs(1);
 
 /// A whole, validated configuration.
 #[derive(Debug, Clone)]
@@ -47,7 +52,7 @@ impl Default for ServerSettings {
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             log_format: LogFormat::Text,
-            workers: 0,
+            workers: DEFAULT_WORKERS,
             watch: false,
         }
     }
@@ -175,32 +180,63 @@ pub struct Outlier {
 impl Default for Outlier {
     fn default() -> Self {
         Self {
-            consecutive_failures: 5,
-            ejection: Duration::from_secs(30),
-            max_ejected_percent: 50,
+            consecutive_failures: DEFAULT_CONSECUTIVE_FAILURES,
+            ejection: DEFAULT_EJECTION,
+            max_ejected_percent: DEFAULT_MAX_EJECTED_PERCENT,
         }
     }
 }
 
+/// Default consecutive failures of real handshakes that eject a server.
+pub const DEFAULT_CONSECUTIVE_FAILURES: u32 = 5;
+/// Default length of a first ejection.
+pub const DEFAULT_EJECTION: Duration = Duration::from_secs(30);
+/// The shortest ejection.
+pub const MIN_EJECTION: Duration = Duration::from_secs(1);
 /// The longest an ejection lasts, however often a server is ejected.
 pub const MAX_EJECTION: Duration = Duration::from_secs(300);
+/// Default share of an upstream's servers that may be ejected at once, in percent.
+pub const DEFAULT_MAX_EJECTED_PERCENT: u32 = 50;
+/// The largest percentage a setting may give (`retry_budget_percent`, `max_ejected_percent`).
+pub const MAX_PERCENT: u32 = 100;
 /// Default number of servers tried after the first one fails.
 pub const DEFAULT_RETRIES: u32 = 2;
+/// The most retries an upstream may ask for.
+pub const MAX_RETRIES: u32 = 100;
 /// Default share of the handshakes in flight that may be retries.
 pub const DEFAULT_RETRY_BUDGET_PERCENT: u32 = 20;
 /// Retries always allowed in flight, whatever the budget says (so that a quiet upstream can still retry).
 pub const MIN_RETRY_CONCURRENCY: u32 = 3;
+/// The smallest connection or handshake limit: 0 would refuse everything (leaving the key out means no limit).
+pub const MIN_CONNECTION_LIMIT: u32 = 1;
 /// Default pace of a drain: connections closed per second.
 pub const DEFAULT_DRAIN_RATE: u32 = 50;
-/// Default health check settings.
+/// The slowest drain pace.
+pub const MIN_DRAIN_RATE: u32 = 1;
+/// The fastest drain pace.
+pub const MAX_DRAIN_RATE: u32 = 100_000;
+/// Default time between two health check rounds of an upstream.
 pub const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(2);
+/// Default time a health check probe may take before it fails.
 pub const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(1);
+/// Default request path of `http` and `websocket` health checks.
+pub const DEFAULT_HEALTH_PATH: &str = "/";
+/// Default consecutive successes that mark a down server up.
 pub const DEFAULT_RISE: u32 = 2;
+/// Default consecutive failures that mark an up server down.
 pub const DEFAULT_FALL: u32 = 3;
+/// The fewest consecutive results `rise` and `fall` may ask for.
+pub const MIN_RISE_FALL: u32 = 1;
+/// The most consecutive results `rise` and `fall` may ask for.
+pub const MAX_RISE_FALL: u32 = 1000;
+/// The statuses an `http` health check may expect: every HTTP status.
+pub const HTTP_STATUSES: std::ops::RangeInclusive<u16> = 100..=599;
 /// The shortest health check interval.
 pub const MIN_HEALTH_INTERVAL: Duration = Duration::from_millis(100);
 /// Default fraction of even by which the spread of live connections may differ before `rebalance` sheds.
 pub const DEFAULT_REBALANCE_THRESHOLD: f64 = 0.1;
+/// The largest `rebalance_threshold` (the smallest is anything above 0).
+pub const MAX_REBALANCE_THRESHOLD: f64 = 1.0;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Balance {
@@ -291,9 +327,15 @@ impl Upstream {
     }
 }
 
+/// Default worker threads: 0 = one per available core.
+pub const DEFAULT_WORKERS: usize = 0;
 /// The most worker threads.
 pub const MAX_WORKERS: usize = 1024;
 
+/// Default server weight.
+pub const DEFAULT_WEIGHT: u32 = 1;
+/// The smallest server weight.
+pub const MIN_WEIGHT: u32 = 1;
 /// The largest server weight.
 pub const MAX_WEIGHT: u32 = 1000;
 
@@ -363,6 +405,8 @@ pub const DEFAULT_CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
 pub const DEFAULT_PONG_TIMEOUT: Duration = Duration::from_secs(20);
 /// Default time a side may take to accept bytes wsgate has for it before it counts as stuck.
 pub const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default messages a side may send at once on top of `messages_per_second`.
+pub const DEFAULT_BURST: u32 = 0;
 
 /// What the frames relay enforces, per direction. Every limit is off unless set.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -392,7 +436,7 @@ impl Default for FrameRules {
             max_message_size: None,
             max_frame_size: None,
             messages_per_second: None,
-            burst: 0,
+            burst: DEFAULT_BURST,
             ping_interval: None,
             pong_timeout: DEFAULT_PONG_TIMEOUT,
             validate_utf8: false,
@@ -419,11 +463,15 @@ pub enum ConfigError {
     #[error("a timeout of 0 is not allowed for `{0}`")]
     ZeroTimeout(&'static str),
     #[error("`{key}` is out of range: {expected}")]
-    OutOfRange { key: &'static str, expected: &'static str },
+    OutOfRange { key: &'static str, expected: String },
 }
 
-/// The longest duration any setting may have (longer ones would only overflow clocks).
-pub const MAX_DURATION: Duration = Duration::from_secs(30 * 24 * 3600);
+/// Seconds in a day.
+const DAY_SECS: u64 = 24 * 3600;
+/// The longest duration any setting may have, in days (longer ones would only overflow clocks).
+pub const MAX_DURATION_DAYS: u64 = 30;
+/// The longest duration any setting may have: [`MAX_DURATION_DAYS`].
+pub const MAX_DURATION: Duration = Duration::from_secs(MAX_DURATION_DAYS * DAY_SECS);
 /// The shortest ping interval: pings more often than this are a load, not a keepalive.
 pub const MIN_PING_INTERVAL: Duration = Duration::from_millis(100);
 
@@ -447,6 +495,21 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         }
     };
     Duration::try_from_secs_f64(value * scale).map_err(|_| format!("duration `{s}` is out of range"))
+}
+
+/// A limit as the messages write it: in its largest whole unit, `100ms`, `1s`, `5m`, `1h` or `30 days`.
+pub(crate) fn human_duration(d: Duration) -> String {
+    let secs = d.as_secs();
+    if secs == 0 || d.subsec_nanos() != 0 {
+        return format!("{}ms", d.as_millis());
+    }
+    match secs {
+        DAY_SECS => "1 day".to_string(),
+        _ if secs.is_multiple_of(DAY_SECS) => format!("{} days", secs / DAY_SECS),
+        _ if secs.is_multiple_of(3600) => format!("{}h", secs / 3600),
+        _ if secs.is_multiple_of(60) => format!("{}m", secs / 60),
+        _ => format!("{secs}s"),
+    }
 }
 
 /// A size as people write it: `512`, `64KiB`, `16MiB`, `1GiB` (also `KB`/`MB`/`GB` as powers of 1000).
@@ -476,45 +539,57 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("size `{s}` is out of range"))
 }
 
+/// What a timeout's allowed range is, for the problems below.
+fn timeout_range() -> String {
+    format!("more than 0 and at most {}", human_duration(MAX_DURATION))
+}
+
 /// A write timeout's allowed range, for [`FrameRules::problems`] and [`TunnelRules::problems`].
-fn write_timeout_problem(d: Duration) -> Option<(&'static str, &'static str)> {
-    (d.is_zero() || d > MAX_DURATION).then_some(("write_timeout", "more than 0 and at most 30 days"))
+fn write_timeout_problem(d: Duration) -> Option<(&'static str, String)> {
+    (d.is_zero() || d > MAX_DURATION).then(|| ("write_timeout", timeout_range()))
 }
 
 impl TunnelRules {
     /// Every rule out of range, as (key, what is expected).
-    pub(crate) fn problems(&self) -> Vec<(&'static str, &'static str)> {
+    pub(crate) fn problems(&self) -> Vec<(&'static str, String)> {
         write_timeout_problem(self.write_timeout).into_iter().collect()
     }
 }
 
 impl FrameRules {
     /// Every rule out of range, as (key, what is expected).
-    pub(crate) fn problems(&self) -> Vec<(&'static str, &'static str)> {
+    pub(crate) fn problems(&self) -> Vec<(&'static str, String)> {
         let mut problems = Vec::new();
         if self
             .ping_interval
             .is_some_and(|d| !(MIN_PING_INTERVAL..=MAX_DURATION).contains(&d))
         {
-            problems.push(("ping_interval", "from 100ms to 30 days"));
+            problems.push((
+                "ping_interval",
+                format!(
+                    "from {} to {}",
+                    human_duration(MIN_PING_INTERVAL),
+                    human_duration(MAX_DURATION)
+                ),
+            ));
         }
         for (key, d) in [
             ("pong_timeout", self.pong_timeout),
             ("close_timeout", self.close_timeout),
         ] {
             if d.is_zero() || d > MAX_DURATION {
-                problems.push((key, "more than 0 and at most 30 days"));
+                problems.push((key, timeout_range()));
             }
         }
         problems.extend(write_timeout_problem(self.write_timeout));
         if self.messages_per_second == Some(0) {
-            problems.push(("messages_per_second", "at least 1"));
+            problems.push(("messages_per_second", "at least 1".into()));
         }
         if self.max_message_size == Some(0) {
-            problems.push(("max_message_size", "at least 1 byte"));
+            problems.push(("max_message_size", "at least 1 byte".into()));
         }
         if self.max_frame_size == Some(0) {
-            problems.push(("max_frame_size", "at least 1 byte"));
+            problems.push(("max_frame_size", "at least 1 byte".into()));
         }
         problems
     }
@@ -527,7 +602,7 @@ impl Config {
             Relay::Frames(rules) => rules.problems(),
             Relay::Tunnel(rules) => rules.problems(),
         };
-        if let Some(&(key, expected)) = problems.first() {
+        if let Some((key, expected)) = problems.into_iter().next() {
             return Err(ConfigError::OutOfRange { key, expected });
         }
         for route in &mut self.routes {
@@ -571,7 +646,7 @@ impl Config {
             if d.is_some_and(|d| d > MAX_DURATION) {
                 return Err(ConfigError::OutOfRange {
                     key,
-                    expected: "at most 30 days",
+                    expected: format!("at most {}", human_duration(MAX_DURATION)),
                 });
             }
         }
@@ -609,7 +684,7 @@ impl Config {
     }
 }
 
-/// Resolves `host:port` (an IP or a name) to its first address, as a weight-1 server.
+/// Resolves `host:port` (an IP or a name) to its first address, as a server of the default weight.
 pub(crate) fn resolve(name: &str) -> Result<Server, String> {
     let address = name
         .to_socket_addrs()
@@ -619,7 +694,7 @@ pub(crate) fn resolve(name: &str) -> Result<Server, String> {
     Ok(Server {
         name: name.to_string(),
         address,
-        weight: 1,
+        weight: DEFAULT_WEIGHT,
         backup: false,
         drain: false,
         max_connections: None,
@@ -638,6 +713,16 @@ mod tests {
         assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
         assert!(parse_duration("5 parsecs").is_err());
         assert!(parse_duration("-1s").is_err());
+    }
+
+    #[test]
+    fn limits_are_written_as_people_write_them() {
+        assert_eq!(human_duration(MIN_PING_INTERVAL), "100ms");
+        assert_eq!(human_duration(MIN_EJECTION), "1s");
+        assert_eq!(human_duration(MAX_EJECTION), "5m");
+        assert_eq!(human_duration(Duration::from_secs(7200)), "2h");
+        assert_eq!(human_duration(Duration::from_secs(DAY_SECS)), "1 day");
+        assert_eq!(human_duration(MAX_DURATION), "30 days");
     }
 
     #[test]
