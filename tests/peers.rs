@@ -1,17 +1,20 @@
 //! wsgate between real, independent WebSocket implementations running as separate processes on 127.0.0.1:
 //! Python `websockets` (client and backend, with permessage-deflate) and Tomcat 10 (JSR 356 backend, plus its
-//! plain HTTP pages). The peers are started by `tests/support/peers.rs` and installed by `scripts/test`; when one
-//! is missing the test fails and says so.
+//! plain HTTP pages), through the default relay and through frames mode. The peers are started by
+//! `tests/support/peers.rs` and installed by `scripts/test`; when one is missing the test fails and says so.
 
 mod support;
 
+use support::frames::*;
 use support::peers::*;
+use support::raw::frames;
 use support::*;
 
 use std::net::SocketAddr;
 use std::process::Stdio;
 use std::time::Duration;
 
+use tokio::sync::RwLock;
 use tokio::time::Instant;
 
 use futures_util::{SinkExt, StreamExt};
@@ -19,9 +22,14 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Bytes as WsBytes, Message};
+use wsgate::config::FrameRules;
 
 /// The Python client's whole run (it bounds each of its own waits much lower).
 const PYTHON_CLIENT_WAIT: Duration = Duration::from_secs(60);
+
+/// A Tomcat's start keeps both cores busy: it takes this for writing; the frames-mode Tomcat test, whose keepalive
+/// runs on timers of a few hundred milliseconds, takes it for reading, so the two never overlap.
+static CPU: RwLock<()> = RwLock::const_new(());
 
 // ---------------------------------------------------------------------------------------------------------------
 // Python websockets, permessage-deflate
@@ -176,8 +184,13 @@ async fn http_request(proxy: &Proxy, request: &str) -> (u16, String) {
 #[tokio::test]
 async fn tomcat_jsr356_echo_through_wsgate() {
     let test_started = Instant::now();
-    let mut tomcat = Tomcat::start();
-    let ready_after = tomcat.wait_ready().await;
+    let (tomcat, ready_after) = {
+        // Tomcat's start keeps both cores busy.
+        let _cpu = CPU.write().await;
+        let mut tomcat = Tomcat::start();
+        let ready_after = tomcat.wait_ready().await;
+        (tomcat, ready_after)
+    };
     println!("Tomcat ready after {ready_after:.1?}");
     let proxy = Proxy::start(&[SocketAddr::from(([127, 0, 0, 1], tomcat.port))]);
 
@@ -234,4 +247,100 @@ async fn tomcat_jsr356_echo_through_wsgate() {
     );
     drop(proxy);
     drop(tomcat);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Tomcat 10 (JSR 356) through frames mode
+// ---------------------------------------------------------------------------------------------------------------
+
+/// Text and binary echo (small and 70 000-byte messages), a ping, an idle spell kept alive by wsgate's pings, and
+/// close 1000, on `path` through the proxy.
+async fn tomcat_echo(proxy: &Proxy, path: &str) {
+    let mut ws = connect(&proxy.url(path)).await;
+    let big = long_text(70_000);
+    assert_eq!(big.len(), 70_000);
+    for text in ["hello Tomcat", "ünïcødé ✓", big.as_str(), "after the big one"] {
+        ws.send(Message::text(text)).await.expect("send text");
+        let echo = next_text(&mut ws).await;
+        assert!(
+            echo == text,
+            "{path}: text echo of {} bytes came back as {} bytes",
+            text.len(),
+            echo.len()
+        );
+    }
+    let binary: Vec<u8> = (0..70_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    for payload in [vec![0u8, 1, 2, 255, 254], binary] {
+        ws.send(Message::binary(payload.clone())).await.expect("send binary");
+        match next_message(&mut ws).await {
+            Message::Binary(b) => assert!(
+                b[..] == payload[..],
+                "{path}: binary echo of {} bytes came back as {} different bytes",
+                payload.len(),
+                b.len()
+            ),
+            other => panic!("{path}: expected a binary echo, got {other:?}"),
+        }
+    }
+    // Tomcat answers a ping by itself; the pong comes back through wsgate.
+    ws.send(Message::Ping(WsBytes::from_static(b"are you there")))
+        .await
+        .expect("send ping");
+    match next_raw_skipping_wsgate_pings(&mut ws).await {
+        Message::Pong(p) => assert_eq!(&p[..], b"are you there", "{path}: pong payload"),
+        other => panic!("{path}: expected a pong, got {other:?}"),
+    }
+    // Idle longer than ping interval + pong timeout: Tomcat answers wsgate's pings, so nothing is closed.
+    let quiet = tokio::time::sleep(Duration::from_millis(2500));
+    tokio::pin!(quiet);
+    loop {
+        tokio::select! {
+            _ = &mut quiet => break,
+            m = ws.next() => match m {
+                Some(Ok(Message::Ping(_))) => {}
+                other => panic!("{path}: the idle connection got {other:?}"),
+            },
+        }
+    }
+    ws.send(Message::text("after the silence")).await.expect("send");
+    assert_eq!(next_text(&mut ws).await, "after the silence");
+
+    ws.send(Message::Close(Some(CloseFrame {
+        code: CloseCode::Normal,
+        reason: "bye".into(),
+    })))
+    .await
+    .expect("send close");
+    let (data, close) = close_after(&mut ws).await;
+    assert!(data.is_empty(), "{path}: {data:?}");
+    assert_eq!(close.map(|c| c.0), Some(1000), "{path}: Tomcat's close");
+    ws_end(&mut ws).await;
+}
+
+#[tokio::test]
+async fn tomcat_jsr356_echo_through_frames_mode() {
+    let test_started = Instant::now();
+    let (mut tomcat, ready_after) = {
+        // Tomcat's start keeps both cores busy.
+        let _cpu = CPU.write().await;
+        let mut tomcat = Tomcat::start();
+        let ready_after = tomcat.wait_ready().await;
+        (tomcat, ready_after)
+    };
+    println!("Tomcat ready after {ready_after:.1?}");
+    let _cpu = CPU.read().await;
+    let rules = FrameRules {
+        validate_utf8: true,
+        ping_interval: Some(Duration::from_millis(200)),
+        pong_timeout: Duration::from_secs(1),
+        ..FrameRules::default()
+    };
+    let proxy = Proxy::start_with(&[SocketAddr::from(([127, 0, 0, 1], tomcat.port))], frames(rules));
+    tomcat_echo(&proxy, "/examples/websocket/echoAnnotation").await;
+    tomcat_echo(&proxy, "/examples/websocket/echoProgrammatic").await;
+    println!("Tomcat test took {:.1?} in all", test_started.elapsed());
+    drop(proxy);
+    if let Some(child) = tomcat.child.as_mut() {
+        assert!(child.try_wait().ok().flatten().is_none(), "Tomcat is still running");
+    }
 }
