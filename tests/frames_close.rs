@@ -41,7 +41,8 @@ async fn client_close_code_and_reason_pass_unchanged_and_tcp_closes_after_both_c
     );
     assert_eq!(got.close(), Some((4321, "client says bye ✓".into())));
 
-    // wsgate waits for the backend's reply: idle time before it must not end the connection.
+    // wsgate waits for the backend's reply: idle time before it must not end the connection. A deliberate quiet
+    // period (nothing is awaited here): the reply comes only after it.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let reply = close_frame(4322, "backend agrees", None);
     server.send(&reply).await;
@@ -70,6 +71,7 @@ async fn backend_close_code_and_reason_pass_unchanged_and_tcp_closes_after_both_
     assert_eq!(got.wire, close);
     assert_eq!(got.close(), Some((3999, "maintenance".into())));
 
+    // The same deliberate quiet period before the client's reply.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let reply = close_frame(1000, "ok", Some(CLIENT_MASK));
     client.send(&reply).await;

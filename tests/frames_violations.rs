@@ -421,8 +421,8 @@ async fn backend_frame_split_across_its_101_read_passes_intact() {
     let proxy = Proxy::start_with(&[backend.addr], frames(FrameRules::default()));
     let mut client = raw_client(proxy.addr, "/greeting").await;
     let mut server = backend.next_conn().await;
-    // Only once the first part has surely gone its way.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Only once the first part has reached the client.
+    client.fill(50).await;
     server.send(&frame[50..]).await;
     server.send_frame(true, opcode::TEXT, b"and then this").await;
     let got = client.next_frame().await.expect("the binary message");
