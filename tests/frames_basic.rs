@@ -4,17 +4,14 @@ mod support;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
+use support::raw::frames;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use wsgate::config::{FrameRules, Relay};
-
-fn frames(rules: FrameRules) -> impl FnOnce(&mut wsgate::config::Config) {
-    move |c| c.routes[0].relay = Relay::Frames(rules)
-}
+use wsgate::config::FrameRules;
 
 async fn close_of(ws: &mut Client) -> Option<(u16, String)> {
     loop {

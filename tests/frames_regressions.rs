@@ -2,7 +2,7 @@
 //! a violation that cut short the frame in flight to the rule-breaker, a rate-limit budget left stale by a quiet
 //! period, a write timeout that closed a reader that was slow but steady, a pong deadline counted from before the
 //! ping could be written, two close frames to one side, and a non-101 answer that could hang on a client that never
-//! reads. (Bytes read with the handshake heads are covered in tests/frames.rs.)
+//! reads. (Bytes read with the handshake heads are covered in tests/frames_violations.rs.)
 
 mod support;
 

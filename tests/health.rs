@@ -9,10 +9,8 @@ use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use tokio::time::Instant;
-
 use support::scripted::{Fake, Script, config, is_down, wait_state};
-use support::{Proxy, backend_name, connect, unused_addr, ws_backend, ws_backend_on};
+use support::{Proxy, WAIT, backend_name, connect, unused_addr, ws_backend, ws_backend_on};
 
 /// The backends that `n` new connections reach, in order.
 async fn reached(proxy: &Proxy, n: usize) -> Vec<String> {
@@ -175,17 +173,20 @@ async fn checks_of_a_server_removed_by_a_reload_stop() {
     let other = Fake::start(Script::Status(200)).await;
     let health = "kind = \"http\"\ninterval = \"100ms\"\ntimeout = \"100ms\"\n";
     let mut proxy = Proxy::from_toml(&config(&[checked.addr, other.addr], health));
-    let deadline = Instant::now() + Duration::from_secs(3);
-    while checked.accepted() < 3 {
-        assert!(Instant::now() < deadline, "no checks");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    checked.wait_accepted(3, Duration::from_secs(3), "no checks").await;
     proxy.reload(&config(&[other.addr], health));
-    // A check in flight at the reload may still land; after that, none.
-    tokio::time::sleep(Duration::from_millis(250)).await;
+    // A check in flight at the reload may still land, within its 100 ms timeout; after that, none. Four more checks
+    // of the server that stays take at least three intervals (90 ms or more each).
+    let at_reload = other.accepted();
+    other
+        .wait_accepted(at_reload + 4, WAIT, "the server that stays is still checked")
+        .await;
     let after = checked.accepted();
     let still = other.accepted();
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    // While the server that stays gets four more checks, the removed one would get about as many.
+    other
+        .wait_accepted(still + 4, WAIT, "the server that stays is still checked")
+        .await;
     assert_eq!(checked.accepted(), after, "the removed server is no longer checked");
     assert!(other.accepted() >= still + 4, "the server that stays is still checked");
 }

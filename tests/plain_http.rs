@@ -276,11 +276,14 @@ fn one_route(backend: std::net::SocketAddr) -> String {
 #[tokio::test]
 async fn shutdown_closes_keep_alive_connections_gracefully_not_at_the_drain_timeout() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    // A backend that takes its time over `/slow`, so that a request is in flight when the shutdown starts.
+    // A backend that takes its time over `/slow`, so that a request is in flight when the shutdown starts; it says
+    // when such a request has reached it.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let backend = listener.local_addr().expect("addr");
+    let (slow_seen, mut slow_arrived) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
         while let Ok((mut s, _)) = listener.accept().await {
+            let slow_seen = slow_seen.clone();
             tokio::spawn(async move {
                 let mut buf = vec![0u8; 4096];
                 let mut seen = Vec::new();
@@ -292,6 +295,7 @@ async fn shutdown_closes_keep_alive_connections_gracefully_not_at_the_drain_time
                         }
                     }
                     if seen.starts_with(b"GET /slow") {
+                        let _ = slow_seen.send(());
                         tokio::time::sleep(std::time::Duration::from_millis(500)).await;
                     }
                     seen.clear();
@@ -320,8 +324,10 @@ async fn shutdown_closes_keep_alive_connections_gracefully_not_at_the_drain_time
     busy.write_all(b"GET /slow HTTP/1.1\r\nHost: h\r\n\r\n")
         .await
         .expect("write");
-    // The request is at the backend (it takes 500 ms): shut down now.
-    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    // Once the request is at the backend (it takes 500 ms over it), shut down.
+    within("the /slow request to reach the backend", slow_arrived.recv())
+        .await
+        .expect("the backend is running");
     let started = tokio::time::Instant::now();
     drop(proxy);
     // The idle connection is closed at once; the busy one gets its answer, marked as the last, then the close.

@@ -1,6 +1,6 @@
-// Client for tests/frames.rs: connects to process.argv[2] (a ws:// URL through wsgate) with Node's `ws`, sends one
-// text message, prints `ready <echo>` once the echo is back, then waits for the server to close the connection and
-// prints `closed <code> <reason>`. Exits 0 once closed, 1 on an error, 2 when nothing happened for 30 s.
+// Client for tests/frames_close.rs: connects to process.argv[2] (a ws:// URL through wsgate) with Node's `ws`, sends
+// one text message, prints `ready <echo>` once the echo is back, then waits for the server to close the connection
+// and prints `closed <code> <reason>`. Exits 0 once closed, 1 on an error, 2 when nothing happened for 30 s.
 'use strict';
 
 const WebSocket = require('ws');

@@ -1,5 +1,5 @@
-"""Client for tests/frames.rs: connects to argv[1] (a ws:// URL through wsgate), sends one text message, prints
-`ready <echo>` once the echo is back, then waits for the server to close the connection and prints
+"""Client for tests/frames_close.rs: connects to argv[1] (a ws:// URL through wsgate), sends one text message,
+prints `ready <echo>` once the echo is back, then waits for the server to close the connection and prints
 `closed <code> <reason>` for the close frame it received (`closed none` when none came). Exits 0 once closed, 1 on
 anything else (every wait is bounded).
 """

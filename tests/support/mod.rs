@@ -1,9 +1,12 @@
 //! Shared pieces for the integration tests: wsgate started in-process on a free port, real WebSocket and HTTP
-//! backends, and clients that never wait without a timeout; the built binary in a child process ([`binary`]) and
-//! WebSocket peers on raw sockets ([`raw`]).
+//! backends, and clients that never wait without a timeout; the built binary in a child process ([`binary`]),
+//! WebSocket peers on raw sockets ([`raw`]), the expectations of the frames-mode tests ([`frames`]) and real peers
+//! in their own processes: Tomcat, Python and Node ([`peers`]).
 #![allow(dead_code, clippy::result_large_err)]
 
 pub mod binary;
+pub mod frames;
+pub mod peers;
 pub mod raw;
 pub mod scripted;
 
@@ -139,6 +142,11 @@ impl Drop for Proxy {
             running.shutdown();
         }
     }
+}
+
+/// Bytes (a child's output, a peer's answer) as text for a message.
+pub fn text_of(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
 }
 
 /// A loopback address on which nothing listens: connections to it are refused.

@@ -91,6 +91,19 @@ impl Fake {
     pub fn accepted(&self) -> usize {
         self.accepted.load(Ordering::SeqCst)
     }
+
+    /// Waits until this server has accepted `n` connections in all; fails with `what` after `limit`.
+    pub async fn wait_accepted(&self, n: usize, limit: Duration, what: &str) {
+        let start = Instant::now();
+        while self.accepted() < n {
+            assert!(
+                start.elapsed() < limit,
+                "{what}: {} of {n} connections within {limit:?}",
+                self.accepted()
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
 }
 
 /// Reads a request head (up to 16 KiB); `None` when the peer closed first.
