@@ -679,12 +679,11 @@ async fn all_servers_refusing_gets_502() {
     let (dead1, dead2) = (unused_addr(), unused_addr());
     let proxy = Proxy::start(&[dead1, dead2]);
     let reply = exchange(proxy.addr, upgrade_request("/", "").as_bytes()).await;
-    let reason = refusal_reason(&reply, 502, "Bad Gateway");
-    // The first connection starts at the first server, so the last one tried is the second.
-    assert!(
-        reason.starts_with(&format!("every backend server tried failed; last: {dead2}: ")),
-        "{reason}"
-    );
+    // A generic reason: the servers' addresses go to the log only.
+    assert_eq!(refusal_reason(&reply, 502, "Bad Gateway"), "upstream connect failed");
+    for dead in [dead1, dead2] {
+        assert!(!reply.body_text().contains(&dead.port().to_string()), "{reply:?}");
+    }
 }
 
 #[tokio::test]
@@ -704,7 +703,7 @@ async fn no_servers_gets_503() {
     let reply = exchange(proxy.addr, upgrade_request("/", "").as_bytes()).await;
     assert_eq!(
         refusal_reason(&reply, 503, "Service Unavailable"),
-        "no backend servers configured"
+        "no upstream available"
     );
 }
 
@@ -717,10 +716,7 @@ async fn silent_backend_gets_504_after_handshake_timeout() {
     let waited = started.elapsed();
     assert_eq!(
         refusal_reason(&reply, 504, "Gateway Timeout"),
-        format!(
-            "timed out after 1s waiting for the handshake answer from {}",
-            silent.addr
-        )
+        "upstream answer timeout"
     );
     assert!(
         waited >= Duration::from_millis(900) && waited < Duration::from_secs(3),
@@ -744,10 +740,7 @@ async fn wrong_accept_key_from_backend_gets_502() {
     .await;
     let proxy = Proxy::start(&[liar.addr]);
     let reply = exchange(proxy.addr, upgrade_request("/", "").as_bytes()).await;
-    assert_eq!(
-        refusal_reason(&reply, 502, "Bad Gateway"),
-        format!("{}: backend answered 101 with a wrong Sec-WebSocket-Accept", liar.addr)
-    );
+    assert_eq!(refusal_reason(&reply, 502, "Bad Gateway"), "bad answer from upstream");
 }
 
 #[tokio::test]
@@ -874,7 +867,7 @@ async fn backend_connect_timeout_gets_504() {
     let waited = started.elapsed();
     assert_eq!(
         refusal_reason(&reply, 504, "Gateway Timeout"),
-        format!("timed out after 500ms connecting to {addr}")
+        "upstream connect timeout"
     );
     assert!(
         waited >= Duration::from_millis(450) && waited < Duration::from_secs(3),

@@ -21,8 +21,25 @@ pub struct Binary {
 impl Binary {
     /// Starts `wsgate ARGS`, its stdout discarded. It does not wait for anything: see [`Binary::wait_for_log`].
     pub fn spawn(args: impl IntoIterator<Item = impl AsRef<OsStr>>) -> Binary {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_wsgate"))
-            .args(args)
+        let mut command = Command::new(env!("CARGO_BIN_EXE_wsgate"));
+        command.args(args);
+        Binary::run(command)
+    }
+
+    /// [`Binary::spawn`] with at most `limit` open files, soft and hard (as `ulimit -n` sets them), so that wsgate
+    /// cannot raise its own.
+    pub fn spawn_with_open_files(limit: u32, args: impl IntoIterator<Item = impl AsRef<OsStr>>) -> Binary {
+        let mut command = Command::new("bash");
+        command
+            .args(["-c", r#"ulimit -n "$1" || exit 97; shift; exec "$@""#, "wsgate"])
+            .arg(limit.to_string())
+            .arg(env!("CARGO_BIN_EXE_wsgate"))
+            .args(args);
+        Binary::run(command)
+    }
+
+    fn run(mut command: Command) -> Binary {
+        let mut child = command
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .kill_on_drop(true)
