@@ -232,15 +232,8 @@ async fn open(
         AnswerHead::Switching { deflate, head_len } => {
             let cookie = upstream.sticky_cookie(prepared.choice, opened.server.server());
             let (answer_head, backend_early) = opened.answer.split_at(head_len.min(opened.answer.len()));
-            let written = match cookie {
-                Some(cookie) => {
-                    let with_cookie = with_header(answer_head, "Set-Cookie", &cookie);
-                    write_within(&mut client, &with_cookie, handshake_timeout).await
-                }
-                None => write_within(&mut client, answer_head, handshake_timeout).await,
-            };
             record.status = 101;
-            if let Err(e) = written {
+            if let Err(e) = pass_switch(&mut client, answer_head, cookie, handshake_timeout).await {
                 record.end = format!("error: client: {e}");
                 return None;
             }
@@ -266,6 +259,19 @@ async fn open(
             lingering_close(client).await;
             None
         }
+    }
+}
+
+/// Passes the backend's 101 on to the client, with the sticky cookie when the client needs one.
+async fn pass_switch(
+    client: &mut TcpStream,
+    head: &[u8],
+    cookie: Option<String>,
+    limit: Duration,
+) -> std::io::Result<()> {
+    match cookie {
+        Some(cookie) => write_within(client, &with_header(head, "Set-Cookie", &cookie), limit).await,
+        None => write_within(client, head, limit).await,
     }
 }
 
