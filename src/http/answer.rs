@@ -109,7 +109,7 @@ impl Answer {
 }
 
 /// The standard reason phrase of the statuses wsgate answers with itself.
-pub fn reason_phrase(status: u16) -> &'static str {
+fn reason_phrase(status: u16) -> &'static str {
     StatusCode::from_u16(status)
         .ok()
         .and_then(|s| s.canonical_reason())

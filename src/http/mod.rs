@@ -4,9 +4,9 @@
 
 mod answer;
 pub mod handshake;
-pub mod headers;
+pub(crate) mod headers;
 mod view;
 
-pub use answer::{Answer, reason_phrase};
-pub use headers::Forwarding;
-pub use view::RequestView;
+pub(crate) use answer::Answer;
+pub(crate) use headers::Forwarding;
+pub(crate) use view::RequestView;

@@ -170,3 +170,28 @@ pub async fn connect(server: SocketAddr, timeout: Duration) -> Result<TcpStream,
         .map_err(|e| UpstreamError::connect(server, e))?;
     Ok(stream)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::upstream;
+    use super::*;
+
+    #[test]
+    fn pending_handshakes_are_limited_and_retries_budgeted() {
+        let mut config = upstream(3, None);
+        config.max_pending_handshakes = Some(20);
+        let u = Upstream::new(&config, None);
+        let mut pending: Vec<Pending> = (0..20).map(|_| u.begin().expect("room")).collect();
+        assert_eq!(u.begin().err(), Some(Unavailable::TooManyPending));
+        // 20 % of 20 in flight: 4 may retry at once.
+        let allowed = pending.iter_mut().map(|p| p.may_retry()).filter(|&ok| ok).count();
+        assert_eq!(allowed, 4);
+        drop(pending);
+        // With 3 in flight the floor of 3 applies: all may retry.
+        let mut quiet: Vec<Pending> = (0..3).map(|_| u.begin().expect("room")).collect();
+        assert_eq!(quiet.iter_mut().map(|p| p.may_retry()).filter(|&ok| ok).count(), 3);
+        drop(quiet);
+        assert_eq!(u.shared.pending.load(Ordering::Relaxed), 0);
+        assert_eq!(u.shared.retrying.load(Ordering::Relaxed), 0);
+    }
+}

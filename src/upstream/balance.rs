@@ -162,8 +162,9 @@ impl Balancer {
             .or_else(|| self.least_conn(&active, &share))
     }
 
-    /// Index of the server owning `key` on the consistent-hash ring (available whatever the strategy: sticky header
-    /// and source-IP stickiness use it so that several wsgate instances agree without sharing state).
+    /// Index of the server owning `key` on the consistent-hash ring, every server taken: what [`Balancer::ring_walk`]
+    /// starts from, as the tests read it.
+    #[cfg(test)]
     pub fn ring_owner(&self, key: u64) -> usize {
         let at = self.ring.partition_point(|&(point, _)| point < key);
         // Past the last point the ring wraps around to the first.

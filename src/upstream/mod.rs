@@ -9,9 +9,9 @@
 //! name) keeps its live connection count, and the balancer keeps its position.
 
 mod attempts;
-pub mod balance;
+pub(crate) mod balance;
 mod error;
-pub mod health;
+pub(crate) mod health;
 mod outlier;
 mod server;
 mod sticky;
@@ -19,12 +19,12 @@ mod sticky;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
-pub use attempts::{Attempts, Pending, connect};
-pub use balance::hash_bytes;
-use balance::{Balancer, Member, Strategy};
-pub use error::{Cause, Retry, Unavailable, UpstreamError};
-pub use outlier::{Outcome, ejection_time};
-pub use server::{Active, ServerState, ShedReason, now_ms, ramp_share};
+pub(crate) use attempts::{Attempts, connect};
+use balance::{Balancer, Member, Strategy, hash_bytes};
+use error::Unavailable;
+pub(crate) use error::UpstreamError;
+pub(crate) use server::{Active, ShedReason};
+pub use server::{ServerState, now_ms};
 
 use crate::config::{self, Balance};
 
@@ -258,17 +258,16 @@ impl Upstream {
     }
 }
 
+/// What the unit tests of the upstream's files share: an upstream of `n` servers on ports 9000.., and what it
+/// picks.
 #[cfg(test)]
-mod tests {
+pub(crate) mod testing {
     use std::net::SocketAddr;
-    use std::time::Duration;
 
-    use super::*;
-    use crate::config::MAX_EJECTION;
-    use crate::signal::StopSignal;
-    use balance::FULL;
+    use super::{Choice, Upstream};
+    use crate::config;
 
-    fn upstream(n: u16, sticky: Option<config::Sticky>) -> config::Upstream {
+    pub(crate) fn upstream(n: u16, sticky: Option<config::Sticky>) -> config::Upstream {
         let servers = (0..n)
             .map(|i| config::Server {
                 name: format!("127.0.0.1:{}", 9000 + i),
@@ -286,7 +285,7 @@ mod tests {
     }
 
     /// The ports of the servers a request would try in turn (each failing), as `next` gives them.
-    fn ports(u: &Upstream, choice: Choice) -> Vec<u16> {
+    pub(crate) fn ports(u: &Upstream, choice: Choice) -> Vec<u16> {
         let mut tried = Vec::new();
         while let Ok(i) = u.next(choice, &tried) {
             tried.push(i);
@@ -294,7 +293,7 @@ mod tests {
         tried.iter().map(|&i| u.servers()[i].address.port()).collect()
     }
 
-    fn picks(u: &Upstream, n: usize) -> Vec<usize> {
+    pub(crate) fn picks(u: &Upstream, n: usize) -> Vec<usize> {
         let mut counts = vec![0; u.servers().len()];
         for _ in 0..n {
             if let Ok(i) = u.next(Choice::default(), &[]) {
@@ -303,6 +302,14 @@ mod tests {
         }
         counts
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering;
+
+    use super::testing::{picks, ports, upstream};
+    use super::*;
 
     #[test]
     fn next_starts_at_the_pick_or_the_sticky_server_and_tries_each_once() {
@@ -389,133 +396,6 @@ mod tests {
     }
 
     #[test]
-    fn pending_handshakes_are_limited_and_retries_budgeted() {
-        let mut config = upstream(3, None);
-        config.max_pending_handshakes = Some(20);
-        let u = Upstream::new(&config, None);
-        let mut pending: Vec<Pending> = (0..20).map(|_| u.begin().expect("room")).collect();
-        assert_eq!(u.begin().err(), Some(Unavailable::TooManyPending));
-        // 20 % of 20 in flight: 4 may retry at once.
-        let allowed = pending.iter_mut().map(|p| p.may_retry()).filter(|&ok| ok).count();
-        assert_eq!(allowed, 4);
-        drop(pending);
-        // With 3 in flight the floor of 3 applies: all may retry.
-        let mut quiet: Vec<Pending> = (0..3).map(|_| u.begin().expect("room")).collect();
-        assert_eq!(quiet.iter_mut().map(|p| p.may_retry()).filter(|&ok| ok).count(), 3);
-        drop(quiet);
-        assert_eq!(u.shared.pending.load(Ordering::Relaxed), 0);
-        assert_eq!(u.shared.retrying.load(Ordering::Relaxed), 0);
-    }
-
-    #[test]
-    fn consecutive_failures_eject_within_the_max_percentage() {
-        let mut config = upstream(4, None);
-        config.outlier.consecutive_failures = 3;
-        let u = Upstream::new(&config, None);
-        u.report(0, Outcome::Failure("refused"));
-        u.report(0, Outcome::Failure("refused"));
-        u.report(0, Outcome::Success);
-        u.report(0, Outcome::Failure("refused"));
-        u.report(0, Outcome::Failure("refused"));
-        assert!(!u.servers()[0].is_ejected(now_ms()), "a success restarts the count");
-        u.report(0, Outcome::Failure("refused"));
-        assert!(u.servers()[0].is_ejected(now_ms()));
-        for _ in 0..3 {
-            u.report(1, Outcome::Failure("refused"));
-        }
-        for _ in 0..3 {
-            u.report(2, Outcome::Failure("refused"));
-        }
-        let ejected = u.servers().iter().filter(|s| s.is_ejected(now_ms())).count();
-        assert_eq!(ejected, 2, "max_ejected_percent 50 of 4 servers");
-        assert_eq!(picks(&u, 10), [0, 0, 5, 5]);
-    }
-
-    #[test]
-    fn ejections_double_for_repeat_offenders_up_to_five_minutes() {
-        let base = Duration::from_secs(30);
-        assert_eq!(ejection_time(base, 1), base);
-        assert_eq!(ejection_time(base, 2), Duration::from_secs(60));
-        assert_eq!(ejection_time(base, 3), Duration::from_secs(120));
-        assert_eq!(ejection_time(base, 5), MAX_EJECTION);
-        assert_eq!(ejection_time(base, 40), MAX_EJECTION);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn an_ejection_ends_after_its_time_and_a_repeat_lasts_twice_as_long() {
-        let mut config = upstream(2, None);
-        config.outlier.consecutive_failures = 1;
-        config.outlier.ejection = Duration::from_secs(10);
-        let u = Upstream::new(&config, None);
-        u.report(0, Outcome::Failure("refused"));
-        tokio::time::advance(Duration::from_secs(9)).await;
-        assert!(u.servers()[0].is_ejected(now_ms()));
-        tokio::time::advance(Duration::from_secs(2)).await;
-        assert!(!u.servers()[0].is_ejected(now_ms()));
-        assert!(u.servers()[0].ejection_over(now_ms()));
-        assert!(u.servers()[0].end_ejection(now_ms()));
-        u.report(0, Outcome::Failure("refused again"));
-        tokio::time::advance(Duration::from_secs(19)).await;
-        assert!(u.servers()[0].is_ejected(now_ms()), "the second ejection lasts 20 s");
-        tokio::time::advance(Duration::from_secs(2)).await;
-        assert!(!u.servers()[0].is_ejected(now_ms()));
-    }
-
-    #[test]
-    fn health_results_need_rise_successes_and_fall_failures_in_a_row() {
-        let u = Upstream::new(&upstream(1, None), None);
-        let s = &u.servers()[0];
-        assert_eq!(s.record_check(false, 2, 3), None);
-        assert_eq!(s.record_check(false, 2, 3), None);
-        assert_eq!(s.record_check(true, 2, 3), None, "a success breaks the failure run");
-        assert_eq!(s.record_check(false, 2, 3), None);
-        assert_eq!(s.record_check(false, 2, 3), None);
-        assert_eq!(s.record_check(false, 2, 3), Some(true));
-        assert_eq!(s.record_check(false, 2, 3), Some(true));
-        assert_eq!(s.record_check(true, 2, 3), None);
-        assert_eq!(s.record_check(true, 2, 3), Some(false));
-        // An ejection restarts the success run: passing checks end it early only after `rise` more.
-        let mut config = upstream(2, None);
-        config.outlier.consecutive_failures = 1;
-        let u = Upstream::new(&config, None);
-        let s = &u.servers()[0];
-        for _ in 0..5 {
-            s.record_check(true, 3, 3);
-        }
-        u.report(0, Outcome::Failure("refused"));
-        assert!(s.is_ejected(now_ms()));
-        assert_eq!(s.record_check(true, 3, 3), None);
-        assert_eq!(s.record_check(true, 3, 3), None);
-        assert_eq!(s.record_check(true, 3, 3), Some(false));
-    }
-
-    #[test]
-    fn ramp_share_grows_from_a_tenth_to_full() {
-        let d = Duration::from_secs(30);
-        assert_eq!(ramp_share(Duration::ZERO, d), 100);
-        assert_eq!(ramp_share(Duration::from_secs(15), d), 500);
-        assert_eq!(ramp_share(Duration::from_secs(30), d), FULL);
-        assert_eq!(ramp_share(Duration::from_secs(1), Duration::ZERO), FULL);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn slow_start_ramps_a_returning_server() {
-        let mut config = upstream(2, None);
-        config.slow_start = Some(Duration::from_secs(10));
-        let u = Upstream::new(&config, None);
-        u.servers()[1].set_down(true);
-        u.servers()[1].set_down(false);
-        let early = picks(&u, 10_000);
-        assert!(early[1] < 1_500, "{early:?}: about 10 % of its share at first");
-        tokio::time::advance(Duration::from_secs(5)).await;
-        let half = picks(&u, 10_000);
-        assert!((2_500..4_200).contains(&half[1]), "{half:?}");
-        tokio::time::advance(Duration::from_secs(5)).await;
-        let full = picks(&u, 10_000);
-        assert!((4_800..=5_200).contains(&full[1]), "{full:?}");
-    }
-
-    #[test]
     fn sticky_ring_keys_move_only_off_a_down_server() {
         let config = config::Upstream {
             sticky: Some(config::Sticky::Header("x-user".into())),
@@ -558,59 +438,5 @@ mod tests {
         assert_eq!(new.servers()[1].active(), 0);
         drop(guard);
         assert_eq!(new.servers()[0].active(), 0);
-    }
-
-    #[test]
-    fn registered_sessions_are_shed_one_at_a_time() {
-        let u = Upstream::new(&upstream(1, None), None);
-        let signals: Vec<Arc<StopSignal>> = (0..3)
-            .map(|_| Arc::new(StopSignal::new(tokio_util::sync::CancellationToken::new())))
-            .collect();
-        let mut held: Vec<Active> = signals
-            .iter()
-            .enumerate()
-            .map(|(id, s)| {
-                let mut a = u.connect_to(0).expect("room");
-                a.register(id as u64, s.clone());
-                a
-            })
-            .collect();
-        assert_eq!(u.servers()[0].sessions(), 3);
-        assert!(u.servers()[0].shed_one(ShedReason::Rebalancing));
-        let shed: Vec<_> = signals.iter().filter(|s| s.token().is_cancelled()).collect();
-        assert_eq!(shed.len(), 1);
-        assert_eq!(shed[0].reason(), Some("rebalancing connections"));
-        held.pop();
-        assert!(u.servers()[0].sessions() <= 2);
-        drop(held);
-        assert_eq!(u.servers()[0].sessions(), 0);
-        assert!(!u.servers()[0].shed_one(ShedReason::Draining));
-    }
-
-    #[test]
-    fn cookie_ids_are_keyed_stable_and_reveal_no_address() {
-        let cookie = |secret: &str| {
-            config::Sticky::Cookie(config::StickyCookie {
-                name: "SERVERID".into(),
-                path: "/".into(),
-                max_age: None,
-                forward_cookie: false,
-                secret: secret.into(),
-            })
-        };
-        let a = Upstream::new(&upstream(2, Some(cookie("s1"))), None);
-        let again = Upstream::new(&upstream(2, Some(cookie("s1"))), None);
-        let other_key = Upstream::new(&upstream(2, Some(cookie("s2"))), None);
-        let id = a.cookie_id(&a.servers()[1]).expect("listed").to_string();
-        assert_eq!(id.len(), 16);
-        assert!(!id.contains("9001"));
-        assert_eq!(again.cookie_id(&again.servers()[1]), Some(id.as_str()));
-        assert_ne!(other_key.cookie_id(&other_key.servers()[1]), Some(id.as_str()));
-        // A new secret on reload renames the servers that stay.
-        let reloaded = Upstream::new(&upstream(2, Some(cookie("s2"))), Some(&a));
-        assert!(Arc::ptr_eq(&reloaded.servers()[1], &a.servers()[1]));
-        assert_eq!(reloaded.server_by_cookie(id.as_bytes()), None);
-        assert_eq!(a.server_by_cookie(id.as_bytes()), Some(1));
-        assert_eq!(a.server_by_cookie(b"nope"), None);
     }
 }

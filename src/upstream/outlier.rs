@@ -95,3 +95,65 @@ pub fn ejection_time(base: Duration, in_a_row: u32) -> Duration {
     let doubled = base.saturating_mul(1u32 << in_a_row.saturating_sub(1).min(16));
     doubled.min(MAX_EJECTION).max(base.min(MAX_EJECTION))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::super::testing::{picks, upstream};
+    use super::*;
+
+    #[test]
+    fn consecutive_failures_eject_within_the_max_percentage() {
+        let mut config = upstream(4, None);
+        config.outlier.consecutive_failures = 3;
+        let u = Upstream::new(&config, None);
+        u.report(0, Outcome::Failure("refused"));
+        u.report(0, Outcome::Failure("refused"));
+        u.report(0, Outcome::Success);
+        u.report(0, Outcome::Failure("refused"));
+        u.report(0, Outcome::Failure("refused"));
+        assert!(!u.servers()[0].is_ejected(now_ms()), "a success restarts the count");
+        u.report(0, Outcome::Failure("refused"));
+        assert!(u.servers()[0].is_ejected(now_ms()));
+        for _ in 0..3 {
+            u.report(1, Outcome::Failure("refused"));
+        }
+        for _ in 0..3 {
+            u.report(2, Outcome::Failure("refused"));
+        }
+        let ejected = u.servers().iter().filter(|s| s.is_ejected(now_ms())).count();
+        assert_eq!(ejected, 2, "max_ejected_percent 50 of 4 servers");
+        assert_eq!(picks(&u, 10), [0, 0, 5, 5]);
+    }
+
+    #[test]
+    fn ejections_double_for_repeat_offenders_up_to_five_minutes() {
+        let base = Duration::from_secs(30);
+        assert_eq!(ejection_time(base, 1), base);
+        assert_eq!(ejection_time(base, 2), Duration::from_secs(60));
+        assert_eq!(ejection_time(base, 3), Duration::from_secs(120));
+        assert_eq!(ejection_time(base, 5), MAX_EJECTION);
+        assert_eq!(ejection_time(base, 40), MAX_EJECTION);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_ejection_ends_after_its_time_and_a_repeat_lasts_twice_as_long() {
+        let mut config = upstream(2, None);
+        config.outlier.consecutive_failures = 1;
+        config.outlier.ejection = Duration::from_secs(10);
+        let u = Upstream::new(&config, None);
+        u.report(0, Outcome::Failure("refused"));
+        tokio::time::advance(Duration::from_secs(9)).await;
+        assert!(u.servers()[0].is_ejected(now_ms()));
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert!(!u.servers()[0].is_ejected(now_ms()));
+        assert!(u.servers()[0].ejection_over(now_ms()));
+        assert!(u.servers()[0].end_ejection(now_ms()));
+        u.report(0, Outcome::Failure("refused again"));
+        tokio::time::advance(Duration::from_secs(19)).await;
+        assert!(u.servers()[0].is_ejected(now_ms()), "the second ejection lasts 20 s");
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert!(!u.servers()[0].is_ejected(now_ms()));
+    }
+}

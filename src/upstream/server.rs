@@ -239,3 +239,91 @@ impl Drop for Active {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::outlier::Outcome;
+    use super::super::testing::{picks, upstream};
+    use super::*;
+
+    #[test]
+    fn health_results_need_rise_successes_and_fall_failures_in_a_row() {
+        let u = Upstream::new(&upstream(1, None), None);
+        let s = &u.servers()[0];
+        assert_eq!(s.record_check(false, 2, 3), None);
+        assert_eq!(s.record_check(false, 2, 3), None);
+        assert_eq!(s.record_check(true, 2, 3), None, "a success breaks the failure run");
+        assert_eq!(s.record_check(false, 2, 3), None);
+        assert_eq!(s.record_check(false, 2, 3), None);
+        assert_eq!(s.record_check(false, 2, 3), Some(true));
+        assert_eq!(s.record_check(false, 2, 3), Some(true));
+        assert_eq!(s.record_check(true, 2, 3), None);
+        assert_eq!(s.record_check(true, 2, 3), Some(false));
+        // An ejection restarts the success run: passing checks end it early only after `rise` more.
+        let mut config = upstream(2, None);
+        config.outlier.consecutive_failures = 1;
+        let u = Upstream::new(&config, None);
+        let s = &u.servers()[0];
+        for _ in 0..5 {
+            s.record_check(true, 3, 3);
+        }
+        u.report(0, Outcome::Failure("refused"));
+        assert!(s.is_ejected(now_ms()));
+        assert_eq!(s.record_check(true, 3, 3), None);
+        assert_eq!(s.record_check(true, 3, 3), None);
+        assert_eq!(s.record_check(true, 3, 3), Some(false));
+    }
+
+    #[test]
+    fn ramp_share_grows_from_a_tenth_to_full() {
+        let d = Duration::from_secs(30);
+        assert_eq!(ramp_share(Duration::ZERO, d), 100);
+        assert_eq!(ramp_share(Duration::from_secs(15), d), 500);
+        assert_eq!(ramp_share(Duration::from_secs(30), d), FULL);
+        assert_eq!(ramp_share(Duration::from_secs(1), Duration::ZERO), FULL);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn slow_start_ramps_a_returning_server() {
+        let mut config = upstream(2, None);
+        config.slow_start = Some(Duration::from_secs(10));
+        let u = Upstream::new(&config, None);
+        u.servers()[1].set_down(true);
+        u.servers()[1].set_down(false);
+        let early = picks(&u, 10_000);
+        assert!(early[1] < 1_500, "{early:?}: about 10 % of its share at first");
+        tokio::time::advance(Duration::from_secs(5)).await;
+        let half = picks(&u, 10_000);
+        assert!((2_500..4_200).contains(&half[1]), "{half:?}");
+        tokio::time::advance(Duration::from_secs(5)).await;
+        let full = picks(&u, 10_000);
+        assert!((4_800..=5_200).contains(&full[1]), "{full:?}");
+    }
+
+    #[test]
+    fn registered_sessions_are_shed_one_at_a_time() {
+        let u = Upstream::new(&upstream(1, None), None);
+        let signals: Vec<Arc<StopSignal>> = (0..3)
+            .map(|_| Arc::new(StopSignal::new(tokio_util::sync::CancellationToken::new())))
+            .collect();
+        let mut held: Vec<Active> = signals
+            .iter()
+            .enumerate()
+            .map(|(id, s)| {
+                let mut a = u.connect_to(0).expect("room");
+                a.register(id as u64, s.clone());
+                a
+            })
+            .collect();
+        assert_eq!(u.servers()[0].sessions(), 3);
+        assert!(u.servers()[0].shed_one(ShedReason::Rebalancing));
+        let shed: Vec<_> = signals.iter().filter(|s| s.token().is_cancelled()).collect();
+        assert_eq!(shed.len(), 1);
+        assert_eq!(shed[0].reason(), Some("rebalancing connections"));
+        held.pop();
+        assert!(u.servers()[0].sessions() <= 2);
+        drop(held);
+        assert_eq!(u.servers()[0].sessions(), 0);
+        assert!(!u.servers()[0].shed_one(ShedReason::Draining));
+    }
+}

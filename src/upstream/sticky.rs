@@ -85,3 +85,38 @@ pub(super) fn cookie_id(upstream: &config::Upstream, server: &str) -> String {
     let digest = sha.finalize();
     digest[..8].iter().map(|b| format!("{b:02x}")).collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::super::testing::upstream;
+    use super::*;
+
+    #[test]
+    fn cookie_ids_are_keyed_stable_and_reveal_no_address() {
+        let cookie = |secret: &str| {
+            config::Sticky::Cookie(config::StickyCookie {
+                name: "SERVERID".into(),
+                path: "/".into(),
+                max_age: None,
+                forward_cookie: false,
+                secret: secret.into(),
+            })
+        };
+        let a = Upstream::new(&upstream(2, Some(cookie("s1"))), None);
+        let again = Upstream::new(&upstream(2, Some(cookie("s1"))), None);
+        let other_key = Upstream::new(&upstream(2, Some(cookie("s2"))), None);
+        let id = a.cookie_id(&a.servers()[1]).expect("listed").to_string();
+        assert_eq!(id.len(), 16);
+        assert!(!id.contains("9001"));
+        assert_eq!(again.cookie_id(&again.servers()[1]), Some(id.as_str()));
+        assert_ne!(other_key.cookie_id(&other_key.servers()[1]), Some(id.as_str()));
+        // A new secret on reload renames the servers that stay.
+        let reloaded = Upstream::new(&upstream(2, Some(cookie("s2"))), Some(&a));
+        assert!(Arc::ptr_eq(&reloaded.servers()[1], &a.servers()[1]));
+        assert_eq!(reloaded.server_by_cookie(id.as_bytes()), None);
+        assert_eq!(a.server_by_cookie(id.as_bytes()), Some(1));
+        assert_eq!(a.server_by_cookie(b"nope"), None);
+    }
+}
