@@ -9,9 +9,8 @@ use std::io::Write as _;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use socket2::{Domain, Socket, Type};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
 use support::binary::Binary;
@@ -63,35 +62,6 @@ impl Wire {
                 (n.clone(), v.to_string())
             })
             .collect()
-    }
-}
-
-/// A backend whose accept queue is full: connecting to it hangs, so the connect timeout runs out.
-struct FullBackend {
-    addr: SocketAddr,
-    _listener: Socket,
-    _fillers: Vec<TcpStream>,
-}
-
-async fn full_backend() -> FullBackend {
-    let listener = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
-    listener
-        .bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
-        .expect("bind");
-    listener.listen(0).expect("listen");
-    let addr = listener.local_addr().ok().and_then(|a| a.as_socket()).expect("addr");
-    let mut fillers = Vec::new();
-    for _ in 0..8 {
-        if let Ok(Ok(s)) = tokio::time::timeout(Duration::from_millis(200), TcpStream::connect(addr)).await {
-            fillers.push(s);
-        }
-    }
-    let probe = tokio::time::timeout(Duration::from_millis(300), TcpStream::connect(addr)).await;
-    assert!(probe.is_err(), "the accept queue should be full, so a connect hangs");
-    FullBackend {
-        addr,
-        _listener: listener,
-        _fillers: fillers,
     }
 }
 
@@ -172,7 +142,7 @@ async fn refusing_backend_gets_the_same_502_on_both_paths_without_its_address() 
 
 #[tokio::test]
 async fn timing_out_backend_gets_the_same_504_on_both_paths_without_its_address() {
-    let full = full_backend().await;
+    let full = FullBackend::start().await;
     let (upgrade, plain) = both_answers(full.addr).await;
     assert_same_shape(
         &upgrade,

@@ -846,21 +846,8 @@ async fn round_robin_cycles_over_three_backends() {
 /// A backend whose accept queue is full drops new SYNs, so connecting to it hangs: the connect timeout gives 504.
 #[tokio::test]
 async fn backend_connect_timeout_gets_504() {
-    use socket2::{Domain, Socket, Type};
-    let full = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
-    full.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into()).expect("bind");
-    full.listen(0).expect("listen");
-    let addr = full.local_addr().ok().and_then(|a| a.as_socket()).expect("addr");
-    // Connections the backend never accepts fill its queue.
-    let mut fillers = Vec::new();
-    for _ in 0..8 {
-        if let Ok(Ok(s)) = tokio::time::timeout(Duration::from_millis(200), TcpStream::connect(addr)).await {
-            fillers.push(s);
-        }
-    }
-    let probe = tokio::time::timeout(Duration::from_millis(300), TcpStream::connect(addr)).await;
-    assert!(probe.is_err(), "the accept queue should be full, so a connect hangs");
-
+    let full = FullBackend::start().await;
+    let addr = full.addr;
     let proxy = Proxy::start_with(&[addr], |c| c.upstreams[0].connect_timeout = Duration::from_millis(500));
     let started = Instant::now();
     let reply = exchange(proxy.addr, upgrade_request("/", "").as_bytes()).await;

@@ -101,14 +101,13 @@ async fn permessage_deflate_negotiates_end_to_end_with_python_websockets() {
 // Tomcat 10 (JSR 356)
 // ---------------------------------------------------------------------------------------------------------------
 
-/// Text and binary echo (small and 70 000-byte messages, and a ping) on `path` through the proxy.
-async fn check_echo(proxy: &Proxy, path: &str) {
-    let mut ws = connect(&proxy.url(path)).await;
+/// Small and 70 000-byte text (with multi-byte characters) and binary messages, each echoed intact.
+async fn echo_texts_and_binaries(ws: &mut Client, path: &str) {
     let big = long_text(70_000);
     assert_eq!(big.len(), 70_000);
     for text in ["hello Tomcat", "ünïcødé ✓", big.as_str(), "after the big one"] {
         ws.send(Message::text(text)).await.expect("send text");
-        let echo = next_text(&mut ws).await;
+        let echo = next_text(ws).await;
         assert!(
             echo == text,
             "{path}: text echo of {} bytes came back as {} bytes",
@@ -119,7 +118,7 @@ async fn check_echo(proxy: &Proxy, path: &str) {
     let binary: Vec<u8> = (0..70_000u32).map(|i| (i * 7 % 251) as u8).collect();
     for payload in [vec![0u8, 1, 2, 255, 254], binary] {
         ws.send(Message::binary(payload.clone())).await.expect("send binary");
-        match next_message(&mut ws).await {
+        match next_message(ws).await {
             Message::Binary(b) => assert!(
                 b[..] == payload[..],
                 "{path}: binary echo of {} bytes came back as {} different bytes",
@@ -129,6 +128,12 @@ async fn check_echo(proxy: &Proxy, path: &str) {
             other => panic!("{path}: expected a binary echo, got {other:?}"),
         }
     }
+}
+
+/// Text and binary echo (small and 70 000-byte messages, and a ping) on `path` through the proxy.
+async fn check_echo(proxy: &Proxy, path: &str) {
+    let mut ws = connect(&proxy.url(path)).await;
+    echo_texts_and_binaries(&mut ws, path).await;
     // Tomcat answers a ping by itself.
     ws.send(Message::Ping(WsBytes::from_static(b"are you there")))
         .await
@@ -257,31 +262,7 @@ async fn tomcat_jsr356_echo_through_wsgate() {
 /// close 1000, on `path` through the proxy.
 async fn tomcat_echo(proxy: &Proxy, path: &str) {
     let mut ws = connect(&proxy.url(path)).await;
-    let big = long_text(70_000);
-    assert_eq!(big.len(), 70_000);
-    for text in ["hello Tomcat", "ünïcødé ✓", big.as_str(), "after the big one"] {
-        ws.send(Message::text(text)).await.expect("send text");
-        let echo = next_text(&mut ws).await;
-        assert!(
-            echo == text,
-            "{path}: text echo of {} bytes came back as {} bytes",
-            text.len(),
-            echo.len()
-        );
-    }
-    let binary: Vec<u8> = (0..70_000u32).map(|i| (i * 7 % 251) as u8).collect();
-    for payload in [vec![0u8, 1, 2, 255, 254], binary] {
-        ws.send(Message::binary(payload.clone())).await.expect("send binary");
-        match next_message(&mut ws).await {
-            Message::Binary(b) => assert!(
-                b[..] == payload[..],
-                "{path}: binary echo of {} bytes came back as {} different bytes",
-                payload.len(),
-                b.len()
-            ),
-            other => panic!("{path}: expected a binary echo, got {other:?}"),
-        }
-    }
+    echo_texts_and_binaries(&mut ws, path).await;
     // Tomcat answers a ping by itself; the pong comes back through wsgate.
     ws.send(Message::Ping(WsBytes::from_static(b"are you there")))
         .await

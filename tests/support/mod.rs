@@ -363,6 +363,39 @@ pub async fn next_text(ws: &mut Client) -> String {
     }
 }
 
+/// A backend whose accept queue is full: it drops new SYNs, so connecting to it hangs until the connect timeout.
+pub struct FullBackend {
+    pub addr: SocketAddr,
+    _listener: socket2::Socket,
+    /// Connections the backend never accepts, filling its queue.
+    _fillers: Vec<TcpStream>,
+}
+
+impl FullBackend {
+    pub async fn start() -> FullBackend {
+        use socket2::{Domain, Socket, Type};
+        let listener = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
+        listener
+            .bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+            .expect("bind");
+        listener.listen(0).expect("listen");
+        let addr = listener.local_addr().ok().and_then(|a| a.as_socket()).expect("addr");
+        let mut fillers = Vec::new();
+        for _ in 0..8 {
+            if let Ok(Ok(s)) = tokio::time::timeout(Duration::from_millis(200), TcpStream::connect(addr)).await {
+                fillers.push(s);
+            }
+        }
+        let probe = tokio::time::timeout(Duration::from_millis(300), TcpStream::connect(addr)).await;
+        assert!(probe.is_err(), "the accept queue should be full, so a connect hangs");
+        FullBackend {
+            addr,
+            _listener: listener,
+            _fillers: fillers,
+        }
+    }
+}
+
 /// A valid upgrade request for `path` with extra header lines (each ending in `\r\n`).
 pub fn upgrade_request(path: &str, extra: &str) -> String {
     format!(
