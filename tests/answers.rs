@@ -283,3 +283,33 @@ fn tempfile() -> (std::path::PathBuf, std::fs::File) {
     let file = std::fs::File::create(&path).expect("create config");
     (path, file)
 }
+
+/// Plain HTTP through hyper keeps the case of header names both ways, as the upgrade path passes heads on: the
+/// backend sees the client's names as sent (the forwarding headers wsgate adds in title case), and the client the
+/// backend's.
+#[tokio::test]
+async fn plain_requests_and_answers_keep_their_header_case() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let backend = listener.local_addr().expect("addr");
+    let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel();
+    let _task = tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let (head, _) = support::raw::read_head(&mut stream).await;
+            let _ = seen_tx.send(head);
+            let _ = stream
+                .write_all(b"HTTP/1.1 200 OK\r\nX-Custom-CASE: yes\r\nCONTENT-length: 2\r\n\r\nok")
+                .await;
+        }
+    });
+    let proxy = Proxy::start(&[backend]);
+    let answer = raw_exchange(
+        proxy.addr,
+        b"GET /case HTTP/1.1\r\nHost: test.local\r\nx-MiXeD-Name: 1\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    let request = within("the forwarded request", seen.recv()).await.expect("a request");
+    assert!(request.contains("\r\nx-MiXeD-Name: 1\r\n"), "{request}");
+    assert!(request.contains("\r\nX-Forwarded-For: 127.0.0.1\r\n"), "{request}");
+    assert!(answer.contains("\r\nX-Custom-CASE: yes\r\n"), "{answer}");
+    assert!(answer.ends_with("\r\n\r\nok"), "{answer}");
+}

@@ -23,7 +23,7 @@ use crate::relay;
 use crate::route;
 use crate::signal::StopSignal;
 use crate::state::{Shared, Snapshot};
-use crate::upstream::{self, Active, Upstream, UpstreamError};
+use crate::upstream::{self, Active, Attempts, Upstream, UpstreamError};
 use refusal::Refusal;
 
 /// A client connection just accepted.
@@ -377,12 +377,9 @@ async fn open_backend(
     prepared: &Prepared,
     record: &mut ConnectionRecord,
 ) -> Result<Opened, Refusal> {
-    let mut attempts = upstream::Attempts::start(upstream, prepared.choice)?;
+    let mut attempts = start_tries(upstream, prepared.choice)?;
     loop {
-        let (i, active) = attempts.next_server().map_err(|error| Refusal::Upstream {
-            error,
-            tries: attempts.tries(),
-        })?;
+        let (i, active) = next_try(&mut attempts)?;
         let server = active.server().address;
         record.server = Some(server);
         let error = match upstream::connect(server, upstream.config.connect_timeout).await {
@@ -412,11 +409,28 @@ async fn open_backend(
                 }
             }
         };
-        let tries = attempts.tries();
-        attempts
-            .failed(i, error)
-            .map_err(|error| Refusal::Upstream { error, tries })?;
+        failed_try(&mut attempts, i, error)?;
     }
+}
+
+/// Starts a request's tries of the upstream's servers; the refusal when it can take no request now.
+fn start_tries(upstream: &Upstream, choice: upstream::Choice) -> Result<Attempts<'_>, Refusal> {
+    Attempts::start(upstream, choice).map_err(|error| Refusal::upstream(error, 0))
+}
+
+/// The next server to try and its counted connection; the refusal when none is left.
+fn next_try(attempts: &mut Attempts<'_>) -> Result<(usize, Active), Refusal> {
+    attempts
+        .next_server()
+        .map_err(|error| Refusal::upstream(error, attempts.tries()))
+}
+
+/// Server `i` failed: `Ok` when another server may be tried, else the refusal.
+fn failed_try(attempts: &mut Attempts<'_>, i: usize, error: UpstreamError) -> Result<(), Refusal> {
+    let tries = attempts.tries();
+    attempts
+        .failed(i, error)
+        .map_err(|error| Refusal::upstream(error, tries))
 }
 
 enum Exchange {

@@ -12,7 +12,7 @@
 
 use std::convert::Infallible;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU16, AtomicU32, AtomicU64, Ordering};
@@ -29,7 +29,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::Mutex;
 
-use super::Refusal;
+use super::{Refusal, failed_try, next_try, start_tries};
 use crate::config::{Route, Sticky};
 use crate::http::handshake::{self, HandshakeError, Inspected, without_cookie};
 use crate::http::headers::{drop_when_forwarding, has_token};
@@ -38,7 +38,6 @@ use crate::observe::ConnectionRecord;
 use crate::route;
 use crate::state::{Shared, Snapshot};
 use crate::upstream::{self, Active, Choice, Upstream, UpstreamError};
-use std::net::IpAddr;
 
 type Body = Either<Incoming, Full<Bytes>>;
 
@@ -72,9 +71,11 @@ pub(super) async fn serve(
         let state = state.clone();
         hyper::service::service_fn(move |req| forward(state.clone(), req))
     };
-    // Header names in title case, as the upgrade path writes them (wsgate's own answers look the same on both).
+    // Header names keep the case they were sent in, both ways (as the upgrade path passes heads on); names without
+    // one, as in wsgate's own answers, are written in title case, as the upgrade path writes them.
     let connection = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
+        .preserve_header_case(true)
         .title_case_headers(true)
         .header_read_timeout(handshake_timeout)
         .serve_connection(io, service)
@@ -103,9 +104,7 @@ pub(super) async fn serve(
     };
     let switched = state.switched.lock().await.take();
     if let Some(switched) = switched {
-        record.server = Some(switched.server.server().address);
-        record.route = Some(switched.route);
-        record.upstream = Some(state.snapshot.config.routes[switched.route].upstream);
+        // `last` already names its route, upstream and server: the upgrade was the connection's last request.
         let route = &state.snapshot.config.routes[switched.route];
         record.end = relay_upgraded(switched, &shared, route, record).await;
     }
@@ -200,6 +199,8 @@ struct Backend {
     upstream: usize,
     server: Active,
     sender: SendRequest<Incoming>,
+    /// Servers tried to open it.
+    tries: usize,
 }
 
 /// A plain request's route, seen through hyper.
@@ -244,26 +245,34 @@ impl State {
         })
     }
 
-    /// Notes what the request goes to, for the access log line.
-    async fn note(&self, target: Option<Target>, server: Option<SocketAddr>) {
-        let mut last = self.last.lock().await;
-        if let Some(target) = target {
-            last.route = Some(target.route);
-            last.upstream = Some(target.upstream);
-            last.server = None;
-        }
-        if server.is_some() {
-            last.server = server;
-        }
+    /// Notes a new request's route and upstream (none for a request without a route), for the access log line.
+    async fn note_target(&self, target: Option<Target>) {
+        *self.last.lock().await = Last {
+            route: target.map(|t| t.route),
+            upstream: target.map(|t| t.upstream),
+            server: None,
+        };
     }
 
-    /// The answer to a refused request, with a log line that says why (the answer itself names nothing internal).
+    /// Notes the server the request goes to.
+    async fn note_server(&self, server: SocketAddr) {
+        self.last.lock().await.server = Some(server);
+    }
+
+    /// The answer to a refused request, with a log line that says why (the answer itself names nothing internal):
+    /// at debug level for what the client caused, which a client may cause many times over.
     async fn refused(&self, refusal: Refusal) -> Response<Body> {
-        if let Refusal::Upstream { error, .. } = &refusal {
-            self.note(None, error.server()).await;
+        if let Refusal::Upstream { error, .. } = &refusal
+            && let Some(server) = error.server()
+        {
+            self.note_server(server).await;
         }
         let answer = refusal.answer();
-        tracing::info!(id = self.id, status = answer.status, reason = %refusal, "plain request refused");
+        if refusal.by_client() {
+            tracing::debug!(id = self.id, status = answer.status, reason = %refusal, "plain request refused");
+        } else {
+            tracing::info!(id = self.id, status = answer.status, reason = %refusal, "plain request refused");
+        }
         answer.to_response().map(Either::Right)
     }
 
@@ -311,7 +320,7 @@ async fn forward(state: Arc<State>, mut req: Request<Incoming>) -> Result<Respon
         .iter()
         .any(|v| has_token(v.as_bytes(), "websocket"));
     let target = state.target(&req);
-    state.note(target.as_ref().ok().copied(), None).await;
+    state.note_target(target.as_ref().ok().copied()).await;
     let result = match target {
         Err(no_route) => Err(no_route),
         Ok(target) if wants_websocket => upgrade(&state, target, req).await,
@@ -355,15 +364,17 @@ async fn upgrade(state: &State, target: Target, mut req: Request<Incoming>) -> R
     let Backend {
         server: active,
         mut sender,
+        tries,
         ..
     } = open(upstream, target).await?;
     let server = active.server().address;
-    state.note(None, Some(server)).await;
+    state.note_server(server).await;
+    let refused = |error| Refusal::upstream(error, tries);
     let wait = state.snapshot.config.server.handshake_timeout;
     let mut resp = match tokio::time::timeout(wait, sender.send_request(req)).await {
         Ok(Ok(resp)) => resp,
-        Ok(Err(e)) => return Err(failed_exchange(server, e).into()),
-        Err(_) => return Err(UpstreamError::AnswerTimeout { server, after: wait }.into()),
+        Ok(Err(e)) => return Err(failed_exchange(server, e, tries)),
+        Err(_) => return Err(refused(UpstreamError::AnswerTimeout { server, after: wait })),
     };
     if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
         strip_hop_by_hop(resp.headers_mut(), false);
@@ -372,14 +383,16 @@ async fn upgrade(state: &State, target: Target, mut req: Request<Incoming>) -> R
     let mut accepts = resp.headers().get_all("sec-websocket-accept").iter();
     if !matches!((accepts.next(), accepts.next()), (Some(a), None) if a.as_bytes() == accept) {
         let reason = handshake::ResponseError::BadAccept.to_string();
-        return Err(UpstreamError::BadAnswer { server, reason }.into());
+        return Err(refused(UpstreamError::BadAnswer { server, reason }));
     }
-    let lost = |source| UpstreamError::Lost { server, source };
+    let lost = |source| refused(UpstreamError::Lost { server, source });
     let backend_side = hyper::upgrade::on(&mut resp)
         .await
         .map_err(|e| lost(io::Error::other(e)))?;
     let Ok(parts) = backend_side.downcast::<TokioIo<TcpStream>>() else {
-        return Err(lost(io::Error::other("upgraded backend connection of an unexpected type")).into());
+        return Err(lost(io::Error::other(
+            "upgraded backend connection of an unexpected type",
+        )));
     };
     let deflate = handshake::negotiates_deflate(
         resp.headers()
@@ -400,10 +413,12 @@ async fn upgrade(state: &State, target: Target, mut req: Request<Incoming>) -> R
     Ok(Response::from_parts(head, Either::Right(Full::new(Bytes::new()))))
 }
 
-/// A request exchange with `server` that hyper gave up on: an answer it could not parse is a bad answer, anything
-/// else a connection lost before the answer.
-fn failed_exchange(server: SocketAddr, e: hyper::Error) -> UpstreamError {
-    if e.is_parse() || e.is_parse_status() {
+/// A request exchange with `server` that hyper gave up on, after `tries` servers: the client's own request body
+/// failing is the client's doing; an answer hyper could not parse is a bad answer; anything else a lost connection.
+fn failed_exchange(server: SocketAddr, e: hyper::Error, tries: usize) -> Refusal {
+    let error = if e.is_user() {
+        return Refusal::ClientBody(e.to_string());
+    } else if e.is_parse() || e.is_parse_status() {
         UpstreamError::BadAnswer {
             server,
             reason: e.to_string(),
@@ -413,7 +428,8 @@ fn failed_exchange(server: SocketAddr, e: hyper::Error) -> UpstreamError {
             server,
             source: io::Error::other(e),
         }
-    }
+    };
+    Refusal::upstream(error, tries)
 }
 
 /// The request head as the client sent it, for the fast path's validation.
@@ -466,7 +482,9 @@ async fn send(state: &State, target: Target, mut req: Request<Incoming>) -> Resu
             continue;
         };
         let server = b.server.server().address;
-        state.note(None, Some(server)).await;
+        state.note_server(server).await;
+        // Servers tried for this request: those tried to open the connection, or the one it reuses.
+        let tries = if reopened { b.tries } else { 1 };
         match b.sender.try_send_request(req).await {
             Ok(mut resp) => {
                 add_sticky_cookie(&mut resp, upstream, target.choice, &b.server);
@@ -477,7 +495,7 @@ async fn send(state: &State, target: Target, mut req: Request<Incoming>) -> Resu
                 match e.take_message() {
                     // Never sent: the backend closed its idle connection under us; one fresh try.
                     Some(unsent) if !reopened => req = unsent,
-                    _ => return Err(failed_exchange(server, e.into_error()).into()),
+                    _ => return Err(failed_exchange(server, e.into_error(), tries)),
                 }
             }
         }
@@ -486,16 +504,13 @@ async fn send(state: &State, target: Target, mut req: Request<Incoming>) -> Resu
 
 /// Opens a backend connection for plain HTTP: servers tried in turn as the upstream's retries allow.
 async fn open(upstream: &Upstream, target: Target) -> Result<Backend, Refusal> {
-    let mut attempts = upstream::Attempts::start(upstream, target.choice)?;
+    let mut attempts = start_tries(upstream, target.choice)?;
     loop {
-        let (i, active) = attempts.next_server().map_err(|error| Refusal::Upstream {
-            error,
-            tries: attempts.tries(),
-        })?;
+        let (i, active) = next_try(&mut attempts)?;
         let server = active.server().address;
         let error = match upstream::connect(server, upstream.config.connect_timeout).await {
             Err(e) => e,
-            Ok(stream) => match hyper::client::conn::http1::handshake(TokioIo::new(stream)).await {
+            Ok(stream) => match client_handshake(stream).await {
                 Ok((sender, conn)) => {
                     // The connection task ends when `sender` is dropped with the client's session, or when the
                     // backend closes it.
@@ -504,6 +519,7 @@ async fn open(upstream: &Upstream, target: Target) -> Result<Backend, Refusal> {
                         upstream: target.upstream,
                         server: active,
                         sender,
+                        tries: attempts.tries(),
                     });
                 }
                 Err(e) => UpstreamError::Lost {
@@ -512,11 +528,23 @@ async fn open(upstream: &Upstream, target: Target) -> Result<Backend, Refusal> {
                 },
             },
         };
-        let tries = attempts.tries();
-        attempts
-            .failed(i, error)
-            .map_err(|error| Refusal::Upstream { error, tries })?;
+        failed_try(&mut attempts, i, error)?;
     }
+}
+
+/// Starts HTTP/1.1 on a backend connection: header names keep the case the client sent (those wsgate adds are in
+/// title case, as on the upgrade path), and the answer's keep theirs.
+async fn client_handshake(
+    stream: TcpStream,
+) -> hyper::Result<(
+    SendRequest<Incoming>,
+    hyper::client::conn::http1::Connection<TokioIo<TcpStream>, Incoming>,
+)> {
+    hyper::client::conn::http1::Builder::new()
+        .preserve_header_case(true)
+        .title_case_headers(true)
+        .handshake(TokioIo::new(stream))
+        .await
 }
 
 fn rewrite_request(req: &mut Request<Incoming>, client_ip: IpAddr) {

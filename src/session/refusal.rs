@@ -24,6 +24,9 @@ pub(crate) enum Refusal {
     /// No usable backend connection, after `tries` servers.
     #[error("{error}{}", tried(*.tries))]
     Upstream { error: UpstreamError, tries: usize },
+    /// The client's request body broke off while it was being forwarded (plain HTTP).
+    #[error("client request body failed: {0}")]
+    ClientBody(String),
 }
 
 fn tried(tries: usize) -> String {
@@ -34,13 +37,16 @@ fn tried(tries: usize) -> String {
     }
 }
 
-impl From<UpstreamError> for Refusal {
-    fn from(error: UpstreamError) -> Refusal {
-        Refusal::Upstream { error, tries: 0 }
-    }
-}
-
 impl Refusal {
+    pub(crate) fn upstream(error: UpstreamError, tries: usize) -> Refusal {
+        Refusal::Upstream { error, tries }
+    }
+
+    /// Whether the client caused it (the plain path logs those at debug level only: a client can cause many).
+    pub(crate) fn by_client(&self) -> bool {
+        !matches!(self, Self::Upstream { .. })
+    }
+
     pub(crate) fn no_route(req: &impl RequestView) -> Refusal {
         let text = |b: Option<&[u8]>| {
             String::from_utf8_lossy(b.unwrap_or(b"-"))
@@ -67,6 +73,7 @@ impl Refusal {
             Self::Upstream { error, .. } => {
                 Answer::new(error.status(), error.public_reason()).with_retry_after(error.retry_after())
             }
+            Self::ClientBody(_) => Answer::new(400, "request body not received").closing(),
         }
     }
 }

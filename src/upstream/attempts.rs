@@ -69,12 +69,15 @@ impl Upstream {
 }
 
 /// The servers one request tries in turn: each at most once, at most `retries` after the first, within the
-/// upstream's retry budget. Failures feed outlier detection.
+/// upstream's retry budget. Failures the server caused feed outlier detection.
 #[derive(Debug)]
 pub struct Attempts<'a> {
     upstream: &'a Upstream,
     choice: Choice,
+    /// Servers picked, in order (a server found full once picked is among them, as it is not tried again).
     tried: Vec<usize>,
+    /// Servers actually given a connection to try.
+    contacted: usize,
     pending: Pending,
     last: Option<UpstreamError>,
 }
@@ -87,6 +90,7 @@ impl<'a> Attempts<'a> {
             upstream,
             choice,
             tried: Vec::with_capacity(2),
+            contacted: 0,
             pending,
             last: None,
         })
@@ -112,7 +116,10 @@ impl<'a> Attempts<'a> {
             };
             self.tried.push(i);
             match self.upstream.connect_to(i) {
-                Some(active) => return Ok((i, active)),
+                Some(active) => {
+                    self.contacted += 1;
+                    return Ok((i, active));
+                }
                 // The whole upstream is full: no other server can take it either.
                 None if self.upstream.is_full() => return Err(UpstreamError::Unavailable(Unavailable::Full)),
                 // This server filled up since it was picked: another may have room.
@@ -127,9 +134,9 @@ impl<'a> Attempts<'a> {
             .unwrap_or(UpstreamError::Unavailable(Unavailable::AllDown))
     }
 
-    /// How many servers this request has tried so far.
+    /// How many servers this request has tried to connect to so far.
     pub fn tries(&self) -> usize {
-        self.tried.len()
+        self.contacted
     }
 
     /// Server `i` failed. A failure the server caused counts toward its ejection. `Ok` when the request may go on to

@@ -7,6 +7,8 @@ use std::io;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use rustix::io::Errno;
+
 /// Why no server of an upstream can take a new connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum Unavailable {
@@ -60,7 +62,7 @@ pub enum UpstreamError {
     ConnectTimeout { server: SocketAddr, after: Duration },
     #[error("{server} did not answer within {after:?}")]
     AnswerTimeout { server: SocketAddr, after: Duration },
-    #[error("{server} closed or reset the connection before answering: {source}")]
+    #[error("connection to {server} lost: {source}")]
     Lost {
         server: SocketAddr,
         #[source]
@@ -118,7 +120,8 @@ impl UpstreamError {
     }
 
     /// Whether another server may be tried. A bad answer is not retried: the server did answer, and the request
-    /// may have had effects there; wsgate's own shortage would hit every server alike.
+    /// may have had effects there. wsgate's own shortage of descriptors or memory would hit every server alike; a
+    /// shortage of local ports is counted per destination, so another server may still have some.
     pub fn retry(&self) -> Retry {
         match self {
             Self::ConnectRefused { .. }
@@ -126,6 +129,7 @@ impl UpstreamError {
             | Self::ConnectTimeout { .. }
             | Self::AnswerTimeout { .. }
             | Self::Lost { .. } => Retry::OtherServer,
+            Self::ProxyResources { source, .. } if is_errno(source, Errno::ADDRNOTAVAIL) => Retry::OtherServer,
             Self::Unavailable(_) | Self::BadAnswer { .. } | Self::ProxyResources { .. } => Retry::No,
         }
     }
@@ -172,10 +176,6 @@ impl UpstreamError {
 /// Whether an error opening a connection is wsgate's own lack of resources rather than anything the server did:
 /// out of file descriptors (process or system), of socket buffers, of memory, or of local ports.
 pub fn is_proxy_resource(e: &io::Error) -> bool {
-    use rustix::io::Errno;
-    let Some(code) = e.raw_os_error() else {
-        return false;
-    };
     [
         Errno::MFILE,
         Errno::NFILE,
@@ -183,8 +183,12 @@ pub fn is_proxy_resource(e: &io::Error) -> bool {
         Errno::NOMEM,
         Errno::ADDRNOTAVAIL,
     ]
-    .iter()
-    .any(|errno| errno.raw_os_error() == code)
+    .into_iter()
+    .any(|errno| is_errno(e, errno))
+}
+
+fn is_errno(e: &io::Error, errno: Errno) -> bool {
+    e.raw_os_error() == Some(errno.raw_os_error())
 }
 
 #[cfg(test)]
@@ -209,6 +213,12 @@ mod tests {
             (Cause::Proxy, Retry::No, 503)
         );
         assert_eq!(emfile.retry_after(), Some(RETRY_AFTER_BUSY));
+        let no_port = io::Error::from_raw_os_error(Errno::ADDRNOTAVAIL.raw_os_error());
+        let ports = UpstreamError::connect(server(), no_port);
+        assert_eq!(
+            (ports.cause(), ports.retry(), ports.status()),
+            (Cause::Proxy, Retry::OtherServer, 503)
+        );
         let reset = UpstreamError::connect(server(), io::ErrorKind::ConnectionReset.into());
         assert_eq!((reset.cause(), reset.retry()), (Cause::Server, Retry::OtherServer));
     }

@@ -283,7 +283,8 @@ pub async fn run(
     }
 }
 
-/// Applies one probe's result to its server.
+/// Applies one probe's result to its server. A probe that could not even open its socket for lack of wsgate's own
+/// resources (file descriptors, ports, memory) says nothing of the server: its streaks stay as they are.
 fn note(
     check: &HealthCheck,
     upstream: &str,
@@ -291,6 +292,12 @@ fn note(
     shared: &UpstreamShared,
     result: Result<(), ProbeError>,
 ) {
+    if let Err(ProbeError::Connect(e)) = &result
+        && super::error::is_proxy_resource(e)
+    {
+        tracing::warn!(upstream, server = %server.name, error = %e, "health check not counted: wsgate is short of resources");
+        return;
+    }
     let wanted = server.record_check(result.is_ok(), check.rise, check.fall);
     if wanted == Some(false) && server.end_ejection(now_ms()) {
         tracing::info!(upstream, server = %server.name, "server back early: ejected -> up (health checks pass)");
@@ -321,6 +328,38 @@ pub fn unit_random() -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::{DEFAULT_FALL, DEFAULT_HEALTH_INTERVAL, DEFAULT_HEALTH_TIMEOUT, DEFAULT_RISE};
+
+    #[test]
+    fn a_probe_wsgate_could_not_open_counts_neither_way() {
+        let check = HealthCheck {
+            kind: HealthKind::Tcp,
+            path: "/".into(),
+            host: None,
+            expect_status: Vec::new(),
+            send: None,
+            interval: DEFAULT_HEALTH_INTERVAL,
+            timeout: DEFAULT_HEALTH_TIMEOUT,
+            rise: DEFAULT_RISE,
+            fall: DEFAULT_FALL,
+        };
+        let server = ServerState::new("s", SocketAddr::from(([127, 0, 0, 1], 9000)));
+        let shared = UpstreamShared::default();
+        let emfile = || Err(ProbeError::Connect(std::io::Error::from_raw_os_error(24)));
+        for _ in 0..DEFAULT_FALL * 3 {
+            note(&check, "app", &server, &shared, emfile());
+        }
+        assert!(!server.is_down(), "wsgate's own shortage marks no server down");
+        let refused = || Err(ProbeError::Connect(std::io::ErrorKind::ConnectionRefused.into()));
+        for _ in 0..DEFAULT_FALL {
+            note(&check, "app", &server, &shared, refused());
+        }
+        assert!(server.is_down(), "refusals do");
+        for _ in 0..DEFAULT_RISE * 3 {
+            note(&check, "app", &server, &shared, emfile());
+        }
+        assert!(server.is_down(), "nor brings one back up");
+    }
 
     #[test]
     fn unit_random_stays_in_range() {
