@@ -313,3 +313,19 @@ async fn plain_requests_and_answers_keep_their_header_case() {
     assert!(answer.contains("\r\nX-Custom-CASE: yes\r\n"), "{answer}");
     assert!(answer.ends_with("\r\n\r\nok"), "{answer}");
 }
+
+/// The text log format carries the same fields as the JSON one.
+#[tokio::test]
+async fn text_access_log_names_route_upstream_and_server() {
+    let ws = ws_backend("ws").await;
+    let addr = unused_addr();
+    let (listen, to) = (addr.to_string(), ws.addr.to_string());
+    let mut wsgate = Binary::spawn(["proxy", "--listen", &listen, "--to", &to]);
+    wsgate.wait_for_log(&["listening"]).await;
+    let mut client = connect(&format!("ws://{addr}/")).await;
+    assert_eq!(backend_name(&mut client).await, "ws");
+    drop(client);
+    let line = wsgate.wait_for_log(&["status=101"]).await;
+    let fields = format!("route=\"quick\" upstream=\"quick\" server=\"{}\"", ws.addr);
+    assert!(line.contains(&fields), "{line}");
+}
