@@ -59,7 +59,7 @@ pub fn find<'r>(routes: &'r [Route], listener: &str, request: &impl RequestView)
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Relay;
+    use crate::config::{Deflate, Relay};
 
     struct Req {
         host: Option<&'static str>,
@@ -100,6 +100,7 @@ mod tests {
             upstream: 0,
             relay: Relay::tunnel(),
             idle_timeout: None,
+            deflate: Deflate::Pass,
         }
     }
 

@@ -349,6 +349,7 @@ const KEYS: &[&str] = &[
     "upstream",
     "relay",
     "idle_timeout",
+    "permessage_deflate",
     "max_message_size",
     "max_frame_size",
     "messages_per_second",
@@ -533,6 +534,7 @@ const ROUTE_KEYS: &[&str] = &[
     "relay",
     "relay",
     "idle_timeout",
+    "permessage_deflate",
     "max_message_size",
     "max_frame_size",
     "messages_per_second",
@@ -645,6 +647,7 @@ const STICKIES: &[&str] = &[
     "{ cookie = \"bad name\" }",
     "{}",
 ];
+const DEFLATES: &[&str] = &["\"pass\"", "\"strip\"", "\"zip\""];
 const LOG_FORMATS: &[&str] = &["\"text\"", "\"json\""];
 const STICKY_NAMES: &[&str] = &["\"SERVERID\"", "\"X-User\"", "\"bad name\"", "\"\""];
 
@@ -657,6 +660,7 @@ fn typed(key: &str) -> &'static [&'static str] {
         "host" => HOSTS,
         "headers" => HEADER_TABLES,
         "relay" => RELAYS,
+        "permessage_deflate" => DEFLATES,
         "balance" => BALANCES,
         "hash_key" => HASH_KEYS,
         "sticky" => STICKIES,

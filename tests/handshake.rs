@@ -861,3 +861,44 @@ async fn backend_connect_timeout_gets_504() {
         "answered after {waited:?}, expected about 500ms"
     );
 }
+
+/// `permessage_deflate = "strip"` leaves the client's extension offers out of the forwarded head; a backend that
+/// accepts one anyway breaks the handshake (RFC 6455 §4.1) and gets the client a 502. With `"pass"` (the default)
+/// the offer goes through.
+#[tokio::test]
+async fn stripped_extension_offer_is_not_forwarded_and_a_backend_accepting_one_anyway_gets_502() {
+    let mut eager = raw_backend(|mut s: TcpStream| async move {
+        let _ = s
+            .write_all(
+                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                  Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\
+                  Sec-WebSocket-Extensions: permessage-deflate\r\n\r\n",
+            )
+            .await;
+        hold(s).await;
+    })
+    .await;
+    let proxy = Proxy::from_toml(&format!(
+        "[[listener]]\nname = \"l\"\naddress = \"127.0.0.1:0\"\n\
+         [[route]]\npath = \"/strip\"\nupstream = \"u\"\npermessage_deflate = \"strip\"\n\
+         [[route]]\npath = \"/pass\"\nupstream = \"u\"\n\
+         [[upstream]]\nname = \"u\"\n[[upstream.server]]\naddress = \"{}\"\n",
+        eager.addr
+    ));
+    let offer = "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n";
+
+    let reply = exchange(proxy.addr, upgrade_request("/strip", offer).as_bytes()).await;
+    let forwarded = eager.next_request().await;
+    assert!(
+        !forwarded.to_ascii_lowercase().contains("sec-websocket-extensions"),
+        "{forwarded}"
+    );
+    assert_eq!(refusal_reason(&reply, 502, "Bad Gateway"), "bad answer from upstream");
+
+    let mut conn = RawConn::open(proxy.addr).await;
+    conn.send(upgrade_request("/pass", offer).as_bytes()).await;
+    let forwarded = eager.next_request().await;
+    assert!(forwarded.contains(offer), "{forwarded}");
+    let head = conn.read_head().await;
+    assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
+}

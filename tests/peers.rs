@@ -35,8 +35,8 @@ static CPU: RwLock<()> = RwLock::const_new(());
 // Python websockets, permessage-deflate
 // ---------------------------------------------------------------------------------------------------------------
 
-#[tokio::test]
-async fn permessage_deflate_negotiates_end_to_end_with_python_websockets() {
+/// `deflate_backend.py` (Python `websockets` with permessage-deflate) on a free port, once it has said which.
+async fn python_deflate_backend() -> (tokio::process::Child, SocketAddr) {
     require_python_websockets();
     let mut backend = tokio::process::Command::new("python3")
         .arg(peers_dir().join("deflate_backend.py"))
@@ -66,7 +66,13 @@ async fn permessage_deflate_negotiates_end_to_end_with_python_websockets() {
         .trim()
         .parse()
         .unwrap_or_else(|_| panic!("the Python backend printed {line:?}, not a port"));
-    let proxy = Proxy::start(&[SocketAddr::from(([127, 0, 0, 1], port))]);
+    (backend, SocketAddr::from(([127, 0, 0, 1], port)))
+}
+
+#[tokio::test]
+async fn permessage_deflate_negotiates_end_to_end_with_python_websockets() {
+    let (mut backend, backend_addr) = python_deflate_backend().await;
+    let proxy = Proxy::start(&[backend_addr]);
 
     let client = tokio::process::Command::new("python3")
         .arg(peers_dir().join("deflate_client.py"))
@@ -95,6 +101,64 @@ async fn permessage_deflate_negotiates_end_to_end_with_python_websockets() {
         );
     }
     println!("{report}");
+}
+
+/// Frames-mode limits count wire bytes: with permessage-deflate passed through, a 70 000-byte message of one repeated
+/// byte crosses a 64 KiB `max_message_size` as a few hundred bytes. `permessage_deflate = "strip"` takes the offer
+/// out of the forwarded handshake: both sides speak uncompressed and the limit sees the real size (1009).
+#[tokio::test]
+async fn permessage_deflate_strip_makes_the_message_limit_see_real_sizes() {
+    let (_backend, backend_addr) = python_deflate_backend().await;
+    let route = |path: &str, deflate: &str| {
+        format!(
+            "[[route]]\npath = \"{path}\"\nupstream = \"py\"\nmax_message_size = \"64KiB\"\n\
+             permessage_deflate = \"{deflate}\"\n"
+        )
+    };
+    let proxy = Proxy::from_toml(&format!(
+        "[[listener]]\nname = \"l\"\naddress = \"127.0.0.1:0\"\n{}{}\
+         [[upstream]]\nname = \"py\"\n[[upstream.server]]\naddress = \"{backend_addr}\"\n",
+        route("/pass", "pass"),
+        route("/strip", "strip"),
+    ));
+    let run = |path: &str| {
+        let url = proxy.url(path);
+        async move {
+            let client = tokio::process::Command::new("python3")
+                .arg(peers_dir().join("bomb_client.py"))
+                .arg(&url)
+                .stdin(Stdio::null())
+                .kill_on_drop(true)
+                .output();
+            let out = tokio::time::timeout(PYTHON_CLIENT_WAIT, client)
+                .await
+                .unwrap_or_else(|_| panic!("bomb_client.py did not finish within {PYTHON_CLIENT_WAIT:?}"))
+                .expect("run python3 bomb_client.py");
+            assert!(out.status.success(), "bomb_client.py {url}: {}", text_of(&out.stderr));
+            let line = text_of(&out.stdout);
+            serde_json::from_str::<serde_json::Value>(line.trim())
+                .unwrap_or_else(|e| panic!("bomb_client.py printed {line:?}: {e}"))
+        }
+    };
+
+    let passed = run("/pass").await;
+    assert!(
+        passed["client_ext"]
+            .as_str()
+            .is_some_and(|e| e.contains("permessage-deflate")),
+        "{passed}"
+    );
+    assert_eq!(passed["outcome"], "echo", "compressed, it passes the limit: {passed}");
+    assert_eq!(passed["length"], 70_000, "{passed}");
+
+    let stripped = run("/strip").await;
+    assert_eq!(stripped["client_ext"], "", "the client negotiated nothing: {stripped}");
+    assert_eq!(
+        stripped["backend_ext"], "",
+        "the backend was offered nothing: {stripped}"
+    );
+    assert_eq!(stripped["outcome"], "closed", "{stripped}");
+    assert_eq!(stripped["code"], 1009, "{stripped}");
 }
 
 // ---------------------------------------------------------------------------------------------------------------

@@ -18,8 +18,8 @@ use toml::Spanned;
 use super::{
     Balance, Config, DEFAULT_CONNECT_TIMEOUT, DEFAULT_FALL, DEFAULT_HEALTH_INTERVAL, DEFAULT_HEALTH_PATH,
     DEFAULT_HEALTH_TIMEOUT, DEFAULT_REBALANCE_THRESHOLD, DEFAULT_RISE, DEFAULT_STICKY_COOKIE, DEFAULT_STICKY_PATH,
-    DEFAULT_WEIGHT, DEFAULT_WRITE_TIMEOUT, FrameRules, HTTP_STATUSES, HashKey, HealthCheck, HealthKind, HostMatch,
-    Listener, LogFormat, MAX_DRAIN_RATE, MAX_DURATION, MAX_DURATION_DAYS, MAX_EJECTION, MAX_PERCENT,
+    DEFAULT_WEIGHT, DEFAULT_WRITE_TIMEOUT, Deflate, FrameRules, HTTP_STATUSES, HashKey, HealthCheck, HealthKind,
+    HostMatch, Listener, LogFormat, MAX_DRAIN_RATE, MAX_DURATION, MAX_DURATION_DAYS, MAX_EJECTION, MAX_PERCENT,
     MAX_REBALANCE_THRESHOLD, MAX_RETRIES, MAX_RISE_FALL, MAX_WEIGHT, MAX_WORKERS, MIN_CONNECTION_LIMIT, MIN_DRAIN_RATE,
     MIN_EJECTION, MIN_HEALTH_INTERVAL, MIN_RISE_FALL, MIN_STICKY_MAX_AGE, MIN_WEIGHT, Outlier, PathMatch, Relay, Route,
     Server, ServerSettings, Sticky, StickyCookie, TunnelRules, Upstream, human_duration, parse_duration, parse_size,
@@ -182,6 +182,7 @@ struct RawRoute {
     upstream: Spanned<String>,
     relay: Option<Spanned<RawRelay>>,
     idle_timeout: Option<Spanned<Dur>>,
+    permessage_deflate: Option<Spanned<RawDeflate>>,
     // The frames relay's rules (relay = "frames" only).
     max_message_size: Option<Spanned<Size>>,
     max_frame_size: Option<Spanned<Size>>,
@@ -192,6 +193,13 @@ struct RawRoute {
     validate_utf8: Option<Spanned<bool>>,
     close_timeout: Option<Spanned<Dur>>,
     write_timeout: Option<Spanned<Dur>>,
+}
+
+#[derive(Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+enum RawDeflate {
+    Pass,
+    Strip,
 }
 
 #[derive(Deserialize, Clone, Copy, PartialEq, Eq)]
@@ -977,6 +985,10 @@ fn build_routes(
             upstream: upstream.unwrap_or(0),
             relay,
             idle_timeout: r.idle_timeout.as_ref().map(|d| d.get_ref().0),
+            deflate: match r.permessage_deflate.as_ref().map(|d| *d.get_ref()) {
+                Some(RawDeflate::Strip) => Deflate::Strip,
+                Some(RawDeflate::Pass) | None => Deflate::Pass,
+            },
         });
     }
     routes

@@ -81,6 +81,20 @@ pub struct Route {
     pub relay: Relay,
     /// Closes a relayed connection after this long without a byte either way; `None` = never.
     pub idle_timeout: Option<Duration>,
+    /// What happens to the client's offer of permessage-deflate.
+    pub deflate: Deflate,
+}
+
+/// What a route does with WebSocket extensions (in practice permessage-deflate) offered by the client.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Deflate {
+    /// The offer goes to the backend; if it accepts, compressed frames pass through as they are, and frames-mode
+    /// limits count their compressed (wire) sizes.
+    #[default]
+    Pass,
+    /// The offer is removed from the forwarded handshake: both sides speak uncompressed, so every limit and check
+    /// sees real message sizes. A backend that accepts an extension anyway is answered 502.
+    Strip,
 }
 
 /// How a route matches the request's host (the `Host` header without its port, compared case-insensitively).
@@ -670,6 +684,7 @@ impl Config {
                 upstream: 0,
                 relay: Relay::default(),
                 idle_timeout: timeouts.idle.filter(|d| !d.is_zero()),
+                deflate: Deflate::default(),
             }],
             upstreams: vec![Upstream {
                 connect_timeout: timeouts.connect,

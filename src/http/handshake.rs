@@ -109,7 +109,7 @@ pub fn inspect_request(
         Parsed::Plain { head_len } => Inspected::Plain { head_len },
         Parsed::Upgrade(head) => Inspected::Upgrade(Upgrade {
             head_len: head.head_len,
-            forward: head.forward(client_ip, proto, None),
+            forward: head.forward(client_ip, proto, Omit::default()),
             accept: head.accept(),
         }),
     })
@@ -192,25 +192,39 @@ where
     }))
 }
 
+/// The header in which a client offers WebSocket extensions.
+pub const EXTENSIONS: &str = "sec-websocket-extensions";
+
+/// What a forwarded upgrade head leaves out, besides hop-by-hop headers.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Omit<'a> {
+    /// This cookie, taken out of the `Cookie` headers (the sticky cookie).
+    pub cookie: Option<&'a str>,
+    /// The client's extension offers (`Sec-WebSocket-Extensions`).
+    pub extensions: bool,
+}
+
 impl UpgradeHead<'_, '_> {
     /// The `Sec-WebSocket-Accept` value the backend must answer with.
     pub fn accept(&self) -> [u8; 28] {
         crate::ws::accept_key(self.key)
     }
 
-    /// The head to send to the backend: hop-by-hop headers out, forwarding headers in, and, when
-    /// `remove_cookie` names one, that cookie taken out of the `Cookie` headers.
-    pub fn forward(&self, client_ip: std::net::IpAddr, proto: &'static str, remove_cookie: Option<&str>) -> Vec<u8> {
+    /// The head to send to the backend: hop-by-hop headers out, forwarding headers in, and what `omit` says left
+    /// out.
+    pub fn forward(&self, client_ip: std::net::IpAddr, proto: &'static str, omit: Omit<'_>) -> Vec<u8> {
         let mut forward = Vec::with_capacity(self.head_len + 256);
         forward.extend_from_slice(b"GET ");
         forward.extend_from_slice(self.target.as_bytes());
         forward.extend_from_slice(b" HTTP/1.1\r\n");
         for h in self.headers.iter() {
             let connection = header(self.headers, "connection");
-            if drop_when_forwarding(h.name.as_bytes(), connection, true) {
+            if drop_when_forwarding(h.name.as_bytes(), connection, true)
+                || (omit.extensions && h.name.eq_ignore_ascii_case(EXTENSIONS))
+            {
                 continue;
             }
-            match remove_cookie {
+            match omit.cookie {
                 Some(cookie) if h.name.eq_ignore_ascii_case("cookie") => {
                     let kept = without_cookie(h.value, cookie);
                     if !kept.is_empty() {
@@ -272,6 +286,8 @@ pub enum ResponseError {
     NotWebSocket,
     #[error("backend sent conflicting Content-Length / Transfer-Encoding")]
     BadFraming,
+    #[error("backend answered 101 accepting an extension that was not offered")]
+    ExtensionNotOffered,
 }
 
 /// How the body of a backend's non-101 answer ends.
@@ -327,7 +343,7 @@ pub fn inspect_response(buf: &[u8], accept: &[u8; 28]) -> Result<BackendAnswer, 
         return match (accepts.next(), accepts.next()) {
             (Some(a), None) if a.trim_ascii() == accept => Ok(BackendAnswer::Switching {
                 head_len,
-                deflate: negotiates_deflate(header(headers, "sec-websocket-extensions")),
+                deflate: negotiates_deflate(header(headers, EXTENSIONS)),
             }),
             _ => Err(ResponseError::BadAccept),
         };
@@ -563,7 +579,11 @@ mod tests {
         let Ok(Parsed::Upgrade(head)) = parse_request(req.as_bytes(), &mut storage) else {
             panic!("not an upgrade")
         };
-        let fwd = String::from_utf8(head.forward("10.1.2.3".parse().unwrap(), "http", Some("SERVERID"))).unwrap();
+        let omit = Omit {
+            cookie: Some("SERVERID"),
+            extensions: false,
+        };
+        let fwd = String::from_utf8(head.forward("10.1.2.3".parse().unwrap(), "http", omit)).unwrap();
         assert!(fwd.contains("Cookie: a=1; b=2\r\n"), "{fwd}");
         assert_eq!(fwd.matches("Cookie").count(), 1, "{fwd}");
         assert_eq!(without_cookie(b"SERVERIDX=1;SERVERID=2", "SERVERID"), b"SERVERIDX=1");

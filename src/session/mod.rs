@@ -15,9 +15,9 @@ use tokio::net::TcpStream;
 use tokio::time::{Instant, timeout};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{self, Route, Sticky};
+use crate::config::{self, Deflate, Route, Sticky};
 use crate::http::RequestView;
-use crate::http::handshake::{self, BackendAnswer, BodyEnd, MAX_HEAD_BYTES, Parsed, ResponseError, UpgradeHead};
+use crate::http::handshake::{self, BackendAnswer, BodyEnd, MAX_HEAD_BYTES, Omit, Parsed, ResponseError, UpgradeHead};
 use crate::observe::ConnectionRecord;
 use crate::relay;
 use crate::route;
@@ -116,6 +116,8 @@ async fn relay_switched(
 struct Prepared {
     head_len: usize,
     forward: Vec<u8>,
+    /// The client's extension offers were left out of `forward`: the backend may accept none.
+    extensions_stripped: bool,
     accept: [u8; 28],
     route: usize,
     choice: upstream::Choice,
@@ -161,13 +163,17 @@ fn inspect(snapshot: &Snapshot, listener: &str, buf: &[u8], client_ip: IpAddr) -
         return Err(Refusal::no_route(&view));
     };
     let upstream = &snapshot.upstreams[route.upstream];
-    let remove_cookie = match &upstream.config.sticky {
-        Some(Sticky::Cookie(c)) if !c.forward_cookie => Some(c.name.as_str()),
-        _ => None,
+    let omit = Omit {
+        cookie: match &upstream.config.sticky {
+            Some(Sticky::Cookie(c)) if !c.forward_cookie => Some(c.name.as_str()),
+            _ => None,
+        },
+        extensions: route.deflate == Deflate::Strip,
     };
     Ok(Step::Upgrade(Prepared {
         head_len: head.head_len,
-        forward: head.forward(client_ip, "http", remove_cookie),
+        forward: head.forward(client_ip, "http", omit),
+        extensions_stripped: omit.extensions,
         accept: head.accept(),
         route: routes.iter().position(|r| std::ptr::eq(r, route)).unwrap_or(0),
         choice: upstream.choose(&view, client_ip),
@@ -387,6 +393,12 @@ async fn open_backend(
             Ok(mut backend) => {
                 let exchange = exchange_heads(&mut backend, &prepared.forward, &prepared.accept);
                 match timeout(handshake_timeout, exchange).await {
+                    Ok(Ok((_, AnswerHead::Switching { deflate: true, .. }))) if prepared.extensions_stripped => {
+                        UpstreamError::BadAnswer {
+                            server,
+                            reason: ResponseError::ExtensionNotOffered.to_string(),
+                        }
+                    }
                     Ok(Ok((answer, head))) => {
                         let error_status = matches!(head, AnswerHead::Other { status, .. } if status >= 500);
                         attempts.answered(i, error_status);

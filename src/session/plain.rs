@@ -30,7 +30,7 @@ use tokio::net::TcpStream;
 use tokio::sync::Mutex;
 
 use super::{Refusal, failed_try, next_try, start_tries};
-use crate::config::{Route, Sticky};
+use crate::config::{Deflate, Route, Sticky};
 use crate::http::handshake::{self, HandshakeError, Inspected, without_cookie};
 use crate::http::headers::{drop_when_forwarding, has_token};
 use crate::http::{Forwarding, RequestView};
@@ -358,9 +358,13 @@ async fn upgrade(state: &State, target: Target, mut req: Request<Incoming>) -> R
     rewrite_request(&mut req, state.client_ip);
     let upstream = state.upstream(target);
     remove_sticky_cookie(&mut req, upstream);
+    let strip = state.snapshot.config.routes[target.route].deflate == Deflate::Strip;
     let headers = req.headers_mut();
     headers.insert(CONNECTION, HeaderValue::from_static("Upgrade"));
     headers.insert(UPGRADE, HeaderValue::from_static("websocket"));
+    if strip {
+        headers.remove(handshake::EXTENSIONS);
+    }
     let Backend {
         server: active,
         mut sender,
@@ -396,10 +400,14 @@ async fn upgrade(state: &State, target: Target, mut req: Request<Incoming>) -> R
     };
     let deflate = handshake::negotiates_deflate(
         resp.headers()
-            .get_all("sec-websocket-extensions")
+            .get_all(handshake::EXTENSIONS)
             .iter()
             .map(HeaderValue::as_bytes),
     );
+    if strip && deflate {
+        let reason = handshake::ResponseError::ExtensionNotOffered.to_string();
+        return Err(refused(UpstreamError::BadAnswer { server, reason }));
+    }
     add_sticky_cookie(&mut resp, upstream, target.choice, &active);
     *state.switched.lock().await = Some(Upgrading {
         deflate,
