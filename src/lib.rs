@@ -9,6 +9,7 @@ pub mod config;
 pub mod demo;
 pub mod http;
 mod observe;
+mod policy;
 mod relay;
 mod route;
 pub mod server;

@@ -101,6 +101,8 @@ mod tests {
             relay: Relay::tunnel(),
             idle_timeout: None,
             deflate: Deflate::Pass,
+            access: Default::default(),
+            origins: None,
         }
     }
 

@@ -188,6 +188,7 @@ pub fn start(config: Config) -> Result<Running, ServerError> {
         snapshot: ArcSwap::new(snapshot),
         draining: CancellationToken::new(),
         shutting_down: Arc::default(),
+        admission: Arc::default(),
         force_close: CancellationToken::new(),
     });
     let next_id = Arc::new(AtomicU64::new(1));

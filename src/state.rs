@@ -9,7 +9,8 @@ use std::sync::atomic::AtomicBool;
 use arc_swap::ArcSwap;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Config;
+use crate::config::{Config, Listener};
+use crate::policy::Admission;
 use crate::upstream::Upstream;
 
 /// What every session of a server shares.
@@ -22,6 +23,8 @@ pub struct Shared {
     pub draining: CancellationToken,
     /// Set just before `draining` is cancelled: what a frames-mode relay woken by it reads to know it is a shutdown.
     pub shutting_down: Arc<AtomicBool>,
+    /// The counts behind the connection limits (overall and per client), kept across reloads.
+    pub(crate) admission: Arc<Admission>,
     /// Cancelled when the drain timeout has run out: sessions still open then are closed.
     pub force_close: CancellationToken,
 }
@@ -48,12 +51,13 @@ impl Snapshot {
         Snapshot { config, upstreams }
     }
 
+    /// The listener configured on `address` (`None` once a reload has removed it).
+    pub fn listener(&self, address: SocketAddr) -> Option<&Listener> {
+        self.config.listeners.iter().find(|l| l.address == address)
+    }
+
     /// The name of the listener configured on `address` ("" once a reload has removed it).
     pub fn listener_name(&self, address: SocketAddr) -> &str {
-        let listeners = &self.config.listeners;
-        listeners
-            .iter()
-            .find(|l| l.address == address)
-            .map_or("", |l| l.name.as_str())
+        self.listener(address).map_or("", |l| l.name.as_str())
     }
 }

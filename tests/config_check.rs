@@ -350,6 +350,10 @@ const KEYS: &[&str] = &[
     "relay",
     "idle_timeout",
     "permessage_deflate",
+    "allow",
+    "deny",
+    "allowed_origins",
+    "allow_missing_origin",
     "max_message_size",
     "max_frame_size",
     "messages_per_second",
@@ -519,8 +523,24 @@ fn line() -> impl Strategy<Value = String> {
 // Sections with the keys the schema has for them, and values mostly of the type each key wants: files that get
 // past the TOML parser to the checks of values and names.
 
-const SERVER_KEYS: &[&str] = &["drain_timeout", "handshake_timeout", "log_format", "workers", "watch"];
-const LISTENER_KEYS: &[&str] = &["name", "address", "name", "address"];
+const SERVER_KEYS: &[&str] = &[
+    "drain_timeout",
+    "handshake_timeout",
+    "log_format",
+    "workers",
+    "watch",
+    "max_connections",
+];
+const LISTENER_KEYS: &[&str] = &[
+    "name",
+    "address",
+    "name",
+    "address",
+    "allow",
+    "deny",
+    "max_connections_per_ip",
+    "ipv6_prefix",
+];
 const ROUTE_KEYS: &[&str] = &[
     "name",
     "listener",
@@ -647,6 +667,23 @@ const STICKIES: &[&str] = &[
     "{ cookie = \"bad name\" }",
     "{}",
 ];
+const NETWORK_LISTS: &[&str] = &[
+    "[\"10.0.0.0/8\"]",
+    "[\"127.0.0.1\", \"::1/128\"]",
+    "[\"2001:db8::/32\", \"10.1.2.3/8\"]",
+    "[\"10.0.0.0/33\"]",
+    "[\"not an address\"]",
+    "[]",
+];
+const ORIGIN_LISTS: &[&str] = &[
+    "[\"https://app.example.com\"]",
+    "[\"https://*.example.com\", \"http://localhost:3000\"]",
+    "[\"ftp://x\"]",
+    "[\"https://a/b\"]",
+    "[\"https://a:0\"]",
+    "[\"*\"]",
+    "[]",
+];
 const DEFLATES: &[&str] = &["\"pass\"", "\"strip\"", "\"zip\""];
 const LOG_FORMATS: &[&str] = &["\"text\"", "\"json\""];
 const STICKY_NAMES: &[&str] = &["\"SERVERID\"", "\"X-User\"", "\"bad name\"", "\"\""];
@@ -680,7 +717,12 @@ fn typed(key: &str) -> &'static [&'static str] {
         | "fall"
         | "consecutive_failures"
         | "max_ejected_percent" => COUNTS,
-        "watch" | "validate_utf8" | "forward_cookie" | "backup" | "drain" | "rebalance" => BOOLS,
+        "watch" | "validate_utf8" | "forward_cookie" | "backup" | "drain" | "rebalance" | "allow_missing_origin" => {
+            BOOLS
+        }
+        "allow" | "deny" => NETWORK_LISTS,
+        "allowed_origins" => ORIGIN_LISTS,
+        "max_connections_per_ip" | "ipv6_prefix" => COUNTS,
         "kind" => HEALTH_KINDS,
         "expect_status" => STATUS_LISTS,
         "rebalance_threshold" => FRACTIONS,

@@ -11,18 +11,20 @@ use std::ops::Range;
 use std::path::Path;
 use std::time::Duration;
 
+use ipnet::IpNet;
 use serde::Deserialize;
 use serde::de::{self, Deserializer, MapAccess, Visitor};
 use toml::Spanned;
 
 use super::{
-    Balance, Config, DEFAULT_CONNECT_TIMEOUT, DEFAULT_FALL, DEFAULT_HEALTH_INTERVAL, DEFAULT_HEALTH_PATH,
-    DEFAULT_HEALTH_TIMEOUT, DEFAULT_REBALANCE_THRESHOLD, DEFAULT_RISE, DEFAULT_STICKY_COOKIE, DEFAULT_STICKY_PATH,
-    DEFAULT_WEIGHT, DEFAULT_WRITE_TIMEOUT, Deflate, FrameRules, HTTP_STATUSES, HashKey, HealthCheck, HealthKind,
-    HostMatch, Listener, LogFormat, MAX_DRAIN_RATE, MAX_DURATION, MAX_DURATION_DAYS, MAX_EJECTION, MAX_PERCENT,
-    MAX_REBALANCE_THRESHOLD, MAX_RETRIES, MAX_RISE_FALL, MAX_WEIGHT, MAX_WORKERS, MIN_CONNECTION_LIMIT, MIN_DRAIN_RATE,
-    MIN_EJECTION, MIN_HEALTH_INTERVAL, MIN_RISE_FALL, MIN_STICKY_MAX_AGE, MIN_WEIGHT, Outlier, PathMatch, Relay, Route,
-    Server, ServerSettings, Sticky, StickyCookie, TunnelRules, Upstream, human_duration, parse_duration, parse_size,
+    Access, Balance, Config, DEFAULT_CONNECT_TIMEOUT, DEFAULT_FALL, DEFAULT_HEALTH_INTERVAL, DEFAULT_HEALTH_PATH,
+    DEFAULT_HEALTH_TIMEOUT, DEFAULT_IPV6_PREFIX, DEFAULT_REBALANCE_THRESHOLD, DEFAULT_RISE, DEFAULT_STICKY_COOKIE,
+    DEFAULT_STICKY_PATH, DEFAULT_WEIGHT, DEFAULT_WRITE_TIMEOUT, Deflate, FrameRules, HTTP_STATUSES, HashKey,
+    HealthCheck, HealthKind, HostMatch, Listener, LogFormat, MAX_DRAIN_RATE, MAX_DURATION, MAX_DURATION_DAYS,
+    MAX_EJECTION, MAX_IPV6_PREFIX, MAX_PERCENT, MAX_REBALANCE_THRESHOLD, MAX_RETRIES, MAX_RISE_FALL, MAX_WEIGHT,
+    MAX_WORKERS, MIN_CONNECTION_LIMIT, MIN_DRAIN_RATE, MIN_EJECTION, MIN_HEALTH_INTERVAL, MIN_RISE_FALL,
+    MIN_STICKY_MAX_AGE, MIN_WEIGHT, OriginPattern, OriginRule, Outlier, PathMatch, Relay, Route, Server,
+    ServerSettings, Sticky, StickyCookie, TunnelRules, Upstream, human_duration, parse_duration, parse_size,
 };
 
 /// Why a config file cannot be served.
@@ -152,6 +154,7 @@ struct RawServer {
     log_format: Option<RawLogFormat>,
     workers: Option<Spanned<usize>>,
     watch: Option<bool>,
+    max_connections: Option<Spanned<u32>>,
 }
 
 #[derive(Deserialize, Clone, Copy)]
@@ -166,6 +169,12 @@ enum RawLogFormat {
 struct RawListener {
     name: Spanned<String>,
     address: Spanned<String>,
+    #[serde(default)]
+    allow: Vec<Spanned<String>>,
+    #[serde(default)]
+    deny: Vec<Spanned<String>>,
+    max_connections_per_ip: Option<Spanned<u32>>,
+    ipv6_prefix: Option<Spanned<u8>>,
 }
 
 #[derive(Deserialize)]
@@ -183,6 +192,12 @@ struct RawRoute {
     relay: Option<Spanned<RawRelay>>,
     idle_timeout: Option<Spanned<Dur>>,
     permessage_deflate: Option<Spanned<RawDeflate>>,
+    #[serde(default)]
+    allow: Vec<Spanned<String>>,
+    #[serde(default)]
+    deny: Vec<Spanned<String>>,
+    allowed_origins: Option<Vec<Spanned<String>>>,
+    allow_missing_origin: Option<Spanned<bool>>,
     // The frames relay's rules (relay = "frames" only).
     max_message_size: Option<Spanned<Size>>,
     max_frame_size: Option<Spanned<Size>>,
@@ -438,6 +453,12 @@ fn build_server(raw: &RawServer, report: &mut Report<'_>) -> ServerSettings {
         },
         workers: raw.workers.as_ref().map_or(defaults.workers, |w| *w.get_ref()),
         watch: raw.watch.unwrap_or(defaults.watch),
+        max_connections: limited(
+            &raw.max_connections,
+            "max_connections",
+            MIN_CONNECTION_LIMIT..=u32::MAX,
+            report,
+        ),
     }
 }
 
@@ -479,12 +500,136 @@ fn build_listeners(raw: &[Spanned<RawListener>], report: &mut Report<'_>) -> Vec
         if address.port() != 0 && !addresses.insert(address) {
             report.key(&l.address, "address", format!("two listeners on {address}"));
         }
+        let ipv6_prefix = match &l.ipv6_prefix {
+            Some(p) if *p.get_ref() > MAX_IPV6_PREFIX => {
+                report.key(p, "ipv6_prefix", format!("must be at most {MAX_IPV6_PREFIX}"));
+                DEFAULT_IPV6_PREFIX
+            }
+            Some(p) => *p.get_ref(),
+            None => DEFAULT_IPV6_PREFIX,
+        };
         listeners.push(Listener {
             name: l.name.get_ref().clone(),
             address,
+            access: build_access(&l.allow, &l.deny, report),
+            max_connections_per_ip: limited(
+                &l.max_connections_per_ip,
+                "max_connections_per_ip",
+                MIN_CONNECTION_LIMIT..=u32::MAX,
+                report,
+            ),
+            ipv6_prefix,
         });
     }
     listeners
+}
+
+/// An `allow` / `deny` pair: each entry a network (`10.0.0.0/8`, `2001:db8::/32`) or a single address.
+fn build_access(allow: &[Spanned<String>], deny: &[Spanned<String>], report: &mut Report<'_>) -> Access {
+    let mut nets = |list: &[Spanned<String>], key: &str| -> Vec<IpNet> {
+        list.iter()
+            .filter_map(|entry| match parse_net(entry.get_ref()) {
+                Some(net) => Some(net),
+                None => {
+                    report.key(
+                        entry,
+                        key,
+                        format!(
+                            "`{}` is not a network or an address, e.g. 10.0.0.0/8, 192.0.2.7 or 2001:db8::/32",
+                            entry.get_ref()
+                        ),
+                    );
+                    None
+                }
+            })
+            .collect()
+    };
+    Access {
+        allow: nets(allow, "allow"),
+        deny: nets(deny, "deny"),
+    }
+}
+
+/// A network as written (its host bits cleared), or a single address as the network of just it.
+fn parse_net(text: &str) -> Option<IpNet> {
+    let text = text.trim();
+    if let Ok(net) = text.parse::<IpNet>() {
+        return Some(net.trunc());
+    }
+    text.parse::<std::net::IpAddr>().ok().map(IpNet::from)
+}
+
+/// A route's `allowed_origins` and `allow_missing_origin`.
+fn build_origins(r: &RawRoute, report: &mut Report<'_>) -> Option<OriginRule> {
+    let Some(list) = &r.allowed_origins else {
+        if let Some(missing) = &r.allow_missing_origin {
+            report.key(
+                missing,
+                "allow_missing_origin",
+                "applies only with `allowed_origins` (without it every origin is let through)",
+            );
+        }
+        return None;
+    };
+    let allowed = list
+        .iter()
+        .filter_map(|entry| match parse_origin(entry.get_ref()) {
+            Ok(pattern) => Some(pattern),
+            Err(why) => {
+                report.key(entry, "allowed_origins", format!("`{}`: {why}", entry.get_ref()));
+                None
+            }
+        })
+        .collect();
+    Some(OriginRule {
+        allowed,
+        allow_missing: r.allow_missing_origin.as_ref().is_none_or(|m| *m.get_ref()),
+    })
+}
+
+/// An allowed origin: `scheme://host[:port]`, the host possibly `*.` and a domain.
+fn parse_origin(text: &str) -> Result<OriginPattern, &'static str> {
+    const EXPECTED: &str = "expected scheme://host[:port], e.g. https://app.example.com or https://*.example.com";
+    let text = text.trim().to_ascii_lowercase();
+    let (scheme, rest) = text.split_once("://").ok_or(EXPECTED)?;
+    let default_port = match scheme {
+        "https" | "wss" => 443,
+        "http" | "ws" => 80,
+        _ => return Err("the scheme must be http, https, ws or wss"),
+    };
+    if rest.contains(['/', '?', '#', '@']) {
+        return Err("an origin has no path, query or user: scheme://host[:port] only");
+    }
+    let (host, port) = split_port(rest, default_port).ok_or("the port must be a number from 1 to 65535")?;
+    let (wildcard, host) = match host.strip_prefix("*.") {
+        Some(suffix) => (true, format!(".{suffix}")),
+        None => (false, host.to_string()),
+    };
+    if host.is_empty() || host == "." || host.contains('*') {
+        return Err(EXPECTED);
+    }
+    Ok(OriginPattern {
+        scheme: scheme.to_string(),
+        host,
+        wildcard,
+        port,
+    })
+}
+
+/// `host[:port]` (the host possibly a bracketed IPv6 address) split, with `default` when no port is written.
+pub(crate) fn split_port(text: &str, default: u16) -> Option<(&str, u16)> {
+    let port_at = if text.starts_with('[') {
+        text.find(']').map(|end| end + 1)
+    } else {
+        text.find(':')
+    };
+    match port_at.map(|at| text.split_at(at)) {
+        Some((host, port)) if !port.is_empty() => {
+            let port = port.strip_prefix(':')?.parse::<u16>().ok().filter(|&p| p != 0)?;
+            Some((host, port))
+        }
+        _ => Some((text, default)),
+    }
 }
 
 fn build_upstreams(raw: &[Spanned<RawUpstream>], report: &mut Report<'_>) -> Vec<Upstream> {
@@ -989,6 +1134,8 @@ fn build_routes(
                 Some(RawDeflate::Strip) => Deflate::Strip,
                 Some(RawDeflate::Pass) | None => Deflate::Pass,
             },
+            access: build_access(&r.allow, &r.deny, report),
+            origins: build_origins(r, report),
         });
     }
     routes
@@ -1311,6 +1458,64 @@ name = "empty"
             "`max_connections`: must be at least 1, not 0",
             "`drain_rate`: must be from 1 to 100000, not 0",
             "`rebalance_threshold`: is used only with rebalance = true",
+        ];
+        assert_eq!(p.len(), expect.len(), "{p:#?}");
+        for want in expect {
+            assert!(
+                p.iter().any(|got| got.contains(want) && got.starts_with("t.toml:")),
+                "{want}\n{p:#?}"
+            );
+        }
+    }
+
+    #[test]
+    fn access_keys_build_the_model_and_bad_values_are_placed() {
+        let good = "[server]\nmax_connections = 1000\n\
+                    [[listener]]\nname = \"l\"\naddress = \"127.0.0.1:0\"\nallow = [\"10.1.2.3/8\", \"::1\"]\n\
+                    deny = [\"10.6.6.6\"]\nmax_connections_per_ip = 20\nipv6_prefix = 56\n\
+                    [[route]]\nupstream = \"app\"\nallowed_origins = [\"https://*.Example.com\", \"http://[::1]:3000\"]\n\
+                    [[upstream]]\nname = \"app\"\n[[upstream.server]]\naddress = \"127.0.0.1:9\"\n";
+        let config = parse(good, "t.toml").expect("valid");
+        assert_eq!(config.server.max_connections, Some(1000));
+        let l = &config.listeners[0];
+        let nets = |v: &[IpNet]| v.iter().map(ToString::to_string).collect::<Vec<_>>();
+        assert_eq!(nets(&l.access.allow), ["10.0.0.0/8", "::1/128"]);
+        assert_eq!(nets(&l.access.deny), ["10.6.6.6/32"]);
+        assert_eq!((l.max_connections_per_ip, l.ipv6_prefix), (Some(20), 56));
+        let origins = config.routes[0].origins.as_ref().expect("origins");
+        assert!(origins.allow_missing);
+        assert_eq!(
+            origins.allowed[0],
+            OriginPattern {
+                scheme: "https".into(),
+                host: ".example.com".into(),
+                wildcard: true,
+                port: 443
+            }
+        );
+        assert_eq!(
+            (origins.allowed[1].host.as_str(), origins.allowed[1].port),
+            ("[::1]", 3000)
+        );
+
+        let bad = "[server]\nmax_connections = 0\n\
+                   [[listener]]\nname = \"l\"\naddress = \"127.0.0.1:0\"\nallow = [\"10.0.0.0/33\"]\n\
+                   deny = [\"nowhere\"]\nmax_connections_per_ip = 0\nipv6_prefix = 129\n\
+                   [[route]]\nupstream = \"app\"\nallowed_origins = [\"ftp://x\", \"https://a/b\", \"https://a:0\", \"*\"]\n\
+                   [[route]]\nupstream = \"app\"\nallow_missing_origin = false\n\
+                   [[upstream]]\nname = \"app\"\n[[upstream.server]]\naddress = \"127.0.0.1:9\"\n";
+        let p = problems(bad);
+        let expect = [
+            "`max_connections`: must be at least 1, not 0",
+            "`allow`: `10.0.0.0/33` is not a network or an address",
+            "`deny`: `nowhere` is not a network or an address",
+            "`max_connections_per_ip`: must be at least 1, not 0",
+            "`ipv6_prefix`: must be at most 128",
+            "`allowed_origins`: `ftp://x`: the scheme must be http, https, ws or wss",
+            "`allowed_origins`: `https://a/b`: an origin has no path",
+            "`allowed_origins`: `https://a:0`: the port must be a number from 1 to 65535",
+            "`allowed_origins`: `*`: expected scheme://host[:port]",
+            "`allow_missing_origin`: applies only with `allowed_origins`",
         ];
         assert_eq!(p.len(), expect.len(), "{p:#?}");
         for want in expect {

@@ -44,6 +44,8 @@ pub struct ServerSettings {
     pub workers: usize,
     /// Reload when the config file changes (as well as on SIGHUP).
     pub watch: bool,
+    /// Client connections wsgate holds at once, over every listener; over it, new ones get 503. `None` = no limit.
+    pub max_connections: Option<u32>,
 }
 
 impl Default for ServerSettings {
@@ -54,6 +56,7 @@ impl Default for ServerSettings {
             log_format: LogFormat::Text,
             workers: DEFAULT_WORKERS,
             watch: false,
+            max_connections: None,
         }
     }
 }
@@ -63,6 +66,58 @@ impl Default for ServerSettings {
 pub struct Listener {
     pub name: String,
     pub address: SocketAddr,
+    /// Which client addresses may connect at all (403 otherwise).
+    pub access: Access,
+    /// Live connections one client (an IPv4 address, an IPv6 prefix) may hold on this listener; over it: 429.
+    pub max_connections_per_ip: Option<u32>,
+    /// IPv6 clients are counted per prefix of this length (a host usually has a whole /64).
+    pub ipv6_prefix: u8,
+}
+
+impl Listener {
+    /// A listener with no access rules or limits.
+    pub fn new(name: &str, address: SocketAddr) -> Listener {
+        Listener {
+            name: name.into(),
+            address,
+            access: Access::default(),
+            max_connections_per_ip: None,
+            ipv6_prefix: DEFAULT_IPV6_PREFIX,
+        }
+    }
+}
+
+/// The prefix length IPv6 clients are grouped by for per-IP limits.
+pub const DEFAULT_IPV6_PREFIX: u8 = 64;
+/// The longest IPv6 prefix: one address.
+pub const MAX_IPV6_PREFIX: u8 = 128;
+
+/// Client addresses let in: those in no `deny` network and, when `allow` lists any, in one of those. A client in
+/// both is denied (as in HAProxy's and Envoy's deny-first rules).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Access {
+    pub allow: Vec<ipnet::IpNet>,
+    pub deny: Vec<ipnet::IpNet>,
+}
+
+/// Which `Origin` a WebSocket upgrade may come from (browsers send it; a page from another site must not open a
+/// WebSocket with the user's cookies: cross-site WebSocket hijacking).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OriginRule {
+    pub allowed: Vec<OriginPattern>,
+    /// An upgrade without `Origin` (not from a browser) is let through.
+    pub allow_missing: bool,
+}
+
+/// One allowed origin: scheme, host (exact, or `*.` and a suffix) and port (the scheme's default when not
+/// written), all lowercase.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OriginPattern {
+    pub scheme: String,
+    /// `example.com`, or `.example.com` for `*.example.com` (any name ending in it, not `example.com` itself).
+    pub host: String,
+    pub wildcard: bool,
+    pub port: u16,
 }
 
 /// Which requests go to which upstream, and how their WebSocket connections are relayed.
@@ -83,6 +138,10 @@ pub struct Route {
     pub idle_timeout: Option<Duration>,
     /// What happens to the client's offer of permessage-deflate.
     pub deflate: Deflate,
+    /// Which client addresses may use the route (403 otherwise).
+    pub access: Access,
+    /// Which origins may open WebSockets on the route; `None` = any.
+    pub origins: Option<OriginRule>,
 }
 
 /// What a route does with WebSocket extensions (in practice permessage-deflate) offered by the client.
@@ -671,10 +730,7 @@ impl Config {
                 log_format,
                 ..ServerSettings::default()
             },
-            listeners: vec![Listener {
-                name: "quick".into(),
-                address: listen,
-            }],
+            listeners: vec![Listener::new("quick", listen)],
             routes: vec![Route {
                 name: "quick".into(),
                 listener: None,
@@ -685,6 +741,8 @@ impl Config {
                 relay: Relay::default(),
                 idle_timeout: timeouts.idle.filter(|d| !d.is_zero()),
                 deflate: Deflate::default(),
+                access: Access::default(),
+                origins: None,
             }],
             upstreams: vec![Upstream {
                 connect_timeout: timeouts.connect,

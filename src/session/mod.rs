@@ -15,10 +15,11 @@ use tokio::net::TcpStream;
 use tokio::time::{Instant, timeout};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{self, Deflate, Route, Sticky};
+use crate::config::{self, Deflate, Listener, Route, Sticky};
 use crate::http::RequestView;
 use crate::http::handshake::{self, BackendAnswer, BodyEnd, MAX_HEAD_BYTES, Omit, Parsed, ResponseError, UpgradeHead};
 use crate::observe::ConnectionRecord;
+use crate::policy::Admitted;
 use crate::relay;
 use crate::route;
 use crate::signal::StopSignal;
@@ -50,6 +51,14 @@ pub async fn session(shared: Arc<Shared>, accepted: Accepted) {
 }
 
 async fn run(shared: &Arc<Shared>, snapshot: &Arc<Snapshot>, accepted: Accepted, record: &mut ConnectionRecord) {
+    // Counted against the connection limits for as long as the connection lives.
+    let _admitted = match admit(shared, snapshot, &accepted) {
+        Ok(admitted) => admitted,
+        Err(refusal) => {
+            refuse(accepted.stream, record, refusal).await;
+            return;
+        }
+    };
     // The handshake runs in a future of its own on the heap, freed before the relay starts: a long-lived session
     // keeps only the relay's small state.
     let Some(switched) = Box::pin(open(shared, snapshot, accepted, record)).await else {
@@ -59,6 +68,28 @@ async fn run(shared: &Arc<Shared>, snapshot: &Arc<Snapshot>, accepted: Accepted,
     record.end = relay_switched(shared, route, switched, record.id, &mut record.bytes)
         .await
         .to_string();
+}
+
+/// The listener's address rules and the connection limits, checked before anything is read from the client.
+fn admit(shared: &Shared, snapshot: &Snapshot, accepted: &Accepted) -> Result<Admitted, Refusal> {
+    let ip = accepted.peer.ip();
+    // A listener a reload has removed keeps serving the connections it accepted, with no rules of its own.
+    let removed;
+    let listener = match snapshot.listener(accepted.listener) {
+        Some(listener) => listener,
+        None => {
+            removed = Listener::new("", accepted.listener);
+            &removed
+        }
+    };
+    if !listener.access.admits(ip) {
+        return Err(Refusal::Denied {
+            client: ip,
+            by: format!("listener `{}`", listener.name),
+        });
+    }
+    let limit = snapshot.config.server.max_connections;
+    shared.admission.admit(listener, limit, ip).map_err(Refusal::Limit)
 }
 
 /// A connection both sides have switched to WebSocket.
@@ -162,6 +193,7 @@ fn inspect(snapshot: &Snapshot, listener: &str, buf: &[u8], client_ip: IpAddr) -
     let Some(route) = route::find(routes, listener, &view) else {
         return Err(Refusal::no_route(&view));
     };
+    Refusal::check_route(route, client_ip, Some(&view))?;
     let upstream = &snapshot.upstreams[route.upstream];
     let omit = Omit {
         cookie: match &upstream.config.sticky {

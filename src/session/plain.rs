@@ -230,13 +230,15 @@ struct Target {
 }
 
 impl State {
-    /// The request's route and server choice, or why it has no route (a 404).
-    fn target(&self, req: &Request<Incoming>) -> Result<Target, Refusal> {
+    /// The request's route and server choice, or why it may not have one: no route (404), or the route's address
+    /// rules or, for an `upgrade`, its allowed origins (403).
+    fn target(&self, req: &Request<Incoming>, upgrade: bool) -> Result<Target, Refusal> {
         let view = HyperView(req);
         let routes = &self.snapshot.config.routes;
         let Some(route) = route::find(routes, self.snapshot.listener_name(self.listener), &view) else {
             return Err(Refusal::no_route(&view));
         };
+        Refusal::check_route(route, self.client_ip, upgrade.then_some(&view))?;
         let upstream = &self.snapshot.upstreams[route.upstream];
         Ok(Target {
             route: routes.iter().position(|r| std::ptr::eq(r, route)).unwrap_or(0),
@@ -319,7 +321,7 @@ async fn forward(state: Arc<State>, mut req: Request<Incoming>) -> Result<Respon
         .get_all(UPGRADE)
         .iter()
         .any(|v| has_token(v.as_bytes(), "websocket"));
-    let target = state.target(&req);
+    let target = state.target(&req, wants_websocket);
     state.note_target(target.as_ref().ok().copied()).await;
     let result = match target {
         Err(no_route) => Err(no_route),

@@ -3,11 +3,14 @@
 //! `Retry-After`, extra headers. The refusal's `Display` is the log's version, which may name servers; the answer
 //! never does.
 
+use std::net::IpAddr;
 use std::time::Duration;
 
+use crate::config::Route;
 use crate::http::handshake::HandshakeError;
 use crate::http::{Answer, RequestView};
-use crate::upstream::UpstreamError;
+use crate::policy::Limit;
+use crate::upstream::{RETRY_AFTER_BUSY, UpstreamError};
 
 /// The longest host or path a 404's reason repeats back, in characters.
 const MAX_ECHOED: usize = 200;
@@ -27,6 +30,23 @@ pub(crate) enum Refusal {
     /// The client's request body broke off while it was being forwarded (plain HTTP).
     #[error("client request body failed: {0}")]
     ClientBody(String),
+    /// The client's address is not let in (`by`: which listener or route said so).
+    #[error("client {client} denied by {by}")]
+    Denied { client: IpAddr, by: String },
+    /// An upgrade from an origin the route does not allow (`None`: without an `Origin`).
+    #[error("{} not allowed on route `{route}`", origin.as_deref().map_or("an upgrade without Origin".into(), |o| format!("origin `{o}`")))]
+    Origin { origin: Option<String>, route: String },
+    /// A connection limit is reached.
+    #[error("{}", match .0 {
+        Limit::Overall(n) => format!("wsgate holds its max_connections ({n})"),
+        Limit::PerClient(n) => format!("the client holds max_connections_per_ip ({n}) on this listener"),
+    })]
+    Limit(Limit),
+}
+
+/// Client-sent bytes as text for a log line or a 404's reason: lossy, at most [`MAX_ECHOED`] characters.
+fn echoed(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).chars().take(MAX_ECHOED).collect()
 }
 
 fn tried(tries: usize) -> String {
@@ -48,16 +68,35 @@ impl Refusal {
     }
 
     pub(crate) fn no_route(req: &impl RequestView) -> Refusal {
-        let text = |b: Option<&[u8]>| {
-            String::from_utf8_lossy(b.unwrap_or(b"-"))
-                .chars()
-                .take(MAX_ECHOED)
-                .collect()
-        };
         Refusal::NoRoute {
-            host: text(req.host()),
-            path: text(Some(req.path())),
+            host: echoed(req.host().unwrap_or(b"-")),
+            path: echoed(req.path()),
         }
+    }
+
+    /// The route's address rules and, for an upgrade, its allowed origins: `Err` with the refusal when the client
+    /// may not use it.
+    pub(crate) fn check_route(
+        route: &Route,
+        client: IpAddr,
+        upgrade: Option<&impl RequestView>,
+    ) -> Result<(), Refusal> {
+        if !route.access.admits(client) {
+            return Err(Refusal::Denied {
+                client,
+                by: format!("route `{}`", route.name),
+            });
+        }
+        if let (Some(rule), Some(req)) = (&route.origins, upgrade) {
+            let origin = req.header("origin");
+            if !rule.admits(origin) {
+                return Err(Refusal::Origin {
+                    origin: origin.map(echoed),
+                    route: route.name.clone(),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// What the client is answered.
@@ -74,6 +113,12 @@ impl Refusal {
                 Answer::new(error.status(), error.public_reason()).with_retry_after(error.retry_after())
             }
             Self::ClientBody(_) => Answer::new(400, "request body not received").closing(),
+            Self::Denied { .. } => Answer::new(403, "forbidden"),
+            Self::Origin { .. } => Answer::new(403, "origin not allowed"),
+            Self::Limit(Limit::PerClient(_)) => Answer::new(429, "too many connections from this address"),
+            Self::Limit(Limit::Overall(_)) => {
+                Answer::new(503, "server at its connection limit").with_retry_after(Some(RETRY_AFTER_BUSY))
+            }
         }
     }
 }

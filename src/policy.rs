@@ -1,0 +1,257 @@
+//! What admits a client before any backend sees it: its address (`allow` / `deny` on a listener and on a route),
+//! the `Origin` of its WebSocket upgrades, and the connection limits per client and overall. The rules are config
+//! data; this module matches requests against them and keeps the shared counts the limits need. It answers
+//! nothing itself: the session turns a "no" into a refusal.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use crate::config::{Access, Listener, OriginPattern, OriginRule};
+
+impl Access {
+    /// Whether a client at `ip` is let in: in no `deny` network and, when `allow` lists any, in one of those.
+    pub fn admits(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        !self.deny.iter().any(|n| n.contains(&ip))
+            && (self.allow.is_empty() || self.allow.iter().any(|n| n.contains(&ip)))
+    }
+}
+
+impl OriginRule {
+    /// Whether an upgrade with this `Origin` header (none: `None`) may go on.
+    pub fn admits(&self, origin: Option<&[u8]>) -> bool {
+        let Some(origin) = origin else {
+            return self.allow_missing;
+        };
+        let Ok(origin) = std::str::from_utf8(origin) else {
+            return false;
+        };
+        self.allowed.iter().any(|p| p.matches(origin.trim()))
+    }
+}
+
+impl OriginPattern {
+    /// Whether a serialized origin (`scheme://host[:port]`, RFC 6454) is this one. Scheme and host compare
+    /// case-insensitively; a port left out is the scheme's default. `null` and anything malformed match nothing.
+    fn matches(&self, origin: &str) -> bool {
+        let Some((scheme, rest)) = origin.split_once("://") else {
+            return false;
+        };
+        if !scheme.eq_ignore_ascii_case(&self.scheme) || rest.contains(['/', '?', '#', '@']) {
+            return false;
+        }
+        let default = if scheme.eq_ignore_ascii_case("https") || scheme.eq_ignore_ascii_case("wss") {
+            443
+        } else {
+            80
+        };
+        let Some((host, port)) = crate::config::file::split_port(rest, default) else {
+            return false;
+        };
+        if port != self.port {
+            return false;
+        }
+        if self.wildcard {
+            host.len() > self.host.len()
+                && host
+                    .get(host.len() - self.host.len()..)
+                    .is_some_and(|end| end.eq_ignore_ascii_case(&self.host))
+        } else {
+            host.eq_ignore_ascii_case(&self.host)
+        }
+    }
+}
+
+/// The client a per-IP limit counts: an IPv4 address, or the IPv6 prefix of `v6_prefix` bits the address is in.
+pub fn client_key(ip: IpAddr, v6_prefix: u8) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V4(v4) => IpAddr::V4(v4),
+        IpAddr::V6(v6) => {
+            let bits = u128::from(v6);
+            let mask = match v6_prefix.min(128) {
+                0 => 0,
+                n => u128::MAX << (128 - u32::from(n)),
+            };
+            IpAddr::V6(Ipv6Addr::from(bits & mask))
+        }
+    }
+}
+
+/// Why a connection is not admitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limit {
+    /// wsgate holds its `max_connections` already.
+    Overall(u32),
+    /// This client holds the listener's `max_connections_per_ip` already.
+    PerClient(u32),
+}
+
+/// Live client connections per listener and client, as the listeners' `max_connections_per_ip` need them. Locked
+/// once when a connection opens and once when it closes (only on listeners with such a limit), never per message:
+/// a plain mutex is the cheapest correct tool here (the project-wide ban on `std::sync::Mutex` is meant for the
+/// relay path).
+#[allow(clippy::disallowed_types)]
+type PerClient = std::sync::Mutex<HashMap<(SocketAddr, IpAddr), u32>>;
+
+/// The counts behind the connection limits, shared by every worker and kept across reloads.
+#[derive(Debug, Default)]
+pub struct Admission {
+    total: AtomicU32,
+    per_client: PerClient,
+}
+
+/// A client connection counted against the limits while this lives.
+#[derive(Debug)]
+pub struct Admitted {
+    admission: Arc<Admission>,
+    client: Option<(SocketAddr, IpAddr)>,
+}
+
+impl Admission {
+    /// Counts a connection from `ip` on `listener`, unless wsgate (`max_connections`) or the client
+    /// (`listener.max_connections_per_ip`) is at its limit.
+    pub fn admit(
+        self: &Arc<Self>,
+        listener: &Listener,
+        max_connections: Option<u32>,
+        ip: IpAddr,
+    ) -> Result<Admitted, Limit> {
+        let before = self.total.fetch_add(1, Ordering::Relaxed);
+        let mut admitted = Admitted {
+            admission: self.clone(),
+            client: None,
+        };
+        if let Some(limit) = max_connections.filter(|&l| before >= l) {
+            return Err(Limit::Overall(limit));
+        }
+        if let Some(limit) = listener.max_connections_per_ip {
+            let key = (listener.address, client_key(ip, listener.ipv6_prefix));
+            let Ok(mut counts) = self.per_client.lock() else {
+                return Ok(admitted);
+            };
+            let count = counts.entry(key).or_insert(0);
+            if *count >= limit {
+                return Err(Limit::PerClient(limit));
+            }
+            *count += 1;
+            admitted.client = Some(key);
+        }
+        Ok(admitted)
+    }
+
+    /// Live client connections.
+    #[cfg(test)]
+    pub fn total(&self) -> u32 {
+        self.total.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        self.admission.total.fetch_sub(1, Ordering::Relaxed);
+        if let Some(key) = self.client
+            && let Ok(mut counts) = self.admission.per_client.lock()
+            && let Some(count) = counts.get_mut(&key)
+        {
+            *count -= 1;
+            if *count == 0 {
+                counts.remove(&key);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::file::parse;
+
+    fn route_rules(extra: &str) -> (Access, Option<OriginRule>) {
+        let text = format!(
+            "[[listener]]\nname = \"l\"\naddress = \"127.0.0.1:0\"\n[[route]]\nupstream = \"u\"\n{extra}\n\
+             [[upstream]]\nname = \"u\"\n[[upstream.server]]\naddress = \"127.0.0.1:1\"\n"
+        );
+        let config = parse(&text, "t.toml").unwrap_or_else(|p| panic!("{}", p[0]));
+        let route = &config.routes[0];
+        (route.access.clone(), route.origins.clone())
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn deny_wins_and_an_allow_list_shuts_out_the_rest() {
+        let (open, _) = route_rules("");
+        assert!(open.admits(ip("203.0.113.9")));
+        let (access, _) = route_rules("allow = [\"10.0.0.0/8\", \"2001:db8::/32\"]\ndeny = [\"10.6.6.6\"]");
+        assert!(access.admits(ip("10.1.2.3")));
+        assert!(!access.admits(ip("10.6.6.6")), "deny wins");
+        assert!(!access.admits(ip("192.0.2.1")), "not in allow");
+        assert!(access.admits(ip("2001:db8::1")));
+        assert!(!access.admits(ip("2001:db9::1")));
+        assert!(
+            access.admits(ip("::ffff:10.9.9.9")),
+            "IPv4-mapped addresses count as IPv4"
+        );
+    }
+
+    #[test]
+    fn origins_match_scheme_host_and_port() {
+        let (_, rule) = route_rules(
+            "allowed_origins = [\"https://app.example.com\", \"https://*.example.com\", \"http://localhost:3000\"]",
+        );
+        let rule = rule.expect("a rule");
+        let admits = |o: &str| rule.admits(Some(o.as_bytes()));
+        assert!(admits("https://app.example.com"));
+        assert!(admits("HTTPS://App.Example.COM"));
+        assert!(admits("https://app.example.com:443"));
+        assert!(admits("https://a.b.example.com"));
+        assert!(admits("http://localhost:3000"));
+        assert!(!admits("https://example.com"), "the wildcard needs a subdomain");
+        assert!(!admits("http://app.example.com"), "another scheme");
+        assert!(!admits("https://app.example.com:8443"), "another port");
+        assert!(!admits("https://evil-example.com"));
+        assert!(!admits("https://app.example.com.evil.net"));
+        assert!(!admits("null"));
+        assert!(!admits("http://localhost:3000/path"));
+        assert!(rule.admits(None), "no Origin: allowed by default");
+        let (_, strict) = route_rules("allowed_origins = [\"https://a.example\"]\nallow_missing_origin = false");
+        assert!(!strict.expect("a rule").admits(None));
+    }
+
+    #[test]
+    fn ipv6_clients_are_counted_per_prefix() {
+        assert_eq!(client_key(ip("2001:db8:1:2:3:4:5:6"), 64), ip("2001:db8:1:2::"));
+        assert_eq!(client_key(ip("2001:db8:1:2:3:4:5:6"), 128), ip("2001:db8:1:2:3:4:5:6"));
+        assert_eq!(client_key(ip("2001:db8:1:2:3:4:5:6"), 0), ip("::"));
+        assert_eq!(client_key(ip("192.0.2.1"), 64), ip("192.0.2.1"));
+        assert_eq!(client_key(ip("::ffff:192.0.2.1"), 64), ip("192.0.2.1"));
+    }
+
+    #[test]
+    fn limits_count_live_connections_per_client_and_overall() {
+        let mut listener = Listener::new("l", "127.0.0.1:1".parse().unwrap());
+        listener.max_connections_per_ip = Some(2);
+        let admission = Arc::new(Admission::default());
+        let a1 = admission.admit(&listener, Some(3), ip("10.0.0.1")).expect("first");
+        let _a2 = admission.admit(&listener, Some(3), ip("10.0.0.1")).expect("second");
+        assert_eq!(
+            admission.admit(&listener, Some(3), ip("10.0.0.1")).err(),
+            Some(Limit::PerClient(2))
+        );
+        let _b = admission
+            .admit(&listener, Some(3), ip("10.0.0.2"))
+            .expect("another client");
+        assert_eq!(
+            admission.admit(&listener, Some(3), ip("10.0.0.3")).err(),
+            Some(Limit::Overall(3))
+        );
+        drop(a1);
+        assert_eq!(admission.total(), 3 - 1);
+        let _a3 = admission.admit(&listener, Some(3), ip("10.0.0.1")).expect("room again");
+        assert_eq!(admission.total(), 3);
+    }
+}
