@@ -6,7 +6,10 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use crate::config::{Access, Listener, OriginPattern, OriginRule};
 
@@ -79,13 +82,16 @@ pub fn client_key(ip: IpAddr, v6_prefix: u8) -> IpAddr {
     }
 }
 
-/// Why a connection is not admitted.
+/// Why a connection or a handshake is not admitted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Limit {
     /// wsgate holds its `max_connections` already.
     Overall(u32),
     /// This client holds the listener's `max_connections_per_ip` already.
     PerClient(u32),
+    /// This client starts handshakes faster than the listener's `handshakes_per_second_per_ip`; the next one is
+    /// allowed after this many seconds (rounded up).
+    Rate { per_second: u32, retry_after: u32 },
 }
 
 /// Live client connections per listener and client, as the listeners' `max_connections_per_ip` need them. Locked
@@ -95,11 +101,21 @@ pub enum Limit {
 #[allow(clippy::disallowed_types)]
 type PerClient = std::sync::Mutex<HashMap<(SocketAddr, IpAddr), u32>>;
 
+/// Each client's handshake schedule (GCRA: the time at which its bucket is full again), pruned of clients whose
+/// bucket is full when it grows. Locked once per handshake on listeners with a rate.
+#[allow(clippy::disallowed_types)]
+type Schedules = std::sync::Mutex<HashMap<(SocketAddr, IpAddr), Instant>>;
+
+/// Clients whose schedules are kept before the full ones are pruned (each prune at least doubles the room).
+const SCHEDULES_BEFORE_PRUNE: usize = 4096;
+
 /// The counts behind the connection limits, shared by every worker and kept across reloads.
 #[derive(Debug, Default)]
 pub struct Admission {
     total: AtomicU32,
     per_client: PerClient,
+    schedules: Schedules,
+    prune_at: AtomicUsize,
 }
 
 /// A client connection counted against the limits while this lives.
@@ -139,6 +155,41 @@ impl Admission {
             admitted.client = Some(key);
         }
         Ok(admitted)
+    }
+
+    /// Counts a WebSocket handshake from `ip` on `listener` against its `handshakes_per_second_per_ip` (a token
+    /// bucket of `burst + 1` handshakes refilled at the rate, as GCRA keeps it: one instant per client).
+    pub fn handshake(&self, listener: &Listener, ip: IpAddr) -> Result<(), Limit> {
+        let Some(rate) = listener.handshake_rate else {
+            return Ok(());
+        };
+        let now = Instant::now();
+        let interval = Duration::from_secs(1) / rate.per_second.max(1);
+        let tolerance = interval * rate.burst;
+        let key = (listener.address, client_key(ip, listener.ipv6_prefix));
+        let Ok(mut schedules) = self.schedules.lock() else {
+            return Ok(());
+        };
+        let full_at = schedules.get(&key).copied().unwrap_or(now).max(now);
+        let earliest = full_at.checked_sub(tolerance).unwrap_or(now);
+        if earliest > now {
+            let wait = earliest - now;
+            let retry_after = u32::try_from(wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).unwrap_or(u32::MAX);
+            return Err(Limit::Rate {
+                per_second: rate.per_second,
+                retry_after: retry_after.max(1),
+            });
+        }
+        schedules.insert(key, full_at + interval);
+        let prune_at = self.prune_at.load(Ordering::Relaxed).max(SCHEDULES_BEFORE_PRUNE);
+        if schedules.len() >= prune_at {
+            schedules.retain(|_, full| *full > now);
+            self.prune_at.store(
+                schedules.len().saturating_mul(2).max(SCHEDULES_BEFORE_PRUNE),
+                Ordering::Relaxed,
+            );
+        }
+        Ok(())
     }
 
     /// Live client connections.
@@ -220,6 +271,62 @@ mod tests {
         assert!(rule.admits(None), "no Origin: allowed by default");
         let (_, strict) = route_rules("allowed_origins = [\"https://a.example\"]\nallow_missing_origin = false");
         assert!(!strict.expect("a rule").admits(None));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn handshakes_are_limited_per_client_to_the_rate_and_its_burst() {
+        let mut listener = Listener::new("l", "127.0.0.1:1".parse().unwrap());
+        listener.handshake_rate = Some(crate::config::HandshakeRate {
+            per_second: 10,
+            burst: 4,
+        });
+        let admission = Admission::default();
+        let a = ip("10.0.0.1");
+        for i in 0..5 {
+            assert_eq!(admission.handshake(&listener, a), Ok(()), "burst: handshake {i}");
+        }
+        assert_eq!(
+            admission.handshake(&listener, a),
+            Err(Limit::Rate {
+                per_second: 10,
+                retry_after: 1
+            })
+        );
+        assert_eq!(admission.handshake(&listener, ip("10.0.0.2")), Ok(()), "another client");
+        tokio::time::advance(Duration::from_millis(100)).await;
+        assert_eq!(admission.handshake(&listener, a), Ok(()), "one more every 100 ms");
+        assert!(admission.handshake(&listener, a).is_err());
+        tokio::time::advance(Duration::from_secs(1)).await;
+        for i in 0..5 {
+            assert_eq!(admission.handshake(&listener, a), Ok(()), "refilled: handshake {i}");
+        }
+        // Over a long run the rate holds: 10 per second.
+        let mut allowed = 0;
+        for _ in 0..300 {
+            tokio::time::advance(Duration::from_millis(10)).await;
+            allowed += usize::from(admission.handshake(&listener, a).is_ok());
+        }
+        assert!((29..=31).contains(&allowed), "{allowed} in 3 s");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn schedules_of_clients_gone_quiet_are_pruned() {
+        let mut listener = Listener::new("l", "127.0.0.1:1".parse().unwrap());
+        listener.handshake_rate = Some(crate::config::HandshakeRate {
+            per_second: 1,
+            burst: 0,
+        });
+        let admission = Admission::default();
+        for i in 0..SCHEDULES_BEFORE_PRUNE as u32 - 1 {
+            let _ = admission.handshake(&listener, IpAddr::from(std::net::Ipv4Addr::from(i)));
+        }
+        tokio::time::advance(Duration::from_secs(2)).await;
+        let _ = admission.handshake(&listener, ip("192.0.2.1"));
+        assert_eq!(
+            admission.schedules.lock().unwrap().len(),
+            1,
+            "only the client just seen"
+        );
     }
 
     #[test]

@@ -540,6 +540,8 @@ const LISTENER_KEYS: &[&str] = &[
     "deny",
     "max_connections_per_ip",
     "ipv6_prefix",
+    "handshakes_per_second_per_ip",
+    "handshake_burst",
 ];
 const ROUTE_KEYS: &[&str] = &[
     "name",
@@ -722,7 +724,7 @@ fn typed(key: &str) -> &'static [&'static str] {
         }
         "allow" | "deny" => NETWORK_LISTS,
         "allowed_origins" => ORIGIN_LISTS,
-        "max_connections_per_ip" | "ipv6_prefix" => COUNTS,
+        "max_connections_per_ip" | "ipv6_prefix" | "handshakes_per_second_per_ip" | "handshake_burst" => COUNTS,
         "kind" => HEALTH_KINDS,
         "expect_status" => STATUS_LISTS,
         "rebalance_threshold" => FRACTIONS,

@@ -176,3 +176,33 @@ async fn connections_over_the_overall_max_connections_answer_503_with_retry_afte
     held.pop();
     let _again = until_status(5, proxy.addr, 101).await;
 }
+
+#[tokio::test]
+async fn handshakes_faster_than_the_rate_per_ip_answer_429_with_retry_after() {
+    let backend = ws_backend("a").await;
+    let proxy = Proxy::from_toml(&config(
+        "",
+        "handshakes_per_second_per_ip = 1\nhandshake_burst = 1",
+        "[[route]]\nupstream = \"app\"\n",
+        backend.addr,
+    ));
+    // A rate of 1 per second with a burst of 1: two at once, then one a second.
+    for _ in 0..2 {
+        let (status, answer, _) = upgrade_from(6, proxy.addr, "/", "").await;
+        assert_eq!(status, 101, "{answer}");
+    }
+    let (status, answer, _) = upgrade_from(6, proxy.addr, "/", "").await;
+    assert_eq!(status, 429, "{answer}");
+    assert_eq!(header_value(&answer, "retry-after"), Some("1"), "{answer}");
+    assert!(
+        answer.ends_with("\r\n\r\ntoo many handshakes from this address\n"),
+        "{answer}"
+    );
+    let (status, answer, _) = upgrade_from(7, proxy.addr, "/", "").await;
+    assert_eq!(status, 101, "another client has its own rate: {answer}");
+    // Plain requests are no handshakes.
+    let (status, answer, _) = ask_from(6, proxy.addr, &plain_request("/")).await;
+    assert_ne!(status, 429, "{answer}");
+    // A second later there is room again.
+    let _again = until_status(6, proxy.addr, 101).await;
+}

@@ -19,8 +19,8 @@ use toml::Spanned;
 use super::{
     Access, Balance, Config, DEFAULT_CONNECT_TIMEOUT, DEFAULT_FALL, DEFAULT_HEALTH_INTERVAL, DEFAULT_HEALTH_PATH,
     DEFAULT_HEALTH_TIMEOUT, DEFAULT_IPV6_PREFIX, DEFAULT_REBALANCE_THRESHOLD, DEFAULT_RISE, DEFAULT_STICKY_COOKIE,
-    DEFAULT_STICKY_PATH, DEFAULT_WEIGHT, DEFAULT_WRITE_TIMEOUT, Deflate, FrameRules, HTTP_STATUSES, HashKey,
-    HealthCheck, HealthKind, HostMatch, Listener, LogFormat, MAX_DRAIN_RATE, MAX_DURATION, MAX_DURATION_DAYS,
+    DEFAULT_STICKY_PATH, DEFAULT_WEIGHT, DEFAULT_WRITE_TIMEOUT, Deflate, FrameRules, HTTP_STATUSES, HandshakeRate,
+    HashKey, HealthCheck, HealthKind, HostMatch, Listener, LogFormat, MAX_DRAIN_RATE, MAX_DURATION, MAX_DURATION_DAYS,
     MAX_EJECTION, MAX_IPV6_PREFIX, MAX_PERCENT, MAX_REBALANCE_THRESHOLD, MAX_RETRIES, MAX_RISE_FALL, MAX_WEIGHT,
     MAX_WORKERS, MIN_CONNECTION_LIMIT, MIN_DRAIN_RATE, MIN_EJECTION, MIN_HEALTH_INTERVAL, MIN_RISE_FALL,
     MIN_STICKY_MAX_AGE, MIN_WEIGHT, OriginPattern, OriginRule, Outlier, PathMatch, Relay, Route, Server,
@@ -175,6 +175,8 @@ struct RawListener {
     deny: Vec<Spanned<String>>,
     max_connections_per_ip: Option<Spanned<u32>>,
     ipv6_prefix: Option<Spanned<u8>>,
+    handshakes_per_second_per_ip: Option<Spanned<u32>>,
+    handshake_burst: Option<Spanned<u32>>,
 }
 
 #[derive(Deserialize)]
@@ -519,9 +521,33 @@ fn build_listeners(raw: &[Spanned<RawListener>], report: &mut Report<'_>) -> Vec
                 report,
             ),
             ipv6_prefix,
+            handshake_rate: build_handshake_rate(l, report),
         });
     }
     listeners
+}
+
+/// `handshakes_per_second_per_ip` with its `handshake_burst` (one second's worth when not given).
+fn build_handshake_rate(l: &RawListener, report: &mut Report<'_>) -> Option<HandshakeRate> {
+    let Some(rate) = limited(
+        &l.handshakes_per_second_per_ip,
+        "handshakes_per_second_per_ip",
+        1..=u32::MAX,
+        report,
+    ) else {
+        if let Some(burst) = &l.handshake_burst {
+            report.key(
+                burst,
+                "handshake_burst",
+                "applies only with `handshakes_per_second_per_ip`",
+            );
+        }
+        return None;
+    };
+    Some(HandshakeRate {
+        per_second: rate,
+        burst: l.handshake_burst.as_ref().map_or(rate, |b| *b.get_ref()),
+    })
 }
 
 /// An `allow` / `deny` pair: each entry a network (`10.0.0.0/8`, `2001:db8::/32`) or a single address.
@@ -1473,6 +1499,7 @@ name = "empty"
         let good = "[server]\nmax_connections = 1000\n\
                     [[listener]]\nname = \"l\"\naddress = \"127.0.0.1:0\"\nallow = [\"10.1.2.3/8\", \"::1\"]\n\
                     deny = [\"10.6.6.6\"]\nmax_connections_per_ip = 20\nipv6_prefix = 56\n\
+                    handshakes_per_second_per_ip = 5\n\
                     [[route]]\nupstream = \"app\"\nallowed_origins = [\"https://*.Example.com\", \"http://[::1]:3000\"]\n\
                     [[upstream]]\nname = \"app\"\n[[upstream.server]]\naddress = \"127.0.0.1:9\"\n";
         let config = parse(good, "t.toml").expect("valid");
@@ -1482,6 +1509,13 @@ name = "empty"
         assert_eq!(nets(&l.access.allow), ["10.0.0.0/8", "::1/128"]);
         assert_eq!(nets(&l.access.deny), ["10.6.6.6/32"]);
         assert_eq!((l.max_connections_per_ip, l.ipv6_prefix), (Some(20), 56));
+        assert_eq!(
+            l.handshake_rate,
+            Some(HandshakeRate {
+                per_second: 5,
+                burst: 5
+            })
+        );
         let origins = config.routes[0].origins.as_ref().expect("origins");
         assert!(origins.allow_missing);
         assert_eq!(
@@ -1500,7 +1534,7 @@ name = "empty"
 
         let bad = "[server]\nmax_connections = 0\n\
                    [[listener]]\nname = \"l\"\naddress = \"127.0.0.1:0\"\nallow = [\"10.0.0.0/33\"]\n\
-                   deny = [\"nowhere\"]\nmax_connections_per_ip = 0\nipv6_prefix = 129\n\
+                   deny = [\"nowhere\"]\nmax_connections_per_ip = 0\nipv6_prefix = 129\nhandshake_burst = 3\n\
                    [[route]]\nupstream = \"app\"\nallowed_origins = [\"ftp://x\", \"https://a/b\", \"https://a:0\", \"*\"]\n\
                    [[route]]\nupstream = \"app\"\nallow_missing_origin = false\n\
                    [[upstream]]\nname = \"app\"\n[[upstream.server]]\naddress = \"127.0.0.1:9\"\n";
@@ -1516,6 +1550,7 @@ name = "empty"
             "`allowed_origins`: `https://a:0`: the port must be a number from 1 to 65535",
             "`allowed_origins`: `*`: expected scheme://host[:port]",
             "`allow_missing_origin`: applies only with `allowed_origins`",
+            "`handshake_burst`: applies only with `handshakes_per_second_per_ip`",
         ];
         assert_eq!(p.len(), expect.len(), "{p:#?}");
         for want in expect {

@@ -72,6 +72,15 @@ pub struct Listener {
     pub max_connections_per_ip: Option<u32>,
     /// IPv6 clients are counted per prefix of this length (a host usually has a whole /64).
     pub ipv6_prefix: u8,
+    /// WebSocket handshakes one client may start per second on this listener, on average; over it: 429.
+    pub handshake_rate: Option<HandshakeRate>,
+}
+
+/// A rate of handshakes per client: `per_second` on average, `burst` more at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HandshakeRate {
+    pub per_second: u32,
+    pub burst: u32,
 }
 
 impl Listener {
@@ -83,6 +92,7 @@ impl Listener {
             access: Access::default(),
             max_connections_per_ip: None,
             ipv6_prefix: DEFAULT_IPV6_PREFIX,
+            handshake_rate: None,
         }
     }
 }

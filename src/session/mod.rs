@@ -92,6 +92,14 @@ fn admit(shared: &Shared, snapshot: &Snapshot, accepted: &Accepted) -> Result<Ad
     shared.admission.admit(listener, limit, ip).map_err(Refusal::Limit)
 }
 
+/// The listener's `handshakes_per_second_per_ip`, counted for a WebSocket handshake from `ip`.
+fn handshake_rate(shared: &Shared, snapshot: &Snapshot, listener: SocketAddr, ip: IpAddr) -> Result<(), Refusal> {
+    match snapshot.listener(listener) {
+        Some(listener) => shared.admission.handshake(listener, ip).map_err(Refusal::Limit),
+        None => Ok(()),
+    }
+}
+
 /// A connection both sides have switched to WebSocket.
 struct Switched {
     client: TcpStream,
@@ -245,7 +253,10 @@ async fn open(
     } = accepted;
     let mut head = Vec::with_capacity(1024);
     let prepared = match read_head(&mut client, &mut head, snapshot, listener, record).await {
-        Head::Upgrade(prepared) => prepared,
+        Head::Upgrade(prepared) => match handshake_rate(shared, snapshot, listener, record.client.ip()) {
+            Ok(()) => prepared,
+            Err(refusal) => return refuse(client, record, refusal).await,
+        },
         Head::Plain => {
             plain::serve(shared.clone(), snapshot.clone(), listener, client, head, record).await;
             return None;

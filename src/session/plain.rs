@@ -53,6 +53,7 @@ pub(super) async fn serve(
     let handshake_timeout = snapshot.config.server.handshake_timeout;
     let state = Arc::new(State {
         id: record.id,
+        shared: shared.clone(),
         snapshot,
         listener,
         client_ip: record.client.ip(),
@@ -165,6 +166,7 @@ async fn relay_upgraded(switched: Upgrading, shared: &Shared, route: &Route, rec
 struct State {
     /// The connection's id, for log lines.
     id: u64,
+    shared: Arc<Shared>,
     snapshot: Arc<Snapshot>,
     /// The configured address of the listener that accepted the connection.
     listener: SocketAddr,
@@ -350,6 +352,7 @@ async fn forward(state: Arc<State>, mut req: Request<Incoming>) -> Result<Respon
 /// connection of its own; on a 101 with the right accept key, both sides are switched and the session relays
 /// them when hyper hands the client's connection back.
 async fn upgrade(state: &State, target: Target, mut req: Request<Incoming>) -> Result<Response<Body>, Refusal> {
+    super::handshake_rate(&state.shared, &state.snapshot, state.listener, state.client_ip)?;
     let accept = match handshake::inspect_request(&request_head(&req), state.client_ip, "http")? {
         Inspected::Upgrade(up) => up.accept,
         Inspected::Plain { .. } | Inspected::Partial => {

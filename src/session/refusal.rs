@@ -40,6 +40,7 @@ pub(crate) enum Refusal {
     #[error("{}", match .0 {
         Limit::Overall(n) => format!("wsgate holds its max_connections ({n})"),
         Limit::PerClient(n) => format!("the client holds max_connections_per_ip ({n}) on this listener"),
+        Limit::Rate { per_second, .. } => format!("the client starts handshakes faster than {per_second} per second"),
     })]
     Limit(Limit),
 }
@@ -116,6 +117,9 @@ impl Refusal {
             Self::Denied { .. } => Answer::new(403, "forbidden"),
             Self::Origin { .. } => Answer::new(403, "origin not allowed"),
             Self::Limit(Limit::PerClient(_)) => Answer::new(429, "too many connections from this address"),
+            Self::Limit(Limit::Rate { retry_after, .. }) => {
+                Answer::new(429, "too many handshakes from this address").with_retry_after(Some(*retry_after))
+            }
             Self::Limit(Limit::Overall(_)) => {
                 Answer::new(503, "server at its connection limit").with_retry_after(Some(RETRY_AFTER_BUSY))
             }
