@@ -31,12 +31,16 @@ pub enum HandshakeError {
     /// unknown, so it is never forwarded and the connection is closed after the answer.
     #[error("ambiguous request framing: {0}")]
     Framing(&'static str),
+    /// An upgrade request with a body: what follows its head is neither a next request nor WebSocket frames, so
+    /// the connection is closed after the answer too.
+    #[error("WebSocket upgrade request with a body")]
+    UpgradeWithBody,
 }
 
 impl HandshakeError {
     pub fn status(&self) -> u16 {
         match self {
-            Self::Malformed(_) | Self::Syntax(_) | Self::Framing(_) => 400,
+            Self::Malformed(_) | Self::Syntax(_) | Self::Framing(_) | Self::UpgradeWithBody => 400,
             Self::UnsupportedVersion => 426,
             Self::HeadTooLarge | Self::TooManyHeaders => 431,
         }
@@ -159,7 +163,7 @@ where
         return Ok(Parsed::Plain { head_len });
     }
     if !body.is_empty() {
-        return Err(HandshakeError::Malformed("WebSocket upgrade request with a body"));
+        return Err(HandshakeError::UpgradeWithBody);
     }
     if method != "GET" {
         return Err(HandshakeError::Malformed("WebSocket upgrade must use GET"));
@@ -855,7 +859,7 @@ mod tests {
         for extra in ["Content-Length: 3\r\n", "Transfer-Encoding: chunked\r\n"] {
             assert_eq!(
                 inspect(&upgrade_request(extra)).unwrap_err(),
-                HandshakeError::Malformed("WebSocket upgrade request with a body"),
+                HandshakeError::UpgradeWithBody,
                 "{extra}"
             );
         }
