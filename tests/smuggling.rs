@@ -9,13 +9,14 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Mutex;
 
 use support::*;
 
@@ -60,7 +61,7 @@ async fn recording_backend() -> (SocketAddr, Log) {
                             .iter()
                             .map(|(k, v)| (k.to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
                             .collect();
-                        seen.lock().expect("log").push(Seen {
+                        seen.lock().await.push(Seen {
                             method: req.method().to_string(),
                             uri: req.uri().to_string(),
                             headers,
@@ -78,8 +79,8 @@ async fn recording_backend() -> (SocketAddr, Log) {
     (addr, log)
 }
 
-fn seen(log: &Log) -> Vec<Seen> {
-    log.lock().expect("log").clone()
+async fn seen(log: &Log) -> Vec<Seen> {
+    log.lock().await.clone()
 }
 
 /// The status codes of the answers in what a connection received, in order.
@@ -272,7 +273,7 @@ async fn read_answers(stream: &mut TcpStream, n: usize) -> String {
 /// Sends a pattern on a fresh connection, after one good request when `later`; returns the status codes of the
 /// answers to the pattern and the requests the backend parsed for it.
 async fn send_pattern(proxy: &Proxy, log: &Log, pattern: &Pattern, later: bool) -> (Vec<u16>, Vec<Seen>) {
-    let before = seen(log).len();
+    let before = seen(log).await.len();
     let mut stream = within("connect", TcpStream::connect(proxy.addr))
         .await
         .expect("connect");
@@ -284,10 +285,10 @@ async fn send_pattern(proxy: &Proxy, log: &Log, pattern: &Pattern, later: bool) 
         let first = read_answers(&mut stream, 1).await;
         assert_eq!(statuses(&first), [200], "{}: first request: {first:?}", pattern.name);
     }
-    let before_pattern = seen(log).len();
+    let before_pattern = seen(log).await.len();
     stream.write_all(pattern.bytes.as_bytes()).await.expect("write");
     let received = read_to_close(&mut stream).await;
-    let all = seen(log);
+    let all = seen(log).await;
     assert!(
         all[before..].iter().all(|s| !s.uri.contains("smuggled")),
         "{}: the backend received a smuggled request: {all:?}",
@@ -386,7 +387,11 @@ async fn absolute_form_upgrade_is_routed_by_path_with_its_authority_as_host() {
         }
         open.push(stream);
     }
-    assert_eq!(seen(&other_log).len(), 1, "only the keep-alive case's first request");
+    assert_eq!(
+        seen(&other_log).await.len(),
+        1,
+        "only the keep-alive case's first request"
+    );
 }
 
 #[tokio::test]
@@ -412,13 +417,17 @@ async fn absolute_form_plain_request_is_routed_by_path_with_its_authority_as_hos
             .expect("write");
         let answer = read_answers(&mut stream, 1).await;
         assert_eq!(statuses(&answer), [200], "{answer}");
-        let last = seen(&p_log).pop().expect("the /p backend got the request");
+        let last = seen(&p_log).await.pop().expect("the /p backend got the request");
         assert_eq!((last.method.as_str(), last.uri.as_str()), ("GET", "/p/x?y=1"));
         assert_eq!(last.header("host"), ["app.example"], "{last:?}");
         assert_eq!(last.header("x-forwarded-host"), ["app.example"], "{last:?}");
     }
-    assert_eq!(seen(&p_log).len(), 2);
-    assert_eq!(seen(&other_log).len(), 1, "only the keep-alive case's first request");
+    assert_eq!(seen(&p_log).await.len(), 2);
+    assert_eq!(
+        seen(&other_log).await.len(),
+        1,
+        "only the keep-alive case's first request"
+    );
 }
 
 #[tokio::test]
@@ -490,7 +499,7 @@ async fn proxy_headers_are_not_forwarded_on_either_path() {
         stream.write_all(request.as_bytes()).await.expect("write");
         read_answers(&mut stream, 1).await;
     }
-    let got = seen(&p_log);
+    let got = seen(&p_log).await;
     assert_eq!(got.len(), 2);
     for request in got {
         assert!(
