@@ -2,6 +2,8 @@
 //! and deciding whether it is a valid upgrade, a plain HTTP request, or malformed; writing the head forwarded to
 //! the backend; and checking the backend's answer. No sockets, no tokio: fuzzable on its own.
 
+use std::borrow::Cow;
+
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 
@@ -25,12 +27,20 @@ pub enum HandshakeError {
     HeadTooLarge,
     #[error("more than {MAX_HEADERS} header fields")]
     TooManyHeaders,
+    /// The request's body framing is invalid or ambiguous: where it ends (and where the next request starts) is
+    /// unknown, so it is never forwarded and the connection is closed after the answer.
+    #[error("ambiguous request framing: {0}")]
+    Framing(&'static str),
+    /// An upgrade request with a body: what follows its head is neither a next request nor WebSocket frames, so
+    /// the connection is closed after the answer too.
+    #[error("WebSocket upgrade request with a body")]
+    UpgradeWithBody,
 }
 
 impl HandshakeError {
     pub fn status(&self) -> u16 {
         match self {
-            Self::Malformed(_) | Self::Syntax(_) => 400,
+            Self::Malformed(_) | Self::Syntax(_) | Self::Framing(_) | Self::UpgradeWithBody => 400,
             Self::UnsupportedVersion => 426,
             Self::HeadTooLarge | Self::TooManyHeaders => 431,
         }
@@ -81,12 +91,14 @@ pub enum Parsed<'h, 'b> {
 pub struct UpgradeHead<'h, 'b> {
     /// Length of the client's head in the buffer; bytes after it belong to the WebSocket stream.
     pub head_len: usize,
-    /// The request target, as sent.
-    pub target: &'b str,
-    /// The `Host` value, trimmed.
+    /// The request target in origin form (path and query): as sent, or the path of a target in absolute form.
+    pub target: Cow<'b, str>,
+    /// The `Host` value, trimmed; for a target in absolute form, its authority (RFC 9112 §3.2.2).
     pub host: &'b [u8],
     pub headers: &'h [httparse::Header<'b>],
     key: &'b [u8],
+    /// The target came in absolute form: its authority replaces the `Host` header when forwarding.
+    absolute: bool,
 }
 
 fn header<'h, 'b: 'h>(headers: &'h [httparse::Header<'b>], name: &'h str) -> impl Iterator<Item = &'b [u8]> + 'h {
@@ -140,8 +152,18 @@ where
         return Err(HandshakeError::Malformed("incomplete request line"));
     };
     let headers: &'h [httparse::Header<'b>] = req.headers;
+    if has_bare_cr_or_lf(buf.get(..head_len).unwrap_or_default()) {
+        return Err(HandshakeError::Malformed("bare CR or LF in the request head"));
+    }
+    let body = request_framing(header(headers, "transfer-encoding"), header(headers, "content-length"))?;
+    if version != 1 && body == RequestBody::Chunked {
+        return Err(HandshakeError::Framing("Transfer-Encoding in an HTTP/1.0 request"));
+    }
     if !header(headers, "upgrade").any(|v| has_token(v, "websocket")) {
         return Ok(Parsed::Plain { head_len });
+    }
+    if !body.is_empty() {
+        return Err(HandshakeError::UpgradeWithBody);
     }
     if method != "GET" {
         return Err(HandshakeError::Malformed("WebSocket upgrade must use GET"));
@@ -150,7 +172,7 @@ where
         return Err(HandshakeError::Malformed("WebSocket upgrade must use HTTP/1.1"));
     }
     let mut hosts = header(headers, "host");
-    let host = match (hosts.next(), hosts.next()) {
+    let mut host = match (hosts.next(), hosts.next()) {
         (Some(h), None) if !h.trim_ascii().is_empty() => h.trim_ascii(),
         (None, _) => return Err(HandshakeError::Malformed("missing Host header")),
         (Some(_), None) => return Err(HandshakeError::Malformed("empty Host header")),
@@ -177,6 +199,18 @@ where
             return Err(HandshakeError::Malformed("more than one Sec-WebSocket-Key header"));
         }
     };
+    let (target, absolute) = match absolute_form(target)? {
+        Some((authority, origin_form)) => {
+            host = authority.as_bytes();
+            (origin_form, true)
+        }
+        None if target.starts_with('/') => (Cow::Borrowed(target), false),
+        None => {
+            return Err(HandshakeError::Malformed(
+                "request target is in neither origin nor absolute form",
+            ));
+        }
+    };
     let mut raw_key = [0u8; 16];
     if key.len() != 24 || BASE64.decode_slice(key, &mut raw_key) != Ok(16) {
         return Err(HandshakeError::Malformed(
@@ -189,7 +223,96 @@ where
         host,
         headers,
         key,
+        absolute,
     }))
+}
+
+/// How a request's body is framed (RFC 9112 §6.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestBody {
+    None,
+    Length(u64),
+    Chunked,
+}
+
+impl RequestBody {
+    /// Whether the request has no body bytes.
+    pub fn is_empty(self) -> bool {
+        matches!(self, Self::None | Self::Length(0))
+    }
+}
+
+/// A request's body framing from its `Transfer-Encoding` and `Content-Length` values, refusing every framing that
+/// two HTTP parsers may read two ways (request smuggling): both headers together, a transfer coding other than
+/// `chunked` alone, more than one `Content-Length`, or one that is not plain digits (`+1`, `1, 1`, `0x1`).
+pub fn request_framing<'a>(
+    transfer_encoding: impl IntoIterator<Item = &'a [u8]>,
+    content_length: impl IntoIterator<Item = &'a [u8]>,
+) -> Result<RequestBody, HandshakeError> {
+    let mut te = transfer_encoding.into_iter();
+    let mut cl = content_length.into_iter();
+    match (te.next(), cl.next()) {
+        (None, None) => Ok(RequestBody::None),
+        (Some(_), Some(_)) => Err(HandshakeError::Framing("both Transfer-Encoding and Content-Length")),
+        (Some(coding), None) => {
+            if te.next().is_none() && coding.trim_ascii().eq_ignore_ascii_case(b"chunked") {
+                Ok(RequestBody::Chunked)
+            } else {
+                Err(HandshakeError::Framing("Transfer-Encoding other than chunked alone"))
+            }
+        }
+        (None, Some(length)) => {
+            if cl.next().is_some() {
+                return Err(HandshakeError::Framing("more than one Content-Length"));
+            }
+            let digits = length.trim_ascii();
+            if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+                return Err(HandshakeError::Framing("Content-Length is not a number"));
+            }
+            digits
+                .iter()
+                .try_fold(0u64, |n, &d| n.checked_mul(10)?.checked_add(u64::from(d - b'0')))
+                .map(RequestBody::Length)
+                .ok_or(HandshakeError::Framing("Content-Length out of range"))
+        }
+    }
+}
+
+/// Whether a head has a CR not followed by LF or an LF not preceded by CR. RFC 9112 §2.2 lets a recipient read a
+/// bare LF as a line end; a server behind wsgate may not, so neither is accepted.
+fn has_bare_cr_or_lf(head: &[u8]) -> bool {
+    head.iter().enumerate().any(|(i, &b)| match b {
+        b'\r' => head.get(i + 1) != Some(&b'\n'),
+        b'\n' => i.checked_sub(1).and_then(|p| head.get(p)) != Some(&b'\r'),
+        _ => false,
+    })
+}
+
+/// A request target in absolute form (`http://host:port/path?query`, RFC 9112 §3.2.2) as its authority and its
+/// origin form; `None` for a target in any other form.
+fn absolute_form(target: &str) -> Result<Option<(&str, Cow<'_, str>)>, HandshakeError> {
+    let Some((scheme, rest)) = target.split_once("://") else {
+        return Ok(None);
+    };
+    let mut scheme_chars = scheme.bytes();
+    let scheme_ok = scheme_chars.next().is_some_and(|b| b.is_ascii_alphabetic())
+        && scheme_chars.all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'-' | b'.'));
+    if !scheme_ok {
+        return Ok(None);
+    }
+    let end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(end);
+    if authority.is_empty() || authority.contains('@') {
+        return Err(HandshakeError::Malformed(
+            "absolute request target without a host, or with user information",
+        ));
+    }
+    let origin_form = match path.as_bytes().first() {
+        Some(b'/') => Cow::Borrowed(path),
+        None => Cow::Borrowed("/"),
+        Some(_) => Cow::Owned(format!("/{path}")),
+    };
+    Ok(Some((authority, origin_form)))
 }
 
 /// The header in which a client offers WebSocket extensions.
@@ -222,6 +345,10 @@ impl UpgradeHead<'_, '_> {
             if drop_when_forwarding(h.name.as_bytes(), connection, true)
                 || (omit.extensions && h.name.eq_ignore_ascii_case(EXTENSIONS))
             {
+                continue;
+            }
+            if self.absolute && h.name.eq_ignore_ascii_case("host") {
+                push_header(&mut forward, h.name, self.host);
                 continue;
             }
             match omit.cookie {
@@ -644,6 +771,136 @@ mod tests {
             Ok(Inspected::Plain { head_len: 27 })
         );
         assert_eq!(inspect("GET / HTTP/1.1\r\nHost: a\r\n"), Ok(Inspected::Partial));
+    }
+
+    fn plain(head: &str) -> Result<Inspected, HandshakeError> {
+        inspect(&format!("POST /p HTTP/1.1\r\nHost: a\r\n{head}\r\n"))
+    }
+
+    #[test]
+    fn httparse_refuses_folding_bad_names_and_control_bytes() {
+        let cases = [
+            "X-A: 1\r\n  folded\r\n",
+            "Content-Length : 5\r\n",
+            "Content Length: 5\r\n",
+            "X-A: a\0b\r\n",
+            ": empty-name\r\n",
+            "X-A\r\n",
+        ];
+        for head in cases {
+            assert!(
+                matches!(plain(head), Err(HandshakeError::Syntax(_))),
+                "{head:?}: {:?}",
+                plain(head)
+            );
+        }
+    }
+
+    #[test]
+    fn bare_cr_or_lf_is_refused() {
+        for req in [
+            "GET / HTTP/1.1\nHost: a\n\n",
+            "GET / HTTP/1.1\r\nHost: a\nX: 1\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nX: 1\r2\r\n\r\n",
+        ] {
+            assert_eq!(inspect(req).unwrap_err().status(), 400, "{req:?}");
+        }
+    }
+
+    #[test]
+    fn ambiguous_or_invalid_framing_is_refused() {
+        let cases = [
+            "Content-Length: 5\r\nTransfer-Encoding: chunked\r\n",
+            "Transfer-Encoding: chunked\r\nContent-Length: 5\r\n",
+            "Transfer-Encoding: xchunked\r\n",
+            "Transfer-Encoding: chunked, identity\r\n",
+            "Transfer-Encoding: identity, chunked\r\n",
+            "Transfer-Encoding: gzip\r\n",
+            "Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n",
+            "Content-Length: 5\r\nContent-Length: 6\r\n",
+            "Content-Length: 5\r\nContent-Length: 5\r\n",
+            "Content-Length: 5, 5\r\n",
+            "Content-Length: +5\r\n",
+            "Content-Length: -5\r\n",
+            "Content-Length: 0x5\r\n",
+            "Content-Length: 5 5\r\n",
+            "Content-Length: \r\n",
+            "Content-Length: 99999999999999999999999\r\n",
+        ];
+        for head in cases {
+            assert!(
+                matches!(plain(head), Err(HandshakeError::Framing(_))),
+                "{head:?}: {:?}",
+                plain(head)
+            );
+        }
+        let http10 = "POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n";
+        assert!(matches!(inspect(http10), Err(HandshakeError::Framing(_))));
+    }
+
+    #[test]
+    fn unambiguous_framing_passes() {
+        for head in [
+            "",
+            "Content-Length: 5\r\n",
+            "Content-Length:  5 \r\n",
+            "Transfer-Encoding: chunked\r\n",
+            "Transfer-Encoding:  Chunked\r\n",
+        ] {
+            assert!(matches!(plain(head), Ok(Inspected::Plain { .. })), "{head:?}");
+        }
+        assert_eq!(request_framing([b"chunked".as_slice()], []), Ok(RequestBody::Chunked));
+        assert_eq!(request_framing([], [b"12".as_slice()]), Ok(RequestBody::Length(12)));
+        assert_eq!(request_framing([], []), Ok(RequestBody::None));
+    }
+
+    #[test]
+    fn upgrade_with_a_body_is_refused() {
+        for extra in ["Content-Length: 3\r\n", "Transfer-Encoding: chunked\r\n"] {
+            assert_eq!(
+                inspect(&upgrade_request(extra)).unwrap_err(),
+                HandshakeError::UpgradeWithBody,
+                "{extra}"
+            );
+        }
+        assert!(matches!(
+            inspect(&upgrade_request("Content-Length: 0\r\n")),
+            Ok(Inspected::Upgrade(_))
+        ));
+    }
+
+    #[test]
+    fn absolute_form_is_forwarded_in_origin_form_with_its_authority_as_host() {
+        let cases = [
+            (
+                "http://chat.example.com:8080/chat?x=1",
+                "/chat?x=1",
+                "chat.example.com:8080",
+            ),
+            ("HTTP://b.example/", "/", "b.example"),
+            ("http://b.example", "/", "b.example"),
+            ("ws://b.example?room=2", "/?room=2", "b.example"),
+        ];
+        for (target, origin, authority) in cases {
+            let req = upgrade_request("").replacen("/chat?x=1", target, 1);
+            let mut storage = header_storage();
+            let Ok(Parsed::Upgrade(head)) = parse_request(req.as_bytes(), &mut storage) else {
+                panic!("not an upgrade: {req}")
+            };
+            assert_eq!((&*head.target, head.host), (origin, authority.as_bytes()));
+            let fwd = head.forward("10.1.2.3".parse().unwrap(), "http", Omit::default());
+            let fwd = String::from_utf8(fwd).unwrap();
+            assert!(
+                fwd.starts_with(&format!("GET {origin} HTTP/1.1\r\nHost: {authority}\r\n")),
+                "{fwd}"
+            );
+            assert_eq!(fwd.matches("example.com\r\n").count(), 0, "{fwd}");
+            assert!(fwd.contains(&format!("X-Forwarded-Host: {authority}\r\n")), "{fwd}");
+        }
+        for target in ["http://user@b.example/", "http:///path", "chat", "*"] {
+            let req = upgrade_request("").replacen("/chat?x=1", target, 1);
+            assert_eq!(inspect(&req).unwrap_err().status(), 400, "{target}");
+        }
     }
 
     #[test]

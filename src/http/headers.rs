@@ -47,8 +47,15 @@ fn is_protected(name: &[u8]) -> bool {
         .any(|p| name.len() >= p.len() && name[..p.len()].eq_ignore_ascii_case(p.as_bytes()))
 }
 
+/// Whether a request header is meant for a proxy (`Proxy-Authorization`, `Proxy-Connection` and every other
+/// `Proxy-*`, and `Proxy`, which CGI servers turn into `HTTP_PROXY`): wsgate is no forward proxy, so they are the
+/// client's credentials or hop-by-hop orders and never reach a backend.
+fn is_proxy_header(name: &[u8]) -> bool {
+    eq_name(name, "proxy") || name.get(..6).is_some_and(|p| eq_name(p, "proxy-"))
+}
+
 /// Whether a request or response header must be dropped when forwarding: hop-by-hop, named in one of the
-/// message's `Connection` values, or (for requests) a forwarding header wsgate replaces.
+/// message's `Connection` values, or (for requests) a `Proxy-*` header or a forwarding header wsgate replaces.
 pub(crate) fn drop_when_forwarding<'a>(
     name: &[u8],
     connection_values: impl IntoIterator<Item = &'a [u8]>,
@@ -57,7 +64,7 @@ pub(crate) fn drop_when_forwarding<'a>(
     if HOP_BY_HOP.iter().any(|h| eq_name(name, h)) {
         return true;
     }
-    if is_request && FORWARDING.iter().any(|h| eq_name(name, h)) {
+    if is_request && (is_proxy_header(name) || FORWARDING.iter().any(|h| eq_name(name, h))) {
         return true;
     }
     if is_protected(name) {
@@ -134,6 +141,11 @@ mod tests {
         assert!(drop_when_forwarding(b"TE", [], true));
         assert!(drop_when_forwarding(b"X-Real-IP", [], true));
         assert!(!drop_when_forwarding(b"X-Real-IP", [], false));
+        for name in ["Proxy-Authorization", "proxy-connection", "PROXY-Foo", "Proxy"] {
+            assert!(drop_when_forwarding(name.as_bytes(), [], true), "{name}");
+        }
+        assert!(!drop_when_forwarding(b"Proxyish", [], true));
+        assert!(!drop_when_forwarding(b"Proxy-Authenticate", [], false));
     }
 
     #[test]

@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicU16, AtomicU32, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http::header::{CONNECTION, HOST, UPGRADE};
+use http::header::{CONNECTION, CONTENT_LENGTH, HOST, TRANSFER_ENCODING, UPGRADE};
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, Uri};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
@@ -31,7 +31,7 @@ use tokio::sync::Mutex;
 
 use super::{Refusal, failed_try, next_try, start_tries};
 use crate::config::{Deflate, Route, Sticky};
-use crate::http::handshake::{self, HandshakeError, Inspected, without_cookie};
+use crate::http::handshake::{self, HandshakeError, Inspected, MAX_HEAD_BYTES, MAX_HEADERS, without_cookie};
 use crate::http::headers::{drop_when_forwarding, has_token};
 use crate::http::{Forwarding, RequestView};
 use crate::observe::ConnectionRecord;
@@ -73,9 +73,13 @@ pub(super) async fn serve(
         hyper::service::service_fn(move |req| forward(state.clone(), req))
     };
     // Header names keep the case they were sent in, both ways (as the upgrade path passes heads on); names without
-    // one, as in wsgate's own answers, are written in title case, as the upgrade path writes them.
+    // one, as in wsgate's own answers, are written in title case, as the upgrade path writes them. Later requests
+    // on the connection are read by hyper alone, with the upgrade path's limits on a head.
     let connection = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
+        .max_headers(MAX_HEADERS)
+        .max_header_size(MAX_HEAD_BYTES)
+        .max_buf_size(MAX_HEAD_BYTES)
         .preserve_header_case(true)
         .title_case_headers(true)
         .header_read_timeout(handshake_timeout)
@@ -209,10 +213,11 @@ struct Backend {
 struct HyperView<'a>(&'a Request<Incoming>);
 
 impl RequestView for HyperView<'_> {
+    /// The target's authority when it came in absolute form (it replaces `Host`, RFC 9112 §3.2.2), else `Host`.
     fn host(&self) -> Option<&[u8]> {
-        match self.0.headers().get(HOST) {
-            Some(host) => Some(host.as_bytes()),
-            None => self.0.uri().authority().map(|a| a.as_str().as_bytes()),
+        match self.0.uri().authority() {
+            Some(authority) => Some(authority.as_str().as_bytes()),
+            None => self.0.headers().get(HOST).map(HeaderValue::as_bytes),
         }
     }
     fn target(&self) -> &[u8] {
@@ -316,6 +321,15 @@ fn add_sticky_cookie<B>(resp: &mut Response<B>, upstream: &Upstream, choice: Cho
     }
 }
 
+/// The request's body framing as hyper read it, refused when the upgrade path would refuse it. hyper already
+/// refuses a coding other than a final `chunked`, different or malformed `Content-Length` values, and reads
+/// `Content-Length` with `Transfer-Encoding` as chunked (dropping the length) and closes after the answer.
+fn check_framing(req: &Request<Incoming>) -> Result<(), Refusal> {
+    let values = |name| req.headers().get_all(name).into_iter().map(HeaderValue::as_bytes);
+    handshake::request_framing(values(TRANSFER_ENCODING), values(CONTENT_LENGTH))?;
+    Ok(())
+}
+
 async fn forward(state: Arc<State>, mut req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
     state.stats.requests.fetch_add(1, Ordering::Relaxed);
     let wants_websocket = req
@@ -323,10 +337,10 @@ async fn forward(state: Arc<State>, mut req: Request<Incoming>) -> Result<Respon
         .get_all(UPGRADE)
         .iter()
         .any(|v| has_token(v.as_bytes(), "websocket"));
-    let target = state.target(&req, wants_websocket);
+    let target = check_framing(&req).and_then(|()| state.target(&req, wants_websocket));
     state.note_target(target.as_ref().ok().copied()).await;
     let result = match target {
-        Err(no_route) => Err(no_route),
+        Err(refusal) => Err(refusal),
         Ok(target) if wants_websocket => upgrade(&state, target, req).await,
         Ok(target) => {
             rewrite_request(&mut req, state.client_ip);
@@ -560,12 +574,19 @@ async fn client_handshake(
         .await
 }
 
+/// The request as the backend gets it: in origin form, a target's authority as its `Host` (RFC 9112 §3.2.2),
+/// hop-by-hop headers out, forwarding headers in.
 fn rewrite_request(req: &mut Request<Incoming>, client_ip: IpAddr) {
-    if req.uri().authority().is_some() {
+    let authority = req
+        .uri()
+        .authority()
+        .and_then(|a| HeaderValue::from_str(a.as_str()).ok());
+    if let Some(authority) = authority {
         let origin_form = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
         if let Ok(uri) = origin_form.parse::<Uri>() {
             *req.uri_mut() = uri;
         }
+        req.headers_mut().insert(HOST, authority);
     }
     *req.version_mut() = http::Version::HTTP_11;
     let headers = req.headers_mut();

@@ -107,6 +107,11 @@ impl Refusal {
             Self::Handshake(e @ HandshakeError::UnsupportedVersion) => {
                 Answer::new(e.status(), e.to_string()).with_header("Sec-WebSocket-Version", "13")
             }
+            // Where an ambiguous request's body ends is unknown, and what follows a refused upgrade's body is neither
+            // a request nor a WebSocket stream: nothing after either on the connection can be read.
+            Self::Handshake(e @ (HandshakeError::Framing(_) | HandshakeError::UpgradeWithBody)) => {
+                Answer::new(e.status(), e.to_string()).closing()
+            }
             Self::Handshake(e) => Answer::new(e.status(), e.to_string()),
             // The client's own host and path, as it sent them: nothing of wsgate's.
             Self::NoRoute { .. } => Answer::new(404, self.to_string()),
