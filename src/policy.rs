@@ -118,11 +118,13 @@ pub struct Admission {
     prune_at: AtomicUsize,
 }
 
-/// A client connection counted against the limits while this lives.
+/// A client connection counted against the limits while this lives. It stays small (two words): every live
+/// session holds one.
 #[derive(Debug)]
 pub struct Admitted {
     admission: Arc<Admission>,
-    client: Option<(SocketAddr, IpAddr)>,
+    /// The client's key, on a listener with a per-client limit.
+    client: Option<Box<(SocketAddr, IpAddr)>>,
 }
 
 impl Admission {
@@ -152,7 +154,7 @@ impl Admission {
                 return Err(Limit::PerClient(limit));
             }
             *count += 1;
-            admitted.client = Some(key);
+            admitted.client = Some(Box::new(key));
         }
         Ok(admitted)
     }
@@ -202,13 +204,13 @@ impl Admission {
 impl Drop for Admitted {
     fn drop(&mut self) {
         self.admission.total.fetch_sub(1, Ordering::Relaxed);
-        if let Some(key) = self.client
+        if let Some(key) = self.client.as_deref()
             && let Ok(mut counts) = self.admission.per_client.lock()
-            && let Some(count) = counts.get_mut(&key)
+            && let Some(count) = counts.get_mut(key)
         {
             *count -= 1;
             if *count == 0 {
-                counts.remove(&key);
+                counts.remove(key);
             }
         }
     }

@@ -55,7 +55,8 @@ async fn run(shared: &Arc<Shared>, snapshot: &Arc<Snapshot>, accepted: Accepted,
     let _admitted = match admit(shared, snapshot, &accepted) {
         Ok(admitted) => admitted,
         Err(refusal) => {
-            refuse(accepted.stream, record, refusal).await;
+            // On the heap: its linger buffer must not live in every session's future.
+            Box::pin(refuse(accepted.stream, record, refusal)).await;
             return;
         }
     };
