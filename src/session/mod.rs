@@ -612,3 +612,36 @@ async fn lingering_close(mut client: TcpStream) {
     })
     .await;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Config, LogFormat, Timeouts};
+
+    /// Every live session is one of these futures, so its size is memory per idle connection: what only a refused
+    /// or a handshaking connection needs (answer buffers, the handshake's state) must live on the heap.
+    #[tokio::test]
+    async fn a_session_future_stays_small() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let stream = TcpStream::connect(addr).await.expect("connect");
+        let timeouts = Timeouts::default();
+        let config = Config::quick(&addr.to_string(), &[addr.to_string()], timeouts, LogFormat::Text).expect("config");
+        let shared = Arc::new(Shared {
+            snapshot: arc_swap::ArcSwap::from_pointee(Snapshot::new(config, None)),
+            draining: CancellationToken::new(),
+            shutting_down: Arc::default(),
+            admission: Arc::default(),
+            force_close: CancellationToken::new(),
+        });
+        let accepted = Accepted {
+            stream,
+            peer: addr,
+            id: 1,
+            listener: addr,
+        };
+        let size = std::mem::size_of_val(&session(shared, accepted));
+        // About 1.3 KiB today (a debug build); a stray buffer of a few KiB on the path would show.
+        assert!(size <= 2048, "a session future takes {size} bytes");
+    }
+}
