@@ -349,6 +349,19 @@ fn headers_named<'a>(headers: &'a [(String, String)], name: &str) -> Vec<&'a str
         .collect()
 }
 
+/// A connection to the proxy; when `later`, one plain request has gone first, so the next is read by hyper.
+async fn connection(proxy: SocketAddr, later: bool) -> TcpStream {
+    let mut stream = within("connect", TcpStream::connect(proxy)).await.expect("connect");
+    if later {
+        stream
+            .write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+            .await
+            .expect("write");
+        read_answers(&mut stream, 1).await;
+    }
+    stream
+}
+
 #[tokio::test]
 async fn absolute_form_upgrade_is_routed_by_path_with_its_authority_as_host() {
     let mut ws = ws_backend("ws").await;
@@ -358,16 +371,7 @@ async fn absolute_form_upgrade_is_routed_by_path_with_its_authority_as_host() {
     // Kept open until the end, so that the backend reports no close between the upgrades.
     let mut open = Vec::new();
     for later in [false, true] {
-        let mut stream = within("connect", TcpStream::connect(proxy.addr))
-            .await
-            .expect("connect");
-        if later {
-            stream
-                .write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
-                .await
-                .expect("write");
-            read_answers(&mut stream, 1).await;
-        }
+        let mut stream = connection(proxy.addr, later).await;
         let request = upgrade_request("http://chat.example:8080/ws/room?x=1", "");
         stream.write_all(request.as_bytes()).await.expect("write");
         let mut head = [0u8; 12];
@@ -401,16 +405,7 @@ async fn absolute_form_plain_request_is_routed_by_path_with_its_authority_as_hos
     let (other, other_log) = recording_backend().await;
     let proxy = Proxy::from_toml(&routes(ws.addr, p, other));
     for later in [false, true] {
-        let mut stream = within("connect", TcpStream::connect(proxy.addr))
-            .await
-            .expect("connect");
-        if later {
-            stream
-                .write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
-                .await
-                .expect("write");
-            read_answers(&mut stream, 1).await;
-        }
+        let mut stream = connection(proxy.addr, later).await;
         stream
             .write_all(b"GET http://app.example/p/x?y=1 HTTP/1.1\r\nHost: other.example\r\n\r\n")
             .await
@@ -446,14 +441,7 @@ async fn upgrade_with_a_body_is_refused_first_and_on_keep_alive() {
         let answer = raw_exchange(proxy.addr, request.as_bytes()).await;
         assert_eq!(statuses(&answer), [400], "{extra}: {answer}");
 
-        let mut stream = within("connect", TcpStream::connect(proxy.addr))
-            .await
-            .expect("connect");
-        stream
-            .write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
-            .await
-            .expect("write");
-        read_answers(&mut stream, 1).await;
+        let mut stream = connection(proxy.addr, true).await;
         stream.write_all(request.as_bytes()).await.expect("write");
         let answer = read_to_close(&mut stream).await;
         assert_eq!(statuses(&answer), [400], "keep-alive, {extra}: {answer}");
