@@ -5,8 +5,8 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -146,9 +146,8 @@ impl Admission {
         }
         if let Some(limit) = listener.max_connections_per_ip {
             let key = (listener.address, client_key(ip, listener.ipv6_prefix));
-            let Ok(mut counts) = self.per_client.lock() else {
-                return Ok(admitted);
-            };
+            // A poisoned lock still holds valid counts (each change is one statement): go on with them.
+            let mut counts = self.per_client.lock().unwrap_or_else(PoisonError::into_inner);
             let count = counts.entry(key).or_insert(0);
             if *count >= limit {
                 return Err(Limit::PerClient(limit));
@@ -169,9 +168,7 @@ impl Admission {
         let interval = Duration::from_secs(1) / rate.per_second.max(1);
         let tolerance = interval * rate.burst;
         let key = (listener.address, client_key(ip, listener.ipv6_prefix));
-        let Ok(mut schedules) = self.schedules.lock() else {
-            return Ok(());
-        };
+        let mut schedules = self.schedules.lock().unwrap_or_else(PoisonError::into_inner);
         let full_at = schedules.get(&key).copied().unwrap_or(now).max(now);
         let earliest = full_at.checked_sub(tolerance).unwrap_or(now);
         if earliest > now {
@@ -204,10 +201,11 @@ impl Admission {
 impl Drop for Admitted {
     fn drop(&mut self) {
         self.admission.total.fetch_sub(1, Ordering::Relaxed);
-        if let Some(key) = self.client.as_deref()
-            && let Ok(mut counts) = self.admission.per_client.lock()
-            && let Some(count) = counts.get_mut(key)
-        {
+        let Some(key) = self.client.as_deref() else {
+            return;
+        };
+        let mut counts = self.admission.per_client.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(count) = counts.get_mut(key) {
             *count -= 1;
             if *count == 0 {
                 counts.remove(key);
@@ -249,6 +247,14 @@ mod tests {
             access.admits(ip("::ffff:10.9.9.9")),
             "IPv4-mapped addresses count as IPv4"
         );
+        let (mapped, _) = route_rules("deny = [\"::ffff:10.0.0.0/104\", \"::ffff:192.0.2.7\"]");
+        assert!(
+            !mapped.admits(ip("10.1.1.1")),
+            "a mapped network in the file is the IPv4 one"
+        );
+        assert!(!mapped.admits(ip("::ffff:10.1.1.1")));
+        assert!(!mapped.admits(ip("192.0.2.7")));
+        assert!(mapped.admits(ip("192.0.2.8")));
     }
 
     #[test]

@@ -12,10 +12,12 @@ fn host_name(host: &[u8]) -> &[u8] {
         // [v6]:port
         return host.iter().position(|&b| b == b']').map_or(host, |end| &host[..=end]);
     }
-    match host.iter().rposition(|&b| b == b':') {
+    let name = match host.iter().rposition(|&b| b == b':') {
         Some(colon) => &host[..colon],
         None => host,
-    }
+    };
+    // `example.com.` is `example.com` (a fully qualified name): a route for one holds for the other.
+    name.strip_suffix(b".").unwrap_or(name)
 }
 
 impl HostMatch {
@@ -104,6 +106,13 @@ mod tests {
             access: Default::default(),
             origins: None,
         }
+    }
+
+    #[test]
+    fn a_fully_qualified_host_matches_as_the_name_without_its_dot() {
+        assert_eq!(host_name(b"admin.example.com."), b"admin.example.com");
+        assert_eq!(host_name(b"admin.example.com.:8080"), b"admin.example.com");
+        assert_eq!(host_name(b"[::1]:80"), b"[::1]");
     }
 
     #[test]

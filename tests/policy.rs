@@ -108,6 +108,10 @@ async fn upgrade_from_an_origin_not_allowed_answers_403() {
             assert!(answer.ends_with("\r\n\r\norigin not allowed\n"), "{answer}");
         }
     }
+    // Two origins could be read two ways: refused.
+    let two = "Origin: https://app.example.com\r\nOrigin: https://evil.example.net\r\n";
+    let (status, answer, _) = upgrade_from(1, proxy.addr, "/", two).await;
+    assert_eq!(status, 400, "{answer}");
     // A plain request is no cross-site WebSocket: the rule applies to upgrades only.
     let (status, answer, _) = ask_from(1, proxy.addr, &plain_request("/page")).await;
     assert_ne!(status, 403, "{answer}");

@@ -499,3 +499,60 @@ async fn proxy_headers_are_not_forwarded_on_either_path() {
         );
     }
 }
+
+/// Reads one answer of wsgate's own: a head and a one-line body.
+async fn read_refusal(stream: &mut TcpStream) -> String {
+    let mut out = Vec::new();
+    within("wsgate's answer", async {
+        let mut buf = [0u8; 4096];
+        loop {
+            let text = String::from_utf8_lossy(&out);
+            if text
+                .split_once("\r\n\r\n")
+                .is_some_and(|(_, body)| body.ends_with('\n'))
+            {
+                break;
+            }
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(k) => out.extend_from_slice(&buf[..k]),
+            }
+        }
+    })
+    .await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// What routing and a backend could read two ways is refused on both paths, first request and keep-alive alike:
+/// two `Host` headers (routing reads one, a backend may read the other), user information in an absolute-form
+/// target, and dot segments (a backend resolving `/p/../admin` would serve a path the routes never saw).
+#[tokio::test]
+async fn heads_routing_and_a_backend_could_read_two_ways_are_refused() {
+    let ws = ws_backend("ws").await;
+    let (p, p_log) = recording_backend().await;
+    let (other, other_log) = recording_backend().await;
+    let proxy = Proxy::from_toml(&routes(ws.addr, p, other));
+    let cases = [
+        "GET /x HTTP/1.1\r\nHost: a.example\r\nHost: admin.example\r\n\r\n",
+        "GET http://user@admin.example/x HTTP/1.1\r\nHost: a\r\n\r\n",
+        "GET /p/../admin HTTP/1.1\r\nHost: a\r\n\r\n",
+        "GET /p/%2e%2e/admin HTTP/1.1\r\nHost: a\r\n\r\n",
+    ];
+    for request in cases {
+        for later in [false, true] {
+            let mut stream = connection(proxy.addr, later).await;
+            stream.write_all(request.as_bytes()).await.expect("write");
+            let answer = read_refusal(&mut stream).await;
+            assert_eq!(statuses(&answer), [400], "{request:?} (keep-alive: {later}): {answer}");
+        }
+    }
+    let upgrade = upgrade_request("/ws/../admin", "");
+    let answer = raw_exchange(proxy.addr, upgrade.as_bytes()).await;
+    assert_eq!(statuses(&answer), [400], "{answer}");
+    assert!(seen(&p_log).await.is_empty());
+    let reached: Vec<String> = seen(&other_log).await.into_iter().map(|s| s.uri).collect();
+    assert!(
+        reached.iter().all(|uri| uri == "/"),
+        "only the warm-up requests: {reached:?}"
+    );
+}

@@ -21,9 +21,9 @@ use super::{
     DEFAULT_HEALTH_TIMEOUT, DEFAULT_IPV6_PREFIX, DEFAULT_REBALANCE_THRESHOLD, DEFAULT_RISE, DEFAULT_STICKY_COOKIE,
     DEFAULT_STICKY_PATH, DEFAULT_WEIGHT, DEFAULT_WRITE_TIMEOUT, Deflate, FrameRules, HTTP_STATUSES, HandshakeRate,
     HashKey, HealthCheck, HealthKind, HostMatch, Listener, LogFormat, MAX_DRAIN_RATE, MAX_DURATION, MAX_DURATION_DAYS,
-    MAX_EJECTION, MAX_IPV6_PREFIX, MAX_PERCENT, MAX_REBALANCE_THRESHOLD, MAX_RETRIES, MAX_RISE_FALL, MAX_WEIGHT,
-    MAX_WORKERS, MIN_CONNECTION_LIMIT, MIN_DRAIN_RATE, MIN_EJECTION, MIN_HEALTH_INTERVAL, MIN_RISE_FALL,
-    MIN_STICKY_MAX_AGE, MIN_WEIGHT, OriginPattern, OriginRule, Outlier, PathMatch, Relay, Route, Server,
+    MAX_EJECTION, MAX_HANDSHAKE_RATE, MAX_IPV6_PREFIX, MAX_PERCENT, MAX_REBALANCE_THRESHOLD, MAX_RETRIES,
+    MAX_RISE_FALL, MAX_WEIGHT, MAX_WORKERS, MIN_CONNECTION_LIMIT, MIN_DRAIN_RATE, MIN_EJECTION, MIN_HEALTH_INTERVAL,
+    MIN_RISE_FALL, MIN_STICKY_MAX_AGE, MIN_WEIGHT, OriginPattern, OriginRule, Outlier, PathMatch, Relay, Route, Server,
     ServerSettings, Sticky, StickyCookie, TunnelRules, Upstream, human_duration, parse_duration, parse_size,
 };
 
@@ -198,7 +198,7 @@ struct RawRoute {
     allow: Vec<Spanned<String>>,
     #[serde(default)]
     deny: Vec<Spanned<String>>,
-    allowed_origins: Option<Vec<Spanned<String>>>,
+    allowed_origins: Option<Spanned<Vec<Spanned<String>>>>,
     allow_missing_origin: Option<Spanned<bool>>,
     // The frames relay's rules (relay = "frames" only).
     max_message_size: Option<Spanned<Size>>,
@@ -532,7 +532,7 @@ fn build_handshake_rate(l: &RawListener, report: &mut Report<'_>) -> Option<Hand
     let Some(rate) = limited(
         &l.handshakes_per_second_per_ip,
         "handshakes_per_second_per_ip",
-        1..=u32::MAX,
+        1..=MAX_HANDSHAKE_RATE,
         report,
     ) else {
         if let Some(burst) = &l.handshake_burst {
@@ -576,13 +576,21 @@ fn build_access(allow: &[Spanned<String>], deny: &[Spanned<String>], report: &mu
     }
 }
 
-/// A network as written (its host bits cleared), or a single address as the network of just it.
+/// A network as written (its host bits cleared), or a single address as the network of just it. IPv4-mapped IPv6
+/// networks (`::ffff:10.0.0.0/104`) become the IPv4 networks they are, as clients' mapped addresses do.
 fn parse_net(text: &str) -> Option<IpNet> {
     let text = text.trim();
-    if let Ok(net) = text.parse::<IpNet>() {
-        return Some(net.trunc());
+    let net = match text.parse::<IpNet>() {
+        Ok(net) => net.trunc(),
+        Err(_) => IpNet::from(text.parse::<std::net::IpAddr>().ok()?),
+    };
+    match net {
+        IpNet::V6(v6) if v6.prefix_len() >= 96 => match v6.addr().to_ipv4_mapped() {
+            Some(v4) => ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96).ok().map(IpNet::V4),
+            None => Some(net),
+        },
+        _ => Some(net),
     }
-    text.parse::<std::net::IpAddr>().ok().map(IpNet::from)
 }
 
 /// A route's `allowed_origins` and `allow_missing_origin`.
@@ -597,7 +605,15 @@ fn build_origins(r: &RawRoute, report: &mut Report<'_>) -> Option<OriginRule> {
         }
         return None;
     };
+    if list.get_ref().is_empty() {
+        report.key(
+            list,
+            "allowed_origins",
+            "is empty: it would refuse every browser; leave it out to let every origin through",
+        );
+    }
     let allowed = list
+        .get_ref()
         .iter()
         .filter_map(|entry| match parse_origin(entry.get_ref()) {
             Ok(pattern) => Some(pattern),

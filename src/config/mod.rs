@@ -101,6 +101,8 @@ impl Listener {
 pub const DEFAULT_IPV6_PREFIX: u8 = 64;
 /// The longest IPv6 prefix: one address.
 pub const MAX_IPV6_PREFIX: u8 = 128;
+/// The highest `handshakes_per_second_per_ip` (a handshake every microsecond; above it the limit means nothing).
+pub const MAX_HANDSHAKE_RATE: u32 = 1_000_000;
 
 /// Client addresses let in: those in no `deny` network and, when `allow` lists any, in one of those. A client in
 /// both is denied (as in HAProxy's and Envoy's deny-first rules).

@@ -211,6 +211,7 @@ where
             ));
         }
     };
+    check_path(target.as_bytes())?;
     let mut raw_key = [0u8; 16];
     if key.len() != 24 || BASE64.decode_slice(key, &mut raw_key) != Ok(16) {
         return Err(HandshakeError::Malformed(
@@ -276,6 +277,32 @@ pub fn request_framing<'a>(
                 .ok_or(HandshakeError::Framing("Content-Length out of range"))
         }
     }
+}
+
+/// Refuses a path with dot segments (`/./`, `/../`, written plainly or percent-encoded): routes match the path as
+/// sent, and a backend that resolves `/public/../admin` would serve a path the routes never saw. Browsers resolve
+/// dot segments before sending, so no honest client sends one.
+pub fn check_path(path: &[u8]) -> Result<(), HandshakeError> {
+    let end = path.iter().position(|&b| b == b'?').unwrap_or(path.len());
+    let dot_segment = path[..end].split(|&b| b == b'/').any(|segment| {
+        let mut rest = segment;
+        let mut dots = 0;
+        while !rest.is_empty() {
+            if rest[0] == b'.' {
+                rest = &rest[1..];
+            } else if rest.len() >= 3 && rest[0] == b'%' && rest[1] == b'2' && rest[2].eq_ignore_ascii_case(&b'e') {
+                rest = &rest[3..];
+            } else {
+                return false;
+            }
+            dots += 1;
+        }
+        dots == 1 || dots == 2
+    });
+    if dot_segment {
+        return Err(HandshakeError::Malformed("dot segment (. or ..) in the request path"));
+    }
+    Ok(())
 }
 
 /// Whether a head has a CR not followed by LF or an LF not preceded by CR. RFC 9112 §2.2 lets a recipient read a
@@ -794,6 +821,35 @@ mod tests {
                 plain(head)
             );
         }
+    }
+
+    #[test]
+    fn dot_segments_are_refused_and_dotted_names_are_not() {
+        for path in [
+            "/a/../admin",
+            "/..",
+            "/a/./b",
+            "/%2e%2e/x",
+            "/a/%2E/b",
+            "/.%2e/x",
+            "/a/..",
+        ] {
+            assert!(check_path(path.as_bytes()).is_err(), "{path}");
+        }
+        for path in [
+            "/",
+            "/a.b/c",
+            "/.well-known/x",
+            "/a/...",
+            "/a?x=/../",
+            "/..a",
+            "/%2e%2ea",
+        ] {
+            assert!(check_path(path.as_bytes()).is_ok(), "{path}");
+        }
+        let req = "GET /public/../admin HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                   Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
+        assert_eq!(inspect(req).unwrap_err().status(), 400);
     }
 
     #[test]

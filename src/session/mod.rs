@@ -55,8 +55,7 @@ async fn run(shared: &Arc<Shared>, snapshot: &Arc<Snapshot>, accepted: Accepted,
     let _admitted = match admit(shared, snapshot, &accepted) {
         Ok(admitted) => admitted,
         Err(refusal) => {
-            // On the heap: its linger buffer must not live in every session's future.
-            Box::pin(refuse(accepted.stream, record, refusal)).await;
+            refuse_at_once(&accepted.stream, record, &refusal);
             return;
         }
     };
@@ -590,6 +589,19 @@ async fn refuse(mut client: TcpStream, record: &mut ConnectionRecord, refusal: R
         lingering_close(client).await;
     }
     None
+}
+
+/// Answers a connection refused before anything was read from it (its address, a connection limit) without
+/// waiting for it: under a flood of such connections none may hold a socket or a task any longer than this. The
+/// answer goes into the socket's empty send buffer at once; what the client has sent so far is read and dropped,
+/// so that the close is a FIN rather than a reset in the common case.
+fn refuse_at_once(client: &TcpStream, record: &mut ConnectionRecord, refusal: &Refusal) {
+    let answer = refusal.answer().closing();
+    record.status = answer.status;
+    record.end = format!("refused: {refusal}");
+    let _ = client.try_write(&answer.to_bytes());
+    let mut sink = [0u8; 1024];
+    while matches!(client.try_read(&mut sink), Ok(n) if n > 0) {}
 }
 
 /// Closes after an answer so that the client reads it: shut down our side, then read and drop what the client

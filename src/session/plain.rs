@@ -321,12 +321,22 @@ fn add_sticky_cookie<B>(resp: &mut Response<B>, upstream: &Upstream, choice: Cho
     }
 }
 
-/// The request's body framing as hyper read it, refused when the upgrade path would refuse it. hyper already
-/// refuses a coding other than a final `chunked`, different or malformed `Content-Length` values, and reads
-/// `Content-Length` with `Transfer-Encoding` as chunked (dropping the length) and closes after the answer.
-fn check_framing(req: &Request<Incoming>) -> Result<(), Refusal> {
+/// What hyper lets through and the upgrade path refuses, so that routing and the backend read the request alike:
+/// its body framing (hyper already refuses a coding other than a final `chunked` and different or malformed
+/// `Content-Length` values, and reads `Content-Length` with `Transfer-Encoding` as chunked, dropping the length),
+/// more than one `Host` or none in HTTP/1.1 (routing reads one, a backend may read another), user information in
+/// an absolute-form target, and dot segments in the path.
+fn check_head(req: &Request<Incoming>) -> Result<(), Refusal> {
     let values = |name| req.headers().get_all(name).into_iter().map(HeaderValue::as_bytes);
     handshake::request_framing(values(TRANSFER_ENCODING), values(CONTENT_LENGTH))?;
+    let hosts = req.headers().get_all(HOST).iter().count();
+    if hosts > 1 || (hosts == 0 && req.version() == http::Version::HTTP_11 && req.uri().authority().is_none()) {
+        return Err(HandshakeError::Malformed("a request needs exactly one Host header").into());
+    }
+    if req.uri().authority().is_some_and(|a| a.as_str().contains('@')) {
+        return Err(HandshakeError::Malformed("absolute request target with user information").into());
+    }
+    handshake::check_path(req.uri().path().as_bytes())?;
     Ok(())
 }
 
@@ -337,7 +347,7 @@ async fn forward(state: Arc<State>, mut req: Request<Incoming>) -> Result<Respon
         .get_all(UPGRADE)
         .iter()
         .any(|v| has_token(v.as_bytes(), "websocket"));
-    let target = check_framing(&req).and_then(|()| state.target(&req, wants_websocket));
+    let target = check_head(&req).and_then(|()| state.target(&req, wants_websocket));
     state.note_target(target.as_ref().ok().copied()).await;
     let result = match target {
         Err(refusal) => Err(refusal),

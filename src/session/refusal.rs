@@ -89,7 +89,11 @@ impl Refusal {
             });
         }
         if let (Some(rule), Some(req)) = (&route.origins, upgrade) {
-            let origin = req.header("origin");
+            let mut origins = req.header_values("origin");
+            let origin = origins.next();
+            if origins.next().is_some() {
+                return Err(HandshakeError::Malformed("more than one Origin header").into());
+            }
             if !rule.admits(origin) {
                 return Err(Refusal::Origin {
                     origin: origin.map(echoed),
