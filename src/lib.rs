@@ -5,6 +5,7 @@
 #![deny(unsafe_code)]
 
 pub mod cli;
+mod conn;
 pub mod config;
 pub mod demo;
 pub mod http;
@@ -18,5 +19,6 @@ mod signal;
 pub mod state;
 mod supervise;
 mod sys;
+pub mod tls;
 pub mod upstream;
 pub mod ws;

@@ -43,6 +43,9 @@ pub(crate) enum Refusal {
         Limit::Rate { per_second, .. } => format!("the client starts handshakes faster than {per_second} per second"),
     })]
     Limit(Limit),
+    /// A plain listener with `redirect_https` sends every request to https.
+    #[error("redirected to {location}")]
+    ToHttps { location: String },
 }
 
 /// Client-sent bytes as text for a log line or a 404's reason: lossy, at most [`MAX_ECHOED`] characters.
@@ -66,6 +69,19 @@ impl Refusal {
     /// Whether the client caused it (the plain path logs those at debug level only: a client can cause many).
     pub(crate) fn by_client(&self) -> bool {
         !matches!(self, Self::Upstream { .. })
+    }
+
+    /// The redirect of a request to the same host and target on https, on `port`.
+    pub(crate) fn to_https(req: &impl RequestView, port: u16) -> Refusal {
+        let host = req.host().unwrap_or_default();
+        let host = String::from_utf8_lossy(host);
+        let (name, _) = crate::config::file::split_port(&host, 443).unwrap_or((&host, 443));
+        let target = String::from_utf8_lossy(req.target());
+        let location = match port {
+            443 => format!("https://{name}{target}"),
+            port => format!("https://{name}:{port}{target}"),
+        };
+        Refusal::ToHttps { location }
     }
 
     pub(crate) fn no_route(req: &impl RequestView) -> Refusal {
@@ -129,6 +145,7 @@ impl Refusal {
             Self::Limit(Limit::Rate { retry_after, .. }) => {
                 Answer::new(429, "too many handshakes from this address").with_retry_after(Some(*retry_after))
             }
+            Self::ToHttps { location } => Answer::new(308, "use https").with_header("Location", location.clone()),
             Self::Limit(Limit::Overall(_)) => {
                 Answer::new(503, "server at its connection limit").with_retry_after(Some(RETRY_AFTER_BUSY))
             }
