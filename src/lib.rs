@@ -5,8 +5,8 @@
 #![deny(unsafe_code)]
 
 pub mod cli;
-mod conn;
 pub mod config;
+mod conn;
 pub mod demo;
 pub mod http;
 mod observe;

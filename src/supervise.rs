@@ -22,9 +22,9 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::tls::client::ClientTls;
 use crate::config::HealthCheck;
 use crate::state::Snapshot;
+use crate::tls::client::ClientTls;
 use crate::upstream::health::{self, unit_random};
 use crate::upstream::{ServerState, ShedReason, Upstream, now_ms};
 

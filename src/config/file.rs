@@ -578,7 +578,11 @@ fn build_listener_tls(l: &RawListener, report: &mut Report<'_>) -> Option<Arc<Se
     let entries: Vec<&Spanned<RawCertificate>> = l.tls.iter().chain(&l.certificate).collect();
     let first = entries.first()?;
     if l.tls.is_some() && !l.certificate.is_empty() {
-        report.key(first, "tls", "give either `tls` or `[[listener.certificate]]` entries, not both");
+        report.key(
+            first,
+            "tls",
+            "give either `tls` or `[[listener.certificate]]` entries, not both",
+        );
         return None;
     }
     if entries.iter().filter(|e| e.get_ref().default).count() > 1 {
@@ -612,7 +616,11 @@ fn build_redirect(l: &RawListener, report: &mut Report<'_>) -> Option<u16> {
     let port = l.redirect_https_port.as_ref().map(|p| *p.get_ref());
     match (&l.redirect_https, on) {
         (Some(r), true) if l.tls.is_some() || !l.certificate.is_empty() => {
-            report.key(r, "redirect_https", "a TLS listener cannot redirect to https: it is https");
+            report.key(
+                r,
+                "redirect_https",
+                "a TLS listener cannot redirect to https: it is https",
+            );
             None
         }
         (_, true) if port == Some(0) => {

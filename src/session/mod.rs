@@ -17,7 +17,6 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{self, Deflate, Listener, Route, Sticky};
 use crate::conn::Conn;
-use crate::tls::server::ServerTls;
 use crate::http::RequestView;
 use crate::http::handshake::{self, BackendAnswer, BodyEnd, MAX_HEAD_BYTES, Omit, Parsed, ResponseError, UpgradeHead};
 use crate::observe::ConnectionRecord;
@@ -26,6 +25,7 @@ use crate::relay;
 use crate::route;
 use crate::signal::StopSignal;
 use crate::state::{Shared, Snapshot};
+use crate::tls::server::ServerTls;
 use crate::upstream::{self, Active, Attempts, Upstream, UpstreamError};
 use refusal::Refusal;
 
@@ -289,9 +289,7 @@ async fn open(
     accepted: Accepted,
     record: &mut ConnectionRecord,
 ) -> Option<Switched> {
-    let Accepted {
-        stream, listener, ..
-    } = accepted;
+    let Accepted { stream, listener, .. } = accepted;
     let handshake_timeout = snapshot.config.server.handshake_timeout;
     let listener_config = snapshot.listener(listener);
     let mut client = match listener_config.and_then(|l| l.tls.as_deref()) {
@@ -369,12 +367,7 @@ async fn open(
 }
 
 /// Passes the backend's 101 on to the client, with the sticky cookie when the client needs one.
-async fn pass_switch(
-    client: &mut Conn,
-    head: &[u8],
-    cookie: Option<String>,
-    limit: Duration,
-) -> std::io::Result<()> {
+async fn pass_switch(client: &mut Conn, head: &[u8], cookie: Option<String>, limit: Duration) -> std::io::Result<()> {
     match cookie {
         Some(cookie) => write_within(client, &with_header(head, "Set-Cookie", &cookie), limit).await,
         None => write_within(client, head, limit).await,

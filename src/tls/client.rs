@@ -34,7 +34,9 @@ pub struct ClientTls {
 
 impl std::fmt::Debug for ClientTls {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ClientTls").field("settings", &self.settings).finish_non_exhaustive()
+        f.debug_struct("ClientTls")
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
     }
 }
 

@@ -51,9 +51,7 @@ pub fn provider() -> Arc<CryptoProvider> {
     // it also offer X25519, which is what they get.
     #[allow(deprecated)]
     let ring = rustls::crypto::ring::default_provider;
-    PROVIDER
-        .get_or_init(|| Arc::new(ring()))
-        .clone()
+    PROVIDER.get_or_init(|| Arc::new(ring())).clone()
 }
 
 /// The protocol versions wsgate speaks: TLS 1.3 and 1.2.

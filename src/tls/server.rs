@@ -46,7 +46,9 @@ pub struct ServerTls {
 
 impl std::fmt::Debug for ServerTls {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ServerTls").field("files", &self.files).finish_non_exhaustive()
+        f.debug_struct("ServerTls")
+            .field("files", &self.files)
+            .finish_non_exhaustive()
     }
 }
 
@@ -124,8 +126,11 @@ struct Table {
     default: Option<Arc<CertifiedKey>>,
 }
 
+/// The contents of a certificate file and of its key file.
+type Pems = (Vec<u8>, Vec<u8>);
+
 /// The contents of every certificate and key file, with a hash of them all.
-fn read_all(files: &[CertFiles]) -> Result<(Vec<(Vec<u8>, Vec<u8>)>, u64), TlsError> {
+fn read_all(files: &[CertFiles]) -> Result<(Vec<Pems>, u64), TlsError> {
     let mut hasher = DefaultHasher::new();
     let mut contents = Vec::with_capacity(files.len());
     for entry in files {
@@ -139,7 +144,7 @@ fn read_all(files: &[CertFiles]) -> Result<(Vec<(Vec<u8>, Vec<u8>)>, u64), TlsEr
 }
 
 impl Table {
-    fn build(files: &[CertFiles], contents: &[(Vec<u8>, Vec<u8>)]) -> Result<Table, TlsError> {
+    fn build(files: &[CertFiles], contents: &[Pems]) -> Result<Table, TlsError> {
         let mut table = Table::default();
         for (entry, (cert_pem, key_pem)) in files.iter().zip(contents) {
             let key = Arc::new(certified_key(&entry.cert, cert_pem, &entry.key, key_pem)?);

@@ -26,8 +26,8 @@ use tokio_util::sync::CancellationToken;
 use super::{ServerState, UpstreamShared, now_ms};
 use crate::config::{HealthCheck, HealthKind};
 use crate::conn::Conn;
-use crate::tls::client::{ClientTls, host_of};
 use crate::http::handshake::{self, BackendAnswer};
+use crate::tls::client::{ClientTls, host_of};
 use crate::ws::frame::{self, opcode};
 
 /// The largest answer head, or WebSocket frame, a probe reads.
@@ -63,16 +63,17 @@ pub async fn probe(
     host: &str,
 ) -> Result<(), ProbeError> {
     let run = async {
-        let stream = TcpStream::connect(server.address)
-            .await
-            .map_err(ProbeError::Connect)?;
+        let stream = TcpStream::connect(server.address).await.map_err(ProbeError::Connect)?;
         let stream = match tls {
             None => Conn::Tcp(stream),
             Some(tls) => {
                 let name = tls
                     .server_name(host_of(&server.name))
                     .map_err(|e| ProbeError::Tls(e.to_string()))?;
-                let stream = tls.connect(stream, name).await.map_err(|e| ProbeError::Tls(e.to_string()))?;
+                let stream = tls
+                    .connect(stream, name)
+                    .await
+                    .map_err(|e| ProbeError::Tls(e.to_string()))?;
                 Conn::ClientTls(Box::new(stream))
             }
         };
