@@ -407,3 +407,211 @@ async fn health_checks_use_the_upstream_tls() {
     proxy.reload(&good);
     support::scripted::wait_state(&proxy, 0, false, WAIT).await;
 }
+
+#[tokio::test]
+async fn python_websockets_speaks_wss_through_wsgate() {
+    support::peers::require_python_websockets();
+    let ca = TestCa::new("python");
+    let site = ca.issue("site", &["localhost"]);
+    let backend = ws_backend("b").await;
+    let proxy = Proxy::from_toml(&single(&site, backend.addr));
+    let url = format!("wss://localhost:{}/", proxy.addr.port());
+    let client = tokio::process::Command::new("python3")
+        .arg(support::peers::peers_dir().join("wss_client.py"))
+        .arg(&url)
+        .arg(&ca.ca_file)
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let out = within("the Python wss client", client).await.expect("run python3");
+    assert!(out.status.success(), "{}", support::text_of(&out.stderr));
+    let report: serde_json::Value = serde_json::from_str(support::text_of(&out.stdout).trim()).expect("json");
+    assert_eq!(report["echo"], "hello over wss", "{report}");
+    assert_eq!(report["alpn"], "http/1.1", "{report}");
+    assert_eq!(report["version"], "TLSv1.3", "{report}");
+}
+
+/// Runs tests/peers/tls_hello.py against `addr` for `case`: its JSON report.
+async fn refused_hello(addr: SocketAddr, case: &str) -> serde_json::Value {
+    let client = tokio::process::Command::new("python3")
+        .arg(support::peers::peers_dir().join("tls_hello.py"))
+        .arg(addr.ip().to_string())
+        .arg(addr.port().to_string())
+        .arg(case)
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let out = within("the Python TLS client", client).await.expect("run python3");
+    assert!(out.status.success(), "{}", support::text_of(&out.stderr));
+    serde_json::from_str(support::text_of(&out.stdout).trim()).expect("json")
+}
+
+#[tokio::test]
+async fn old_protocols_no_shared_cipher_and_garbage_end_only_their_own_connection_with_a_log_line() {
+    let ca = TestCa::new("bad-hello");
+    let dir = &ca.dir;
+    let site = ca.issue("site", &["localhost"]);
+    let backend = ws_backend("b").await;
+    let address = support::unused_addr();
+    let config = dir.join("wsgate.toml");
+    let text = single(&site, backend.addr).replace("127.0.0.1:0", &address.to_string());
+    std::fs::write(&config, text).expect("write config");
+    let mut wsgate = support::binary::Binary::spawn(["run", "--config", &config.display().to_string()]);
+    wsgate.wait_for_log(&["listening"]).await;
+    let (mut held, _) = wss(address, "localhost", "/", ca.client_config()).await;
+
+    let report = refused_hello(address, "tls11").await;
+    assert_eq!(report["handshake"], "failed", "{report}");
+    // A TLS 1.1 ClientHello lacks what TLS 1.2 requires (signature_algorithms): rustls says so.
+    let line = wsgate.wait_for_log(&["TLS handshake"]).await;
+    assert!(line.contains("peer is incompatible"), "{line}");
+
+    let report = refused_hello(address, "no-shared").await;
+    assert_eq!(report["handshake"], "failed", "{report}");
+    let line = wsgate.wait_for_log(&["TLS handshake"]).await;
+    assert!(line.contains("NoCipherSuitesInCommon"), "{line}");
+
+    let mut garbage = TcpStream::connect(address).await.expect("connect");
+    garbage
+        .write_all(&[0x16, 0x03, 0x01, 0xff, 0xff, 1, 2, 3])
+        .await
+        .expect("write");
+    garbage.write_all(&[0u8; 512]).await.expect("write");
+    let line = wsgate.wait_for_log(&["TLS handshake"]).await;
+    assert!(line.contains("error"), "{line}");
+
+    echo_over(&mut held, "unaffected").await;
+}
+
+#[tokio::test]
+async fn certificate_files_reload_on_change_and_sighup_and_bad_ones_keep_the_old() {
+    let ca = TestCa::new("reload");
+    let dir = &ca.dir;
+    let site = ca.issue("site", &["localhost"]);
+    let backend = ws_backend("b").await;
+    let address = support::unused_addr();
+    let config = dir.join("wsgate.toml");
+    // Paths relative to the config file.
+    let text = listener_with("tls = { cert = \"site.pem\", key = \"site.key\" }", backend.addr)
+        .replace("127.0.0.1:0", &address.to_string());
+    std::fs::write(&config, text).expect("write config");
+    let mut wsgate = support::binary::Binary::spawn(["run", "--config", &config.display().to_string()]);
+    wsgate.wait_for_log(&["listening"]).await;
+    let (mut held, cert) = wss(address, "localhost", "/", ca.client_config()).await;
+    assert_eq!(cert, site.der);
+
+    // Not PEM: the old certificate stays, and the log says which file and why.
+    std::fs::write(&site.cert_file, "this is not a certificate\n").expect("write");
+    let line = wsgate.wait_for_log(&["not loaded"]).await;
+    assert!(line.contains("site.pem") && line.contains("no certificate"), "{line}");
+    let (_, cert) = wss(address, "localhost", "/", ca.client_config()).await;
+    assert_eq!(cert, site.der, "the old certificate is still served");
+    // SIGHUP with the bad file: the reload is refused, the old config and certificate stay.
+    wsgate.signal(rustix::process::Signal::HUP);
+    let line = wsgate.wait_for_log(&["reload refused"]).await;
+    assert!(line.contains("site.pem"), "{line}");
+    let (_, cert) = wss(address, "localhost", "/", ca.client_config()).await;
+    assert_eq!(cert, site.der);
+
+    // A key that does not match the certificate.
+    let other = ca.issue("other", &["localhost"]);
+    std::fs::write(&site.cert_file, &site.cert_pem).expect("write");
+    std::fs::write(&site.key_file, &other.key_pem).expect("write");
+    let line = wsgate.wait_for_log(&["not loaded"]).await;
+    assert!(line.contains("does not match"), "{line}");
+
+    // A good new pair is taken on change; live sessions stay.
+    let next = ca.issue("next", &["localhost"]);
+    next.write_to(&site.cert_file, &site.key_file);
+    wsgate.wait_for_log(&["certificates reloaded"]).await;
+    let (_, cert) = wss(address, "localhost", "/", ca.client_config()).await;
+    assert_eq!(cert, next.der);
+    // And on SIGHUP.
+    let last = ca.issue("last", &["localhost"]);
+    last.write_to(&site.cert_file, &site.key_file);
+    wsgate.signal(rustix::process::Signal::HUP);
+    wsgate.wait_for_log(&["reloaded:", "certificates reloaded"]).await;
+    let (_, cert) = wss(address, "localhost", "/", ca.client_config()).await;
+    assert_eq!(cert, last.der);
+    echo_over(&mut held, "through every reload").await;
+}
+
+#[test]
+fn check_names_the_certificate_file_and_what_is_wrong() {
+    let ca = TestCa::new("check");
+    let site = ca.issue("site", &["localhost"]);
+    let other = ca.issue("other", &["localhost"]);
+    let not_pem = ca.dir.join("not.pem");
+    std::fs::write(&not_pem, "garbage\n").expect("write");
+    let upstream = support::unused_addr();
+    let cases = [
+        (
+            format!(
+                "tls = {{ cert = \"{}\", key = \"{}\" }}",
+                not_pem.display(),
+                site.key_file.display()
+            ),
+            "not.pem: no certificate",
+        ),
+        (
+            format!(
+                "tls = {{ cert = \"{}\", key = \"{}\" }}",
+                site.cert_file.display(),
+                other.key_file.display()
+            ),
+            "does not match the certificate",
+        ),
+        (
+            format!(
+                "tls = {{ cert = \"{}\", key = \"missing.key\" }}",
+                site.cert_file.display()
+            ),
+            "missing.key: cannot read",
+        ),
+        (
+            format!(
+                "tls = {{ cert = \"{}\", key = \"{}\" }}",
+                site.cert_file.display(),
+                not_pem.display()
+            ),
+            "not.pem: no private key",
+        ),
+    ];
+    for (tls, expected) in cases {
+        let config = ca.dir.join("check.toml");
+        std::fs::write(&config, listener_with(&tls, upstream)).expect("write");
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_wsgate"))
+            .args(["check", "--config"])
+            .arg(&config)
+            .output()
+            .expect("run wsgate check");
+        let stderr = support::text_of(&out.stderr);
+        assert!(!out.status.success(), "{tls}: accepted");
+        assert!(stderr.contains("check.toml:"), "{stderr}");
+        assert!(stderr.contains(expected), "{tls}: expected {expected:?} in {stderr}");
+    }
+    // An upstream CA that is not PEM, and a client certificate without its key.
+    let bad_ca = format!(
+        "[[listener]]\nname = \"l\"\naddress = \"127.0.0.1:0\"\n[[route]]\nupstream = \"app\"\n[[upstream]]\nname = \"app\"\n\
+         tls = {{ ca = \"{}\" }}\n[[upstream.server]]\naddress = \"{upstream}\"\n",
+        not_pem.display()
+    );
+    let problems = wsgate::config::file::parse(&bad_ca, "t.toml").expect_err("refused");
+    assert!(
+        problems[0].to_string().contains("not.pem: no certificate"),
+        "{problems:?}"
+    );
+    let no_key = bad_ca.replace(
+        &format!("ca = \"{}\"", not_pem.display()),
+        &format!(
+            "ca = \"{}\", cert = \"{}\"",
+            ca.ca_file.display(),
+            site.cert_file.display()
+        ),
+    );
+    let problems = wsgate::config::file::parse(&no_key, "t.toml").expect_err("refused");
+    assert!(problems[0].to_string().contains("go together"), "{problems:?}");
+    let no_ca = bad_ca.replace(&format!("ca = \"{}\"", not_pem.display()), "server_name = \"x\"");
+    let problems = wsgate::config::file::parse(&no_ca, "t.toml").expect_err("refused");
+    assert!(problems[0].to_string().contains("needs `ca`"), "{problems:?}");
+}
