@@ -74,7 +74,16 @@ pub struct Listener {
     pub ipv6_prefix: u8,
     /// WebSocket handshakes one client may start per second on this listener, on average; over it: 429.
     pub handshake_rate: Option<HandshakeRate>,
+    /// Peers whose forwarding headers (and PROXY protocol header) say who the client is.
+    pub trusted_proxies: TrustedProxies,
+    /// Connections from a trusted proxy start with a PROXY protocol header (version 1 or 2).
+    pub proxy_protocol: bool,
 }
+
+/// The networks of the proxies in front of a listener: only a peer in one of them may say, in `X-Forwarded-For`,
+/// `Forwarded` or a PROXY protocol header, which client it speaks for. IPv4-mapped networks are the IPv4 ones.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TrustedProxies(pub Vec<ipnet::IpNet>);
 
 /// A rate of handshakes per client: `per_second` on average, `burst` more at once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,6 +102,8 @@ impl Listener {
             max_connections_per_ip: None,
             ipv6_prefix: DEFAULT_IPV6_PREFIX,
             handshake_rate: None,
+            trusted_proxies: TrustedProxies::default(),
+            proxy_protocol: false,
         }
     }
 }
