@@ -75,9 +75,10 @@ pub fn parse(bytes: &[u8]) -> Result<Parsed, ProxyError> {
 }
 
 /// Whether bytes start like a PROXY protocol header (what a connection that may not send one is checked for, to
-/// say so in the log).
+/// say so in the log): `PROXY `, or the first 5 bytes of the version 2 signature (`\r\n\r\n\0`, which no HTTP
+/// request starts with).
 pub fn has_signature(bytes: &[u8]) -> bool {
-    bytes.starts_with(V1_PREFIX) || bytes.starts_with(&V2_SIGNATURE)
+    bytes.starts_with(V1_PREFIX) || bytes.starts_with(&V2_SIGNATURE[..5])
 }
 
 /// `PROXY TCP4|TCP6 SOURCE DESTINATION SPORT DPORT\r\n` or `PROXY UNKNOWN ...\r\n`.
@@ -187,21 +188,27 @@ fn parse_v2(bytes: &[u8]) -> Result<Parsed, ProxyError> {
     let Some(addresses) = bytes.get(V2_FIXED_LEN..V2_FIXED_LEN + need) else {
         return Ok(Parsed::Incomplete);
     };
-    let source = match *addresses {
-        [a, b, c, d, _, _, _, _, p1, p2, _, _] => {
-            SocketAddr::from((Ipv4Addr::new(a, b, c, d), u16::from_be_bytes([p1, p2])))
-        }
-        _ => {
-            let mut ip = [0u8; 16];
-            ip.copy_from_slice(&addresses[..16]);
-            let port = u16::from_be_bytes([addresses[32], addresses[33]]);
-            SocketAddr::from((Ipv6Addr::from(ip), port))
-        }
-    };
     Ok(Parsed::Complete {
-        header: Header::Proxied { source },
+        header: Header::Proxied {
+            source: v2_source(addresses),
+        },
         len,
     })
+}
+
+/// The source of an `AF_INET` (12 bytes) or `AF_INET6` (36 bytes) address block: source address, destination
+/// address, source port, destination port.
+fn v2_source(addresses: &[u8]) -> SocketAddr {
+    if let Ok(a) = <[u8; V2_INET_LEN]>::try_from(addresses) {
+        return SocketAddr::from((Ipv4Addr::new(a[0], a[1], a[2], a[3]), u16::from_be_bytes([a[8], a[9]])));
+    }
+    let mut ip = [0u8; 16];
+    let mut port = [0u8; 2];
+    if let Ok(a) = <[u8; V2_INET6_LEN]>::try_from(addresses) {
+        ip.copy_from_slice(&a[..16]);
+        port = [a[32], a[33]];
+    }
+    SocketAddr::from((Ipv6Addr::from(ip), u16::from_be_bytes(port)))
 }
 
 /// Why no header could be read off a connection.
@@ -234,9 +241,12 @@ pub async fn read(stream: &mut TcpStream) -> Result<Header, ReadError> {
                 taken = seen;
             }
             Parsed::Complete { header, len } => {
+                // `len` > `taken`: the bytes taken so far were all part of an incomplete header.
                 let in_buf = len.min(seen);
-                stream.read_exact(&mut buf[taken..in_buf]).await?;
-                skip(stream, len - in_buf).await?;
+                if let Some(rest) = buf.get_mut(taken..in_buf) {
+                    stream.read_exact(rest).await?;
+                }
+                skip(stream, len.saturating_sub(in_buf)).await?;
                 return Ok(header);
             }
         }
@@ -403,7 +413,8 @@ mod tests {
         assert_eq!(parse(&v2(1, 0x11, &[])), Err(ProxyError::V2Short { len: 0, need: 12 }));
         assert_eq!(parse(b"\r\n\r\n\0\r\nQUIX"), Err(ProxyError::NoSignature));
         assert_eq!(parse(b"\r\n\r\nGET"), Err(ProxyError::NoSignature));
-        assert!(has_signature(&header) && has_signature(b"PROXY TCP4"));
+        assert!(has_signature(&header) && has_signature(b"PROXY TCP4") && has_signature(b"\r\n\r\n\0\r"));
+        assert!(!has_signature(b"\r\n\r\nGET"));
         assert!(!has_signature(b"PROXYZ") && !has_signature(b"GET /"));
     }
 

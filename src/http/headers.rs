@@ -97,10 +97,8 @@ impl Forwarding<'_> {
         let relayed = self.relayed;
         let mut peer = String::with_capacity(48);
         let _ = write!(peer, "{}", self.peer);
-        add(
-            "X-Forwarded-For",
-            &appended(relayed.map(|r| &r.x_forwarded_for[..]), peer.as_bytes()),
-        );
+        let xff = relayed.map(|r| &r.x_forwarded_for[..]);
+        add_appended(&mut add, "X-Forwarded-For", xff, peer.as_bytes());
         match relayed.and_then(|r| r.proto.as_deref()) {
             Some(proto) => add("X-Forwarded-Proto", proto),
             None => add("X-Forwarded-Proto", self.proto.as_bytes()),
@@ -111,10 +109,8 @@ impl Forwarding<'_> {
         let mut ip = String::with_capacity(48);
         let _ = write!(ip, "{}", self.client_ip);
         add("X-Real-IP", ip.as_bytes());
-        add(
-            "Forwarded",
-            &appended(relayed.map(|r| &r.forwarded[..]), &self.rfc7239()),
-        );
+        let forwarded = relayed.map(|r| &r.forwarded[..]);
+        add_appended(&mut add, "Forwarded", forwarded, &self.rfc7239());
     }
 
     /// RFC 7239 `Forwarded: for=...;proto=...;host="..."` for the hop from the peer (IPv6 addresses quoted and
@@ -141,11 +137,11 @@ impl Forwarding<'_> {
     }
 }
 
-/// A chain as a trusted peer sent it with `hop` appended; `hop` alone when there is none.
-fn appended(chain: Option<&[u8]>, hop: &[u8]) -> Vec<u8> {
+/// Adds a chain as a trusted peer sent it with `hop` appended; `hop` alone when there is none.
+fn add_appended(add: &mut impl FnMut(&'static str, &[u8]), name: &'static str, chain: Option<&[u8]>, hop: &[u8]) {
     match chain.filter(|c| !c.is_empty()) {
-        Some(chain) => [chain, b", ", hop].concat(),
-        None => hop.to_vec(),
+        Some(chain) => add(name, &[chain, b", ", hop].concat()),
+        None => add(name, hop),
     }
 }
 
