@@ -469,6 +469,16 @@ async fn a_trusted_peer_without_a_valid_proxy_protocol_header_is_refused_and_clo
     stream.write_all(b"PROXY TCP4 203.0").await.expect("write");
     stream.shutdown().await.expect("shutdown");
     assert_eq!(read_to_close(&mut stream).await, "");
+    // A header that stops coming: 408 at the handshake timeout.
+    let slow = format!(
+        "[server]\nhandshake_timeout = \"300ms\"\n{}",
+        config(PROXY_PROTOCOL, ws.addr, web)
+    );
+    let slow = Proxy::from_toml(&slow);
+    let mut stream = connect_from(TRUSTED, slow.addr).await;
+    stream.write_all(b"PROXY TCP4 203.0").await.expect("write");
+    let answer = read_to_close(&mut stream).await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
 }
 
 /// The built binary with `config` (JSON logs) on a fresh port, once it listens; the port.
