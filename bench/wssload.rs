@@ -14,7 +14,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use rustls::pki_types::pem::PemObject;
@@ -231,7 +231,7 @@ async fn load(args: &Args) -> Result<(), String> {
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
     let cpu_before = cpu_seconds(&args.watch);
-    let started = Instant::now();
+    let started = tokio::time::Instant::now();
     counting.store(true, Ordering::Relaxed);
     tokio::time::sleep(args.duration).await;
     counting.store(false, Ordering::Relaxed);
@@ -262,7 +262,9 @@ async fn handshake_once(
     let mut ws = tokio::time::timeout(Duration::from_secs(10), open(target, name, tls))
         .await
         .map_err(|_| "timeout".to_string())??;
-    ws.send(Message::binary(payload.to_vec())).await.map_err(|e| e.to_string())?;
+    ws.send(Message::binary(payload.to_vec()))
+        .await
+        .map_err(|e| e.to_string())?;
     loop {
         match ws.next().await {
             Some(Ok(Message::Binary(b))) if b.len() == payload.len() => break,

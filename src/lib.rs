@@ -11,6 +11,7 @@ pub mod demo;
 pub mod http;
 mod observe;
 mod policy;
+mod proxy_protocol;
 mod relay;
 mod route;
 pub mod server;

@@ -1,7 +1,7 @@
 //! What wsgate tells its operators: the log subscriber (text or JSON) and the one line written per connection
 //! when it ends.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use tracing_subscriber::EnvFilter;
@@ -38,7 +38,13 @@ pub struct Counters {
 #[derive(Debug)]
 pub struct ConnectionRecord {
     pub id: u64,
+    /// Where the connection comes from: the TCP peer, or the source a PROXY protocol header named.
     pub client: SocketAddr,
+    /// The TCP peer, when a PROXY protocol header named another source.
+    pub proxy: Option<SocketAddr>,
+    /// The client a trusted proxy's forwarding headers named, when not `client` itself (on a plain HTTP
+    /// connection, the last request's). The log shows it as `client`, and `client` as `via`.
+    pub forwarded_for: Option<IpAddr>,
     /// The route the request matched and its upstream (indexes into the config in force for the connection); on a
     /// plain HTTP connection, those of its last request.
     pub route: Option<usize>,
@@ -59,6 +65,8 @@ impl ConnectionRecord {
         Self {
             id,
             client,
+            proxy: None,
+            forwarded_for: None,
             route: None,
             upstream: None,
             server: None,
@@ -77,10 +85,17 @@ impl ConnectionRecord {
             .and_then(|i| config.upstreams.get(i))
             .map(|u| u.name.as_str());
         let server = self.server.map(|b| b.to_string());
+        let (client, via) = match self.forwarded_for {
+            Some(ip) => (ip.to_string(), Some(self.client.to_string())),
+            None => (self.client.to_string(), None),
+        };
+        let proxy = self.proxy.map(|p| p.to_string());
         tracing::info!(
             target: "wsgate::access",
             id = self.id,
-            client = %self.client,
+            client = %client,
+            via = via.as_deref(),
+            proxy = proxy.as_deref(),
             route = route.unwrap_or("-"),
             upstream = upstream.unwrap_or("-"),
             server = server.as_deref().unwrap_or("-"),

@@ -28,7 +28,8 @@ use super::{
     MAX_EJECTION, MAX_HANDSHAKE_RATE, MAX_IPV6_PREFIX, MAX_PERCENT, MAX_REBALANCE_THRESHOLD, MAX_RETRIES,
     MAX_RISE_FALL, MAX_WEIGHT, MAX_WORKERS, MIN_CONNECTION_LIMIT, MIN_DRAIN_RATE, MIN_EJECTION, MIN_HEALTH_INTERVAL,
     MIN_RISE_FALL, MIN_STICKY_MAX_AGE, MIN_WEIGHT, OriginPattern, OriginRule, Outlier, PathMatch, Relay, Route, Server,
-    ServerSettings, Sticky, StickyCookie, TunnelRules, Upstream, human_duration, parse_duration, parse_size,
+    ServerSettings, Sticky, StickyCookie, TrustedProxies, TunnelRules, Upstream, human_duration, parse_duration,
+    parse_size,
 };
 
 /// Why a config file cannot be served.
@@ -195,6 +196,9 @@ struct RawListener {
     certificate: Vec<Spanned<RawCertificate>>,
     redirect_https: Option<Spanned<bool>>,
     redirect_https_port: Option<Spanned<u16>>,
+    #[serde(default)]
+    trusted_proxies: Vec<Spanned<String>>,
+    proxy_protocol: Option<Spanned<bool>>,
 }
 
 /// `tls = { cert, key }` or one `[[listener.certificate]]`.
@@ -567,6 +571,8 @@ fn build_listeners(raw: &[Spanned<RawListener>], report: &mut Report<'_>) -> Vec
             handshake_rate: build_handshake_rate(l, report),
             tls: build_listener_tls(l, report),
             redirect_https: build_redirect(l, report),
+            trusted_proxies: TrustedProxies(networks(&l.trusted_proxies, "trusted_proxies", report)),
+            proxy_protocol: build_proxy_protocol(l, report),
         });
     }
     listeners
@@ -682,30 +688,47 @@ fn build_handshake_rate(l: &RawListener, report: &mut Report<'_>) -> Option<Hand
     })
 }
 
+/// `proxy_protocol`, which reads a header from trusted proxies only: without any, it could never apply.
+fn build_proxy_protocol(l: &RawListener, report: &mut Report<'_>) -> bool {
+    let Some(on) = &l.proxy_protocol else {
+        return false;
+    };
+    if *on.get_ref() && l.trusted_proxies.is_empty() {
+        report.key(
+            on,
+            "proxy_protocol",
+            "needs `trusted_proxies`: the header is read only from the proxies listed there",
+        );
+    }
+    *on.get_ref()
+}
+
 /// An `allow` / `deny` pair: each entry a network (`10.0.0.0/8`, `2001:db8::/32`) or a single address.
 fn build_access(allow: &[Spanned<String>], deny: &[Spanned<String>], report: &mut Report<'_>) -> Access {
-    let mut nets = |list: &[Spanned<String>], key: &str| -> Vec<IpNet> {
-        list.iter()
-            .filter_map(|entry| match parse_net(entry.get_ref()) {
-                Some(net) => Some(net),
-                None => {
-                    report.key(
-                        entry,
-                        key,
-                        format!(
-                            "`{}` is not a network or an address, e.g. 10.0.0.0/8, 192.0.2.7 or 2001:db8::/32",
-                            entry.get_ref()
-                        ),
-                    );
-                    None
-                }
-            })
-            .collect()
-    };
     Access {
-        allow: nets(allow, "allow"),
-        deny: nets(deny, "deny"),
+        allow: networks(allow, "allow", report),
+        deny: networks(deny, "deny", report),
     }
+}
+
+/// A list of networks (`10.0.0.0/8`, `2001:db8::/32`) or single addresses under `key`.
+fn networks(list: &[Spanned<String>], key: &str, report: &mut Report<'_>) -> Vec<IpNet> {
+    list.iter()
+        .filter_map(|entry| match parse_net(entry.get_ref()) {
+            Some(net) => Some(net),
+            None => {
+                report.key(
+                    entry,
+                    key,
+                    format!(
+                        "`{}` is not a network or an address, e.g. 10.0.0.0/8, 192.0.2.7 or 2001:db8::/32",
+                        entry.get_ref()
+                    ),
+                );
+                None
+            }
+        })
+        .collect()
 }
 
 /// A network as written (its host bits cleared), or a single address as the network of just it. IPv4-mapped IPv6
@@ -1642,6 +1665,40 @@ name = "empty"
                 "{want}\n{p:#?}"
             );
         }
+    }
+
+    #[test]
+    fn trusted_proxies_and_proxy_protocol_build_the_model_and_need_each_other() {
+        let listener = |keys: &str| {
+            format!(
+                "[[listener]]\nname = \"l\"\naddress = \"127.0.0.1:0\"\n{keys}\n[[route]]\nupstream = \"app\"\n\
+                 [[upstream]]\nname = \"app\"\n[[upstream.server]]\naddress = \"127.0.0.1:9\"\n"
+            )
+        };
+        let good =
+            listener("trusted_proxies = [\"10.1.2.3/8\", \"::1\", \"::ffff:192.0.2.0/120\"]\nproxy_protocol = true");
+        let config = parse(&good, "t.toml").expect("valid");
+        let l = &config.listeners[0];
+        let nets: Vec<String> = l.trusted_proxies.0.iter().map(ToString::to_string).collect();
+        assert_eq!(nets, ["10.0.0.0/8", "::1/128", "192.0.2.0/24"]);
+        assert!(l.proxy_protocol);
+        let plain = parse(&listener(""), "t.toml").expect("valid");
+        assert_eq!(
+            (&plain.listeners[0].trusted_proxies, plain.listeners[0].proxy_protocol),
+            (&TrustedProxies::default(), false)
+        );
+        let p = problems(&listener("proxy_protocol = true\ntrusted_proxies = []"));
+        assert_eq!(p.len(), 1, "{p:#?}");
+        assert!(
+            p[0].starts_with("t.toml:4:18: `proxy_protocol`: needs `trusted_proxies`"),
+            "{p:#?}"
+        );
+        let p = problems(&listener("trusted_proxies = [\"10.0.0.0/40\"]"));
+        assert_eq!(p.len(), 1, "{p:#?}");
+        assert!(
+            p[0].contains("`trusted_proxies`: `10.0.0.0/40` is not a network or an address"),
+            "{p:#?}"
+        );
     }
 
     #[test]

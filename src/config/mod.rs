@@ -82,7 +82,16 @@ pub struct Listener {
     pub tls: Option<Arc<ServerTls>>,
     /// A plain listener answering every request with a 308 to `https://` on this port (443: no port in the URL).
     pub redirect_https: Option<u16>,
+    /// Peers whose forwarding headers (and PROXY protocol header) say who the client is.
+    pub trusted_proxies: TrustedProxies,
+    /// Connections from a trusted proxy start with a PROXY protocol header (version 1 or 2).
+    pub proxy_protocol: bool,
 }
+
+/// The networks of the proxies in front of a listener: only a peer in one of them may say, in `X-Forwarded-For`,
+/// `Forwarded` or a PROXY protocol header, which client it speaks for. IPv4-mapped networks are the IPv4 ones.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TrustedProxies(pub Vec<ipnet::IpNet>);
 
 /// A rate of handshakes per client: `per_second` on average, `burst` more at once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -103,6 +112,8 @@ impl Listener {
             handshake_rate: None,
             tls: None,
             redirect_https: None,
+            trusted_proxies: TrustedProxies::default(),
+            proxy_protocol: false,
         }
     }
 }

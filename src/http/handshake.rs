@@ -7,7 +7,8 @@ use std::borrow::Cow;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 
-use super::headers::{Forwarding, drop_when_forwarding, has_token};
+use super::forwarded::Client;
+use super::headers::{drop_when_forwarding, has_token};
 
 /// Largest request or response head accepted.
 pub const MAX_HEAD_BYTES: usize = 32 * 1024;
@@ -121,7 +122,7 @@ pub fn inspect_request(
         Parsed::Plain { head_len } => Inspected::Plain { head_len },
         Parsed::Upgrade(head) => Inspected::Upgrade(Upgrade {
             head_len: head.head_len,
-            forward: head.forward(client_ip, proto, Omit::default()),
+            forward: head.forward(&Client::direct(client_ip), proto, Omit::default()),
             accept: head.accept(),
         }),
     })
@@ -360,9 +361,9 @@ impl UpgradeHead<'_, '_> {
         crate::ws::accept_key(self.key)
     }
 
-    /// The head to send to the backend: hop-by-hop headers out, forwarding headers in, and what `omit` says left
-    /// out.
-    pub fn forward(&self, client_ip: std::net::IpAddr, proto: &'static str, omit: Omit<'_>) -> Vec<u8> {
+    /// The head to send to the backend: hop-by-hop headers out, forwarding headers (for `client`) in, and what
+    /// `omit` says left out.
+    pub(crate) fn forward(&self, client: &Client, proto: &'static str, omit: Omit<'_>) -> Vec<u8> {
         let mut forward = Vec::with_capacity(self.head_len + 256);
         forward.extend_from_slice(b"GET ");
         forward.extend_from_slice(self.target.as_bytes());
@@ -390,12 +391,9 @@ impl UpgradeHead<'_, '_> {
         }
         push_header(&mut forward, "Connection", b"Upgrade");
         push_header(&mut forward, "Upgrade", b"websocket");
-        Forwarding {
-            client_ip,
-            proto,
-            host: Some(self.host),
-        }
-        .each(|name, value| push_header(&mut forward, name, value));
+        client
+            .forwarding(proto, Some(self.host))
+            .each(|name, value| push_header(&mut forward, name, value));
         forward.extend_from_slice(b"\r\n");
         forward
     }
@@ -737,7 +735,9 @@ mod tests {
             cookie: Some("SERVERID"),
             extensions: false,
         };
-        let fwd = String::from_utf8(head.forward("10.1.2.3".parse().unwrap(), "http", omit)).unwrap();
+        let fwd =
+            String::from_utf8(head.forward(&crate::http::Client::direct("10.1.2.3".parse().unwrap()), "http", omit))
+                .unwrap();
         assert!(fwd.contains("Cookie: a=1; b=2\r\n"), "{fwd}");
         assert_eq!(fwd.matches("Cookie").count(), 1, "{fwd}");
         assert_eq!(without_cookie(b"SERVERIDX=1;SERVERID=2", "SERVERID"), b"SERVERIDX=1");
@@ -944,7 +944,11 @@ mod tests {
                 panic!("not an upgrade: {req}")
             };
             assert_eq!((&*head.target, head.host), (origin, authority.as_bytes()));
-            let fwd = head.forward("10.1.2.3".parse().unwrap(), "http", Omit::default());
+            let fwd = head.forward(
+                &crate::http::Client::direct("10.1.2.3".parse().unwrap()),
+                "http",
+                Omit::default(),
+            );
             let fwd = String::from_utf8(fwd).unwrap();
             assert!(
                 fwd.starts_with(&format!("GET {origin} HTTP/1.1\r\nHost: {authority}\r\n")),

@@ -3,10 +3,11 @@
 //! routing and server choice read ([`RequestView`]).
 
 mod answer;
+pub(crate) mod forwarded;
 pub mod handshake;
 pub(crate) mod headers;
 mod view;
 
 pub(crate) use answer::Answer;
-pub(crate) use headers::Forwarding;
+pub(crate) use forwarded::Client;
 pub(crate) use view::RequestView;

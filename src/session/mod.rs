@@ -15,12 +15,13 @@ use tokio::net::TcpStream;
 use tokio::time::{Instant, timeout};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{self, Deflate, Listener, Route, Sticky};
+use crate::config::{self, Deflate, Listener, Route, Sticky, TrustedProxies};
 use crate::conn::Conn;
-use crate::http::RequestView;
 use crate::http::handshake::{self, BackendAnswer, BodyEnd, MAX_HEAD_BYTES, Omit, Parsed, ResponseError, UpgradeHead};
+use crate::http::{Client, RequestView};
 use crate::observe::ConnectionRecord;
 use crate::policy::Admitted;
+use crate::proxy_protocol::{self, Header, ReadError as ProxyReadError};
 use crate::relay;
 use crate::route;
 use crate::signal::StopSignal;
@@ -52,7 +53,15 @@ pub async fn session(shared: Arc<Shared>, accepted: Accepted) {
     record.log(started.elapsed(), &snapshot.config);
 }
 
-async fn run(shared: &Arc<Shared>, snapshot: &Arc<Snapshot>, accepted: Accepted, record: &mut ConnectionRecord) {
+async fn run(shared: &Arc<Shared>, snapshot: &Arc<Snapshot>, mut accepted: Accepted, record: &mut ConnectionRecord) {
+    // The PROXY protocol header comes before anything else, and its source is the client that admission counts.
+    // Boxed: only connections from a load balancer need the read's buffer.
+    if reads_proxy_header(snapshot, &accepted) {
+        match Box::pin(proxy_header(snapshot, accepted, record)).await {
+            Some(proxied) => accepted = proxied,
+            None => return,
+        }
+    }
     // Counted against the connection limits for as long as the connection lives.
     let _admitted = match admit(shared, snapshot, &accepted) {
         Ok(admitted) => admitted,
@@ -73,7 +82,50 @@ async fn run(shared: &Arc<Shared>, snapshot: &Arc<Snapshot>, accepted: Accepted,
         .to_string();
 }
 
-/// The listener's address rules and the connection limits, checked before anything is read from the client.
+/// Whether the connection starts with a PROXY protocol header: the listener's `proxy_protocol` is on and the peer is
+/// one of its trusted proxies. From any other peer nothing is read before HTTP, so that a PROXY header it sends is
+/// a malformed request.
+fn reads_proxy_header(snapshot: &Snapshot, accepted: &Accepted) -> bool {
+    snapshot
+        .listener(accepted.listener)
+        .is_some_and(|l| l.proxy_protocol && l.trusted_proxies.contains(accepted.peer.ip()))
+}
+
+/// Reads the PROXY protocol header a trusted proxy sends first, within the handshake timeout; its source stands for
+/// the peer from here on (admission, route rules, forwarding headers, the access log). `None` when the connection
+/// is done: answered `400` (a malformed header, or none: a trusted proxy must send one) or `408`, or gone.
+async fn proxy_header(snapshot: &Snapshot, mut accepted: Accepted, record: &mut ConnectionRecord) -> Option<Accepted> {
+    let limit = snapshot.config.server.handshake_timeout;
+    let refusal = match timeout(limit, proxy_protocol::read(&mut accepted.stream)).await {
+        Ok(Ok(Header::Proxied { source })) => {
+            record.proxy = Some(accepted.peer);
+            record.client = source;
+            accepted.peer = source;
+            return Some(accepted);
+        }
+        Ok(Ok(Header::Local)) => return Some(accepted),
+        Ok(Err(ProxyReadError::Invalid(error))) => Refusal::ProxyHeader(error),
+        Err(_) => Refusal::ProxyHeaderTimeout(limit),
+        Ok(Err(ProxyReadError::Closed)) => {
+            record.end = "client closed before sending a whole PROXY protocol header".into();
+            return None;
+        }
+        Ok(Err(ProxyReadError::Io(e))) => {
+            record.end = format!("error: client: while reading the PROXY protocol header: {e}");
+            return None;
+        }
+    };
+    // A TLS client could read no plain-text answer: the connection is closed with the reason in the log.
+    if snapshot.listener(accepted.listener).is_some_and(|l| l.tls.is_some()) {
+        record.end = format!("refused: {refusal} (TLS listener: closed without an answer)");
+        return None;
+    }
+    refuse(Conn::Tcp(accepted.stream), record, refusal).await;
+    None
+}
+
+/// The listener's address rules and the connection limits, checked before anything is read from the client (but
+/// after a PROXY protocol header, whose source they check).
 fn admit(shared: &Shared, snapshot: &Snapshot, accepted: &Accepted) -> Result<Admitted, Refusal> {
     let ip = accepted.peer.ip();
     // A listener a reload has removed keeps serving the connections it accepted, with no rules of its own.
@@ -108,6 +160,8 @@ fn handshake_rate(shared: &Shared, snapshot: &Snapshot, listener: SocketAddr, ip
 pub(crate) struct Front<'a> {
     /// The listener's name ("" once a reload has removed it).
     listener: &'a str,
+    /// The peers whose forwarding headers say who the client is.
+    trusted: &'a TrustedProxies,
     /// How the client reached wsgate: `http` or `https`.
     proto: &'static str,
     /// A plain listener that sends every request to https on this port.
@@ -193,6 +247,8 @@ async fn relay_switched(
 
 /// An upgrade request routed, with its server choice made and its head for the backend written.
 struct Prepared {
+    /// The request's client (see [`Client`]).
+    client: IpAddr,
     head_len: usize,
     forward: Vec<u8>,
     /// The client's extension offers were left out of `forward`: the backend may accept none.
@@ -227,15 +283,24 @@ impl RequestView for HeadView<'_, '_, '_> {
     }
 }
 
-/// Parses what the client sent so far; for a complete upgrade request: validates it, finds its route and the
-/// server choice, and writes the head for the backend. One parse of the head serves all of it.
-fn inspect(snapshot: &Snapshot, front: Front<'_>, buf: &[u8], client_ip: IpAddr) -> Result<Step, Refusal> {
+/// Parses what the client sent so far; for a complete upgrade request: finds its client (noted in `record`),
+/// validates it, finds its route and the server choice, and writes the head for the backend. One parse of the head
+/// serves all of it.
+fn inspect(snapshot: &Snapshot, front: Front<'_>, buf: &[u8], record: &mut ConnectionRecord) -> Result<Step, Refusal> {
     let mut storage = handshake::header_storage();
-    let head = match handshake::parse_request(buf, &mut storage)? {
-        Parsed::Partial => return Ok(Step::More),
-        Parsed::Plain { .. } => return Ok(Step::Plain),
-        Parsed::Upgrade(head) => head,
+    let head = match handshake::parse_request(buf, &mut storage) {
+        Ok(Parsed::Partial) => return Ok(Step::More),
+        Ok(Parsed::Plain { .. }) => return Ok(Step::Plain),
+        Ok(Parsed::Upgrade(head)) => head,
+        Err(_) if proxy_protocol::has_signature(buf) => return Err(Refusal::UnexpectedProxyHeader),
+        Err(e) => return Err(e.into()),
     };
+    let client = Client::of(
+        record.client.ip(),
+        front.trusted,
+        head.headers.iter().map(|h| (h.name.as_bytes(), h.value)),
+    );
+    note_client(record, &client);
     let view = HeadView(&head);
     if let Some(port) = front.redirect_https {
         return Err(Refusal::to_https(&view, port));
@@ -244,7 +309,7 @@ fn inspect(snapshot: &Snapshot, front: Front<'_>, buf: &[u8], client_ip: IpAddr)
     let Some(route) = route::find(routes, front.listener, &view) else {
         return Err(Refusal::no_route(&view));
     };
-    Refusal::check_route(route, client_ip, Some(&view))?;
+    Refusal::check_route(route, client.ip, Some(&view))?;
     let upstream = &snapshot.upstreams[route.upstream];
     let omit = Omit {
         cookie: match &upstream.config.sticky {
@@ -254,13 +319,23 @@ fn inspect(snapshot: &Snapshot, front: Front<'_>, buf: &[u8], client_ip: IpAddr)
         extensions: route.deflate == Deflate::Strip,
     };
     Ok(Step::Upgrade(Prepared {
+        client: client.ip,
         head_len: head.head_len,
-        forward: head.forward(client_ip, front.proto, omit),
+        forward: head.forward(&client, front.proto, omit),
         extensions_stripped: omit.extensions,
         accept: head.accept(),
         route: routes.iter().position(|r| std::ptr::eq(r, route)).unwrap_or(0),
-        choice: upstream.choose(&view, client_ip),
+        choice: upstream.choose(&view, client.ip),
     }))
+}
+
+/// Notes a request's client for the access log (when a trusted proxy named another than the peer), and a chain
+/// entry passed over for naming no address.
+fn note_client(record: &mut ConnectionRecord, client: &Client) {
+    record.forwarded_for = (client.ip != client.peer).then_some(client.ip);
+    if let Some(entry) = &client.ignored {
+        tracing::debug!(id = record.id, entry = %entry, "forwarding chain entry naming no address passed over");
+    }
 }
 
 /// A response head with one more header line before its end.
@@ -302,14 +377,16 @@ async fn open(
             }
         },
     };
+    static NO_PROXIES: TrustedProxies = TrustedProxies(Vec::new());
     let front = Front {
         listener: listener_config.map_or("", |l| l.name.as_str()),
+        trusted: listener_config.map_or(&NO_PROXIES, |l| &l.trusted_proxies),
         proto: if client.is_tls() { "https" } else { "http" },
         redirect_https: listener_config.and_then(|l| l.redirect_https),
     };
     let mut head = Vec::with_capacity(1024);
     let prepared = match read_head(&mut client, &mut head, snapshot, front, record).await {
-        Head::Upgrade(prepared) => match handshake_rate(shared, snapshot, listener, record.client.ip()) {
+        Head::Upgrade(prepared) => match handshake_rate(shared, snapshot, listener, prepared.client) {
             Ok(()) => prepared,
             Err(refusal) => return refuse(client, record, refusal).await,
         },
@@ -392,7 +469,7 @@ async fn read_head(
     record: &mut ConnectionRecord,
 ) -> Head {
     let limit = snapshot.config.server.handshake_timeout;
-    let read = read_request(client, head, snapshot, front, record.client);
+    let read = read_request(client, head, snapshot, front, record);
     match timeout(limit, read).await {
         Err(_) => Head::Refused(Refusal::HeadTimeout(limit)),
         Ok(Err(ReadError::Closed)) => {
@@ -422,7 +499,7 @@ async fn read_request(
     buf: &mut Vec<u8>,
     snapshot: &Snapshot,
     front: Front<'_>,
-    peer: SocketAddr,
+    record: &mut ConnectionRecord,
 ) -> Result<Option<Prepared>, ReadError> {
     loop {
         let room = MAX_HEAD_BYTES.saturating_sub(buf.len()).max(1);
@@ -435,7 +512,7 @@ async fn read_request(
         if n == 0 {
             return Err(ReadError::Closed);
         }
-        match inspect(snapshot, front, buf, peer.ip()) {
+        match inspect(snapshot, front, buf, record) {
             Ok(Step::More) => continue,
             Ok(Step::Plain) => return Ok(None),
             Ok(Step::Upgrade(prepared)) => return Ok(Some(prepared)),

@@ -33,7 +33,7 @@ use crate::config::{Deflate, Route, Sticky};
 use crate::conn::Conn;
 use crate::http::handshake::{self, HandshakeError, Inspected, MAX_HEAD_BYTES, MAX_HEADERS, without_cookie};
 use crate::http::headers::{drop_when_forwarding, has_token};
-use crate::http::{Forwarding, RequestView};
+use crate::http::{Client, RequestView};
 use crate::observe::ConnectionRecord;
 use crate::route;
 use crate::state::{Shared, Snapshot};
@@ -105,6 +105,7 @@ pub(super) async fn serve(
     record.bytes.backend_to_client = stats.bytes_out.load(Ordering::Relaxed);
     let last = *state.last.lock().await;
     (record.route, record.upstream, record.server) = (last.route, last.upstream, last.server);
+    record.forwarded_for = last.client;
     record.end = match result {
         Ok(()) => "client closed".into(),
         Err(e) if e.is_timeout() => "client idle past the handshake timeout".into(),
@@ -177,6 +178,8 @@ struct State {
     snapshot: Arc<Snapshot>,
     /// The configured address of the listener that accepted the connection.
     listener: SocketAddr,
+    /// Where the connection comes from (the TCP peer or a PROXY protocol source); a request's client may be
+    /// another, named by a trusted proxy.
     client_ip: IpAddr,
     /// How the client reached wsgate: `http` or `https`.
     proto: &'static str,
@@ -190,12 +193,13 @@ struct State {
     last: Mutex<Last>,
 }
 
-/// The route, upstream and server of a connection's last request.
+/// The route, upstream and server of a connection's last request, and its client when a trusted proxy named one.
 #[derive(Debug, Default, Clone, Copy)]
 struct Last {
     route: Option<usize>,
     upstream: Option<usize>,
     server: Option<SocketAddr>,
+    client: Option<IpAddr>,
 }
 
 #[derive(Default)]
@@ -246,7 +250,7 @@ struct Target {
 impl State {
     /// The request's route and server choice, or why it may not have one: no route (404), or the route's address
     /// rules or, for an `upgrade`, its allowed origins (403).
-    fn target(&self, req: &Request<Incoming>, upgrade: bool) -> Result<Target, Refusal> {
+    fn target(&self, req: &Request<Incoming>, client: &Client, upgrade: bool) -> Result<Target, Refusal> {
         let view = HyperView(req);
         if let Some(port) = self.redirect_https {
             return Err(Refusal::to_https(&view, port));
@@ -255,21 +259,40 @@ impl State {
         let Some(route) = route::find(routes, self.snapshot.listener_name(self.listener), &view) else {
             return Err(Refusal::no_route(&view));
         };
-        Refusal::check_route(route, self.client_ip, upgrade.then_some(&view))?;
+        Refusal::check_route(route, client.ip, upgrade.then_some(&view))?;
         let upstream = &self.snapshot.upstreams[route.upstream];
         Ok(Target {
             route: routes.iter().position(|r| std::ptr::eq(r, route)).unwrap_or(0),
             upstream: route.upstream,
-            choice: upstream.choose(&view, self.client_ip),
+            choice: upstream.choose(&view, client.ip),
         })
     }
 
-    /// Notes a new request's route and upstream (none for a request without a route), for the access log line.
-    async fn note_target(&self, target: Option<Target>) {
+    /// A request's client: the connection's peer, or the client a trusted proxy's headers name.
+    fn client(&self, req: &Request<Incoming>) -> Client {
+        let Some(listener) = self.snapshot.listener(self.listener) else {
+            return Client::direct(self.client_ip);
+        };
+        let headers = req.headers().iter();
+        let client = Client::of(
+            self.client_ip,
+            &listener.trusted_proxies,
+            headers.map(|(name, value)| (name.as_str().as_bytes(), value.as_bytes())),
+        );
+        if let Some(entry) = &client.ignored {
+            tracing::debug!(id = self.id, entry = %entry, "forwarding chain entry naming no address passed over");
+        }
+        client
+    }
+
+    /// Notes a new request's route and upstream (none for a request without a route) and its client, for the
+    /// access log line.
+    async fn note_target(&self, target: Option<Target>, client: &Client) {
         *self.last.lock().await = Last {
             route: target.map(|t| t.route),
             upstream: target.map(|t| t.upstream),
             server: None,
+            client: (client.ip != client.peer).then_some(client.ip),
         };
     }
 
@@ -357,13 +380,14 @@ async fn forward(state: Arc<State>, mut req: Request<Incoming>) -> Result<Respon
         .get_all(UPGRADE)
         .iter()
         .any(|v| has_token(v.as_bytes(), "websocket"));
-    let target = check_head(&req).and_then(|()| state.target(&req, wants_websocket));
-    state.note_target(target.as_ref().ok().copied()).await;
+    let client = state.client(&req);
+    let target = check_head(&req).and_then(|()| state.target(&req, &client, wants_websocket));
+    state.note_target(target.as_ref().ok().copied(), &client).await;
     let result = match target {
         Err(refusal) => Err(refusal),
-        Ok(target) if wants_websocket => upgrade(&state, target, req).await,
+        Ok(target) if wants_websocket => upgrade(&state, target, &client, req).await,
         Ok(target) => {
-            rewrite_request(&mut req, state.client_ip, state.proto);
+            rewrite_request(&mut req, &client, state.proto);
             remove_sticky_cookie(&mut req, state.upstream(target));
             send(&state, target, req).await.map(|mut resp| {
                 strip_hop_by_hop(resp.headers_mut(), false);
@@ -385,8 +409,13 @@ async fn forward(state: Arc<State>, mut req: Request<Incoming>) -> Result<Respon
 /// A WebSocket upgrade on a keep-alive connection: validated by the fast path's rules, sent on a backend
 /// connection of its own; on a 101 with the right accept key, both sides are switched and the session relays
 /// them when hyper hands the client's connection back.
-async fn upgrade(state: &State, target: Target, mut req: Request<Incoming>) -> Result<Response<Body>, Refusal> {
-    super::handshake_rate(&state.shared, &state.snapshot, state.listener, state.client_ip)?;
+async fn upgrade(
+    state: &State,
+    target: Target,
+    client: &Client,
+    mut req: Request<Incoming>,
+) -> Result<Response<Body>, Refusal> {
+    super::handshake_rate(&state.shared, &state.snapshot, state.listener, client.ip)?;
     let accept = match handshake::inspect_request(&request_head(&req), state.client_ip, "http")? {
         Inspected::Upgrade(up) => up.accept,
         Inspected::Plain { .. } | Inspected::Partial => {
@@ -394,7 +423,7 @@ async fn upgrade(state: &State, target: Target, mut req: Request<Incoming>) -> R
         }
     };
     let client_side = hyper::upgrade::on(&mut req);
-    rewrite_request(&mut req, state.client_ip, state.proto);
+    rewrite_request(&mut req, client, state.proto);
     let upstream = state.upstream(target);
     remove_sticky_cookie(&mut req, upstream);
     let strip = state.snapshot.config.routes[target.route].deflate == Deflate::Strip;
@@ -595,8 +624,8 @@ async fn client_handshake(
 }
 
 /// The request as the backend gets it: in origin form, a target's authority as its `Host` (RFC 9112 §3.2.2),
-/// hop-by-hop headers out, forwarding headers in.
-fn rewrite_request(req: &mut Request<Incoming>, client_ip: IpAddr, proto: &'static str) {
+/// hop-by-hop headers out, forwarding headers (for `client`) in.
+fn rewrite_request(req: &mut Request<Incoming>, client: &Client, proto: &'static str) {
     let authority = req
         .uri()
         .authority()
@@ -613,16 +642,13 @@ fn rewrite_request(req: &mut Request<Incoming>, client_ip: IpAddr, proto: &'stat
     strip_hop_by_hop(headers, true);
     let host = headers.get(HOST).cloned();
     let mut added = Vec::with_capacity(5);
-    Forwarding {
-        client_ip,
-        proto,
-        host: host.as_ref().map(HeaderValue::as_bytes),
-    }
-    .each(|name, value| {
-        if let Ok(value) = HeaderValue::from_bytes(value) {
-            added.push((name, value));
-        }
-    });
+    client
+        .forwarding(proto, host.as_ref().map(HeaderValue::as_bytes))
+        .each(|name, value| {
+            if let Ok(value) = HeaderValue::from_bytes(value) {
+                added.push((name, value));
+            }
+        });
     for (name, value) in added {
         headers.append(name, value);
     }

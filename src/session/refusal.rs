@@ -10,6 +10,7 @@ use crate::config::Route;
 use crate::http::handshake::HandshakeError;
 use crate::http::{Answer, RequestView};
 use crate::policy::Limit;
+use crate::proxy_protocol::ProxyError;
 use crate::upstream::{RETRY_AFTER_BUSY, UpstreamError};
 
 /// The longest host or path a 404's reason repeats back, in characters.
@@ -20,6 +21,17 @@ const MAX_ECHOED: usize = 200;
 pub(crate) enum Refusal {
     #[error("client sent no complete request head within {0:?}")]
     HeadTimeout(Duration),
+    /// A trusted proxy on a listener with `proxy_protocol` sent no valid PROXY protocol header first.
+    #[error("trusted proxy sent no valid PROXY protocol header: {0}")]
+    ProxyHeader(ProxyError),
+    #[error("trusted proxy sent no whole PROXY protocol header within {0:?}")]
+    ProxyHeaderTimeout(Duration),
+    /// A PROXY protocol header where none is read: the peer is no trusted proxy of the listener, or the listener's
+    /// `proxy_protocol` is off. Its bytes were read as HTTP, and are no request.
+    #[error(
+        "PROXY protocol header from a peer it is not accepted from (not in the listener's trusted_proxies, or proxy_protocol off)"
+    )]
+    UnexpectedProxyHeader,
     #[error(transparent)]
     Handshake(#[from] HandshakeError),
     #[error("no route for host `{host}` and path `{path}`")]
@@ -124,6 +136,9 @@ impl Refusal {
     pub(crate) fn answer(&self) -> Answer {
         match self {
             Self::HeadTimeout(_) => Answer::new(408, self.to_string()),
+            Self::ProxyHeaderTimeout(_) => Answer::new(408, "no PROXY protocol header received").closing(),
+            Self::ProxyHeader(_) => Answer::new(400, "missing or malformed PROXY protocol header").closing(),
+            Self::UnexpectedProxyHeader => Answer::new(400, "malformed request head").closing(),
             Self::Handshake(e @ HandshakeError::UnsupportedVersion) => {
                 Answer::new(e.status(), e.to_string()).with_header("Sec-WebSocket-Version", "13")
             }
