@@ -615,3 +615,38 @@ fn check_names_the_certificate_file_and_what_is_wrong() {
     let problems = wsgate::config::file::parse(&no_ca, "t.toml").expect_err("refused");
     assert!(problems[0].to_string().contains("needs `ca`"), "{problems:?}");
 }
+
+#[tokio::test]
+async fn a_proxy_protocol_header_comes_before_tls_and_names_the_client() {
+    let ca = TestCa::new("proxy-tls");
+    let site = ca.issue("site", &["localhost"]);
+    let backend = ws_backend("b").await;
+    let text = single(&site, backend.addr).replace(
+        "[[route]]",
+        "trusted_proxies = [\"127.0.0.1\"]\nproxy_protocol = true\n\n[[route]]",
+    );
+    let proxy = Proxy::from_toml(&text);
+    let mut tcp = TcpStream::connect(proxy.addr).await.expect("connect");
+    tcp.write_all(b"PROXY TCP4 203.0.113.7 127.0.0.1 40000 443\r\n")
+        .await
+        .expect("write");
+    let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+    let stream = within(
+        "TLS after the PROXY header",
+        tokio_rustls::TlsConnector::from(ca.client_config()).connect(name, tcp),
+    )
+    .await
+    .expect("TLS handshake");
+    let (mut ws, _) = within(
+        "the upgrade",
+        tokio_tungstenite::client_async("wss://localhost/headers", stream),
+    )
+    .await
+    .expect("upgrade");
+    let report = match within("the header report", ws.next()).await {
+        Some(Ok(Message::Text(t))) => t.as_str().to_string(),
+        other => panic!("expected the backend's header report, got {other:?}"),
+    };
+    assert!(report.contains("[\"x-real-ip\",\"203.0.113.7\"]"), "{report}");
+    assert!(report.contains("[\"x-forwarded-proto\",\"https\"]"), "{report}");
+}
