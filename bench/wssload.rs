@@ -5,6 +5,8 @@
 //!   wssload handshake --target ADDR --name NAME --ca FILE -c C -d SECS --watch PID[,PID..]
 //!   wssload throughput --target ADDR --name NAME --ca FILE -c C -w W -s SIZE -d SECS --watch PID[,PID..]
 //!
+//! `--header NAME:VALUE` (repeatable) adds a header to every upgrade request (a bearer token, say).
+//!
 //! `handshake`: C loops of TCP connect + a full TLS handshake (no resumption) + WebSocket upgrade + one echo +
 //! close. `throughput`: C connections with W messages of SIZE bytes in flight each, every echo checked. Both warm
 //! up for a second, then count for SECS and read the CPU time (user + system) the watched processes spent in that
@@ -33,6 +35,8 @@ struct Args {
     size: usize,
     duration: Duration,
     watch: Vec<u32>,
+    /// Extra upgrade request headers (`--header NAME:VALUE`).
+    headers: Vec<(String, String)>,
 }
 
 fn parse() -> Result<Args, String> {
@@ -49,6 +53,7 @@ fn parse() -> Result<Args, String> {
         size: 64,
         duration: Duration::from_secs(5),
         watch: Vec::new(),
+        headers: Vec::new(),
     };
     while let Some(flag) = it.next() {
         let value = it.next().ok_or(format!("{flag} needs a value"))?;
@@ -62,6 +67,10 @@ fn parse() -> Result<Args, String> {
             "-w" => args.window = value.parse().map_err(|e| bad(&e))?,
             "-s" => args.size = value.parse().map_err(|e| bad(&e))?,
             "-d" => args.duration = Duration::from_secs_f64(value.parse().map_err(|e| bad(&e))?),
+            "--header" => {
+                let (name, value) = value.split_once(':').ok_or(format!("--header {value}: NAME:VALUE"))?;
+                args.headers.push((name.trim().to_string(), value.trim().to_string()));
+            }
             "--watch" => {
                 args.watch = value
                     .split(',')
@@ -156,22 +165,46 @@ fn client_config(ca: &PathBuf) -> Result<Arc<rustls::ClientConfig>, String> {
 
 type Wss = tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<TcpStream>>;
 
-async fn open(target: SocketAddr, name: &ServerName<'static>, tls: &tokio_rustls::TlsConnector) -> Result<Wss, String> {
-    let tcp = TcpStream::connect(target).await.map_err(|e| e.to_string())?;
+/// What every connection needs to open.
+#[derive(Clone)]
+struct Target {
+    addr: SocketAddr,
+    name: ServerName<'static>,
+    tls: tokio_rustls::TlsConnector,
+    headers: Arc<Vec<(String, String)>>,
+}
+
+async fn open(target: &Target) -> Result<Wss, String> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let tcp = TcpStream::connect(target.addr).await.map_err(|e| e.to_string())?;
     let _ = tcp.set_nodelay(true);
-    let stream = tls.connect(name.clone(), tcp).await.map_err(|e| e.to_string())?;
-    let url = format!("wss://{}/", name.to_str());
-    let (ws, _) = tokio_tungstenite::client_async(url, stream)
+    let stream = target
+        .tls
+        .connect(target.name.clone(), tcp)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut request = format!("wss://{}/", target.name.to_str())
+        .into_client_request()
+        .map_err(|e| e.to_string())?;
+    for (name, value) in target.headers.iter() {
+        let name = http::HeaderName::from_bytes(name.as_bytes()).map_err(|e| e.to_string())?;
+        let value = http::HeaderValue::from_str(value).map_err(|e| e.to_string())?;
+        request.headers_mut().append(name, value);
+    }
+    let (ws, _) = tokio_tungstenite::client_async(request, stream)
         .await
         .map_err(|e| e.to_string())?;
     Ok(ws)
 }
 
 async fn load(args: &Args) -> Result<(), String> {
-    let target = args.target.ok_or("--target is needed")?;
     let ca = args.ca.as_ref().ok_or("--ca is needed")?;
-    let tls = tokio_rustls::TlsConnector::from(client_config(ca)?);
-    let name = ServerName::try_from(args.name.clone()).map_err(|e| e.to_string())?;
+    let target = Target {
+        addr: args.target.ok_or("--target is needed")?,
+        name: ServerName::try_from(args.name.clone()).map_err(|e| e.to_string())?,
+        tls: tokio_rustls::TlsConnector::from(client_config(ca)?),
+        headers: Arc::new(args.headers.clone()),
+    };
     let counting = Arc::new(AtomicBool::new(false));
     let stop = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicU64::new(0));
@@ -179,7 +212,7 @@ async fn load(args: &Args) -> Result<(), String> {
     let mut tasks = Vec::with_capacity(args.conns);
     let payload = vec![b'x'; args.size];
     for _ in 0..args.conns {
-        let (tls, name, payload) = (tls.clone(), name.clone(), payload.clone());
+        let (target, payload) = (target.clone(), payload.clone());
         let (counting, stop, done, errors) = (counting.clone(), stop.clone(), done.clone(), errors.clone());
         let (mode, window) = (args.mode.clone(), args.window);
         tasks.push(tokio::spawn(async move {
@@ -190,7 +223,7 @@ async fn load(args: &Args) -> Result<(), String> {
             };
             if mode == "handshake" {
                 while !stop.load(Ordering::Relaxed) {
-                    match handshake_once(target, &name, &tls, &payload).await {
+                    match handshake_once(&target, &payload).await {
                         Ok(()) => count(1),
                         Err(_) => {
                             errors.fetch_add(1, Ordering::Relaxed);
@@ -199,7 +232,7 @@ async fn load(args: &Args) -> Result<(), String> {
                 }
                 return;
             }
-            let Ok(ws) = open(target, &name, &tls).await else {
+            let Ok(ws) = open(&target).await else {
                 errors.fetch_add(1, Ordering::Relaxed);
                 return;
             };
@@ -253,13 +286,8 @@ async fn load(args: &Args) -> Result<(), String> {
     Ok(())
 }
 
-async fn handshake_once(
-    target: SocketAddr,
-    name: &ServerName<'static>,
-    tls: &tokio_rustls::TlsConnector,
-    payload: &[u8],
-) -> Result<(), String> {
-    let mut ws = tokio::time::timeout(Duration::from_secs(10), open(target, name, tls))
+async fn handshake_once(target: &Target, payload: &[u8]) -> Result<(), String> {
+    let mut ws = tokio::time::timeout(Duration::from_secs(10), open(target))
         .await
         .map_err(|_| "timeout".to_string())??;
     ws.send(Message::binary(payload.to_vec()))
