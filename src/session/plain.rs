@@ -30,6 +30,7 @@ use tokio::net::TcpStream;
 use tokio::sync::Mutex;
 
 use super::{Refusal, failed_try, next_try, start_tries};
+use crate::auth::{Admit, jwks};
 use crate::config::{Deflate, Route, Sticky};
 use crate::http::handshake::{self, HandshakeError, Inspected, MAX_HEAD_BYTES, MAX_HEADERS, without_cookie};
 use crate::http::headers::{drop_when_forwarding, has_token};
@@ -126,6 +127,8 @@ struct Upgrading {
     backend_early: Bytes,
     /// The backend accepted permessage-deflate.
     deflate: bool,
+    /// What the route's authentication holds for the session's life.
+    auth: Option<Box<super::AuthHeld>>,
 }
 
 /// Takes the client's socket back from hyper and relays the switched connection.
@@ -137,6 +140,7 @@ async fn relay_upgraded(switched: Upgrading, shared: &Shared, route: &Route, rec
         backend,
         backend_early,
         deflate,
+        auth,
     } = switched;
     let upgraded = match client.await {
         Ok(upgraded) => upgraded,
@@ -161,6 +165,7 @@ async fn relay_upgraded(switched: Upgrading, shared: &Shared, route: &Route, rec
         active: server,
         deflate,
         early: [client_early, backend_early.to_vec()],
+        auth,
     };
     super::relay_switched(shared, route, switched, record.id, &mut record.bytes)
         .await
@@ -252,6 +257,28 @@ impl State {
             upstream: route.upstream,
             choice: upstream.choose(&view, self.client_ip),
         })
+    }
+
+    /// The route's authentication of a request: what it is admitted as (`None` on a route without), or the
+    /// refusal. A token naming a key id the route's key set lacks has the set fetched again (when not too
+    /// recently) and the request checked once more.
+    async fn authenticate(
+        &self,
+        target: Target,
+        req: &Request<Incoming>,
+        upgrade: bool,
+    ) -> Result<Option<Admit>, Refusal> {
+        let route = &self.snapshot.config.routes[target.route];
+        let view = HyperView(req);
+        match Refusal::check_auth(route, &view, upgrade) {
+            Err(refusal) => match refusal.jwks_refresh() {
+                Some(remote) if remote.refresh(jwks::UNKNOWN_KID_REFRESH).await => {
+                    Refusal::check_auth(route, &view, upgrade)
+                }
+                _ => Err(refusal),
+            },
+            admitted => admitted,
+        }
     }
 
     /// Notes a new request's route and upstream (none for a request without a route), for the access log line.
@@ -349,11 +376,21 @@ async fn forward(state: Arc<State>, mut req: Request<Incoming>) -> Result<Respon
         .any(|v| has_token(v.as_bytes(), "websocket"));
     let target = check_head(&req).and_then(|()| state.target(&req, wants_websocket));
     state.note_target(target.as_ref().ok().copied()).await;
-    let result = match target {
+    let admitted = match target {
         Err(refusal) => Err(refusal),
-        Ok(target) if wants_websocket => upgrade(&state, target, req).await,
-        Ok(target) => {
+        Ok(target) => state
+            .authenticate(target, &req, wants_websocket)
+            .await
+            .map(|admit| (target, admit)),
+    };
+    let result = match admitted {
+        Err(refusal) => Err(refusal),
+        Ok((target, admit)) if wants_websocket => upgrade(&state, target, admit, req).await,
+        Ok((target, admit)) => {
             rewrite_request(&mut req, state.client_ip);
+            if let Some(admit) = &admit {
+                admit.rewrite(&mut req);
+            }
             remove_sticky_cookie(&mut req, state.upstream(target));
             send(&state, target, req).await.map(|mut resp| {
                 strip_hop_by_hop(resp.headers_mut(), false);
@@ -375,8 +412,14 @@ async fn forward(state: Arc<State>, mut req: Request<Incoming>) -> Result<Respon
 /// A WebSocket upgrade on a keep-alive connection: validated by the fast path's rules, sent on a backend
 /// connection of its own; on a 101 with the right accept key, both sides are switched and the session relays
 /// them when hyper hands the client's connection back.
-async fn upgrade(state: &State, target: Target, mut req: Request<Incoming>) -> Result<Response<Body>, Refusal> {
+async fn upgrade(
+    state: &State,
+    target: Target,
+    admit: Option<Admit>,
+    mut req: Request<Incoming>,
+) -> Result<Response<Body>, Refusal> {
     super::handshake_rate(&state.shared, &state.snapshot, state.listener, state.client_ip)?;
+    let auth = super::hold_auth(&state.shared, admit.as_ref())?;
     let accept = match handshake::inspect_request(&request_head(&req), state.client_ip, "http")? {
         Inspected::Upgrade(up) => up.accept,
         Inspected::Plain { .. } | Inspected::Partial => {
@@ -385,6 +428,9 @@ async fn upgrade(state: &State, target: Target, mut req: Request<Incoming>) -> R
     };
     let client_side = hyper::upgrade::on(&mut req);
     rewrite_request(&mut req, state.client_ip);
+    if let Some(admit) = &admit {
+        admit.rewrite(&mut req);
+    }
     let upstream = state.upstream(target);
     remove_sticky_cookie(&mut req, upstream);
     let strip = state.snapshot.config.routes[target.route].deflate == Deflate::Strip;
@@ -445,6 +491,7 @@ async fn upgrade(state: &State, target: Target, mut req: Request<Incoming>) -> R
         server: active,
         backend: parts.io.into_inner(),
         backend_early: parts.read_buf,
+        auth,
     });
     let (head, _) = resp.into_parts();
     Ok(Response::from_parts(head, Either::Right(Full::new(Bytes::new()))))
