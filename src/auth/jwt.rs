@@ -239,6 +239,17 @@ pub enum Family {
     Ed,
 }
 
+impl Family {
+    pub fn name(self) -> &'static str {
+        match self {
+            Family::Hmac => "HMAC",
+            Family::Rsa => "RSA",
+            Family::Ec => "EC",
+            Family::Ed => "Ed25519",
+        }
+    }
+}
+
 pub fn family(alg: Algorithm) -> Family {
     match alg {
         Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512 => Family::Hmac,
@@ -276,7 +287,7 @@ impl Keys {
             Family::Ed => DecodingKey::from_ed_pem(&pem),
             Family::Hmac => return Err("a public key cannot verify HS (HMAC) tokens: use secret_file".into()),
         };
-        let key = key.map_err(|e| format!("not a {family:?} public key in PEM: {e}"))?;
+        let key = key.map_err(|e| format!("not a PEM {} public key: {e}", family.name()))?;
         Ok(Keys::Public(key))
     }
 

@@ -322,3 +322,69 @@ fn build_api_keys(k: &RawApiKeys, report: &mut Report<'_>) -> Option<ApiKeys> {
         identity_header: identity_header.to_string(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::config::file::parse;
+
+    fn problems(auth: &str) -> Vec<String> {
+        let dir = env!("CARGO_MANIFEST_DIR");
+        let text = format!(
+            "[[listener]]\nname = \"l\"\naddress = \"127.0.0.1:0\"\n[[route]]\nupstream = \"u\"\n{auth}\n\
+             [[upstream]]\nname = \"u\"\n[[upstream.server]]\naddress = \"127.0.0.1:1\"\n"
+        )
+        .replace("DIR", dir);
+        match parse(&text, "t.toml") {
+            Ok(_) => Vec::new(),
+            Err(p) => p.iter().map(ToString::to_string).collect(),
+        }
+    }
+
+    #[test]
+    fn key_sources_and_algorithms_must_fit_together() {
+        let jwt = |keys: &str| problems(&format!("[route.auth.jwt]\n{keys}"));
+        assert!(jwt("secret_file = \"DIR/tests/auth/hs.key\"\nalgorithms = [\"HS256\"]").is_empty());
+        assert!(jwt("public_key_file = \"DIR/tests/auth/es.pub.pem\"\nalgorithms = [\"ES256\"]").is_empty());
+        let mixed = jwt("public_key_file = \"DIR/tests/auth/rs.pub.pem\"\nalgorithms = [\"RS256\", \"HS256\"]");
+        assert!(
+            mixed[0].contains("mixes HS (HMAC) with public-key algorithms"),
+            "{mixed:?}"
+        );
+        let hs_on_pem = jwt("public_key_file = \"DIR/tests/auth/rs.pub.pem\"\nalgorithms = [\"HS256\"]");
+        assert!(
+            hs_on_pem[0].contains("rs.pub.pem: a public key cannot verify HS"),
+            "{hs_on_pem:?}"
+        );
+        let wrong_kind = jwt("public_key_file = \"DIR/tests/auth/rs.pub.pem\"\nalgorithms = [\"ES256\"]");
+        assert!(
+            wrong_kind[0].contains("rs.pub.pem: not a PEM EC public key"),
+            "{wrong_kind:?}"
+        );
+        let none = jwt("secret_file = \"DIR/tests/auth/hs.key\"\nalgorithms = [\"none\"]");
+        assert!(
+            none[0].contains("`none` (unsigned tokens) is never allowed"),
+            "{none:?}"
+        );
+        assert!(jwt("secret_file = \"DIR/tests/auth/hs.key\"")[0].contains("`auth.jwt.algorithms`: is required"));
+        let two = jwt("secret_file = \"x\"\njwks_url = \"http://a/\"\nalgorithms = [\"HS256\"]");
+        assert!(two[0].contains("exactly one of"), "{two:?}");
+        let https = jwt("jwks_url = \"https://issuer/keys\"\nalgorithms = [\"RS256\"]");
+        assert!(https[0].contains("only http:// URLs"), "{https:?}");
+        let from = jwt("secret_file = \"DIR/tests/auth/hs.key\"\nalgorithms = [\"HS256\"]\nfrom = [\"header:x\"]");
+        assert!(from[0].contains("expected bearer, cookie:NAME"), "{from:?}");
+        let host = jwt(
+            "secret_file = \"DIR/tests/auth/hs.key\"\nalgorithms = [\"HS256\"]\nclaims_to_headers = { sub = \"Host\" }",
+        );
+        assert!(host[0].contains("carries the request itself"), "{host:?}");
+    }
+
+    #[test]
+    fn close_on_expiry_needs_the_frames_relay() {
+        let p = problems(
+            "relay = \"tunnel\"\n[route.auth.jwt]\nsecret_file = \"DIR/tests/auth/hs.key\"\nalgorithms = [\"HS256\"]\n\
+             close_on_expiry = true",
+        );
+        assert!(p[0].contains("needs relay = \"frames\""), "{p:?}");
+        assert!(problems("[route.auth]\n")[0].contains("needs [route.auth.jwt] or [route.auth.api_keys]"));
+    }
+}
