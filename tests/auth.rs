@@ -646,3 +646,31 @@ fn check_names_a_missing_secret_file_and_a_jwks_file_that_is_not_json() {
         "{said}"
     );
 }
+
+#[tokio::test]
+async fn a_reload_reads_the_key_files_again() {
+    let mut backend = ws_backend("app").await;
+    let dir = keys_file(&[("k", "k", "")]).parent().expect("dir").to_path_buf();
+    let secret = dir.join("hs.key");
+    std::fs::write(&secret, "first-secret\n").expect("write");
+    let routes = format!(
+        "[[route]]\nupstream = \"ws\"\n[route.auth.jwt]\nsecret_file = \"{}\"\nalgorithms = [\"HS256\"]\n",
+        secret.display()
+    );
+    let text = config(&routes, backend.addr, None);
+    let mut proxy = Proxy::from_toml(&text);
+    let token = |s: &[u8]| {
+        let c = serde_json::json!({"sub": "frank", "exp": now() + 600});
+        sign(Algorithm::HS256, &EncodingKey::from_secret(s), None, c)
+    };
+    let (first, second) = (token(b"first-secret"), token(b"second-secret"));
+    let (status, head, _s) = ask(proxy.addr, &upgrade_with_bearer("/", &first)).await;
+    assert_eq!(status, 101, "{head}");
+    next_upgrade(&mut backend).await;
+    std::fs::write(&secret, "second-secret").expect("rotate");
+    proxy.reload(&text);
+    let (status, _, _) = ask(proxy.addr, &upgrade_with_bearer("/", &first)).await;
+    assert_eq!(status, 401, "the old secret is gone");
+    let (status, head, _s) = ask(proxy.addr, &upgrade_with_bearer("/", &second)).await;
+    assert_eq!(status, 101, "{head}");
+}

@@ -111,7 +111,7 @@ impl KeySet {
         if let Some(kid) = kid {
             let Some(entry) = self.keys.iter().find(|e| e.kid.as_deref() == Some(kid)) else {
                 return Err(TokenError::UnknownKid {
-                    kid: kid.chars().take(64).collect(),
+                    kid: super::jwt::logged(kid),
                     remote: remote.cloned(),
                 });
             };

@@ -16,8 +16,17 @@ use serde_json::{Map, Value};
 
 use super::jwks::{KeySet, Remote};
 
-/// The longest `kid` a log line repeats, in characters.
-const MAX_LOGGED_KID: usize = 64;
+/// The longest `kid` or `alg` a log line repeats, in characters.
+const MAX_LOGGED: usize = 64;
+
+/// Client-sent text for a log line: visible ASCII only (no line breaks or escapes), at most [`MAX_LOGGED`]
+/// characters.
+pub fn logged(text: &str) -> String {
+    text.chars()
+        .filter(|c| c.is_ascii_graphic() || *c == ' ')
+        .take(MAX_LOGGED)
+        .collect()
+}
 
 /// Why a token is refused.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -64,7 +73,7 @@ impl TokenError {
             ErrorKind::InvalidSignature | ErrorKind::Crypto(_) => TokenError::BadSignature,
             ErrorKind::InvalidAudience => TokenError::WrongAudience,
             ErrorKind::InvalidIssuer => TokenError::WrongIssuer,
-            ErrorKind::MissingRequiredClaim(c) => TokenError::MissingClaim(c.chars().take(MAX_LOGGED_KID).collect()),
+            ErrorKind::MissingRequiredClaim(c) => TokenError::MissingClaim(logged(c)),
             ErrorKind::InvalidAlgorithm => TokenError::KeyMismatch,
             ErrorKind::InvalidToken | ErrorKind::Base64(_) | ErrorKind::Utf8(_) => {
                 TokenError::Malformed("not three base64url parts")
@@ -189,10 +198,9 @@ impl Jwt {
         if head.alg.eq_ignore_ascii_case("none") {
             return Err(TokenError::AlgNone);
         }
-        let logged = || head.alg.chars().take(MAX_LOGGED_KID).collect::<String>();
-        let alg = Algorithm::from_str(&head.alg).map_err(|_| TokenError::AlgorithmNotAllowed(logged()))?;
+        let alg = Algorithm::from_str(&head.alg).map_err(|_| TokenError::AlgorithmNotAllowed(logged(&head.alg)))?;
         let Some((_, validation)) = self.validations.iter().find(|(a, _)| *a == alg) else {
-            return Err(TokenError::AlgorithmNotAllowed(logged()));
+            return Err(TokenError::AlgorithmNotAllowed(logged(&head.alg)));
         };
         let decode = |key: &DecodingKey| {
             jsonwebtoken::decode::<Map<String, Value>>(token, key, validation)
