@@ -7,6 +7,7 @@
 pub mod auth;
 pub mod cli;
 pub mod config;
+mod conn;
 pub mod demo;
 pub mod http;
 mod observe;
@@ -19,5 +20,6 @@ mod signal;
 pub mod state;
 mod supervise;
 mod sys;
+pub mod tls;
 pub mod upstream;
 pub mod ws;

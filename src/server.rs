@@ -98,6 +98,7 @@ impl Running {
     /// Serves `config` from now on: new connections use it; live ones keep theirs. Fails (and changes nothing)
     /// when a new listener cannot be opened.
     pub fn reload(&mut self, config: Config) -> Result<(), ServerError> {
+        warn_insecure(&config);
         let current = self.shared.snapshot.load_full();
         if config.server.workers != current.config.server.workers {
             tracing::warn!("`workers` changed: it takes effect at the next start, not on reload");
@@ -173,7 +174,21 @@ impl Running {
 }
 
 /// Binds the listening sockets and starts the worker threads.
+/// Says loudly, at start and at every reload, which upstreams take any certificate.
+fn warn_insecure(config: &Config) {
+    for upstream in &config.upstreams {
+        if upstream.tls.as_ref().is_some_and(|t| t.settings().insecure_skip_verify) {
+            tracing::warn!(
+                upstream = %upstream.name,
+                "INSECURE: `insecure_skip_verify = true`: the servers' certificates are NOT verified; anyone on the \
+                 path to them can read and change this traffic"
+            );
+        }
+    }
+}
+
 pub fn start(config: Config) -> Result<Running, ServerError> {
+    warn_insecure(&config);
     let workers = match config.server.workers {
         0 => std::thread::available_parallelism().map_or(1, usize::from),
         n => n,

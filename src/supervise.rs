@@ -15,6 +15,7 @@
 
 use std::collections::HashMap;
 use std::io;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::thread::JoinHandle;
@@ -28,6 +29,7 @@ use crate::auth::jwks::Remote;
 use crate::auth::jwt::Keys;
 use crate::config::HealthCheck;
 use crate::state::Snapshot;
+use crate::tls::client::ClientTls;
 use crate::upstream::health::{self, unit_random};
 use crate::upstream::{ServerState, ShedReason, Upstream, now_ms};
 
@@ -35,6 +37,8 @@ use crate::upstream::{ServerState, ShedReason, Upstream, now_ms};
 const BUSY_TICK: Duration = Duration::from_millis(20);
 /// How often it looks otherwise (returns from ejection are noted this late at most; routing does not wait for it).
 const IDLE_TICK: Duration = Duration::from_millis(250);
+/// How often the TLS listeners' certificate files are looked at for changes.
+const TLS_LOOK: Duration = Duration::from_secs(1);
 
 /// The handle on the control thread.
 pub struct Supervisor {
@@ -79,6 +83,8 @@ impl Supervisor {
 /// The running health checks of one upstream.
 struct Check {
     check: HealthCheck,
+    /// The upstream's TLS as the check task uses it.
+    tls: Option<Arc<ClientTls>>,
     servers: Vec<Arc<ServerState>>,
     stop: CancellationToken,
 }
@@ -137,6 +143,10 @@ struct Control {
     removed: Vec<Removed>,
     /// Upstreams being rebalanced, by name.
     rebalancing: HashMap<String, Rebalancing>,
+    /// When the listeners' certificate files are looked at next.
+    next_tls_look: Option<Instant>,
+    /// The last problem with each TLS listener's new files, by listener address: said once, not every look.
+    tls_problems: HashMap<SocketAddr, String>,
     /// The refresh tasks of JWKS URLs, by key set.
     jwks: HashMap<usize, CancellationToken>,
 }
@@ -165,6 +175,7 @@ impl Control {
                 () = tokio::time::sleep(tick) => {}
             }
             busy = self.tick(&current);
+            self.look_at_certificates(&current);
         }
         for check in self.checks.values() {
             check.stop.cancel();
@@ -202,6 +213,38 @@ impl Control {
         }
     }
 
+    /// Every [`TLS_LOOK`], reads the TLS listeners' certificate and key files and swaps in those that changed. New
+    /// files that do not load leave the certificates in force, with one log line per problem.
+    fn look_at_certificates(&mut self, snapshot: &Snapshot) {
+        let now = Instant::now();
+        if self.next_tls_look.is_some_and(|next| now < next) {
+            return;
+        }
+        self.next_tls_look = Some(now + TLS_LOOK);
+        for listener in &snapshot.config.listeners {
+            let Some(tls) = &listener.tls else {
+                continue;
+            };
+            match tls.refresh() {
+                Ok(changed) => {
+                    if self.tls_problems.remove(&listener.address).is_some() || changed {
+                        tracing::info!(listener = %listener.name, "certificates reloaded from their files");
+                    }
+                }
+                Err(e) => {
+                    let problem = e.to_string();
+                    if self.tls_problems.get(&listener.address) != Some(&problem) {
+                        tracing::error!(
+                            listener = %listener.name,
+                            "new certificate files not loaded, the ones in force stay: {problem}"
+                        );
+                        self.tls_problems.insert(listener.address, problem);
+                    }
+                }
+            }
+        }
+    }
+
     /// Starts and stops health checks to match `snapshot`, arms rebalancing of upstreams a server joined, and notes
     /// the servers it no longer lists.
     fn follow(&mut self, snapshot: &Snapshot, previous: Option<&Snapshot>) {
@@ -230,6 +273,10 @@ impl Control {
     fn stop_changed_checks(&mut self, wanted: &HashMap<&str, &Upstream>, listed: &[usize]) {
         let unchanged = |running: &Check, upstream: &Upstream| {
             upstream.config.health.as_ref() == Some(&running.check)
+                && match (&upstream.config.tls, &running.tls) {
+                    (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                    (a, b) => a.is_none() && b.is_none(),
+                }
                 && running.servers.len() == upstream.servers().len()
                 && running
                     .servers
@@ -266,6 +313,7 @@ impl Control {
             let stop = CancellationToken::new();
             tokio::spawn(health::run(
                 check.clone(),
+                upstream.config.tls.clone(),
                 name.to_string(),
                 upstream.servers().to_vec(),
                 upstream.shared.clone(),
@@ -275,6 +323,7 @@ impl Control {
                 name.to_string(),
                 Check {
                     check: check.clone(),
+                    tls: upstream.config.tls.clone(),
                     servers: upstream.servers().to_vec(),
                     stop,
                 },

@@ -10,13 +10,17 @@ use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::net::SocketAddr;
 use std::ops::Range;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use ipnet::IpNet;
 use serde::Deserialize;
 use serde::de::{self, Deserializer, MapAccess, Visitor};
 use toml::Spanned;
+
+use crate::tls::client::{ClientTls, TlsSettings};
+use crate::tls::server::{CertFiles, ServerTls};
 
 use super::{
     Access, Balance, Config, DEFAULT_CONNECT_TIMEOUT, DEFAULT_FALL, DEFAULT_HEALTH_INTERVAL, DEFAULT_HEALTH_PATH,
@@ -105,6 +109,15 @@ struct Report<'a> {
 }
 
 impl Report<'_> {
+    /// A path written in the file: relative ones are relative to the file's directory.
+    fn path(&self, written: &str) -> PathBuf {
+        let written = Path::new(written);
+        match Path::new(self.file).parent() {
+            Some(dir) if written.is_relative() => dir.join(written),
+            _ => written.to_path_buf(),
+        }
+    }
+
     fn at(&mut self, span: Option<Range<usize>>, message: String) {
         let (line, column) = match span {
             Some(span) => line_column(self.text, span.start),
@@ -179,6 +192,35 @@ struct RawListener {
     ipv6_prefix: Option<Spanned<u8>>,
     handshakes_per_second_per_ip: Option<Spanned<u32>>,
     handshake_burst: Option<Spanned<u32>>,
+    tls: Option<Spanned<RawCertificate>>,
+    #[serde(default)]
+    certificate: Vec<Spanned<RawCertificate>>,
+    redirect_https: Option<Spanned<bool>>,
+    redirect_https_port: Option<Spanned<u16>>,
+}
+
+/// `tls = { cert, key }` or one `[[listener.certificate]]`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCertificate {
+    cert: String,
+    key: String,
+    #[serde(default)]
+    names: Vec<String>,
+    #[serde(default)]
+    default: bool,
+}
+
+/// An upstream's `tls = { ca, server_name, cert, key, insecure_skip_verify }`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpstreamTls {
+    ca: Option<String>,
+    server_name: Option<String>,
+    cert: Option<String>,
+    key: Option<String>,
+    #[serde(default)]
+    insecure_skip_verify: bool,
 }
 
 #[derive(Deserialize)]
@@ -249,6 +291,7 @@ struct RawUpstream {
     drain_rate: Option<Spanned<u32>>,
     rebalance: Option<bool>,
     rebalance_threshold: Option<Spanned<f64>>,
+    tls: Option<Spanned<RawUpstreamTls>>,
 }
 
 #[derive(Deserialize)]
@@ -525,9 +568,98 @@ fn build_listeners(raw: &[Spanned<RawListener>], report: &mut Report<'_>) -> Vec
             ),
             ipv6_prefix,
             handshake_rate: build_handshake_rate(l, report),
+            tls: build_listener_tls(l, report),
+            redirect_https: build_redirect(l, report),
         });
     }
     listeners
+}
+
+/// A listener's `tls` or `[[listener.certificate]]` entries, loaded: every file is read and every key checked
+/// against its certificate now, so that `check` and a reload say what is wrong with them.
+fn build_listener_tls(l: &RawListener, report: &mut Report<'_>) -> Option<Arc<ServerTls>> {
+    let entries: Vec<&Spanned<RawCertificate>> = l.tls.iter().chain(&l.certificate).collect();
+    let first = entries.first()?;
+    if l.tls.is_some() && !l.certificate.is_empty() {
+        report.key(
+            first,
+            "tls",
+            "give either `tls` or `[[listener.certificate]]` entries, not both",
+        );
+        return None;
+    }
+    if entries.iter().filter(|e| e.get_ref().default).count() > 1 {
+        report.key(first, "certificate", "only one certificate can be the `default`");
+        return None;
+    }
+    let files = entries
+        .iter()
+        .map(|e| {
+            let e = e.get_ref();
+            CertFiles {
+                cert: report.path(&e.cert),
+                key: report.path(&e.key),
+                names: e.names.clone(),
+                default: e.default,
+            }
+        })
+        .collect();
+    match ServerTls::load(files) {
+        Ok(tls) => Some(Arc::new(tls)),
+        Err(e) => {
+            report.key(first, "tls", e);
+            None
+        }
+    }
+}
+
+/// `redirect_https` (with `redirect_https_port`, 443 by default): only on a plain listener.
+fn build_redirect(l: &RawListener, report: &mut Report<'_>) -> Option<u16> {
+    let on = l.redirect_https.as_ref().is_some_and(|r| *r.get_ref());
+    let port = l.redirect_https_port.as_ref().map(|p| *p.get_ref());
+    match (&l.redirect_https, on) {
+        (Some(r), true) if l.tls.is_some() || !l.certificate.is_empty() => {
+            report.key(
+                r,
+                "redirect_https",
+                "a TLS listener cannot redirect to https: it is https",
+            );
+            None
+        }
+        (_, true) if port == Some(0) => {
+            if let Some(p) = &l.redirect_https_port {
+                report.key(p, "redirect_https_port", "must be a port from 1 to 65535");
+            }
+            None
+        }
+        (_, true) => Some(port.unwrap_or(443)),
+        (_, false) => {
+            if let Some(p) = &l.redirect_https_port {
+                report.key(p, "redirect_https_port", "applies only with `redirect_https = true`");
+            }
+            None
+        }
+    }
+}
+
+/// An upstream's `tls`, loaded (CA and client certificate read and checked now).
+fn build_upstream_tls(u: &RawUpstream, report: &mut Report<'_>) -> Option<Arc<ClientTls>> {
+    let raw = u.tls.as_ref()?;
+    let t = raw.get_ref();
+    let settings = TlsSettings {
+        ca: t.ca.as_deref().map(|p| report.path(p)),
+        server_name: t.server_name.clone(),
+        cert: t.cert.as_deref().map(|p| report.path(p)),
+        key: t.key.as_deref().map(|p| report.path(p)),
+        insecure_skip_verify: t.insecure_skip_verify,
+    };
+    match ClientTls::load(settings) {
+        Ok(tls) => Some(Arc::new(tls)),
+        Err(e) => {
+            report.key(raw, "tls", e);
+            None
+        }
+    }
 }
 
 /// `handshakes_per_second_per_ip` with its `handshake_burst` (one second's worth when not given).
@@ -693,7 +825,9 @@ fn build_upstreams(raw: &[Spanned<RawUpstream>], report: &mut Report<'_>) -> Vec
         let limits = build_limits(u, Upstream::new(&name, servers), report);
         let rebalance = build_rebalance(u, report);
         let connect_timeout = build_connect_timeout(u, report);
+        let tls = build_upstream_tls(u, report);
         upstreams.push(Upstream {
+            tls,
             balance,
             hash_key,
             connect_timeout,

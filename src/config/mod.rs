@@ -6,7 +6,11 @@
 pub mod file;
 
 use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::Arc;
 use std::time::Duration;
+
+use crate::tls::client::ClientTls;
+use crate::tls::server::ServerTls;
 
 /// Default time to wait for a TCP connection to a backend server.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -74,6 +78,10 @@ pub struct Listener {
     pub ipv6_prefix: u8,
     /// WebSocket handshakes one client may start per second on this listener, on average; over it: 429.
     pub handshake_rate: Option<HandshakeRate>,
+    /// TLS (wss, https) with these certificates, loaded; `None` = plain.
+    pub tls: Option<Arc<ServerTls>>,
+    /// A plain listener answering every request with a 308 to `https://` on this port (443: no port in the URL).
+    pub redirect_https: Option<u16>,
 }
 
 /// A rate of handshakes per client: `per_second` on average, `burst` more at once.
@@ -93,6 +101,8 @@ impl Listener {
             max_connections_per_ip: None,
             ipv6_prefix: DEFAULT_IPV6_PREFIX,
             handshake_rate: None,
+            tls: None,
+            redirect_https: None,
         }
     }
 }
@@ -212,6 +222,8 @@ pub struct Upstream {
     pub max_connections: Option<u32>,
     /// Handshakes waiting for a backend's answer; over it new connections get 503.
     pub max_pending_handshakes: Option<u32>,
+    /// TLS to the servers (and their health checks), loaded; `None` = plain TCP.
+    pub tls: Option<Arc<ClientTls>>,
     /// A server that comes back (up again, back from ejection, or new in a reload) ramps its share of new
     /// connections from 10 % to full over this time.
     pub slow_start: Option<Duration>,
@@ -407,6 +419,7 @@ impl Upstream {
             retry_budget_percent: DEFAULT_RETRY_BUDGET_PERCENT,
             max_connections: None,
             max_pending_handshakes: None,
+            tls: None,
             slow_start: None,
             drain_rate: DEFAULT_DRAIN_RATE,
             rebalance: None,

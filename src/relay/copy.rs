@@ -17,20 +17,18 @@
 
 use std::cell::RefCell;
 use std::future::Future;
-use std::io::{self, Read as _, Write as _};
+use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use socket2::SockRef;
-use tokio::io::Interest;
-use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
 use super::Stop;
 use super::end::{End, Side, StopCause};
 use super::frames::{FrameDir, Frames, Verdict};
 use super::watch::WriteWatch;
+use crate::conn::Conn;
 use crate::observe::Counters;
 
 /// Size of the per-thread scratch buffer, and so of the largest single read.
@@ -49,8 +47,8 @@ thread_local! {
 /// frames mode through the frame trackers like every other byte. `stop` closes the connection: in frames mode with
 /// close frames, in tunnel mode at once.
 pub fn relay<'a>(
-    client: &'a TcpStream,
-    backend: &'a TcpStream,
+    client: &'a mut Conn,
+    backend: &'a mut Conn,
     timeouts: Timeouts,
     mut frames: Option<Box<Frames>>,
     early: [Vec<u8>; 2],
@@ -109,8 +107,8 @@ struct TunnelWatch {
 }
 
 struct Relay<'a> {
-    client: &'a TcpStream,
-    backend: &'a TcpStream,
+    client: &'a mut Conn,
+    backend: &'a mut Conn,
     /// Client to backend.
     up: Half,
     /// Backend to client.
@@ -158,34 +156,31 @@ impl Half {
     fn poll_copy(
         &mut self,
         cx: &mut Context<'_>,
-        src: &TcpStream,
-        dst: &TcpStream,
+        src: &mut Conn,
+        dst: &mut Conn,
         relayed: &mut u64,
         active: &mut bool,
         other_done: bool,
         mut frames: Option<&mut FrameDir>,
     ) -> Poll<Result<(), HalfError>> {
         if self.done && !self.has_pending() && frames.as_deref().is_none_or(|dir| !dir.has_injection()) {
+            ready!(dst.poll_flush_out(cx)).map_err(HalfError::Write)?;
             return Poll::Ready(Ok(()));
         }
         let mut reads = 0;
         loop {
             while self.written < self.pending.len() {
-                ready!(dst.poll_write_ready(cx)).map_err(HalfError::Write)?;
-                match write_some(dst, &self.pending[self.written..]) {
-                    Ok(n) => {
-                        self.written += n;
-                        self.delivered += n as u64;
-                        *active = true;
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(e) => return Poll::Ready(Err(HalfError::Write(e))),
-                }
+                let n = ready!(dst.poll_write_some(cx, &self.pending[self.written..])).map_err(HalfError::Write)?;
+                self.written += n;
+                self.delivered += n as u64;
+                *active = true;
             }
             if !self.pending.is_empty() {
                 self.pending = Vec::new();
                 self.written = 0;
             }
+            // What TLS still holds for `dst` goes out before more is read for it.
+            ready!(dst.poll_flush_out(cx)).map_err(HalfError::Write)?;
             if let Some(dir) = frames.as_deref_mut() {
                 // A frame of wsgate's own waiting for a boundary the walk has already reached.
                 if let Some(frame) = dir.take_injection() {
@@ -201,7 +196,7 @@ impl Half {
                 // the FIN: no need to shut the write half first. The peer may already be gone; its own direction
                 // reports that.
                 if !other_done {
-                    let _ = SockRef::from(dst).shutdown(std::net::Shutdown::Write);
+                    dst.shutdown_write();
                 }
                 self.done = true;
                 return Poll::Ready(Ok(()));
@@ -211,38 +206,40 @@ impl Half {
                 return Poll::Pending;
             }
             reads += 1;
-            ready!(src.poll_read_ready(cx)).map_err(HalfError::Read)?;
-            SCRATCH.with(|scratch| {
+            let read = SCRATCH.with(|scratch| {
                 let mut scratch = scratch.borrow_mut();
                 let carried = frames.as_deref_mut().map_or(0, |dir| dir.take_carry(&mut scratch));
-                let n = match read_some(src, &mut scratch[carried..]) {
-                    Ok(0) => {
+                let n = match src.poll_read_some(cx, &mut scratch[carried..]) {
+                    Poll::Ready(Ok(0)) => {
                         self.eof = true;
-                        return Ok(());
+                        return Poll::Ready(Ok(()));
                     }
-                    Ok(n) => n,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    Poll::Ready(Ok(n)) => n,
+                    Poll::Pending => {
                         if let Some(dir) = frames.as_deref_mut() {
                             dir.put_back_carry(&scratch[..carried]);
                         }
-                        return Ok(());
+                        return Poll::Pending;
                     }
-                    Err(e) => return Err(HalfError::Read(e)),
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(HalfError::Read(e))),
                 };
                 *relayed += n as u64;
                 *active = true;
                 let chunk = &scratch[..carried + n];
-                match frames.as_deref_mut() {
-                    None => self.emit(dst, chunk),
-                    Some(dir) => dir.walk(chunk, |bytes| self.emit(dst, bytes)),
-                }
-                .map_err(HalfError::Write)
-            })?;
+                Poll::Ready(
+                    match frames.as_deref_mut() {
+                        None => self.emit(cx, dst, chunk),
+                        Some(dir) => dir.walk(chunk, |bytes| self.emit(cx, dst, bytes)),
+                    }
+                    .map_err(HalfError::Write),
+                )
+            });
+            ready!(read)?;
         }
     }
 
     /// Writes `bytes` to `dst` now if nothing is waiting before them, and keeps what `dst` cannot take.
-    fn emit(&mut self, dst: &TcpStream, bytes: &[u8]) -> io::Result<()> {
+    fn emit(&mut self, cx: &mut Context<'_>, dst: &mut Conn, bytes: &[u8]) -> io::Result<()> {
         if bytes.is_empty() {
             return Ok(());
         }
@@ -250,10 +247,10 @@ impl Half {
             self.pending.extend_from_slice(bytes);
             return Ok(());
         }
-        let sent = match write_some(dst, bytes) {
-            Ok(w) => w,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
-            Err(e) => return Err(e),
+        let sent = match dst.poll_write_some(cx, bytes) {
+            Poll::Ready(Ok(w)) => w,
+            Poll::Pending => 0,
+            Poll::Ready(Err(e)) => return Err(e),
         };
         if sent < bytes.len() {
             self.pending.clear();
@@ -265,38 +262,6 @@ impl Half {
 
     fn has_pending(&self) -> bool {
         self.written < self.pending.len()
-    }
-}
-
-/// One `read(2)`; a short read also clears the socket's read readiness.
-fn read_some(src: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
-    let mut got = 0;
-    let result = src.try_io(Interest::READABLE, || {
-        got = (&*SockRef::from(src)).read(buf)?;
-        if got > 0 && got < buf.len() {
-            return Err(io::ErrorKind::WouldBlock.into());
-        }
-        Ok(got)
-    });
-    match result {
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock && got > 0 => Ok(got),
-        other => other,
-    }
-}
-
-/// One `send(2)`; a short write also clears the socket's write readiness.
-fn write_some(dst: &TcpStream, buf: &[u8]) -> io::Result<usize> {
-    let mut put = 0;
-    let result = dst.try_io(Interest::WRITABLE, || {
-        put = (&*SockRef::from(dst)).write(buf)?;
-        if put < buf.len() {
-            return Err(io::ErrorKind::WouldBlock.into());
-        }
-        Ok(put)
-    });
-    match result {
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock && put > 0 => Ok(put),
-        other => other,
     }
 }
 
@@ -326,8 +291,8 @@ impl Relay<'_> {
         let mut active = false;
         let up = self.up.poll_copy(
             cx,
-            self.client,
-            self.backend,
+            &mut *self.client,
+            &mut *self.backend,
             &mut self.counters.client_to_backend,
             &mut active,
             self.down.done,
@@ -341,8 +306,8 @@ impl Relay<'_> {
         };
         let down = self.down.poll_copy(
             cx,
-            self.backend,
-            self.client,
+            &mut *self.backend,
+            &mut *self.client,
             &mut self.counters.backend_to_client,
             &mut active,
             self.up.done,
@@ -397,7 +362,7 @@ impl Relay<'_> {
             })
         });
         let written = [self.up.delivered, self.down.delivered];
-        let (client, backend) = (self.client, self.backend);
+        let (client, backend) = (self.client.tcp(), self.backend.tcp());
         let unacked = |i: usize| crate::sys::unacked_bytes(if i == 0 { backend } else { client });
         let stuck = w
             .watch
@@ -436,15 +401,15 @@ impl Relay<'_> {
                 Side::Client => (
                     &mut self.up,
                     self.down.done,
-                    self.client,
-                    self.backend,
+                    &mut *self.client,
+                    &mut *self.backend,
                     &mut self.counters.client_to_backend,
                 ),
                 Side::Backend => (
                     &mut self.down,
                     self.up.done,
-                    self.backend,
-                    self.client,
+                    &mut *self.backend,
+                    &mut *self.client,
                     &mut self.counters.backend_to_client,
                 ),
             };
@@ -471,7 +436,7 @@ impl Relay<'_> {
         }
         let pending = [self.up.has_pending(), self.down.has_pending()];
         let written = [self.up.delivered, self.down.delivered];
-        let (client, backend) = (self.client, self.backend);
+        let (client, backend) = (self.client.tcp(), self.backend.tcp());
         let unacked = |i: usize| crate::sys::unacked_bytes(if i == 0 { backend } else { client });
         match frames.poll_verdict(cx, pending, written, unacked, stop) {
             Verdict::Continue => {}

@@ -16,6 +16,7 @@ use tokio::time::{Instant, timeout};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{self, Deflate, Listener, Route, Sticky};
+use crate::conn::Conn;
 use crate::http::RequestView;
 use crate::http::handshake::{self, BackendAnswer, BodyEnd, MAX_HEAD_BYTES, Omit, Parsed, ResponseError, UpgradeHead};
 use crate::observe::ConnectionRecord;
@@ -24,6 +25,7 @@ use crate::relay;
 use crate::route;
 use crate::signal::StopSignal;
 use crate::state::{Shared, Snapshot};
+use crate::tls::server::ServerTls;
 use crate::upstream::{self, Active, Attempts, Upstream, UpstreamError};
 use refusal::Refusal;
 
@@ -55,7 +57,8 @@ async fn run(shared: &Arc<Shared>, snapshot: &Arc<Snapshot>, accepted: Accepted,
     let _admitted = match admit(shared, snapshot, &accepted) {
         Ok(admitted) => admitted,
         Err(refusal) => {
-            refuse_at_once(&accepted.stream, record, &refusal);
+            let tls = snapshot.listener(accepted.listener).is_some_and(|l| l.tls.is_some());
+            refuse_at_once(&accepted.stream, tls, record, &refusal);
             return;
         }
     };
@@ -100,10 +103,47 @@ fn handshake_rate(shared: &Shared, snapshot: &Snapshot, listener: SocketAddr, ip
     }
 }
 
+/// What a request needs to know of the listener that accepted its connection.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Front<'a> {
+    /// The listener's name ("" once a reload has removed it).
+    listener: &'a str,
+    /// How the client reached wsgate: `http` or `https`.
+    proto: &'static str,
+    /// A plain listener that sends every request to https on this port.
+    redirect_https: Option<u16>,
+}
+
+/// Runs the TLS handshake of a client on a TLS listener, within the handshake timeout. The error says why it failed
+/// for the log (and which server name the client asked for).
+async fn accept_tls(tls: &ServerTls, stream: TcpStream, limit: Duration) -> Result<Conn, String> {
+    let handshake = async {
+        let acceptor = tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), stream);
+        let start = acceptor.await.map_err(|e| format!("{e}"))?;
+        let name = start.client_hello().server_name().map(str::to_string);
+        let asked = || match &name {
+            Some(name) => format!("server name `{name}`"),
+            None => "no server name".to_string(),
+        };
+        if !tls.answers_for(name.as_deref()) {
+            // rustls answers with an alert; the log says why.
+            let _ = start.into_stream(tls.config()).await;
+            return Err(format!("no certificate for {}", asked()));
+        }
+        match start.into_stream(tls.config()).await {
+            Ok(stream) => Ok(Conn::ServerTls(Box::new(stream))),
+            Err(e) => Err(format!("{e} ({})", asked())),
+        }
+    };
+    timeout(limit, handshake)
+        .await
+        .unwrap_or_else(|_| Err(format!("not completed within {limit:?}")))
+}
+
 /// A connection both sides have switched to WebSocket.
 struct Switched {
-    client: TcpStream,
-    backend: TcpStream,
+    client: Conn,
+    backend: Conn,
     /// Index of the route in the session's snapshot.
     route: usize,
     /// Counts the connection on its server while it lives.
@@ -160,8 +200,8 @@ async fn relay_switched(
     counters: &mut crate::observe::Counters,
 ) -> relay::End {
     let Switched {
-        client,
-        backend,
+        mut client,
+        mut backend,
         deflate,
         early,
         mut active,
@@ -187,7 +227,7 @@ async fn relay_switched(
     active.register(id, signal.clone());
     let shutting_down = frames.is_some().then(|| shared.shutting_down.clone());
     let stop = relay::Stop::new(signal, shutting_down);
-    relay::relay(&client, &backend, timeouts, frames, early, counters, stop).await
+    relay::relay(&mut client, &mut backend, timeouts, frames, early, counters, stop).await
 }
 
 /// An upgrade request routed, with its server choice made and its head for the backend written.
@@ -230,7 +270,7 @@ impl RequestView for HeadView<'_, '_, '_> {
 
 /// Parses what the client sent so far; for a complete upgrade request: validates it, finds its route and the
 /// server choice, and writes the head for the backend. One parse of the head serves all of it.
-fn inspect(snapshot: &Snapshot, listener: &str, buf: &[u8], client_ip: IpAddr) -> Result<Step, Refusal> {
+fn inspect(snapshot: &Snapshot, front: Front<'_>, buf: &[u8], client_ip: IpAddr) -> Result<Step, Refusal> {
     let mut storage = handshake::header_storage();
     let head = match handshake::parse_request(buf, &mut storage)? {
         Parsed::Partial => return Ok(Step::More),
@@ -238,8 +278,11 @@ fn inspect(snapshot: &Snapshot, listener: &str, buf: &[u8], client_ip: IpAddr) -
         Parsed::Upgrade(head) => head,
     };
     let view = HeadView(&head);
+    if let Some(port) = front.redirect_https {
+        return Err(Refusal::to_https(&view, port));
+    }
     let routes = &snapshot.config.routes;
-    let Some(route) = route::find(routes, listener, &view) else {
+    let Some(route) = route::find(routes, front.listener, &view) else {
         return Err(Refusal::no_route(&view));
     };
     Refusal::check_route(route, client_ip, Some(&view))?;
@@ -255,7 +298,7 @@ fn inspect(snapshot: &Snapshot, listener: &str, buf: &[u8], client_ip: IpAddr) -
     };
     Ok(Step::Upgrade(Prepared {
         head_len: head.head_len,
-        forward: head.forward(client_ip, "http", omit),
+        forward: head.forward(client_ip, front.proto, omit),
         extensions_stripped: omit.extensions,
         auth: auth.map(Box::new),
         accept: head.accept(),
@@ -290,13 +333,26 @@ async fn open(
     accepted: Accepted,
     record: &mut ConnectionRecord,
 ) -> Option<Switched> {
-    let Accepted {
-        stream: mut client,
-        listener,
-        ..
-    } = accepted;
+    let Accepted { stream, listener, .. } = accepted;
+    let handshake_timeout = snapshot.config.server.handshake_timeout;
+    let listener_config = snapshot.listener(listener);
+    let mut client = match listener_config.and_then(|l| l.tls.as_deref()) {
+        None => Conn::Tcp(stream),
+        Some(tls) => match accept_tls(tls, stream, handshake_timeout).await {
+            Ok(client) => client,
+            Err(why) => {
+                record.end = format!("error: TLS handshake: {why}");
+                return None;
+            }
+        },
+    };
+    let front = Front {
+        listener: listener_config.map_or("", |l| l.name.as_str()),
+        proto: if client.is_tls() { "https" } else { "http" },
+        redirect_https: listener_config.and_then(|l| l.redirect_https),
+    };
     let mut head = Vec::with_capacity(1024);
-    let (prepared, auth) = match read_head(&mut client, &mut head, snapshot, listener, record).await {
+    let (prepared, auth) = match read_head(&mut client, &mut head, snapshot, front, record).await {
         Head::Upgrade(prepared) => match handshake_rate(shared, snapshot, listener, record.client.ip())
             .and_then(|()| hold_auth(shared, prepared.auth.as_deref()))
         {
@@ -318,7 +374,6 @@ async fn open(
     record.route = Some(prepared.route);
     record.upstream = Some(route.upstream);
     let upstream = &snapshot.upstreams[route.upstream];
-    let handshake_timeout = snapshot.config.server.handshake_timeout;
     let opened = match open_backend(upstream, handshake_timeout, &prepared, record).await {
         Ok(opened) => opened,
         Err(refusal) => return refuse(client, record, refusal).await,
@@ -359,12 +414,7 @@ async fn open(
 }
 
 /// Passes the backend's 101 on to the client, with the sticky cookie when the client needs one.
-async fn pass_switch(
-    client: &mut TcpStream,
-    head: &[u8],
-    cookie: Option<String>,
-    limit: Duration,
-) -> std::io::Result<()> {
+async fn pass_switch(client: &mut Conn, head: &[u8], cookie: Option<String>, limit: Duration) -> std::io::Result<()> {
     match cookie {
         Some(cookie) => write_within(client, &with_header(head, "Set-Cookie", &cookie), limit).await,
         None => write_within(client, head, limit).await,
@@ -382,14 +432,14 @@ enum Head {
 
 /// Reads the client's first request head within the handshake timeout.
 async fn read_head(
-    client: &mut TcpStream,
+    client: &mut Conn,
     head: &mut Vec<u8>,
     snapshot: &Snapshot,
-    listener: SocketAddr,
+    front: Front<'_>,
     record: &mut ConnectionRecord,
 ) -> Head {
     let limit = snapshot.config.server.handshake_timeout;
-    let read = read_request(client, head, snapshot, snapshot.listener_name(listener), record.client);
+    let read = read_request(client, head, snapshot, front, record.client);
     match timeout(limit, read).await {
         Err(_) => Head::Refused(Refusal::HeadTimeout(limit)),
         Ok(Err(ReadError::Closed)) => {
@@ -415,10 +465,10 @@ enum ReadError {
 /// Reads the client's request head into `buf`: `Some` for a valid upgrade (routed and ready to forward), `None`
 /// for a plain HTTP request.
 async fn read_request(
-    client: &mut TcpStream,
+    client: &mut Conn,
     buf: &mut Vec<u8>,
     snapshot: &Snapshot,
-    listener: &str,
+    front: Front<'_>,
     peer: SocketAddr,
 ) -> Result<Option<Prepared>, ReadError> {
     loop {
@@ -432,14 +482,14 @@ async fn read_request(
         if n == 0 {
             return Err(ReadError::Closed);
         }
-        let mut step = inspect(snapshot, listener, buf, peer.ip());
+        let mut step = inspect(snapshot, front, buf, peer.ip());
         // A token naming a key id its route's key set lacks: the set is fetched again (when not too recently) and
         // the request checked once more.
         if let Err(refusal) = &step
             && let Some(remote) = refusal.jwks_refresh()
             && remote.refresh(crate::auth::jwks::UNKNOWN_KID_REFRESH).await
         {
-            step = inspect(snapshot, listener, buf, peer.ip());
+            step = inspect(snapshot, front, buf, peer.ip());
         }
         match step {
             Ok(Step::More) => continue,
@@ -467,7 +517,7 @@ enum AnswerHead {
 
 /// A backend connection that has answered the forwarded head.
 struct Opened {
-    backend: TcpStream,
+    backend: Conn,
     server: Active,
     /// The bytes read from the backend: its answer's head and what followed it.
     answer: Vec<u8>,
@@ -487,7 +537,7 @@ async fn open_backend(
         let (i, active) = next_try(&mut attempts)?;
         let server = active.server().address;
         record.server = Some(server);
-        let error = match upstream::connect(server, upstream.config.connect_timeout).await {
+        let error = match upstream.connect(active.server()).await {
             Err(e) => e,
             Ok(mut backend) => {
                 let exchange = exchange_heads(&mut backend, &prepared.forward, &prepared.accept);
@@ -550,7 +600,7 @@ enum Exchange {
 }
 
 async fn exchange_heads(
-    backend: &mut TcpStream,
+    backend: &mut Conn,
     forward: &[u8],
     accept: &[u8; 28],
 ) -> Result<(Vec<u8>, AnswerHead), Exchange> {
@@ -591,8 +641,8 @@ async fn exchange_heads(
 /// Passes a backend's non-101 answer to the client: its head, then its body up to where the body ends. Each read
 /// from the backend and each write to the client must complete within `read_timeout`.
 async fn pass_answer(
-    client: &mut TcpStream,
-    backend: &mut TcpStream,
+    client: &mut Conn,
+    backend: &mut Conn,
     head: &[u8],
     answer: &[u8],
     body: Option<(BodyEnd, usize)>,
@@ -628,7 +678,7 @@ async fn pass_answer(
 }
 
 /// Writes all of `bytes` unless the peer takes none of them for `limit`.
-async fn write_within(stream: &mut TcpStream, bytes: &[u8], limit: Duration) -> std::io::Result<()> {
+async fn write_within(stream: &mut Conn, bytes: &[u8], limit: Duration) -> std::io::Result<()> {
     timeout(limit, stream.write_all(bytes))
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "peer stopped reading"))?
@@ -636,7 +686,7 @@ async fn write_within(stream: &mut TcpStream, bytes: &[u8], limit: Duration) -> 
 
 /// Answers the client with a refusal and closes: the fast path serves one request per connection. Returns `None`:
 /// the connection is done.
-async fn refuse(mut client: TcpStream, record: &mut ConnectionRecord, refusal: Refusal) -> Option<Switched> {
+async fn refuse(mut client: Conn, record: &mut ConnectionRecord, refusal: Refusal) -> Option<Switched> {
     const WRITE_LIMIT: Duration = Duration::from_secs(5);
     let answer = refusal.answer().closing();
     record.status = answer.status;
@@ -650,19 +700,25 @@ async fn refuse(mut client: TcpStream, record: &mut ConnectionRecord, refusal: R
 /// Answers a connection refused before anything was read from it (its address, a connection limit) without
 /// waiting for it: under a flood of such connections none may hold a socket or a task any longer than this. The
 /// answer goes into the socket's empty send buffer at once; what the client has sent so far is read and dropped,
-/// so that the close is a FIN rather than a reset in the common case.
-fn refuse_at_once(client: &TcpStream, record: &mut ConnectionRecord, refusal: &Refusal) {
+/// so that the close is a FIN rather than a reset in the common case. On a TLS listener the connection is closed
+/// without an answer: there is no plain-text answer a TLS client could read, and a TLS handshake per refused
+/// connection is the cost a flood must not get from wsgate.
+fn refuse_at_once(client: &TcpStream, tls: bool, record: &mut ConnectionRecord, refusal: &Refusal) {
     let answer = refusal.answer().closing();
     record.status = answer.status;
     record.end = format!("refused: {refusal}");
-    let _ = client.try_write(&answer.to_bytes());
+    if tls {
+        record.end.push_str(" (TLS listener: closed without an answer)");
+    } else {
+        let _ = client.try_write(&answer.to_bytes());
+    }
     let mut sink = [0u8; 1024];
     while matches!(client.try_read(&mut sink), Ok(n) if n > 0) {}
 }
 
 /// Closes after an answer so that the client reads it: shut down our side, then read and drop what the client
 /// still sends (bounded in time and bytes) so the kernel does not reset the connection under unread data.
-async fn lingering_close(mut client: TcpStream) {
+async fn lingering_close(mut client: Conn) {
     const LINGER: Duration = Duration::from_secs(2);
     const MAX_DISCARD: usize = 256 * 1024;
     if client.shutdown().await.is_err() {

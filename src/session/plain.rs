@@ -26,19 +26,19 @@ use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
 use tokio::sync::Mutex;
 
 use super::{Refusal, failed_try, next_try, start_tries};
 use crate::auth::{Admit, jwks};
 use crate::config::{Deflate, Route, Sticky};
+use crate::conn::Conn;
 use crate::http::handshake::{self, HandshakeError, Inspected, MAX_HEAD_BYTES, MAX_HEADERS, without_cookie};
 use crate::http::headers::{drop_when_forwarding, has_token};
 use crate::http::{Forwarding, RequestView};
 use crate::observe::ConnectionRecord;
 use crate::route;
 use crate::state::{Shared, Snapshot};
-use crate::upstream::{self, Active, Choice, Upstream, UpstreamError};
+use crate::upstream::{Active, Choice, Upstream, UpstreamError};
 
 type Body = Either<Incoming, Full<Bytes>>;
 
@@ -47,12 +47,15 @@ pub(super) async fn serve(
     shared: Arc<Shared>,
     snapshot: Arc<Snapshot>,
     listener: SocketAddr,
-    client: TcpStream,
+    client: Conn,
     head: Vec<u8>,
     record: &mut ConnectionRecord,
 ) {
     let handshake_timeout = snapshot.config.server.handshake_timeout;
+    let redirect_https = snapshot.listener(listener).and_then(|l| l.redirect_https);
     let state = Arc::new(State {
+        proto: if client.is_tls() { "https" } else { "http" },
+        redirect_https,
         id: record.id,
         shared: shared.clone(),
         snapshot,
@@ -122,7 +125,7 @@ struct Upgrading {
     client: hyper::upgrade::OnUpgrade,
     route: usize,
     server: Active,
-    backend: TcpStream,
+    backend: Conn,
     /// Bytes the backend sent after its 101 that hyper had already read.
     backend_early: Bytes,
     /// The backend accepted permessage-deflate.
@@ -180,6 +183,10 @@ struct State {
     /// The configured address of the listener that accepted the connection.
     listener: SocketAddr,
     client_ip: IpAddr,
+    /// How the client reached wsgate: `http` or `https`.
+    proto: &'static str,
+    /// A plain listener that sends every request to https on this port.
+    redirect_https: Option<u16>,
     backend: Mutex<Option<Backend>>,
     /// Set when a WebSocket upgrade was accepted: served once hyper hands the connection back.
     switched: Mutex<Option<Upgrading>>,
@@ -246,6 +253,9 @@ impl State {
     /// rules or, for an `upgrade`, its allowed origins (403).
     fn target(&self, req: &Request<Incoming>, upgrade: bool) -> Result<Target, Refusal> {
         let view = HyperView(req);
+        if let Some(port) = self.redirect_https {
+            return Err(Refusal::to_https(&view, port));
+        }
         let routes = &self.snapshot.config.routes;
         let Some(route) = route::find(routes, self.snapshot.listener_name(self.listener), &view) else {
             return Err(Refusal::no_route(&view));
@@ -387,7 +397,7 @@ async fn forward(state: Arc<State>, mut req: Request<Incoming>) -> Result<Respon
         Err(refusal) => Err(refusal),
         Ok((target, admit)) if wants_websocket => upgrade(&state, target, admit, req).await,
         Ok((target, admit)) => {
-            rewrite_request(&mut req, state.client_ip);
+            rewrite_request(&mut req, state.client_ip, state.proto);
             if let Some(admit) = &admit {
                 admit.rewrite(&mut req);
             }
@@ -427,7 +437,7 @@ async fn upgrade(
         }
     };
     let client_side = hyper::upgrade::on(&mut req);
-    rewrite_request(&mut req, state.client_ip);
+    rewrite_request(&mut req, state.client_ip, state.proto);
     if let Some(admit) = &admit {
         admit.rewrite(&mut req);
     }
@@ -468,7 +478,7 @@ async fn upgrade(
     let backend_side = hyper::upgrade::on(&mut resp)
         .await
         .map_err(|e| lost(io::Error::other(e)))?;
-    let Ok(parts) = backend_side.downcast::<TokioIo<TcpStream>>() else {
+    let Ok(parts) = backend_side.downcast::<TokioIo<Conn>>() else {
         return Err(lost(io::Error::other(
             "upgraded backend connection of an unexpected type",
         )));
@@ -592,7 +602,7 @@ async fn open(upstream: &Upstream, target: Target) -> Result<Backend, Refusal> {
     loop {
         let (i, active) = next_try(&mut attempts)?;
         let server = active.server().address;
-        let error = match upstream::connect(server, upstream.config.connect_timeout).await {
+        let error = match upstream.connect(active.server()).await {
             Err(e) => e,
             Ok(stream) => match client_handshake(stream).await {
                 Ok((sender, conn)) => {
@@ -619,10 +629,10 @@ async fn open(upstream: &Upstream, target: Target) -> Result<Backend, Refusal> {
 /// Starts HTTP/1.1 on a backend connection: header names keep the case the client sent (those wsgate adds are in
 /// title case, as on the upgrade path), and the answer's keep theirs.
 async fn client_handshake(
-    stream: TcpStream,
+    stream: Conn,
 ) -> hyper::Result<(
     SendRequest<Incoming>,
-    hyper::client::conn::http1::Connection<TokioIo<TcpStream>, Incoming>,
+    hyper::client::conn::http1::Connection<TokioIo<Conn>, Incoming>,
 )> {
     hyper::client::conn::http1::Builder::new()
         .preserve_header_case(true)
@@ -633,7 +643,7 @@ async fn client_handshake(
 
 /// The request as the backend gets it: in origin form, a target's authority as its `Host` (RFC 9112 §3.2.2),
 /// hop-by-hop headers out, forwarding headers in.
-fn rewrite_request(req: &mut Request<Incoming>, client_ip: IpAddr) {
+fn rewrite_request(req: &mut Request<Incoming>, client_ip: IpAddr, proto: &'static str) {
     let authority = req
         .uri()
         .authority()
@@ -652,7 +662,7 @@ fn rewrite_request(req: &mut Request<Incoming>, client_ip: IpAddr) {
     let mut added = Vec::with_capacity(5);
     Forwarding {
         client_ip,
-        proto: "http",
+        proto,
         host: host.as_ref().map(HeaderValue::as_bytes),
     }
     .each(|name, value| {
@@ -688,7 +698,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, is_request: bool) {
 struct Counted {
     prefix: Vec<u8>,
     read_from_prefix: usize,
-    inner: TcpStream,
+    inner: Conn,
     stats: Arc<State>,
 }
 

@@ -40,6 +40,9 @@ pub(crate) enum Refusal {
     /// A connection limit is reached.
     #[error("{}", limit_text(.0))]
     Limit(Limit),
+    /// A plain listener with `redirect_https` sends every request to https.
+    #[error("redirected to {location}")]
+    ToHttps { location: String },
     /// The route's authentication refused the request (the reason says why; the client is told no more than
     /// "unauthorized").
     #[error("unauthorized on route `{route}`: {error}")]
@@ -82,6 +85,19 @@ impl Refusal {
     /// Whether the client caused it (the plain path logs those at debug level only: a client can cause many).
     pub(crate) fn by_client(&self) -> bool {
         !matches!(self, Self::Upstream { .. })
+    }
+
+    /// The redirect of a request to the same host and target on https, on `port`.
+    pub(crate) fn to_https(req: &impl RequestView, port: u16) -> Refusal {
+        let host = req.host().unwrap_or_default();
+        let host = String::from_utf8_lossy(host);
+        let (name, _) = crate::config::file::split_port(&host, 443).unwrap_or((&host, 443));
+        let target = String::from_utf8_lossy(req.target());
+        let location = match port {
+            443 => format!("https://{name}{target}"),
+            port => format!("https://{name}:{port}{target}"),
+        };
+        Refusal::ToHttps { location }
     }
 
     pub(crate) fn no_route(req: &impl RequestView) -> Refusal {
@@ -180,6 +196,7 @@ impl Refusal {
                     Answer::new(429, "too many handshakes with this API key").with_retry_after(Some(retry_after))
                 }
             },
+            Self::ToHttps { location } => Answer::new(308, "use https").with_header("Location", location.clone()),
             Self::Unauthorized { error, .. } => {
                 let answer = Answer::new(401, "unauthorized");
                 error

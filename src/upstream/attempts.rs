@@ -14,6 +14,8 @@ use super::outlier::Outcome;
 use super::server::Active;
 use super::{Choice, Upstream, UpstreamShared};
 use crate::config::MIN_RETRY_CONCURRENCY;
+use crate::conn::Conn;
+use crate::tls::client::{ClientTls, host_of};
 
 /// A handshake waiting for a server's answer, counted while this lives.
 #[derive(Debug)]
@@ -166,16 +168,32 @@ impl<'a> Attempts<'a> {
     }
 }
 
-/// Opens a TCP connection to `server` within `timeout`, with `TCP_NODELAY` set.
-pub async fn connect(server: SocketAddr, timeout: Duration) -> Result<TcpStream, UpstreamError> {
-    let stream = tokio::time::timeout(timeout, TcpStream::connect(server))
+/// Opens a connection to `server` (named `name` in the config) within `timeout`, with `TCP_NODELAY` set, and on an
+/// upstream with `tls` runs the TLS handshake within the same time.
+pub async fn connect(
+    server: SocketAddr,
+    name: &str,
+    tls: Option<&ClientTls>,
+    timeout: Duration,
+) -> Result<Conn, UpstreamError> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let stream = tokio::time::timeout_at(deadline, TcpStream::connect(server))
         .await
         .map_err(|_| UpstreamError::ConnectTimeout { server, after: timeout })?
         .map_err(|e| UpstreamError::connect(server, e))?;
     stream
         .set_nodelay(true)
         .map_err(|e| UpstreamError::connect(server, e))?;
-    Ok(stream)
+    let Some(tls) = tls else {
+        return Ok(Conn::Tcp(stream));
+    };
+    let failed = |reason: String| UpstreamError::Tls { server, reason };
+    let sni = tls.server_name(host_of(name)).map_err(|e| failed(e.to_string()))?;
+    match tokio::time::timeout_at(deadline, tls.connect(stream, sni)).await {
+        Ok(Ok(stream)) => Ok(Conn::ClientTls(Box::new(stream))),
+        Ok(Err(e)) => Err(failed(e.to_string())),
+        Err(_) => Err(UpstreamError::ConnectTimeout { server, after: timeout }),
+    }
 }
 
 #[cfg(test)]

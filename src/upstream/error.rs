@@ -70,6 +70,8 @@ pub enum UpstreamError {
     },
     #[error("{server} sent a bad answer: {reason}")]
     BadAnswer { server: SocketAddr, reason: String },
+    #[error("TLS with {server} failed: {reason}")]
+    Tls { server: SocketAddr, reason: String },
     #[error("wsgate cannot open a connection to {server} now: {source}")]
     ProxyResources {
         server: SocketAddr,
@@ -106,6 +108,7 @@ impl UpstreamError {
             | Self::AnswerTimeout { server, .. }
             | Self::Lost { server, .. }
             | Self::BadAnswer { server, .. }
+            | Self::Tls { server, .. }
             | Self::ProxyResources { server, .. } => Some(*server),
         }
     }
@@ -128,7 +131,8 @@ impl UpstreamError {
             | Self::ConnectFailed { .. }
             | Self::ConnectTimeout { .. }
             | Self::AnswerTimeout { .. }
-            | Self::Lost { .. } => Retry::OtherServer,
+            | Self::Lost { .. }
+            | Self::Tls { .. } => Retry::OtherServer,
             Self::ProxyResources { source, .. } if is_errno(source, Errno::ADDRNOTAVAIL) => Retry::OtherServer,
             Self::Unavailable(_) | Self::BadAnswer { .. } | Self::ProxyResources { .. } => Retry::No,
         }
@@ -139,9 +143,11 @@ impl UpstreamError {
         match self {
             Self::Unavailable(_) | Self::ProxyResources { .. } => 503,
             Self::ConnectTimeout { .. } | Self::AnswerTimeout { .. } => 504,
-            Self::ConnectRefused { .. } | Self::ConnectFailed { .. } | Self::Lost { .. } | Self::BadAnswer { .. } => {
-                502
-            }
+            Self::ConnectRefused { .. }
+            | Self::ConnectFailed { .. }
+            | Self::Lost { .. }
+            | Self::BadAnswer { .. }
+            | Self::Tls { .. } => 502,
         }
     }
 
@@ -156,6 +162,7 @@ impl UpstreamError {
             Self::AnswerTimeout { .. } => "upstream answer timeout",
             Self::Lost { .. } => "upstream connection lost",
             Self::BadAnswer { .. } => "bad answer from upstream",
+            Self::Tls { .. } => "upstream TLS handshake failed",
             Self::ProxyResources { .. } => "proxy out of resources, try again",
         }
     }

@@ -11,7 +11,6 @@
 //! ping), and a clean close 1000. Each holds its socket only while it runs.
 
 use std::hash::BuildHasher;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -26,7 +25,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::{ServerState, UpstreamShared, now_ms};
 use crate::config::{HealthCheck, HealthKind};
+use crate::conn::Conn;
 use crate::http::handshake::{self, BackendAnswer};
+use crate::tls::client::{ClientTls, host_of};
 use crate::ws::frame::{self, opcode};
 
 /// The largest answer head, or WebSocket frame, a probe reads.
@@ -37,6 +38,8 @@ const MAX_READ: usize = 16 * 1024;
 pub enum ProbeError {
     #[error("connect failed: {0}")]
     Connect(std::io::Error),
+    #[error("TLS handshake failed: {0}")]
+    Tls(String),
     #[error("no answer within {0:?}")]
     Timeout(Duration),
     #[error("connection failed: {0}")]
@@ -51,14 +54,33 @@ pub enum ProbeError {
     WebSocket(String),
 }
 
-/// Probes `address` once, as `check` says, within its timeout. `host` is the `Host` of http and websocket checks.
-pub async fn probe(check: &HealthCheck, address: SocketAddr, host: &str) -> Result<(), ProbeError> {
+/// Probes `server` once, as `check` says, within its timeout, over TLS when the upstream has `tls` (a `tcp`
+/// check then completes the TLS handshake). `host` is the `Host` of http and websocket checks.
+pub async fn probe(
+    check: &HealthCheck,
+    tls: Option<&ClientTls>,
+    server: &ServerState,
+    host: &str,
+) -> Result<(), ProbeError> {
     let run = async {
-        let stream = TcpStream::connect(address).await.map_err(ProbeError::Connect)?;
+        let stream = TcpStream::connect(server.address).await.map_err(ProbeError::Connect)?;
+        let stream = match tls {
+            None => Conn::Tcp(stream),
+            Some(tls) => {
+                let name = tls
+                    .server_name(host_of(&server.name))
+                    .map_err(|e| ProbeError::Tls(e.to_string()))?;
+                let stream = tls
+                    .connect(stream, name)
+                    .await
+                    .map_err(|e| ProbeError::Tls(e.to_string()))?;
+                Conn::ClientTls(Box::new(stream))
+            }
+        };
         match check.kind {
             HealthKind::Tcp => {
                 // A reset instead of a FIN: no TIME_WAIT socket per check (HAProxy's checks do the same).
-                let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+                let _ = socket2::SockRef::from(stream.tcp()).set_linger(Some(Duration::ZERO));
                 Ok(())
             }
             HealthKind::Http => probe_http(stream, check, host).await,
@@ -72,7 +94,7 @@ pub async fn probe(check: &HealthCheck, address: SocketAddr, host: &str) -> Resu
 
 /// Reads into `buf` until `done` says what it holds is enough (`Some`), at most [`MAX_READ`] bytes.
 async fn read_until<T>(
-    stream: &mut TcpStream,
+    stream: &mut Conn,
     buf: &mut Vec<u8>,
     mut done: impl FnMut(&[u8]) -> Result<Option<T>, ProbeError>,
 ) -> Result<T, ProbeError> {
@@ -93,7 +115,7 @@ async fn read_until<T>(
     }
 }
 
-async fn probe_http(mut stream: TcpStream, check: &HealthCheck, host: &str) -> Result<(), ProbeError> {
+async fn probe_http(mut stream: Conn, check: &HealthCheck, host: &str) -> Result<(), ProbeError> {
     let request = format!(
         "GET {} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: wsgate-health-check\r\nAccept: */*\r\nConnection: close\r\n\r\n",
         check.path
@@ -146,7 +168,7 @@ fn take_frame(buf: &mut Vec<u8>) -> Result<Option<(frame::Header, Vec<u8>)>, Pro
     Ok(Some((header, payload)))
 }
 
-async fn probe_websocket(mut stream: TcpStream, check: &HealthCheck, host: &str) -> Result<(), ProbeError> {
+async fn probe_websocket(mut stream: Conn, check: &HealthCheck, host: &str) -> Result<(), ProbeError> {
     let key_bytes: Vec<u8> = [random_u64(), random_u64()]
         .iter()
         .flat_map(|x| x.to_le_bytes())
@@ -241,6 +263,7 @@ fn data_frame(op: u8, payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
 /// changed by a reload: a new task takes over from the servers' shared state).
 pub async fn run(
     check: HealthCheck,
+    tls: Option<Arc<ClientTls>>,
     upstream: String,
     servers: Vec<Arc<ServerState>>,
     shared: Arc<UpstreamShared>,
@@ -263,8 +286,8 @@ pub async fn run(
             .iter()
             .zip(&hosts)
             .map(|(server, host)| {
-                let check = &check;
-                async move { (server, probe(check, server.address, host).await) }
+                let (check, tls) = (&check, tls.as_deref());
+                async move { (server, probe(check, tls, server, host).await) }
             })
             .collect();
         loop {
@@ -343,7 +366,7 @@ mod tests {
             rise: DEFAULT_RISE,
             fall: DEFAULT_FALL,
         };
-        let server = ServerState::new("s", SocketAddr::from(([127, 0, 0, 1], 9000)));
+        let server = ServerState::new("s", std::net::SocketAddr::from(([127, 0, 0, 1], 9000)));
         let shared = UpstreamShared::default();
         let emfile = || Err(ProbeError::Connect(std::io::Error::from_raw_os_error(24)));
         for _ in 0..DEFAULT_FALL * 3 {

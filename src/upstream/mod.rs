@@ -75,6 +75,17 @@ pub struct Choice {
 }
 
 impl Upstream {
+    /// Opens a connection to one of its servers: TCP, and TLS on an upstream with `tls`, within the connect timeout.
+    pub(crate) async fn connect(&self, server: &ServerState) -> Result<crate::conn::Conn, UpstreamError> {
+        connect(
+            server.address,
+            &server.name,
+            self.config.tls.as_deref(),
+            self.config.connect_timeout,
+        )
+        .await
+    }
+
     /// Builds an upstream's state, keeping from `previous` (the same upstream before a reload) the state of the
     /// servers that stay and the balancers' positions. A server new in a reload ramps up like one coming back.
     pub fn new(config: &config::Upstream, previous: Option<&Upstream>) -> Upstream {

@@ -9,6 +9,7 @@ pub mod frames;
 pub mod peers;
 pub mod raw;
 pub mod scripted;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::sync::Once;
@@ -167,6 +168,8 @@ pub enum Event {
     Closed(Option<(u16, String)>),
     /// The connection ended without a close frame.
     Dropped,
+    /// A TLS backend's handshake with wsgate failed: why.
+    TlsFailed(String),
 }
 
 /// A WebSocket backend (tokio-tungstenite) with scripted behaviour, driven by the messages it receives:
@@ -212,6 +215,15 @@ pub async fn ws_backend(name: &str) -> Backend {
 
 /// [`ws_backend`] on a given address (to start a killed backend again on its port).
 pub async fn ws_backend_on(name: &str, addr: SocketAddr) -> Backend {
+    ws_backend_with(name, addr, None).await
+}
+
+/// [`ws_backend`] that runs TLS with `tls` on every connection before the WebSocket handshake.
+pub async fn tls_ws_backend(name: &str, tls: tokio_rustls::TlsAcceptor) -> Backend {
+    ws_backend_with(name, SocketAddr::from(([127, 0, 0, 1], 0)), Some(tls)).await
+}
+
+async fn ws_backend_with(name: &str, addr: SocketAddr, tls: Option<tokio_rustls::TlsAcceptor>) -> Backend {
     let listener = TcpListener::bind(addr).await.expect("bind backend");
     let addr = listener.local_addr().expect("addr");
     let (tx, events) = mpsc::unbounded_channel();
@@ -222,13 +234,30 @@ pub async fn ws_backend_on(name: &str, addr: SocketAddr) -> Backend {
             let Ok((stream, _)) = listener.accept().await else {
                 continue;
             };
-            conns.spawn(backend_conn(stream, name.clone(), tx.clone()));
+            let (name, tx) = (name.clone(), tx.clone());
+            match &tls {
+                None => conns.spawn(backend_conn(stream, name, tx)),
+                Some(tls) => {
+                    let accept = tls.accept(stream);
+                    conns.spawn(async move {
+                        match accept.await {
+                            Ok(stream) => backend_conn(stream, name, tx).await,
+                            Err(e) => {
+                                let _ = tx.send(Event::TlsFailed(e.to_string()));
+                            }
+                        }
+                    })
+                }
+            };
         }
     });
     Backend { addr, events, task }
 }
 
-async fn backend_conn(stream: TcpStream, name: String, events: mpsc::UnboundedSender<Event>) {
+async fn backend_conn<S>(stream: S, name: String, events: mpsc::UnboundedSender<Event>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     let mut seen: Option<(String, Vec<(String, String)>)> = None;
     let callback = |req: &Request, mut resp: Response| {
         let headers = req
@@ -426,9 +455,62 @@ pub async fn read_to_close(stream: &mut TcpStream) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+mod wsgate_test_io {
+    //! A test server's connection: plain or TLS.
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+    use tokio::net::TcpStream;
+
+    pub enum Io {
+        Plain(TcpStream),
+        Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+    }
+
+    impl AsyncRead for Io {
+        fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+            match self.get_mut() {
+                Io::Plain(s) => Pin::new(s).poll_read(cx, buf),
+                Io::Tls(s) => Pin::new(&mut **s).poll_read(cx, buf),
+            }
+        }
+    }
+
+    impl AsyncWrite for Io {
+        fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+            match self.get_mut() {
+                Io::Plain(s) => Pin::new(s).poll_write(cx, buf),
+                Io::Tls(s) => Pin::new(&mut **s).poll_write(cx, buf),
+            }
+        }
+        fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            match self.get_mut() {
+                Io::Plain(s) => Pin::new(s).poll_flush(cx),
+                Io::Tls(s) => Pin::new(&mut **s).poll_flush(cx),
+            }
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            match self.get_mut() {
+                Io::Plain(s) => Pin::new(s).poll_shutdown(cx),
+                Io::Tls(s) => Pin::new(&mut **s).poll_shutdown(cx),
+            }
+        }
+    }
+}
+
 /// A plain HTTP backend (hyper): `GET` answers `NAME PATH` plus one `name: value` line per request header;
 /// `POST` streams the request body back.
 pub async fn http_backend(name: &str) -> (SocketAddr, JoinHandle<()>) {
+    http_backend_with(name, None).await
+}
+
+/// [`http_backend`] behind TLS.
+pub async fn tls_http_backend(name: &str, tls: tokio_rustls::TlsAcceptor) -> (SocketAddr, JoinHandle<()>) {
+    http_backend_with(name, Some(tls)).await
+}
+
+async fn http_backend_with(name: &str, tls: Option<tokio_rustls::TlsAcceptor>) -> (SocketAddr, JoinHandle<()>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let name = name.to_string();
@@ -438,7 +520,15 @@ pub async fn http_backend(name: &str) -> (SocketAddr, JoinHandle<()>) {
                 continue;
             };
             let name = name.clone();
+            let tls = tls.clone();
             tokio::spawn(async move {
+                let stream = match &tls {
+                    None => wsgate_test_io::Io::Plain(stream),
+                    Some(tls) => match tls.accept(stream).await {
+                        Ok(stream) => wsgate_test_io::Io::Tls(Box::new(stream)),
+                        Err(_) => return,
+                    },
+                };
                 let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                     let name = name.clone();
                     async move {
