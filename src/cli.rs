@@ -1,4 +1,5 @@
-//! The command line: `wsgate proxy` (quick mode), `wsgate run` and `wsgate check` (config file), `wsgate demo`;
+//! The command line: `wsgate proxy` (quick mode), `wsgate run` and `wsgate check` (config file), `wsgate demo`,
+//! `wsgate hash-key` (a line for an API keys file);
 //! signals (SIGTERM/SIGINT drain, SIGHUP reloads), watching the config file, and exit codes. Nothing else lives
 //! here.
 
@@ -35,6 +36,38 @@ enum Command {
     Check(FileArgs),
     /// Run an embedded WebSocket echo and chat backend with wsgate in front of it, and print a URL to try it.
     Demo(DemoArgs),
+    /// Print the hex SHA-256 of an API key (read from standard input, without its trailing newline, or given with
+    /// --key): the `hash` of its entry in an API keys file.
+    ///
+    /// Example: printf '%s' "$KEY" | wsgate hash-key
+    HashKey(HashKeyArgs),
+}
+
+#[derive(Args, Debug)]
+struct HashKeyArgs {
+    /// The key (it then shows in the shell's history and the process list: prefer standard input).
+    #[arg(long, value_name = "KEY")]
+    key: Option<String>,
+}
+
+/// Prints the hash of the key given or read from standard input.
+fn hash_key(args: &HashKeyArgs) -> anyhow::Result<ExitCode> {
+    let key = match &args.key {
+        Some(key) => key.clone().into_bytes(),
+        None => {
+            let mut key = Vec::new();
+            std::io::Read::read_to_end(&mut std::io::stdin(), &mut key).context("cannot read the key from stdin")?;
+            for end in [&b"\n"[..], b"\r"] {
+                if key.ends_with(end) {
+                    key.truncate(key.len() - 1);
+                }
+            }
+            key
+        }
+    };
+    anyhow::ensure!(!key.is_empty(), "no key: give one on standard input or with --key");
+    println!("{}", crate::auth::api_keys::hash_hex(&key));
+    Ok(ExitCode::SUCCESS)
 }
 
 #[derive(Args, Debug)]
@@ -190,6 +223,9 @@ pub fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    if let Command::HashKey(args) = &cli.command {
+        return hash_key(args);
+    }
     raise_open_files_limit();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -222,6 +258,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             runtime.block_on(signals.serve_until_signalled(running, Some(file)))
         }
         Command::Check(args) => return Ok(check(&args.config)),
+        Command::HashKey(args) => return hash_key(&args),
         Command::Demo(args) => runtime.block_on(async {
             let backend = demo::start_backend().await.context("cannot start the demo backend")?;
             let config = args.common.config(&args.listen, &[backend.to_string()])?;

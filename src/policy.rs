@@ -1,5 +1,5 @@
 //! What admits a client before any backend sees it: its address (`allow` / `deny` on a listener and on a route),
-//! the `Origin` of its WebSocket upgrades, and the connection limits per client and overall. The rules are config
+//! the `Origin` of its WebSocket upgrades, and the connection limits per client, per API key and overall. The rules are config
 //! data; this module matches requests against them and keeps the shared counts the limits need. It answers
 //! nothing itself: the session turns a "no" into a refusal.
 
@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::config::{Access, Listener, OriginPattern, OriginRule};
+use crate::config::{Access, HandshakeRate, Listener, OriginPattern, OriginRule};
 
 impl Access {
     /// Whether a client at `ip` is let in: in no `deny` network and, when `allow` lists any, in one of those.
@@ -92,6 +92,10 @@ pub enum Limit {
     /// This client starts handshakes faster than the listener's `handshakes_per_second_per_ip`; the next one is
     /// allowed after this many seconds (rounded up).
     Rate { per_second: u32, retry_after: u32 },
+    /// The client's API key holds its `max_connections` already.
+    PerKey(u32),
+    /// The client's API key starts handshakes faster than its `handshakes_per_second`.
+    KeyRate { per_second: u32, retry_after: u32 },
 }
 
 /// Live client connections per listener and client, as the listeners' `max_connections_per_ip` need them. Locked
@@ -106,6 +110,15 @@ type PerClient = std::sync::Mutex<HashMap<(SocketAddr, IpAddr), u32>>;
 #[allow(clippy::disallowed_types)]
 type Schedules = std::sync::Mutex<HashMap<(SocketAddr, IpAddr), Instant>>;
 
+/// Live connections per API key (by the key's hash). Locked once per handshake and once per close of a connection
+/// admitted with a key that has a connection limit.
+#[allow(clippy::disallowed_types)]
+type PerKey = std::sync::Mutex<HashMap<[u8; 32], u32>>;
+
+/// Each API key's handshake schedule (GCRA, as for clients), for keys with a rate: as many as the keys files list.
+#[allow(clippy::disallowed_types)]
+type KeySchedules = std::sync::Mutex<HashMap<[u8; 32], Instant>>;
+
 /// Clients whose schedules are kept before the full ones are pruned (each prune at least doubles the room).
 const SCHEDULES_BEFORE_PRUNE: usize = 4096;
 
@@ -116,6 +129,15 @@ pub struct Admission {
     per_client: PerClient,
     schedules: Schedules,
     prune_at: AtomicUsize,
+    per_key: PerKey,
+    key_schedules: KeySchedules,
+}
+
+/// A connection counted against its API key's `max_connections` while this lives.
+#[derive(Debug)]
+pub struct KeyAdmitted {
+    admission: Arc<Admission>,
+    key: [u8; 32],
 }
 
 /// A client connection counted against the limits while this lives. It stays small (two words): every live
@@ -165,21 +187,14 @@ impl Admission {
             return Ok(());
         };
         let now = Instant::now();
-        let interval = Duration::from_secs(1) / rate.per_second.max(1);
-        let tolerance = interval * rate.burst;
         let key = (listener.address, client_key(ip, listener.ipv6_prefix));
         let mut schedules = self.schedules.lock().unwrap_or_else(PoisonError::into_inner);
         let full_at = schedules.get(&key).copied().unwrap_or(now).max(now);
-        let earliest = full_at.checked_sub(tolerance).unwrap_or(now);
-        if earliest > now {
-            let wait = earliest - now;
-            let retry_after = u32::try_from(wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).unwrap_or(u32::MAX);
-            return Err(Limit::Rate {
-                per_second: rate.per_second,
-                retry_after: retry_after.max(1),
-            });
-        }
-        schedules.insert(key, full_at + interval);
+        let next = gcra(rate, full_at, now).map_err(|retry_after| Limit::Rate {
+            per_second: rate.per_second,
+            retry_after,
+        })?;
+        schedules.insert(key, next);
         let prune_at = self.prune_at.load(Ordering::Relaxed).max(SCHEDULES_BEFORE_PRUNE);
         if schedules.len() >= prune_at {
             schedules.retain(|_, full| *full > now);
@@ -189,6 +204,39 @@ impl Admission {
             );
         }
         Ok(())
+    }
+
+    /// Counts a handshake with the API key `key` against its `rate` and, with a `max_connections`, a connection
+    /// against it (released when the returned guard is dropped). Kept across reloads, like the other counts.
+    pub fn admit_key(
+        self: &Arc<Self>,
+        key: [u8; 32],
+        max_connections: Option<u32>,
+        rate: Option<HandshakeRate>,
+    ) -> Result<Option<KeyAdmitted>, Limit> {
+        if let Some(rate) = rate {
+            let now = Instant::now();
+            let mut schedules = self.key_schedules.lock().unwrap_or_else(PoisonError::into_inner);
+            let full_at = schedules.get(&key).copied().unwrap_or(now).max(now);
+            let next = gcra(rate, full_at, now).map_err(|retry_after| Limit::KeyRate {
+                per_second: rate.per_second,
+                retry_after,
+            })?;
+            schedules.insert(key, next);
+        }
+        let Some(limit) = max_connections else {
+            return Ok(None);
+        };
+        let mut counts = self.per_key.lock().unwrap_or_else(PoisonError::into_inner);
+        let count = counts.entry(key).or_insert(0);
+        if *count >= limit {
+            return Err(Limit::PerKey(limit));
+        }
+        *count += 1;
+        Ok(Some(KeyAdmitted {
+            admission: self.clone(),
+            key,
+        }))
     }
 
     /// Live client connections.
@@ -209,6 +257,32 @@ impl Drop for Admitted {
             *count -= 1;
             if *count == 0 {
                 counts.remove(key);
+            }
+        }
+    }
+}
+
+/// One handshake against a GCRA schedule: a bucket of `burst + 1` handshakes refilled at the rate, kept as the
+/// instant it is full again (`full_at`, not before `now`). The new instant, or the seconds to wait (rounded up).
+fn gcra(rate: HandshakeRate, full_at: Instant, now: Instant) -> Result<Instant, u32> {
+    let interval = Duration::from_secs(1) / rate.per_second.max(1);
+    let tolerance = interval * rate.burst;
+    let earliest = full_at.checked_sub(tolerance).unwrap_or(now);
+    if earliest > now {
+        let wait = earliest - now;
+        let retry_after = u32::try_from(wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).unwrap_or(u32::MAX);
+        return Err(retry_after.max(1));
+    }
+    Ok(full_at + interval)
+}
+
+impl Drop for KeyAdmitted {
+    fn drop(&mut self) {
+        let mut counts = self.admission.per_key.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(count) = counts.get_mut(&self.key) {
+            *count -= 1;
+            if *count == 0 {
+                counts.remove(&self.key);
             }
         }
     }
@@ -368,5 +442,32 @@ mod tests {
         assert_eq!(admission.total(), 3 - 1);
         let _a3 = admission.admit(&listener, Some(3), ip("10.0.0.1")).expect("room again");
         assert_eq!(admission.total(), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn api_keys_are_limited_in_connections_and_handshakes() {
+        let admission = Arc::new(Admission::default());
+        let (a, b) = ([1u8; 32], [2u8; 32]);
+        let first = admission.admit_key(a, Some(2), None).expect("first");
+        let _second = admission.admit_key(a, Some(2), None).expect("second");
+        assert_eq!(admission.admit_key(a, Some(2), None).err(), Some(Limit::PerKey(2)));
+        assert!(admission.admit_key(b, Some(2), None).is_ok(), "another key");
+        drop(first);
+        assert!(admission.admit_key(a, Some(2), None).is_ok(), "room again");
+        let rate = Some(HandshakeRate {
+            per_second: 1,
+            burst: 1,
+        });
+        assert!(admission.admit_key(b, None, rate).is_ok());
+        assert!(admission.admit_key(b, None, rate).is_ok(), "the burst");
+        assert_eq!(
+            admission.admit_key(b, None, rate).err(),
+            Some(Limit::KeyRate {
+                per_second: 1,
+                retry_after: 1
+            })
+        );
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(admission.admit_key(b, None, rate).is_ok());
     }
 }

@@ -105,6 +105,7 @@ mod tests {
             deflate: Deflate::Pass,
             access: Default::default(),
             origins: None,
+            auth: None,
         }
     }
 

@@ -9,6 +9,9 @@
 //! check of an upstream whose check settings and servers stay the same keeps running; any other is stopped and,
 //! if the upstream is still checked, started again (the rise and fall streaks live in each server's shared state,
 //! so they survive); checks of upstreams removed or no longer checked stop, new ones start.
+//!
+//! It also refreshes the key sets of routes with a `jwks_url` (one task per route; a reload builds new sets, whose
+//! tasks replace the old ones).
 
 use std::collections::HashMap;
 use std::io;
@@ -22,6 +25,8 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::auth::jwks::Remote;
+use crate::auth::jwt::Keys;
 use crate::config::HealthCheck;
 use crate::state::Snapshot;
 use crate::tls::client::ClientTls;
@@ -142,6 +147,8 @@ struct Control {
     next_tls_look: Option<Instant>,
     /// The last problem with each TLS listener's new files, by listener address: said once, not every look.
     tls_problems: HashMap<SocketAddr, String>,
+    /// The refresh tasks of JWKS URLs, by key set.
+    jwks: HashMap<usize, CancellationToken>,
 }
 
 fn key(server: &Arc<ServerState>) -> usize {
@@ -172,6 +179,37 @@ impl Control {
         }
         for check in self.checks.values() {
             check.stop.cancel();
+        }
+        for stop in self.jwks.values() {
+            stop.cancel();
+        }
+    }
+
+    /// Runs a refresh task for each JWKS URL of `snapshot`'s routes, and stops those of key sets it no longer has.
+    fn follow_jwks(&mut self, snapshot: &Snapshot) {
+        let remotes: Vec<Arc<Remote>> = snapshot
+            .config
+            .routes
+            .iter()
+            .filter_map(|r| match &r.auth.as_ref()?.jwt.as_ref()?.keys {
+                Keys::Remote(remote) => Some(remote.clone()),
+                _ => None,
+            })
+            .collect();
+        let wanted: Vec<usize> = remotes.iter().map(|r| Arc::as_ptr(r) as usize).collect();
+        self.jwks.retain(|k, stop| {
+            let keep = wanted.contains(k);
+            if !keep {
+                stop.cancel();
+            }
+            keep
+        });
+        for (remote, k) in remotes.into_iter().zip(wanted) {
+            if let std::collections::hash_map::Entry::Vacant(entry) = self.jwks.entry(k) {
+                let stop = CancellationToken::new();
+                tokio::spawn(remote.run(stop.clone()));
+                entry.insert(stop);
+            }
         }
     }
 
@@ -223,6 +261,7 @@ impl Control {
             .collect();
         self.stop_changed_checks(&wanted, &listed);
         self.start_missing_checks(wanted);
+        self.follow_jwks(snapshot);
         if let Some(previous) = previous {
             Self::arm_rebalancing(snapshot, previous);
             self.note_removed(snapshot, previous, &listed);

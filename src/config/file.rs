@@ -4,6 +4,8 @@
 //!
 //! The keys are documented in `docs/config.md`.
 
+mod auth;
+
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::net::SocketAddr;
@@ -246,6 +248,7 @@ struct RawRoute {
     deny: Vec<Spanned<String>>,
     allowed_origins: Option<Spanned<Vec<Spanned<String>>>>,
     allow_missing_origin: Option<Spanned<bool>>,
+    auth: Option<Spanned<auth::RawAuth>>,
     // The frames relay's rules (relay = "frames" only).
     max_message_size: Option<Spanned<Size>>,
     max_frame_size: Option<Spanned<Size>>,
@@ -1308,6 +1311,7 @@ fn build_routes(
             headers.push((name.get_ref().to_ascii_lowercase(), value.clone()));
         }
         let relay = build_relay(r, report);
+        let auth = auth::build(r.auth.as_ref(), &relay, report);
         if let Some(d) = &r.idle_timeout
             && d.get_ref().0.is_zero()
         {
@@ -1335,6 +1339,7 @@ fn build_routes(
             },
             access: build_access(&r.allow, &r.deny, report),
             origins: build_origins(r, report),
+            auth,
         });
     }
     routes

@@ -175,6 +175,8 @@ pub struct Route {
     pub access: Access,
     /// Which origins may open WebSockets on the route; `None` = any.
     pub origins: Option<OriginRule>,
+    /// Who may use the route: a token or an API key (401 otherwise), with its keys loaded; `None` = anyone.
+    pub auth: Option<std::sync::Arc<crate::auth::Auth>>,
 }
 
 /// What a route does with WebSocket extensions (in practice permessage-deflate) offered by the client.
@@ -779,6 +781,7 @@ impl Config {
                 deflate: Deflate::default(),
                 access: Access::default(),
                 origins: None,
+                auth: None,
             }],
             upstreams: vec![Upstream {
                 connect_timeout: timeouts.connect,

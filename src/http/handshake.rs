@@ -346,13 +346,15 @@ fn absolute_form(target: &str) -> Result<Option<(&str, Cow<'_, str>)>, Handshake
 /// The header in which a client offers WebSocket extensions.
 pub const EXTENSIONS: &str = "sec-websocket-extensions";
 
-/// What a forwarded upgrade head leaves out, besides hop-by-hop headers.
+/// What a forwarded upgrade head leaves out, besides hop-by-hop headers, and the identity it adds.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Omit<'a> {
     /// This cookie, taken out of the `Cookie` headers (the sticky cookie).
     pub cookie: Option<&'a str>,
     /// The client's extension offers (`Sec-WebSocket-Extensions`).
     pub extensions: bool,
+    /// What authentication takes out and puts in (`None` on a route without authentication).
+    pub auth: Option<&'a crate::auth::Admit>,
 }
 
 impl UpgradeHead<'_, '_> {
@@ -362,16 +364,22 @@ impl UpgradeHead<'_, '_> {
     }
 
     /// The head to send to the backend: hop-by-hop headers out, forwarding headers (for `client`) in, and what
-    /// `omit` says left out.
+    /// `omit` says left out (the route's credentials among them) and its verified identity in.
     pub(crate) fn forward(&self, client: &Client, proto: &'static str, omit: Omit<'_>) -> Vec<u8> {
+        let strip = omit.auth.map(|a| &a.strip);
+        let target = match strip {
+            Some(strip) => crate::auth::extract::without_query(&self.target, &strip.query),
+            None => Cow::Borrowed(&*self.target),
+        };
         let mut forward = Vec::with_capacity(self.head_len + 256);
         forward.extend_from_slice(b"GET ");
-        forward.extend_from_slice(self.target.as_bytes());
+        forward.extend_from_slice(target.as_bytes());
         forward.extend_from_slice(b" HTTP/1.1\r\n");
         for h in self.headers.iter() {
             let connection = header(self.headers, "connection");
             if drop_when_forwarding(h.name.as_bytes(), connection, true)
                 || (omit.extensions && h.name.eq_ignore_ascii_case(EXTENSIONS))
+                || strip.is_some_and(|s| s.headers.iter().any(|n| h.name.eq_ignore_ascii_case(n)))
             {
                 continue;
             }
@@ -379,21 +387,32 @@ impl UpgradeHead<'_, '_> {
                 push_header(&mut forward, h.name, self.host);
                 continue;
             }
-            match omit.cookie {
-                Some(cookie) if h.name.eq_ignore_ascii_case("cookie") => {
-                    let kept = without_cookie(h.value, cookie);
-                    if !kept.is_empty() {
-                        push_header(&mut forward, h.name, &kept);
-                    }
+            let mut value = Cow::Borrowed(h.value);
+            if h.name.eq_ignore_ascii_case("cookie") {
+                for name in [omit.cookie, strip.and_then(|s| s.cookie.as_deref())]
+                    .into_iter()
+                    .flatten()
+                {
+                    value = Cow::Owned(without_cookie(&value, name));
                 }
-                _ => push_header(&mut forward, h.name, h.value),
+            } else if h.name.eq_ignore_ascii_case("sec-websocket-protocol") && strip.is_some_and(|s| s.bearer_protocol)
+            {
+                value = Cow::Owned(crate::auth::extract::without_bearer_protocols(&value));
             }
+            // A header left with nothing in it is left out.
+            if value.is_empty() && !h.value.is_empty() {
+                continue;
+            }
+            push_header(&mut forward, h.name, &value);
         }
         push_header(&mut forward, "Connection", b"Upgrade");
         push_header(&mut forward, "Upgrade", b"websocket");
         client
             .forwarding(proto, Some(self.host))
             .each(|name, value| push_header(&mut forward, name, value));
+        for (name, value) in omit.auth.map_or(&[][..], |a| &a.identity[..]) {
+            push_header(&mut forward, name, value.as_bytes());
+        }
         forward.extend_from_slice(b"\r\n");
         forward
     }
@@ -733,7 +752,7 @@ mod tests {
         };
         let omit = Omit {
             cookie: Some("SERVERID"),
-            extensions: false,
+            ..Omit::default()
         };
         let fwd =
             String::from_utf8(head.forward(&crate::http::Client::direct("10.1.2.3".parse().unwrap()), "http", omit))

@@ -1,7 +1,8 @@
 //! The `frames` relay's knowledge of the WebSocket protocol, on top of the shared copy loop in `copy`: one
 //! [`FrameDir`] per direction walks the frames of the bytes read (through the pure codec in `frame`), and
 //! [`Frames`] decides for the connection: limits and protocol violations become close codes, silent peers get pings,
-//! a dead or stuck peer gets its partner told with a close frame, and a drain closes with 1001.
+//! a dead or stuck peer gets its partner told with a close frame, a drain closes with 1001, and a session whose
+//! token expires (`close_on_expiry`) closes with 1008 to the client.
 
 use std::hash::BuildHasher;
 use std::io;
@@ -192,6 +193,8 @@ pub struct Frames {
     refilled: Instant,
     timer: Pin<Box<Sleep>>,
     timer_at: Option<Instant>,
+    /// When the client's token expires: the connection is closed then.
+    expires: Option<Instant>,
 }
 
 fn index(side: Side) -> usize {
@@ -239,9 +242,15 @@ impl Frames {
             refilled: now,
             timer: Box::pin(tokio::time::sleep_until(now)),
             timer_at: None,
+            expires: None,
         });
         frames.account_rate();
         frames
+    }
+
+    /// Closes the connection at `at` (the client's token expires): close 1008 to the client, 1001 to the backend.
+    pub fn expire_at(&mut self, at: Instant) {
+        self.expires = Some(at);
     }
 
     /// Whether `side` is gone (nothing can be written to it any more).
@@ -396,6 +405,11 @@ impl Frames {
         }
         match stop {
             _ if self.closing.is_some() => {}
+            _ if self.expires.is_some_and(|at| now >= at) => {
+                self.close_to(Side::Client, 1008, "token expired");
+                self.close_to(Side::Backend, 1001, "going away");
+                self.start_closing("the client's token expired (close 1008 to the client, 1001 to the backend)".into());
+            }
             None => {}
             Some(StopCause::ShuttingDown) => self.close_both(
                 1001,
@@ -542,7 +556,21 @@ impl Frames {
         let mut consider = |t: Instant| at = Some(at.map_or(t, |a| a.min(t)));
         if let Some(closing) = &self.closing {
             consider(closing.deadline);
-        } else if let Some(interval) = self.rules.ping_interval {
+        } else {
+            if let Some(expires) = self.expires {
+                consider(expires);
+            }
+            self.keepalive_deadlines(&mut consider);
+        }
+        if let Some(t) = self.watch.deadline(self.rules.write_timeout, pending) {
+            consider(t);
+        }
+        at
+    }
+
+    /// The keepalive's next deadlines: pong timeouts, and when a silent side is due a ping.
+    fn keepalive_deadlines(&self, consider: &mut impl FnMut(Instant)) {
+        if let Some(interval) = self.rules.ping_interval {
             for side in [Side::Client, Side::Backend] {
                 let i = index(side);
                 match self.pong_deadline[i] {
@@ -555,10 +583,6 @@ impl Frames {
                 }
             }
         }
-        if let Some(t) = self.watch.deadline(self.rules.write_timeout, pending) {
-            consider(t);
-        }
-        at
     }
 
     /// Puts the connection's frame counters into the access log record.

@@ -20,7 +20,7 @@ use crate::conn::Conn;
 use crate::http::handshake::{self, BackendAnswer, BodyEnd, MAX_HEAD_BYTES, Omit, Parsed, ResponseError, UpgradeHead};
 use crate::http::{Client, RequestView};
 use crate::observe::ConnectionRecord;
-use crate::policy::Admitted;
+use crate::policy::{Admitted, KeyAdmitted};
 use crate::proxy_protocol::{self, Header, ReadError as ProxyReadError};
 use crate::relay;
 use crate::route;
@@ -206,6 +206,42 @@ struct Switched {
     deflate: bool,
     /// Bytes read with the handshake heads: client to backend, backend to client.
     early: [Vec<u8>; 2],
+    /// What the route's authentication holds for the session's life.
+    auth: Option<Box<AuthHeld>>,
+}
+
+/// What an authenticated session holds while it lives: its API key's connection count, and when its token
+/// expires (`close_on_expiry`).
+struct AuthHeld {
+    _key: Option<KeyAdmitted>,
+    expires: Option<Instant>,
+}
+
+/// The API key's limits for an admitted upgrade, and what the session keeps of its admission; `None` when the
+/// route has no authentication or nothing to keep.
+fn hold_auth(shared: &Shared, admit: Option<&crate::auth::Admit>) -> Result<Option<Box<AuthHeld>>, Refusal> {
+    let Some(admit) = admit else {
+        return Ok(None);
+    };
+    let key = match &admit.key {
+        Some(key) => shared
+            .admission
+            .admit_key(key.id(), key.max_connections, key.rate)
+            .map_err(|limit| Refusal::KeyLimit {
+                identity: key.identity.clone(),
+                limit,
+            })?,
+        None => None,
+    };
+    // The token's expiry on the runtime's clock: at once when it has passed already.
+    let expires = admit.expires.map(|at| {
+        let now = Instant::now();
+        match at.duration_since(std::time::SystemTime::now()) {
+            Ok(left) => now.checked_add(left).unwrap_or(now + config::MAX_DURATION),
+            Err(_) => now,
+        }
+    });
+    Ok((key.is_some() || expires.is_some()).then(|| Box::new(AuthHeld { _key: key, expires })))
 }
 
 /// Relays a switched connection in its route's mode. The session is registered on its server, so that a drain or
@@ -223,16 +259,19 @@ async fn relay_switched(
         deflate,
         early,
         mut active,
+        auth,
         ..
     } = switched;
     let (frames, token, write) = match route.relay {
         config::Relay::Tunnel(rules) => (None, CancellationToken::new(), rules.write_timeout),
         // A child of the shutdown token: a shutdown wakes frames-mode connections, which close with 1001 at once.
-        config::Relay::Frames(rules) => (
-            Some(relay::Frames::new(rules, deflate)),
-            shared.draining.child_token(),
-            rules.write_timeout,
-        ),
+        config::Relay::Frames(rules) => {
+            let mut frames = relay::Frames::new(rules, deflate);
+            if let Some(at) = auth.as_ref().and_then(|a| a.expires) {
+                frames.expire_at(at);
+            }
+            (Some(frames), shared.draining.child_token(), rules.write_timeout)
+        }
     };
     let timeouts = relay::Timeouts {
         idle: route.idle_timeout,
@@ -253,6 +292,8 @@ struct Prepared {
     forward: Vec<u8>,
     /// The client's extension offers were left out of `forward`: the backend may accept none.
     extensions_stripped: bool,
+    /// What the route's authentication admitted the request as.
+    auth: Option<Box<crate::auth::Admit>>,
     accept: [u8; 28],
     route: usize,
     choice: upstream::Choice,
@@ -310,6 +351,7 @@ fn inspect(snapshot: &Snapshot, front: Front<'_>, buf: &[u8], record: &mut Conne
         return Err(Refusal::no_route(&view));
     };
     Refusal::check_route(route, client.ip, Some(&view))?;
+    let auth = Refusal::check_auth(route, &view, true)?;
     let upstream = &snapshot.upstreams[route.upstream];
     let omit = Omit {
         cookie: match &upstream.config.sticky {
@@ -317,12 +359,14 @@ fn inspect(snapshot: &Snapshot, front: Front<'_>, buf: &[u8], record: &mut Conne
             _ => None,
         },
         extensions: route.deflate == Deflate::Strip,
+        auth: auth.as_ref(),
     };
     Ok(Step::Upgrade(Prepared {
         client: client.ip,
         head_len: head.head_len,
         forward: head.forward(&client, front.proto, omit),
         extensions_stripped: omit.extensions,
+        auth: auth.map(Box::new),
         accept: head.accept(),
         route: routes.iter().position(|r| std::ptr::eq(r, route)).unwrap_or(0),
         choice: upstream.choose(&view, client.ip),
@@ -385,9 +429,11 @@ async fn open(
         redirect_https: listener_config.and_then(|l| l.redirect_https),
     };
     let mut head = Vec::with_capacity(1024);
-    let prepared = match read_head(&mut client, &mut head, snapshot, front, record).await {
-        Head::Upgrade(prepared) => match handshake_rate(shared, snapshot, listener, prepared.client) {
-            Ok(()) => prepared,
+    let (prepared, auth) = match read_head(&mut client, &mut head, snapshot, front, record).await {
+        Head::Upgrade(prepared) => match handshake_rate(shared, snapshot, listener, prepared.client)
+            .and_then(|()| hold_auth(shared, prepared.auth.as_deref()))
+        {
+            Ok(auth) => (prepared, auth),
             Err(refusal) => return refuse(client, record, refusal).await,
         },
         Head::Plain => {
@@ -425,6 +471,7 @@ async fn open(
                 route: prepared.route,
                 active: opened.server,
                 deflate,
+                auth,
             })
         }
         AnswerHead::Other { status, head, body } => {
@@ -512,7 +559,16 @@ async fn read_request(
         if n == 0 {
             return Err(ReadError::Closed);
         }
-        match inspect(snapshot, front, buf, record) {
+        let mut step = inspect(snapshot, front, buf, record);
+        // A token naming a key id its route's key set lacks: the set is fetched again (when not too recently) and
+        // the request checked once more.
+        if let Err(refusal) = &step
+            && let Some(remote) = refusal.jwks_refresh()
+            && remote.refresh(crate::auth::jwks::UNKNOWN_KID_REFRESH).await
+        {
+            step = inspect(snapshot, front, buf, record);
+        }
+        match step {
             Ok(Step::More) => continue,
             Ok(Step::Plain) => return Ok(None),
             Ok(Step::Upgrade(prepared)) => return Ok(Some(prepared)),

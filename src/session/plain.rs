@@ -29,6 +29,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::Mutex;
 
 use super::{Refusal, failed_try, next_try, start_tries};
+use crate::auth::{Admit, jwks};
 use crate::config::{Deflate, Route, Sticky};
 use crate::conn::Conn;
 use crate::http::handshake::{self, HandshakeError, Inspected, MAX_HEAD_BYTES, MAX_HEADERS, without_cookie};
@@ -130,6 +131,8 @@ struct Upgrading {
     backend_early: Bytes,
     /// The backend accepted permessage-deflate.
     deflate: bool,
+    /// What the route's authentication holds for the session's life.
+    auth: Option<Box<super::AuthHeld>>,
 }
 
 /// Takes the client's socket back from hyper and relays the switched connection.
@@ -141,6 +144,7 @@ async fn relay_upgraded(switched: Upgrading, shared: &Shared, route: &Route, rec
         backend,
         backend_early,
         deflate,
+        auth,
     } = switched;
     let upgraded = match client.await {
         Ok(upgraded) => upgraded,
@@ -165,6 +169,7 @@ async fn relay_upgraded(switched: Upgrading, shared: &Shared, route: &Route, rec
         active: server,
         deflate,
         early: [client_early, backend_early.to_vec()],
+        auth,
     };
     super::relay_switched(shared, route, switched, record.id, &mut record.bytes)
         .await
@@ -285,6 +290,28 @@ impl State {
         client
     }
 
+    /// The route's authentication of a request: what it is admitted as (`None` on a route without), or the
+    /// refusal. A token naming a key id the route's key set lacks has the set fetched again (when not too
+    /// recently) and the request checked once more.
+    async fn authenticate(
+        &self,
+        target: Target,
+        req: &Request<Incoming>,
+        upgrade: bool,
+    ) -> Result<Option<Admit>, Refusal> {
+        let route = &self.snapshot.config.routes[target.route];
+        let view = HyperView(req);
+        match Refusal::check_auth(route, &view, upgrade) {
+            Err(refusal) => match refusal.jwks_refresh() {
+                Some(remote) if remote.refresh(jwks::UNKNOWN_KID_REFRESH).await => {
+                    Refusal::check_auth(route, &view, upgrade)
+                }
+                _ => Err(refusal),
+            },
+            admitted => admitted,
+        }
+    }
+
     /// Notes a new request's route and upstream (none for a request without a route) and its client, for the
     /// access log line.
     async fn note_target(&self, target: Option<Target>, client: &Client) {
@@ -383,11 +410,21 @@ async fn forward(state: Arc<State>, mut req: Request<Incoming>) -> Result<Respon
     let client = state.client(&req);
     let target = check_head(&req).and_then(|()| state.target(&req, &client, wants_websocket));
     state.note_target(target.as_ref().ok().copied(), &client).await;
-    let result = match target {
+    let admitted = match target {
         Err(refusal) => Err(refusal),
-        Ok(target) if wants_websocket => upgrade(&state, target, &client, req).await,
-        Ok(target) => {
+        Ok(target) => state
+            .authenticate(target, &req, wants_websocket)
+            .await
+            .map(|admit| (target, admit)),
+    };
+    let result = match admitted {
+        Err(refusal) => Err(refusal),
+        Ok((target, admit)) if wants_websocket => upgrade(&state, target, &client, admit, req).await,
+        Ok((target, admit)) => {
             rewrite_request(&mut req, &client, state.proto);
+            if let Some(admit) = &admit {
+                admit.rewrite(&mut req);
+            }
             remove_sticky_cookie(&mut req, state.upstream(target));
             send(&state, target, req).await.map(|mut resp| {
                 strip_hop_by_hop(resp.headers_mut(), false);
@@ -413,9 +450,11 @@ async fn upgrade(
     state: &State,
     target: Target,
     client: &Client,
+    admit: Option<Admit>,
     mut req: Request<Incoming>,
 ) -> Result<Response<Body>, Refusal> {
     super::handshake_rate(&state.shared, &state.snapshot, state.listener, client.ip)?;
+    let auth = super::hold_auth(&state.shared, admit.as_ref())?;
     let accept = match handshake::inspect_request(&request_head(&req), state.client_ip, "http")? {
         Inspected::Upgrade(up) => up.accept,
         Inspected::Plain { .. } | Inspected::Partial => {
@@ -424,6 +463,9 @@ async fn upgrade(
     };
     let client_side = hyper::upgrade::on(&mut req);
     rewrite_request(&mut req, client, state.proto);
+    if let Some(admit) = &admit {
+        admit.rewrite(&mut req);
+    }
     let upstream = state.upstream(target);
     remove_sticky_cookie(&mut req, upstream);
     let strip = state.snapshot.config.routes[target.route].deflate == Deflate::Strip;
@@ -484,6 +526,7 @@ async fn upgrade(
         server: active,
         backend: parts.io.into_inner(),
         backend_early: parts.read_buf,
+        auth,
     });
     let (head, _) = resp.into_parts();
     Ok(Response::from_parts(head, Either::Right(Full::new(Bytes::new()))))

@@ -6,6 +6,7 @@
 use std::net::IpAddr;
 use std::time::Duration;
 
+use crate::auth::AuthError;
 use crate::config::Route;
 use crate::http::handshake::HandshakeError;
 use crate::http::{Answer, RequestView};
@@ -49,20 +50,35 @@ pub(crate) enum Refusal {
     #[error("{} not allowed on route `{route}`", origin.as_deref().map_or("an upgrade without Origin".into(), |o| format!("origin `{o}`")))]
     Origin { origin: Option<String>, route: String },
     /// A connection limit is reached.
-    #[error("{}", match .0 {
-        Limit::Overall(n) => format!("wsgate holds its max_connections ({n})"),
-        Limit::PerClient(n) => format!("the client holds max_connections_per_ip ({n}) on this listener"),
-        Limit::Rate { per_second, .. } => format!("the client starts handshakes faster than {per_second} per second"),
-    })]
+    #[error("{}", limit_text(.0))]
     Limit(Limit),
     /// A plain listener with `redirect_https` sends every request to https.
     #[error("redirected to {location}")]
     ToHttps { location: String },
+    /// The route's authentication refused the request (the reason says why; the client is told no more than
+    /// "unauthorized").
+    #[error("unauthorized on route `{route}`: {error}")]
+    Unauthorized { route: String, error: AuthError },
+    /// The API key that admitted the request is at one of its limits.
+    #[error("{} (API key `{identity}`)", limit_text(.limit))]
+    KeyLimit { identity: String, limit: Limit },
 }
 
 /// Client-sent bytes as text for a log line or a 404's reason: lossy, at most [`MAX_ECHOED`] characters.
 fn echoed(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).chars().take(MAX_ECHOED).collect()
+}
+
+fn limit_text(limit: &Limit) -> String {
+    match limit {
+        Limit::Overall(n) => format!("wsgate holds its max_connections ({n})"),
+        Limit::PerClient(n) => format!("the client holds max_connections_per_ip ({n}) on this listener"),
+        Limit::Rate { per_second, .. } => format!("the client starts handshakes faster than {per_second} per second"),
+        Limit::PerKey(n) => format!("the API key holds its max_connections ({n})"),
+        Limit::KeyRate { per_second, .. } => {
+            format!("the API key starts handshakes faster than {per_second} per second")
+        }
+    }
 }
 
 fn tried(tries: usize) -> String {
@@ -132,6 +148,32 @@ impl Refusal {
         Ok(())
     }
 
+    /// The route's authentication: what the admitted request becomes, or the refusal. `upgrade`: the request is
+    /// a WebSocket upgrade.
+    pub(crate) fn check_auth(
+        route: &Route,
+        req: &impl RequestView,
+        upgrade: bool,
+    ) -> Result<Option<crate::auth::Admit>, Refusal> {
+        let Some(auth) = &route.auth else {
+            return Ok(None);
+        };
+        auth.check(req, upgrade)
+            .map(Some)
+            .map_err(|error| Refusal::Unauthorized {
+                route: route.name.clone(),
+                error,
+            })
+    }
+
+    /// The remote key set to refresh before the request is checked again (a token named a key id it lacks).
+    pub(crate) fn jwks_refresh(&self) -> Option<std::sync::Arc<crate::auth::jwks::Remote>> {
+        match self {
+            Self::Unauthorized { error, .. } => error.refresh(),
+            _ => None,
+        }
+    }
+
     /// What the client is answered.
     pub(crate) fn answer(&self) -> Answer {
         match self {
@@ -156,13 +198,26 @@ impl Refusal {
             Self::ClientBody(_) => Answer::new(400, "request body not received").closing(),
             Self::Denied { .. } => Answer::new(403, "forbidden"),
             Self::Origin { .. } => Answer::new(403, "origin not allowed"),
-            Self::Limit(Limit::PerClient(_)) => Answer::new(429, "too many connections from this address"),
-            Self::Limit(Limit::Rate { retry_after, .. }) => {
-                Answer::new(429, "too many handshakes from this address").with_retry_after(Some(*retry_after))
-            }
+            Self::Limit(limit) | Self::KeyLimit { limit, .. } => match *limit {
+                Limit::PerClient(_) => Answer::new(429, "too many connections from this address"),
+                Limit::Rate { retry_after, .. } => {
+                    Answer::new(429, "too many handshakes from this address").with_retry_after(Some(retry_after))
+                }
+                Limit::Overall(_) => {
+                    Answer::new(503, "server at its connection limit").with_retry_after(Some(RETRY_AFTER_BUSY))
+                }
+                Limit::PerKey(_) => Answer::new(429, "too many connections with this API key"),
+                Limit::KeyRate { retry_after, .. } => {
+                    Answer::new(429, "too many handshakes with this API key").with_retry_after(Some(retry_after))
+                }
+            },
             Self::ToHttps { location } => Answer::new(308, "use https").with_header("Location", location.clone()),
-            Self::Limit(Limit::Overall(_)) => {
-                Answer::new(503, "server at its connection limit").with_retry_after(Some(RETRY_AFTER_BUSY))
+            Self::Unauthorized { error, .. } => {
+                let answer = Answer::new(401, "unauthorized");
+                error
+                    .challenges()
+                    .into_iter()
+                    .fold(answer, |a, c| a.with_header("WWW-Authenticate", c))
             }
         }
     }

@@ -1,0 +1,275 @@
+//! JSON Web Key Sets (RFC 7517): parsed from a file when the config is built, or fetched from a URL and refreshed:
+//! every [`REFRESH_EVERY`] by the control thread, and at once when a token names a key id the set lacks (at most
+//! every [`UNKNOWN_KID_REFRESH`], so tokens with made-up ids cannot make wsgate hammer the issuer). A failed
+//! refresh keeps the keys it had and logs why. Only `http://` URLs are fetched.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper_util::rt::TokioIo;
+use jsonwebtoken::jwk::Jwk;
+use jsonwebtoken::{Algorithm, DecodingKey};
+use serde_json::Value;
+use tokio::time::{Instant, timeout};
+use tokio_util::sync::CancellationToken;
+
+use super::jwt::{TokenError, family};
+
+/// How often a JWKS URL is fetched again.
+pub const REFRESH_EVERY: Duration = Duration::from_secs(300);
+/// The least time between two fetches of a JWKS URL asked for by tokens with an unknown key id.
+pub const UNKNOWN_KID_REFRESH: Duration = Duration::from_secs(30);
+/// The time a fetch of a JWKS URL may take, connection included.
+pub const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
+/// The largest JWKS document accepted.
+pub const MAX_JWKS_BYTES: usize = 1 << 20;
+
+/// Why a key set cannot be read.
+#[derive(Debug, thiserror::Error)]
+pub enum JwksError {
+    #[error("not JSON: {0}")]
+    NotJson(String),
+    #[error("not a JWK set: expected an object with a `keys` array")]
+    NotASet,
+    #[error("key #{index}: {reason}")]
+    BadKey { index: usize, reason: String },
+    #[error("no usable key")]
+    Empty,
+}
+
+/// One key of a set.
+struct Entry {
+    kid: Option<String>,
+    alg: Option<Algorithm>,
+    key: DecodingKey,
+    family: super::jwt::Family,
+}
+
+/// The keys of a JWK set.
+#[derive(Default)]
+pub struct KeySet {
+    keys: Vec<Entry>,
+}
+
+impl KeySet {
+    /// Parses a JWK set: every key must be one `jsonwebtoken` can verify with.
+    pub fn parse(bytes: &[u8]) -> Result<KeySet, JwksError> {
+        let value: Value = serde_json::from_slice(bytes).map_err(|e| JwksError::NotJson(e.to_string()))?;
+        let Some(Value::Array(keys)) = value.get("keys") else {
+            return Err(JwksError::NotASet);
+        };
+        let mut set = KeySet::default();
+        for (index, key) in keys.iter().enumerate() {
+            let bad = |reason: String| JwksError::BadKey { index, reason };
+            let jwk: Jwk = serde_json::from_value(key.clone()).map_err(|e| bad(e.to_string()))?;
+            let decoding = DecodingKey::from_jwk(&jwk).map_err(|e| bad(e.to_string()))?;
+            let alg = match &jwk.common.key_algorithm {
+                // Its signing algorithms are spelled as `Algorithm`'s.
+                Some(a) => Some(
+                    format!("{a:?}")
+                        .parse::<Algorithm>()
+                        .map_err(|_| bad(format!("unsupported alg {a:?}")))?,
+                ),
+                None => None,
+            };
+            let fam = match &jwk.algorithm {
+                jsonwebtoken::jwk::AlgorithmParameters::EllipticCurve(_) => super::jwt::Family::Ec,
+                jsonwebtoken::jwk::AlgorithmParameters::RSA(_) => super::jwt::Family::Rsa,
+                jsonwebtoken::jwk::AlgorithmParameters::OctetKey(_) => super::jwt::Family::Hmac,
+                jsonwebtoken::jwk::AlgorithmParameters::OctetKeyPair(_) => super::jwt::Family::Ed,
+            };
+            set.keys.push(Entry {
+                kid: jwk.common.key_id.clone(),
+                alg,
+                key: decoding,
+                family: fam,
+            });
+        }
+        if set.keys.is_empty() {
+            return Err(JwksError::Empty);
+        }
+        Ok(set)
+    }
+
+    pub fn key_count(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// Verifies with the key named `kid`, or without a `kid` with each key that fits `alg` in turn.
+    pub fn verify<T>(
+        &self,
+        kid: Option<&str>,
+        alg: Algorithm,
+        remote: Option<&Arc<Remote>>,
+        decode: impl Fn(&DecodingKey) -> Result<T, TokenError>,
+    ) -> Result<T, TokenError> {
+        let fits = |e: &&Entry| e.family == family(alg) && e.alg.is_none_or(|a| a == alg);
+        if let Some(kid) = kid {
+            let Some(entry) = self.keys.iter().find(|e| e.kid.as_deref() == Some(kid)) else {
+                return Err(TokenError::UnknownKid {
+                    kid: super::jwt::logged(kid),
+                    remote: remote.cloned(),
+                });
+            };
+            if !fits(&entry) {
+                return Err(TokenError::KeyMismatch);
+            }
+            return decode(&entry.key);
+        }
+        let mut last = TokenError::NoKey(alg);
+        for entry in self.keys.iter().filter(fits) {
+            match decode(&entry.key) {
+                Ok(v) => return Ok(v),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+}
+
+/// Why a fetch of a JWKS URL failed.
+#[derive(Debug, thiserror::Error)]
+enum FetchError {
+    #[error("timed out after {FETCH_TIMEOUT:?}")]
+    Timeout,
+    #[error("cannot connect: {0}")]
+    Connect(std::io::Error),
+    #[error("HTTP: {0}")]
+    Http(#[from] hyper::Error),
+    #[error("answered {0}")]
+    Status(http::StatusCode),
+    #[error("body unreadable or larger than {MAX_JWKS_BYTES} bytes")]
+    Body,
+    #[error("{0}")]
+    Keys(#[from] JwksError),
+}
+
+/// A JWKS URL and the keys last fetched from it.
+pub struct Remote {
+    url: http::Uri,
+    /// `host:port` to connect to.
+    authority: String,
+    keys: ArcSwap<KeySet>,
+    /// Bumped by every successful fetch.
+    generation: AtomicU64,
+    /// When the last fetch was tried; held while a fetch runs, so that one fetch serves everyone waiting.
+    last_attempt: tokio::sync::Mutex<Option<Instant>>,
+}
+
+impl std::fmt::Debug for Remote {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Remote({})", self.url)
+    }
+}
+
+impl Remote {
+    /// A JWKS URL (`http://host[:port]/path`) with no keys fetched yet.
+    pub fn new(url: &str) -> Result<Remote, String> {
+        let uri: http::Uri = url.parse().map_err(|e| format!("`{url}` is not a URL: {e}"))?;
+        if uri.scheme_str() != Some("http") {
+            return Err(format!("`{url}`: only http:// URLs are fetched"));
+        }
+        let Some(authority) = uri.authority() else {
+            return Err(format!("`{url}` has no host"));
+        };
+        let authority = match authority.port_u16() {
+            Some(_) => authority.to_string(),
+            None => format!("{}:80", authority.host()),
+        };
+        Ok(Remote {
+            url: uri,
+            authority,
+            keys: ArcSwap::from_pointee(KeySet::default()),
+            generation: AtomicU64::new(0),
+            last_attempt: tokio::sync::Mutex::new(None),
+        })
+    }
+
+    pub fn url(&self) -> &http::Uri {
+        &self.url
+    }
+
+    /// The keys in force.
+    pub fn keys(&self) -> arc_swap::Guard<Arc<KeySet>> {
+        self.keys.load()
+    }
+
+    /// Fetches the keys again unless the last try was less than `min_interval` ago. Returns whether the keys
+    /// changed since the call (by this fetch, or by one that ran while this call waited for it).
+    pub async fn refresh(&self, min_interval: Duration) -> bool {
+        let before = self.generation.load(Ordering::Acquire);
+        let mut last = self.last_attempt.lock().await;
+        if self.generation.load(Ordering::Acquire) != before {
+            return true;
+        }
+        if last.is_some_and(|t| t.elapsed() < min_interval) {
+            return false;
+        }
+        *last = Some(Instant::now());
+        match timeout(FETCH_TIMEOUT, self.fetch())
+            .await
+            .unwrap_or(Err(FetchError::Timeout))
+        {
+            Ok(set) => {
+                tracing::debug!(url = %self.url, keys = set.key_count(), "JWKS fetched");
+                self.keys.store(Arc::new(set));
+                self.generation.fetch_add(1, Ordering::AcqRel);
+                true
+            }
+            Err(e) => {
+                tracing::warn!(url = %self.url, error = %e, "JWKS refresh failed: the keys in force are kept");
+                false
+            }
+        }
+    }
+
+    async fn fetch(&self) -> Result<KeySet, FetchError> {
+        let stream = tokio::net::TcpStream::connect(&self.authority)
+            .await
+            .map_err(FetchError::Connect)?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        // Owned by this fetch: it ends with the connection, when the answer has been read or the fetch dropped.
+        // When the connection ends first, the exchange fails on its own.
+        let conn = async move {
+            let _ = conn.await;
+            std::future::pending::<()>().await;
+        };
+        let exchange = async {
+            let path = self.url.path_and_query().map_or("/", |p| p.as_str());
+            let req = http::Request::get(path)
+                .header(http::header::HOST, self.url.authority().map_or("", |a| a.as_str()))
+                .header(http::header::ACCEPT, "application/json")
+                .body(Empty::<Bytes>::new())
+                .map_err(|_| FetchError::Body)?;
+            let resp = sender.send_request(req).await?;
+            if resp.status() != http::StatusCode::OK {
+                return Err(FetchError::Status(resp.status()));
+            }
+            let body = Limited::new(resp.into_body(), MAX_JWKS_BYTES)
+                .collect()
+                .await
+                .map_err(|_| FetchError::Body)?
+                .to_bytes();
+            Ok(KeySet::parse(&body)?)
+        };
+        tokio::select! {
+            result = exchange => result,
+            () = conn => Err(FetchError::Body),
+        }
+    }
+
+    /// Refreshes every [`REFRESH_EVERY`] until `stop`.
+    pub async fn run(self: Arc<Self>, stop: CancellationToken) {
+        loop {
+            self.refresh(Duration::ZERO).await;
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(REFRESH_EVERY) => {}
+            }
+        }
+    }
+}
