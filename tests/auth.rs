@@ -674,3 +674,52 @@ async fn a_reload_reads_the_key_files_again() {
     let (status, head, _s) = ask(proxy.addr, &upgrade_with_bearer("/", &second)).await;
     assert_eq!(status, 101, "{head}");
 }
+
+/// A JWKS over https from a server whose certificate chains to `jwks_ca`.
+async fn tls_jwks_server(body: Vec<u8>, tls: tokio_rustls::TlsAcceptor) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let Ok(mut stream) = tls.accept(stream).await else {
+                continue;
+            };
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") && stream.read(&mut byte).await.is_ok_and(|n| n == 1) {
+                head.push(byte[0]);
+            }
+            let answer = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = stream.write_all(answer.as_bytes()).await;
+            let _ = stream.write_all(&body).await;
+            let _ = stream.shutdown().await;
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_jwks_url_over_https_is_verified_against_jwks_ca() {
+    let mut backend = ws_backend("app").await;
+    let ca = support::tls::TestCa::new("jwks");
+    let site = ca.issue("jwks", &["localhost"]);
+    let jwks = tls_jwks_server(read("keys.jwks.json"), ca.server_config(&site, false).into()).await;
+    let routes = format!(
+        "[[route]]\nupstream = \"ws\"\n[route.auth.jwt]\njwks_url = \"https://localhost:{}/.well-known/jwks.json\"\n\
+         jwks_ca = \"{}\"\nalgorithms = [\"ES256\"]\n",
+        jwks.port(),
+        ca.ca_file.display()
+    );
+    let proxy = Proxy::from_toml(&config(&routes, backend.addr, None));
+    let c = serde_json::json!({"sub": "frank", "exp": now() + 600});
+    let good = sign(Algorithm::ES256, &es_key(), Some("es-1"), c);
+    let (status, head, _stream) = ask(proxy.addr, &upgrade_with_bearer("/", &good)).await;
+    assert_eq!(status, 101, "{head}");
+    backend.next_event().await;
+}

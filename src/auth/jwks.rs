@@ -1,7 +1,8 @@
 //! JSON Web Key Sets (RFC 7517): parsed from a file when the config is built, or fetched from a URL and refreshed:
 //! every [`REFRESH_EVERY`] by the control thread, and at once when a token names a key id the set lacks (at most
 //! every [`UNKNOWN_KID_REFRESH`], so tokens with made-up ids cannot make wsgate hammer the issuer). A failed
-//! refresh keeps the keys it had and logs why. Only `http://` URLs are fetched.
+//! refresh keeps the keys it had and logs why. `http://` and `https://` URLs are fetched (https verified against
+//! `jwks_ca` or the system's CA certificates).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -18,6 +19,8 @@ use tokio::time::{Instant, timeout};
 use tokio_util::sync::CancellationToken;
 
 use super::jwt::{TokenError, family};
+use crate::conn::Conn;
+use crate::tls::client::{ClientTls, TlsSettings};
 
 /// How often a JWKS URL is fetched again.
 pub const REFRESH_EVERY: Duration = Duration::from_secs(300);
@@ -138,6 +141,8 @@ enum FetchError {
     Timeout,
     #[error("cannot connect: {0}")]
     Connect(std::io::Error),
+    #[error("TLS: {0}")]
+    Tls(String),
     #[error("HTTP: {0}")]
     Http(#[from] hyper::Error),
     #[error("answered {0}")]
@@ -153,6 +158,8 @@ pub struct Remote {
     url: http::Uri,
     /// `host:port` to connect to.
     authority: String,
+    /// For an https URL: its TLS, and the host its certificate must name.
+    tls: Option<(ClientTls, String)>,
     keys: ArcSwap<KeySet>,
     /// Bumped by every successful fetch.
     generation: AtomicU64,
@@ -167,21 +174,36 @@ impl std::fmt::Debug for Remote {
 }
 
 impl Remote {
-    /// A JWKS URL (`http://host[:port]/path`) with no keys fetched yet.
-    pub fn new(url: &str) -> Result<Remote, String> {
+    /// A JWKS URL (`http://` or `https://host[:port]/path`) with no keys fetched yet. An https URL's server must
+    /// present a certificate chaining to `ca` (a PEM file), or without one to the system's CA certificates.
+    pub fn new(url: &str, ca: Option<&std::path::Path>) -> Result<Remote, String> {
         let uri: http::Uri = url.parse().map_err(|e| format!("`{url}` is not a URL: {e}"))?;
-        if uri.scheme_str() != Some("http") {
-            return Err(format!("`{url}`: only http:// URLs are fetched"));
-        }
+        let (tls, default_port) = match uri.scheme_str() {
+            Some("http") if ca.is_some() => return Err("`jwks_ca` applies to https:// URLs only".into()),
+            Some("http") => (None, 80),
+            Some("https") => {
+                let tls = match ca {
+                    Some(ca) => ClientTls::load(TlsSettings {
+                        ca: Some(ca.to_path_buf()),
+                        ..TlsSettings::default()
+                    }),
+                    None => ClientTls::system_roots(),
+                };
+                (Some(tls.map_err(|e| e.to_string())?), 443)
+            }
+            _ => return Err(format!("`{url}`: only http:// and https:// URLs are fetched")),
+        };
         let Some(authority) = uri.authority() else {
             return Err(format!("`{url}` has no host"));
         };
+        let host = authority.host().to_string();
         let authority = match authority.port_u16() {
             Some(_) => authority.to_string(),
-            None => format!("{}:80", authority.host()),
+            None => format!("{host}:{default_port}"),
         };
         Ok(Remote {
             url: uri,
+            tls: tls.map(|tls| (tls, host)),
             authority,
             keys: ArcSwap::from_pointee(KeySet::default()),
             generation: AtomicU64::new(0),
@@ -231,6 +253,17 @@ impl Remote {
         let stream = tokio::net::TcpStream::connect(&self.authority)
             .await
             .map_err(FetchError::Connect)?;
+        let stream = match &self.tls {
+            None => Conn::Tcp(stream),
+            Some((tls, host)) => {
+                let name = tls.server_name(host).map_err(|e| FetchError::Tls(e.to_string()))?;
+                let stream = tls
+                    .connect(stream, name)
+                    .await
+                    .map_err(|e| FetchError::Tls(e.to_string()))?;
+                Conn::ClientTls(Box::new(stream))
+            }
+        };
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
         // Owned by this fetch: it ends with the connection, when the answer has been read or the fetch dropped.
         // When the connection ends first, the exchange fails on its own.

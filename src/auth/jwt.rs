@@ -306,8 +306,8 @@ impl Keys {
     }
 
     /// A JWKS URL, fetched once wsgate runs.
-    pub fn jwks_url(url: &str) -> Result<Keys, String> {
-        Remote::new(url).map(|r| Keys::Remote(Arc::new(r)))
+    pub fn jwks_url(url: &str, ca: Option<&std::path::Path>) -> Result<Keys, String> {
+        Remote::new(url, ca).map(|r| Keys::Remote(Arc::new(r)))
     }
 }
 

@@ -94,6 +94,30 @@ impl ClientTls {
         })
     }
 
+    /// TLS to servers whose certificates chain to the system's CA certificates (those a browser would trust), for
+    /// public services such as an identity provider's JWKS.
+    pub fn system_roots() -> Result<ClientTls, TlsError> {
+        let found = rustls_native_certs::load_native_certs();
+        let mut roots = RootCertStore::empty();
+        let (added, _) = roots.add_parsable_certificates(found.certs);
+        if added == 0 {
+            let why = found.errors.first().map_or("none found".to_string(), |e| e.to_string());
+            return Err(TlsError::Setup(format!(
+                "no system CA certificates ({why}): give a CA file"
+            )));
+        }
+        let mut config = rustls::ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(VERSIONS)
+            .map_err(|e| TlsError::Setup(e.to_string()))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        config.alpn_protocols = vec![ALPN_HTTP1.to_vec()];
+        Ok(ClientTls {
+            settings: TlsSettings::default(),
+            config: Arc::new(config),
+        })
+    }
+
     pub fn settings(&self) -> &TlsSettings {
         &self.settings
     }

@@ -52,6 +52,7 @@ struct RawJwt {
     public_key_file: Option<Spanned<String>>,
     jwks_file: Option<Spanned<String>>,
     jwks_url: Option<Spanned<String>>,
+    jwks_ca: Option<Spanned<String>>,
     algorithms: Option<Spanned<Vec<Spanned<String>>>>,
     issuer: Option<Spanned<String>>,
     audience: Option<Spanned<String>>,
@@ -123,6 +124,10 @@ fn build_jwt(raw: &Spanned<RawJwt>, relay: &Relay, report: &mut Report<'_>) -> O
         );
         return None;
     };
+    if let (Some(ca), false) = (&j.jwks_ca, kind == "jwks_url") {
+        report.key(ca, "auth.jwt.jwks_ca", "applies with `jwks_url` only");
+        return None;
+    }
     let key_name = format!("auth.jwt.{kind}");
     let path = resolve(report, value.get_ref());
     let keys = match kind {
@@ -134,7 +139,10 @@ fn build_jwt(raw: &Spanned<RawJwt>, relay: &Relay, report: &mut Report<'_>) -> O
             _ => Err("one public key verifies one kind of algorithm: `algorithms` mixes RSA, EC and EdDSA".into()),
         },
         "jwks_file" => Keys::jwks_file(&path),
-        _ => Keys::jwks_url(value.get_ref()),
+        _ => {
+            let ca = j.jwks_ca.as_ref().map(|ca| resolve(report, ca.get_ref()));
+            Keys::jwks_url(value.get_ref(), ca.as_deref())
+        }
     };
     let keys = match keys {
         Ok(keys) => keys,
@@ -368,8 +376,10 @@ mod tests {
         assert!(jwt("secret_file = \"DIR/tests/auth/hs.key\"")[0].contains("`auth.jwt.algorithms`: is required"));
         let two = jwt("secret_file = \"x\"\njwks_url = \"http://a/\"\nalgorithms = [\"HS256\"]");
         assert!(two[0].contains("exactly one of"), "{two:?}");
-        let https = jwt("jwks_url = \"https://issuer/keys\"\nalgorithms = [\"RS256\"]");
-        assert!(https[0].contains("only http:// URLs"), "{https:?}");
+        let ftp = jwt("jwks_url = \"ftp://issuer/keys\"\nalgorithms = [\"RS256\"]");
+        assert!(ftp[0].contains("only http:// and https:// URLs"), "{ftp:?}");
+        let ca = jwt("jwks_url = \"https://issuer/keys\"\njwks_ca = \"missing.pem\"\nalgorithms = [\"RS256\"]");
+        assert!(ca[0].contains("missing.pem: cannot read"), "{ca:?}");
         let from = jwt("secret_file = \"DIR/tests/auth/hs.key\"\nalgorithms = [\"HS256\"]\nfrom = [\"header:x\"]");
         assert!(from[0].contains("expected bearer, cookie:NAME"), "{from:?}");
         let host = jwt(
