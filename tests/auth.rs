@@ -300,8 +300,7 @@ async fn plain_requests_and_keep_alive_upgrades_are_authenticated_through_hyper(
     );
     let proxy = Proxy::from_toml(&config(&routes, backend.addr, Some(http)));
     // The secret is the file's content without its trailing newline.
-    let secret = read("hs.key");
-    let key = EncodingKey::from_secret(secret.strip_suffix(b"\n").expect("a newline"));
+    let key = hs_key();
     let token = sign(
         Algorithm::HS256,
         &key,
@@ -480,8 +479,7 @@ async fn a_session_is_closed_with_1008_when_its_token_expires() {
         fixture("hs.key").display()
     );
     let proxy = Proxy::from_toml(&config(&routes, backend.addr, None));
-    let secret = read("hs.key");
-    let key = EncodingKey::from_secret(secret.strip_suffix(b"\n").expect("a newline"));
+    let key = hs_key();
     let token = sign(
         Algorithm::HS256,
         &key,
@@ -673,6 +671,12 @@ async fn a_reload_reads_the_key_files_again() {
     assert_eq!(status, 401, "the old secret is gone");
     let (status, head, _s) = ask(proxy.addr, &upgrade_with_bearer("/", &second)).await;
     assert_eq!(status, 101, "{head}");
+}
+
+/// The HS secret of tests/auth/hs.key: the file's content without its trailing newline.
+fn hs_key() -> EncodingKey {
+    let secret = read("hs.key");
+    EncodingKey::from_secret(secret.strip_suffix(b"\n").expect("a newline"))
 }
 
 /// A JWKS over https from a server whose certificate chains to `jwks_ca`.

@@ -6,26 +6,17 @@
 
 mod support;
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 
 use tokio::io::AsyncWriteExt;
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpStream;
 
 use support::binary::Binary;
-use support::raw::{Peer, read_head};
+use support::raw::{Peer, connect_from, read_head};
 use support::*;
 
 const TRUSTED: u8 = 1;
 const UNTRUSTED: u8 = 2;
-
-/// A connection to `addr` from the loopback address 127.0.0.`last`.
-async fn connect_from(last: u8, addr: SocketAddr) -> TcpStream {
-    let socket = TcpSocket::new_v4().expect("socket");
-    socket
-        .bind(SocketAddr::from((Ipv4Addr::new(127, 0, 0, last), 0)))
-        .expect("bind a loopback source address");
-    within("connect", socket.connect(addr)).await.expect("connect")
-}
 
 fn status_of(head: &str) -> u16 {
     head.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0)

@@ -4,23 +4,14 @@
 
 mod support;
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpStream;
 
-use support::raw::{header_value, read_head};
+use support::raw::{connect_from, header_value, read_head};
 use support::*;
-
-/// A connection to `addr` from the loopback address 127.0.0.`last`.
-async fn connect_from(last: u8, addr: SocketAddr) -> TcpStream {
-    let socket = TcpSocket::new_v4().expect("socket");
-    socket
-        .bind(SocketAddr::from((Ipv4Addr::new(127, 0, 0, last), 0)))
-        .expect("bind a loopback source address");
-    within("connect", socket.connect(addr)).await.expect("connect")
-}
 
 /// Sends `request` from 127.0.0.`last`; the answer's status and head, and the connection (open for a 101).
 async fn ask_from(last: u8, addr: SocketAddr, request: &str) -> (u16, String, TcpStream) {

@@ -320,3 +320,15 @@ pub async fn recording_backend(mut server: Peer, answer_pings: bool, echoed: &[u
     }
     seen
 }
+
+/// A connection to `addr` from the loopback address 127.0.0.`last` (tests of per-client rules need several).
+pub async fn connect_from(last: u8, addr: std::net::SocketAddr) -> tokio::net::TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind(std::net::SocketAddr::from((
+            std::net::Ipv4Addr::new(127, 0, 0, last),
+            0,
+        )))
+        .expect("bind a loopback source address");
+    super::within("connect", socket.connect(addr)).await.expect("connect")
+}
