@@ -415,6 +415,32 @@ async fn exactly_100_header_fields_are_accepted() {
     conn.send(upgrade_request("/", &extra).as_bytes()).await;
     let head = conn.read_head().await;
     assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
+
+    // Any extension the backend accepts when none was offered is refused, not only permessage-deflate.
+    let mut other = raw_backend(|mut s: TcpStream| async move {
+        let _ = s
+            .write_all(
+                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                  Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\
+                  Sec-WebSocket-Extensions: x-custom; level=2\r\n\r\n",
+            )
+            .await;
+        hold(s).await;
+    })
+    .await;
+    let proxy = Proxy::from_toml(&format!(
+        "[[listener]]\nname = \"l\"\naddress = \"127.0.0.1:0\"\n\
+         [[route]]\nupstream = \"u\"\npermessage_deflate = \"strip\"\n\
+         [[upstream]]\nname = \"u\"\n[[upstream.server]]\naddress = \"{}\"\n",
+        other.addr
+    ));
+    let reply = exchange(
+        proxy.addr,
+        upgrade_request("/", "Sec-WebSocket-Extensions: x-custom\r\n").as_bytes(),
+    )
+    .await;
+    other.next_request().await;
+    assert_eq!(refusal_reason(&reply, 502, "Bad Gateway"), "bad answer from upstream");
 }
 
 #[tokio::test]

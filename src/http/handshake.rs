@@ -475,10 +475,11 @@ pub enum BodyFraming {
 pub enum BackendAnswer {
     Partial,
     /// `101 Switching Protocols` with the right accept key: pass `head_len` bytes on as they are. `deflate`: the
-    /// backend accepted permessage-deflate (frames may carry RSV1).
+    /// backend accepted permessage-deflate (frames may carry RSV1); `extensions`: it accepted some extension.
     Switching {
         head_len: usize,
         deflate: bool,
+        extensions: bool,
     },
     /// Any other status: pass `head` (rewritten to close the connection after the body) and then the body.
     Other {
@@ -515,6 +516,7 @@ pub fn inspect_response(buf: &[u8], accept: &[u8; 28]) -> Result<BackendAnswer, 
             (Some(a), None) if a.trim_ascii() == accept => Ok(BackendAnswer::Switching {
                 head_len,
                 deflate: negotiates_deflate(header(headers, EXTENSIONS)),
+                extensions: accepts_extensions(header(headers, EXTENSIONS)),
             }),
             _ => Err(ResponseError::BadAccept),
         };
@@ -543,6 +545,13 @@ pub fn inspect_response(buf: &[u8], accept: &[u8; 28]) -> Result<BackendAnswer, 
         head,
         framing,
     })
+}
+
+/// Whether `Sec-WebSocket-Extensions` values name any extension.
+pub fn accepts_extensions<'a>(values: impl IntoIterator<Item = &'a [u8]>) -> bool {
+    values
+        .into_iter()
+        .any(|v| v.split(|&b| b == b',').any(|ext| !ext.trim_ascii().is_empty()))
 }
 
 /// Whether `Sec-WebSocket-Extensions` values name permessage-deflate (RFC 7692).
@@ -991,7 +1000,8 @@ mod tests {
             inspect_response(ok.as_bytes(), &accept),
             Ok(BackendAnswer::Switching {
                 head_len: ok.len(),
-                deflate: false
+                deflate: false,
+                extensions: false
             })
         );
         let odd = "HTTP/1.1 099 Odd\r\nContent-Length: 2\r\n\r\nno";

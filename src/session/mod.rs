@@ -456,7 +456,7 @@ async fn open(
         Err(refusal) => return refuse(client, record, refusal).await,
     };
     match opened.head {
-        AnswerHead::Switching { deflate, head_len } => {
+        AnswerHead::Switching { deflate, head_len, .. } => {
             let cookie = upstream.sticky_cookie(prepared.choice, opened.server.server());
             let (answer_head, backend_early) = opened.answer.split_at(head_len.min(opened.answer.len()));
             record.status = 101;
@@ -581,6 +581,8 @@ async fn read_request(
 enum AnswerHead {
     Switching {
         deflate: bool,
+        /// The backend accepted some extension.
+        extensions: bool,
         head_len: usize,
     },
     Other {
@@ -619,7 +621,7 @@ async fn open_backend(
             Ok(mut backend) => {
                 let exchange = exchange_heads(&mut backend, &prepared.forward, &prepared.accept);
                 match timeout(handshake_timeout, exchange).await {
-                    Ok(Ok((_, AnswerHead::Switching { deflate: true, .. }))) if prepared.extensions_stripped => {
+                    Ok(Ok((_, AnswerHead::Switching { extensions: true, .. }))) if prepared.extensions_stripped => {
                         UpstreamError::BadAnswer {
                             server,
                             reason: ResponseError::ExtensionNotOffered.to_string(),
@@ -699,7 +701,15 @@ async fn exchange_heads(
         }
         let head = match handshake::inspect_response(&buf, accept).map_err(Exchange::Answer)? {
             BackendAnswer::Partial => continue,
-            BackendAnswer::Switching { deflate, head_len } => AnswerHead::Switching { deflate, head_len },
+            BackendAnswer::Switching {
+                deflate,
+                extensions,
+                head_len,
+            } => AnswerHead::Switching {
+                deflate,
+                extensions,
+                head_len,
+            },
             BackendAnswer::Other {
                 status,
                 head_len,

@@ -514,7 +514,13 @@ async fn upgrade(
             .iter()
             .map(HeaderValue::as_bytes),
     );
-    if strip && deflate {
+    let extensions = handshake::accepts_extensions(
+        resp.headers()
+            .get_all(handshake::EXTENSIONS)
+            .iter()
+            .map(HeaderValue::as_bytes),
+    );
+    if strip && extensions {
         let reason = handshake::ResponseError::ExtensionNotOffered.to_string();
         return Err(refused(UpstreamError::BadAnswer { server, reason }));
     }
