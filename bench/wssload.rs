@@ -8,7 +8,9 @@
 //! `--header NAME:VALUE` (repeatable) adds a header to every upgrade request (a bearer token, say).
 //!
 //! `handshake`: C loops of TCP connect + a full TLS handshake (no resumption) + WebSocket upgrade + one echo +
-//! close. `throughput`: C connections with W messages of SIZE bytes in flight each, every echo checked. Both warm
+//! close. `throughput`: C connections with W messages of SIZE bytes in flight each, every echo checked; like
+//! ../shared/bench's wsload and echo-backend, the client and the backend answer every message already read with
+//! one flush. Both warm
 //! up for a second, then count for SECS and read the CPU time (user + system) the watched processes spent in that
 //! window from /proc, so start-up and teardown are not counted.
 
@@ -18,7 +20,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::net::{TcpListener, TcpStream};
@@ -109,7 +111,8 @@ fn main() {
     }
 }
 
-/// Echoes every message on every connection.
+/// Echoes every message on every connection, batching replies as ../shared/bench's echo-backend does: every
+/// message already read is answered with one flush.
 async fn backend(listen: SocketAddr) -> Result<(), String> {
     let listener = TcpListener::bind(listen).await.map_err(|e| e.to_string())?;
     loop {
@@ -118,12 +121,22 @@ async fn backend(listen: SocketAddr) -> Result<(), String> {
         };
         let _ = stream.set_nodelay(true);
         tokio::spawn(async move {
-            let Ok(ws) = tokio_tungstenite::accept_async(stream).await else {
+            let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else {
                 return;
             };
-            let (mut tx, mut rx) = ws.split();
-            while let Some(Ok(msg)) = rx.next().await {
-                if (msg.is_text() || msg.is_binary()) && tx.send(msg).await.is_err() {
+            while let Some(Ok(first)) = ws.next().await {
+                let mut next = Some(first);
+                while let Some(msg) = next.take() {
+                    if (msg.is_text() || msg.is_binary()) && ws.feed(msg).await.is_err() {
+                        return;
+                    }
+                    next = match ws.next().now_or_never() {
+                        Some(Some(Ok(msg))) => Some(msg),
+                        Some(_) => return,
+                        None => None,
+                    };
+                }
+                if ws.flush().await.is_err() {
                     return;
                 }
             }
@@ -236,28 +249,46 @@ async fn load(args: &Args) -> Result<(), String> {
                 errors.fetch_add(1, Ordering::Relaxed);
                 return;
             };
-            let (mut tx, mut rx) = ws.split();
+            let mut ws = ws;
             for _ in 0..window {
-                if tx.feed(Message::binary(payload.clone())).await.is_err() {
+                if ws.feed(Message::binary(payload.clone())).await.is_err() {
                     return;
                 }
             }
-            if tx.flush().await.is_err() {
+            if ws.flush().await.is_err() {
                 return;
             }
+            // As ../shared/bench's wsload: every echo already read is counted and answered, then one flush.
             while !stop.load(Ordering::Relaxed) {
-                match rx.next().await {
-                    Some(Ok(Message::Binary(b))) if b.len() == payload.len() => {
-                        count(1);
-                        if tx.send(Message::binary(payload.clone())).await.is_err() {
-                            return;
-                        }
-                    }
-                    Some(Ok(_)) => {}
+                let mut next = match ws.next().await {
+                    Some(Ok(msg)) => Some(msg),
                     _ => {
                         errors.fetch_add(1, Ordering::Relaxed);
                         return;
                     }
+                };
+                while let Some(msg) = next.take() {
+                    match msg {
+                        Message::Binary(b) if b.len() == payload.len() => {
+                            count(1);
+                            if ws.feed(Message::binary(payload.clone())).await.is_err() {
+                                return;
+                            }
+                        }
+                        Message::Binary(_) | Message::Text(_) => {
+                            errors.fetch_add(1, Ordering::Relaxed);
+                            return;
+                        }
+                        _ => {}
+                    }
+                    next = match ws.next().now_or_never() {
+                        Some(Some(Ok(msg))) => Some(msg),
+                        Some(_) => return,
+                        None => None,
+                    };
+                }
+                if ws.flush().await.is_err() {
+                    return;
                 }
             }
         }));
