@@ -90,23 +90,37 @@ impl Conn {
         }
     }
 
-    /// Closes the sending half (tunnel mode, when the other side has closed its own): on TLS after a
-    /// close_notify, written if the socket takes it now. Best effort: the peer may be gone already.
-    pub(crate) fn shutdown_write(&mut self) {
-        let waker = futures_util::task::noop_waker_ref();
-        let mut cx = Context::from_waker(waker);
+    /// Whether TLS holds bytes for the socket that it has not written yet (a plain socket holds none).
+    #[inline]
+    pub(crate) fn holds_out(&self) -> bool {
         match self {
-            Conn::Tcp(_) => {}
+            Conn::Tcp(_) => false,
+            Conn::ServerTls(s) => s.get_ref().1.wants_write(),
+            Conn::ClientTls(s) => s.get_ref().1.wants_write(),
+        }
+    }
+
+    /// Closes the sending half (tunnel mode, when the other side has closed its own): on TLS after a
+    /// close_notify, once it and everything before it are written. A peer that is gone is not waited for: the
+    /// other direction reports it.
+    pub(crate) fn poll_shutdown_write(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let flushed = match self {
+            Conn::Tcp(_) => Poll::Ready(Ok(())),
             Conn::ServerTls(s) => {
+                // Queued once: rustls sends no second close_notify.
                 s.get_mut().1.send_close_notify();
-                let _ = Pin::new(&mut **s).poll_flush(&mut cx);
+                Pin::new(&mut **s).poll_flush(cx)
             }
             Conn::ClientTls(s) => {
                 s.get_mut().1.send_close_notify();
-                let _ = Pin::new(&mut **s).poll_flush(&mut cx);
+                Pin::new(&mut **s).poll_flush(cx)
             }
+        };
+        if flushed.is_pending() {
+            return Poll::Pending;
         }
         let _ = SockRef::from(self.tcp()).shutdown(std::net::Shutdown::Write);
+        Poll::Ready(())
     }
 }
 

@@ -650,3 +650,51 @@ async fn a_proxy_protocol_header_comes_before_tls_and_names_the_client() {
     assert!(report.contains("[\"x-real-ip\",\"203.0.113.7\"]"), "{report}");
     assert!(report.contains("[\"x-forwarded-proto\",\"https\"]"), "{report}");
 }
+
+/// A wss client that stops reading while its backend keeps sending: what TLS holds for it counts as bytes waiting
+/// for a receiver, so the write timeout closes the connection (tunnel and frames mode), and no sooner.
+#[tokio::test]
+async fn a_wss_client_that_stops_reading_is_closed_after_the_write_timeout() {
+    const TIMEOUT: Duration = Duration::from_secs(1);
+    let ca = TestCa::new("stuck-reader");
+    let site = ca.issue("site", &["localhost"]);
+    let backend = ws_backend("b").await;
+    for relay in ["tunnel", "frames"] {
+        let text = single(&site, backend.addr).replace(
+            "upstream = \"app\"\n\n",
+            &format!("upstream = \"app\"\nrelay = \"{relay}\"\nwrite_timeout = \"1s\"\n\n"),
+        );
+        let proxy = Proxy::from_toml(&text);
+        let mut stream = tls_connect(proxy.addr, "localhost", ca.client_config())
+            .await
+            .expect("TLS");
+        stream
+            .write_all(support::upgrade_request("/", "").as_bytes())
+            .await
+            .expect("upgrade");
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            within("the 101", stream.read_exact(&mut byte)).await.expect("read");
+            head.push(byte[0]);
+        }
+        assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
+        // Messages the backend echoes, never read back: the echoes back up into wsgate.
+        let frame = support::raw::client_frame(true, 0x2, &[7u8; 64 * 1024]);
+        let started = tokio::time::Instant::now();
+        let written = within("wsgate to close the stuck reader's connection", async {
+            let mut n = 0usize;
+            while n < 4096 && stream.write_all(&frame).await.is_ok() && stream.flush().await.is_ok() {
+                n += 1;
+            }
+            n
+        })
+        .await;
+        let took = started.elapsed();
+        assert!(written < 4096, "{relay}: every write went through: never closed");
+        assert!(
+            took >= TIMEOUT,
+            "{relay}: closed after {took:?}, before the write timeout"
+        );
+    }
+}

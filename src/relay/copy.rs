@@ -161,10 +161,13 @@ impl Half {
         relayed: &mut u64,
         active: &mut bool,
         other_done: bool,
+        dst_dead: bool,
         mut frames: Option<&mut FrameDir>,
     ) -> Poll<Result<(), HalfError>> {
         if self.done && !self.has_pending() && frames.as_deref().is_none_or(|dir| !dir.has_injection()) {
-            ready!(dst.poll_flush_out(cx)).map_err(HalfError::Write)?;
+            if !dst_dead {
+                ready!(dst.poll_flush_out(cx)).map_err(HalfError::Write)?;
+            }
             return Poll::Ready(Ok(()));
         }
         let mut reads = 0;
@@ -179,8 +182,11 @@ impl Half {
                 self.pending = Vec::new();
                 self.written = 0;
             }
-            // What TLS still holds for `dst` goes out before more is read for it.
-            ready!(dst.poll_flush_out(cx)).map_err(HalfError::Write)?;
+            // What TLS still holds for `dst` goes out before more is read for it (unless `dst` is gone, and what
+            // is read for it is dropped anyway).
+            if !dst_dead {
+                ready!(dst.poll_flush_out(cx)).map_err(HalfError::Write)?;
+            }
             if let Some(dir) = frames.as_deref_mut() {
                 // A frame of wsgate's own waiting for a boundary the walk has already reached.
                 if let Some(frame) = dir.take_injection() {
@@ -196,7 +202,7 @@ impl Half {
                 // the FIN: no need to shut the write half first. The peer may already be gone; its own direction
                 // reports that.
                 if !other_done {
-                    dst.shutdown_write();
+                    ready!(dst.poll_shutdown_write(cx));
                 }
                 self.done = true;
                 return Poll::Ready(Ok(()));
@@ -287,6 +293,15 @@ impl Future for Relay<'_> {
 }
 
 impl Relay<'_> {
+    /// Whether each direction (client to backend, backend to client) has bytes waiting for its receiver: in the
+    /// relay's own buffer, or held by TLS for the receiver's socket.
+    fn pending(&self) -> [bool; 2] {
+        [
+            self.up.has_pending() || self.backend.holds_out(),
+            self.down.has_pending() || self.client.holds_out(),
+        ]
+    }
+
     fn poll_tunnel(&mut self, cx: &mut Context<'_>) -> Poll<End> {
         let mut active = false;
         let up = self.up.poll_copy(
@@ -296,6 +311,7 @@ impl Relay<'_> {
             &mut self.counters.client_to_backend,
             &mut active,
             self.down.done,
+            false,
             None,
         );
         let up_done = match up {
@@ -311,6 +327,7 @@ impl Relay<'_> {
             &mut self.counters.backend_to_client,
             &mut active,
             self.up.done,
+            false,
             None,
         );
         let down_done = match down {
@@ -345,7 +362,7 @@ impl Relay<'_> {
 
     /// Tunnel mode: a receiver that leaves the bytes held for it unread for the write timeout ends the connection.
     fn poll_write_timeout(&mut self, cx: &mut Context<'_>) -> Option<End> {
-        let pending = [self.up.has_pending(), self.down.has_pending()];
+        let pending = self.pending();
         if !pending[0] && !pending[1] {
             // The common case, without a look at the clock.
             if let Some(w) = &mut self.watch {
@@ -419,8 +436,18 @@ impl Relay<'_> {
                 half.written = 0;
             }
             let heard_before = *relayed;
+            let dst_dead = frames.is_dead(side.other());
             let dir = frames.dir_mut(side);
-            match half.poll_copy(cx, src, dst, &mut *relayed, &mut active, other_done, Some(dir)) {
+            match half.poll_copy(
+                cx,
+                src,
+                dst,
+                &mut *relayed,
+                &mut active,
+                other_done,
+                dst_dead,
+                Some(dir),
+            ) {
                 Poll::Ready(Ok(())) => {
                     if half.eof {
                         frames.source_closed(side, None);
@@ -434,7 +461,12 @@ impl Relay<'_> {
                 frames.heard(side);
             }
         }
-        let pending = [self.up.has_pending(), self.down.has_pending()];
+        // Bytes for a receiver that is gone are not waited for.
+        let [up, down] = self.pending();
+        let pending = [
+            up && !frames.is_dead(Side::Backend),
+            down && !frames.is_dead(Side::Client),
+        ];
         let written = [self.up.delivered, self.down.delivered];
         let (client, backend) = (self.client.tcp(), self.backend.tcp());
         let unacked = |i: usize| crate::sys::unacked_bytes(if i == 0 { backend } else { client });
@@ -450,10 +482,11 @@ impl Relay<'_> {
     }
 
     fn poll_idle(&mut self, cx: &mut Context<'_>, active: bool) -> Poll<End> {
+        let pending = self.idle.is_some() && self.pending().contains(&true);
         if let Some(idle) = &mut self.idle {
             // Bytes held for a reader that is draining them slowly are not idleness: the kernel may not report the
             // socket writable again for longer than the timeout while the reader keeps reading.
-            if active || self.up.has_pending() || self.down.has_pending() {
+            if active || pending {
                 idle.last_activity = Instant::now();
             }
             while idle.timer.as_mut().poll(cx).is_ready() {

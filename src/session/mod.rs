@@ -281,8 +281,19 @@ async fn relay_switched(
     active.register(id, signal.clone());
     let shutting_down = frames.is_some().then(|| shared.shutting_down.clone());
     let stop = relay::Stop::new(signal, shutting_down);
-    relay::relay(&mut client, &mut backend, timeouts, frames, early, counters, stop).await
+    let end = relay::relay(&mut client, &mut backend, timeouts, frames, early, counters, stop).await;
+    // TLS ends with a close_notify (and whatever rustls still held before it), briefly: a peer that reads nothing
+    // more is not waited for.
+    for conn in [&mut client, &mut backend] {
+        if conn.is_tls() {
+            let _ = timeout(TLS_CLOSE_WAIT, conn.shutdown()).await;
+        }
+    }
+    end
 }
+
+/// How long the end of a TLS connection waits for its close_notify to be written.
+const TLS_CLOSE_WAIT: Duration = Duration::from_millis(500);
 
 /// An upgrade request routed, with its server choice made and its head for the backend written.
 struct Prepared {
@@ -684,6 +695,7 @@ async fn exchange_heads(
     accept: &[u8; 28],
 ) -> Result<(Vec<u8>, AnswerHead), Exchange> {
     backend.write_all(forward).await.map_err(Exchange::Io)?;
+    backend.flush().await.map_err(Exchange::Io)?;
     let mut buf = Vec::with_capacity(1024);
     loop {
         let room = MAX_HEAD_BYTES.saturating_sub(buf.len()).max(1);
@@ -766,9 +778,12 @@ async fn pass_answer(
 
 /// Writes all of `bytes` unless the peer takes none of them for `limit`.
 async fn write_within(stream: &mut Conn, bytes: &[u8], limit: Duration) -> std::io::Result<()> {
-    timeout(limit, stream.write_all(bytes))
-        .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "peer stopped reading"))?
+    timeout(limit, async {
+        stream.write_all(bytes).await?;
+        stream.flush().await
+    })
+    .await
+    .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "peer stopped reading"))?
 }
 
 /// Answers the client with a refusal and closes: the fast path serves one request per connection. Returns `None`:
@@ -778,7 +793,11 @@ async fn refuse(mut client: Conn, record: &mut ConnectionRecord, refusal: Refusa
     let answer = refusal.answer().closing();
     record.status = answer.status;
     record.end = format!("refused: {refusal}");
-    if timeout(WRITE_LIMIT, client.write_all(&answer.to_bytes())).await.is_ok() {
+    let written = timeout(WRITE_LIMIT, async {
+        client.write_all(&answer.to_bytes()).await?;
+        client.flush().await
+    });
+    if written.await.is_ok() {
         lingering_close(client).await;
     }
     None

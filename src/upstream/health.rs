@@ -121,6 +121,7 @@ async fn probe_http(mut stream: Conn, check: &HealthCheck, host: &str) -> Result
         check.path
     );
     stream.write_all(request.as_bytes()).await?;
+    stream.flush().await?;
     let mut buf = Vec::with_capacity(1024);
     let status = read_until(&mut stream, &mut buf, |bytes| {
         let mut headers = [httparse::EMPTY_HEADER; 64];
@@ -180,6 +181,7 @@ async fn probe_websocket(mut stream: Conn, check: &HealthCheck, host: &str) -> R
         check.path
     );
     stream.write_all(request.as_bytes()).await?;
+    stream.flush().await?;
     let accept = crate::ws::accept_key(key.as_bytes());
     let mut buf = Vec::with_capacity(1024);
     let head_len = read_until(&mut stream, &mut buf, |bytes| {
@@ -202,6 +204,7 @@ async fn probe_websocket(mut stream: Conn, check: &HealthCheck, host: &str) -> R
         let mut out = frame::control_frame(opcode::PING, &payload, Some(mask));
         out.extend_from_slice(&close);
         stream.write_all(&out).await?;
+        stream.flush().await?;
         let mut ponged = false;
         return read_until(&mut stream, &mut buf, |bytes| {
             let mut rest = bytes.to_vec();
@@ -221,6 +224,7 @@ async fn probe_websocket(mut stream: Conn, check: &HealthCheck, host: &str) -> R
     stream
         .write_all(&data_frame(opcode::TEXT, text.as_bytes(), mask))
         .await?;
+    stream.flush().await?;
     read_until(&mut stream, &mut buf, |bytes| {
         let mut rest = bytes.to_vec();
         while let Some((header, _)) = take_frame(&mut rest)? {
@@ -234,6 +238,7 @@ async fn probe_websocket(mut stream: Conn, check: &HealthCheck, host: &str) -> R
     })
     .await?;
     stream.write_all(&close).await?;
+    stream.flush().await?;
     let mut buf = Vec::new();
     read_until(&mut stream, &mut buf, |bytes| {
         let mut rest = bytes.to_vec();
