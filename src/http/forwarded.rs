@@ -122,8 +122,10 @@ enum Node {
 }
 
 /// The client a trusted `peer`'s chain names: walking from the right, the first address that is not a trusted
-/// proxy; when every address is one, the leftmost; with no address at all, the peer. Entries naming no address are
-/// passed over (the first noted in `ignored`).
+/// proxy; when every address is one, the leftmost; with no address at all, the peer. An entry naming no address
+/// (`unknown`, an obfuscated `_name`, garbage) ends the walk at the trusted hop to its right (or the peer): what is
+/// left of it was written by whoever that hop could not name, the client itself perhaps, and is not believed. The
+/// entry is noted in `ignored`.
 fn derive(peer: IpAddr, trusted: &TrustedProxies, relayed: &Relayed, ignored: &mut Option<String>) -> IpAddr {
     let mut nodes = Vec::new();
     if !relayed.x_forwarded_for.is_empty() {
@@ -141,10 +143,9 @@ fn derive(peer: IpAddr, trusted: &TrustedProxies, relayed: &Relayed, ignored: &m
             Node::Ip(ip) if !trusted.contains(ip) => return ip,
             Node::Ip(ip) => leftmost = ip,
             Node::Unnamed | Node::Malformed => {
-                if ignored.is_none() {
-                    let text = String::from_utf8_lossy(text);
-                    *ignored = Some(text.trim().chars().take(MAX_ECHOED).collect());
-                }
+                let text = String::from_utf8_lossy(text);
+                *ignored = Some(text.trim().chars().take(MAX_ECHOED).collect());
+                return leftmost;
             }
         }
     }
@@ -382,13 +383,16 @@ mod tests {
     }
 
     #[test]
-    fn entries_naming_no_address_are_passed_over_and_noted() {
+    fn an_entry_naming_no_address_ends_the_walk_at_the_trusted_hop_after_it() {
+        // What is left of `unknown` may be the client's own writing: 198.51.100.7 is not believed.
         let c = client(
             "10.0.0.1",
             &[("X-Forwarded-For", "198.51.100.7, garbage, unknown, 10.3.3.3")],
         );
-        assert_eq!(c.ip, ip("198.51.100.7"));
+        assert_eq!(c.ip, ip("10.3.3.3"));
         assert_eq!(c.ignored.as_deref(), Some("unknown"));
+        let c = client("10.0.0.1", &[("X-Forwarded-For", "1.2.3.4, _hidden")]);
+        assert_eq!((c.ip, c.ignored.as_deref()), (ip("10.0.0.1"), Some("_hidden")));
         let c = client("10.0.0.1", &[("X-Forwarded-For", ",,,")]);
         assert_eq!(c.ip, ip("10.0.0.1"));
         let c = client("10.0.0.1", &[("Forwarded", "for=_hidden, for=\"[::1\"")]);
