@@ -100,6 +100,13 @@ impl Running {
     pub fn reload(&mut self, config: Config) -> Result<(), ServerError> {
         warn_insecure(&config);
         let current = self.shared.snapshot.load_full();
+        // Key sets fetched from JWKS URLs carry over to the new config's routes with the same URL.
+        let previous = crate::auth::remotes(&current.config);
+        for remote in crate::auth::remotes(&config) {
+            for old in &previous {
+                remote.adopt(old);
+            }
+        }
         if config.server.workers != current.config.server.workers {
             tracing::warn!("`workers` changed: it takes effect at the next start, not on reload");
         }
@@ -174,8 +181,17 @@ impl Running {
 }
 
 /// Binds the listening sockets and starts the worker threads.
-/// Says loudly, at start and at every reload, which upstreams take any certificate.
+/// Says loudly, at start and at every reload, which upstreams take any certificate, and which JWKS URLs are
+/// fetched without TLS.
 fn warn_insecure(config: &Config) {
+    for remote in crate::auth::remotes(config) {
+        if remote.url().scheme_str() == Some("http") {
+            tracing::warn!(
+                jwks_url = %remote.url(),
+                "INSECURE: a JWKS URL over plain http: anyone on the path to it can serve keys and sign tokens"
+            );
+        }
+    }
     for upstream in &config.upstreams {
         if upstream.tls.as_ref().is_some_and(|t| t.settings().insecure_skip_verify) {
             tracing::warn!(

@@ -26,7 +26,6 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::jwks::Remote;
-use crate::auth::jwt::Keys;
 use crate::config::HealthCheck;
 use crate::state::Snapshot;
 use crate::tls::client::ClientTls;
@@ -187,15 +186,7 @@ impl Control {
 
     /// Runs a refresh task for each JWKS URL of `snapshot`'s routes, and stops those of key sets it no longer has.
     fn follow_jwks(&mut self, snapshot: &Snapshot) {
-        let remotes: Vec<Arc<Remote>> = snapshot
-            .config
-            .routes
-            .iter()
-            .filter_map(|r| match &r.auth.as_ref()?.jwt.as_ref()?.keys {
-                Keys::Remote(remote) => Some(remote.clone()),
-                _ => None,
-            })
-            .collect();
+        let remotes: Vec<Arc<Remote>> = crate::auth::remotes(&snapshot.config);
         let wanted: Vec<usize> = remotes.iter().map(|r| Arc::as_ptr(r) as usize).collect();
         self.jwks.retain(|k, stop| {
             let keep = wanted.contains(k);

@@ -124,9 +124,10 @@ enum Form {
     Subprotocol,
 }
 
-/// An upgrade request for `/ws` with `token` in `form`, and a forged identity header.
+/// An upgrade request for `/ws` with `token` in `form`, and forged identity headers (one spelled with
+/// underscores, which CGI-style backends read as the same header).
 fn upgrade_with(form: Form, token: &str) -> String {
-    let forged = "X-Auth-Subject: admin\r\n";
+    let forged = "X-Auth-Subject: admin\r\nX_Auth_Subject: admin\r\n";
     match form {
         Form::Bearer => upgrade_request("/ws?x=1", &format!("{forged}Authorization: Bearer {token}\r\n")),
         Form::Cookie => upgrade_request("/ws?x=1", &format!("{forged}Cookie: theme=dark; session={token}\r\n")),
@@ -241,6 +242,7 @@ async fn every_bad_token_is_refused_in_every_form_and_a_good_one_forwards_only_t
                 .collect()
         };
         assert_eq!(values("x-auth-subject"), ["alice"], "{form:?}: {headers:?}");
+        assert!(values("x_auth_subject").is_empty(), "{form:?}: {headers:?}");
         assert!(values("authorization").is_empty(), "{form:?}: {headers:?}");
         assert!(
             values("cookie").iter().all(|c| !c.contains("session=")),
@@ -726,4 +728,61 @@ async fn a_jwks_url_over_https_is_verified_against_jwks_ca() {
     let (status, head, _stream) = ask(proxy.addr, &upgrade_with_bearer("/", &good)).await;
     assert_eq!(status, 101, "{head}");
     backend.next_event().await;
+}
+
+/// Failed credentials count against the listener's handshake rate: a client guessing tokens or keys is throttled
+/// (429 + Retry-After), on the fast path and on an upgrade after a plain request.
+#[tokio::test]
+async fn failed_credentials_cost_handshakes_of_the_clients_rate() {
+    let backend = ws_backend("app").await;
+    let text = config(&table_route(), backend.addr, None).replace(
+        "address = \"127.0.0.1:0\"\n",
+        "address = \"127.0.0.1:0\"\nhandshakes_per_second_per_ip = 1\nhandshake_burst = 2\n",
+    );
+    let proxy = Proxy::from_toml(&text);
+    let mut statuses = Vec::new();
+    for _ in 0..6 {
+        let (status, _, _) = ask(proxy.addr, &upgrade_with_bearer("/ws", "not.a.token")).await;
+        statuses.push(status);
+    }
+    assert_eq!(statuses[0], 401, "{statuses:?}");
+    assert!(statuses.contains(&429), "guessing is never throttled: {statuses:?}");
+    let (status, head, _) = ask(proxy.addr, &upgrade_with_bearer("/ws", "not.a.token")).await;
+    assert_eq!(status, 429, "{head}");
+    assert!(header_value(&head, "retry-after").is_some(), "{head}");
+}
+
+/// A reload keeps the keys fetched from a JWKS URL that stays: with the issuer unreachable since the first fetch,
+/// tokens still verify after the reload (the new config's key set starts with the old one's keys).
+#[tokio::test]
+async fn a_reload_keeps_the_keys_of_a_jwks_url_whose_issuer_is_gone() {
+    let mut backend = ws_backend("app").await;
+    // Serves the set once, then is gone.
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let jwks = listener.local_addr().expect("addr");
+    let body = read("keys.jwks.json");
+    let served = tokio::spawn(async move {
+        let (mut stream, _) = listener.accept().await.expect("accept");
+        let _ = read_head(&mut stream).await;
+        let head = format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        );
+        let _ = stream.write_all(head.as_bytes()).await;
+        let _ = stream.write_all(&body).await;
+    });
+    let routes = format!(
+        "[[route]]\nupstream = \"ws\"\n[route.auth.jwt]\njwks_url = \"http://{jwks}/keys\"\nalgorithms = [\"ES256\"]\n"
+    );
+    let text = config(&routes, backend.addr, None);
+    let mut proxy = Proxy::from_toml(&text);
+    let c = serde_json::json!({"sub": "grace", "exp": now() + 600});
+    let token = sign(Algorithm::ES256, &es_key(), Some("es-1"), c);
+    let (status, head, _held) = ask(proxy.addr, &upgrade_with_bearer("/", &token)).await;
+    assert_eq!(status, 101, "{head}");
+    backend.next_event().await;
+    within("the one fetch", served).await.expect("served");
+    proxy.reload(&text);
+    let (status, head, _held) = ask(proxy.addr, &upgrade_with_bearer("/", &token)).await;
+    assert_eq!(status, 101, "after the reload: {head}");
 }

@@ -52,6 +52,46 @@ struct Entry {
     family: super::jwt::Family,
 }
 
+impl Entry {
+    /// A JWK as a key that verifies signatures, or why it is not one.
+    fn of(key: &Value) -> Result<Entry, String> {
+        if let Some(usage) = key.get("use").and_then(Value::as_str)
+            && usage != "sig"
+        {
+            return Err(format!("`use` is {usage:?}, not \"sig\""));
+        }
+        let jwk: Jwk = serde_json::from_value(key.clone()).map_err(|e| e.to_string())?;
+        let decoding = DecodingKey::from_jwk(&jwk).map_err(|e| e.to_string())?;
+        let alg = match &jwk.common.key_algorithm {
+            // Its signing algorithms are spelled as `Algorithm`'s.
+            Some(a) => Some(
+                format!("{a:?}")
+                    .parse::<Algorithm>()
+                    .map_err(|_| format!("unsupported alg {a:?}"))?,
+            ),
+            None => None,
+        };
+        let family = match &jwk.algorithm {
+            // ES256 and ES384 only: no algorithm here verifies with a P-521 key.
+            jsonwebtoken::jwk::AlgorithmParameters::EllipticCurve(ec)
+                if matches!(ec.curve, jsonwebtoken::jwk::EllipticCurve::P521) =>
+            {
+                return Err("curve P-521: no supported algorithm uses it".into());
+            }
+            jsonwebtoken::jwk::AlgorithmParameters::EllipticCurve(_) => super::jwt::Family::Ec,
+            jsonwebtoken::jwk::AlgorithmParameters::RSA(_) => super::jwt::Family::Rsa,
+            jsonwebtoken::jwk::AlgorithmParameters::OctetKey(_) => super::jwt::Family::Hmac,
+            jsonwebtoken::jwk::AlgorithmParameters::OctetKeyPair(_) => super::jwt::Family::Ed,
+        };
+        Ok(Entry {
+            kid: jwk.common.key_id.clone(),
+            alg,
+            key: decoding,
+            family,
+        })
+    }
+}
+
 /// The keys of a JWK set.
 #[derive(Default)]
 pub struct KeySet {
@@ -59,41 +99,27 @@ pub struct KeySet {
 }
 
 impl KeySet {
-    /// Parses a JWK set: every key must be one `jsonwebtoken` can verify with.
+    /// Parses a JWK set. Keys that cannot verify a signature here (an encryption key, `use` other than `sig`, an
+    /// algorithm or curve jsonwebtoken lacks) are left out, as identity providers publish such keys beside their
+    /// signing keys; a set with no usable key is an error naming why its first key was not usable.
     pub fn parse(bytes: &[u8]) -> Result<KeySet, JwksError> {
         let value: Value = serde_json::from_slice(bytes).map_err(|e| JwksError::NotJson(e.to_string()))?;
         let Some(Value::Array(keys)) = value.get("keys") else {
             return Err(JwksError::NotASet);
         };
         let mut set = KeySet::default();
+        let mut first_unusable = None;
         for (index, key) in keys.iter().enumerate() {
-            let bad = |reason: String| JwksError::BadKey { index, reason };
-            let jwk: Jwk = serde_json::from_value(key.clone()).map_err(|e| bad(e.to_string()))?;
-            let decoding = DecodingKey::from_jwk(&jwk).map_err(|e| bad(e.to_string()))?;
-            let alg = match &jwk.common.key_algorithm {
-                // Its signing algorithms are spelled as `Algorithm`'s.
-                Some(a) => Some(
-                    format!("{a:?}")
-                        .parse::<Algorithm>()
-                        .map_err(|_| bad(format!("unsupported alg {a:?}")))?,
-                ),
-                None => None,
-            };
-            let fam = match &jwk.algorithm {
-                jsonwebtoken::jwk::AlgorithmParameters::EllipticCurve(_) => super::jwt::Family::Ec,
-                jsonwebtoken::jwk::AlgorithmParameters::RSA(_) => super::jwt::Family::Rsa,
-                jsonwebtoken::jwk::AlgorithmParameters::OctetKey(_) => super::jwt::Family::Hmac,
-                jsonwebtoken::jwk::AlgorithmParameters::OctetKeyPair(_) => super::jwt::Family::Ed,
-            };
-            set.keys.push(Entry {
-                kid: jwk.common.key_id.clone(),
-                alg,
-                key: decoding,
-                family: fam,
-            });
+            match Entry::of(key) {
+                Ok(entry) => set.keys.push(entry),
+                Err(reason) => {
+                    tracing::debug!(key = index, %reason, "JWK left out");
+                    first_unusable.get_or_insert(JwksError::BadKey { index, reason });
+                }
+            }
         }
         if set.keys.is_empty() {
-            return Err(JwksError::Empty);
+            return Err(first_unusable.unwrap_or(JwksError::Empty));
         }
         Ok(set)
     }
@@ -111,6 +137,9 @@ impl KeySet {
         decode: impl Fn(&DecodingKey) -> Result<T, TokenError>,
     ) -> Result<T, TokenError> {
         let fits = |e: &&Entry| e.family == family(alg) && e.alg.is_none_or(|a| a == alg);
+        if let (true, Some(remote)) = (self.keys.is_empty(), remote) {
+            return Err(TokenError::NoKeysYet { remote: remote.clone() });
+        }
         if let Some(kid) = kid {
             let Some(entry) = self.keys.iter().find(|e| e.kid.as_deref() == Some(kid)) else {
                 return Err(TokenError::UnknownKid {
@@ -211,6 +240,14 @@ impl Remote {
         })
     }
 
+    /// Takes the keys `previous` (the same URL before a reload) fetched, so that a reload does not leave the route
+    /// without keys until its first fetch.
+    pub fn adopt(&self, previous: &Remote) {
+        if previous.url == self.url && self.keys.load().keys.is_empty() {
+            self.keys.store(previous.keys.load_full());
+        }
+    }
+
     pub fn url(&self) -> &http::Uri {
         &self.url
     }
@@ -303,6 +340,34 @@ impl Remote {
                 () = stop.cancelled() => return,
                 () = tokio::time::sleep(REFRESH_EVERY) => {}
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_that_cannot_verify_signatures_are_left_out_of_a_set() {
+        let mut set: Value = serde_json::from_str(include_str!("../../tests/auth/keys.jwks.json")).expect("json");
+        let keys = set["keys"].as_array_mut().expect("keys");
+        let usable = keys.len();
+        let mut encryption = keys[0].clone();
+        encryption["use"] = Value::from("enc");
+        encryption["kid"] = Value::from("enc-1");
+        keys.push(encryption.clone());
+        keys.push(serde_json::json!({"kty": "RSA", "alg": "RSA-OAEP", "kid": "oaep", "n": "AQAB", "e": "AQAB"}));
+        keys.push(serde_json::json!({"kty": "EC", "crv": "P-521", "kid": "p521", "x": "AA", "y": "AA"}));
+        let parsed = KeySet::parse(set.to_string().as_bytes()).expect("the usable keys");
+        assert_eq!(parsed.key_count(), usable);
+        let only_enc = serde_json::json!({ "keys": [encryption] });
+        match KeySet::parse(only_enc.to_string().as_bytes()) {
+            Err(JwksError::BadKey { index: 0, reason }) => assert!(reason.contains("\"enc\""), "{reason}"),
+            other => panic!(
+                "expected the encryption key refused, got {:?}",
+                other.map(|s| s.key_count())
+            ),
         }
     }
 }

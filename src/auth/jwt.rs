@@ -47,6 +47,9 @@ pub enum TokenError {
     },
     #[error("no key for a token signed with {0:?}")]
     NoKey(Algorithm),
+    /// The route's JWKS URL has given no keys yet (wsgate just started or reloaded, or the issuer is unreachable).
+    #[error("no keys fetched yet from the JWKS URL")]
+    NoKeysYet { remote: Arc<Remote> },
     #[error("token signature does not verify")]
     BadSignature,
     #[error("token expired")]
@@ -212,9 +215,16 @@ impl Jwt {
             Keys::Set(set) => set.verify(head.kid.as_deref(), alg, None, decode)?,
             Keys::Remote(remote) => remote.keys().verify(head.kid.as_deref(), alg, Some(remote), decode)?,
         };
+        // jsonwebtoken takes a fractional `exp` too (rounded): so does the expiry the session is closed at.
         let expires = claims
             .get("exp")
-            .and_then(Value::as_u64)
+            .and_then(|exp| {
+                exp.as_u64().or_else(|| {
+                    exp.as_f64()
+                        .filter(|f| f.is_finite() && *f >= 0.0)
+                        .map(|f| f.round() as u64)
+                })
+            })
             .and_then(|exp| UNIX_EPOCH.checked_add(Duration::from_secs(exp)))
             .and_then(|exp| exp.checked_add(self.leeway));
         Ok(Verified { claims, expires })

@@ -98,6 +98,7 @@ impl AuthError {
     pub fn refresh(&self) -> Option<Arc<jwks::Remote>> {
         match self {
             Self::Token(TokenError::UnknownKid { remote, .. }) => remote.clone(),
+            Self::Token(TokenError::NoKeysYet { remote }) => Some(remote.clone()),
             _ => None,
         }
     }
@@ -224,8 +225,13 @@ impl Admit {
             }
         }
         let headers = req.headers_mut();
-        for name in &strip.headers {
-            headers.remove(name.as_str());
+        let stripped: Vec<http::HeaderName> = headers
+            .keys()
+            .filter(|name| strip.headers.iter().any(|s| same_header(name.as_str(), s)))
+            .cloned()
+            .collect();
+        for name in stripped {
+            headers.remove(name);
         }
         if let Some(cookie) = &strip.cookie {
             rewrite_values(headers, http::header::COOKIE, |v| {
@@ -263,4 +269,23 @@ fn rewrite_values(headers: &mut http::HeaderMap, name: http::HeaderName, f: impl
     for v in kept {
         headers.append(&name, v);
     }
+}
+
+/// The JWKS URLs of a config's routes.
+pub fn remotes(config: &crate::config::Config) -> Vec<std::sync::Arc<jwks::Remote>> {
+    config
+        .routes
+        .iter()
+        .filter_map(|r| match &r.auth.as_ref()?.jwt.as_ref()?.keys {
+            jwt::Keys::Remote(remote) => Some(remote.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Whether two header names are the same to a backend: ASCII case aside, and with `_` as `-`, as CGI, WSGI, PHP
+/// and many frameworks read them (`X_Auth_Subject` arrives as `HTTP_X_AUTH_SUBJECT`, as `X-Auth-Subject` does).
+pub fn same_header(a: &str, b: &str) -> bool {
+    let norm = |c: u8| if c == b'_' { b'-' } else { c.to_ascii_lowercase() };
+    a.len() == b.len() && a.bytes().zip(b.bytes()).all(|(x, y)| norm(x) == norm(y))
 }

@@ -379,7 +379,7 @@ impl UpgradeHead<'_, '_> {
             let connection = header(self.headers, "connection");
             if drop_when_forwarding(h.name.as_bytes(), connection, true)
                 || (omit.extensions && h.name.eq_ignore_ascii_case(EXTENSIONS))
-                || strip.is_some_and(|s| s.headers.iter().any(|n| h.name.eq_ignore_ascii_case(n)))
+                || strip.is_some_and(|s| s.headers.iter().any(|n| crate::auth::same_header(h.name, n)))
             {
                 continue;
             }

@@ -451,6 +451,14 @@ async fn open(
             plain::serve(shared.clone(), snapshot.clone(), listener, client, head, record).await;
             return None;
         }
+        Head::Refused(refusal @ Refusal::Unauthorized { .. }) => {
+            // A failed credential costs a handshake of the client's rate too: guessing keys is throttled.
+            let client_ip = record.forwarded_for.unwrap_or(record.client.ip());
+            let refusal = handshake_rate(shared, snapshot, listener, client_ip)
+                .err()
+                .unwrap_or(refusal);
+            return refuse(client, record, refusal).await;
+        }
         Head::Refused(refusal) => return refuse(client, record, refusal).await,
         Head::Gone => return None,
     };

@@ -418,6 +418,14 @@ async fn forward(state: Arc<State>, mut req: Request<Incoming>) -> Result<Respon
             .map(|admit| (target, admit)),
     };
     let result = match admitted {
+        // A failed credential on an upgrade costs a handshake of the client's rate too.
+        Err(refusal @ Refusal::Unauthorized { .. }) if wants_websocket => {
+            Err(
+                super::handshake_rate(&state.shared, &state.snapshot, state.listener, client.ip)
+                    .err()
+                    .unwrap_or(refusal),
+            )
+        }
         Err(refusal) => Err(refusal),
         Ok((target, admit)) if wants_websocket => upgrade(&state, target, &client, admit, req).await,
         Ok((target, admit)) => {

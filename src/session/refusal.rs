@@ -53,7 +53,8 @@ pub(crate) enum Refusal {
     #[error("{}", limit_text(.0))]
     Limit(Limit),
     /// A plain listener with `redirect_https` sends every request to https.
-    #[error("redirected to {location}")]
+    /// (The log line leaves the query out: it may carry a token.)
+    #[error("redirected to {}", location.split('?').next().unwrap_or_default())]
     ToHttps { location: String },
     /// The route's authentication refused the request (the reason says why; the client is told no more than
     /// "unauthorized").
