@@ -125,23 +125,38 @@ async fn backend(listen: SocketAddr) -> Result<(), String> {
                 return;
             };
             while let Some(Ok(first)) = ws.next().await {
-                let mut next = Some(first);
-                while let Some(msg) = next.take() {
-                    if (msg.is_text() || msg.is_binary()) && ws.feed(msg).await.is_err() {
-                        return;
-                    }
-                    next = match ws.next().now_or_never() {
-                        Some(Some(Ok(msg))) => Some(msg),
-                        Some(_) => return,
-                        None => None,
-                    };
-                }
-                if ws.flush().await.is_err() {
+                let echo = |msg: Message| Ok((msg.is_text() || msg.is_binary()).then_some(msg));
+                if answer_ready(&mut ws, first, echo).await.is_err() {
                     return;
                 }
             }
         });
     }
+}
+
+/// Answers `first` and every message already read after it (`reply` gives each one's answer, or `Err` to end the
+/// connection), then flushes once, as ../shared/bench's wsload and echo-backend batch. `Err` when the connection
+/// is done.
+async fn answer_ready<S>(
+    ws: &mut tokio_tungstenite::WebSocketStream<S>,
+    first: Message,
+    mut reply: impl FnMut(Message) -> Result<Option<Message>, ()>,
+) -> Result<(), ()>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let mut next = Some(first);
+    while let Some(msg) = next.take() {
+        if let Some(answer) = reply(msg)? {
+            ws.feed(answer).await.map_err(drop)?;
+        }
+        next = match ws.next().now_or_never() {
+            Some(Some(Ok(msg))) => Some(msg),
+            Some(_) => return Err(()),
+            None => None,
+        };
+    }
+    ws.flush().await.map_err(drop)
 }
 
 /// User + system CPU seconds of these processes so far.
@@ -260,34 +275,22 @@ async fn load(args: &Args) -> Result<(), String> {
             }
             // As ../shared/bench's wsload: every echo already read is counted and answered, then one flush.
             while !stop.load(Ordering::Relaxed) {
-                let mut next = match ws.next().await {
-                    Some(Ok(msg)) => Some(msg),
-                    _ => {
-                        errors.fetch_add(1, Ordering::Relaxed);
-                        return;
-                    }
+                let Some(Ok(first)) = ws.next().await else {
+                    errors.fetch_add(1, Ordering::Relaxed);
+                    return;
                 };
-                while let Some(msg) = next.take() {
-                    match msg {
-                        Message::Binary(b) if b.len() == payload.len() => {
-                            count(1);
-                            if ws.feed(Message::binary(payload.clone())).await.is_err() {
-                                return;
-                            }
-                        }
-                        Message::Binary(_) | Message::Text(_) => {
-                            errors.fetch_add(1, Ordering::Relaxed);
-                            return;
-                        }
-                        _ => {}
+                let next = |msg: Message| match msg {
+                    Message::Binary(b) if b.len() == payload.len() => {
+                        count(1);
+                        Ok(Some(Message::binary(payload.clone())))
                     }
-                    next = match ws.next().now_or_never() {
-                        Some(Some(Ok(msg))) => Some(msg),
-                        Some(_) => return,
-                        None => None,
-                    };
-                }
-                if ws.flush().await.is_err() {
+                    Message::Binary(_) | Message::Text(_) => {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                        Err(())
+                    }
+                    _ => Ok(None),
+                };
+                if answer_ready(&mut ws, first, next).await.is_err() {
                     return;
                 }
             }
