@@ -409,6 +409,7 @@ async fn reload(running: &mut server::Running, path: &Path) {
                 tracing::error!(config = %path.display(), "reload refused: {line}");
             }
             tracing::error!(config = %path.display(), "reload refused: the running config stays in force");
+            running.reload_failed();
             return;
         }
         Err(e) => {

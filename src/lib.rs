@@ -4,12 +4,14 @@
 //! the tests and the fuzz targets use; the rest is the crate's own.
 #![deny(unsafe_code)]
 
+mod admin;
 pub mod auth;
 pub mod cli;
 pub mod config;
 mod conn;
 pub mod demo;
 pub mod http;
+pub mod metrics;
 mod observe;
 mod policy;
 mod proxy_protocol;

@@ -58,6 +58,10 @@ pub struct ConnectionRecord {
     pub requests: u32,
     /// How the connection ended: `client closed`, `backend closed`, `idle timeout`, `error: ...`, ...
     pub end: String,
+    /// Its request was a WebSocket upgrade (the fast path's first request).
+    pub upgrade: bool,
+    /// Why wsgate refused it, as `wsgate_rejections_total` says it (the fast path: one refusal at most).
+    pub rejection: Option<&'static str>,
 }
 
 impl ConnectionRecord {
@@ -70,6 +74,8 @@ impl ConnectionRecord {
             route: None,
             upstream: None,
             server: None,
+            upgrade: false,
+            rejection: None,
             status: 0,
             bytes: Counters::default(),
             requests: 0,

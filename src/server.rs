@@ -26,6 +26,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::admin::Admin;
 use crate::config::Config;
 use crate::session::{Accepted, session};
 use crate::state::{Shared, Snapshot};
@@ -51,6 +52,12 @@ pub enum ServerError {
     Control(#[source] io::Error),
     #[error("worker threads have stopped")]
     Stopped,
+    #[error("cannot open the admin listener on {address}: {source}")]
+    Admin {
+        address: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
 }
 
 /// A started server.
@@ -61,6 +68,8 @@ pub struct Running {
     workers: Vec<WorkerHandle>,
     /// Health checks, drains and rebalancing.
     supervisor: Supervisor,
+    /// The admin listener, when the config has one.
+    admin: Option<Admin>,
 }
 
 struct Open {
@@ -98,6 +107,22 @@ impl Running {
     /// Serves `config` from now on: new connections use it; live ones keep theirs. Fails (and changes nothing)
     /// when a new listener cannot be opened.
     pub fn reload(&mut self, config: Config) -> Result<(), ServerError> {
+        let result = self.swap_in(config);
+        self.shared.metrics.reloaded(result.is_ok());
+        result
+    }
+
+    /// A reload whose file did not load: counted in `wsgate_reloads_total{result="failed"}`.
+    pub fn reload_failed(&self) {
+        self.shared.metrics.reloaded(false);
+    }
+
+    /// Where the admin listener listens, when there is one.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().map(|a| a.address)
+    }
+
+    fn swap_in(&mut self, config: Config) -> Result<(), ServerError> {
         warn_insecure(&config);
         let current = self.shared.snapshot.load_full();
         // Key sets fetched from JWKS URLs carry over to the new config's routes with the same URL.
@@ -112,6 +137,9 @@ impl Running {
         }
         if config.server.log_format != current.config.server.log_format {
             tracing::warn!("`log_format` changed: it takes effect at the next start, not on reload");
+        }
+        if config.admin != current.config.admin {
+            tracing::warn!("`[admin]` changed: it takes effect at the next start, not on reload");
         }
         let mut added = Vec::new();
         for listener in &config.listeners {
@@ -177,6 +205,9 @@ impl Running {
             let _ = worker.thread.join();
         }
         self.supervisor.stop();
+        if let Some(admin) = self.admin {
+            admin.stop();
+        }
     }
 }
 
@@ -213,6 +244,7 @@ pub fn start(config: Config) -> Result<Running, ServerError> {
     for listener in &config.listeners {
         bound.push((listener.address, bind_all(listener.address, workers)?));
     }
+    let config_admin = config.admin.clone();
     let snapshot = Arc::new(Snapshot::new(config, None));
     let supervisor = Supervisor::start(snapshot.clone()).map_err(ServerError::Control)?;
     let shared = Arc::new(Shared {
@@ -221,7 +253,15 @@ pub fn start(config: Config) -> Result<Running, ServerError> {
         shutting_down: Arc::default(),
         admission: Arc::default(),
         force_close: CancellationToken::new(),
+        metrics: Arc::default(),
     });
+    let admin = match config_admin {
+        Some(settings) => {
+            let address = settings.address;
+            Some(Admin::start(settings, shared.clone()).map_err(|source| ServerError::Admin { address, source })?)
+        }
+        None => None,
+    };
     let next_id = Arc::new(AtomicU64::new(1));
     let mut handles = Vec::with_capacity(workers);
     for i in 0..workers {
@@ -241,6 +281,7 @@ pub fn start(config: Config) -> Result<Running, ServerError> {
         listeners: Vec::new(),
         workers: handles,
         supervisor,
+        admin,
     };
     for (configured, (address, sockets)) in bound {
         let stop = CancellationToken::new();

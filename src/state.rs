@@ -10,6 +10,7 @@ use arc_swap::ArcSwap;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, Listener};
+use crate::metrics::Metrics;
 use crate::policy::Admission;
 use crate::upstream::Upstream;
 
@@ -27,6 +28,8 @@ pub struct Shared {
     pub(crate) admission: Arc<Admission>,
     /// Cancelled when the drain timeout has run out: sessions still open then are closed.
     pub force_close: CancellationToken,
+    /// What `GET /metrics` on the admin listener reports.
+    pub metrics: Arc<Metrics>,
 }
 
 /// One validated config and the live state of its upstreams.

@@ -23,15 +23,15 @@ use crate::tls::client::{ClientTls, TlsSettings};
 use crate::tls::server::{CertFiles, ServerTls};
 
 use super::{
-    Access, Balance, Config, DEFAULT_CONNECT_TIMEOUT, DEFAULT_FALL, DEFAULT_HEALTH_INTERVAL, DEFAULT_HEALTH_PATH,
-    DEFAULT_HEALTH_TIMEOUT, DEFAULT_IPV6_PREFIX, DEFAULT_REBALANCE_THRESHOLD, DEFAULT_RISE, DEFAULT_STICKY_COOKIE,
-    DEFAULT_STICKY_PATH, DEFAULT_WEIGHT, DEFAULT_WRITE_TIMEOUT, Deflate, FrameRules, HTTP_STATUSES, HandshakeRate,
-    HashKey, HealthCheck, HealthKind, HostMatch, Listener, LogFormat, MAX_DRAIN_RATE, MAX_DURATION, MAX_DURATION_DAYS,
-    MAX_EJECTION, MAX_HANDSHAKE_RATE, MAX_IPV6_PREFIX, MAX_PERCENT, MAX_REBALANCE_THRESHOLD, MAX_RETRIES,
-    MAX_RISE_FALL, MAX_WEIGHT, MAX_WORKERS, MIN_CONNECTION_LIMIT, MIN_DRAIN_RATE, MIN_EJECTION, MIN_HEALTH_INTERVAL,
-    MIN_RISE_FALL, MIN_STICKY_MAX_AGE, MIN_WEIGHT, OriginPattern, OriginRule, Outlier, PathMatch, Relay, Route, Server,
-    ServerSettings, Sticky, StickyCookie, TrustedProxies, TunnelRules, Upstream, human_duration, parse_duration,
-    parse_size,
+    Access, AdminSettings, Balance, Config, DEFAULT_CONNECT_TIMEOUT, DEFAULT_FALL, DEFAULT_HEALTH_INTERVAL,
+    DEFAULT_HEALTH_PATH, DEFAULT_HEALTH_TIMEOUT, DEFAULT_IPV6_PREFIX, DEFAULT_REBALANCE_THRESHOLD, DEFAULT_RISE,
+    DEFAULT_STICKY_COOKIE, DEFAULT_STICKY_PATH, DEFAULT_WEIGHT, DEFAULT_WRITE_TIMEOUT, Deflate, FrameRules,
+    HTTP_STATUSES, HandshakeRate, HashKey, HealthCheck, HealthKind, HostMatch, Listener, LogFormat, MAX_DRAIN_RATE,
+    MAX_DURATION, MAX_DURATION_DAYS, MAX_EJECTION, MAX_HANDSHAKE_RATE, MAX_IPV6_PREFIX, MAX_PERCENT,
+    MAX_REBALANCE_THRESHOLD, MAX_RETRIES, MAX_RISE_FALL, MAX_WEIGHT, MAX_WORKERS, MIN_CONNECTION_LIMIT, MIN_DRAIN_RATE,
+    MIN_EJECTION, MIN_HEALTH_INTERVAL, MIN_RISE_FALL, MIN_STICKY_MAX_AGE, MIN_WEIGHT, OriginPattern, OriginRule,
+    Outlier, PathMatch, Relay, Route, Server, ServerSettings, Sticky, StickyCookie, TrustedProxies, TunnelRules,
+    Upstream, human_duration, parse_duration, parse_size,
 };
 
 /// Why a config file cannot be served.
@@ -154,12 +154,22 @@ fn line_column(text: &str, offset: usize) -> (usize, usize) {
 struct RawFile {
     #[serde(default)]
     server: RawServer,
+    admin: Option<Spanned<RawAdmin>>,
     #[serde(default)]
     listener: Vec<Spanned<RawListener>>,
     #[serde(default)]
     route: Vec<Spanned<RawRoute>>,
     #[serde(default)]
     upstream: Vec<Spanned<RawUpstream>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    address: Spanned<String>,
+    token_file: Option<Spanned<String>>,
+    #[serde(default)]
+    protect_reads: bool,
 }
 
 #[derive(Deserialize, Default)]
@@ -465,12 +475,78 @@ fn build(raw: RawFile, report: &mut Report<'_>) -> Config {
     let listeners = build_listeners(&raw.listener, report);
     let upstreams = build_upstreams(&raw.upstream, report);
     let routes = build_routes(&raw.route, &listeners, &upstreams, report);
+    let admin = raw.admin.as_ref().and_then(|a| build_admin(a, &listeners, report));
     Config {
         server,
+        admin,
         listeners,
         routes,
         upstreams,
     }
+}
+
+/// `[admin]`: its own address (never a proxy listener's), a token read from its file now (its trailing newline is
+/// not part of it), and no address beyond loopback without one.
+fn build_admin(raw: &Spanned<RawAdmin>, listeners: &[Listener], report: &mut Report<'_>) -> Option<AdminSettings> {
+    let a = raw.get_ref();
+    let Ok(address) = a.address.get_ref().parse::<SocketAddr>() else {
+        report.key(&a.address, "admin.address", "expected IP:PORT, e.g. 127.0.0.1:9090");
+        return None;
+    };
+    if address.port() != 0 && listeners.iter().any(|l| l.address == address) {
+        report.key(
+            &a.address,
+            "admin.address",
+            "is a proxy listener's address: the admin listener needs its own",
+        );
+        return None;
+    }
+    let token = match &a.token_file {
+        None => None,
+        Some(file) => {
+            let path = report.path(file.get_ref());
+            match std::fs::read_to_string(&path) {
+                Ok(text) => {
+                    let token = text.strip_suffix('\n').unwrap_or(&text);
+                    let token = token.strip_suffix('\r').unwrap_or(token);
+                    if token.is_empty() || token.chars().any(|c| c.is_control() || c == ' ') {
+                        report.key(
+                            file,
+                            "admin.token_file",
+                            format!("{}: the token must be one line of visible characters", path.display()),
+                        );
+                        return None;
+                    }
+                    Some(token.to_string())
+                }
+                Err(e) => {
+                    report.key(
+                        file,
+                        "admin.token_file",
+                        format!("{}: cannot read: {e}", path.display()),
+                    );
+                    return None;
+                }
+            }
+        }
+    };
+    if token.is_none() && !address.ip().is_loopback() {
+        report.key(
+            &a.address,
+            "admin.address",
+            "an admin listener beyond loopback needs `token_file`: anyone who reaches it could reload and drain",
+        );
+        return None;
+    }
+    if token.is_none() && a.protect_reads {
+        report.at(Some(raw.span()), "`admin.protect_reads` needs `token_file`".into());
+        return None;
+    }
+    Some(AdminSettings {
+        address,
+        token,
+        protect_reads: a.protect_reads,
+    })
 }
 
 fn build_server(raw: &RawServer, report: &mut Report<'_>) -> ServerSettings {

@@ -30,10 +30,22 @@ pub const MIN_STICKY_MAX_AGE: Duration = Duration::from_secs(1);
 #[derive(Debug, Clone)]
 pub struct Config {
     pub server: ServerSettings,
+    /// The admin listener (`GET /metrics`); `None` = none.
+    pub admin: Option<AdminSettings>,
     pub listeners: Vec<Listener>,
     /// Tried in order; the first that matches a request wins.
     pub routes: Vec<Route>,
     pub upstreams: Vec<Upstream>,
+}
+
+/// The admin listener: metrics and (later) the admin API, on an address of its own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminSettings {
+    pub address: SocketAddr,
+    /// The bearer token every POST needs (and every GET with `protect_reads`); `None` = none needed, allowed only
+    /// on a loopback address.
+    pub token: Option<String>,
+    pub protect_reads: bool,
 }
 
 /// Settings of the whole process.
@@ -762,6 +774,7 @@ impl Config {
             }
         }
         Ok(Config {
+            admin: None,
             server: ServerSettings {
                 drain_timeout: timeouts.drain,
                 handshake_timeout: timeouts.handshake,

@@ -15,10 +15,11 @@ use tokio::net::TcpStream;
 use tokio::time::{Instant, timeout};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{self, Deflate, Listener, Route, Sticky, TrustedProxies};
+use crate::config::{self, Deflate, Listener, Sticky, TrustedProxies};
 use crate::conn::Conn;
 use crate::http::handshake::{self, BackendAnswer, BodyEnd, MAX_HEAD_BYTES, Omit, Parsed, ResponseError, UpgradeHead};
 use crate::http::{Client, RequestView};
+use crate::metrics::{Ended, SessionLabels};
 use crate::observe::ConnectionRecord;
 use crate::policy::{Admitted, KeyAdmitted};
 use crate::proxy_protocol::{self, Header, ReadError as ProxyReadError};
@@ -50,6 +51,9 @@ pub async fn session(shared: Arc<Shared>, accepted: Accepted) {
             record.end = "closed: drain timeout reached during shutdown".into();
         }
     }
+    if let Some(reason) = record.rejection {
+        shared.metrics.rejected(reason, record.upgrade, record.status);
+    }
     record.log(started.elapsed(), &snapshot.config);
 }
 
@@ -73,11 +77,11 @@ async fn run(shared: &Arc<Shared>, snapshot: &Arc<Snapshot>, mut accepted: Accep
     };
     // The handshake runs in a future of its own on the heap, freed before the relay starts: a long-lived session
     // keeps only the relay's small state.
+    let listener = accepted.listener;
     let Some(switched) = Box::pin(open(shared, snapshot, accepted, record)).await else {
         return;
     };
-    let route = &snapshot.config.routes[switched.route];
-    record.end = relay_switched(shared, route, switched, record.id, &mut record.bytes)
+    record.end = relay_switched(shared, snapshot, listener, switched, record.id, &mut record.bytes)
         .await
         .to_string();
 }
@@ -117,6 +121,7 @@ async fn proxy_header(snapshot: &Snapshot, mut accepted: Accepted, record: &mut 
     };
     // A TLS client could read no plain-text answer: the connection is closed with the reason in the log.
     if snapshot.listener(accepted.listener).is_some_and(|l| l.tls.is_some()) {
+        record.rejection = Some(refusal.metric_reason());
         record.end = format!("refused: {refusal} (TLS listener: closed without an answer)");
         return None;
     }
@@ -248,11 +253,20 @@ fn hold_auth(shared: &Shared, admit: Option<&crate::auth::Admit>) -> Result<Opti
 /// a rebalance can close it (close 1012 in frames mode).
 async fn relay_switched(
     shared: &Shared,
-    route: &Route,
+    snapshot: &Snapshot,
+    listener: SocketAddr,
     switched: Switched,
     id: u64,
     counters: &mut crate::observe::Counters,
 ) -> relay::End {
+    let route = &snapshot.config.routes[switched.route];
+    // Counted as active until this function returns or its future is dropped (a forced close at shutdown).
+    let _counted = shared.metrics.session_started(SessionLabels {
+        listener: snapshot.listener_name(listener).to_string(),
+        route: route.name.clone(),
+        upstream: snapshot.upstreams[route.upstream].config.name.clone(),
+        server: switched.active.server().name.clone(),
+    });
     let Switched {
         mut client,
         mut backend,
@@ -282,6 +296,12 @@ async fn relay_switched(
     let shutting_down = frames.is_some().then(|| shared.shutting_down.clone());
     let stop = relay::Stop::new(signal, shutting_down);
     let end = relay::relay(&mut client, &mut backend, timeouts, frames, early, counters, stop).await;
+    shared.metrics.session_ended(Ended {
+        bytes: [counters.client_to_backend, counters.backend_to_client],
+        messages: counters.messages,
+        close_code: counters.close_first.map(|_| counters.close_code),
+        close_side: counters.close_first,
+    });
     // TLS ends with a close_notify (and whatever rustls still held before it), briefly: a peer that reads nothing
     // more is not waited for.
     for conn in [&mut client, &mut backend] {
@@ -343,7 +363,10 @@ fn inspect(snapshot: &Snapshot, front: Front<'_>, buf: &[u8], record: &mut Conne
     let head = match handshake::parse_request(buf, &mut storage) {
         Ok(Parsed::Partial) => return Ok(Step::More),
         Ok(Parsed::Plain { .. }) => return Ok(Step::Plain),
-        Ok(Parsed::Upgrade(head)) => head,
+        Ok(Parsed::Upgrade(head)) => {
+            record.upgrade = true;
+            head
+        }
         Err(_) if proxy_protocol::has_signature(buf) => return Err(Refusal::UnexpectedProxyHeader),
         Err(e) => return Err(e.into()),
     };
@@ -498,6 +521,7 @@ async fn open(
                 mut backend, answer, ..
             } = opened;
             record.status = status;
+            shared.metrics.backend_refused(status);
             let passed = pass_answer(&mut client, &mut backend, &head, &answer, body, handshake_timeout);
             record.end = match passed.await {
                 Ok(()) => format!("backend answered {status} to the upgrade"),
@@ -800,6 +824,7 @@ async fn refuse(mut client: Conn, record: &mut ConnectionRecord, refusal: Refusa
     const WRITE_LIMIT: Duration = Duration::from_secs(5);
     let answer = refusal.answer().closing();
     record.status = answer.status;
+    record.rejection = Some(refusal.metric_reason());
     record.end = format!("refused: {refusal}");
     let written = timeout(WRITE_LIMIT, async {
         client.write_all(&answer.to_bytes()).await?;
@@ -820,6 +845,7 @@ async fn refuse(mut client: Conn, record: &mut ConnectionRecord, refusal: Refusa
 fn refuse_at_once(client: &TcpStream, tls: bool, record: &mut ConnectionRecord, refusal: &Refusal) {
     let answer = refusal.answer().closing();
     record.status = answer.status;
+    record.rejection = Some(refusal.metric_reason());
     record.end = format!("refused: {refusal}");
     if tls {
         record.end.push_str(" (TLS listener: closed without an answer)");
@@ -871,6 +897,7 @@ mod tests {
             shutting_down: Arc::default(),
             admission: Arc::default(),
             force_close: CancellationToken::new(),
+            metrics: Arc::default(),
         });
         let accepted = Accepted {
             stream,

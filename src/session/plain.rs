@@ -30,7 +30,7 @@ use tokio::sync::Mutex;
 
 use super::{Refusal, failed_try, next_try, start_tries};
 use crate::auth::{Admit, jwks};
-use crate::config::{Deflate, Route, Sticky};
+use crate::config::{Deflate, Sticky};
 use crate::conn::Conn;
 use crate::http::handshake::{self, HandshakeError, Inspected, MAX_HEAD_BYTES, MAX_HEADERS, without_cookie};
 use crate::http::headers::{drop_when_forwarding, has_token};
@@ -115,8 +115,7 @@ pub(super) async fn serve(
     let switched = state.switched.lock().await.take();
     if let Some(switched) = switched {
         // `last` already names its route, upstream and server: the upgrade was the connection's last request.
-        let route = &state.snapshot.config.routes[switched.route];
-        record.end = relay_upgraded(switched, &shared, route, record).await;
+        record.end = relay_upgraded(switched, &shared, &state.snapshot, listener, record).await;
     }
 }
 
@@ -136,7 +135,13 @@ struct Upgrading {
 }
 
 /// Takes the client's socket back from hyper and relays the switched connection.
-async fn relay_upgraded(switched: Upgrading, shared: &Shared, route: &Route, record: &mut ConnectionRecord) -> String {
+async fn relay_upgraded(
+    switched: Upgrading,
+    shared: &Shared,
+    snapshot: &Snapshot,
+    listener: SocketAddr,
+    record: &mut ConnectionRecord,
+) -> String {
     let Upgrading {
         client,
         route: route_index,
@@ -171,7 +176,7 @@ async fn relay_upgraded(switched: Upgrading, shared: &Shared, route: &Route, rec
         early: [client_early, backend_early.to_vec()],
         auth,
     };
-    super::relay_switched(shared, route, switched, record.id, &mut record.bytes)
+    super::relay_switched(shared, snapshot, listener, switched, record.id, &mut record.bytes)
         .await
         .to_string()
 }
@@ -330,13 +335,16 @@ impl State {
 
     /// The answer to a refused request, with a log line that says why (the answer itself names nothing internal):
     /// at debug level for what the client caused, which a client may cause many times over.
-    async fn refused(&self, refusal: Refusal) -> Response<Body> {
+    async fn refused(&self, refusal: Refusal, upgrade: bool) -> Response<Body> {
         if let Refusal::Upstream { error, .. } = &refusal
             && let Some(server) = error.server()
         {
             self.note_server(server).await;
         }
         let answer = refusal.answer();
+        self.shared
+            .metrics
+            .rejected(refusal.metric_reason(), upgrade, answer.status);
         if refusal.by_client() {
             tracing::debug!(id = self.id, status = answer.status, reason = %refusal, "plain request refused");
         } else {
@@ -442,7 +450,7 @@ async fn forward(state: Arc<State>, mut req: Request<Incoming>) -> Result<Respon
     };
     let response = match result {
         Ok(response) => response,
-        Err(refusal) => state.refused(refusal).await,
+        Err(refusal) => state.refused(refusal, wants_websocket).await,
     };
     state
         .stats
@@ -499,6 +507,7 @@ async fn upgrade(
         Err(_) => return Err(refused(UpstreamError::AnswerTimeout { server, after: wait })),
     };
     if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+        state.shared.metrics.backend_refused(resp.status().as_u16());
         strip_hop_by_hop(resp.headers_mut(), false);
         return Ok(resp.map(Either::Left));
     }

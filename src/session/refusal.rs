@@ -175,6 +175,24 @@ impl Refusal {
         }
     }
 
+    /// The reason label of `wsgate_rejections_total`.
+    pub(crate) fn metric_reason(&self) -> &'static str {
+        match self {
+            Self::Denied { .. } => "acl",
+            Self::Origin { .. } => "origin",
+            Self::Unauthorized { .. } => "auth",
+            Self::Limit(_) | Self::KeyLimit { .. } => "limit",
+            Self::NoRoute { .. } => "no_route",
+            Self::Upstream { error, .. } if error.cause() != crate::upstream::Cause::Server => "overload",
+            Self::Upstream { .. } => "upstream",
+            Self::HeadTimeout(_) | Self::ProxyHeaderTimeout(_) => "timeout",
+            Self::ToHttps { .. } => "redirect",
+            Self::Handshake(_) | Self::ProxyHeader(_) | Self::UnexpectedProxyHeader | Self::ClientBody(_) => {
+                "bad_request"
+            }
+        }
+    }
+
     /// What the client is answered.
     pub(crate) fn answer(&self) -> Answer {
         match self {

@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 pub(crate) use attempts::{Attempts, connect};
 use balance::{Balancer, Member, Strategy, hash_bytes};
 use error::Unavailable;
-pub(crate) use error::{RETRY_AFTER_BUSY, UpstreamError};
+pub(crate) use error::{Cause, RETRY_AFTER_BUSY, UpstreamError};
 pub(crate) use server::{Active, ShedReason};
 pub use server::{ServerState, now_ms};
 

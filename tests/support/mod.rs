@@ -107,6 +107,14 @@ impl Proxy {
         }
     }
 
+    /// The admin listener's address (a config with `[admin]`).
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.running
+            .as_ref()
+            .and_then(|r| r.admin_addr())
+            .expect("an admin listener")
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("ws://{}{}", self.addr, path)
     }

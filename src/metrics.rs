@@ -1,0 +1,237 @@
+//! Prometheus metrics (prometheus-client), served by the admin listener at `GET /metrics`.
+//!
+//! Nothing here runs per message: a session is counted when its backend has switched (and uncounted when it ends,
+//! by a guard, however it ends), its bytes, messages and close are added once at its end from the access-log record,
+//! and a refusal once when it is answered. Labels are bounded: listener, route, upstream and server names from the
+//! config, status codes, close codes, a fixed set of reasons; never a client address or a connection id.
+
+use std::sync::Arc;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+/// Where a session runs.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SessionLabels {
+    pub listener: String,
+    pub route: String,
+    pub upstream: String,
+    pub server: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HandshakeLabels {
+    /// `switched` (101 relayed), `backend_refused` (the backend's own non-101 answer passed on), `refused` (by
+    /// wsgate).
+    outcome: &'static str,
+    status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DirectionLabels {
+    /// `client_to_backend` or `backend_to_client`.
+    direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CloseLabels {
+    /// The first close frame's code, `none` for one without a code, `tcp` for a session that ended without one.
+    code: String,
+    /// Who sent it (`client`, `backend`), or `proxy` / `none`.
+    side: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: &'static str,
+}
+
+/// Every metric wsgate keeps, with the registry that encodes them.
+pub struct Metrics {
+    registry: Registry,
+    sessions_active: Family<SessionLabels, Gauge>,
+    sessions_total: Family<SessionLabels, Counter>,
+    handshakes: Family<HandshakeLabels, Counter>,
+    rejections: Family<ReasonLabels, Counter>,
+    bytes: Family<DirectionLabels, Counter>,
+    messages: Family<DirectionLabels, Counter>,
+    closes: Family<CloseLabels, Counter>,
+    reloads: Family<ResultLabels, Counter>,
+    config_generation: Gauge,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("wsgate");
+        let metrics = Metrics {
+            sessions_active: Family::default(),
+            sessions_total: Family::default(),
+            handshakes: Family::default(),
+            rejections: Family::default(),
+            bytes: Family::default(),
+            messages: Family::default(),
+            closes: Family::default(),
+            reloads: Family::default(),
+            config_generation: Gauge::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "sessions_active",
+            "WebSocket sessions relayed now",
+            metrics.sessions_active.clone(),
+        );
+        registry.register(
+            "sessions",
+            "WebSocket sessions relayed since start",
+            metrics.sessions_total.clone(),
+        );
+        registry.register(
+            "handshakes",
+            "WebSocket upgrade requests answered, by outcome and status",
+            metrics.handshakes.clone(),
+        );
+        registry.register(
+            "rejections",
+            "Requests and connections wsgate refused, by reason",
+            metrics.rejections.clone(),
+        );
+        registry.register(
+            "bytes",
+            "Bytes relayed by ended WebSocket sessions, each way",
+            metrics.bytes.clone(),
+        );
+        registry.register(
+            "messages",
+            "WebSocket messages relayed by ended frames-mode sessions, each way",
+            metrics.messages.clone(),
+        );
+        registry.register(
+            "closes",
+            "Ended WebSocket sessions by first close code and the side that sent it",
+            metrics.closes.clone(),
+        );
+        registry.register("reloads", "Config reloads by result", metrics.reloads.clone());
+        registry.register(
+            "config_generation",
+            "Configs loaded since start (1 at start, +1 each successful reload)",
+            metrics.config_generation.clone(),
+        );
+        metrics.config_generation.set(1);
+        Metrics { registry, ..metrics }
+    }
+}
+
+/// The outcome of an ended session, for [`Metrics::session_ended`].
+#[derive(Debug, Clone, Copy)]
+pub struct Ended {
+    pub bytes: [u64; 2],
+    pub messages: Option<(u64, u64)>,
+    pub close_code: Option<Option<u16>>,
+    pub close_side: Option<&'static str>,
+}
+
+impl Metrics {
+    /// The metrics as Prometheus text.
+    pub fn encode(&self) -> String {
+        let mut out = String::with_capacity(4096);
+        // Writing to a String does not fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    /// A session has switched: counted as active until the guard is dropped.
+    pub fn session_started(self: &Arc<Self>, labels: SessionLabels) -> ActiveSession {
+        self.sessions_active.get_or_create(&labels).inc();
+        self.sessions_total.get_or_create(&labels).inc();
+        self.handshakes
+            .get_or_create(&HandshakeLabels {
+                outcome: "switched",
+                status: 101,
+            })
+            .inc();
+        ActiveSession {
+            metrics: self.clone(),
+            labels,
+        }
+    }
+
+    /// A session has ended: its bytes, messages and close.
+    pub fn session_ended(&self, ended: Ended) {
+        for (direction, n) in DIRECTIONS.into_iter().zip(ended.bytes) {
+            self.bytes.get_or_create(&DirectionLabels { direction }).inc_by(n);
+        }
+        if let Some((up, down)) = ended.messages {
+            for (direction, n) in DIRECTIONS.into_iter().zip([up, down]) {
+                self.messages.get_or_create(&DirectionLabels { direction }).inc_by(n);
+            }
+        }
+        let code = match ended.close_code {
+            Some(Some(code)) => code.to_string(),
+            Some(None) => "none".to_string(),
+            None => "tcp".to_string(),
+        };
+        let side = ended.close_side.unwrap_or("none");
+        self.closes.get_or_create(&CloseLabels { code, side }).inc();
+    }
+
+    /// wsgate refused a request or a connection (`reason`: acl, origin, auth, limit, no_route, overload, upstream,
+    /// bad_request, timeout); `upgrade` when it was a WebSocket handshake, answered with `status`.
+    pub fn rejected(&self, reason: &'static str, upgrade: bool, status: u16) {
+        self.rejections.get_or_create(&ReasonLabels { reason }).inc();
+        if upgrade {
+            self.handshakes
+                .get_or_create(&HandshakeLabels {
+                    outcome: "refused",
+                    status,
+                })
+                .inc();
+        }
+    }
+
+    /// A backend answered an upgrade with `status` instead of 101, passed on to the client.
+    pub fn backend_refused(&self, status: u16) {
+        self.handshakes
+            .get_or_create(&HandshakeLabels {
+                outcome: "backend_refused",
+                status,
+            })
+            .inc();
+    }
+
+    /// A reload: its result, and the generation of the config in force.
+    pub fn reloaded(&self, ok: bool) {
+        let result = if ok { "ok" } else { "failed" };
+        self.reloads.get_or_create(&ResultLabels { result }).inc();
+        if ok {
+            self.config_generation.inc();
+        }
+    }
+}
+
+const DIRECTIONS: [&str; 2] = ["client_to_backend", "backend_to_client"];
+
+/// Counts a session as active while it lives.
+pub struct ActiveSession {
+    metrics: Arc<Metrics>,
+    labels: SessionLabels,
+}
+
+impl Drop for ActiveSession {
+    fn drop(&mut self) {
+        self.metrics.sessions_active.get_or_create(&self.labels).dec();
+    }
+}

@@ -1,0 +1,173 @@
+//! The admin listener's `GET /metrics`: each metric family moves with what the proxy does (a session opened, a
+//! message relayed, a close, a refusal, a reload), the token guards it as configured, and `[admin]` mistakes are
+//! refused by the config check.
+
+mod support;
+
+use std::time::Duration;
+
+use futures_util::SinkExt;
+use tokio_tungstenite::tungstenite::Message;
+
+use support::*;
+
+/// Sends `GET /metrics` to the admin listener (with `token` as a bearer token); the whole answer.
+async fn scrape(proxy: &Proxy, token: Option<&str>) -> String {
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    let request = format!("GET /metrics HTTP/1.1\r\nHost: admin\r\n{auth}Connection: close\r\n\r\n");
+    raw_exchange(proxy.admin_addr(), request.as_bytes()).await
+}
+
+/// The value of one series (`name{labels}` exactly as Prometheus text writes it), if present.
+fn value(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// Scrapes until `series` has `expected`, within the test wait.
+async fn wait_for(proxy: &Proxy, series: &str, expected: f64) -> String {
+    let started = tokio::time::Instant::now();
+    loop {
+        let text = scrape(proxy, None).await;
+        if value(&text, series) == Some(expected) {
+            return text;
+        }
+        assert!(started.elapsed() < WAIT, "{series} never became {expected}:\n{text}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn config(backend: std::net::SocketAddr, admin: &str) -> String {
+    format!(
+        "[admin]\naddress = \"127.0.0.1:0\"\n{admin}\n\n[[listener]]\nname = \"public\"\naddress = \"127.0.0.1:0\"\n\n\
+         [[route]]\nname = \"echo\"\npath_prefix = \"/ws\"\nupstream = \"app\"\n\n\
+         [[upstream]]\nname = \"app\"\n[[upstream.server]]\naddress = \"{backend}\"\n"
+    )
+}
+
+#[tokio::test]
+async fn metrics_move_with_sessions_messages_closes_refusals_and_reloads() {
+    let backend = ws_backend("b").await;
+    let text = config(backend.addr, "");
+    let mut proxy = Proxy::from_toml(&text);
+    let session = format!(
+        "{{listener=\"public\",route=\"echo\",upstream=\"app\",server=\"{}\"}}",
+        backend.addr
+    );
+    let before = scrape(&proxy, None).await;
+    assert!(before.starts_with("HTTP/1.1 200"), "{before}");
+    assert!(before.contains("text/plain; version=0.0.4"), "{before}");
+    assert_eq!(value(&before, "wsgate_config_generation"), Some(1.0), "{before}");
+
+    let mut ws = connect(&proxy.url("/ws")).await;
+    ws.send(Message::text("hello")).await.expect("send");
+    assert_eq!(next_text(&mut ws).await, "hello");
+    let open = wait_for(&proxy, &format!("wsgate_sessions_active{session}"), 1.0).await;
+    assert_eq!(
+        value(&open, &format!("wsgate_sessions_total{session}")),
+        Some(1.0),
+        "{open}"
+    );
+    assert_eq!(
+        value(&open, "wsgate_handshakes_total{outcome=\"switched\",status=\"101\"}"),
+        Some(1.0),
+        "{open}"
+    );
+
+    ws.close(None).await.expect("close");
+    let closed = wait_for(&proxy, &format!("wsgate_sessions_active{session}"), 0.0).await;
+    assert_eq!(
+        value(&closed, "wsgate_closes_total{code=\"none\",side=\"client\"}"),
+        Some(1.0),
+        "{closed}"
+    );
+    let up = value(&closed, "wsgate_bytes_total{direction=\"client_to_backend\"}").unwrap_or(0.0);
+    let down = value(&closed, "wsgate_bytes_total{direction=\"backend_to_client\"}").unwrap_or(0.0);
+    assert!(up > 0.0 && down > 0.0, "{closed}");
+    assert_eq!(
+        value(&closed, "wsgate_messages_total{direction=\"client_to_backend\"}"),
+        Some(1.0),
+        "{closed}"
+    );
+
+    // Refusals: no route (an upgrade and a plain request), and a bad upgrade.
+    let answer = raw_exchange(proxy.addr, upgrade_request("/elsewhere", "").as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 404"), "{answer}");
+    let plain = raw_exchange(
+        proxy.addr,
+        b"GET /nothing HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(plain.starts_with("HTTP/1.1 404"), "{plain}");
+    let refused = wait_for(&proxy, "wsgate_rejections_total{reason=\"no_route\"}", 2.0).await;
+    assert_eq!(
+        value(&refused, "wsgate_handshakes_total{outcome=\"refused\",status=\"404\"}"),
+        Some(1.0),
+        "only the upgrade is a handshake: {refused}"
+    );
+
+    proxy.reload(&text);
+    let reloaded = scrape(&proxy, None).await;
+    assert_eq!(
+        value(&reloaded, "wsgate_reloads_total{result=\"ok\"}"),
+        Some(1.0),
+        "{reloaded}"
+    );
+    assert_eq!(value(&reloaded, "wsgate_config_generation"), Some(2.0), "{reloaded}");
+    // No client address or connection id in any label.
+    assert!(!reloaded.contains("id=") && !reloaded.contains("client="), "{reloaded}");
+}
+
+#[tokio::test]
+async fn the_admin_token_guards_posts_and_protected_reads() {
+    let backend = ws_backend("b").await;
+    let dir = support::peers::unique_temp_dir("admin-token");
+    let token_file = dir.join("admin.token");
+    std::fs::write(&token_file, "s3cret-token\n").expect("write token");
+    let guarded = format!("token_file = \"{}\"\nprotect_reads = true", token_file.display());
+    let proxy = Proxy::from_toml(&config(backend.addr, &guarded));
+    let without = scrape(&proxy, None).await;
+    assert!(without.starts_with("HTTP/1.1 401"), "{without}");
+    assert!(
+        without.contains("WWW-Authenticate") || without.contains("www-authenticate"),
+        "{without}"
+    );
+    let wrong = scrape(&proxy, Some("s3cret-tokeN")).await;
+    assert!(wrong.starts_with("HTTP/1.1 401"), "{wrong}");
+    // The file's trailing newline is not part of the token.
+    let right = scrape(&proxy, Some("s3cret-token")).await;
+    assert!(right.starts_with("HTTP/1.1 200"), "{right}");
+    let post = "POST /metrics HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+    let answer = raw_exchange(proxy.admin_addr(), post.as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+    let unknown = "GET /nothing HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer s3cret-token\r\nConnection: close\r\n\r\n";
+    let answer = raw_exchange(proxy.admin_addr(), unknown.as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 404"), "{answer}");
+    assert!(answer.contains("{\"error\":"), "{answer}");
+
+    // Without protect_reads, Prometheus scrapes without the token.
+    let open = format!("token_file = \"{}\"", token_file.display());
+    let proxy = Proxy::from_toml(&config(backend.addr, &open));
+    let answer = scrape(&proxy, None).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+}
+
+#[test]
+fn admin_mistakes_are_refused_by_the_config_check() {
+    let upstream = unused_addr();
+    let public = config(upstream, "").replace(
+        "[admin]\naddress = \"127.0.0.1:0\"",
+        "[admin]\naddress = \"0.0.0.0:9090\"",
+    );
+    let problems = wsgate::config::file::parse(&public, "t.toml").expect_err("refused");
+    assert!(problems[0].to_string().contains("needs `token_file`"), "{problems:?}");
+    let missing = config(upstream, "token_file = \"/nonexistent/admin.token\"");
+    let problems = wsgate::config::file::parse(&missing, "t.toml").expect_err("refused");
+    assert!(
+        problems[0].to_string().contains("admin.token: cannot read"),
+        "{problems:?}"
+    );
+    let protect = config(upstream, "protect_reads = true");
+    let problems = wsgate::config::file::parse(&protect, "t.toml").expect_err("refused");
+    assert!(problems[0].to_string().contains("protect_reads"), "{problems:?}");
+}
