@@ -25,6 +25,8 @@ use crate::state::Shared;
 
 /// The Prometheus text format's content type.
 const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
+/// OpenMetrics, for a scraper that asks for it (Prometheus does).
+const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// A running admin listener.
 pub struct Admin {
@@ -120,15 +122,31 @@ fn handle(
     }
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/metrics") => {
-            let mut answer = Response::new(Full::new(Bytes::from(shared.metrics.encode())));
+            let openmetrics = req
+                .headers()
+                .get_all(header::ACCEPT)
+                .iter()
+                .any(|v| contains(v.as_bytes(), b"application/openmetrics-text"));
+            let mut text = shared.metrics.encode();
+            if !openmetrics && text.ends_with("# EOF\n") {
+                // The end marker is OpenMetrics's; the older text format has none.
+                text.truncate(text.len() - "# EOF\n".len());
+            }
+            let mut answer = Response::new(Full::new(Bytes::from(text)));
+            let content_type = if openmetrics { OPENMETRICS } else { PROMETHEUS_TEXT };
             answer
                 .headers_mut()
-                .insert(header::CONTENT_TYPE, http::HeaderValue::from_static(PROMETHEUS_TEXT));
+                .insert(header::CONTENT_TYPE, http::HeaderValue::from_static(content_type));
             answer
         }
         (_, "/metrics") => json(StatusCode::METHOD_NOT_ALLOWED, "use GET"),
         _ => json(StatusCode::NOT_FOUND, "no such admin endpoint"),
     }
+}
+
+/// Whether `hay` holds `needle`, ASCII case aside.
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w.eq_ignore_ascii_case(needle))
 }
 
 /// Whether the request carries the admin token as a bearer token.

@@ -5,13 +5,19 @@
 //! and a refusal once when it is answered. Labels are bounded: listener, route, upstream and server names from the
 //! config, status codes, close codes, a fixed set of reasons; never a client address or a connection id.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock, Weak};
 
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::registry::Registry;
+
+use crate::state::Shared;
+use crate::upstream::{ServerState, now_ms};
 
 /// Where a session runs.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -66,6 +72,8 @@ pub struct Metrics {
     closes: Family<CloseLabels, Counter>,
     reloads: Family<ResultLabels, Counter>,
     config_generation: Gauge,
+    /// Read at each scrape: the servers' state and the process's.
+    states: Arc<States>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -87,8 +95,10 @@ impl Default for Metrics {
             closes: Family::default(),
             reloads: Family::default(),
             config_generation: Gauge::default(),
+            states: Arc::default(),
             registry: Registry::default(),
         };
+        registry.register_collector(Box::new(metrics.states.clone()));
         registry.register(
             "sessions_active",
             "WebSocket sessions relayed now",
@@ -145,6 +155,11 @@ pub struct Ended {
 }
 
 impl Metrics {
+    /// Lets the scrape read `shared`'s servers (weakly: the metrics live inside it).
+    pub fn attach(&self, shared: &Arc<Shared>) {
+        let _ = self.states.shared.set(Arc::downgrade(shared));
+    }
+
     /// The metrics as Prometheus text.
     pub fn encode(&self) -> String {
         let mut out = String::with_capacity(4096);
@@ -233,5 +248,98 @@ pub struct ActiveSession {
 impl Drop for ActiveSession {
     fn drop(&mut self) {
         self.metrics.sessions_active.get_or_create(&self.labels).dec();
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ServerLabels {
+    upstream: String,
+    server: String,
+}
+
+/// What a scrape reads as it is: each server's health, ejection, drain and live connections in the config in
+/// force, and the process's descriptors, memory and CPU time.
+#[derive(Debug, Default)]
+struct States {
+    shared: OnceLock<Weak<Shared>>,
+}
+
+/// A per-server gauge: its name, help, and how to read it.
+type ServerGauge = (
+    &'static str,
+    &'static str,
+    fn(&ServerState, &crate::config::Server, u64) -> i64,
+);
+
+const SERVER_GAUGES: [ServerGauge; 4] = [
+    (
+        "upstream_server_up",
+        "1 unless active health checks say the server is down",
+        |s, _, _| i64::from(!s.is_down()),
+    ),
+    (
+        "upstream_server_ejected",
+        "1 while outlier detection keeps the server out",
+        |s, _, now| i64::from(s.is_ejected(now)),
+    ),
+    (
+        "upstream_server_draining",
+        "1 for a server in drain (no new connections)",
+        |_, c, _| i64::from(c.drain),
+    ),
+    (
+        "upstream_server_connections",
+        "Live connections to the server (WebSocket sessions and plain HTTP backend connections)",
+        |s, _, _| i64::from(s.active()),
+    ),
+];
+
+impl Collector for States {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        if let Some(shared) = self.shared.get().and_then(Weak::upgrade) {
+            let snapshot = shared.snapshot.load();
+            let now = now_ms();
+            for (name, help, read) in SERVER_GAUGES {
+                let mut metric = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+                for upstream in &snapshot.upstreams {
+                    for (state, config) in upstream.servers().iter().zip(&upstream.config.servers) {
+                        let labels = ServerLabels {
+                            upstream: upstream.config.name.clone(),
+                            server: state.name.clone(),
+                        };
+                        ConstGauge::new(read(state, config, now)).encode(metric.encode_family(&labels)?)?;
+                    }
+                }
+            }
+        }
+        let process = crate::sys::process_usage();
+        if let Some(fds) = process.open_fds {
+            let metric = encoder.encode_descriptor(
+                "process_open_fds",
+                "File descriptors the process holds",
+                None,
+                MetricType::Gauge,
+            )?;
+            ConstGauge::new(fds as i64).encode(metric)?;
+        }
+        if let Some(rss) = process.resident_bytes {
+            let metric = encoder.encode_descriptor(
+                "process_resident_memory_bytes",
+                "Resident memory of the process",
+                None,
+                MetricType::Gauge,
+            )?;
+            ConstGauge::new(rss as i64).encode(metric)?;
+        }
+        if let Some(cpu) = process.cpu_seconds {
+            let metric = encoder.encode_descriptor(
+                "process_cpu_seconds",
+                "CPU time (user and system) the process has used",
+                None,
+                MetricType::Counter,
+            )?;
+            ConstCounter::new(cpu).encode(metric)?;
+        }
+        Ok(())
     }
 }

@@ -255,6 +255,7 @@ pub fn start(config: Config) -> Result<Running, ServerError> {
         force_close: CancellationToken::new(),
         metrics: Arc::default(),
     });
+    shared.metrics.attach(&shared);
     let admin = match config_admin {
         Some(settings) => {
             let address = settings.address;

@@ -1,7 +1,8 @@
 //! What wsgate asks the kernel beyond what its libraries offer: how many bytes written to a TCP socket its peer
 //! has not acknowledged yet (`SIOCOUTQ`). The frames relay's write timeout reads it to tell a reader that is slow
 //! but steady from one that stopped: while the kernel's send buffer is full wsgate cannot write, and the count is
-//! the only sign that the reader is still taking bytes. The one module that needs `unsafe` (an ioctl).
+//! the only sign that the reader is still taking bytes. The one module that needs `unsafe` (an ioctl). Also what
+//! `/proc` says of the process, for the metrics.
 #![allow(unsafe_code)]
 
 use std::os::fd::AsFd;
@@ -39,6 +40,37 @@ pub(crate) fn unacked_bytes(socket: impl AsFd) -> Option<u64> {
 )))]
 pub(crate) fn unacked_bytes(_socket: impl AsFd) -> Option<u64> {
     None
+}
+
+/// What the process uses, for the metrics: each `None` where `/proc` does not say.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct ProcessUsage {
+    pub open_fds: Option<u64>,
+    pub resident_bytes: Option<u64>,
+    pub cpu_seconds: Option<f64>,
+}
+
+/// Reads the process's descriptors (`/proc/self/fd`), resident memory (`VmRSS` of `/proc/self/status`) and CPU time
+/// (user + system of `/proc/self/stat`, in the kernel's fixed 100 ticks a second).
+pub(crate) fn process_usage() -> ProcessUsage {
+    let open_fds = std::fs::read_dir("/proc/self/fd").ok().map(|d| d.count() as u64);
+    let resident_bytes = std::fs::read_to_string("/proc/self/status").ok().and_then(|status| {
+        let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+        let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kib * 1024)
+    });
+    let cpu_seconds = std::fs::read_to_string("/proc/self/stat").ok().and_then(|stat| {
+        // The fields after the command name, which is in parentheses and may hold spaces.
+        let rest = stat.get(stat.rfind(')')? + 2..)?;
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+        Some(ticks as f64 / 100.0)
+    });
+    ProcessUsage {
+        open_fds,
+        resident_bytes,
+        cpu_seconds,
+    }
 }
 
 #[cfg(test)]

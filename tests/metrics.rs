@@ -171,3 +171,54 @@ fn admin_mistakes_are_refused_by_the_config_check() {
     let problems = wsgate::config::file::parse(&protect, "t.toml").expect_err("refused");
     assert!(problems[0].to_string().contains("protect_reads"), "{problems:?}");
 }
+
+#[tokio::test]
+async fn servers_and_the_process_are_read_at_each_scrape_and_openmetrics_is_served_when_asked() {
+    let backend = ws_backend("b").await;
+    let down = unused_addr();
+    let text = config(backend.addr, "").replace(
+        "[[upstream.server]]",
+        &format!("[[upstream.server]]\naddress = \"{down}\"\ndrain = true\n[[upstream.server]]"),
+    );
+    let proxy = Proxy::from_toml(&text);
+    let _ws = connect(&proxy.url("/ws")).await;
+    let live = format!("{{upstream=\"app\",server=\"{}\"}}", backend.addr);
+    let scraped = wait_for(&proxy, &format!("wsgate_upstream_server_connections{live}"), 1.0).await;
+    assert_eq!(
+        value(&scraped, &format!("wsgate_upstream_server_up{live}")),
+        Some(1.0),
+        "{scraped}"
+    );
+    let drained = format!("{{upstream=\"app\",server=\"{down}\"}}");
+    assert_eq!(
+        value(&scraped, &format!("wsgate_upstream_server_draining{drained}")),
+        Some(1.0),
+        "{scraped}"
+    );
+    assert_eq!(
+        value(&scraped, &format!("wsgate_upstream_server_ejected{live}")),
+        Some(0.0),
+        "{scraped}"
+    );
+    assert!(
+        value(&scraped, "wsgate_process_open_fds").is_some_and(|n| n > 2.0),
+        "{scraped}"
+    );
+    assert!(
+        value(&scraped, "wsgate_process_resident_memory_bytes").is_some_and(|n| n > 1e6),
+        "{scraped}"
+    );
+    assert!(
+        value(&scraped, "wsgate_process_cpu_seconds_total").is_some(),
+        "{scraped}"
+    );
+    assert!(
+        !scraped.contains("# EOF"),
+        "the text format has no end marker: {scraped}"
+    );
+
+    let request = "GET /metrics HTTP/1.1\r\nHost: a\r\nAccept: application/openmetrics-text;version=1.0.0,text/plain;q=0.5\r\nConnection: close\r\n\r\n";
+    let open = raw_exchange(proxy.admin_addr(), request.as_bytes()).await;
+    assert!(open.contains("application/openmetrics-text; version=1.0.0"), "{open}");
+    assert!(open.trim_end().ends_with("# EOF"), "{open}");
+}
