@@ -222,3 +222,78 @@ async fn servers_and_the_process_are_read_at_each_scrape_and_openmetrics_is_serv
     assert!(open.contains("application/openmetrics-text; version=1.0.0"), "{open}");
     assert!(open.trim_end().ends_with("# EOF"), "{open}");
 }
+
+/// How long a real Prometheus gets to start and scrape (it scrapes every second here).
+const PROMETHEUS_WAIT: Duration = Duration::from_secs(60);
+
+#[tokio::test]
+async fn a_real_prometheus_scrapes_the_active_session_count() {
+    assert!(
+        std::path::Path::new("/usr/bin/prometheus").is_file(),
+        "Prometheus is not installed (Debian package `prometheus`). Run scripts/test, which installs it."
+    );
+    let backend = ws_backend("b").await;
+    let proxy = Proxy::from_toml(&config(backend.addr, ""));
+    let mut sessions = Vec::new();
+    for _ in 0..3 {
+        sessions.push(connect(&proxy.url("/ws")).await);
+    }
+    wait_for(
+        &proxy,
+        &format!(
+            "wsgate_sessions_active{{listener=\"public\",route=\"echo\",upstream=\"app\",server=\"{}\"}}",
+            backend.addr
+        ),
+        3.0,
+    )
+    .await;
+    let dir = support::peers::unique_temp_dir("prometheus");
+    let config_file = dir.join("prometheus.yml");
+    std::fs::write(
+        &config_file,
+        format!(
+            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: wsgate\n    static_configs:\n      - targets: [\"{}\"]\n",
+            proxy.admin_addr()
+        ),
+    )
+    .expect("write the scrape config");
+    let web = unused_addr();
+    let _prometheus = tokio::process::Command::new("/usr/bin/prometheus")
+        .arg(format!("--config.file={}", config_file.display()))
+        .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
+        .arg(format!("--web.listen-address={web}"))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start prometheus");
+    let query = format!(
+        "GET /api/v1/query?query=sum(wsgate_sessions_active) HTTP/1.1\r\nHost: {web}\r\nConnection: close\r\n\r\n"
+    );
+    let started = tokio::time::Instant::now();
+    let mut last = String::new();
+    loop {
+        if let Ok(Ok(mut stream)) =
+            tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(web)).await
+        {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let _ = stream.write_all(query.as_bytes()).await;
+            let mut answer = Vec::new();
+            let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer)).await;
+            last = String::from_utf8_lossy(&answer).into_owned();
+            let body = last.split("\r\n\r\n").nth(1).unwrap_or("");
+            if let Ok(json) = serde_json::from_str::<serde_json::Value>(body)
+                && json["data"]["result"][0]["value"][1] == "3"
+            {
+                break;
+            }
+        }
+        assert!(
+            started.elapsed() < PROMETHEUS_WAIT,
+            "Prometheus never reported 3 active sessions within {PROMETHEUS_WAIT:?}; last answer:\n{last}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    drop(sessions);
+}
