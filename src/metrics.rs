@@ -14,6 +14,7 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 use crate::state::Shared;
@@ -72,6 +73,9 @@ pub struct Metrics {
     closes: Family<CloseLabels, Counter>,
     reloads: Family<ResultLabels, Counter>,
     config_generation: Gauge,
+    handshake_duration: Histogram,
+    connect_duration: Histogram,
+    retries: Counter,
     /// Read at each scrape: the servers' state and the process's.
     states: Arc<States>,
 }
@@ -95,6 +99,11 @@ impl Default for Metrics {
             closes: Family::default(),
             reloads: Family::default(),
             config_generation: Gauge::default(),
+            // 0.5 ms to about 16 s.
+            handshake_duration: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
+            // 0.1 ms to about 3 s.
+            connect_duration: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
+            retries: Counter::default(),
             states: Arc::default(),
             registry: Registry::default(),
         };
@@ -135,6 +144,21 @@ impl Default for Metrics {
             metrics.closes.clone(),
         );
         registry.register("reloads", "Config reloads by result", metrics.reloads.clone());
+        registry.register(
+            "handshake_duration_seconds",
+            "Time from a WebSocket request's connection (or, on a keep-alive connection, its request) to the 101",
+            metrics.handshake_duration.clone(),
+        );
+        registry.register(
+            "upstream_connect_duration_seconds",
+            "Time to open a connection to a backend server (TCP, and TLS on an upstream with tls)",
+            metrics.connect_duration.clone(),
+        );
+        registry.register(
+            "retries",
+            "Backend servers tried again after one failed, for a request",
+            metrics.retries.clone(),
+        );
         registry.register(
             "config_generation",
             "Configs loaded since start (1 at start, +1 each successful reload)",
@@ -214,6 +238,23 @@ impl Metrics {
                     status,
                 })
                 .inc();
+        }
+    }
+
+    /// A handshake completed (its 101 passed to the client) this long after it started.
+    pub fn handshake_took(&self, took: std::time::Duration) {
+        self.handshake_duration.observe(took.as_secs_f64());
+    }
+
+    /// A connection to a backend server opened in this long.
+    pub fn connect_took(&self, took: std::time::Duration) {
+        self.connect_duration.observe(took.as_secs_f64());
+    }
+
+    /// A request was tried on `n` more servers after its first failed.
+    pub fn retried(&self, n: u64) {
+        if n > 0 {
+            self.retries.inc_by(n);
         }
     }
 

@@ -73,6 +73,20 @@ async fn metrics_move_with_sessions_messages_closes_refusals_and_reloads() {
         Some(1.0),
         "{open}"
     );
+    assert_eq!(
+        value(&open, "wsgate_handshake_duration_seconds_count"),
+        Some(1.0),
+        "{open}"
+    );
+    assert_eq!(
+        value(&open, "wsgate_upstream_connect_duration_seconds_count"),
+        Some(1.0),
+        "{open}"
+    );
+    assert!(
+        value(&open, "wsgate_handshake_duration_seconds_sum").is_some_and(|s| s > 0.0),
+        "{open}"
+    );
 
     ws.close(None).await.expect("close");
     let closed = wait_for(&proxy, &format!("wsgate_sessions_active{session}"), 0.0).await;
@@ -296,4 +310,25 @@ async fn a_real_prometheus_scrapes_the_active_session_count() {
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     drop(sessions);
+}
+
+#[tokio::test]
+async fn a_server_tried_again_counts_as_a_retry() {
+    let backend = ws_backend("b").await;
+    let dead = unused_addr();
+    let text = config(backend.addr, "").replace(
+        "[[upstream.server]]",
+        &format!("[[upstream.server]]\naddress = \"{dead}\"\n[[upstream.server]]"),
+    );
+    let proxy = Proxy::from_toml(&text);
+    // Round robin: one of two handshakes goes to the dead server first, and on to the live one.
+    for _ in 0..2 {
+        let mut ws = connect(&proxy.url("/ws")).await;
+        assert_eq!(backend_name(&mut ws).await, "b");
+    }
+    let scraped = scrape(&proxy, None).await;
+    assert!(
+        value(&scraped, "wsgate_retries_total").is_some_and(|n| n >= 1.0),
+        "{scraped}"
+    );
 }

@@ -19,7 +19,7 @@ use crate::config::{self, Deflate, Listener, Sticky, TrustedProxies};
 use crate::conn::Conn;
 use crate::http::handshake::{self, BackendAnswer, BodyEnd, MAX_HEAD_BYTES, Omit, Parsed, ResponseError, UpgradeHead};
 use crate::http::{Client, RequestView};
-use crate::metrics::{Ended, SessionLabels};
+use crate::metrics::{Ended, Metrics, SessionLabels};
 use crate::observe::ConnectionRecord;
 use crate::policy::{Admitted, KeyAdmitted};
 use crate::proxy_protocol::{self, Header, ReadError as ProxyReadError};
@@ -442,6 +442,7 @@ async fn open(
     accepted: Accepted,
     record: &mut ConnectionRecord,
 ) -> Option<Switched> {
+    let started = Instant::now();
     let Accepted { stream, listener, .. } = accepted;
     let handshake_timeout = snapshot.config.server.handshake_timeout;
     let listener_config = snapshot.listener(listener);
@@ -493,9 +494,14 @@ async fn open(
     record.route = Some(prepared.route);
     record.upstream = Some(route.upstream);
     let upstream = &snapshot.upstreams[route.upstream];
-    let opened = match open_backend(upstream, handshake_timeout, &prepared, record).await {
+    let opened = match open_backend(upstream, &shared.metrics, handshake_timeout, &prepared, record).await {
         Ok(opened) => opened,
-        Err(refusal) => return refuse(client, record, refusal).await,
+        Err(refusal) => {
+            if let Refusal::Upstream { tries, .. } = &refusal {
+                shared.metrics.retried((*tries as u64).saturating_sub(1));
+            }
+            return refuse(client, record, refusal).await;
+        }
     };
     match opened.head {
         AnswerHead::Switching { deflate, head_len, .. } => {
@@ -506,6 +512,7 @@ async fn open(
                 record.end = format!("error: client: {e}");
                 return None;
             }
+            shared.metrics.handshake_took(started.elapsed());
             Some(Switched {
                 client,
                 early: [client_early, backend_early.to_vec()],
@@ -650,6 +657,7 @@ struct Opened {
 /// may not share (refused, reset, a timeout) moves on to the next server, as the upstream's retries allow.
 async fn open_backend(
     upstream: &Upstream,
+    metrics: &Metrics,
     handshake_timeout: Duration,
     prepared: &Prepared,
     record: &mut ConnectionRecord,
@@ -659,9 +667,11 @@ async fn open_backend(
         let (i, active) = next_try(&mut attempts)?;
         let server = active.server().address;
         record.server = Some(server);
+        let connecting = Instant::now();
         let error = match upstream.connect(active.server()).await {
             Err(e) => e,
             Ok(mut backend) => {
+                metrics.connect_took(connecting.elapsed());
                 let exchange = exchange_heads(&mut backend, &prepared.forward, &prepared.accept);
                 match timeout(handshake_timeout, exchange).await {
                     Ok(Ok((_, AnswerHead::Switching { extensions: true, .. }))) if prepared.extensions_stripped => {
@@ -673,6 +683,7 @@ async fn open_backend(
                     Ok(Ok((answer, head))) => {
                         let error_status = matches!(head, AnswerHead::Other { status, .. } if status >= 500);
                         attempts.answered(i, error_status);
+                        metrics.retried((attempts.tries() as u64).saturating_sub(1));
                         return Ok(Opened {
                             backend,
                             server: active,

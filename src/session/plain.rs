@@ -35,6 +35,7 @@ use crate::conn::Conn;
 use crate::http::handshake::{self, HandshakeError, Inspected, MAX_HEAD_BYTES, MAX_HEADERS, without_cookie};
 use crate::http::headers::{drop_when_forwarding, has_token};
 use crate::http::{Client, RequestView};
+use crate::metrics::Metrics;
 use crate::observe::ConnectionRecord;
 use crate::route;
 use crate::state::{Shared, Snapshot};
@@ -469,6 +470,7 @@ async fn upgrade(
     admit: Option<Admit>,
     mut req: Request<Incoming>,
 ) -> Result<Response<Body>, Refusal> {
+    let started = tokio::time::Instant::now();
     super::handshake_rate(&state.shared, &state.snapshot, state.listener, client.ip)?;
     let auth = super::hold_auth(&state.shared, admit.as_ref())?;
     let accept = match handshake::inspect_request(&request_head(&req), state.client_ip, "http")? {
@@ -496,7 +498,7 @@ async fn upgrade(
         mut sender,
         tries,
         ..
-    } = open(upstream, target).await?;
+    } = open(upstream, target, &state.shared.metrics).await?;
     let server = active.server().address;
     state.note_server(server).await;
     let refused = |error| Refusal::upstream(error, tries);
@@ -552,6 +554,7 @@ async fn upgrade(
         auth,
     });
     let (head, _) = resp.into_parts();
+    state.shared.metrics.handshake_took(started.elapsed());
     Ok(Response::from_parts(head, Either::Right(Full::new(Bytes::new()))))
 }
 
@@ -617,7 +620,7 @@ async fn send(state: &State, target: Target, mut req: Request<Incoming>) -> Resu
         };
         if !ready {
             *backend = None;
-            *backend = Some(open(upstream, target).await?);
+            *backend = Some(open(upstream, target, &state.shared.metrics).await?);
             reopened = true;
         }
         let Some(b) = backend.as_mut() else {
@@ -645,11 +648,12 @@ async fn send(state: &State, target: Target, mut req: Request<Incoming>) -> Resu
 }
 
 /// Opens a backend connection for plain HTTP: servers tried in turn as the upstream's retries allow.
-async fn open(upstream: &Upstream, target: Target) -> Result<Backend, Refusal> {
+async fn open(upstream: &Upstream, target: Target, metrics: &Metrics) -> Result<Backend, Refusal> {
     let mut attempts = start_tries(upstream, target.choice)?;
     loop {
         let (i, active) = next_try(&mut attempts)?;
         let server = active.server().address;
+        let connecting = tokio::time::Instant::now();
         let error = match upstream.connect(active.server()).await {
             Err(e) => e,
             Ok(stream) => match client_handshake(stream).await {
@@ -657,6 +661,8 @@ async fn open(upstream: &Upstream, target: Target) -> Result<Backend, Refusal> {
                     // The connection task ends when `sender` is dropped with the client's session, or when the
                     // backend closes it.
                     tokio::spawn(conn.with_upgrades());
+                    metrics.connect_took(connecting.elapsed());
+                    metrics.retried((attempts.tries() as u64).saturating_sub(1));
                     return Ok(Backend {
                         upstream: target.upstream,
                         server: active,
