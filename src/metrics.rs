@@ -363,6 +363,15 @@ impl Collector for States {
             )?;
             ConstGauge::new(fds as i64).encode(metric)?;
         }
+        if let Some(max) = process.max_fds {
+            let metric = encoder.encode_descriptor(
+                "process_max_fds",
+                "The most file descriptors the process may hold (its soft limit)",
+                None,
+                MetricType::Gauge,
+            )?;
+            ConstGauge::new(i64::try_from(max).unwrap_or(i64::MAX)).encode(metric)?;
+        }
         if let Some(rss) = process.resident_bytes {
             let metric = encoder.encode_descriptor(
                 "process_resident_memory_bytes",

@@ -46,6 +46,8 @@ pub(crate) fn unacked_bytes(_socket: impl AsFd) -> Option<u64> {
 #[derive(Debug, Default, Clone, Copy)]
 pub(crate) struct ProcessUsage {
     pub open_fds: Option<u64>,
+    /// The soft limit on open files (`RLIMIT_NOFILE`).
+    pub max_fds: Option<u64>,
     pub resident_bytes: Option<u64>,
     pub cpu_seconds: Option<f64>,
 }
@@ -54,6 +56,7 @@ pub(crate) struct ProcessUsage {
 /// (user + system of `/proc/self/stat`, in the kernel's fixed 100 ticks a second).
 pub(crate) fn process_usage() -> ProcessUsage {
     let open_fds = std::fs::read_dir("/proc/self/fd").ok().map(|d| d.count() as u64);
+    let max_fds = rustix::process::getrlimit(rustix::process::Resource::Nofile).current;
     let resident_bytes = std::fs::read_to_string("/proc/self/status").ok().and_then(|status| {
         let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
         let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
@@ -68,6 +71,7 @@ pub(crate) fn process_usage() -> ProcessUsage {
     });
     ProcessUsage {
         open_fds,
+        max_fds,
         resident_bytes,
         cpu_seconds,
     }

@@ -332,3 +332,30 @@ async fn a_server_tried_again_counts_as_a_retry() {
         "{scraped}"
     );
 }
+
+#[test]
+fn the_alert_rules_pass_promtool_and_name_only_metrics_wsgate_has() {
+    assert!(
+        std::path::Path::new("/usr/bin/promtool").is_file(),
+        "promtool is not installed (Debian package `prometheus`). Run scripts/test, which installs it."
+    );
+    let rules = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/prometheus/alerts.yml");
+    let out = std::process::Command::new("/usr/bin/promtool")
+        .args(["check", "rules"])
+        .arg(&rules)
+        .output()
+        .expect("run promtool");
+    assert!(out.status.success(), "{}{}", text_of(&out.stdout), text_of(&out.stderr));
+    let docs = std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/observability.md"))
+        .expect("docs");
+    let text = std::fs::read_to_string(&rules).expect("rules");
+    for name in text
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|w| w.starts_with("wsgate_"))
+    {
+        assert!(
+            docs.contains(&format!("`{name}`")),
+            "{name} is in the alert rules but not in docs/observability.md"
+        );
+    }
+}
