@@ -359,3 +359,51 @@ fn the_alert_rules_pass_promtool_and_name_only_metrics_wsgate_has() {
         );
     }
 }
+
+#[test]
+fn the_grafana_dashboard_queries_are_valid_promql_on_metrics_wsgate_has() {
+    assert!(
+        std::path::Path::new("/usr/bin/promtool").is_file(),
+        "promtool is not installed (Debian package `prometheus`). Run scripts/test, which installs it."
+    );
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(root.join("deploy/grafana/wsgate.json")).expect("dashboard"))
+            .expect("the dashboard is JSON");
+    let docs = std::fs::read_to_string(root.join("docs/observability.md")).expect("docs");
+    let mut exprs = Vec::new();
+    for panel in dashboard["panels"].as_array().expect("panels") {
+        for target in panel["targets"].as_array().expect("targets") {
+            exprs.push(target["expr"].as_str().expect("an expr").to_string());
+        }
+    }
+    assert!(exprs.len() >= 10, "{} queries", exprs.len());
+    // Each query as a recording rule, Grafana's variables replaced, for promtool to parse.
+    let mut rules = String::from("groups:\n  - name: dashboard\n    rules:\n");
+    for (i, expr) in exprs.iter().enumerate() {
+        for name in expr
+            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .filter(|w| w.starts_with("wsgate_"))
+        {
+            let family = name.strip_suffix("_bucket").unwrap_or(name);
+            assert!(
+                docs.contains(&format!("`{family}`")),
+                "{family} is in the dashboard but not in docs/observability.md"
+            );
+        }
+        let promql = expr.replace("$__rate_interval", "5m").replace("$instance", ".*");
+        rules.push_str(&format!(
+            "      - record: dashboard:query{i}\n        expr: {}\n",
+            serde_json::to_string(&promql).expect("quote")
+        ));
+    }
+    let dir = support::peers::unique_temp_dir("dashboard");
+    let file = dir.join("queries.yml");
+    std::fs::write(&file, rules).expect("write");
+    let out = std::process::Command::new("/usr/bin/promtool")
+        .args(["check", "rules"])
+        .arg(&file)
+        .output()
+        .expect("run promtool");
+    assert!(out.status.success(), "{}{}", text_of(&out.stdout), text_of(&out.stderr));
+}
