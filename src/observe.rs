@@ -62,6 +62,8 @@ pub struct ConnectionRecord {
     pub upgrade: bool,
     /// Why wsgate refused it, as `wsgate_rejections_total` says it (the fast path: one refusal at most).
     pub rejection: Option<&'static str>,
+    /// The W3C trace id its request went on with (on a plain HTTP connection, its last request's).
+    pub trace_id: Option<String>,
 }
 
 impl ConnectionRecord {
@@ -76,6 +78,7 @@ impl ConnectionRecord {
             server: None,
             upgrade: false,
             rejection: None,
+            trace_id: None,
             status: 0,
             bytes: Counters::default(),
             requests: 0,
@@ -114,6 +117,7 @@ impl ConnectionRecord {
             messages_out = self.bytes.messages.map(|m| m.1),
             close_code = self.bytes.close_code,
             close_first = self.bytes.close_first,
+            trace_id = self.trace_id.as_deref(),
             end = %self.end,
             "connection closed"
         );

@@ -355,6 +355,9 @@ pub struct Omit<'a> {
     pub extensions: bool,
     /// What authentication takes out and puts in (`None` on a route without authentication).
     pub auth: Option<&'a crate::auth::Admit>,
+    /// The trace the request goes on with: the client's `traceparent` is replaced with it (and its `tracestate`
+    /// dropped unless the trace is the client's). `None`: trace headers pass as they are.
+    pub trace: Option<&'a crate::http::trace::Trace>,
 }
 
 impl UpgradeHead<'_, '_> {
@@ -380,6 +383,10 @@ impl UpgradeHead<'_, '_> {
             if drop_when_forwarding(h.name.as_bytes(), connection, true)
                 || (omit.extensions && h.name.eq_ignore_ascii_case(EXTENSIONS))
                 || strip.is_some_and(|s| s.headers.iter().any(|n| crate::auth::same_header(h.name, n)))
+                || omit.trace.is_some_and(|t| {
+                    h.name.eq_ignore_ascii_case("traceparent")
+                        || (!t.continued && h.name.eq_ignore_ascii_case("tracestate"))
+                })
             {
                 continue;
             }
@@ -412,6 +419,9 @@ impl UpgradeHead<'_, '_> {
             .each(|name, value| push_header(&mut forward, name, value));
         for (name, value) in omit.auth.map_or(&[][..], |a| &a.identity[..]) {
             push_header(&mut forward, name, value.as_bytes());
+        }
+        if let Some(trace) = omit.trace {
+            push_header(&mut forward, "traceparent", trace.header().as_bytes());
         }
         forward.extend_from_slice(b"\r\n");
         forward

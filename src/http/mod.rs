@@ -6,6 +6,7 @@ mod answer;
 pub(crate) mod forwarded;
 pub mod handshake;
 pub(crate) mod headers;
+pub(crate) mod trace;
 mod view;
 
 pub(crate) use answer::Answer;

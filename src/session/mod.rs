@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{self, Deflate, Listener, Sticky, TrustedProxies};
 use crate::conn::Conn;
 use crate::http::handshake::{self, BackendAnswer, BodyEnd, MAX_HEAD_BYTES, Omit, Parsed, ResponseError, UpgradeHead};
+use crate::http::trace::Trace;
 use crate::http::{Client, RequestView};
 use crate::metrics::{Ended, Metrics, SessionLabels};
 use crate::observe::ConnectionRecord;
@@ -387,6 +388,8 @@ fn inspect(snapshot: &Snapshot, front: Front<'_>, buf: &[u8], record: &mut Conne
     Refusal::check_route(route, client.ip, Some(&view))?;
     let auth = Refusal::check_auth(route, &view, true)?;
     let upstream = &snapshot.upstreams[route.upstream];
+    let trace = Trace::of(single(view.header_values("traceparent")));
+    record.trace_id = Some(trace.trace_id_hex());
     let omit = Omit {
         cookie: match &upstream.config.sticky {
             Some(Sticky::Cookie(c)) if !c.forward_cookie => Some(c.name.as_str()),
@@ -394,6 +397,7 @@ fn inspect(snapshot: &Snapshot, front: Front<'_>, buf: &[u8], record: &mut Conne
         },
         extensions: route.deflate == Deflate::Strip,
         auth: auth.as_ref(),
+        trace: Some(&trace),
     };
     Ok(Step::Upgrade(Prepared {
         client: client.ip,
@@ -413,6 +417,14 @@ fn note_client(record: &mut ConnectionRecord, client: &Client) {
     record.forwarded_for = (client.ip != client.peer).then_some(client.ip);
     if let Some(entry) = &client.ignored {
         tracing::debug!(id = record.id, entry = %entry, "forwarding chain entry naming no address passed over");
+    }
+}
+
+/// The one value of a header sent once (`None` when absent or repeated).
+fn single<'a>(mut values: impl Iterator<Item = &'a [u8]>) -> Option<&'a [u8]> {
+    match (values.next(), values.next()) {
+        (Some(value), None) => Some(value),
+        _ => None,
     }
 }
 

@@ -34,6 +34,7 @@ use crate::config::{Deflate, Sticky};
 use crate::conn::Conn;
 use crate::http::handshake::{self, HandshakeError, Inspected, MAX_HEAD_BYTES, MAX_HEADERS, without_cookie};
 use crate::http::headers::{drop_when_forwarding, has_token};
+use crate::http::trace::Trace;
 use crate::http::{Client, RequestView};
 use crate::metrics::Metrics;
 use crate::observe::ConnectionRecord;
@@ -107,6 +108,7 @@ pub(super) async fn serve(
     record.bytes.backend_to_client = stats.bytes_out.load(Ordering::Relaxed);
     let last = *state.last.lock().await;
     (record.route, record.upstream, record.server) = (last.route, last.upstream, last.server);
+    record.trace_id = last.trace.map(|t| t.trace_id_hex());
     record.forwarded_for = last.client;
     record.end = match result {
         Ok(()) => "client closed".into(),
@@ -211,6 +213,8 @@ struct Last {
     upstream: Option<usize>,
     server: Option<SocketAddr>,
     client: Option<IpAddr>,
+    /// The trace it went on with.
+    trace: Option<Trace>,
 }
 
 #[derive(Default)]
@@ -320,12 +324,13 @@ impl State {
 
     /// Notes a new request's route and upstream (none for a request without a route) and its client, for the
     /// access log line.
-    async fn note_target(&self, target: Option<Target>, client: &Client) {
+    async fn note_target(&self, target: Option<Target>, client: &Client, trace: Trace) {
         *self.last.lock().await = Last {
             route: target.map(|t| t.route),
             upstream: target.map(|t| t.upstream),
             server: None,
             client: (client.ip != client.peer).then_some(client.ip),
+            trace: Some(trace),
         };
     }
 
@@ -417,8 +422,15 @@ async fn forward(state: Arc<State>, mut req: Request<Incoming>) -> Result<Respon
         .iter()
         .any(|v| has_token(v.as_bytes(), "websocket"));
     let client = state.client(&req);
+    let trace = {
+        let mut values = req.headers().get_all("traceparent").iter();
+        match (values.next(), values.next()) {
+            (Some(value), None) => Trace::of(Some(value.as_bytes())),
+            _ => Trace::of(None),
+        }
+    };
     let target = check_head(&req).and_then(|()| state.target(&req, &client, wants_websocket));
-    state.note_target(target.as_ref().ok().copied(), &client).await;
+    state.note_target(target.as_ref().ok().copied(), &client, trace).await;
     let admitted = match target {
         Err(refusal) => Err(refusal),
         Ok(target) => state
@@ -436,9 +448,9 @@ async fn forward(state: Arc<State>, mut req: Request<Incoming>) -> Result<Respon
             )
         }
         Err(refusal) => Err(refusal),
-        Ok((target, admit)) if wants_websocket => upgrade(&state, target, &client, admit, req).await,
+        Ok((target, admit)) if wants_websocket => upgrade(&state, target, &client, admit, &trace, req).await,
         Ok((target, admit)) => {
-            rewrite_request(&mut req, &client, state.proto);
+            rewrite_request(&mut req, &client, state.proto, &trace);
             if let Some(admit) = &admit {
                 admit.rewrite(&mut req);
             }
@@ -468,6 +480,7 @@ async fn upgrade(
     target: Target,
     client: &Client,
     admit: Option<Admit>,
+    trace: &Trace,
     mut req: Request<Incoming>,
 ) -> Result<Response<Body>, Refusal> {
     let started = tokio::time::Instant::now();
@@ -480,7 +493,7 @@ async fn upgrade(
         }
     };
     let client_side = hyper::upgrade::on(&mut req);
-    rewrite_request(&mut req, client, state.proto);
+    rewrite_request(&mut req, client, state.proto, trace);
     if let Some(admit) = &admit {
         admit.rewrite(&mut req);
     }
@@ -696,8 +709,9 @@ async fn client_handshake(
 }
 
 /// The request as the backend gets it: in origin form, a target's authority as its `Host` (RFC 9112 §3.2.2),
-/// hop-by-hop headers out, forwarding headers (for `client`) in.
-fn rewrite_request(req: &mut Request<Incoming>, client: &Client, proto: &'static str) {
+/// hop-by-hop headers out, forwarding headers (for `client`) in, and `trace`'s `traceparent` (the client's
+/// `tracestate` kept only with a trace it continues).
+fn rewrite_request(req: &mut Request<Incoming>, client: &Client, proto: &'static str, trace: &Trace) {
     let authority = req
         .uri()
         .authority()
@@ -723,6 +737,13 @@ fn rewrite_request(req: &mut Request<Incoming>, client: &Client, proto: &'static
         });
     for (name, value) in added {
         headers.append(name, value);
+    }
+    headers.remove("traceparent");
+    if !trace.continued {
+        headers.remove("tracestate");
+    }
+    if let Ok(value) = HeaderValue::from_str(&trace.header()) {
+        headers.insert("traceparent", value);
     }
 }
 
