@@ -1,5 +1,6 @@
-//! The admin listener (`[admin]`): `GET /metrics` in the Prometheus text format, on an address of its own, on a
-//! thread of its own so that a scrape never waits behind the proxy's sessions (and theirs never behind a scrape).
+//! The admin listener (`[admin]`): `GET /metrics` in the Prometheus text format, `GET /api/upstreams`, and
+//! `POST /api/servers/{upstream}/{server}/drain` / `undrain`, on an address of its own, on a thread of its own so
+//! that a scrape never waits behind the proxy's sessions (and theirs never behind a scrape).
 //!
 //! With a token (`token_file`), every POST needs `Authorization: Bearer TOKEN`, and GETs too with `protect_reads`;
 //! the token is compared in constant time. A wrong or missing token gets 401 and a log line. Answers other than the
@@ -140,8 +141,129 @@ fn handle(
             answer
         }
         (_, "/metrics") => json(StatusCode::METHOD_NOT_ALLOWED, "use GET"),
+        (&Method::GET, "/api/upstreams") => answer(StatusCode::OK, upstreams(shared)),
+        (method, path) if path.starts_with("/api/servers/") => {
+            if method != Method::POST {
+                return json(StatusCode::METHOD_NOT_ALLOWED, "use POST");
+            }
+            drain(shared, peer, path)
+        }
         _ => json(StatusCode::NOT_FOUND, "no such admin endpoint"),
     }
+}
+
+/// `GET /api/upstreams`: every upstream of the config in force with its servers' state.
+fn upstreams(shared: &Shared) -> serde_json::Value {
+    let snapshot = shared.snapshot.load();
+    let now = crate::upstream::now_ms();
+    let list: Vec<serde_json::Value> = snapshot
+        .upstreams
+        .iter()
+        .map(|u| {
+            let servers: Vec<serde_json::Value> = u
+                .servers()
+                .iter()
+                .zip(&u.config.servers)
+                .map(|(state, config)| {
+                    serde_json::json!({
+                        "server": state.name,
+                        "address": state.address.to_string(),
+                        "up": !state.is_down(),
+                        "ejected": state.is_ejected(now),
+                        "draining": state.draining(config),
+                        "backup": config.backup,
+                        "weight": config.weight,
+                        "connections": state.active(),
+                        "sessions": state.sessions(),
+                    })
+                })
+                .collect();
+            serde_json::json!({ "name": u.config.name, "servers": servers })
+        })
+        .collect();
+    serde_json::json!({ "upstreams": list })
+}
+
+/// `POST /api/servers/{upstream}/{server}/drain` or `/undrain`: the server (named as in the config; percent-encoded
+/// where it must be, as `%5B::1%5D:9000`) goes into drain, its sessions closed at the upstream's `drain_rate` with
+/// 1012 in frames mode, or comes back.
+fn drain(shared: &Shared, peer: SocketAddr, path: &str) -> Response<Full<Bytes>> {
+    let parts: Vec<&str> = path.trim_start_matches("/api/servers/").split('/').collect();
+    let [upstream_name, server_name, action] = parts[..] else {
+        return json(
+            StatusCode::NOT_FOUND,
+            "expected /api/servers/{upstream}/{server}/drain or /undrain",
+        );
+    };
+    let drain = match action {
+        "drain" => true,
+        "undrain" => false,
+        _ => return json(StatusCode::NOT_FOUND, "expected .../drain or .../undrain"),
+    };
+    let (Some(upstream_name), Some(server_name)) = (percent_decoded(upstream_name), percent_decoded(server_name))
+    else {
+        return json(StatusCode::BAD_REQUEST, "malformed percent-encoding in the path");
+    };
+    let snapshot = shared.snapshot.load();
+    let Some(upstream) = snapshot.upstreams.iter().find(|u| u.config.name == upstream_name) else {
+        return json(StatusCode::NOT_FOUND, &format!("no upstream `{upstream_name}`"));
+    };
+    let Some((state, config)) = upstream
+        .servers()
+        .iter()
+        .zip(&upstream.config.servers)
+        .find(|(s, _)| s.name == server_name)
+    else {
+        return json(
+            StatusCode::NOT_FOUND,
+            &format!("upstream `{upstream_name}` has no server `{server_name}`"),
+        );
+    };
+    let changed = state.set_admin_drain(drain);
+    tracing::info!(
+        client = %peer,
+        upstream = %upstream_name,
+        server = %server_name,
+        changed,
+        "admin API: server {}", if drain { "put in drain" } else { "taken out of drain" }
+    );
+    answer(
+        StatusCode::OK,
+        serde_json::json!({
+            "upstream": upstream_name,
+            "server": server_name,
+            "draining": state.draining(config),
+            "changed": changed,
+        }),
+    )
+}
+
+/// A path segment with its `%XX` escapes decoded; `None` when one is malformed or the result is not UTF-8.
+fn percent_decoded(segment: &str) -> Option<String> {
+    let bytes = segment.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = bytes.get(i + 1..i + 3)?;
+            let hex = std::str::from_utf8(hex).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+fn answer(status: StatusCode, body: serde_json::Value) -> Response<Full<Bytes>> {
+    let mut answer = Response::new(Full::new(Bytes::from(body.to_string())));
+    *answer.status_mut() = status;
+    answer
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+    answer
 }
 
 /// Whether `hay` holds `needle`, ASCII case aside.
@@ -163,12 +285,7 @@ fn authorized(settings: &AdminSettings, req: &Request<Incoming>) -> bool {
     presented.len() == token.len() && bool::from(presented.as_bytes().ct_eq(token.as_bytes()))
 }
 
+/// An error answer: `{"error": MESSAGE}`.
 fn json(status: StatusCode, message: &str) -> Response<Full<Bytes>> {
-    let body = serde_json::json!({ "error": message }).to_string();
-    let mut answer = Response::new(Full::new(Bytes::from(body)));
-    *answer.status_mut() = status;
-    answer
-        .headers_mut()
-        .insert(header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
-    answer
+    answer(status, serde_json::json!({ "error": message }))
 }

@@ -326,7 +326,7 @@ const SERVER_GAUGES: [ServerGauge; 4] = [
     (
         "upstream_server_draining",
         "1 for a server in drain (no new connections)",
-        |_, c, _| i64::from(c.drain),
+        |s, c, _| i64::from(s.draining(c)),
     ),
     (
         "upstream_server_connections",

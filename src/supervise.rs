@@ -378,7 +378,7 @@ impl Control {
                 u.servers()
                     .iter()
                     .zip(&u.config.servers)
-                    .any(|(s, c)| key(s) == *k && c.drain)
+                    .any(|(s, c)| key(s) == *k && s.draining(c))
             })
         });
     }
@@ -395,7 +395,7 @@ impl Control {
                     tracing::info!(upstream = %name, server = %server.name, "server back: ejected -> up (ejection time over)");
                     upstream.shared.rebalance_armed.store(true, Ordering::Relaxed);
                 }
-                if config.drain && server.sessions() > 0 {
+                if server.draining(config) && server.sessions() > 0 {
                     let pace = self.draining.entry(key(server)).or_insert_with(|| {
                         tracing::info!(
                             upstream = %name,

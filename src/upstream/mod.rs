@@ -155,7 +155,7 @@ impl Upstream {
         let (Some(state), Some(config)) = (self.servers.get(i), self.config.servers.get(i)) else {
             return false;
         };
-        !config.drain && !state.is_down() && !state.is_ejected(now)
+        !state.draining(config) && !state.is_down() && !state.is_ejected(now)
     }
 
     /// Whether `server` (of this upstream) may take new requests: a keep-alive backend connection to a server that

@@ -67,6 +67,8 @@ pub struct ServerState {
     pub(super) ramp_start: AtomicU64,
     /// Live WebSocket sessions, by connection id, with the signal that makes each close itself.
     pub(super) sessions: Registry,
+    /// Put in drain through the admin API (as `drain = true` in the config does), until undrained there.
+    pub(super) admin_drain: AtomicBool,
 }
 
 /// The live sessions of a server. Locked once when a session starts relaying and once when it ends (and by the
@@ -90,7 +92,23 @@ impl ServerState {
             returned_at: AtomicU64::new(0),
             ramp_start: AtomicU64::new(0),
             sessions: Registry::default(),
+            admin_drain: AtomicBool::new(false),
         }
+    }
+
+    /// Puts the server in drain, or takes it out (the admin API); returns whether that changed anything. A server
+    /// the config drains stays in drain either way.
+    pub fn set_admin_drain(&self, drain: bool) -> bool {
+        let was = self.admin_drain.swap(drain, Ordering::Relaxed);
+        if was && !drain {
+            self.ramp_start.store(now_ms(), Ordering::Relaxed);
+        }
+        was != drain
+    }
+
+    /// Whether the server is in drain: by the config's `drain` or through the admin API.
+    pub fn draining(&self, config: &crate::config::Server) -> bool {
+        config.drain || self.admin_drain.load(Ordering::Relaxed)
     }
 
     pub fn active(&self) -> u32 {
