@@ -1,5 +1,5 @@
-//! The admin listener (`[admin]`): `GET /metrics` in the Prometheus text format, `GET /api/upstreams`, and
-//! `POST /api/servers/{upstream}/{server}/drain` / `undrain`, on an address of its own, on a thread of its own so
+//! The admin listener (`[admin]`): `GET /metrics` in the Prometheus text format, `GET /api/upstreams`,
+//! `POST /api/servers/{upstream}/{server}/drain` / `undrain` and `POST /api/reload`, on an address of its own, on a thread of its own so
 //! that a scrape never waits behind the proxy's sessions (and theirs never behind a scrape).
 //!
 //! With a token (`token_file`), every POST needs `Authorization: Bearer TOKEN`, and GETs too with `protect_reads`;
@@ -93,8 +93,8 @@ async fn serve(
         let (settings, shared, stop) = (settings.clone(), shared.clone(), stop.clone());
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {
-                let answer = handle(&settings, &shared, peer, &req);
-                async move { Ok::<_, Infallible>(answer) }
+                let (settings, shared) = (settings.clone(), shared.clone());
+                async move { Ok::<_, Infallible>(handle(&settings, &shared, peer, req).await) }
             });
             let connection = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service);
             tokio::select! {
@@ -105,14 +105,14 @@ async fn serve(
     }
 }
 
-fn handle(
+async fn handle(
     settings: &AdminSettings,
     shared: &Shared,
     peer: SocketAddr,
-    req: &Request<Incoming>,
+    req: Request<Incoming>,
 ) -> Response<Full<Bytes>> {
     let needs_token = settings.token.is_some() && (req.method() != Method::GET || settings.protect_reads);
-    if needs_token && !authorized(settings, req) {
+    if needs_token && !authorized(settings, &req) {
         tracing::warn!(client = %peer, method = %req.method(), path = req.uri().path(), "admin request without the right token");
         let mut answer = json(StatusCode::UNAUTHORIZED, "a valid admin token is needed");
         answer.headers_mut().insert(
@@ -142,6 +142,8 @@ fn handle(
         }
         (_, "/metrics") => json(StatusCode::METHOD_NOT_ALLOWED, "use GET"),
         (&Method::GET, "/api/upstreams") => answer(StatusCode::OK, upstreams(shared)),
+        (&Method::POST, "/api/reload") => reload(shared, peer).await,
+        (_, "/api/reload") => json(StatusCode::METHOD_NOT_ALLOWED, "use POST"),
         (method, path) if path.starts_with("/api/servers/") => {
             if method != Method::POST {
                 return json(StatusCode::METHOD_NOT_ALLOWED, "use POST");
@@ -149,6 +151,31 @@ fn handle(
             drain(shared, peer, path)
         }
         _ => json(StatusCode::NOT_FOUND, "no such admin endpoint"),
+    }
+}
+
+/// How long `POST /api/reload` waits for the reload's result.
+const RELOAD_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// `POST /api/reload`: the config file is loaded again, as on SIGHUP; the answer says what is in force now, or
+/// what is wrong with the file (`400`, the running config staying in force).
+async fn reload(shared: &Shared, peer: SocketAddr) -> Response<Full<Bytes>> {
+    tracing::info!(client = %peer, "admin API: reload asked for");
+    let (reply, result) = tokio::sync::oneshot::channel();
+    if shared.reloads.send(reply).is_err() {
+        return json(StatusCode::SERVICE_UNAVAILABLE, "reloads are not served");
+    }
+    match tokio::time::timeout(RELOAD_WAIT, result).await {
+        Ok(Ok(Ok(summary))) => answer(StatusCode::OK, serde_json::json!({ "reloaded": summary })),
+        Ok(Ok(Err(problems))) => answer(
+            StatusCode::BAD_REQUEST,
+            serde_json::json!({
+                "error": "the config file was refused: the running config stays in force",
+                "problems": problems,
+            }),
+        ),
+        Ok(Err(_)) => json(StatusCode::SERVICE_UNAVAILABLE, "reloads are not served"),
+        Err(_) => json(StatusCode::GATEWAY_TIMEOUT, "the reload did not finish in time"),
     }
 }
 

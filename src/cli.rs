@@ -351,6 +351,8 @@ impl Signals {
         };
         let mut watch = tokio::time::interval(WATCH_INTERVAL);
         watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Reloads asked for through the admin API (`POST /api/reload`), answered with their result.
+        let mut reloads = running.take_reload_requests();
         loop {
             tokio::select! {
                 _ = terminate.recv() => {
@@ -365,7 +367,7 @@ impl Signals {
                     Some(path) => {
                         tracing::info!(signal = "SIGHUP", config = %path.display(), "reloading");
                         last_seen = std::fs::read(path).ok();
-                        reload(&mut running, path).await;
+                        let _ = reload(&mut running, path).await;
                     }
                     None => tracing::info!(signal = "SIGHUP", "no config file to reload (quick mode)"),
                 },
@@ -375,8 +377,19 @@ impl Signals {
                     if now.is_some() && now != last_seen {
                         tracing::info!(config = %path.display(), "config file changed: reloading");
                         last_seen = now;
-                        reload(&mut running, path).await;
+                        let _ = reload(&mut running, path).await;
                     }
+                }
+                Some(reply) = reloads.recv() => {
+                    let result = match &config_file {
+                        Some(path) => {
+                            tracing::info!(config = %path.display(), "admin API: reloading");
+                            last_seen = std::fs::read(path).ok();
+                            reload(&mut running, path).await
+                        }
+                        None => Err(vec!["no config file to reload (quick mode)".to_string()]),
+                    };
+                    let _ = reply.send(result);
                 }
             }
         }
@@ -397,30 +410,39 @@ impl Signals {
     }
 }
 
-/// Loads the config file and serves it; a file that does not load leaves the running config as it is.
-async fn reload(running: &mut server::Running, path: &Path) {
+/// Loads the config file and serves it; a file that does not load leaves the running config as it is. Returns the
+/// new config's summary, or the problems that refused it.
+async fn reload(running: &mut server::Running, path: &Path) -> Result<String, Vec<String>> {
     let owned = path.to_path_buf();
     // Loading resolves server names: off the signal-handling thread.
     let loaded = tokio::task::spawn_blocking(move || config::file::load(&owned)).await;
     let config = match loaded {
         Ok(Ok(config)) => config,
         Ok(Err(e)) => {
-            for line in e.to_string().lines() {
+            let problems: Vec<String> = e.to_string().lines().map(str::to_string).collect();
+            for line in &problems {
                 tracing::error!(config = %path.display(), "reload refused: {line}");
             }
             tracing::error!(config = %path.display(), "reload refused: the running config stays in force");
             running.reload_failed();
-            return;
+            return Err(problems);
         }
         Err(e) => {
             tracing::error!(error = %e, "reload failed");
-            return;
+            running.reload_failed();
+            return Err(vec![format!("reload failed: {e}")]);
         }
     };
     let summary = summary(&config);
     match running.reload(config) {
-        Ok(()) => tracing::info!(config = %path.display(), "reloaded: {summary}"),
-        Err(e) => tracing::error!(error = %e, "reload refused: the running config stays in force"),
+        Ok(()) => {
+            tracing::info!(config = %path.display(), "reloaded: {summary}");
+            Ok(summary)
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "reload refused: the running config stays in force");
+            Err(vec![e.to_string()])
+        }
     }
 }
 

@@ -70,6 +70,8 @@ pub struct Running {
     supervisor: Supervisor,
     /// The admin listener, when the config has one.
     admin: Option<Admin>,
+    /// The admin API's reload requests, until [`Running::take_reload_requests`] takes them.
+    reload_requests: Option<mpsc::UnboundedReceiver<crate::state::ReloadRequest>>,
 }
 
 struct Open {
@@ -115,6 +117,15 @@ impl Running {
     /// A reload whose file did not load: counted in `wsgate_reloads_total{result="failed"}`.
     pub fn reload_failed(&self) {
         self.shared.metrics.reloaded(false);
+    }
+
+    /// The admin API's reload requests (`POST /api/reload`): whoever serves reloads (the command line, which knows
+    /// the config file) takes them once. Until then, and in a server nobody took them from, they go unanswered and
+    /// the API says so.
+    pub fn take_reload_requests(&mut self) -> mpsc::UnboundedReceiver<crate::state::ReloadRequest> {
+        self.reload_requests
+            .take()
+            .unwrap_or_else(|| mpsc::unbounded_channel().1)
     }
 
     /// Where the admin listener listens, when there is one.
@@ -245,6 +256,7 @@ pub fn start(config: Config) -> Result<Running, ServerError> {
         bound.push((listener.address, bind_all(listener.address, workers)?));
     }
     let config_admin = config.admin.clone();
+    let (reloads, reload_requests) = mpsc::unbounded_channel();
     let snapshot = Arc::new(Snapshot::new(config, None));
     let supervisor = Supervisor::start(snapshot.clone()).map_err(ServerError::Control)?;
     let shared = Arc::new(Shared {
@@ -254,6 +266,7 @@ pub fn start(config: Config) -> Result<Running, ServerError> {
         admission: Arc::default(),
         force_close: CancellationToken::new(),
         metrics: Arc::default(),
+        reloads,
     });
     shared.metrics.attach(&shared);
     let admin = match config_admin {
@@ -283,6 +296,7 @@ pub fn start(config: Config) -> Result<Running, ServerError> {
         workers: handles,
         supervisor,
         admin,
+        reload_requests: Some(reload_requests),
     };
     for (configured, (address, sockets)) in bound {
         let stop = CancellationToken::new();

@@ -30,7 +30,13 @@ pub struct Shared {
     pub force_close: CancellationToken,
     /// What `GET /metrics` on the admin listener reports.
     pub metrics: Arc<Metrics>,
+    /// Where the admin API's `POST /api/reload` asks for a reload of the config file (served by the command line's
+    /// signal loop, which knows the file).
+    pub reloads: tokio::sync::mpsc::UnboundedSender<ReloadRequest>,
 }
+
+/// A reload asked for through the admin API, answered with the new config's summary or the file's problems.
+pub type ReloadRequest = tokio::sync::oneshot::Sender<Result<String, Vec<String>>>;
 
 /// One validated config and the live state of its upstreams.
 #[derive(Debug)]

@@ -138,3 +138,65 @@ async fn a_server_drained_through_the_admin_api_takes_no_sessions_and_closes_its
     .await;
     assert_eq!(status, 405);
 }
+
+#[tokio::test]
+async fn post_api_reload_loads_the_file_again_and_answers_what_is_wrong_with_a_bad_one() {
+    let a = ws_backend("a").await;
+    let b = ws_backend("b").await;
+    let dir = support::peers::unique_temp_dir("admin-reload");
+    let token_file = dir.join("token");
+    std::fs::write(&token_file, format!("{TOKEN}\n")).expect("token");
+    let admin_addr = unused_addr();
+    let listen = unused_addr();
+    let text = config(a.addr, b.addr, &token_file)
+        .replacen("127.0.0.1:0", &admin_addr.to_string(), 1)
+        .replacen("127.0.0.1:0", &listen.to_string(), 1);
+    let file = dir.join("wsgate.toml");
+    std::fs::write(&file, &text).expect("config");
+    let mut wsgate = support::binary::Binary::spawn(["run", "--config", &file.display().to_string()]);
+    wsgate.wait_for_log(&["admin listening"]).await;
+    wsgate.wait_for_log(&["listening"]).await;
+    let post = |token: Option<&str>| {
+        let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+        format!("POST /api/reload HTTP/1.1\r\nHost: a\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n")
+    };
+    let body = |answer: &str| -> serde_json::Value {
+        serde_json::from_str(answer.split("\r\n\r\n").nth(1).unwrap_or("")).unwrap_or(serde_json::Value::Null)
+    };
+
+    let answer = raw_exchange(admin_addr, post(None).as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+
+    let answer = raw_exchange(admin_addr, post(Some(TOKEN)).as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(
+        body(&answer)["reloaded"]
+            .as_str()
+            .is_some_and(|s| s.contains("2 servers")),
+        "{answer}"
+    );
+
+    std::fs::write(&file, text.replace("drain_rate = 100", "drain_rate = \"fast\"")).expect("break it");
+    let answer = raw_exchange(admin_addr, post(Some(TOKEN)).as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    let problems = body(&answer)["problems"].as_array().cloned().unwrap_or_default();
+    assert!(
+        problems.iter().any(|p| p
+            .as_str()
+            .is_some_and(|p| p.contains("wsgate.toml:") && p.contains("\"fast\""))),
+        "{answer}"
+    );
+    // The running config stays: the proxy still serves.
+    let mut ws = connect(&format!("ws://{listen}/")).await;
+    assert!(["a", "b"].contains(&backend_name(&mut ws).await.as_str()));
+    let metrics = raw_exchange(
+        admin_addr,
+        b"GET /metrics HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(
+        metrics.contains("wsgate_reloads_total{result=\"failed\"} 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("wsgate_reloads_total{result=\"ok\"} 1"), "{metrics}");
+}

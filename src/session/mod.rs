@@ -921,6 +921,7 @@ mod tests {
             admission: Arc::default(),
             force_close: CancellationToken::new(),
             metrics: Arc::default(),
+            reloads: tokio::sync::mpsc::unbounded_channel().0,
         });
         let accepted = Accepted {
             stream,
