@@ -354,32 +354,24 @@ impl Collector for States {
             }
         }
         let process = crate::sys::process_usage();
-        if let Some(fds) = process.open_fds {
-            let metric = encoder.encode_descriptor(
-                "process_open_fds",
-                "File descriptors the process holds",
-                None,
-                MetricType::Gauge,
-            )?;
-            ConstGauge::new(fds as i64).encode(metric)?;
-        }
-        if let Some(max) = process.max_fds {
-            let metric = encoder.encode_descriptor(
+        let gauges = [
+            ("process_open_fds", "File descriptors the process holds", process.open_fds),
+            (
                 "process_max_fds",
                 "The most file descriptors the process may hold (its soft limit)",
-                None,
-                MetricType::Gauge,
-            )?;
-            ConstGauge::new(i64::try_from(max).unwrap_or(i64::MAX)).encode(metric)?;
-        }
-        if let Some(rss) = process.resident_bytes {
-            let metric = encoder.encode_descriptor(
+                process.max_fds,
+            ),
+            (
                 "process_resident_memory_bytes",
                 "Resident memory of the process",
-                None,
-                MetricType::Gauge,
-            )?;
-            ConstGauge::new(rss as i64).encode(metric)?;
+                process.resident_bytes,
+            ),
+        ];
+        for (name, help, value) in gauges {
+            if let Some(value) = value {
+                let metric = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+                ConstGauge::new(i64::try_from(value).unwrap_or(i64::MAX)).encode(metric)?;
+            }
         }
         if let Some(cpu) = process.cpu_seconds {
             let metric = encoder.encode_descriptor(
