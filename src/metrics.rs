@@ -355,7 +355,11 @@ impl Collector for States {
         }
         let process = crate::sys::process_usage();
         let gauges = [
-            ("process_open_fds", "File descriptors the process holds", process.open_fds),
+            (
+                "process_open_fds",
+                "File descriptors the process holds",
+                process.open_fds,
+            ),
             (
                 "process_max_fds",
                 "The most file descriptors the process may hold (its soft limit)",
