@@ -26,6 +26,8 @@ use crate::state::Shared;
 
 /// The Prometheus text format's content type.
 const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
+/// How long an admin client gets to send a request head.
+const ADMIN_HEAD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// OpenMetrics, for a scraper that asks for it (Prometheus does).
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
@@ -96,7 +98,11 @@ async fn serve(
                 let (settings, shared) = (settings.clone(), shared.clone());
                 async move { Ok::<_, Infallible>(handle(&settings, &shared, peer, req).await) }
             });
-            let connection = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+            // A client that never finishes its request head is dropped: the admin listener is no place to hold sockets.
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(ADMIN_HEAD_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), service);
             tokio::select! {
                 _ = connection => {}
                 () = stop.cancelled() => {}
