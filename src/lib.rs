@@ -11,6 +11,7 @@ pub mod config;
 mod conn;
 pub mod demo;
 pub mod http;
+pub mod live;
 pub mod metrics;
 mod observe;
 mod policy;

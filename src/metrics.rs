@@ -1,10 +1,12 @@
 //! Prometheus metrics (prometheus-client), served by the admin listener at `GET /metrics`.
 //!
-//! Nothing here runs per message: a session is counted when its backend has switched (and uncounted when it ends,
-//! by a guard, however it ends), its bytes, messages and close are added once at its end from the access-log record,
-//! and a refusal once when it is answered. Labels are bounded: listener, route, upstream and server names from the
-//! config, status codes, close codes, a fixed set of reasons; never a client address or a connection id.
+//! Nothing here runs per message: sessions, bytes, messages, frames and message sizes are the totals of
+//! [`crate::live`] (each relay folds its counts into them at most once a second and when it ends), read as they are
+//! at each scrape; a session's close is counted once at its end, a refusal once when it is answered. Labels are
+//! bounded: listener, route, upstream and server names from the config, status codes, close codes, a fixed set of
+//! reasons; never a client address or a connection id.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 
 use prometheus_client::collector::Collector;
@@ -17,17 +19,9 @@ use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+use crate::live::{SIZE_BOUNDS, SIZE_BUCKETS, Sessions, Totals};
 use crate::state::Shared;
 use crate::upstream::{ServerState, now_ms};
-
-/// Where a session runs.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct SessionLabels {
-    pub listener: String,
-    pub route: String,
-    pub upstream: String,
-    pub server: String,
-}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct HandshakeLabels {
@@ -40,12 +34,6 @@ struct HandshakeLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabels {
     reason: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct DirectionLabels {
-    /// `client_to_backend` or `backend_to_client`.
-    direction: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -64,12 +52,8 @@ struct ResultLabels {
 /// Every metric wsgate keeps, with the registry that encodes them.
 pub struct Metrics {
     registry: Registry,
-    sessions_active: Family<SessionLabels, Gauge>,
-    sessions_total: Family<SessionLabels, Counter>,
     handshakes: Family<HandshakeLabels, Counter>,
     rejections: Family<ReasonLabels, Counter>,
-    bytes: Family<DirectionLabels, Counter>,
-    messages: Family<DirectionLabels, Counter>,
     closes: Family<CloseLabels, Counter>,
     reloads: Family<ResultLabels, Counter>,
     config_generation: Gauge,
@@ -90,12 +74,8 @@ impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("wsgate");
         let metrics = Metrics {
-            sessions_active: Family::default(),
-            sessions_total: Family::default(),
             handshakes: Family::default(),
             rejections: Family::default(),
-            bytes: Family::default(),
-            messages: Family::default(),
             closes: Family::default(),
             reloads: Family::default(),
             config_generation: Gauge::default(),
@@ -109,16 +89,6 @@ impl Default for Metrics {
         };
         registry.register_collector(Box::new(metrics.states.clone()));
         registry.register(
-            "sessions_active",
-            "WebSocket sessions relayed now",
-            metrics.sessions_active.clone(),
-        );
-        registry.register(
-            "sessions",
-            "WebSocket sessions relayed since start",
-            metrics.sessions_total.clone(),
-        );
-        registry.register(
             "handshakes",
             "WebSocket upgrade requests answered, by outcome and status",
             metrics.handshakes.clone(),
@@ -127,16 +97,6 @@ impl Default for Metrics {
             "rejections",
             "Requests and connections wsgate refused, by reason",
             metrics.rejections.clone(),
-        );
-        registry.register(
-            "bytes",
-            "Bytes relayed by ended WebSocket sessions, each way",
-            metrics.bytes.clone(),
-        );
-        registry.register(
-            "messages",
-            "WebSocket messages relayed by ended frames-mode sessions, each way",
-            metrics.messages.clone(),
         );
         registry.register(
             "closes",
@@ -169,15 +129,6 @@ impl Default for Metrics {
     }
 }
 
-/// The outcome of an ended session, for [`Metrics::session_ended`].
-#[derive(Debug, Clone, Copy)]
-pub struct Ended {
-    pub bytes: [u64; 2],
-    pub messages: Option<(u64, u64)>,
-    pub close_code: Option<Option<u16>>,
-    pub close_side: Option<&'static str>,
-}
-
 impl Metrics {
     /// Lets the scrape read `shared`'s servers (weakly: the metrics live inside it).
     pub fn attach(&self, shared: &Arc<Shared>) {
@@ -192,38 +143,25 @@ impl Metrics {
         out
     }
 
-    /// A session has switched: counted as active until the guard is dropped.
-    pub fn session_started(self: &Arc<Self>, labels: SessionLabels) -> ActiveSession {
-        self.sessions_active.get_or_create(&labels).inc();
-        self.sessions_total.get_or_create(&labels).inc();
+    /// A session has switched (its 101 passed on).
+    pub fn switched(&self) {
         self.handshakes
             .get_or_create(&HandshakeLabels {
                 outcome: "switched",
                 status: 101,
             })
             .inc();
-        ActiveSession {
-            metrics: self.clone(),
-            labels,
-        }
     }
 
-    /// A session has ended: its bytes, messages and close.
-    pub fn session_ended(&self, ended: Ended) {
-        for (direction, n) in DIRECTIONS.into_iter().zip(ended.bytes) {
-            self.bytes.get_or_create(&DirectionLabels { direction }).inc_by(n);
-        }
-        if let Some((up, down)) = ended.messages {
-            for (direction, n) in DIRECTIONS.into_iter().zip([up, down]) {
-                self.messages.get_or_create(&DirectionLabels { direction }).inc_by(n);
-            }
-        }
-        let code = match ended.close_code {
+    /// A session has ended: how it closed (`close_code`: the first close frame's code, `Some(None)` for one without
+    /// a code, `None` for a session that ended without a close frame).
+    pub fn session_closed(&self, close_code: Option<Option<u16>>, close_side: Option<&'static str>) {
+        let code = match close_code {
             Some(Some(code)) => code.to_string(),
             Some(None) => "none".to_string(),
             None => "tcp".to_string(),
         };
-        let side = ended.close_side.unwrap_or("none");
+        let side = close_side.unwrap_or("none");
         self.closes.get_or_create(&CloseLabels { code, side }).inc();
     }
 
@@ -268,6 +206,11 @@ impl Metrics {
             .inc();
     }
 
+    /// The generation of the config in force (1 at start, +1 each successful reload).
+    pub fn generation(&self) -> i64 {
+        self.config_generation.get()
+    }
+
     /// A reload: its result, and the generation of the config in force.
     pub fn reloaded(&self, ok: bool) {
         let result = if ok { "ok" } else { "failed" };
@@ -279,18 +222,6 @@ impl Metrics {
 }
 
 const DIRECTIONS: [&str; 2] = ["client_to_backend", "backend_to_client"];
-
-/// Counts a session as active while it lives.
-pub struct ActiveSession {
-    metrics: Arc<Metrics>,
-    labels: SessionLabels,
-}
-
-impl Drop for ActiveSession {
-    fn drop(&mut self) {
-        self.metrics.sessions_active.get_or_create(&self.labels).dec();
-    }
-}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ServerLabels {
@@ -335,9 +266,117 @@ const SERVER_GAUGES: [ServerGauge; 4] = [
     ),
 ];
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PlaceLabels {
+    listener: String,
+    route: String,
+    upstream: String,
+    server: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PlaceDirectionLabels {
+    #[prometheus(flatten)]
+    place: PlaceLabels,
+    /// `client_to_backend` or `backend_to_client`.
+    direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DirectionLabels {
+    direction: &'static str,
+}
+
+/// A per-place, per-direction counter: its name, help, and its cells.
+type PlaceCounter = (&'static str, &'static str, fn(&Totals) -> &[AtomicU64; 2]);
+
+const PLACE_COUNTERS: [PlaceCounter; 3] = [
+    (
+        "bytes",
+        "Bytes relayed by WebSocket sessions, each way (live sessions' counts folded in at least every second)",
+        |t| &t.bytes,
+    ),
+    (
+        "messages",
+        "WebSocket data messages relayed by frames-mode sessions, each way (a fragmented message counts once)",
+        |t| &t.messages,
+    ),
+    (
+        "frames",
+        "WebSocket frames (data and control) read by frames-mode sessions, each way",
+        |t| &t.frames,
+    ),
+];
+
+/// The live sessions' families: sessions active and in all per place, bytes, messages and frames per place and
+/// direction, and the message size histogram.
+fn encode_sessions(sessions: &Sessions, encoder: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+    let mut totals = sessions.all_totals();
+    totals.sort_by(|a, b| a.place.cmp(&b.place));
+    let labels = |t: &Totals| PlaceLabels {
+        listener: t.place.listener.clone(),
+        route: t.place.route.clone(),
+        upstream: t.place.upstream.clone(),
+        server: t.place.server.clone(),
+    };
+    let mut metric = encoder.encode_descriptor(
+        "sessions_active",
+        "WebSocket sessions relayed now",
+        None,
+        MetricType::Gauge,
+    )?;
+    for t in &totals {
+        ConstGauge::new(t.active.load(Ordering::Relaxed)).encode(metric.encode_family(&labels(t))?)?;
+    }
+    let mut metric = encoder.encode_descriptor(
+        "sessions",
+        "WebSocket sessions relayed since start",
+        None,
+        MetricType::Counter,
+    )?;
+    for t in &totals {
+        ConstCounter::new(t.sessions.load(Ordering::Relaxed)).encode(metric.encode_family(&labels(t))?)?;
+    }
+    for (name, help, cells) in PLACE_COUNTERS {
+        let mut metric = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+        for t in &totals {
+            for (direction, cell) in DIRECTIONS.into_iter().zip(cells(t)) {
+                let labels = PlaceDirectionLabels {
+                    place: labels(t),
+                    direction,
+                };
+                ConstCounter::new(cell.load(Ordering::Relaxed)).encode(metric.encode_family(&labels)?)?;
+            }
+        }
+    }
+    let mut metric = encoder.encode_descriptor(
+        "message_size_bytes",
+        "Sizes of the WebSocket data messages frames-mode sessions relayed, each way",
+        None,
+        MetricType::Histogram,
+    )?;
+    let sizes = &sessions.sizes;
+    for (i, direction) in DIRECTIONS.into_iter().enumerate() {
+        let mut buckets = [(f64::MAX, 0u64); SIZE_BUCKETS];
+        for (b, (bucket, cell)) in buckets.iter_mut().zip(&sizes.buckets[i]).enumerate() {
+            *bucket = (
+                SIZE_BOUNDS.get(b).map_or(f64::MAX, |&bound| bound as f64),
+                cell.load(Ordering::Relaxed),
+            );
+        }
+        let count = buckets.iter().map(|b| b.1).sum();
+        let sum = sizes.sum[i].load(Ordering::Relaxed) as f64;
+        metric
+            .encode_family(&DirectionLabels { direction })?
+            .encode_histogram::<prometheus_client::encoding::NoLabelSet>(sum, count, &buckets, None)?;
+    }
+    Ok(())
+}
+
 impl Collector for States {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         if let Some(shared) = self.shared.get().and_then(Weak::upgrade) {
+            encode_sessions(&shared.sessions, &mut encoder)?;
             let snapshot = shared.snapshot.load();
             let now = now_ms();
             for (name, help, read) in SERVER_GAUGES {
@@ -350,6 +389,21 @@ impl Collector for States {
                         };
                         ConstGauge::new(read(state, config, now)).encode(metric.encode_family(&labels)?)?;
                     }
+                }
+            }
+            let mut metric = encoder.encode_descriptor(
+                "upstream_server_ejections",
+                "Times outlier detection has ejected the server since start",
+                None,
+                MetricType::Counter,
+            )?;
+            for upstream in &snapshot.upstreams {
+                for state in upstream.servers().iter() {
+                    let labels = ServerLabels {
+                        upstream: upstream.config.name.clone(),
+                        server: state.name.clone(),
+                    };
+                    ConstCounter::new(state.ejections_total()).encode(metric.encode_family(&labels)?)?;
                 }
             }
         }

@@ -266,6 +266,7 @@ pub fn start(config: Config) -> Result<Running, ServerError> {
         admission: Arc::default(),
         force_close: CancellationToken::new(),
         metrics: Arc::default(),
+        sessions: Default::default(),
         reloads,
     });
     shared.metrics.attach(&shared);

@@ -5,12 +5,15 @@
 //! knows the other.
 
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU16, Ordering};
 
 use tokio_util::sync::CancellationToken;
 
 #[derive(Debug)]
 pub struct StopSignal {
     reason: OnceLock<&'static str>,
+    /// The close code a frames-mode connection is closed with (0: 1012, "service restart").
+    code: AtomicU16,
     token: CancellationToken,
 }
 
@@ -19,6 +22,7 @@ impl StopSignal {
     pub fn new(token: CancellationToken) -> StopSignal {
         StopSignal {
             reason: OnceLock::new(),
+            code: AtomicU16::new(0),
             token,
         }
     }
@@ -27,6 +31,23 @@ impl StopSignal {
     pub fn stop(&self, reason: &'static str) {
         let _ = self.reason.set(reason);
         self.token.cancel();
+    }
+
+    /// Asks the connection to close with `code` (frames mode; a tunnel is closed at once), unless it was asked to
+    /// close already.
+    pub fn stop_with(&self, code: u16, reason: &'static str) {
+        if self.reason.set(reason).is_ok() {
+            self.code.store(code, Ordering::Release);
+        }
+        self.token.cancel();
+    }
+
+    /// The close code to close with.
+    pub fn code(&self) -> u16 {
+        match self.code.load(Ordering::Acquire) {
+            0 => 1012,
+            code => code,
+        }
     }
 
     /// Why the connection was asked to close, if it was.

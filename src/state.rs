@@ -30,6 +30,8 @@ pub struct Shared {
     pub force_close: CancellationToken,
     /// What `GET /metrics` on the admin listener reports.
     pub metrics: Arc<Metrics>,
+    /// The WebSocket sessions relaying now, and the totals of every listener, route, upstream and server.
+    pub sessions: crate::live::Sessions,
     /// Where the admin API's `POST /api/reload` asks for a reload of the config file (served by the command line's
     /// signal loop, which knows the file).
     pub reloads: tokio::sync::mpsc::UnboundedSender<ReloadRequest>,

@@ -63,6 +63,35 @@ async fn metrics_move_with_sessions_messages_closes_refusals_and_reloads() {
     ws.send(Message::text("hello")).await.expect("send");
     assert_eq!(next_text(&mut ws).await, "hello");
     let open = wait_for(&proxy, &format!("wsgate_sessions_active{session}"), 1.0).await;
+    // A live session's counts are folded in within about a second, without waiting for its end.
+    let place = session.trim_end_matches('}');
+    let live = wait_for(
+        &proxy,
+        &format!("wsgate_messages_total{place},direction=\"client_to_backend\"}}"),
+        1.0,
+    )
+    .await;
+    assert_eq!(
+        value(
+            &live,
+            &format!("wsgate_messages_total{place},direction=\"backend_to_client\"}}")
+        ),
+        Some(1.0),
+        "{live}"
+    );
+    assert_eq!(
+        value(
+            &live,
+            "wsgate_message_size_bytes_bucket{le=\"64.0\",direction=\"client_to_backend\"}"
+        ),
+        Some(1.0),
+        "{live}"
+    );
+    assert_eq!(
+        value(&live, "wsgate_message_size_bytes_sum{direction=\"client_to_backend\"}"),
+        Some(5.0),
+        "{live}"
+    );
     assert_eq!(
         value(&open, &format!("wsgate_sessions_total{session}")),
         Some(1.0),
@@ -95,12 +124,33 @@ async fn metrics_move_with_sessions_messages_closes_refusals_and_reloads() {
         Some(1.0),
         "{closed}"
     );
-    let up = value(&closed, "wsgate_bytes_total{direction=\"client_to_backend\"}").unwrap_or(0.0);
-    let down = value(&closed, "wsgate_bytes_total{direction=\"backend_to_client\"}").unwrap_or(0.0);
-    assert!(up > 0.0 && down > 0.0, "{closed}");
+    let up = value(
+        &closed,
+        &format!("wsgate_bytes_total{place},direction=\"client_to_backend\"}}"),
+    )
+    .unwrap_or(0.0);
+    let down = value(
+        &closed,
+        &format!("wsgate_bytes_total{place},direction=\"backend_to_client\"}}"),
+    )
+    .unwrap_or(0.0);
+    // The client's masked 5-byte text frame (11 bytes) and its close frame (6) at least.
+    assert!(up >= 17.0 && down >= 7.0, "{closed}");
     assert_eq!(
-        value(&closed, "wsgate_messages_total{direction=\"client_to_backend\"}"),
+        value(
+            &closed,
+            &format!("wsgate_messages_total{place},direction=\"client_to_backend\"}}")
+        ),
         Some(1.0),
+        "{closed}"
+    );
+    // A text frame and a close frame each way.
+    assert_eq!(
+        value(
+            &closed,
+            &format!("wsgate_frames_total{place},direction=\"client_to_backend\"}}")
+        ),
+        Some(2.0),
         "{closed}"
     );
 

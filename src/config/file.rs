@@ -97,7 +97,10 @@ pub fn parse(text: &str, file: &str) -> Result<Config, Vec<Problem>> {
     };
     let config = build(raw, &mut report);
     if report.problems.is_empty() {
-        Ok(config)
+        Ok(Config {
+            source: Some(text.into()),
+            ..config
+        })
     } else {
         Err(report.problems)
     }
@@ -477,6 +480,7 @@ fn build(raw: RawFile, report: &mut Report<'_>) -> Config {
     let routes = build_routes(&raw.route, &listeners, &upstreams, report);
     let admin = raw.admin.as_ref().and_then(|a| build_admin(a, &listeners, report));
     Config {
+        source: None,
         server,
         admin,
         listeners,

@@ -29,6 +29,8 @@ pub const MIN_STICKY_MAX_AGE: Duration = Duration::from_secs(1);
 /// A whole, validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
+    /// The text of the file it was read from (`GET /api/config` shows it, redacted); `None` in quick mode.
+    pub source: Option<std::sync::Arc<str>>,
     pub server: ServerSettings,
     /// The admin listener (`GET /metrics`); `None` = none.
     pub admin: Option<AdminSettings>,
@@ -774,6 +776,7 @@ impl Config {
             }
         }
         Ok(Config {
+            source: None,
             admin: None,
             server: ServerSettings {
                 drain_timeout: timeouts.drain,

@@ -29,6 +29,7 @@ use super::end::{End, Side, StopCause};
 use super::frames::{FrameDir, Frames, Verdict};
 use super::watch::WriteWatch;
 use crate::conn::Conn;
+use crate::live::{Counted, LiveSession};
 use crate::observe::Counters;
 
 /// Size of the per-thread scratch buffer, and so of the largest single read.
@@ -37,6 +38,8 @@ const SCRATCH_BYTES: usize = 64 * 1024;
 const READS_PER_POLL: usize = 16;
 /// How long the other direction may go on after one side has closed its half of the connection (tunnel mode).
 pub const HALF_CLOSE_LINGER: Duration = Duration::from_secs(1);
+/// The longest a live session's counts wait before they are folded into its record and its place's totals.
+const FOLD_EVERY: Duration = Duration::from_secs(1);
 
 thread_local! {
     static SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0; SCRATCH_BYTES].into_boxed_slice());
@@ -45,7 +48,9 @@ thread_local! {
 /// Relays between `client` and `backend` until the connection ends. `frames` turns on the frames mode. `early`
 /// holds bytes already read with the handshake heads (client to backend, backend to client): they go first, and in
 /// frames mode through the frame trackers like every other byte. `stop` closes the connection: in frames mode with
-/// close frames, in tunnel mode at once.
+/// close frames, in tunnel mode at once. `live`, when the session is registered, gets the counts at most once a
+/// second while bytes move, and when the relay ends (or is dropped).
+#[allow(clippy::too_many_arguments)]
 pub fn relay<'a>(
     client: &'a mut Conn,
     backend: &'a mut Conn,
@@ -54,6 +59,7 @@ pub fn relay<'a>(
     early: [Vec<u8>; 2],
     counters: &'a mut Counters,
     stop: Stop,
+    live: Option<&'a LiveSession>,
 ) -> impl Future<Output = End> + 'a {
     let mut halves = [Half::default(), Half::default()];
     for ((half, bytes), side) in halves.iter_mut().zip(early).zip([Side::Client, Side::Backend]) {
@@ -86,6 +92,8 @@ pub fn relay<'a>(
         stop,
         write_timeout: timeouts.write,
         watch: None,
+        live,
+        fold_timer: None,
     }
 }
 
@@ -122,6 +130,9 @@ struct Relay<'a> {
     write_timeout: Duration,
     /// Tunnel mode's write timeout, once bytes have had to wait.
     watch: Option<Box<TunnelWatch>>,
+    live: Option<&'a LiveSession>,
+    /// Armed by the first activity after a fold: the counts are folded when it fires. An idle session has none.
+    fold_timer: Option<Pin<Box<Sleep>>>,
 }
 
 struct Idle {
@@ -284,11 +295,19 @@ impl Future for Relay<'_> {
                 end
             }
             None => match stop {
-                Some(StopCause::Shed(reason)) => Poll::Ready(End::ClosedByProxy(format!("{reason} (TCP closed)"))),
+                Some(StopCause::Shed(reason, _)) => Poll::Ready(End::ClosedByProxy(format!("{reason} (TCP closed)"))),
                 Some(StopCause::ShuttingDown) => Poll::Ready(End::ClosedByProxy("server shutting down".into())),
                 None => this.poll_tunnel(cx),
             },
         }
+    }
+}
+
+impl Drop for Relay<'_> {
+    /// The last fold: however the relay ends, its session's totals get everything it counted.
+    fn drop(&mut self) {
+        let mut frames = self.frames.take();
+        self.fold(frames.as_deref_mut());
     }
 }
 
@@ -357,7 +376,8 @@ impl Relay<'_> {
         if let Some(end) = self.poll_write_timeout(cx) {
             return Poll::Ready(end);
         }
-        self.poll_idle(cx, active)
+        self.poll_fold(cx, active, None);
+        self.poll_idle(cx, active, None)
     }
 
     /// Tunnel mode: a receiver that leaves the bytes held for it unread for the write timeout ends the connection.
@@ -478,10 +498,45 @@ impl Relay<'_> {
                 return Poll::Ready(end);
             }
         }
-        self.poll_idle(cx, active)
+        self.poll_fold(cx, active, Some(frames));
+        self.poll_idle(cx, active, Some(frames))
     }
 
-    fn poll_idle(&mut self, cx: &mut Context<'_>, active: bool) -> Poll<End> {
+    /// Folds the counts when the fold timer fires; arms it on activity.
+    fn poll_fold(&mut self, cx: &mut Context<'_>, active: bool, frames: Option<&mut Frames>) {
+        if self.live.is_none() {
+            return;
+        }
+        if active && self.fold_timer.is_none() {
+            self.fold_timer = Some(Box::pin(tokio::time::sleep(FOLD_EVERY)));
+        }
+        if let Some(timer) = &mut self.fold_timer
+            && timer.as_mut().poll(cx).is_ready()
+        {
+            self.fold_timer = None;
+            self.fold(frames);
+        }
+    }
+
+    /// Hands the counts so far to the session's live record.
+    fn fold(&mut self, frames: Option<&mut Frames>) {
+        let Some(live) = self.live else { return };
+        let mut counted = Counted {
+            bytes: [self.counters.client_to_backend, self.counters.backend_to_client],
+            ..Counted::default()
+        };
+        match frames {
+            Some(frames) => {
+                let [client, backend] = frames.trackers_mut();
+                counted.messages = [client.messages(), backend.messages()];
+                counted.frames = [client.frames(), backend.frames()];
+                live.fold(&counted, [Some(client.sizes_mut()), Some(backend.sizes_mut())]);
+            }
+            None => live.fold(&counted, [None, None]),
+        }
+    }
+
+    fn poll_idle(&mut self, cx: &mut Context<'_>, active: bool, frames: Option<&mut Frames>) -> Poll<End> {
         let pending = self.idle.is_some() && self.pending().contains(&true);
         if let Some(idle) = &mut self.idle {
             // Bytes held for a reader that is draining them slowly are not idleness: the kernel may not report the
@@ -492,7 +547,7 @@ impl Relay<'_> {
             while idle.timer.as_mut().poll(cx).is_ready() {
                 let deadline = idle.last_activity + idle.after;
                 if deadline <= Instant::now() {
-                    if let Some(frames) = &mut self.frames {
+                    if let Some(frames) = frames {
                         frames.record(self.counters);
                     }
                     return Poll::Ready(End::IdleTimeout);

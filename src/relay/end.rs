@@ -65,6 +65,7 @@ impl std::fmt::Display for End {
 pub enum StopCause {
     /// The process is shutting down: close 1001 "going away".
     ShuttingDown,
-    /// The connection's server is drained, removed or rebalanced: close 1012 with this reason.
-    Shed(&'static str),
+    /// The connection's server is drained, removed or rebalanced (close 1012), or the admin API closes it (with the
+    /// code it was given): close with this reason and code.
+    Shed(&'static str, u16),
 }

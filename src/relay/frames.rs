@@ -265,6 +265,11 @@ impl Frames {
         }
     }
 
+    /// The frame trackers: the client's (its messages to the backend), then the backend's.
+    pub(super) fn trackers_mut(&mut self) -> [&mut crate::ws::frame::Tracker; 2] {
+        [&mut self.client.tracker, &mut self.backend.tracker]
+    }
+
     fn dir(&self, side: Side) -> &FrameDir {
         match side {
             Side::Client => &self.client,
@@ -416,8 +421,8 @@ impl Frames {
                 "going away",
                 "server shutting down (close 1001 to both sides)".into(),
             ),
-            Some(StopCause::Shed(reason)) => {
-                self.close_both(1012, reason, format!("{reason} (close 1012 to both sides)"))
+            Some(StopCause::Shed(reason, code)) => {
+                self.close_both(code, reason, format!("{reason} (close {code} to both sides)"))
             }
         }
         let flushed = !pending[0] && !pending[1] && self.client.inject.is_empty() && self.backend.inject.is_empty();

@@ -50,7 +50,7 @@ impl Stop {
             let _ = self.wait.as_mut().poll(cx);
         }
         if let Some(reason) = self.signal.reason() {
-            return Some(StopCause::Shed(reason));
+            return Some(StopCause::Shed(reason, self.signal.code()));
         }
         self.shutting_down
             .as_ref()

@@ -20,7 +20,8 @@ use crate::conn::Conn;
 use crate::http::handshake::{self, BackendAnswer, BodyEnd, MAX_HEAD_BYTES, Omit, Parsed, ResponseError, UpgradeHead};
 use crate::http::trace::Trace;
 use crate::http::{Client, RequestView};
-use crate::metrics::{Ended, Metrics, SessionLabels};
+use crate::live::{NewSession, Place};
+use crate::metrics::Metrics;
 use crate::observe::ConnectionRecord;
 use crate::policy::{Admitted, KeyAdmitted};
 use crate::proxy_protocol::{self, Header, ReadError as ProxyReadError};
@@ -214,6 +215,8 @@ struct Switched {
     early: [Vec<u8>; 2],
     /// What the route's authentication holds for the session's life.
     auth: Option<Box<AuthHeld>>,
+    /// The request's client (a trusted proxy's forwarded client, when there is one).
+    client_ip: IpAddr,
 }
 
 /// What an authenticated session holds while it lives: its API key's connection count, and when its token
@@ -221,6 +224,8 @@ struct Switched {
 struct AuthHeld {
     _key: Option<KeyAdmitted>,
     expires: Option<Instant>,
+    /// Who the session was admitted as (the first identity value: a claim, or the API key's identity).
+    identity: Option<String>,
 }
 
 /// The API key's limits for an admitted upgrade, and what the session keeps of its admission; `None` when the
@@ -247,7 +252,14 @@ fn hold_auth(shared: &Shared, admit: Option<&crate::auth::Admit>) -> Result<Opti
             Err(_) => now,
         }
     });
-    Ok((key.is_some() || expires.is_some()).then(|| Box::new(AuthHeld { _key: key, expires })))
+    let identity = admit.identity.first().map(|(_, value)| value.clone());
+    Ok((key.is_some() || expires.is_some() || identity.is_some()).then(|| {
+        Box::new(AuthHeld {
+            _key: key,
+            expires,
+            identity,
+        })
+    }))
 }
 
 /// Relays a switched connection in its route's mode. The session is registered on its server, so that a drain or
@@ -261,13 +273,7 @@ async fn relay_switched(
     counters: &mut crate::observe::Counters,
 ) -> relay::End {
     let route = &snapshot.config.routes[switched.route];
-    // Counted as active until this function returns or its future is dropped (a forced close at shutdown).
-    let _counted = shared.metrics.session_started(SessionLabels {
-        listener: snapshot.listener_name(listener).to_string(),
-        route: route.name.clone(),
-        upstream: snapshot.upstreams[route.upstream].config.name.clone(),
-        server: switched.active.server().name.clone(),
-    });
+    shared.metrics.switched();
     let Switched {
         mut client,
         mut backend,
@@ -275,6 +281,7 @@ async fn relay_switched(
         early,
         mut active,
         auth,
+        client_ip,
         ..
     } = switched;
     let (frames, token, write) = match route.relay {
@@ -293,16 +300,30 @@ async fn relay_switched(
         write,
     };
     let signal = Arc::new(StopSignal::new(token));
+    // Counted as active, and listed by the admin API, until this function returns or its future is dropped (a
+    // forced close at shutdown).
+    let registered = shared.sessions.start(NewSession {
+        id,
+        client: client_ip,
+        identity: auth.as_ref().and_then(|a| a.identity.clone()),
+        mode: if frames.is_some() { "frames" } else { "tunnel" },
+        place: Place {
+            listener: snapshot.listener_name(listener).to_string(),
+            route: route.name.clone(),
+            upstream: snapshot.upstreams[route.upstream].config.name.clone(),
+            server: active.server().name.clone(),
+        },
+        stop: signal.clone(),
+    });
     active.register(id, signal.clone());
     let shutting_down = frames.is_some().then(|| shared.shutting_down.clone());
     let stop = relay::Stop::new(signal, shutting_down);
-    let end = relay::relay(&mut client, &mut backend, timeouts, frames, early, counters, stop).await;
-    shared.metrics.session_ended(Ended {
-        bytes: [counters.client_to_backend, counters.backend_to_client],
-        messages: counters.messages,
-        close_code: counters.close_first.map(|_| counters.close_code),
-        close_side: counters.close_first,
-    });
+    let live = Some(&*registered.session);
+    let end = relay::relay(&mut client, &mut backend, timeouts, frames, early, counters, stop, live).await;
+    shared
+        .metrics
+        .session_closed(counters.close_first.map(|_| counters.close_code), counters.close_first);
+    drop(registered);
     // TLS ends with a close_notify (and whatever rustls still held before it), briefly: a peer that reads nothing
     // more is not waited for.
     for conn in [&mut client, &mut backend] {
@@ -533,6 +554,7 @@ async fn open(
                 active: opened.server,
                 deflate,
                 auth,
+                client_ip: prepared.client,
             })
         }
         AnswerHead::Other { status, head, body } => {
@@ -921,6 +943,7 @@ mod tests {
             admission: Arc::default(),
             force_close: CancellationToken::new(),
             metrics: Arc::default(),
+            sessions: Default::default(),
             reloads: tokio::sync::mpsc::unbounded_channel().0,
         });
         let accepted = Accepted {

@@ -178,6 +178,7 @@ async fn relay_upgraded(
         deflate,
         early: [client_early, backend_early.to_vec()],
         auth,
+        client_ip: record.forwarded_for.unwrap_or(record.client.ip()),
     };
     super::relay_switched(shared, snapshot, listener, switched, record.id, &mut record.bytes)
         .await

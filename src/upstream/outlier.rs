@@ -76,6 +76,7 @@ impl Upstream {
             return;
         }
         server.ejections.store(in_a_row, Ordering::Relaxed);
+        server.ejections_total.fetch_add(1, Ordering::Relaxed);
         server.failures.store(0, Ordering::Relaxed);
         // Health checks bring it back early only with `rise` successes counted from now.
         server.check_successes.store(0, Ordering::Relaxed);

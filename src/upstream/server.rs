@@ -67,6 +67,8 @@ pub struct ServerState {
     pub(super) ramp_start: AtomicU64,
     /// Live WebSocket sessions, by connection id, with the signal that makes each close itself.
     pub(super) sessions: Registry,
+    /// Ejections since start (outlier detection).
+    pub(super) ejections_total: AtomicU64,
     /// Put in drain through the admin API (as `drain = true` in the config does), until undrained there.
     pub(super) admin_drain: AtomicBool,
 }
@@ -93,6 +95,7 @@ impl ServerState {
             ramp_start: AtomicU64::new(0),
             sessions: Registry::default(),
             admin_drain: AtomicBool::new(false),
+            ejections_total: AtomicU64::new(0),
         }
     }
 
@@ -142,6 +145,11 @@ impl ServerState {
     }
 
     /// Whether the server is ejected at `now` ([`now_ms`]).
+    /// Times outlier detection has ejected the server since start.
+    pub fn ejections_total(&self) -> u64 {
+        self.ejections_total.load(Ordering::Relaxed)
+    }
+
     pub fn is_ejected(&self, now: u64) -> bool {
         let until = self.ejected_until.load(Ordering::Relaxed);
         until != 0 && now < until

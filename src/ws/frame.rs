@@ -12,6 +12,8 @@
 //! Rules broken by the sender end the walk with [`Step::Violation`] before any byte of the offending frame has been
 //! passed, except for invalid UTF-8, which may only show in the middle of a payload.
 
+use crate::live::SizeCounts;
+
 /// Largest header: 2 bytes, 8 bytes of extended length, 4 bytes of mask key.
 pub const MAX_HEADER: usize = 14;
 /// Largest control frame payload (RFC 6455 §5.5).
@@ -248,6 +250,10 @@ pub struct Tracker {
     close_seen: bool,
     /// Messages started so far.
     messages: u64,
+    /// Frames read so far, data and control.
+    frames: u64,
+    /// Sizes of the messages completed since the relay last took them.
+    sizes: SizeCounts,
     /// Message starts allowed before the rate limit answers; `None` = no limit.
     budget: Option<u64>,
     /// A violation found after bytes that were passed first; answered on the next call.
@@ -267,6 +273,16 @@ impl Tracker {
     /// Messages started so far (a fragmented message counts once).
     pub fn messages(&self) -> u64 {
         self.messages
+    }
+
+    /// Frames read so far (data and control; a control frame once it is whole).
+    pub fn frames(&self) -> u64 {
+        self.frames
+    }
+
+    /// Sizes of the messages completed since the last call of this, which drains them.
+    pub fn sizes_mut(&mut self) -> &mut SizeCounts {
+        &mut self.sizes
     }
 
     /// Whether the walk is between frames: something of wsgate's own may be sent to this direction's receiver.
@@ -442,6 +458,10 @@ impl Tracker {
             self.checking_utf8 = self.rules.validate_utf8 && h.opcode == opcode::TEXT && h.rsv & 0b100 == 0;
             self.utf8 = Utf8::default();
         }
+        self.frames += 1;
+        if h.fin {
+            self.sizes.observe(message_len);
+        }
         self.message_len = message_len;
         self.in_message = !h.fin;
         self.remaining = h.payload_len;
@@ -451,6 +471,7 @@ impl Tracker {
     }
 
     fn control(&mut self, h: &Header, wire: &[u8]) -> Result<Control, Violation> {
+        self.frames += 1;
         let mut control = Control {
             opcode: h.opcode,
             wire_len: wire.len(),

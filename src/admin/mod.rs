@@ -1,5 +1,6 @@
 //! The admin listener (`[admin]`): `GET /metrics` in the Prometheus text format, `GET /api/upstreams`,
-//! `POST /api/servers/{upstream}/{server}/drain` / `undrain` and `POST /api/reload`, on an address of its own, on a thread of its own so
+//! `POST /api/servers/{upstream}/{server}/drain` / `undrain`, `POST /api/reload`, `GET /api/connections`,
+//! `POST /api/connections/{id}/close` and `GET /api/config`, on an address of its own, on a thread of its own so
 //! that a scrape never waits behind the proxy's sessions (and theirs never behind a scrape).
 //!
 //! With a token (`token_file`), every POST needs `Authorization: Bearer TOKEN`, and GETs too with `protect_reads`;
@@ -23,6 +24,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::AdminSettings;
 use crate::state::Shared;
+
+mod sessions;
 
 /// The Prometheus text format's content type.
 const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -148,6 +151,33 @@ async fn handle(
         }
         (_, "/metrics") => json(StatusCode::METHOD_NOT_ALLOWED, "use GET"),
         (&Method::GET, "/api/upstreams") => answer(StatusCode::OK, upstreams(shared)),
+        (&Method::GET, "/api/connections") => {
+            let (status, body) = sessions::list(shared, req.uri().query());
+            answer(status, body)
+        }
+        (&Method::GET, "/api/config") => {
+            let (status, body) = sessions::config(shared);
+            answer(status, body)
+        }
+        (_, "/api/upstreams" | "/api/connections" | "/api/config") => json(StatusCode::METHOD_NOT_ALLOWED, "use GET"),
+        (method, path) if path.starts_with("/api/connections/") => {
+            let Some(id) = path.trim_start_matches("/api/connections/").strip_suffix("/close") else {
+                return json(StatusCode::NOT_FOUND, "expected /api/connections/{id}/close");
+            };
+            if method != Method::POST {
+                return json(StatusCode::METHOD_NOT_ALLOWED, "use POST");
+            }
+            let id = id.to_string();
+            let body = match read_body(req).await {
+                Ok(body) => body,
+                Err(answer) => return answer,
+            };
+            let (status, body) = sessions::close(shared, &id, &body);
+            if status == StatusCode::ACCEPTED {
+                tracing::info!(client = %peer, connection = %id, "admin API: connection closed");
+            }
+            answer(status, body)
+        }
         (&Method::POST, "/api/reload") => reload(shared, peer).await,
         (_, "/api/reload") => json(StatusCode::METHOD_NOT_ALLOWED, "use POST"),
         (method, path) if path.starts_with("/api/servers/") => {
@@ -157,6 +187,23 @@ async fn handle(
             drain(shared, peer, path)
         }
         _ => json(StatusCode::NOT_FOUND, "no such admin endpoint"),
+    }
+}
+
+/// The largest request body the admin API reads.
+const MAX_BODY: usize = 64 * 1024;
+
+/// A request's body, up to [`MAX_BODY`] bytes (a larger one gets 413), read within the head timeout.
+async fn read_body(req: Request<Incoming>) -> Result<Bytes, Response<Full<Bytes>>> {
+    use http_body_util::BodyExt;
+    let limited = http_body_util::Limited::new(req.into_body(), MAX_BODY);
+    match tokio::time::timeout(ADMIN_HEAD_TIMEOUT, limited.collect()).await {
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+            Err(json(StatusCode::PAYLOAD_TOO_LARGE, "the request body is too large"))
+        }
+        Ok(Err(_)) => Err(json(StatusCode::BAD_REQUEST, "the request body could not be read")),
+        Err(_) => Err(json(StatusCode::REQUEST_TIMEOUT, "the request body took too long")),
     }
 }
 
