@@ -457,3 +457,40 @@ fn the_grafana_dashboard_queries_are_valid_promql_on_metrics_wsgate_has() {
         .expect("run promtool");
     assert!(out.status.success(), "{}{}", text_of(&out.stdout), text_of(&out.stderr));
 }
+
+#[tokio::test]
+async fn an_ejection_is_counted_per_server() {
+    let backend = ws_backend("b").await;
+    let dead = unused_addr();
+    let text = config(backend.addr, "").replace(
+        "[[upstream.server]]",
+        &format!("[[upstream.server]]\naddress = \"{dead}\"\n[[upstream.server]]"),
+    );
+    let proxy = Proxy::from_toml(&text);
+    let series = format!("wsgate_upstream_server_ejections_total{{upstream=\"app\",server=\"{dead}\"}}");
+    assert_eq!(value(&scrape(&proxy, None).await, &series), Some(0.0));
+    // Retries hide the dead server from clients; its failures in a row (5 by default) eject it.
+    let mut scraped = String::new();
+    for _ in 0..40 {
+        let mut ws = connect(&proxy.url("/ws")).await;
+        ws.send(Message::text("x")).await.expect("send");
+        assert_eq!(next_text(&mut ws).await, "x");
+        scraped = scrape(&proxy, None).await;
+        if value(&scraped, &series) == Some(1.0) {
+            break;
+        }
+    }
+    assert_eq!(value(&scraped, &series), Some(1.0), "{scraped}");
+    assert_eq!(
+        value(
+            &scraped,
+            &format!("wsgate_upstream_server_ejected{{upstream=\"app\",server=\"{dead}\"}}")
+        ),
+        Some(1.0),
+        "{scraped}"
+    );
+    assert!(
+        value(&scraped, "wsgate_retries_total").is_some_and(|n| n >= 5.0),
+        "{scraped}"
+    );
+}

@@ -187,9 +187,14 @@ pub fn config(shared: &Shared) -> Answer {
 }
 
 /// Replaces the values of secret-looking keys with `"REDACTED"`, at any depth. A key naming a file (`*_file`)
-/// holds a path, not the secret, and stays.
+/// holds a path, not the secret, and stays. In a `headers` table (matched request headers), the values of
+/// credential headers (`Authorization`, `Cookie`, `X-Api-Key`, ...) go too.
 fn redact(value: &mut serde_json::Value) {
-    const SECRET: [&str; 10] = [
+    redact_in(value, false);
+}
+
+fn redact_in(value: &mut serde_json::Value, headers: bool) {
+    const SECRET: [&str; 8] = [
         "secret",
         "token",
         "password",
@@ -197,23 +202,26 @@ fn redact(value: &mut serde_json::Value) {
         "credential",
         "api_key",
         "apikey",
-        "authorization",
-        "cookie",
         "hash",
     ];
+    const SECRET_HEADER: [&str; 5] = ["authorization", "cookie", "key", "token", "secret"];
     match value {
         serde_json::Value::Object(map) => {
             for (key, v) in map.iter_mut() {
-                let key = key.to_ascii_lowercase();
-                let secret = !key.ends_with("_file") && SECRET.iter().any(|s| key.contains(s));
+                let lower = key.to_ascii_lowercase();
+                let secret = if headers {
+                    SECRET_HEADER.iter().any(|s| lower.contains(s))
+                } else {
+                    !lower.ends_with("_file") && SECRET.iter().any(|s| lower.contains(s))
+                };
                 if secret && !v.is_object() && !v.is_array() {
                     *v = serde_json::Value::String("REDACTED".into());
                 } else {
-                    redact(v);
+                    redact_in(v, lower == "headers");
                 }
             }
         }
-        serde_json::Value::Array(items) => items.iter_mut().for_each(redact),
+        serde_json::Value::Array(items) => items.iter_mut().for_each(|v| redact_in(v, false)),
         _ => {}
     }
 }
@@ -235,15 +243,16 @@ mod tests {
         let mut v = serde_json::json!({
             "admin": { "token_file": "admin.token", "address": "127.0.0.1:9090" },
             "route": [{ "auth": { "jwt": { "secret": "hunter2", "secret_file": "k" } },
-                        "set_headers": { "Authorization": "Bearer abc", "X-Plain": "ok" } }],
+                        "headers": { "Authorization": "Bearer abc", "X-Plain": "ok" } }],
+            "upstream": [{ "sticky": { "cookie": "SERVERID", "secret": "s3" } }],
             "keys": [{ "hash": "ab12", "identity": "alice" }],
         });
         redact(&mut v);
         let text = v.to_string();
-        for secret in ["hunter2", "Bearer abc", "ab12"] {
+        for secret in ["hunter2", "Bearer abc", "ab12", "s3"] {
             assert!(!text.contains(secret), "{secret} left in {text}");
         }
-        for kept in ["admin.token", "127.0.0.1:9090", "\"k\"", "alice", "\"ok\""] {
+        for kept in ["admin.token", "127.0.0.1:9090", "\"k\"", "alice", "\"ok\"", "SERVERID"] {
             assert!(text.contains(kept), "{kept} lost from {text}");
         }
     }
