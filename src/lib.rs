@@ -13,6 +13,7 @@ pub mod demo;
 pub mod http;
 pub mod metrics;
 mod observe;
+mod otlp;
 mod policy;
 mod proxy_protocol;
 mod relay;
