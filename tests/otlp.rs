@@ -320,3 +320,32 @@ async fn a_collector_that_is_down_slows_no_session_and_its_failures_are_logged()
     wsgate.signal(Signal::TERM);
     assert_eq!(wsgate.exit_code().await, Some(0));
 }
+
+#[tokio::test]
+async fn shutdown_does_not_wait_on_a_collector_that_never_answers() {
+    // Accepts export connections and reads nothing from them, answering nothing.
+    let silent = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let endpoint = format!("http://{}/v1/traces", silent.local_addr().expect("addr"));
+    let backend = ws_backend("b").await;
+    let proxy = Proxy::from_toml(&config(&endpoint, backend.addr));
+    session(&proxy, &[]).await;
+    let (held, _) = within("the exporter's connection", silent.accept())
+        .await
+        .expect("accept");
+
+    let started = tokio::time::Instant::now();
+    within(
+        "shutdown",
+        tokio::task::spawn_blocking(move || proxy.shutdown_and_join()),
+    )
+    .await
+    .expect("joined");
+    // The drain has nothing to wait for; the exporter gives up on its last batch after 2 s, well before its 5 s
+    // request timeout (and a retry) would.
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+    drop(held);
+}

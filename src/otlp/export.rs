@@ -161,7 +161,7 @@ async fn run(mut receiving: Receiving, mut settings: watch::Receiver<Settings>, 
             () = sleep_until(due.unwrap_or_else(Instant::now)), if due.is_some() => true,
             _ = tick.tick() => {
                 report.queue_full(receiving.dropped.swap(0, Ordering::Relaxed));
-                report.flush(client.endpoint());
+                report.tick(client.endpoint());
                 false
             }
         };
@@ -248,6 +248,18 @@ impl Report {
 
     fn queue_full(&mut self, dropped: u64) {
         self.queue_full += dropped;
+    }
+
+    /// Every [`REPORT_EVERY`]: the spans dropped for a full queue, and the failures not logged yet once the last
+    /// failure line is old enough.
+    fn tick(&mut self, endpoint: &str) {
+        if self.last_logged.is_some_and(|at| at.elapsed() < REPORT_EVERY) {
+            let failures = self.last_error.take();
+            self.flush(endpoint);
+            self.last_error = failures;
+        } else {
+            self.flush(endpoint);
+        }
     }
 
     /// Logs what was counted since the last line, if anything.

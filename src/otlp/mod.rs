@@ -63,3 +63,38 @@ impl Queue {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{LogFormat, Timeouts, TracingSettings};
+    use crate::http::trace::Trace;
+
+    #[test]
+    fn a_full_queue_drops_and_counts_spans_and_only_sampled_traced_sessions_are_queued() {
+        let mut config = Config::quick(
+            "127.0.0.1:0",
+            &["127.0.0.1:9".into()],
+            Timeouts::default(),
+            LogFormat::Text,
+        )
+        .expect("config");
+        let (queue, mut receiving) = queue();
+        let mut record = ConnectionRecord::new(1, "127.0.0.1:5".parse().expect("addr"));
+        record.span = Some(SpanStart::new(Trace::of(None), "/", "quick"));
+        queue.session_ended(&record, &config, Duration::ZERO);
+        assert!(receiving.spans.try_recv().is_err(), "no [tracing]: nothing queued");
+
+        config.tracing = Some(TracingSettings {
+            endpoint: "http://127.0.0.1:4318/v1/traces".parse().expect("uri"),
+            service_name: "wsgate".into(),
+            headers: Vec::new(),
+            tls: None,
+        });
+        for _ in 0..QUEUE_CAPACITY + 3 {
+            queue.session_ended(&record, &config, Duration::ZERO);
+        }
+        assert_eq!(receiving.dropped.load(Ordering::Relaxed), 3);
+        assert_eq!(receiving.spans.len(), QUEUE_CAPACITY);
+    }
+}
