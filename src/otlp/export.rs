@@ -74,6 +74,10 @@ impl Exporter {
             running.settings.send_if_modified(|current| {
                 let changed = current.as_deref() != tracing;
                 if changed {
+                    match tracing {
+                        Some(t) => tracing::info!(endpoint = %t.endpoint, "OTLP export settings changed"),
+                        None => tracing::info!("`[tracing]` removed: no more spans are exported"),
+                    }
                     *current = tracing.cloned().map(Arc::new);
                 }
                 changed
