@@ -14,6 +14,7 @@ pub mod http;
 pub mod live;
 pub mod metrics;
 mod observe;
+mod otlp;
 mod policy;
 mod proxy_protocol;
 mod relay;

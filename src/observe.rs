@@ -64,6 +64,8 @@ pub struct ConnectionRecord {
     pub rejection: Option<&'static str>,
     /// The W3C trace id its request went on with (on a plain HTTP connection, its last request's).
     pub trace_id: Option<String>,
+    /// What its span needs beyond this record, with `[tracing]` (a WebSocket upgrade that got a trace).
+    pub span: Option<Box<crate::otlp::SpanStart>>,
 }
 
 impl ConnectionRecord {
@@ -79,6 +81,7 @@ impl ConnectionRecord {
             upgrade: false,
             rejection: None,
             trace_id: None,
+            span: None,
             status: 0,
             bytes: Counters::default(),
             requests: 0,

@@ -28,6 +28,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::admin::Admin;
 use crate::config::Config;
+use crate::otlp::Exporter;
 use crate::session::{Accepted, session};
 use crate::state::{Shared, Snapshot};
 use crate::supervise::Supervisor;
@@ -52,6 +53,8 @@ pub enum ServerError {
     Control(#[source] io::Error),
     #[error("worker threads have stopped")]
     Stopped,
+    #[error("cannot start the OTLP exporter thread: {0}")]
+    Exporter(#[source] io::Error),
     #[error("cannot open the admin listener on {address}: {source}")]
     Admin {
         address: SocketAddr,
@@ -70,6 +73,8 @@ pub struct Running {
     supervisor: Supervisor,
     /// The admin listener, when the config has one.
     admin: Option<Admin>,
+    /// The OTLP exporter (`[tracing]`).
+    exporter: Exporter,
     /// The admin API's reload requests, until [`Running::take_reload_requests`] takes them.
     reload_requests: Option<mpsc::UnboundedReceiver<crate::state::ReloadRequest>>,
 }
@@ -161,6 +166,9 @@ impl Running {
             let sockets = bind_all(listener.address, self.workers.len())?;
             added.push((listener.address, sockets));
         }
+        self.exporter
+            .apply(config.tracing.as_ref())
+            .map_err(ServerError::Exporter)?;
         let snapshot = Arc::new(Snapshot::new(config, Some(&current)));
         self.shared.snapshot.store(snapshot.clone());
         self.supervisor.update(snapshot.clone());
@@ -215,6 +223,8 @@ impl Running {
             drop(worker.control);
             let _ = worker.thread.join();
         }
+        // After the workers: every session has queued its span.
+        self.exporter.stop();
         self.supervisor.stop();
         if let Some(admin) = self.admin {
             admin.stop();
@@ -257,6 +267,9 @@ pub fn start(config: Config) -> Result<Running, ServerError> {
     }
     let config_admin = config.admin.clone();
     let (reloads, reload_requests) = mpsc::unbounded_channel();
+    let (spans, receiving) = crate::otlp::queue();
+    let mut exporter = Exporter::new(receiving);
+    exporter.apply(config.tracing.as_ref()).map_err(ServerError::Exporter)?;
     let snapshot = Arc::new(Snapshot::new(config, None));
     let supervisor = Supervisor::start(snapshot.clone()).map_err(ServerError::Control)?;
     let shared = Arc::new(Shared {
@@ -268,6 +281,7 @@ pub fn start(config: Config) -> Result<Running, ServerError> {
         metrics: Arc::default(),
         sessions: Default::default(),
         reloads,
+        spans,
     });
     shared.metrics.attach(&shared);
     let admin = match config_admin {
@@ -297,6 +311,7 @@ pub fn start(config: Config) -> Result<Running, ServerError> {
         workers: handles,
         supervisor,
         admin,
+        exporter,
         reload_requests: Some(reload_requests),
     };
     for (configured, (address, sockets)) in bound {

@@ -35,6 +35,8 @@ pub struct Shared {
     /// Where the admin API's `POST /api/reload` asks for a reload of the config file (served by the command line's
     /// signal loop, which knows the file).
     pub reloads: tokio::sync::mpsc::UnboundedSender<ReloadRequest>,
+    /// Where sessions leave their spans for the OTLP exporter (`[tracing]`).
+    pub(crate) spans: crate::otlp::Queue,
 }
 
 /// A reload asked for through the admin API, answered with the new config's summary or the file's problems.

@@ -860,3 +860,37 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_malformed_otlp_endpoint_is_placed() {
+    for (endpoint, says) in [
+        ("127.0.0.1:4318/v1/traces", "expected the full OTLP/HTTP traces URL"),
+        ("grpc://127.0.0.1:4317/v1/traces", "scheme `grpc`"),
+        ("http://127.0.0.1:4318", "no path"),
+        ("http://user:pw@127.0.0.1:4318/v1/traces", "user information"),
+    ] {
+        let text = format!("{VALID}\n[tracing]\notlp_endpoint = \"{endpoint}\"\n");
+        let file = TempFile::new(&text);
+        let out = check(file.path());
+        assert_eq!(out.status.code(), Some(1), "{endpoint}");
+        let (line, column) = place(&text, "otlp_endpoint", &format!("\"{endpoint}\""));
+        let want = format!("{}:{line}:{column}: `tracing.otlp_endpoint`: ", file.shown(),);
+        let err = stderr(&out);
+        assert!(
+            err.starts_with(&want) && err.contains(says),
+            "{endpoint}: want {want}…{says}\ngot {err}"
+        );
+    }
+    let text = format!(
+        "{VALID}\n[tracing]\notlp_endpoint = \"http://127.0.0.1:4318/v1/traces\"\nheaders = {{ \"content-type\" = \"x\" }}\n"
+    );
+    let file = TempFile::new(&text);
+    let err = stderr(&check(file.path()));
+    assert!(
+        err.contains("`tracing.headers`: `content-type` is written by wsgate itself"),
+        "{err}"
+    );
+    let ok = format!("{VALID}\n[tracing]\notlp_endpoint = \"http://127.0.0.1:4318/v1/traces\"\n");
+    let file = TempFile::new(&ok);
+    assert_eq!(check(file.path()).status.code(), Some(0));
+}

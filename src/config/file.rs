@@ -33,6 +33,7 @@ use super::{
     Outlier, PathMatch, Relay, Route, Server, ServerSettings, Sticky, StickyCookie, TrustedProxies, TunnelRules,
     Upstream, human_duration, parse_duration, parse_size,
 };
+use super::{DEFAULT_SERVICE_NAME, TracingSettings};
 
 /// Why a config file cannot be served.
 #[derive(Debug, thiserror::Error)]
@@ -164,6 +165,17 @@ struct RawFile {
     route: Vec<Spanned<RawRoute>>,
     #[serde(default)]
     upstream: Vec<Spanned<RawUpstream>>,
+    tracing: Option<Spanned<RawTracing>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTracing {
+    otlp_endpoint: Spanned<String>,
+    service_name: Option<Spanned<String>>,
+    #[serde(default)]
+    headers: BTreeMap<String, Spanned<String>>,
+    ca: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -479,6 +491,7 @@ fn build(raw: RawFile, report: &mut Report<'_>) -> Config {
     let upstreams = build_upstreams(&raw.upstream, report);
     let routes = build_routes(&raw.route, &listeners, &upstreams, report);
     let admin = raw.admin.as_ref().and_then(|a| build_admin(a, &listeners, report));
+    let tracing = raw.tracing.as_ref().and_then(|t| build_tracing(t, report));
     Config {
         source: None,
         server,
@@ -486,7 +499,116 @@ fn build(raw: RawFile, report: &mut Report<'_>) -> Config {
         listeners,
         routes,
         upstreams,
+        tracing,
     }
+}
+
+/// Headers an export may not set: wsgate writes them itself.
+const OWN_EXPORT_HEADERS: [&str; 5] = [
+    "host",
+    "content-type",
+    "content-length",
+    "transfer-encoding",
+    "connection",
+];
+
+/// `[tracing]`: the full traces URL (http or https, a host, a path; no user information, which would end up in
+/// logs), a service name, extra headers, and for https its CA (the system's CA certificates without one).
+fn build_tracing(raw: &Spanned<RawTracing>, report: &mut Report<'_>) -> Option<TracingSettings> {
+    let t = raw.get_ref();
+    let endpoint = &t.otlp_endpoint;
+    const EXPECTED: &str = "expected the full OTLP/HTTP traces URL, e.g. \"http://127.0.0.1:4318/v1/traces\"";
+    let problem = match endpoint.get_ref().parse::<http::Uri>() {
+        Err(e) => Some(format!("not a URL ({e}): {EXPECTED}")),
+        Ok(uri) => match (uri.scheme_str(), uri.authority()) {
+            (Some("http" | "https"), Some(authority)) if authority.as_str().contains('@') => {
+                Some("user information in the URL is not supported: give credentials in `headers`".into())
+            }
+            (Some("http" | "https"), Some(authority)) if authority.host().is_empty() => {
+                Some(format!("no host: {EXPECTED}"))
+            }
+            (Some("http" | "https"), Some(_)) if uri.path() == "/" => Some(format!(
+                "no path: {EXPECTED} (the URL is used as written; OTLP/HTTP collectors take traces on /v1/traces)"
+            )),
+            (Some("http" | "https"), Some(_)) => None,
+            (Some(other), _) if other != "http" && other != "https" => {
+                Some(format!("scheme `{other}`: only http:// and https:// are supported"))
+            }
+            _ => Some(EXPECTED.to_string()),
+        },
+    };
+    if let Some(problem) = &problem {
+        report.key(endpoint, "tracing.otlp_endpoint", problem);
+    }
+    let service_name = match &t.service_name {
+        None => DEFAULT_SERVICE_NAME.to_string(),
+        Some(name) => {
+            if name.get_ref().trim().is_empty() || name.get_ref().chars().any(char::is_control) {
+                report.key(
+                    name,
+                    "tracing.service_name",
+                    "expected a non-empty name without control characters",
+                );
+            }
+            name.get_ref().clone()
+        }
+    };
+    let mut headers = Vec::with_capacity(t.headers.len());
+    for (name, value) in &t.headers {
+        let parsed_name = http::HeaderName::from_bytes(name.as_bytes());
+        let parsed_value = http::HeaderValue::from_str(value.get_ref());
+        match (parsed_name, parsed_value) {
+            (Ok(n), _) if OWN_EXPORT_HEADERS.contains(&n.as_str()) => report.key(
+                value,
+                "tracing.headers",
+                format!("`{name}` is written by wsgate itself and cannot be set"),
+            ),
+            (Ok(n), Ok(v)) => headers.push((n, v)),
+            (Err(_), _) => report.key(value, "tracing.headers", format!("`{name}` is not a header name")),
+            (Ok(_), Err(_)) => report.key(
+                value,
+                "tracing.headers",
+                format!("the value of `{name}` is not a header value (visible ASCII and spaces only)"),
+            ),
+        }
+    }
+    let uri = endpoint
+        .get_ref()
+        .parse::<http::Uri>()
+        .ok()
+        .filter(|_| problem.is_none())?;
+    let tls = match (uri.scheme_str(), &t.ca) {
+        (Some("https"), ca) => {
+            let loaded = match ca {
+                Some(ca) => ClientTls::load(TlsSettings {
+                    ca: Some(report.path(ca.get_ref())),
+                    ..TlsSettings::default()
+                }),
+                None => ClientTls::system_roots(),
+            };
+            match loaded {
+                Ok(tls) => Some(Arc::new(tls)),
+                Err(e) => {
+                    match ca {
+                        Some(ca) => report.key(ca, "tracing.ca", e),
+                        None => report.key(endpoint, "tracing.otlp_endpoint", e),
+                    }
+                    return None;
+                }
+            }
+        }
+        (_, Some(ca)) => {
+            report.key(ca, "tracing.ca", "applies to https:// endpoints only");
+            return None;
+        }
+        (_, None) => None,
+    };
+    Some(TracingSettings {
+        endpoint: uri,
+        service_name,
+        headers,
+        tls,
+    })
 }
 
 /// `[admin]`: its own address (never a proxy listener's), a token read from its file now (its trailing newline is

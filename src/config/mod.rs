@@ -38,6 +38,35 @@ pub struct Config {
     /// Tried in order; the first that matches a request wins.
     pub routes: Vec<Route>,
     pub upstreams: Vec<Upstream>,
+    /// `[tracing]`: where spans are exported; `None` = nowhere.
+    pub tracing: Option<TracingSettings>,
+}
+
+/// The `service.name` of exported spans when `[tracing]` names none.
+pub const DEFAULT_SERVICE_NAME: &str = "wsgate";
+
+/// `[tracing]`: one span per WebSocket session, exported by OTLP/HTTP with JSON to `endpoint`.
+#[derive(Clone, PartialEq)]
+pub struct TracingSettings {
+    /// The full traces URL (`http://` or `https://`, with its path, such as `/v1/traces`).
+    pub endpoint: http::Uri,
+    pub service_name: String,
+    /// Sent with every export (an API key, say); `Debug` shows their names only.
+    pub headers: Vec<(http::HeaderName, http::HeaderValue)>,
+    /// For an https endpoint: its TLS (the system's CA certificates, or `ca`).
+    pub tls: Option<Arc<ClientTls>>,
+}
+
+impl std::fmt::Debug for TracingSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<&str> = self.headers.iter().map(|(name, _)| name.as_str()).collect();
+        f.debug_struct("TracingSettings")
+            .field("endpoint", &self.endpoint)
+            .field("service_name", &self.service_name)
+            .field("headers", &names)
+            .field("tls", &self.tls)
+            .finish()
+    }
 }
 
 /// The admin listener: metrics and (later) the admin API, on an address of its own.
@@ -778,6 +807,7 @@ impl Config {
         Ok(Config {
             source: None,
             admin: None,
+            tracing: None,
             server: ServerSettings {
                 drain_timeout: timeouts.drain,
                 handshake_timeout: timeouts.handshake,

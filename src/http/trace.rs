@@ -11,6 +11,9 @@ pub struct Trace {
     pub flags: u8,
     /// The client's trace was continued (its `tracestate` goes on with it).
     pub continued: bool,
+    /// The client's span (the parent id of its `traceparent`), when its trace was continued: the parent of
+    /// wsgate's span in an exported span.
+    pub parent: Option<[u8; 8]>,
 }
 
 impl Trace {
@@ -19,11 +22,12 @@ impl Trace {
     pub fn of(traceparent: Option<&[u8]>) -> Trace {
         let span_id = random_nonzero::<8>();
         match traceparent.and_then(parse) {
-            Some((trace_id, flags)) => Trace {
+            Some((trace_id, parent, flags)) => Trace {
                 trace_id,
                 span_id,
                 flags,
                 continued: true,
+                parent: Some(parent),
             },
             // Sampled: wsgate has no sampler of its own, so a trace it starts is recorded downstream.
             None => Trace {
@@ -31,6 +35,7 @@ impl Trace {
                 span_id,
                 flags: 0x01,
                 continued: false,
+                parent: None,
             },
         }
     }
@@ -44,11 +49,16 @@ impl Trace {
     pub fn trace_id_hex(&self) -> String {
         hex(&self.trace_id)
     }
+
+    /// Its sampled flag: set on a trace wsgate starts, the client's choice on one it continues.
+    pub fn sampled(&self) -> bool {
+        self.flags & 0x01 != 0
+    }
 }
 
-/// The trace id and flags of a `traceparent` value: `VERSION-TRACEID-PARENTID-FLAGS` in lowercase hex, version `00`
+/// The trace id, parent id and flags of a `traceparent` value: `VERSION-TRACEID-PARENTID-FLAGS` in lowercase hex, version `00`
 /// exactly so, a later version (not `ff`) by its first four fields; an all-zero trace or parent id is invalid.
-fn parse(value: &[u8]) -> Option<([u8; 16], u8)> {
+fn parse(value: &[u8]) -> Option<([u8; 16], [u8; 8], u8)> {
     let value = value.trim_ascii();
     let version = unhex::<1>(value.get(0..2)?)?[0];
     if version == 0xff || (version == 0 && value.len() != 55) || value.len() < 55 {
@@ -66,7 +76,7 @@ fn parse(value: &[u8]) -> Option<([u8; 16], u8)> {
     if trace_id == [0; 16] || parent == [0; 8] {
         return None;
     }
-    Some((trace_id, flags))
+    Some((trace_id, parent, flags))
 }
 
 /// `N` bytes from `2N` lowercase hex digits.
@@ -86,7 +96,7 @@ fn unhex<const N: usize>(text: &[u8]) -> Option<[u8; N]> {
     Some(out)
 }
 
-fn hex(bytes: &[u8]) -> String {
+pub(crate) fn hex(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut out = String::with_capacity(bytes.len() * 2);
     for &b in bytes {
@@ -123,7 +133,8 @@ mod tests {
         let header = t.header();
         assert!(header.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"), "{header}");
         assert!(!header.contains("00f067aa0ba902b7"), "a new span id: {header}");
-        assert_eq!(parse(header.as_bytes()).map(|(id, _)| id), Some(t.trace_id));
+        assert_eq!(t.parent.map(|p| hex(&p)).as_deref(), Some("00f067aa0ba902b7"));
+        assert_eq!(parse(header.as_bytes()).map(|(id, _, _)| id), Some(t.trace_id));
     }
 
     #[test]
@@ -140,8 +151,9 @@ mod tests {
         ] {
             let t = Trace::of(Some(bad));
             assert!(!t.continued, "{}", String::from_utf8_lossy(bad));
+            assert_eq!(t.parent, None);
             assert_ne!(t.trace_id, [0; 16]);
-            assert_eq!(parse(t.header().as_bytes()).map(|(id, _)| id), Some(t.trace_id));
+            assert_eq!(parse(t.header().as_bytes()).map(|(id, _, _)| id), Some(t.trace_id));
         }
         // A later version is read by its first fields.
         let later = b"01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-more";

@@ -23,6 +23,7 @@ use crate::http::{Client, RequestView};
 use crate::live::{NewSession, Place};
 use crate::metrics::Metrics;
 use crate::observe::ConnectionRecord;
+use crate::otlp::SpanStart;
 use crate::policy::{Admitted, KeyAdmitted};
 use crate::proxy_protocol::{self, Header, ReadError as ProxyReadError};
 use crate::relay;
@@ -56,7 +57,9 @@ pub async fn session(shared: Arc<Shared>, accepted: Accepted) {
     if let Some(reason) = record.rejection {
         shared.metrics.rejected(reason, record.upgrade, record.status);
     }
-    record.log(started.elapsed(), &snapshot.config);
+    let duration = started.elapsed();
+    record.log(duration, &snapshot.config);
+    shared.spans.session_ended(&record, &snapshot.config, duration);
 }
 
 async fn run(shared: &Arc<Shared>, snapshot: &Arc<Snapshot>, mut accepted: Accepted, record: &mut ConnectionRecord) {
@@ -411,6 +414,9 @@ fn inspect(snapshot: &Snapshot, front: Front<'_>, buf: &[u8], record: &mut Conne
     let upstream = &snapshot.upstreams[route.upstream];
     let trace = Trace::of(single(view.header_values("traceparent")));
     record.trace_id = Some(trace.trace_id_hex());
+    if snapshot.config.tracing.is_some() {
+        record.span = Some(SpanStart::new(trace, &head.target, front.listener));
+    }
     let omit = Omit {
         cookie: match &upstream.config.sticky {
             Some(Sticky::Cookie(c)) if !c.forward_cookie => Some(c.name.as_str()),
@@ -945,6 +951,7 @@ mod tests {
             metrics: Arc::default(),
             sessions: Default::default(),
             reloads: tokio::sync::mpsc::unbounded_channel().0,
+            spans: crate::otlp::queue().0,
         });
         let accepted = Accepted {
             stream,
