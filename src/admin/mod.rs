@@ -1,11 +1,13 @@
 //! The admin listener (`[admin]`): `GET /metrics` in the Prometheus text format, `GET /api/upstreams`,
 //! `POST /api/servers/{upstream}/{server}/drain` / `undrain`, `POST /api/reload`, `GET /api/connections`,
-//! `POST /api/connections/{id}/close` and `GET /api/config`, on an address of its own, on a thread of its own so
-//! that a scrape never waits behind the proxy's sessions (and theirs never behind a scrape).
+//! `POST /api/connections/{id}/close`, `GET /api/config`, and the live stats page `GET /stats` with its WebSocket
+//! `GET /stats/ws` (`stats.rs`), on an address of its own, on a thread of its own so that a scrape never waits behind
+//! the proxy's sessions (and theirs never behind a scrape).
 //!
-//! With a token (`token_file`), every POST needs `Authorization: Bearer TOKEN`, and GETs too with `protect_reads`;
-//! the token is compared in constant time. A wrong or missing token gets 401 and a log line. Answers other than the
-//! metrics are JSON: `{"error": "..."}`. The admin listener's own connections are not sessions: they count in no
+//! With a token (`token_file`), every POST needs `Authorization: Bearer TOKEN`, and GETs too with `protect_reads`
+//! (the stats page also takes it as `?token=`, which is all a browser's WebSocket can send); the token is compared
+//! in constant time. A wrong or missing token gets 401 and a log line. Answers other than the
+//! metrics and the stats page are JSON: `{"error": "..."}`. The admin listener's own connections are not sessions: they count in no
 //! session metric.
 
 use std::convert::Infallible;
