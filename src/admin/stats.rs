@@ -455,6 +455,94 @@ impl Snapshot {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::{Config, LogFormat, Timeouts};
+    use crate::live::{NewSession, Place};
+    use crate::state::Snapshot as ConfigSnapshot;
+
+    fn shared() -> Shared {
+        let servers = ["127.0.0.1:1".to_string(), "127.0.0.1:2".to_string()];
+        let config = Config::quick("127.0.0.1:0", &servers, Timeouts::default(), LogFormat::Text)
+            .unwrap_or_else(|e| panic!("{e}"));
+        Shared {
+            snapshot: arc_swap::ArcSwap::from_pointee(ConfigSnapshot::new(config, None)),
+            draining: CancellationToken::new(),
+            shutting_down: Arc::default(),
+            admission: Arc::default(),
+            force_close: CancellationToken::new(),
+            metrics: Arc::default(),
+            sessions: crate::live::Sessions::default(),
+            reloads: tokio::sync::mpsc::unbounded_channel().0,
+        }
+    }
+
+    fn session(id: u64, route: &str) -> NewSession {
+        NewSession {
+            id,
+            client: std::net::IpAddr::from([127, 0, 0, 1]),
+            identity: None,
+            mode: "frames",
+            place: Place {
+                route: route.into(),
+                ..Place::default()
+            },
+            stop: Arc::new(crate::signal::StopSignal::new(CancellationToken::new())),
+        }
+    }
+
+    #[test]
+    fn a_snapshot_sums_the_places_and_lists_every_server() {
+        let shared = shared();
+        let a = shared.sessions.start(session(1, "b"));
+        let _b = shared.sessions.start(session(2, "a"));
+        let _c = shared.sessions.start(session(3, "a"));
+        drop(a);
+        let snapshot = Snapshot::read(&shared, SystemTime::UNIX_EPOCH + Duration::from_millis(1500));
+        assert_eq!(snapshot.time, 1500);
+        assert_eq!(snapshot.active, 2);
+        let routes: Vec<_> = snapshot
+            .places
+            .iter()
+            .map(|p| (p.route.as_str(), p.active, p.sessions))
+            .collect();
+        assert_eq!(routes, [("a", 2, 2), ("b", 0, 1)], "sorted by place");
+        assert_eq!(snapshot.servers.len(), 2);
+        assert!(
+            snapshot
+                .servers
+                .iter()
+                .all(|s| s.up && !s.draining && s.connections == 0)
+        );
+    }
+
+    /// A client that never reads: the first snapshot that cannot be written within the write timeout ends it.
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_never_reads_is_dropped() {
+        let shared = shared();
+        let _sessions: Vec<_> = (0..20)
+            .map(|id| shared.sessions.start(session(id, &format!("route-{id}"))))
+            .collect();
+        let (_client, server) = tokio::io::duplex(64);
+        let mut ws = WebSocketStream::from_raw_socket(server, Role::Server, None).await;
+        let started = tokio::time::Instant::now();
+        let ended = relay_snapshots(&mut ws, &shared, &CancellationToken::new()).await;
+        assert!(matches!(ended, Ended::WriteTimeout), "{ended}");
+        assert_eq!(started.elapsed(), WRITE_TIMEOUT);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_admin_listener_stopping_ends_the_socket() {
+        let shared = shared();
+        let (_client, server) = tokio::io::duplex(1 << 20);
+        let mut ws = WebSocketStream::from_raw_socket(server, Role::Server, None).await;
+        let stop = CancellationToken::new();
+        let stopping = stop.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            stopping.cancel();
+        });
+        let ended = relay_snapshots(&mut ws, &shared, &stop).await;
+        assert!(matches!(ended, Ended::Stopped), "{ended}");
+    }
 
     #[test]
     fn the_page_inlines_its_script_and_style_and_the_policy_allows_exactly_them() {
