@@ -6,9 +6,9 @@
 //!
 //! With a token (`token_file`), every POST needs `Authorization: Bearer TOKEN`, and GETs too with `protect_reads`
 //! (the stats page also takes it as `?token=`, which is all a browser's WebSocket can send); the token is compared
-//! in constant time. A wrong or missing token gets 401 and a log line. Answers other than the
-//! metrics and the stats page are JSON: `{"error": "..."}`. The admin listener's own connections are not sessions: they count in no
-//! session metric.
+//! in constant time. A wrong or missing token gets 401 and a log line. Answers other than the metrics and the stats
+//! page are JSON: `{"error": "..."}`. The admin listener's own connections (the stats page's WebSocket included) are
+//! not sessions: they count in no session metric.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
