@@ -1,12 +1,14 @@
 //! The admin listener (`[admin]`): `GET /metrics` in the Prometheus text format, `GET /api/upstreams`,
 //! `POST /api/servers/{upstream}/{server}/drain` / `undrain`, `POST /api/reload`, `GET /api/connections`,
-//! `POST /api/connections/{id}/close` and `GET /api/config`, on an address of its own, on a thread of its own so
-//! that a scrape never waits behind the proxy's sessions (and theirs never behind a scrape).
+//! `POST /api/connections/{id}/close`, `GET /api/config`, and the live stats page `GET /stats` with its WebSocket
+//! `GET /stats/ws` (`stats.rs`), on an address of its own, on a thread of its own so that a scrape never waits behind
+//! the proxy's sessions (and theirs never behind a scrape).
 //!
-//! With a token (`token_file`), every POST needs `Authorization: Bearer TOKEN`, and GETs too with `protect_reads`;
-//! the token is compared in constant time. A wrong or missing token gets 401 and a log line. Answers other than the
-//! metrics are JSON: `{"error": "..."}`. The admin listener's own connections are not sessions: they count in no
-//! session metric.
+//! With a token (`token_file`), every POST needs `Authorization: Bearer TOKEN`, and GETs too with `protect_reads`
+//! (the stats page also takes it as `?token=`, which is all a browser's WebSocket can send); the token is compared
+//! in constant time. A wrong or missing token gets 401 and a log line. Answers other than the metrics and the stats
+//! page are JSON: `{"error": "..."}`. The admin listener's own connections (the stats page's WebSocket included) are
+//! not sessions: they count in no session metric.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -26,6 +28,7 @@ use crate::config::AdminSettings;
 use crate::state::Shared;
 
 mod sessions;
+mod stats;
 
 /// The Prometheus text format's content type.
 const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -83,9 +86,10 @@ async fn serve(
             return;
         }
     };
+    let stats = Arc::new(stats::StatsSockets::new(stop.clone()));
     loop {
         let (stream, peer) = tokio::select! {
-            () = stop.cancelled() => return,
+            () = stop.cancelled() => return stats.closed().await,
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(e) => {
@@ -95,17 +99,18 @@ async fn serve(
                 }
             },
         };
-        let (settings, shared, stop) = (settings.clone(), shared.clone(), stop.clone());
+        let (settings, shared, stop, stats) = (settings.clone(), shared.clone(), stop.clone(), stats.clone());
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {
-                let (settings, shared) = (settings.clone(), shared.clone());
-                async move { Ok::<_, Infallible>(handle(&settings, &shared, peer, req).await) }
+                let (settings, shared, stats) = (settings.clone(), shared.clone(), stats.clone());
+                async move { Ok::<_, Infallible>(handle(&settings, &shared, &stats, peer, req).await) }
             });
             // A client that never finishes its request head is dropped: the admin listener is no place to hold sockets.
             let connection = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(ADMIN_HEAD_TIMEOUT)
-                .serve_connection(TokioIo::new(stream), service);
+                .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades();
             tokio::select! {
                 _ = connection => {}
                 () = stop.cancelled() => {}
@@ -116,12 +121,13 @@ async fn serve(
 
 async fn handle(
     settings: &AdminSettings,
-    shared: &Shared,
+    shared: &Arc<Shared>,
+    stats: &stats::StatsSockets,
     peer: SocketAddr,
     req: Request<Incoming>,
 ) -> Response<Full<Bytes>> {
     let needs_token = settings.token.is_some() && (req.method() != Method::GET || settings.protect_reads);
-    if needs_token && !authorized(settings, &req) {
+    if needs_token && !authorized(settings, &req) && !stats::authorized_by_query(settings, &req) {
         tracing::warn!(client = %peer, method = %req.method(), path = req.uri().path(), "admin request without the right token");
         let mut answer = json(StatusCode::UNAUTHORIZED, "a valid admin token is needed");
         answer.headers_mut().insert(
@@ -150,6 +156,9 @@ async fn handle(
             answer
         }
         (_, "/metrics") => json(StatusCode::METHOD_NOT_ALLOWED, "use GET"),
+        (&Method::GET, "/stats") => stats::page_answer(),
+        (&Method::GET, "/stats/ws") => stats::upgrade(shared, stats, peer, req),
+        (_, "/stats" | "/stats/ws") => json(StatusCode::METHOD_NOT_ALLOWED, "use GET"),
         (&Method::GET, "/api/upstreams") => answer(StatusCode::OK, upstreams(shared)),
         (&Method::GET, "/api/connections") => {
             let (status, body) = sessions::list(shared, req.uri().query());
