@@ -26,6 +26,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::access_log::{AccessLog, StartError, Writer};
 use crate::admin::Admin;
 use crate::config::Config;
 use crate::session::{Accepted, session};
@@ -52,6 +53,8 @@ pub enum ServerError {
     Control(#[source] io::Error),
     #[error("worker threads have stopped")]
     Stopped,
+    #[error(transparent)]
+    AccessLog(#[from] StartError),
     #[error("cannot open the admin listener on {address}: {source}")]
     Admin {
         address: SocketAddr,
@@ -72,6 +75,8 @@ pub struct Running {
     admin: Option<Admin>,
     /// The admin API's reload requests, until [`Running::take_reload_requests`] takes them.
     reload_requests: Option<mpsc::UnboundedReceiver<crate::state::ReloadRequest>>,
+    /// The access log's writer thread, stopped once the sessions are done.
+    access_log: Writer,
 }
 
 struct Open {
@@ -128,6 +133,14 @@ impl Running {
             .unwrap_or_else(|| mpsc::unbounded_channel().1)
     }
 
+    /// Opens the access log file again by its name (SIGUSR1, after logrotate has renamed it); on an error the log
+    /// goes on in the file it had, and the error is logged.
+    pub fn reopen_access_log(&self) {
+        if let Err(e) = self.shared.access_log.reopen() {
+            tracing::error!(error = %e, "access log not reopened: it goes on in the file it had");
+        }
+    }
+
     /// Where the admin listener listens, when there is one.
     pub fn admin_addr(&self) -> Option<SocketAddr> {
         self.admin.as_ref().map(|a| a.address)
@@ -161,6 +174,11 @@ impl Running {
             let sockets = bind_all(listener.address, self.workers.len())?;
             added.push((listener.address, sockets));
         }
+        // The last step that may fail: the sockets bound above close again when it does.
+        self.shared
+            .access_log
+            .retarget(&config.server.access_log)
+            .map_err(StartError::from)?;
         let snapshot = Arc::new(Snapshot::new(config, Some(&current)));
         self.shared.snapshot.store(snapshot.clone());
         self.supervisor.update(snapshot.clone());
@@ -219,6 +237,7 @@ impl Running {
         if let Some(admin) = self.admin {
             admin.stop();
         }
+        self.shared.access_log.stop(self.access_log);
     }
 }
 
@@ -256,6 +275,7 @@ pub fn start(config: Config) -> Result<Running, ServerError> {
         bound.push((listener.address, bind_all(listener.address, workers)?));
     }
     let config_admin = config.admin.clone();
+    let (access_log, access_log_writer) = AccessLog::start(&config.server.access_log)?;
     let (reloads, reload_requests) = mpsc::unbounded_channel();
     let snapshot = Arc::new(Snapshot::new(config, None));
     let supervisor = Supervisor::start(snapshot.clone()).map_err(ServerError::Control)?;
@@ -267,6 +287,7 @@ pub fn start(config: Config) -> Result<Running, ServerError> {
         force_close: CancellationToken::new(),
         metrics: Arc::default(),
         reloads,
+        access_log,
     });
     shared.metrics.attach(&shared);
     let admin = match config_admin {
@@ -297,6 +318,7 @@ pub fn start(config: Config) -> Result<Running, ServerError> {
         supervisor,
         admin,
         reload_requests: Some(reload_requests),
+        access_log: access_log_writer,
     };
     for (configured, (address, sockets)) in bound {
         let stop = CancellationToken::new();

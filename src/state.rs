@@ -1,6 +1,6 @@
 //! The shared model every part of wsgate reads: the config in force with the live state of its upstreams
-//! ([`Snapshot`]), and what every session of a running server shares ([`Shared`]: the current snapshot and the
-//! drain and shutdown signals). The server swaps snapshots in, sessions read them, the control thread follows them.
+//! ([`Snapshot`]), and what every session of a running server shares ([`Shared`]: the current snapshot, the
+//! drain and shutdown signals, the access log). The server swaps snapshots in, sessions read them, the control thread follows them.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -9,6 +9,7 @@ use std::sync::atomic::AtomicBool;
 use arc_swap::ArcSwap;
 use tokio_util::sync::CancellationToken;
 
+use crate::access_log::AccessLog;
 use crate::config::{Config, Listener};
 use crate::metrics::Metrics;
 use crate::policy::Admission;
@@ -30,6 +31,8 @@ pub struct Shared {
     pub force_close: CancellationToken,
     /// What `GET /metrics` on the admin listener reports.
     pub metrics: Arc<Metrics>,
+    /// Where sessions hand their access log lines.
+    pub(crate) access_log: Arc<AccessLog>,
     /// Where the admin API's `POST /api/reload` asks for a reload of the config file (served by the command line's
     /// signal loop, which knows the file).
     pub reloads: tokio::sync::mpsc::UnboundedSender<ReloadRequest>,
