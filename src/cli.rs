@@ -29,7 +29,8 @@ enum Command {
     /// Example: wsgate proxy --listen 0.0.0.0:8080 --to 127.0.0.1:9001 --to 127.0.0.1:9002
     Proxy(ProxyArgs),
     /// Serve a config file: its listeners, routes and upstreams. SIGHUP (or a change of the file, with
-    /// `watch = true`) reloads it without dropping a connection; SIGTERM drains.
+    /// `watch = true`) reloads it without dropping a connection; SIGTERM drains; SIGUSR1 reopens the access log
+    /// file (after logrotate has renamed it).
     ///
     /// Example: wsgate run --config /etc/wsgate/wsgate.toml
     Run(FileArgs),

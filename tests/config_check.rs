@@ -319,7 +319,10 @@ fn an_access_log_in_a_missing_directory_or_a_bad_redacted_name_is_refused_with_i
         file.shown()
     );
     assert!(err.contains(&want), "want {want}\ngot {err}");
-    assert!(err.ends_with(&format!("wsgate: 2 problems in {}\n", file.shown())), "{err}");
+    assert!(
+        err.ends_with(&format!("wsgate: 2 problems in {}\n", file.shown())),
+        "{err}"
+    );
 
     // A file beside the config file (the temp dir exists) is fine, and so are "stdout" and "off".
     for target in ["access.log", "stdout", "off"] {

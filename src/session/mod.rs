@@ -105,13 +105,13 @@ fn note_relay_end(record: &mut ConnectionRecord, end: &relay::End) {
         relay::Side::Client => "client",
         relay::Side::Backend => "backend",
     };
-    let ended_by = match end {
-        relay::End::ClosedByProxy(_) | relay::End::IdleTimeout => Some("proxy"),
-        relay::End::CloseHandshake { first, .. } => Some(side(*first)),
-        relay::End::Closed(s) | relay::End::Error(s, _) => Some(side(*s)),
-    };
-    if matches!(end, relay::End::ClosedByProxy(_) | relay::End::IdleTimeout) || record.bytes.close_first.is_none() {
-        record.bytes.close_first = ended_by;
+    let close_side = &mut record.bytes.close_first;
+    match end {
+        relay::End::ClosedByProxy(_) | relay::End::IdleTimeout => *close_side = Some("proxy"),
+        // The relay named the side of the first close frame (frames mode).
+        _ if close_side.is_some() => {}
+        relay::End::CloseHandshake { first, .. } => *close_side = Some(side(*first)),
+        relay::End::Closed(s) | relay::End::Error(s, _) => *close_side = Some(side(*s)),
     }
     record.end = end.to_string();
 }
