@@ -1,6 +1,7 @@
 //! The command line: `wsgate proxy` (quick mode), `wsgate run` and `wsgate check` (config file), `wsgate demo`,
 //! `wsgate hash-key` (a line for an API keys file);
-//! signals (SIGTERM/SIGINT drain, SIGHUP reloads), watching the config file, and exit codes. Nothing else lives
+//! signals (SIGTERM/SIGINT drain, SIGHUP reloads, SIGUSR1 reopens the access log), watching the config file, and
+//! exit codes. Nothing else lives
 //! here.
 
 use std::path::{Path, PathBuf};
@@ -28,7 +29,8 @@ enum Command {
     /// Example: wsgate proxy --listen 0.0.0.0:8080 --to 127.0.0.1:9001 --to 127.0.0.1:9002
     Proxy(ProxyArgs),
     /// Serve a config file: its listeners, routes and upstreams. SIGHUP (or a change of the file, with
-    /// `watch = true`) reloads it without dropping a connection; SIGTERM drains.
+    /// `watch = true`) reloads it without dropping a connection; SIGTERM drains; SIGUSR1 reopens the access log
+    /// file (after logrotate has renamed it).
     ///
     /// Example: wsgate run --config /etc/wsgate/wsgate.toml
     Run(FileArgs),
@@ -326,6 +328,7 @@ struct Signals {
     terminate: tokio::signal::unix::Signal,
     interrupt: tokio::signal::unix::Signal,
     hangup: tokio::signal::unix::Signal,
+    user1: tokio::signal::unix::Signal,
 }
 
 impl Signals {
@@ -334,16 +337,18 @@ impl Signals {
             terminate: signal(SignalKind::terminate()).context("cannot watch SIGTERM")?,
             interrupt: signal(SignalKind::interrupt()).context("cannot watch SIGINT")?,
             hangup: signal(SignalKind::hangup()).context("cannot watch SIGHUP")?,
+            user1: signal(SignalKind::user_defined1()).context("cannot watch SIGUSR1")?,
         })
     }
 
     /// Serves until SIGTERM or SIGINT, then drains; a second signal exits at once. SIGHUP (and, with `watch =
-    /// true`, a change of the file's content) reloads `config_file`.
+    /// true`, a change of the file's content) reloads `config_file`; SIGUSR1 reopens the access log file (logrotate).
     async fn serve_until_signalled(self, mut running: server::Running, watched: Option<Watched>) -> anyhow::Result<()> {
         let Signals {
             mut terminate,
             mut interrupt,
             mut hangup,
+            mut user1,
         } = self;
         let (config_file, mut last_seen) = match watched {
             Some(Watched { path, seen }) => (Some(path), seen),
@@ -371,6 +376,7 @@ impl Signals {
                     }
                     None => tracing::info!(signal = "SIGHUP", "no config file to reload (quick mode)"),
                 },
+                _ = user1.recv() => running.reopen_access_log(),
                 _ = watch.tick(), if config_file.is_some() && running.snapshot().config.server.watch => {
                     let Some(path) = &config_file else { continue };
                     let now = std::fs::read(path).ok();

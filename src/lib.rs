@@ -4,6 +4,7 @@
 //! the tests and the fuzz targets use; the rest is the crate's own.
 #![deny(unsafe_code)]
 
+mod access_log;
 mod admin;
 pub mod auth;
 pub mod cli;

@@ -26,6 +26,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::access_log::{AccessLog, StartError, Writer};
 use crate::admin::Admin;
 use crate::config::Config;
 use crate::otlp::Exporter;
@@ -55,6 +56,8 @@ pub enum ServerError {
     Stopped,
     #[error("cannot start the OTLP exporter thread: {0}")]
     Exporter(#[source] io::Error),
+    #[error(transparent)]
+    AccessLog(#[from] StartError),
     #[error("cannot open the admin listener on {address}: {source}")]
     Admin {
         address: SocketAddr,
@@ -77,6 +80,8 @@ pub struct Running {
     exporter: Exporter,
     /// The admin API's reload requests, until [`Running::take_reload_requests`] takes them.
     reload_requests: Option<mpsc::UnboundedReceiver<crate::state::ReloadRequest>>,
+    /// The access log's writer thread, stopped once the sessions are done.
+    access_log: Writer,
 }
 
 struct Open {
@@ -133,6 +138,14 @@ impl Running {
             .unwrap_or_else(|| mpsc::unbounded_channel().1)
     }
 
+    /// Opens the access log file again by its name (SIGUSR1, after logrotate has renamed it); on an error the log
+    /// goes on in the file it had, and the error is logged.
+    pub fn reopen_access_log(&self) {
+        if let Err(e) = self.shared.access_log.reopen() {
+            tracing::error!(error = %e, "access log not reopened: it goes on in the file it had");
+        }
+    }
+
     /// Where the admin listener listens, when there is one.
     pub fn admin_addr(&self) -> Option<SocketAddr> {
         self.admin.as_ref().map(|a| a.address)
@@ -166,6 +179,11 @@ impl Running {
             let sockets = bind_all(listener.address, self.workers.len())?;
             added.push((listener.address, sockets));
         }
+        // The last step that may fail: the sockets bound above close again when it does.
+        self.shared
+            .access_log
+            .retarget(&config.server.access_log)
+            .map_err(StartError::from)?;
         self.exporter
             .apply(config.tracing.as_ref())
             .map_err(ServerError::Exporter)?;
@@ -229,6 +247,7 @@ impl Running {
         if let Some(admin) = self.admin {
             admin.stop();
         }
+        self.shared.access_log.stop(self.access_log);
     }
 }
 
@@ -266,6 +285,7 @@ pub fn start(config: Config) -> Result<Running, ServerError> {
         bound.push((listener.address, bind_all(listener.address, workers)?));
     }
     let config_admin = config.admin.clone();
+    let (access_log, access_log_writer) = AccessLog::start(&config.server.access_log)?;
     let (reloads, reload_requests) = mpsc::unbounded_channel();
     let (spans, receiving) = crate::otlp::queue();
     let mut exporter = Exporter::new(receiving);
@@ -282,6 +302,7 @@ pub fn start(config: Config) -> Result<Running, ServerError> {
         sessions: Default::default(),
         reloads,
         spans,
+        access_log,
     });
     shared.metrics.attach(&shared);
     let admin = match config_admin {
@@ -313,6 +334,7 @@ pub fn start(config: Config) -> Result<Running, ServerError> {
         admin,
         exporter,
         reload_requests: Some(reload_requests),
+        access_log: access_log_writer,
     };
     for (configured, (address, sockets)) in bound {
         let stop = CancellationToken::new();

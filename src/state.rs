@@ -1,6 +1,6 @@
 //! The shared model every part of wsgate reads: the config in force with the live state of its upstreams
-//! ([`Snapshot`]), and what every session of a running server shares ([`Shared`]: the current snapshot and the
-//! drain and shutdown signals). The server swaps snapshots in, sessions read them, the control thread follows them.
+//! ([`Snapshot`]), and what every session of a running server shares ([`Shared`]: the current snapshot, the
+//! drain and shutdown signals, the access log). The server swaps snapshots in, sessions read them, the control thread follows them.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -9,6 +9,7 @@ use std::sync::atomic::AtomicBool;
 use arc_swap::ArcSwap;
 use tokio_util::sync::CancellationToken;
 
+use crate::access_log::AccessLog;
 use crate::config::{Config, Listener};
 use crate::metrics::Metrics;
 use crate::policy::Admission;
@@ -32,11 +33,32 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     /// The WebSocket sessions relaying now, and the totals of every listener, route, upstream and server.
     pub sessions: crate::live::Sessions,
+    /// Where sessions hand their access log lines.
+    pub(crate) access_log: Arc<AccessLog>,
     /// Where the admin API's `POST /api/reload` asks for a reload of the config file (served by the command line's
     /// signal loop, which knows the file).
     pub reloads: tokio::sync::mpsc::UnboundedSender<ReloadRequest>,
     /// Where sessions leave their spans for the OTLP exporter (`[tracing]`).
     pub(crate) spans: crate::otlp::Queue,
+}
+
+#[cfg(test)]
+impl Shared {
+    /// What a server would share, for unit tests: `config` in force, no access log, no span export.
+    pub(crate) fn for_tests(config: Config) -> Shared {
+        Shared {
+            snapshot: ArcSwap::from_pointee(Snapshot::new(config, None)),
+            draining: CancellationToken::new(),
+            shutting_down: Arc::default(),
+            admission: Arc::default(),
+            force_close: CancellationToken::new(),
+            metrics: Arc::default(),
+            sessions: crate::live::Sessions::default(),
+            reloads: tokio::sync::mpsc::unbounded_channel().0,
+            spans: crate::otlp::queue().0,
+            access_log: Arc::new(AccessLog::off()),
+        }
+    }
 }
 
 /// A reload asked for through the admin API, answered with the new config's summary or the file's problems.

@@ -296,6 +296,44 @@ fn an_empty_file_lacks_a_listener_and_a_route() {
 }
 
 #[test]
+fn an_access_log_in_a_missing_directory_or_a_bad_redacted_name_is_refused_with_its_place() {
+    let text = format!(
+        "[server]\naccess_log = \"no-such-dir/access.log\"\naccess_log_redact = [\"session\", \"a=b\"]\n{VALID}"
+    );
+    let file = TempFile::new(&text);
+    let out = check(file.path());
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    let dir = file.path().parent().expect("the temp dir").join("no-such-dir");
+    let (line, column) = place(&text, "access_log =", "\"no-such-dir");
+    let want = format!(
+        "{}:{line}:{column}: `access_log`: {}: directory {} does not exist\n",
+        file.shown(),
+        dir.join("access.log").display(),
+        dir.display()
+    );
+    assert!(err.starts_with(&want), "want {want}\ngot {err}");
+    let (line, column) = place(&text, "access_log_redact", "\"a=b\"");
+    let want = format!(
+        "{}:{line}:{column}: `access_log_redact`: `a=b` is no query parameter name\n",
+        file.shown()
+    );
+    assert!(err.contains(&want), "want {want}\ngot {err}");
+    assert!(
+        err.ends_with(&format!("wsgate: 2 problems in {}\n", file.shown())),
+        "{err}"
+    );
+
+    // A file beside the config file (the temp dir exists) is fine, and so are "stdout" and "off".
+    for target in ["access.log", "stdout", "off"] {
+        let text = format!("[server]\naccess_log = \"{target}\"\n{VALID}");
+        let file = TempFile::new(&text);
+        let out = check(file.path());
+        assert_eq!(out.status.code(), Some(0), "{target}: {}", stderr(&out));
+    }
+}
+
+#[test]
 fn a_missing_file_is_refused_with_its_name() {
     let path = std::env::temp_dir().join(format!("wsgate-config-check-{}-missing.toml", std::process::id()));
     let out = check(&path);
@@ -530,6 +568,8 @@ const SERVER_KEYS: &[&str] = &[
     "workers",
     "watch",
     "max_connections",
+    "access_log",
+    "access_log_redact",
 ];
 const LISTENER_KEYS: &[&str] = &[
     "name",

@@ -99,7 +99,7 @@ async fn plain_requests_continue_or_start_traces_too_and_the_access_log_has_the_
         "{parent}"
     );
     assert!(answer.contains("tracestate: vendor=1"), "{answer}");
-    let line = proxy.wait_for_log(&["connection closed"]).await;
+    let line = proxy.wait_for_log(&["\"kind\":\"http\""]).await;
     assert!(line.contains(TRACE_ID), "the access log names the trace: {line}");
 
     let answer = raw_exchange(

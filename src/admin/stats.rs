@@ -457,22 +457,12 @@ mod tests {
     use super::*;
     use crate::config::{Config, LogFormat, Timeouts};
     use crate::live::{NewSession, Place};
-    use crate::state::Snapshot as ConfigSnapshot;
 
     fn shared() -> Shared {
         let servers = ["127.0.0.1:1".to_string(), "127.0.0.1:2".to_string()];
         let config = Config::quick("127.0.0.1:0", &servers, Timeouts::default(), LogFormat::Text)
             .unwrap_or_else(|e| panic!("{e}"));
-        Shared {
-            snapshot: arc_swap::ArcSwap::from_pointee(ConfigSnapshot::new(config, None)),
-            draining: CancellationToken::new(),
-            shutting_down: Arc::default(),
-            admission: Arc::default(),
-            force_close: CancellationToken::new(),
-            metrics: Arc::default(),
-            sessions: crate::live::Sessions::default(),
-            reloads: tokio::sync::mpsc::unbounded_channel().0,
-        }
+        Shared::for_tests(config)
     }
 
     fn session(id: u64, route: &str) -> NewSession {

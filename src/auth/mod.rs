@@ -57,6 +57,9 @@ pub struct Admit {
     pub expires: Option<SystemTime>,
     /// The API key that admitted the request, whose limits count it.
     pub key: Option<ApiKey>,
+    /// Who the request was admitted as, for the access log: the token's `sub` claim (when a string), or the API
+    /// key's identity.
+    pub subject: Option<String>,
 }
 
 /// Why a request is not admitted. All of these are a 401.
@@ -130,6 +133,11 @@ impl Auth {
         Auth { jwt, api_keys, strip }
     }
 
+    /// The query parameters this route reads a credential from (secrets wherever they are logged).
+    pub fn query_names(&self) -> &[String] {
+        &self.strip.query
+    }
+
     /// Checks a request's credentials. `upgrade`: a WebSocket upgrade (only those may carry a token in
     /// `Sec-WebSocket-Protocol`).
     pub fn check(&self, req: &impl RequestView, upgrade: bool) -> Result<Admit, AuthError> {
@@ -140,7 +148,9 @@ impl Auth {
             match jwt.verify(&token) {
                 Ok(verified) => {
                     let expires = verified.expires.filter(|_| jwt.close_on_expiry);
-                    return Ok(self.admit(req, jwt.identity(&verified.claims), expires, None));
+                    let mut admit = self.admit(req, jwt.identity(&verified.claims), expires, None);
+                    admit.subject = verified.claims.get("sub").and_then(|s| s.as_str()).map(str::to_string);
+                    return Ok(admit);
                 }
                 Err(e) => error = Some(AuthError::Token(e)),
             }
@@ -151,7 +161,9 @@ impl Auth {
             match keys.lookup(&presented) {
                 Some(key) => {
                     let identity = vec![(keys.identity_header.clone(), key.identity.clone())];
-                    return Ok(self.admit(req, identity, None, Some(key.clone())));
+                    let mut admit = self.admit(req, identity, None, Some(key.clone()));
+                    admit.subject = Some(key.identity.clone());
+                    return Ok(admit);
                 }
                 None => error = error.or(Some(AuthError::UnknownKey)),
             }
@@ -180,6 +192,7 @@ impl Auth {
             strip,
             expires,
             key,
+            subject: None,
         }
     }
 }

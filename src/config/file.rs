@@ -23,15 +23,15 @@ use crate::tls::client::{ClientTls, TlsSettings};
 use crate::tls::server::{CertFiles, ServerTls};
 
 use super::{
-    Access, AdminSettings, Balance, Config, DEFAULT_CONNECT_TIMEOUT, DEFAULT_FALL, DEFAULT_HEALTH_INTERVAL,
-    DEFAULT_HEALTH_PATH, DEFAULT_HEALTH_TIMEOUT, DEFAULT_IPV6_PREFIX, DEFAULT_REBALANCE_THRESHOLD, DEFAULT_RISE,
-    DEFAULT_STICKY_COOKIE, DEFAULT_STICKY_PATH, DEFAULT_WEIGHT, DEFAULT_WRITE_TIMEOUT, Deflate, FrameRules,
-    HTTP_STATUSES, HandshakeRate, HashKey, HealthCheck, HealthKind, HostMatch, Listener, LogFormat, MAX_DRAIN_RATE,
-    MAX_DURATION, MAX_DURATION_DAYS, MAX_EJECTION, MAX_HANDSHAKE_RATE, MAX_IPV6_PREFIX, MAX_PERCENT,
-    MAX_REBALANCE_THRESHOLD, MAX_RETRIES, MAX_RISE_FALL, MAX_WEIGHT, MAX_WORKERS, MIN_CONNECTION_LIMIT, MIN_DRAIN_RATE,
-    MIN_EJECTION, MIN_HEALTH_INTERVAL, MIN_RISE_FALL, MIN_STICKY_MAX_AGE, MIN_WEIGHT, OriginPattern, OriginRule,
-    Outlier, PathMatch, Relay, Route, Server, ServerSettings, Sticky, StickyCookie, TrustedProxies, TunnelRules,
-    Upstream, human_duration, parse_duration, parse_size,
+    Access, AccessLogTarget, AdminSettings, Balance, Config, DEFAULT_CONNECT_TIMEOUT, DEFAULT_FALL,
+    DEFAULT_HEALTH_INTERVAL, DEFAULT_HEALTH_PATH, DEFAULT_HEALTH_TIMEOUT, DEFAULT_IPV6_PREFIX,
+    DEFAULT_REBALANCE_THRESHOLD, DEFAULT_RISE, DEFAULT_STICKY_COOKIE, DEFAULT_STICKY_PATH, DEFAULT_WEIGHT,
+    DEFAULT_WRITE_TIMEOUT, Deflate, FrameRules, HTTP_STATUSES, HandshakeRate, HashKey, HealthCheck, HealthKind,
+    HostMatch, Listener, LogFormat, MAX_DRAIN_RATE, MAX_DURATION, MAX_DURATION_DAYS, MAX_EJECTION, MAX_HANDSHAKE_RATE,
+    MAX_IPV6_PREFIX, MAX_PERCENT, MAX_REBALANCE_THRESHOLD, MAX_RETRIES, MAX_RISE_FALL, MAX_WEIGHT, MAX_WORKERS,
+    MIN_CONNECTION_LIMIT, MIN_DRAIN_RATE, MIN_EJECTION, MIN_HEALTH_INTERVAL, MIN_RISE_FALL, MIN_STICKY_MAX_AGE,
+    MIN_WEIGHT, OriginPattern, OriginRule, Outlier, PathMatch, Relay, Route, Server, ServerSettings, Sticky,
+    StickyCookie, TrustedProxies, TunnelRules, Upstream, human_duration, parse_duration, parse_size,
 };
 use super::{DEFAULT_SERVICE_NAME, TracingSettings};
 
@@ -196,6 +196,9 @@ struct RawServer {
     workers: Option<Spanned<usize>>,
     watch: Option<bool>,
     max_connections: Option<Spanned<u32>>,
+    access_log: Option<Spanned<String>>,
+    #[serde(default)]
+    access_log_redact: Vec<Spanned<String>>,
 }
 
 #[derive(Deserialize, Clone, Copy)]
@@ -486,12 +489,21 @@ impl<'de> Deserialize<'de> for HashKey {
 // ---- From the schema to the model ----
 
 fn build(raw: RawFile, report: &mut Report<'_>) -> Config {
-    let server = build_server(&raw.server, report);
+    let mut server = build_server(&raw.server, report);
     let listeners = build_listeners(&raw.listener, report);
     let upstreams = build_upstreams(&raw.upstream, report);
     let routes = build_routes(&raw.route, &listeners, &upstreams, report);
     let admin = raw.admin.as_ref().and_then(|a| build_admin(a, &listeners, report));
     let tracing = raw.tracing.as_ref().and_then(|t| build_tracing(t, report));
+    // A query parameter a route reads a credential from is a secret wherever it is sent.
+    for auth in routes.iter().filter_map(|r| r.auth.as_deref()) {
+        for name in auth.query_names() {
+            let name = name.to_ascii_lowercase();
+            if !server.access_log_redact.contains(&name) {
+                server.access_log_redact.push(name);
+            }
+        }
+    }
     Config {
         source: None,
         server,
@@ -713,7 +725,72 @@ fn build_server(raw: &RawServer, report: &mut Report<'_>) -> ServerSettings {
             MIN_CONNECTION_LIMIT..=u32::MAX,
             report,
         ),
+        access_log: raw
+            .access_log
+            .as_ref()
+            .map_or(defaults.access_log, |t| access_log_target(t, report)),
+        access_log_redact: redacted_names(&raw.access_log_redact, report),
     }
+}
+
+/// `access_log`: `"stdout"`, `"off"`, or a file (relative to the config file) in a directory that exists, which
+/// wsgate creates or appends to.
+fn access_log_target(written: &Spanned<String>, report: &mut Report<'_>) -> AccessLogTarget {
+    match written.get_ref().as_str() {
+        "stdout" => AccessLogTarget::Stdout,
+        "off" => AccessLogTarget::Off,
+        "" => {
+            report.key(written, "access_log", "expected \"stdout\", \"off\" or a file path");
+            AccessLogTarget::Off
+        }
+        path => {
+            let path = report.path(path);
+            let dir = match path.parent() {
+                Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
+                _ => PathBuf::from("."),
+            };
+            if path.is_dir() {
+                report.key(
+                    written,
+                    "access_log",
+                    format!("{} is a directory, not a file", path.display()),
+                );
+            } else if !dir.is_dir() {
+                report.key(
+                    written,
+                    "access_log",
+                    format!("{}: directory {} does not exist", path.display(), dir.display()),
+                );
+            }
+            AccessLogTarget::File(path)
+        }
+    }
+}
+
+/// `access_log_redact`: query parameter names (compared without case), each a non-empty name without `&`, `=`,
+/// `?` or `#`.
+fn redacted_names(written: &[Spanned<String>], report: &mut Report<'_>) -> Vec<String> {
+    let mut names: Vec<String> = Vec::with_capacity(written.len());
+    for name in written {
+        let text = name.get_ref();
+        if text.is_empty()
+            || text
+                .chars()
+                .any(|c| matches!(c, '&' | '=' | '?' | '#') || c.is_whitespace())
+        {
+            report.key(
+                name,
+                "access_log_redact",
+                format!("`{text}` is no query parameter name"),
+            );
+            continue;
+        }
+        let lower = text.to_ascii_lowercase();
+        if !names.contains(&lower) {
+            names.push(lower);
+        }
+    }
+    names
 }
 
 /// Reports a name used twice (`what` says what it names).

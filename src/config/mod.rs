@@ -6,6 +6,7 @@
 pub mod file;
 
 use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -93,7 +94,37 @@ pub struct ServerSettings {
     pub watch: bool,
     /// Client connections wsgate holds at once, over every listener; over it, new ones get 503. `None` = no limit.
     pub max_connections: Option<u32>,
+    /// Where the access log goes.
+    pub access_log: AccessLogTarget,
+    /// Query parameters whose values the access log replaces, besides [`REDACTED_QUERY_PARAMS`] (lowercase): those
+    /// of `access_log_redact` and those routes read credentials from.
+    pub access_log_redact: Vec<String>,
 }
+
+/// Where the access log's lines go (`[server] access_log`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum AccessLogTarget {
+    #[default]
+    Stdout,
+    Off,
+    /// A file, appended to (created when missing); reopened on SIGUSR1.
+    File(PathBuf),
+}
+
+/// Query parameters whose values the access log always replaces with `REDACTED` (names compared without case).
+pub const REDACTED_QUERY_PARAMS: &[&str] = &[
+    "access_token",
+    "token",
+    "api_key",
+    "apikey",
+    "key",
+    "password",
+    "secret",
+    "signature",
+    "sig",
+    "auth",
+    "jwt",
+];
 
 impl Default for ServerSettings {
     fn default() -> Self {
@@ -104,6 +135,8 @@ impl Default for ServerSettings {
             workers: DEFAULT_WORKERS,
             watch: false,
             max_connections: None,
+            access_log: AccessLogTarget::Stdout,
+            access_log_redact: Vec::new(),
         }
     }
 }

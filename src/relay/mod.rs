@@ -7,8 +7,8 @@ mod frames;
 mod watch;
 
 pub use copy::{Timeouts, relay};
-pub use end::End;
 use end::StopCause;
+pub use end::{End, Side};
 pub use frames::Frames;
 
 use std::future::Future;

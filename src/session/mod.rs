@@ -22,7 +22,7 @@ use crate::http::trace::Trace;
 use crate::http::{Client, RequestView};
 use crate::live::{NewSession, Place};
 use crate::metrics::Metrics;
-use crate::observe::ConnectionRecord;
+use crate::observe::{ConnectionRecord, RequestInfo};
 use crate::otlp::SpanStart;
 use crate::policy::{Admitted, KeyAdmitted};
 use crate::proxy_protocol::{self, Header, ReadError as ProxyReadError};
@@ -43,22 +43,33 @@ pub struct Accepted {
     pub listener: SocketAddr,
 }
 
-/// Serves one client connection from accept to close, and writes its access log line.
+/// Serves one client connection from accept to close, and writes its access log line (a plain HTTP connection
+/// writes one per request instead).
 pub async fn session(shared: Arc<Shared>, accepted: Accepted) {
     let started = Instant::now();
+    let listener = accepted.listener;
     let mut record = ConnectionRecord::new(accepted.id, accepted.peer);
     let snapshot = shared.snapshot.load_full();
     tokio::select! {
         () = run(&shared, &snapshot, accepted, &mut record) => {}
         () = shared.force_close.cancelled() => {
             record.end = "closed: drain timeout reached during shutdown".into();
+            if record.status == 101 {
+                record.bytes.close_first = Some("proxy");
+            }
         }
     }
     if let Some(reason) = record.rejection {
         shared.metrics.rejected(reason, record.upgrade, record.status);
     }
     let duration = started.elapsed();
-    record.log(duration, &snapshot.config);
+    if shared.access_log.enabled()
+        && let Some(kind) = record.kind()
+    {
+        let listener = snapshot.listener_name(listener);
+        let line = record.line(kind, listener, duration, &snapshot.config);
+        shared.access_log.write(line);
+    }
     shared.spans.session_ended(&record, &snapshot.config, duration);
 }
 
@@ -86,9 +97,27 @@ async fn run(shared: &Arc<Shared>, snapshot: &Arc<Snapshot>, mut accepted: Accep
     let Some(switched) = Box::pin(open(shared, snapshot, accepted, record)).await else {
         return;
     };
-    record.end = relay_switched(shared, snapshot, listener, switched, record.id, &mut record.bytes)
-        .await
-        .to_string();
+    let end = relay_switched(shared, snapshot, listener, switched, record.id, &mut record.bytes).await;
+    note_relay_end(record, &end);
+}
+
+/// Notes how a relay ended for the access log: its `end`, and who ended it (`close_side`): the side whose close
+/// frame came first (frames mode, set by the relay), else wsgate when it closed the session, else the side that
+/// closed or failed.
+fn note_relay_end(record: &mut ConnectionRecord, end: &relay::End) {
+    let side = |side: relay::Side| match side {
+        relay::Side::Client => "client",
+        relay::Side::Backend => "backend",
+    };
+    let close_side = &mut record.bytes.close_first;
+    match end {
+        relay::End::ClosedByProxy(_) | relay::End::IdleTimeout => *close_side = Some("proxy"),
+        // The relay named the side of the first close frame (frames mode).
+        _ if close_side.is_some() => {}
+        relay::End::CloseHandshake { first, .. } => *close_side = Some(side(*first)),
+        relay::End::Closed(s) | relay::End::Error(s, _) => *close_side = Some(side(*s)),
+    }
+    record.end = end.to_string();
 }
 
 /// Whether the connection starts with a PROXY protocol header: the listener's `proxy_protocol` is on and the peer is
@@ -116,6 +145,7 @@ async fn proxy_header(snapshot: &Snapshot, mut accepted: Accepted, record: &mut 
         Ok(Err(ProxyReadError::Invalid(error))) => Refusal::ProxyHeader(error),
         Err(_) => Refusal::ProxyHeaderTimeout(limit),
         Ok(Err(ProxyReadError::Closed)) => {
+            record.sent_nothing = true;
             record.end = "client closed before sending a whole PROXY protocol header".into();
             return None;
         }
@@ -390,6 +420,15 @@ fn inspect(snapshot: &Snapshot, front: Front<'_>, buf: &[u8], record: &mut Conne
         Ok(Parsed::Plain { .. }) => return Ok(Step::Plain),
         Ok(Parsed::Upgrade(head)) => {
             record.upgrade = true;
+            let mut request = RequestInfo::new(
+                b"GET",
+                head.target.as_bytes(),
+                Some(head.host),
+                handshake_header(&head, "user-agent"),
+                &snapshot.config.server.access_log_redact,
+            );
+            request.websocket = true;
+            record.request = Some(request);
             head
         }
         Err(_) if proxy_protocol::has_signature(buf) => return Err(Refusal::UnexpectedProxyHeader),
@@ -411,6 +450,9 @@ fn inspect(snapshot: &Snapshot, front: Front<'_>, buf: &[u8], record: &mut Conne
     };
     Refusal::check_route(route, client.ip, Some(&view))?;
     let auth = Refusal::check_auth(route, &view, true)?;
+    if let Some(request) = record.request.as_deref_mut() {
+        request.identity = auth.as_ref().and_then(|a| a.subject.clone());
+    }
     let upstream = &snapshot.upstreams[route.upstream];
     let trace = Trace::of(single(view.header_values("traceparent")));
     record.trace_id = Some(trace.trace_id_hex());
@@ -436,6 +478,14 @@ fn inspect(snapshot: &Snapshot, front: Front<'_>, buf: &[u8], record: &mut Conne
         route: routes.iter().position(|r| std::ptr::eq(r, route)).unwrap_or(0),
         choice: upstream.choose(&view, client.ip),
     }))
+}
+
+/// The first value of a header of a parsed upgrade head.
+fn handshake_header<'b>(head: &UpgradeHead<'_, 'b>, name: &str) -> Option<&'b [u8]> {
+    head.headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case(name))
+        .map(|h| h.value)
 }
 
 /// Notes a request's client for the access log (when a trusted proxy named another than the peer), and a chain
@@ -547,6 +597,9 @@ async fn open(
             let cookie = upstream.sticky_cookie(prepared.choice, opened.server.server());
             let (answer_head, backend_early) = opened.answer.split_at(head_len.min(opened.answer.len()));
             record.status = 101;
+            if let Some(request) = record.request.as_deref_mut() {
+                request.switched_head(answer_head);
+            }
             if let Err(e) = pass_switch(&mut client, answer_head, cookie, handshake_timeout).await {
                 record.end = format!("error: client: {e}");
                 return None;
@@ -607,9 +660,15 @@ async fn read_head(
 ) -> Head {
     let limit = snapshot.config.server.handshake_timeout;
     let read = read_request(client, head, snapshot, front, record);
-    match timeout(limit, read).await {
+    let read = timeout(limit, read).await;
+    // A refused head shows in the log as far as it can be read.
+    if matches!(read, Err(_) | Ok(Err(ReadError::Refused(_)))) && record.request.is_none() {
+        record.request = RequestInfo::from_head(head, &snapshot.config.server.access_log_redact);
+    }
+    match read {
         Err(_) => Head::Refused(Refusal::HeadTimeout(limit)),
         Ok(Err(ReadError::Closed)) => {
+            record.sent_nothing = head.is_empty();
             record.end = "client closed before sending a request".into();
             Head::Gone
         }
@@ -942,17 +1001,7 @@ mod tests {
         let stream = TcpStream::connect(addr).await.expect("connect");
         let timeouts = Timeouts::default();
         let config = Config::quick(&addr.to_string(), &[addr.to_string()], timeouts, LogFormat::Text).expect("config");
-        let shared = Arc::new(Shared {
-            snapshot: arc_swap::ArcSwap::from_pointee(Snapshot::new(config, None)),
-            draining: CancellationToken::new(),
-            shutting_down: Arc::default(),
-            admission: Arc::default(),
-            force_close: CancellationToken::new(),
-            metrics: Arc::default(),
-            sessions: Default::default(),
-            reloads: tokio::sync::mpsc::unbounded_channel().0,
-            spans: crate::otlp::queue().0,
-        });
+        let shared = Arc::new(Shared::for_tests(config));
         let accepted = Accepted {
             stream,
             peer: addr,

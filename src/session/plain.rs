@@ -9,24 +9,28 @@
 //!
 //! A request refused here is a [`Refusal`] like on the upgrade path, answered by the same [`Refusal::answer`];
 //! the connection stays open for the next request.
+//!
+//! Each request leaves its own access log line, written once hyper has flushed the whole answer to the client
+//! (so that its bytes and duration include it); an upgrade's line is written when its session ends.
 
 use std::convert::Infallible;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU16, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http::header::{CONNECTION, CONTENT_LENGTH, HOST, TRANSFER_ENCODING, UPGRADE};
+use http::header::{CONNECTION, CONTENT_LENGTH, HOST, TRANSFER_ENCODING, UPGRADE, USER_AGENT};
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, Uri};
 use http_body_util::{Either, Full};
-use hyper::body::Incoming;
+use hyper::body::{Frame, Incoming, SizeHint};
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::Mutex;
+use tokio::time::Instant;
 
 use super::{Refusal, failed_try, next_try, start_tries};
 use crate::auth::{Admit, jwks};
@@ -37,7 +41,7 @@ use crate::http::headers::{drop_when_forwarding, has_token};
 use crate::http::trace::Trace;
 use crate::http::{Client, RequestView};
 use crate::metrics::Metrics;
-use crate::observe::ConnectionRecord;
+use crate::observe::{ConnectionRecord, RequestInfo};
 use crate::route;
 use crate::state::{Shared, Snapshot};
 use crate::upstream::{Active, Choice, Upstream, UpstreamError};
@@ -63,10 +67,14 @@ pub(super) async fn serve(
         snapshot,
         listener,
         client_ip: record.client.ip(),
+        peer: record.client,
+        proxy: record.proxy,
+        started: Instant::now(),
         backend: Mutex::new(None),
         switched: Mutex::new(None),
         stats: Stats::default(),
-        last: Mutex::new(Last::default()),
+        current: Mutex::new(None),
+        answered: AtomicBool::new(false),
     });
     let io = TokioIo::new(Counted {
         prefix: head,
@@ -101,24 +109,42 @@ pub(super) async fn serve(
             connection.await
         }
     };
-    let stats = &state.stats;
-    record.requests = stats.requests.load(Ordering::Relaxed);
-    record.status = stats.last_status.load(Ordering::Relaxed);
-    record.bytes.client_to_backend = stats.bytes_in.load(Ordering::Relaxed);
-    record.bytes.backend_to_client = stats.bytes_out.load(Ordering::Relaxed);
-    let last = *state.last.lock().await;
-    (record.route, record.upstream, record.server) = (last.route, last.upstream, last.server);
-    record.trace_id = last.trace.map(|t| t.trace_id_hex());
-    record.forwarded_for = last.client;
-    record.end = match result {
-        Ok(()) => "client closed".into(),
-        Err(e) if e.is_timeout() => "client idle past the handshake timeout".into(),
-        Err(e) => format!("error: client: {e}"),
-    };
+    // Every line of the connection is written here: the session writes none of its own.
+    record.written = true;
+    let current = state.current.lock().await.take();
     let switched = state.switched.lock().await.take();
     if let Some(switched) = switched {
-        // `last` already names its route, upstream and server: the upgrade was the connection's last request.
-        record.end = relay_upgraded(switched, &shared, &state.snapshot, listener, record).await;
+        // The upgrade was the connection's last request: its line is the session's.
+        let mut current = current.unwrap_or_else(|| state.untracked());
+        match relay_upgraded(switched, &shared, &state.snapshot, listener, &mut current.record).await {
+            Ok(end) => super::note_relay_end(&mut current.record, &end),
+            Err(why) => current.record.end = why,
+        }
+        state.write_line(current);
+        return;
+    }
+    match (current, result) {
+        // The connection ended before the answer was flushed to the client, or before there was one.
+        (Some(mut current), Err(e)) => {
+            current.record.end = format!("error: client: {e}");
+            state.write_line(current);
+        }
+        (Some(mut current), Ok(())) => {
+            if current.record.end.is_empty() {
+                current.record.end = "client closed before the answer".into();
+            }
+            state.write_line(current);
+        }
+        // A connection closed while idle, after its requests: nothing to say.
+        (None, Ok(())) => {}
+        (None, Err(e)) if e.is_timeout() && state.stats.requests.load(Ordering::Relaxed) > 0 => {}
+        // A head hyper could not read, or a client error between requests: a line of the connection's own.
+        (None, Err(e)) => {
+            let mut failed = state.untracked();
+            failed.started = state.started;
+            failed.record.end = format!("error: client: {e}");
+            state.write_line(failed);
+        }
     }
 }
 
@@ -137,14 +163,15 @@ struct Upgrading {
     auth: Option<Box<super::AuthHeld>>,
 }
 
-/// Takes the client's socket back from hyper and relays the switched connection.
+/// Takes the client's socket back from hyper and relays the switched connection: how the relay ended, or why it
+/// could not start.
 async fn relay_upgraded(
     switched: Upgrading,
     shared: &Shared,
     snapshot: &Snapshot,
     listener: SocketAddr,
     record: &mut ConnectionRecord,
-) -> String {
+) -> Result<crate::relay::End, String> {
     let Upgrading {
         client,
         route: route_index,
@@ -156,10 +183,10 @@ async fn relay_upgraded(
     } = switched;
     let upgraded = match client.await {
         Ok(upgraded) => upgraded,
-        Err(e) => return format!("error: client: upgrade not completed: {e}"),
+        Err(e) => return Err(format!("error: client: upgrade not completed: {e}")),
     };
     let Ok(parts) = upgraded.downcast::<TokioIo<Counted>>() else {
-        return "error: client: upgraded connection of an unexpected type".into();
+        return Err("error: client: upgraded connection of an unexpected type".into());
     };
     let Counted {
         prefix,
@@ -180,9 +207,7 @@ async fn relay_upgraded(
         auth,
         client_ip: record.forwarded_for.unwrap_or(record.client.ip()),
     };
-    super::relay_switched(shared, snapshot, listener, switched, record.id, &mut record.bytes)
-        .await
-        .to_string()
+    Ok(super::relay_switched(shared, snapshot, listener, switched, record.id, &mut record.bytes).await)
 }
 
 struct State {
@@ -195,6 +220,11 @@ struct State {
     /// Where the connection comes from (the TCP peer or a PROXY protocol source); a request's client may be
     /// another, named by a trusted proxy.
     client_ip: IpAddr,
+    /// The same with its port, and the PROXY protocol peer: every line of the connection names them.
+    peer: SocketAddr,
+    proxy: Option<SocketAddr>,
+    /// When hyper took the connection over.
+    started: Instant,
     /// How the client reached wsgate: `http` or `https`.
     proto: &'static str,
     /// A plain listener that sends every request to https on this port.
@@ -203,27 +233,26 @@ struct State {
     /// Set when a WebSocket upgrade was accepted: served once hyper hands the connection back.
     switched: Mutex<Option<Upgrading>>,
     stats: Stats,
-    /// What the last request went to, for the access log line.
-    last: Mutex<Last>,
+    /// The request being served, until its access log line is written (none while the access log is off).
+    current: Mutex<Option<Box<Current>>>,
+    /// The current request's answer went to hyper whole: its line is written at the connection's next flush.
+    answered: AtomicBool,
 }
 
-/// The route, upstream and server of a connection's last request, and its client when a trusted proxy named one.
-#[derive(Debug, Default, Clone, Copy)]
-struct Last {
-    route: Option<usize>,
-    upstream: Option<usize>,
-    server: Option<SocketAddr>,
-    client: Option<IpAddr>,
-    /// The trace it went on with.
-    trace: Option<Trace>,
+/// A request being served, for its access log line.
+struct Current {
+    record: ConnectionRecord,
+    started: Instant,
 }
 
 #[derive(Default)]
 struct Stats {
     requests: AtomicU32,
-    last_status: AtomicU16,
     bytes_in: AtomicU64,
     bytes_out: AtomicU64,
+    /// `bytes_in` and `bytes_out` when the last line was written: a request's bytes are those since.
+    logged_in: AtomicU64,
+    logged_out: AtomicU64,
 }
 
 /// The client connection's backend connection for plain requests.
@@ -323,21 +352,128 @@ impl State {
         }
     }
 
-    /// Notes a new request's route and upstream (none for a request without a route) and its client, for the
-    /// access log line.
+    /// A record of the connection's own, for a line no request is being served for.
+    fn untracked(&self) -> Box<Current> {
+        let mut record = ConnectionRecord::new(self.id, self.peer);
+        record.proxy = self.proxy;
+        Box::new(Current {
+            record,
+            started: Instant::now(),
+        })
+    }
+
+    /// A request starts: its line is begun (when the access log is on). A line still waiting for its flush is
+    /// written first.
+    async fn begin(&self, req: &Request<Incoming>, websocket: bool) {
+        if !self.shared.access_log.enabled() {
+            return;
+        }
+        let view = HyperView(req);
+        let mut request = RequestInfo::new(
+            req.method().as_str().as_bytes(),
+            view.target(),
+            view.host(),
+            req.headers().get(USER_AGENT).map(HeaderValue::as_bytes),
+            &self.snapshot.config.server.access_log_redact,
+        );
+        request.websocket = websocket;
+        let mut current = self.untracked();
+        current.record.request = Some(request);
+        let waiting = self.current.lock().await.replace(current);
+        if let Some(waiting) = waiting {
+            self.write_line(waiting);
+        }
+    }
+
+    /// Notes something of the current request for its line.
+    async fn note(&self, what: impl FnOnce(&mut ConnectionRecord)) {
+        if let Some(current) = self.current.lock().await.as_mut() {
+            what(&mut current.record);
+        }
+    }
+
+    /// Notes a new request's route and upstream (none for a request without a route), its client and its trace,
+    /// for the access log line.
     async fn note_target(&self, target: Option<Target>, client: &Client, trace: Trace) {
-        *self.last.lock().await = Last {
-            route: target.map(|t| t.route),
-            upstream: target.map(|t| t.upstream),
-            server: None,
-            client: (client.ip != client.peer).then_some(client.ip),
-            trace: Some(trace),
-        };
+        self.note(|record| {
+            record.route = target.map(|t| t.route);
+            record.upstream = target.map(|t| t.upstream);
+            record.forwarded_for = (client.ip != client.peer).then_some(client.ip);
+            record.trace_id = Some(trace.trace_id_hex());
+        })
+        .await;
     }
 
     /// Notes the server the request goes to.
     async fn note_server(&self, server: SocketAddr) {
-        self.last.lock().await.server = Some(server);
+        self.note(|record| record.server = Some(server)).await;
+    }
+
+    /// Notes who the route's authentication admitted the request as.
+    async fn note_identity(&self, admit: Option<&Admit>) {
+        if let Some(subject) = admit.and_then(|a| a.subject.clone()) {
+            self.note(|record| {
+                if let Some(request) = record.request.as_deref_mut() {
+                    request.identity = Some(subject);
+                }
+            })
+            .await;
+        }
+    }
+
+    /// Notes the status of the answer going out, and how the request ended unless that is said already.
+    async fn note_answer(&self, status: u16) {
+        self.note(|record| {
+            record.status = status;
+            let websocket = record.request.as_ref().is_some_and(|r| r.websocket);
+            if record.end.is_empty() && status != 101 {
+                record.end = if websocket {
+                    format!("backend answered {status} to the upgrade")
+                } else {
+                    "answered".into()
+                };
+            }
+        })
+        .await;
+    }
+
+    /// The connection has flushed what hyper wrote: the line of a request whose whole answer it holds is written
+    /// (a switched upgrade's waits for its session to end).
+    fn flushed(&self) {
+        let Ok(mut current) = self.current.try_lock() else {
+            // Not reachable (hyper polls the service and the connection on one task, and no lock is held across an
+            // await); the line is written at the end of the connection then.
+            return;
+        };
+        if current.as_ref().is_some_and(|c| c.record.status != 101)
+            && let Some(done) = current.take()
+        {
+            drop(current);
+            self.write_line(done);
+        }
+    }
+
+    /// Writes a request's line (or the connection's own); its bytes are those since the last line, unless it is a
+    /// relayed session, whose relay counted them.
+    fn write_line(&self, mut current: Box<Current>) {
+        let stats = &self.stats;
+        let (bytes_in, bytes_out) = (
+            stats.bytes_in.load(Ordering::Relaxed),
+            stats.bytes_out.load(Ordering::Relaxed),
+        );
+        let record = &mut current.record;
+        if record.status != 101 {
+            record.bytes.client_to_backend = bytes_in.saturating_sub(stats.logged_in.swap(bytes_in, Ordering::Relaxed));
+            record.bytes.backend_to_client =
+                bytes_out.saturating_sub(stats.logged_out.swap(bytes_out, Ordering::Relaxed));
+        }
+        let log = &self.shared.access_log;
+        if log.enabled()
+            && let Some(kind) = record.kind()
+        {
+            let listener = self.snapshot.listener_name(self.listener);
+            log.write(record.line(kind, listener, current.started.elapsed(), &self.snapshot.config));
+        }
     }
 
     /// The answer to a refused request, with a log line that says why (the answer itself names nothing internal):
@@ -348,6 +484,8 @@ impl State {
         {
             self.note_server(server).await;
         }
+        self.note(|record| record.end = format!("{}{refusal}", crate::observe::REFUSED))
+            .await;
         let answer = refusal.answer();
         self.shared
             .metrics
@@ -415,13 +553,14 @@ fn check_head(req: &Request<Incoming>) -> Result<(), Refusal> {
     Ok(())
 }
 
-async fn forward(state: Arc<State>, mut req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+async fn forward(state: Arc<State>, mut req: Request<Incoming>) -> Result<Response<Answer>, Infallible> {
     state.stats.requests.fetch_add(1, Ordering::Relaxed);
     let wants_websocket = req
         .headers()
         .get_all(UPGRADE)
         .iter()
         .any(|v| has_token(v.as_bytes(), "websocket"));
+    state.begin(&req, wants_websocket).await;
     let client = state.client(&req);
     let trace = {
         let mut values = req.headers().get_all("traceparent").iter();
@@ -439,6 +578,9 @@ async fn forward(state: Arc<State>, mut req: Request<Incoming>) -> Result<Respon
             .await
             .map(|admit| (target, admit)),
     };
+    if let Ok((_, admit)) = &admitted {
+        state.note_identity(admit.as_ref()).await;
+    }
     let result = match admitted {
         // A failed credential on an upgrade costs a handshake of the client's rate too.
         Err(refusal @ Refusal::Unauthorized { .. }) if wants_websocket => {
@@ -466,11 +608,70 @@ async fn forward(state: Arc<State>, mut req: Request<Incoming>) -> Result<Respon
         Ok(response) => response,
         Err(refusal) => state.refused(refusal, wants_websocket).await,
     };
-    state
-        .stats
-        .last_status
-        .store(response.status().as_u16(), Ordering::Relaxed);
-    Ok(response)
+    state.note_answer(response.status().as_u16()).await;
+    let state = state.clone();
+    Ok(response.map(|body| Answer {
+        body,
+        state,
+        done: false,
+    }))
+}
+
+/// An answer's body on its way to the client. When it ends, or when hyper drops it (sent, not needed, or given
+/// up), the request's line waits for the connection's next flush, so that its bytes and duration include the
+/// whole answer.
+struct Answer {
+    body: Body,
+    state: Arc<State>,
+    done: bool,
+}
+
+impl Answer {
+    fn finish(&mut self, failed: Option<String>) {
+        if self.done {
+            return;
+        }
+        self.done = true;
+        if let Some(failed) = failed
+            && let Ok(mut current) = self.state.current.try_lock()
+            && let Some(current) = current.as_mut()
+        {
+            current.record.end = failed;
+        }
+        self.state.answered.store(true, Ordering::Relaxed);
+    }
+}
+
+impl hyper::body::Body for Answer {
+    type Data = Bytes;
+    type Error = <Body as hyper::body::Body>::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let polled = Pin::new(&mut self.body).poll_frame(cx);
+        match &polled {
+            Poll::Ready(None) => self.finish(None),
+            Poll::Ready(Some(Err(e))) => {
+                let failed = format!("{}backend: the answer's body broke off: {e}", crate::observe::ERROR);
+                self.finish(Some(failed));
+            }
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl Drop for Answer {
+    fn drop(&mut self) {
+        self.finish(None);
+    }
 }
 
 /// A WebSocket upgrade on a keep-alive connection: validated by the fast path's rules, sent on a backend
@@ -558,6 +759,13 @@ async fn upgrade(
         return Err(refused(UpstreamError::BadAnswer { server, reason }));
     }
     add_sticky_cookie(&mut resp, upstream, target.choice, &active);
+    state
+        .note(|record| {
+            if let Some(request) = record.request.as_deref_mut() {
+                request.switched(|name| resp.headers().get_all(name).iter().map(HeaderValue::as_bytes));
+            }
+        })
+        .await;
     *state.switched.lock().await = Some(Upgrading {
         deflate,
         client: client_side,
@@ -824,7 +1032,11 @@ impl AsyncWrite for Counted {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+        let flushed = Pin::new(&mut self.inner).poll_flush(cx);
+        if matches!(flushed, Poll::Ready(Ok(()))) && self.stats.answered.swap(false, Ordering::Relaxed) {
+            self.stats.flushed();
+        }
+        flushed
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

@@ -1,4 +1,5 @@
-//! The built `wsgate` binary in a child process, its stderr lines forwarded to a channel that the test reads.
+//! The built `wsgate` binary in a child process, its output lines (the log on stderr, the access log on stdout)
+//! forwarded to a channel that the test reads.
 
 use std::ffi::OsStr;
 use std::net::SocketAddr;
@@ -12,14 +13,14 @@ use tokio::sync::mpsc;
 
 use super::{unused_addr, within};
 
-/// The built `wsgate`, with its stderr lines forwarded to a channel; killed when dropped.
+/// The built `wsgate`, with its stderr and stdout lines forwarded to one channel; killed when dropped.
 pub struct Binary {
     pub child: Child,
     log: mpsc::UnboundedReceiver<String>,
 }
 
 impl Binary {
-    /// Starts `wsgate ARGS`, its stdout discarded. It does not wait for anything: see [`Binary::wait_for_log`].
+    /// Starts `wsgate ARGS`. It does not wait for anything: see [`Binary::wait_for_log`].
     pub fn spawn(args: impl IntoIterator<Item = impl AsRef<OsStr>>) -> Binary {
         let mut command = Command::new(env!("CARGO_BIN_EXE_wsgate"));
         command.args(args);
@@ -40,20 +41,34 @@ impl Binary {
 
     fn run(mut command: Command) -> Binary {
         let mut child = command
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true)
             .spawn()
             .expect("start wsgate");
         let stderr = child.stderr.take().expect("stderr");
+        let stdout = child.stdout.take().expect("stdout");
         let (tx, log) = mpsc::unbounded_channel();
-        tokio::spawn(async move {
-            let mut lines = BufReader::new(stderr).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                let _ = tx.send(line);
-            }
-        });
+        forward_lines(stderr, tx.clone());
+        forward_lines(stdout, tx);
         Binary { child, log }
+    }
+
+    /// The first access log line (a JSON object on stdout) for which `matches` holds (earlier lines are passed
+    /// over), parsed, within [`super::WAIT`].
+    pub async fn wait_for_access(&mut self, matches: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+        within("an access log line", async {
+            loop {
+                let line = self.log.recv().await.expect("wsgate exited");
+                if let Ok(value) = serde_json::from_str::<serde_json::Value>(&line)
+                    && value.get("kind").is_some()
+                    && matches(&value)
+                {
+                    return value;
+                }
+            }
+        })
+        .await
     }
 
     /// The first log line containing one of `needles` (earlier lines are passed over), within [`super::WAIT`].
@@ -67,6 +82,18 @@ impl Binary {
             }
         })
         .await
+    }
+
+    /// Every line still to come, until wsgate's output ends (after it has exited), within [`super::WAIT`].
+    pub async fn rest_of_log(&mut self) -> Vec<String> {
+        let mut lines = Vec::new();
+        within("the end of wsgate's output", async {
+            while let Some(line) = self.log.recv().await {
+                lines.push(line);
+            }
+        })
+        .await;
+        lines
     }
 
     /// The log lines so far.
@@ -87,6 +114,16 @@ impl Binary {
     pub async fn exit_code(&mut self) -> Option<i32> {
         within("wsgate to exit", self.child.wait()).await.expect("wait").code()
     }
+}
+
+/// Sends each line `output` gives to `tx`.
+fn forward_lines(output: impl tokio::io::AsyncRead + Unpin + Send + 'static, tx: mpsc::UnboundedSender<String>) {
+    tokio::spawn(async move {
+        let mut lines = BufReader::new(output).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            let _ = tx.send(line);
+        }
+    });
 }
 
 /// The built `wsgate proxy` on a free loopback port in front of one backend, with JSON logs. It derefs to its

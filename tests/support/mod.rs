@@ -29,7 +29,7 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Bytes as WsBytes, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-use wsgate::config::{Config, LogFormat, Timeouts};
+use wsgate::config::{AccessLogTarget, Config, LogFormat, Timeouts};
 
 /// Every wait in the tests is bounded by this.
 pub const WAIT: Duration = Duration::from_secs(10);
@@ -78,6 +78,8 @@ impl Proxy {
         };
         let mut config = Config::quick("127.0.0.1:0", &names, timeouts, LogFormat::Text).expect("test config");
         config.server.workers = 1;
+        // The test harness does not capture what goes to stdout: the access log is off unless a test wants it.
+        config.server.access_log = AccessLogTarget::Off;
         tweak(&mut config);
         let running = wsgate::server::start(config).expect("proxy starts");
         Proxy {
@@ -100,6 +102,7 @@ impl Proxy {
         });
         config.server.workers = 1;
         config.server.drain_timeout = drain_timeout;
+        quiet_access_log(&mut config, text);
         let running = wsgate::server::start(config).expect("proxy starts");
         Proxy {
             addr: running.local_addr(),
@@ -128,6 +131,7 @@ impl Proxy {
         });
         config.server.workers = 1;
         config.server.drain_timeout = running.snapshot().config.server.drain_timeout;
+        quiet_access_log(&mut config, text);
         running.reload(config).expect("reload");
     }
 
@@ -143,6 +147,39 @@ impl Proxy {
             running.join();
         }
     }
+}
+
+/// The access log off when the config text does not say where it goes (the test harness does not capture stdout).
+fn quiet_access_log(config: &mut Config, text: &str) {
+    if !text.contains("access_log") {
+        config.server.access_log = AccessLogTarget::Off;
+    }
+}
+
+/// Waits, within [`WAIT`], until the access log file at `path` holds `n` lines for which `matches` holds, and
+/// returns them parsed (every line of the file must be a JSON object).
+pub async fn access_lines(
+    path: &std::path::Path,
+    n: usize,
+    matches: impl Fn(&serde_json::Value) -> bool,
+) -> Vec<serde_json::Value> {
+    within(&format!("{n} matching lines in {}", path.display()), async {
+        loop {
+            let text = std::fs::read_to_string(path).unwrap_or_default();
+            // Only whole lines: the writer may be in the middle of one.
+            let complete = text.rfind('\n').map_or("", |end| &text[..end]);
+            let found: Vec<serde_json::Value> = complete
+                .lines()
+                .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}")))
+                .filter(|value| matches(value))
+                .collect();
+            if found.len() >= n {
+                return found;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
 }
 
 impl Drop for Proxy {
