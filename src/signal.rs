@@ -5,15 +5,16 @@
 //! knows the other.
 
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicU16, Ordering};
 
 use tokio_util::sync::CancellationToken;
 
+/// The close code of a drain, a removal or a rebalance: 1012 "service restart".
+const SHED_CODE: u16 = 1012;
+
 #[derive(Debug)]
 pub struct StopSignal {
-    reason: OnceLock<&'static str>,
-    /// The close code a frames-mode connection is closed with (0: 1012, "service restart").
-    code: AtomicU16,
+    /// Why, and the close code a frames-mode connection is closed with: set once, together.
+    stop: OnceLock<(&'static str, u16)>,
     token: CancellationToken,
 }
 
@@ -21,38 +22,28 @@ impl StopSignal {
     /// A signal that wakes the connection through `token` (the relay waits on it).
     pub fn new(token: CancellationToken) -> StopSignal {
         StopSignal {
-            reason: OnceLock::new(),
-            code: AtomicU16::new(0),
+            stop: OnceLock::new(),
             token,
         }
     }
 
-    /// Asks the connection to close, saying why; the first reason given is the one it says.
+    /// Asks the connection to close (with 1012 in frames mode), saying why; the first reason given is the one it
+    /// says.
     pub fn stop(&self, reason: &'static str) {
-        let _ = self.reason.set(reason);
+        self.stop_with(SHED_CODE, reason);
+    }
+
+    /// Asks the connection to close with `code` (frames mode; a tunnel is closed at once); `false` when it was asked
+    /// to close already (its first reason and code stand).
+    pub fn stop_with(&self, code: u16, reason: &'static str) -> bool {
+        let first = self.stop.set((reason, code)).is_ok();
         self.token.cancel();
+        first
     }
 
-    /// Asks the connection to close with `code` (frames mode; a tunnel is closed at once), unless it was asked to
-    /// close already.
-    pub fn stop_with(&self, code: u16, reason: &'static str) {
-        if self.reason.set(reason).is_ok() {
-            self.code.store(code, Ordering::Release);
-        }
-        self.token.cancel();
-    }
-
-    /// The close code to close with.
-    pub fn code(&self) -> u16 {
-        match self.code.load(Ordering::Acquire) {
-            0 => 1012,
-            code => code,
-        }
-    }
-
-    /// Why the connection was asked to close, if it was.
-    pub fn reason(&self) -> Option<&'static str> {
-        self.reason.get().copied()
+    /// Why the connection was asked to close, and the close code, if it was.
+    pub fn reason(&self) -> Option<(&'static str, u16)> {
+        self.stop.get().copied()
     }
 
     pub fn token(&self) -> &CancellationToken {

@@ -88,7 +88,7 @@ async fn a_server_drained_through_the_admin_api_takes_no_sessions_and_closes_its
     }
     support::frames::echo(&mut on_b, "still here").await;
 
-    let (status, body) = admin(&proxy, "GET", "/api/upstreams", None).await;
+    let (status, body) = admin(&proxy, "GET", "/api/upstreams", Some(TOKEN)).await;
     assert_eq!(status, 200, "{body}");
     let servers = body["upstreams"][0]["servers"].as_array().expect("servers").clone();
     let state = |name: String| {
@@ -259,8 +259,11 @@ async fn live_connections_are_listed_filtered_paged_and_closed_with_a_code() {
     let mut tunnel = connect(&proxy.url("/tunnel")).await;
     support::frames::echo(&mut keyed, "counted").await;
 
+    // With a token, the API's reads need it too (only /metrics and the stats page are open without protect_reads).
+    let (status, _) = admin(&proxy, "GET", "/api/connections", None).await;
+    assert_eq!(status, 401);
     // All seven are listed, with their place; pages of 3 walk them in id order.
-    let (status, all) = admin(&proxy, "GET", "/api/connections", None).await;
+    let (status, all) = admin(&proxy, "GET", "/api/connections", Some(TOKEN)).await;
     assert_eq!(status, 200, "{all}");
     assert_eq!(all["total"], 7, "{all}");
     let every = ids(&all);
@@ -268,7 +271,13 @@ async fn live_connections_are_listed_filtered_paged_and_closed_with_a_code() {
     let mut walked = Vec::new();
     let mut after = 0;
     loop {
-        let (status, page) = admin(&proxy, "GET", &format!("/api/connections?limit=3&after={after}"), None).await;
+        let (status, page) = admin(
+            &proxy,
+            "GET",
+            &format!("/api/connections?limit=3&after={after}"),
+            Some(TOKEN),
+        )
+        .await;
         assert_eq!(status, 200, "{page}");
         walked.extend(ids(&page));
         match page["next"].as_u64() {
@@ -281,11 +290,11 @@ async fn live_connections_are_listed_filtered_paged_and_closed_with_a_code() {
         &proxy,
         "GET",
         &format!("/api/connections?route=open&server={}", backend.addr),
-        None,
+        Some(TOKEN),
     )
     .await;
     assert_eq!(open_only["total"], 5, "{open_only}");
-    let (_, alice) = admin(&proxy, "GET", "/api/connections?identity=alice", None).await;
+    let (_, alice) = admin(&proxy, "GET", "/api/connections?identity=alice", Some(TOKEN)).await;
     assert_eq!(alice["total"], 1, "{alice}");
     let alice = alice["connections"][0].clone();
     assert_eq!(
@@ -302,7 +311,7 @@ async fn live_connections_are_listed_filtered_paged_and_closed_with_a_code() {
     let keyed_id = alice["id"].as_u64().expect("id");
     within("the keyed session's message count", async {
         loop {
-            let (_, body) = admin(&proxy, "GET", "/api/connections?identity=alice", None).await;
+            let (_, body) = admin(&proxy, "GET", "/api/connections?identity=alice", Some(TOKEN)).await;
             if body["connections"][0]["messages_in"] == 1 && body["connections"][0]["messages_out"] == 1 {
                 break;
             }
@@ -310,9 +319,9 @@ async fn live_connections_are_listed_filtered_paged_and_closed_with_a_code() {
         }
     })
     .await;
-    let (status, body) = admin(&proxy, "GET", "/api/connections?route=open&bogus=1", None).await;
+    let (status, body) = admin(&proxy, "GET", "/api/connections?route=open&bogus=1", Some(TOKEN)).await;
     assert_eq!(status, 400, "{body}");
-    let (status, body) = admin(&proxy, "GET", "/api/connections?limit=0", None).await;
+    let (status, body) = admin(&proxy, "GET", "/api/connections?limit=0", Some(TOKEN)).await;
     assert_eq!(status, 400, "{body}");
 
     // Closing: the token is needed; a frames-mode session gets the close code asked for, a tunnel a TCP close.
@@ -342,7 +351,7 @@ async fn live_connections_are_listed_filtered_paged_and_closed_with_a_code() {
     .expect("a close code");
     assert_eq!(u16::from(frame.code), 4001);
 
-    let (_, tunnels) = admin(&proxy, "GET", "/api/connections?route=tunnel", None).await;
+    let (_, tunnels) = admin(&proxy, "GET", "/api/connections?route=tunnel", Some(TOKEN)).await;
     let tunnel_id = tunnels["connections"][0]["id"].as_u64().expect("the tunnel is listed");
     let (status, body) = admin_with_body(&proxy, &format!("/api/connections/{tunnel_id}/close"), "").await;
     assert_eq!((status, &body["how"]), (202, &serde_json::json!("tcp close")), "{body}");
@@ -353,7 +362,7 @@ async fn live_connections_are_listed_filtered_paged_and_closed_with_a_code() {
 
     within("both gone from the list", async {
         loop {
-            let (_, body) = admin(&proxy, "GET", "/api/connections", None).await;
+            let (_, body) = admin(&proxy, "GET", "/api/connections", Some(TOKEN)).await;
             if body["total"] == 5 {
                 break;
             }
@@ -371,7 +380,7 @@ async fn live_connections_are_listed_filtered_paged_and_closed_with_a_code() {
     }
 
     // The config in force, its secrets redacted.
-    let (status, body) = admin(&proxy, "GET", "/api/config", None).await;
+    let (status, body) = admin(&proxy, "GET", "/api/config", Some(TOKEN)).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["generation"], 1, "{body}");
     assert_eq!(body["config"]["route"][0]["name"], "keyed", "{body}");
@@ -389,7 +398,7 @@ async fn the_config_shown_hides_inline_secrets() {
     let token_file = dir.join("token");
     std::fs::write(&token_file, format!("{TOKEN}\n")).expect("token");
     let text = format!(
-        "[admin]\naddress = \"127.0.0.1:0\"\ntoken_file = \"{}\"\nprotect_reads = true\n\n\
+        "[admin]\naddress = \"127.0.0.1:0\"\ntoken_file = \"{}\"\n\n\
          [[listener]]\nname = \"public\"\naddress = \"127.0.0.1:0\"\n\n\
          [[route]]\nupstream = \"app\"\nheaders = {{ Authorization = \"Bearer inline-bearer-value\" }}\n\n\
          [[upstream]]\nname = \"app\"\nsticky = {{ cookie = \"wsg\", secret = \"very-secret-signing-key\" }}\n\
@@ -399,7 +408,7 @@ async fn the_config_shown_hides_inline_secrets() {
     );
     let proxy = Proxy::from_toml(&text);
     let (status, _) = admin(&proxy, "GET", "/api/config", None).await;
-    assert_eq!(status, 401, "protect_reads guards the config too");
+    assert_eq!(status, 401, "the token guards the config");
     let (status, body) = admin(&proxy, "GET", "/api/config", Some(TOKEN)).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["config"]["upstream"][0]["sticky"]["secret"], "REDACTED", "{body}");

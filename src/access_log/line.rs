@@ -162,7 +162,10 @@ pub fn redact_target(target: &[u8], extra: &[String]) -> String {
 
 fn is_secret(name: &str, extra: &[String]) -> bool {
     let name = percent_decoded(name).to_ascii_lowercase();
-    REDACTED_QUERY_PARAMS.contains(&name.as_str()) || extra.contains(&name)
+    let name = name.strip_suffix("[]").unwrap_or(&name);
+    let last = name.rsplit(['_', '-', '.']).next().unwrap_or(name);
+    let listed = |n: &str| REDACTED_QUERY_PARAMS.contains(&n) || extra.iter().any(|e| e == n);
+    listed(name) || listed(last)
 }
 
 /// `%XX` escapes decoded (a malformed one is kept as it is), `+` as a space.
@@ -240,6 +243,12 @@ mod tests {
         assert_eq!(r("/a?session=s&sessions=t"), "/a?session=REDACTED&sessions=t");
         assert_eq!(r("/a?token&x=&key="), "/a?token&x=&key=REDACTED");
         assert_eq!(r("/a?tokens=1&monkey=2"), "/a?tokens=1&monkey=2");
+        assert_eq!(
+            r("/a?refresh_token=1&client_secret=2&X-Amz-Signature=3&X-Amz-Credential=4&token%5B%5D=5&id.jwt=6"),
+            "/a?refresh_token=REDACTED&client_secret=REDACTED&X-Amz-Signature=REDACTED&X-Amz-Credential=REDACTED\
+             &token%5B%5D=REDACTED&id.jwt=REDACTED"
+        );
+        assert_eq!(r("/a?token_type=bearer&keyword=x"), "/a?token_type=bearer&keyword=x");
         assert_eq!(r("/plain/path"), "/plain/path");
         assert_eq!(r("/a?"), "/a?");
         assert_eq!(r("/a?&&token=x=y"), "/a?&&token=REDACTED");

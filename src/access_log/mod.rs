@@ -19,7 +19,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
+use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError, sync_channel};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime};
 
@@ -259,43 +259,80 @@ fn target_name(target: &AccessLogTarget) -> String {
     }
 }
 
-/// The writer thread: takes lines off the queue, gathers what is there into one buffer, writes it. Ends on
+/// The writer thread. Idle, it waits on the queue; once a line has come, it sleeps [`BUSY_TICK`] between batches
+/// instead, taking up everything queued meanwhile, for as long as lines keep coming: a session handing over a line
+/// then never has to wake it (no system call per line on a busy proxy), and a busy log is one write per tick. Ends on
 /// [`Msg::Stop`] or when every handle is gone.
 fn write_lines(queue: Receiver<Msg>, first: Destination, shared: &WriterShared) {
     let mut destination = Arc::new(first);
     let mut batch = Vec::with_capacity(MAX_BATCH);
     let mut trouble = Trouble::default();
-    while let Ok(message) = queue.recv() {
+    let mut idle = true;
+    loop {
         let mut stop = None;
-        let mut next = Some(message);
-        while let Some(message) = next.take() {
-            match message {
-                Msg::Line(line) => batch.extend_from_slice(&line),
-                Msg::Wake => {}
-                Msg::Stop(done) => {
-                    stop = Some(done);
-                    break;
+        let mut taken = 0;
+        if idle {
+            match queue.recv() {
+                Ok(message) => {
+                    taken += 1;
+                    stop = take(message, &mut batch);
+                }
+                Err(_) => return,
+            }
+        } else {
+            std::thread::sleep(BUSY_TICK);
+        }
+        // Everything queued now, written in batches of MAX_BATCH.
+        while stop.is_none() {
+            match queue.try_recv() {
+                Ok(message) => {
+                    taken += 1;
+                    stop = take(message, &mut batch);
+                }
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => {
+                    flush(&mut batch, &mut destination, shared, &mut trouble);
+                    return;
                 }
             }
-            if batch.len() < MAX_BATCH {
-                next = queue.try_recv().ok();
+            if batch.len() >= MAX_BATCH {
+                flush(&mut batch, &mut destination, shared, &mut trouble);
             }
         }
-        if let Some(taken) = shared.next.swap(None) {
-            destination = taken;
-        }
-        if !batch.is_empty() {
-            if let Err(e) = destination.write(&batch) {
-                let lines = batch.iter().filter(|&&b| b == b'\n').count() as u64;
-                trouble.failed(&destination.name(), &e, lines);
-            }
-            batch.clear();
-        }
+        flush(&mut batch, &mut destination, shared, &mut trouble);
         trouble.dropped(shared.dropped.swap(0, Ordering::Relaxed));
         if let Some(done) = stop {
             let _ = done.send(());
             return;
         }
+        idle = taken == 0;
+    }
+}
+
+/// How long a busy writer sleeps between batches (and so the longest a line waits on a busy proxy).
+const BUSY_TICK: Duration = Duration::from_millis(25);
+
+/// Adds a line to the batch; a stop message is handed back.
+fn take(message: Msg, batch: &mut Vec<u8>) -> Option<std::sync::mpsc::Sender<()>> {
+    match message {
+        Msg::Line(line) => batch.extend_from_slice(&line),
+        Msg::Wake => {}
+        Msg::Stop(done) => return Some(done),
+    }
+    None
+}
+
+/// Writes the batch to the destination in force (taking up a new one first).
+fn flush(batch: &mut Vec<u8>, destination: &mut Arc<Destination>, shared: &WriterShared, trouble: &mut Trouble) {
+    if let Some(taken) = shared.next.swap(None) {
+        *destination = taken;
+    }
+    if !batch.is_empty() {
+        if let Err(e) = destination.write(batch) {
+            let lines = batch.iter().filter(|&&b| b == b'\n').count() as u64;
+            trouble.failed(&destination.name(), &e, lines);
+        }
+        batch.clear();
     }
 }
 

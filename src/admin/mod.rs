@@ -4,8 +4,9 @@
 //! `GET /stats/ws` (`stats.rs`), on an address of its own, on a thread of its own so that a scrape never waits behind
 //! the proxy's sessions (and theirs never behind a scrape).
 //!
-//! With a token (`token_file`), every POST needs `Authorization: Bearer TOKEN`, and GETs too with `protect_reads`
-//! (the stats page also takes it as `?token=`, which is all a browser's WebSocket can send); the token is compared
+//! With a token (`token_file`), every request needs `Authorization: Bearer TOKEN` but the reads of `GET /metrics` and
+//! the stats page, which need it too only with `protect_reads` (the stats page also takes it as `?token=`, which is
+//! all a browser's WebSocket can send); the token is compared
 //! in constant time. A wrong or missing token gets 401 and a log line. Answers other than the metrics and the stats
 //! page are JSON: `{"error": "..."}`. The admin listener's own connections (the stats page's WebSocket included) are
 //! not sessions: they count in no session metric.
@@ -126,7 +127,12 @@ async fn handle(
     peer: SocketAddr,
     req: Request<Incoming>,
 ) -> Response<Full<Bytes>> {
-    let needs_token = settings.token.is_some() && (req.method() != Method::GET || settings.protect_reads);
+    // With a token, only the metrics and the stats page are read without it (unless `protect_reads`): the API's
+    // reads show clients, identities and backend addresses.
+    let open_read = req.method() == Method::GET
+        && !settings.protect_reads
+        && matches!(req.uri().path(), "/metrics" | "/stats" | "/stats/ws");
+    let needs_token = settings.token.is_some() && !open_read;
     if needs_token && !authorized(settings, &req) && !stats::authorized_by_query(settings, &req) {
         tracing::warn!(client = %peer, method = %req.method(), path = req.uri().path(), "admin request without the right token");
         let mut answer = json(StatusCode::UNAUTHORIZED, "a valid admin token is needed");

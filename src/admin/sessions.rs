@@ -136,7 +136,13 @@ pub fn close(shared: &Shared, id: &str, body: &[u8]) -> Answer {
             )),
         );
     }
-    session.stop.stop_with(code, "closed by the operator");
+    if !session.stop.stop_with(code, "closed by the operator") {
+        let why = session.stop.reason().map_or("", |(reason, _)| reason);
+        return (
+            StatusCode::CONFLICT,
+            error(&format!("connection {} is closing already ({why})", session.id)),
+        );
+    }
     let tunnel = session.mode == "tunnel";
     (
         StatusCode::ACCEPTED,
@@ -190,6 +196,12 @@ pub fn config(shared: &Shared) -> Answer {
 /// holds a path, not the secret, and stays. In a `headers` table (matched request headers), the values of
 /// credential headers (`Authorization`, `Cookie`, `X-Api-Key`, ...) go too.
 fn redact(value: &mut serde_json::Value) {
+    // The OTLP exporter's headers are there to carry a collector's credentials, whatever they are called.
+    if let Some(headers) = value.pointer_mut("/tracing/headers").and_then(|h| h.as_object_mut()) {
+        for v in headers.values_mut() {
+            *v = serde_json::Value::String("REDACTED".into());
+        }
+    }
     redact_in(value, false);
 }
 
@@ -246,10 +258,11 @@ mod tests {
                         "headers": { "Authorization": "Bearer abc", "X-Plain": "ok" } }],
             "upstream": [{ "sticky": { "cookie": "SERVERID", "secret": "s3" } }],
             "keys": [{ "hash": "ab12", "identity": "alice" }],
+            "tracing": { "otlp_endpoint": "http://c:4318/v1/traces", "headers": { "x-honeycomb-team": "hc1" } },
         });
         redact(&mut v);
         let text = v.to_string();
-        for secret in ["hunter2", "Bearer abc", "ab12", "s3"] {
+        for secret in ["hunter2", "Bearer abc", "ab12", "s3", "hc1"] {
             assert!(!text.contains(secret), "{secret} left in {text}");
         }
         for kept in ["admin.token", "127.0.0.1:9090", "\"k\"", "alice", "\"ok\"", "SERVERID"] {

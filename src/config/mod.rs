@@ -111,10 +111,14 @@ pub enum AccessLogTarget {
     File(PathBuf),
 }
 
-/// Query parameters whose values the access log always replaces with `REDACTED` (names compared without case).
+/// Query parameters whose values the access log always replaces with `REDACTED` (names compared without case; a
+/// name also matches by its last `_`, `-` or `.` segment, so `refresh_token` and `X-Amz-Signature` do, and with a
+/// trailing `[]`).
 pub const REDACTED_QUERY_PARAMS: &[&str] = &[
     "access_token",
     "token",
+    "credential",
+    "passwd",
     "api_key",
     "apikey",
     "key",

@@ -49,8 +49,8 @@ impl Stop {
             // Ready at once only for a signal already given; its cause is read below either way.
             let _ = self.wait.as_mut().poll(cx);
         }
-        if let Some(reason) = self.signal.reason() {
-            return Some(StopCause::Shed(reason, self.signal.code()));
+        if let Some((reason, code)) = self.signal.reason() {
+            return Some(StopCause::Shed(reason, code));
         }
         self.shutting_down
             .as_ref()

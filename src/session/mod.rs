@@ -209,11 +209,16 @@ pub(crate) struct Front<'a> {
 }
 
 /// Runs the TLS handshake of a client on a TLS listener, within the handshake timeout. The error says why it failed
-/// for the log (and which server name the client asked for).
-async fn accept_tls(tls: &ServerTls, stream: TcpStream, limit: Duration) -> Result<Conn, String> {
+/// for the log (and which server name the client asked for); `None` for a client that closed without sending a
+/// byte (a load balancer's TCP check), which gets no access log line.
+async fn accept_tls(tls: &ServerTls, stream: TcpStream, limit: Duration) -> Result<Conn, Option<String>> {
     let handshake = async {
+        // One look before rustls reads: a connection closed at once is not a failed handshake.
+        if stream.peek(&mut [0u8; 1]).await.is_ok_and(|n| n == 0) {
+            return Err(None);
+        }
         let acceptor = tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), stream);
-        let start = acceptor.await.map_err(|e| format!("{e}"))?;
+        let start = acceptor.await.map_err(|e| Some(format!("{e}")))?;
         let name = start.client_hello().server_name().map(str::to_string);
         let asked = || match &name {
             Some(name) => format!("server name `{name}`"),
@@ -222,16 +227,16 @@ async fn accept_tls(tls: &ServerTls, stream: TcpStream, limit: Duration) -> Resu
         if !tls.answers_for(name.as_deref()) {
             // rustls answers with an alert; the log says why.
             let _ = start.into_stream(tls.config()).await;
-            return Err(format!("no certificate for {}", asked()));
+            return Err(Some(format!("no certificate for {}", asked())));
         }
         match start.into_stream(tls.config()).await {
             Ok(stream) => Ok(Conn::ServerTls(Box::new(stream))),
-            Err(e) => Err(format!("{e} ({})", asked())),
+            Err(e) => Err(Some(format!("{e} ({})", asked()))),
         }
     };
     timeout(limit, handshake)
         .await
-        .unwrap_or_else(|_| Err(format!("not completed within {limit:?}")))
+        .unwrap_or_else(|_| Err(Some(format!("not completed within {limit:?}"))))
 }
 
 /// A connection both sides have switched to WebSocket.
@@ -257,7 +262,7 @@ struct Switched {
 struct AuthHeld {
     _key: Option<KeyAdmitted>,
     expires: Option<Instant>,
-    /// Who the session was admitted as (the first identity value: a claim, or the API key's identity).
+    /// Who the session was admitted as: the token's `sub`, or the API key's identity (as the access log says it).
     identity: Option<String>,
 }
 
@@ -285,7 +290,7 @@ fn hold_auth(shared: &Shared, admit: Option<&crate::auth::Admit>) -> Result<Opti
             Err(_) => now,
         }
     });
-    let identity = admit.identity.first().map(|(_, value)| value.clone());
+    let identity = admit.subject.clone();
     Ok((key.is_some() || expires.is_some() || identity.is_some()).then(|| {
         Box::new(AuthHeld {
             _key: key,
@@ -539,8 +544,13 @@ async fn open(
         None => Conn::Tcp(stream),
         Some(tls) => match accept_tls(tls, stream, handshake_timeout).await {
             Ok(client) => client,
-            Err(why) => {
+            Err(Some(why)) => {
                 record.end = format!("error: TLS handshake: {why}");
+                return None;
+            }
+            Err(None) => {
+                record.end = "client closed before its TLS handshake".into();
+                record.sent_nothing = true;
                 return None;
             }
         },

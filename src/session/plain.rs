@@ -161,6 +161,8 @@ struct Upgrading {
     deflate: bool,
     /// What the route's authentication holds for the session's life.
     auth: Option<Box<super::AuthHeld>>,
+    /// The request's client (a trusted proxy's forwarded client, when there is one).
+    client_ip: std::net::IpAddr,
 }
 
 /// Takes the client's socket back from hyper and relays the switched connection: how the relay ended, or why it
@@ -180,6 +182,7 @@ async fn relay_upgraded(
         backend_early,
         deflate,
         auth,
+        client_ip,
     } = switched;
     let upgraded = match client.await {
         Ok(upgraded) => upgraded,
@@ -205,7 +208,7 @@ async fn relay_upgraded(
         deflate,
         early: [client_early, backend_early.to_vec()],
         auth,
-        client_ip: record.forwarded_for.unwrap_or(record.client.ip()),
+        client_ip,
     };
     Ok(super::relay_switched(shared, snapshot, listener, switched, record.id, &mut record.bytes).await)
 }
@@ -381,6 +384,9 @@ impl State {
         current.record.request = Some(request);
         let waiting = self.current.lock().await.replace(current);
         if let Some(waiting) = waiting {
+            // A pipelined request came before the last answer's flush: that answer's line is written now, and the
+            // next flush is not taken for this request's.
+            self.answered.store(false, Ordering::Relaxed);
             self.write_line(waiting);
         }
     }
@@ -774,6 +780,7 @@ async fn upgrade(
         backend: parts.io.into_inner(),
         backend_early: parts.read_buf,
         auth,
+        client_ip: client.ip,
     });
     let (head, _) = resp.into_parts();
     state.shared.metrics.handshake_took(started.elapsed());

@@ -345,7 +345,7 @@ mod tests {
         assert!(u.servers()[0].shed_one(ShedReason::Rebalancing));
         let shed: Vec<_> = signals.iter().filter(|s| s.token().is_cancelled()).collect();
         assert_eq!(shed.len(), 1);
-        assert_eq!(shed[0].reason(), Some("rebalancing connections"));
+        assert_eq!(shed[0].reason(), Some(("rebalancing connections", 1012)));
         held.pop();
         assert!(u.servers()[0].sessions() <= 2);
         drop(held);
