@@ -70,8 +70,8 @@ struct WriterShared {
 #[derive(Debug)]
 enum Msg {
     Line(Vec<u8>),
-    /// Look at `next` (a reload, a reopen).
-    Wake,
+    /// Lines from now on go here (a reload, a reopen): the lines queued before it go where they were meant to.
+    Switch(Arc<Destination>),
     /// Write what is queued and stop (the process ends); answered when done.
     Stop(std::sync::mpsc::Sender<()>),
 }
@@ -212,10 +212,12 @@ impl AccessLog {
     }
 
     fn hand_over(&self, destination: Destination) {
-        self.shared.next.store(Some(Arc::new(destination)));
-        if let Some(sender) = &self.sender {
-            // A full queue has the writer busy: it takes the new destination up before its next write anyway.
-            let _ = sender.try_send(Msg::Wake);
+        let destination = Arc::new(destination);
+        if let Some(sender) = &self.sender
+            && let Err(TrySendError::Full(_)) = sender.try_send(Msg::Switch(destination.clone()))
+        {
+            // A full queue has the writer busy: it takes the new destination up before its next write.
+            self.shared.next.store(Some(destination));
         }
     }
 
@@ -275,7 +277,7 @@ fn write_lines(queue: Receiver<Msg>, first: Destination, shared: &WriterShared) 
             match queue.recv() {
                 Ok(message) => {
                     taken += 1;
-                    stop = take(message, &mut batch);
+                    stop = take(message, &mut batch, &mut destination, shared, &mut trouble);
                 }
                 Err(_) => return,
             }
@@ -287,7 +289,7 @@ fn write_lines(queue: Receiver<Msg>, first: Destination, shared: &WriterShared) 
             match queue.try_recv() {
                 Ok(message) => {
                     taken += 1;
-                    stop = take(message, &mut batch);
+                    stop = take(message, &mut batch, &mut destination, shared, &mut trouble);
                 }
                 Err(TryRecvError::Empty) => break,
                 Err(TryRecvError::Disconnected) => {
@@ -312,11 +314,21 @@ fn write_lines(queue: Receiver<Msg>, first: Destination, shared: &WriterShared) 
 /// How long a busy writer sleeps between batches (and so the longest a line waits on a busy proxy).
 const BUSY_TICK: Duration = Duration::from_millis(25);
 
-/// Adds a line to the batch; a stop message is handed back.
-fn take(message: Msg, batch: &mut Vec<u8>) -> Option<std::sync::mpsc::Sender<()>> {
+/// Adds a line to the batch, or writes the batch where it was meant to go before a switch; a stop message is
+/// handed back.
+fn take(
+    message: Msg,
+    batch: &mut Vec<u8>,
+    destination: &mut Arc<Destination>,
+    shared: &WriterShared,
+    trouble: &mut Trouble,
+) -> Option<std::sync::mpsc::Sender<()>> {
     match message {
         Msg::Line(line) => batch.extend_from_slice(&line),
-        Msg::Wake => {}
+        Msg::Switch(next) => {
+            flush(batch, destination, shared, trouble);
+            *destination = next;
+        }
         Msg::Stop(done) => return Some(done),
     }
     None
