@@ -571,3 +571,77 @@ async fn access_log_off_writes_nothing() {
     let files: Vec<_> = std::fs::read_dir(&dir).expect("dir").collect();
     assert_eq!(files.len(), 1, "only the config file: {files:?}");
 }
+
+/// A forced close at shutdown (the drain timeout) still writes the line of a tunnel session that began as an upgrade
+/// on a keep-alive connection (served by the plain HTTP path), saying so, and no line of the connection's own.
+#[tokio::test]
+async fn a_keep_alive_upgrade_cut_by_the_drain_timeout_keeps_its_line() {
+    let backend = ws_backend("ws").await;
+    let (web, _web) = http_backend("web").await;
+    let dir = unique_temp_dir("access-forced");
+    let addr = unused_addr();
+    let path = dir.join("wsgate.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[server]\naccess_log = \"access.log\"\ndrain_timeout = \"300ms\"\n\
+             [[listener]]\nname = \"public\"\naddress = \"{addr}\"\n\
+             [[route]]\nname = \"tunnel\"\npath_prefix = \"/tunnel\"\nupstream = \"ws\"\nrelay = \"tunnel\"\n\
+             [[route]]\nname = \"web\"\nupstream = \"web\"\n\
+             [[upstream]]\nname = \"ws\"\n[[upstream.server]]\naddress = \"{}\"\n\
+             [[upstream]]\nname = \"web\"\n[[upstream.server]]\naddress = \"{web}\"\n",
+            backend.addr
+        ),
+    )
+    .expect("write config");
+    let mut wsgate = Binary::spawn(["run", "--config", path.to_str().expect("path")]);
+    wsgate.wait_for_log(&["listening"]).await;
+    let log = dir.join("access.log");
+
+    // A plain request, then an upgrade on the same connection: the plain path relays it.
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    stream
+        .write_all(b"GET /page HTTP/1.1\r\nHost: web.test\r\n\r\n")
+        .await
+        .expect("write");
+    let (head, mut body) = read_head(&mut stream).await;
+    let length: usize = support::raw::header_value(&head, "content-length")
+        .and_then(|l| l.parse().ok())
+        .unwrap_or_else(|| panic!("a length: {head}"));
+    while body.len() < length {
+        let mut chunk = [0u8; 4096];
+        let n = within("the body", stream.read(&mut chunk)).await.expect("read");
+        assert!(n > 0, "closed inside the body");
+        body.extend_from_slice(&chunk[..n]);
+    }
+    stream
+        .write_all(upgrade_request("/tunnel/x", "").as_bytes())
+        .await
+        .expect("write upgrade");
+    let (head, _) = read_head(&mut stream).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    access_lines(&log, 1, |v| v["route"] == "web").await;
+
+    // A tunnel is not closed when the drain starts: the drain timeout cuts it.
+    wsgate.signal(Signal::TERM);
+    assert_eq!(wsgate.exit_code().await, Some(0));
+    let lines = access_lines(&log, 2, |_| true).await;
+    let session = lines
+        .iter()
+        .find(|v| v["route"] == "tunnel")
+        .unwrap_or_else(|| panic!("no line for the tunnel session: {lines:?}"));
+    assert_common(session);
+    assert_eq!(session["kind"], "websocket", "{session}");
+    assert_eq!(session["status"], 101, "{session}");
+    assert_eq!(session["close_side"], "proxy", "{session}");
+    assert!(
+        session["end"].as_str().is_some_and(|e| e.contains("drain timeout")),
+        "{session}"
+    );
+    let all = std::fs::read_to_string(&log).expect("log");
+    assert_eq!(
+        all.lines().count(),
+        2,
+        "one line per request, none of the connection's own: {all}"
+    );
+}

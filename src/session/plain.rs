@@ -59,6 +59,9 @@ pub(super) async fn serve(
 ) {
     let handshake_timeout = snapshot.config.server.handshake_timeout;
     let redirect_https = snapshot.listener(listener).and_then(|l| l.redirect_https);
+    // Every line of the connection is written from here, even when a forced close at shutdown drops this future
+    // (see `Drop for State` and `Unwritten`): the session writes none of its own.
+    record.written = true;
     let state = Arc::new(State {
         proto: if client.is_tls() { "https" } else { "http" },
         redirect_https,
@@ -109,18 +112,20 @@ pub(super) async fn serve(
             connection.await
         }
     };
-    // Every line of the connection is written here: the session writes none of its own.
-    record.written = true;
     let current = state.current.lock().await.take();
     let switched = state.switched.lock().await.take();
     if let Some(switched) = switched {
-        // The upgrade was the connection's last request: its line is the session's.
-        let mut current = current.unwrap_or_else(|| state.untracked());
-        match relay_upgraded(switched, &shared, &state.snapshot, listener, &mut current.record).await {
-            Ok(end) => super::note_relay_end(&mut current.record, &end),
-            Err(why) => current.record.end = why,
+        // The upgrade was the connection's last request: its line is the session's, written however it ends.
+        let mut line = Unwritten {
+            state: &state,
+            current: Some(current.unwrap_or_else(|| state.untracked())),
+        };
+        if let Some(current) = line.current.as_mut() {
+            match relay_upgraded(switched, &shared, &state.snapshot, listener, &mut current.record).await {
+                Ok(end) => super::note_relay_end(&mut current.record, &end),
+                Err(why) => current.record.end = why,
+            }
         }
-        state.write_line(current);
         return;
     }
     match (current, result) {
@@ -211,6 +216,42 @@ async fn relay_upgraded(
         client_ip,
     };
     Ok(super::relay_switched(shared, snapshot, listener, switched, record.id, &mut record.bytes).await)
+}
+
+/// What a forced close at shutdown (the drain timeout) says of a line it cuts short.
+const FORCED_END: &str = "closed: drain timeout reached during shutdown";
+
+/// A line that is written when this is dropped: at the end of its session, or when a forced close at shutdown
+/// drops the session's future first.
+struct Unwritten<'a> {
+    state: &'a State,
+    current: Option<Box<Current>>,
+}
+
+impl Drop for Unwritten<'_> {
+    fn drop(&mut self) {
+        if let Some(mut current) = self.current.take() {
+            if current.record.end.is_empty() {
+                current.record.end = FORCED_END.into();
+                if current.record.status == 101 {
+                    current.record.bytes.close_first = Some("proxy");
+                }
+            }
+            self.state.write_line(current);
+        }
+    }
+}
+
+impl Drop for State {
+    /// A request still in flight when a forced close at shutdown drops the connection gets its line.
+    fn drop(&mut self) {
+        if let Some(mut current) = self.current.get_mut().take() {
+            if current.record.end.is_empty() {
+                current.record.end = FORCED_END.into();
+            }
+            self.write_line(current);
+        }
+    }
 }
 
 struct State {
