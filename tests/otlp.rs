@@ -296,7 +296,8 @@ impl Drop for ConfigFile {
 async fn a_collector_that_is_down_slows_no_session_and_its_failures_are_logged() {
     let backend = ws_backend("b").await;
     let listen = unused_addr();
-    let down = format!("http://{}/v1/traces", unused_addr());
+    // Nothing listens on the discard port of 127.0.0.2 (no test binds it): every export is refused.
+    let down = "http://127.0.0.2:9/v1/traces".to_string();
     let text = config(&down, backend.addr).replace("127.0.0.1:0", &listen.to_string());
     let file = ConfigFile::new("down", &format!("[server]\ndrain_timeout = \"1s\"\n{text}"));
     let mut wsgate = Binary::spawn([OsStr::new("run"), OsStr::new("--config"), file.0.as_os_str()]);
