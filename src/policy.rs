@@ -131,6 +131,8 @@ pub struct Admission {
     prune_at: AtomicUsize,
     per_key: PerKey,
     key_schedules: KeySchedules,
+    /// The sessions the open-files limit leaves room for (set at start).
+    descriptor_limit: std::sync::OnceLock<u32>,
 }
 
 /// A connection counted against its API key's `max_connections` while this lives.
@@ -150,6 +152,16 @@ pub struct Admitted {
 }
 
 impl Admission {
+    /// The sessions the open-files limit leaves room for: the overall limit where `max_connections` sets none.
+    pub fn set_descriptor_limit(&self, sessions: u32) {
+        let _ = self.descriptor_limit.set(sessions.max(1));
+    }
+
+    /// The overall limit in force: `max_connections`, or what the descriptors allow.
+    pub fn overall_limit(&self, max_connections: Option<u32>) -> Option<u32> {
+        max_connections.or_else(|| self.descriptor_limit.get().copied())
+    }
+
     /// Counts a connection from `ip` on `listener`, unless wsgate (`max_connections`) or the client
     /// (`listener.max_connections_per_ip`) is at its limit.
     pub fn admit(

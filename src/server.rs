@@ -28,7 +28,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::access_log::{AccessLog, StartError, Writer};
 use crate::admin::Admin;
-use crate::config::Config;
+use crate::config::{Config, ServerSettings};
 use crate::otlp::Exporter;
 use crate::session::{Accepted, session};
 use crate::state::{Shared, Snapshot};
@@ -38,7 +38,6 @@ use crate::supervise::Supervisor;
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
 /// Pause after an accept error such as running out of file descriptors, so the loop does not spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
-const LISTEN_BACKLOG: i32 = 4096;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -176,7 +175,7 @@ impl Running {
                 continue;
             }
             // Every socket is bound before anything changes: a failure leaves the old config serving.
-            let sockets = bind_all(listener.address, self.workers.len())?;
+            let sockets = bind_all(listener.address, self.workers.len(), &config.server)?;
             added.push((listener.address, sockets));
         }
         // The last step that may fail: the sockets bound above close again when it does.
@@ -274,15 +273,44 @@ fn warn_insecure(config: &Config) {
     }
 }
 
+/// Says at start how many sessions the open-files limit leaves room for, and returns that number (`None` with no
+/// limit to speak of): without `max_connections`, it is the limit above which new connections get 503, so that
+/// running out of descriptors shows as a refusal, not as failed accepts and connects.
+fn say_descriptor_limit(config: &Config) -> Option<u32> {
+    let Some(open_files) = crate::sys::open_files_limit() else {
+        tracing::info!("no open-files limit: sessions are limited by memory and `max_connections` only");
+        return None;
+    };
+    let sessions = crate::sys::sessions_allowed(open_files);
+    match config.server.max_connections {
+        None => tracing::info!(
+            open_files,
+            sessions,
+            "the open-files limit leaves room for {sessions} sessions (two descriptors each): `max_connections` \
+             is {sessions}, new connections above it get 503 (raise `nofile` for more)"
+        ),
+        Some(max) if max > sessions => tracing::warn!(
+            open_files,
+            sessions,
+            max_connections = max,
+            "`max_connections` is above the {sessions} sessions the open-files limit leaves room for: past them, \
+             connecting to backends fails (503) instead; raise `nofile`"
+        ),
+        Some(_) => {}
+    }
+    Some(sessions)
+}
+
 pub fn start(config: Config) -> Result<Running, ServerError> {
     warn_insecure(&config);
+    let descriptor_limit = say_descriptor_limit(&config);
     let workers = match config.server.workers {
         0 => std::thread::available_parallelism().map_or(1, usize::from),
         n => n,
     };
     let mut bound = Vec::with_capacity(config.listeners.len());
     for listener in &config.listeners {
-        bound.push((listener.address, bind_all(listener.address, workers)?));
+        bound.push((listener.address, bind_all(listener.address, workers, &config.server)?));
     }
     let config_admin = config.admin.clone();
     let (access_log, access_log_writer) = AccessLog::start(&config.server.access_log)?;
@@ -305,6 +333,9 @@ pub fn start(config: Config) -> Result<Running, ServerError> {
         access_log,
     });
     shared.metrics.attach(&shared);
+    if let Some(sessions) = descriptor_limit {
+        shared.admission.set_descriptor_limit(sessions);
+    }
     let admin = match config_admin {
         Some(settings) => {
             let address = settings.address;
@@ -350,26 +381,34 @@ pub fn start(config: Config) -> Result<Running, ServerError> {
 }
 
 /// One socket per worker on `address`; with port 0, the first bind picks the port and the others join it.
-fn bind_all(address: SocketAddr, workers: usize) -> Result<(SocketAddr, Vec<Socket>), ServerError> {
+fn bind_all(
+    address: SocketAddr,
+    workers: usize,
+    settings: &ServerSettings,
+) -> Result<(SocketAddr, Vec<Socket>), ServerError> {
     let mut sockets = Vec::with_capacity(workers);
     let mut bound = address;
     for _ in 0..workers {
-        let socket = bind(bound).map_err(|source| ServerError::Listen { address, source })?;
+        let socket = bind(bound, settings).map_err(|source| ServerError::Listen { address, source })?;
         bound = socket.local_addr().ok().and_then(|a| a.as_socket()).unwrap_or(bound);
         sockets.push(socket);
     }
     Ok((bound, sockets))
 }
 
-fn bind(address: SocketAddr) -> io::Result<Socket> {
+fn bind(address: SocketAddr, settings: &ServerSettings) -> io::Result<Socket> {
     let socket = Socket::new(Domain::for_address(address), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
     socket.set_reuse_port(true)?;
     socket.set_nonblocking(true)?;
-    // Accepted sockets inherit TCP_NODELAY from the listener: one system call saved per connection.
+    // Accepted sockets inherit TCP_NODELAY and the keepalive settings from the listener: no system call per
+    // connection for them.
     socket.set_tcp_nodelay(true)?;
+    if let Some(idle) = settings.tcp_keepalive {
+        crate::sys::set_keepalive(&socket, idle)?;
+    }
     socket.bind(&address.into())?;
-    socket.listen(LISTEN_BACKLOG)?;
+    socket.listen(i32::try_from(settings.listen_backlog).unwrap_or(i32::MAX))?;
     Ok(socket)
 }
 

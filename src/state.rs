@@ -80,7 +80,9 @@ impl Snapshot {
             .iter()
             .map(|u| {
                 let old = previous.and_then(|p| p.upstreams.iter().find(|o| o.config.name == u.name));
-                Upstream::new(u, old)
+                let mut upstream = Upstream::new(u, old);
+                upstream.keepalive = config.server.tcp_keepalive;
+                upstream
             })
             .collect();
         Snapshot { config, upstreams }

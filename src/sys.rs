@@ -77,6 +77,32 @@ pub(crate) fn process_usage() -> ProcessUsage {
     }
 }
 
+/// The soft limit on open files, `None` when there is none to speak of (unlimited, or beyond `u32`).
+pub(crate) fn open_files_limit() -> Option<u32> {
+    rustix::process::getrlimit(rustix::process::Resource::Nofile)
+        .current
+        .and_then(|n| u32::try_from(n).ok())
+}
+
+/// The sessions `open_files` descriptors leave room for: two each (client and backend), after a reserve for
+/// the process's own (about 20: runtimes, listeners, the admin listener, log files), health checks, plain HTTP's
+/// pooled backend connections and refused connections lingering over their answer (32, and 1/32 of the limit).
+pub(crate) fn sessions_allowed(open_files: u32) -> u32 {
+    let reserve = 32 + open_files / 32;
+    open_files.saturating_sub(reserve) / 2
+}
+
+/// Turns on TCP keepalive on `socket`: the first probe after `idle` without traffic, then
+/// [`TCP_KEEPALIVE_PROBES`](crate::config::TCP_KEEPALIVE_PROBES) probes
+/// [`TCP_KEEPALIVE_INTERVAL`](crate::config::TCP_KEEPALIVE_INTERVAL) apart before the connection is given up.
+pub(crate) fn set_keepalive(socket: &socket2::Socket, idle: std::time::Duration) -> std::io::Result<()> {
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(idle)
+        .with_interval(crate::config::TCP_KEEPALIVE_INTERVAL)
+        .with_retries(crate::config::TCP_KEEPALIVE_PROBES);
+    socket.set_tcp_keepalive(&keepalive)
+}
+
 #[cfg(test)]
 mod tests {
     use std::io::Write;
@@ -117,5 +143,12 @@ mod tests {
             after < before,
             "{before} unacknowledged bytes before the read, {after} after"
         );
+    }
+
+    #[test]
+    fn the_descriptors_leave_room_for_two_per_session_after_a_reserve() {
+        assert_eq!(super::sessions_allowed(20_000), 9_671);
+        assert_eq!(super::sessions_allowed(200), 81);
+        assert_eq!(super::sessions_allowed(40), 3);
     }
 }

@@ -568,6 +568,8 @@ const SERVER_KEYS: &[&str] = &[
     "workers",
     "watch",
     "max_connections",
+    "listen_backlog",
+    "tcp_keepalive",
     "access_log",
     "access_log_redact",
 ];
@@ -749,6 +751,7 @@ fn typed(key: &str) -> &'static [&'static str] {
         "messages_per_second"
         | "burst"
         | "workers"
+        | "listen_backlog"
         | "weight"
         | "retries"
         | "retry_budget_percent"
@@ -933,4 +936,27 @@ fn a_malformed_otlp_endpoint_is_placed() {
     let ok = format!("{VALID}\n[tracing]\notlp_endpoint = \"http://127.0.0.1:4318/v1/traces\"\n");
     let file = TempFile::new(&ok);
     assert_eq!(check(file.path()).status.code(), Some(0));
+}
+
+#[test]
+fn a_bad_listen_backlog_or_tcp_keepalive_is_placed() {
+    let text = format!("[server]\nlisten_backlog = 0\ntcp_keepalive = \"3h\"\n{VALID}");
+    let file = TempFile::new(&text);
+    let out = check(file.path());
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    let (line, column) = place(&text, "listen_backlog = 0", "0");
+    assert!(
+        err.contains(&format!(":{line}:{column}: `listen_backlog`: must be from 1 to 65535")),
+        "{err}"
+    );
+    let (line, column) = place(&text, "tcp_keepalive", "\"3h\"");
+    assert!(
+        err.contains(&format!(":{line}:{column}: `tcp_keepalive`: must be at most 2h")),
+        "{err}"
+    );
+    let off = format!("[server]\ntcp_keepalive = \"0s\"\nlisten_backlog = 65535\n{VALID}");
+    let file = TempFile::new(&off);
+    let out = check(file.path());
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
 }

@@ -33,7 +33,7 @@ use super::{
     MIN_WEIGHT, OriginPattern, OriginRule, Outlier, PathMatch, Relay, Route, Server, ServerSettings, Sticky,
     StickyCookie, TrustedProxies, TunnelRules, Upstream, human_duration, parse_duration, parse_size,
 };
-use super::{DEFAULT_SERVICE_NAME, TracingSettings};
+use super::{DEFAULT_SERVICE_NAME, MAX_LISTEN_BACKLOG, MAX_TCP_KEEPALIVE, TracingSettings};
 
 /// Why a config file cannot be served.
 #[derive(Debug, thiserror::Error)]
@@ -196,6 +196,8 @@ struct RawServer {
     workers: Option<Spanned<usize>>,
     watch: Option<bool>,
     max_connections: Option<Spanned<u32>>,
+    listen_backlog: Option<Spanned<u32>>,
+    tcp_keepalive: Option<Spanned<Dur>>,
     access_log: Option<Spanned<String>>,
     #[serde(default)]
     access_log_redact: Vec<Spanned<String>>,
@@ -725,6 +727,25 @@ fn build_server(raw: &RawServer, report: &mut Report<'_>) -> ServerSettings {
             MIN_CONNECTION_LIMIT..=u32::MAX,
             report,
         ),
+        listen_backlog: limited(&raw.listen_backlog, "listen_backlog", 1..=MAX_LISTEN_BACKLOG, report)
+            .unwrap_or(defaults.listen_backlog),
+        // "0s" turns it off.
+        tcp_keepalive: match &raw.tcp_keepalive {
+            None => defaults.tcp_keepalive,
+            Some(d) if d.get_ref().0.is_zero() => None,
+            Some(d) if d.get_ref().0 > MAX_TCP_KEEPALIVE => {
+                report.key(
+                    d,
+                    "tcp_keepalive",
+                    format!(
+                        "must be at most {} (\"0s\" turns it off)",
+                        human_duration(MAX_TCP_KEEPALIVE)
+                    ),
+                );
+                defaults.tcp_keepalive
+            }
+            Some(d) => Some(d.get_ref().0),
+        },
         access_log: raw
             .access_log
             .as_ref()

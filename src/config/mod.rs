@@ -92,8 +92,13 @@ pub struct ServerSettings {
     pub workers: usize,
     /// Reload when the config file changes (as well as on SIGHUP).
     pub watch: bool,
-    /// Client connections wsgate holds at once, over every listener; over it, new ones get 503. `None` = no limit.
+    /// Client connections wsgate holds at once, over every listener; over it, new ones get 503. `None` = what the
+    /// open-files limit allows (two descriptors a session, and a reserve), worked out at start.
     pub max_connections: Option<u32>,
+    /// The listen backlog of every listening socket (the kernel caps it at `net.core.somaxconn`).
+    pub listen_backlog: u32,
+    /// TCP keepalive on both sides of every connection: idle time before the first probe; `None` = off.
+    pub tcp_keepalive: Option<Duration>,
     /// Where the access log goes.
     pub access_log: AccessLogTarget,
     /// Query parameters whose values the access log replaces, besides [`REDACTED_QUERY_PARAMS`] (lowercase): those
@@ -110,6 +115,19 @@ pub enum AccessLogTarget {
     /// A file, appended to (created when missing); reopened on SIGUSR1.
     File(PathBuf),
 }
+
+/// The listen backlog unless `listen_backlog` says otherwise.
+pub const DEFAULT_LISTEN_BACKLOG: u32 = 4096;
+/// The largest listen backlog (Linux caps it at `net.core.somaxconn`, 4096 by default, 65535 at most).
+pub const MAX_LISTEN_BACKLOG: u32 = 65_535;
+/// Idle time before TCP keepalive's first probe, unless `tcp_keepalive` says otherwise: a peer that vanished (a
+/// cable, a NAT that forgot the flow) is found within about this plus a minute, on both sides of a session.
+pub const DEFAULT_TCP_KEEPALIVE: Duration = Duration::from_secs(60);
+/// TCP keepalive's probes, and the time between them.
+pub const TCP_KEEPALIVE_PROBES: u32 = 4;
+/// The longest idle time before keepalive's first probe (the kernel's own cap is about 9 hours).
+pub const MAX_TCP_KEEPALIVE: Duration = Duration::from_secs(2 * 3600);
+pub const TCP_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(15);
 
 /// Query parameters whose values the access log always replaces with `REDACTED` (names compared without case; a
 /// name also matches by its last `_`, `-` or `.` segment, so `refresh_token` and `X-Amz-Signature` do, and with a
@@ -135,6 +153,8 @@ impl Default for ServerSettings {
         Self {
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            listen_backlog: DEFAULT_LISTEN_BACKLOG,
+            tcp_keepalive: Some(DEFAULT_TCP_KEEPALIVE),
             log_format: LogFormat::Text,
             workers: DEFAULT_WORKERS,
             watch: false,

@@ -183,7 +183,7 @@ fn admit(shared: &Shared, snapshot: &Snapshot, accepted: &Accepted) -> Result<Ad
             by: format!("listener `{}`", listener.name),
         });
     }
-    let limit = snapshot.config.server.max_connections;
+    let limit = shared.admission.overall_limit(snapshot.config.server.max_connections);
     shared.admission.admit(listener, limit, ip).map_err(Refusal::Limit)
 }
 

@@ -168,13 +168,14 @@ impl<'a> Attempts<'a> {
     }
 }
 
-/// Opens a connection to `server` (named `name` in the config) within `timeout`, with `TCP_NODELAY` set, and on an
-/// upstream with `tls` runs the TLS handshake within the same time.
+/// Opens a connection to `server` (named `name` in the config) within `timeout`, with `TCP_NODELAY` set and TCP
+/// keepalive after `keepalive` idle, and on an upstream with `tls` runs the TLS handshake within the same time.
 pub async fn connect(
     server: SocketAddr,
     name: &str,
     tls: Option<&ClientTls>,
     timeout: Duration,
+    keepalive: Option<Duration>,
 ) -> Result<Conn, UpstreamError> {
     let deadline = tokio::time::Instant::now() + timeout;
     let stream = tokio::time::timeout_at(deadline, TcpStream::connect(server))
@@ -184,6 +185,10 @@ pub async fn connect(
     stream
         .set_nodelay(true)
         .map_err(|e| UpstreamError::connect(server, e))?;
+    if let Some(idle) = keepalive {
+        crate::sys::set_keepalive(&socket2::SockRef::from(&stream), idle)
+            .map_err(|e| UpstreamError::connect(server, e))?;
+    }
     let Some(tls) = tls else {
         return Ok(Conn::Tcp(stream));
     };

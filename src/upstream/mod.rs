@@ -41,6 +41,8 @@ pub struct Upstream {
     backup: Group,
     /// What outlives a snapshot: counts over the whole upstream.
     pub shared: Arc<UpstreamShared>,
+    /// TCP keepalive on its connections (`[server] tcp_keepalive`): idle time before the first probe.
+    pub(crate) keepalive: Option<std::time::Duration>,
 }
 
 /// Some of an upstream's servers with a balancer over them (member i is server `members[i]`).
@@ -82,6 +84,7 @@ impl Upstream {
             &server.name,
             self.config.tls.as_deref(),
             self.config.connect_timeout,
+            self.keepalive,
         )
         .await
     }
@@ -143,6 +146,7 @@ impl Upstream {
             config: config.clone(),
             servers,
             shared,
+            keepalive: None,
         }
     }
 
