@@ -533,27 +533,44 @@ async fn the_file_is_reopened_on_sigusr1_after_a_rename() {
     assert_eq!(wsgate.exit_code().await, Some(0));
 }
 
-/// `access_log = "off"`: not a line, on stdout or anywhere, for sessions and requests alike.
-#[tokio::test]
-async fn access_log_off_writes_nothing() {
-    let backend = ws_backend("ws").await;
-    let (web, _web) = http_backend("web").await;
-    let dir = unique_temp_dir("access-off");
+/// The built binary with a config file of its own (in a fresh directory named after `what`): `server` lines, one
+/// public listener, `routes`, and the upstreams `ws` (at `ws`) and `web` (at `web`). The directory, the listener's
+/// address, and the running binary.
+fn binary_with(
+    what: &str,
+    server: &str,
+    routes: &str,
+    ws: SocketAddr,
+    web: SocketAddr,
+) -> (PathBuf, SocketAddr, Binary) {
+    let dir = unique_temp_dir(what);
     let addr = unused_addr();
     let path = dir.join("wsgate.toml");
     std::fs::write(
         &path,
         format!(
-            "[server]\naccess_log = \"off\"\nlog_format = \"json\"\n\
-             [[listener]]\nname = \"public\"\naddress = \"{addr}\"\n\
-             [[route]]\npath_prefix = \"/page\"\nupstream = \"web\"\n[[route]]\nupstream = \"ws\"\n\
-             [[upstream]]\nname = \"ws\"\n[[upstream.server]]\naddress = \"{}\"\n\
-             [[upstream]]\nname = \"web\"\n[[upstream.server]]\naddress = \"{web}\"\n",
-            backend.addr
+            "[server]\n{server}\n[[listener]]\nname = \"public\"\naddress = \"{addr}\"\n{routes}\n\
+             [[upstream]]\nname = \"ws\"\n[[upstream.server]]\naddress = \"{ws}\"\n\
+             [[upstream]]\nname = \"web\"\n[[upstream.server]]\naddress = \"{web}\"\n"
         ),
     )
     .expect("write config");
-    let mut wsgate = Binary::spawn(["run", "--config", path.to_str().expect("path")]);
+    let wsgate = Binary::spawn(["run", "--config", path.to_str().expect("path")]);
+    (dir, addr, wsgate)
+}
+
+/// `access_log = "off"`: not a line, on stdout or anywhere, for sessions and requests alike.
+#[tokio::test]
+async fn access_log_off_writes_nothing() {
+    let backend = ws_backend("ws").await;
+    let (web, _web) = http_backend("web").await;
+    let (dir, addr, mut wsgate) = binary_with(
+        "access-off",
+        "access_log = \"off\"\nlog_format = \"json\"",
+        "[[route]]\npath_prefix = \"/page\"\nupstream = \"web\"\n[[route]]\nupstream = \"ws\"",
+        backend.addr,
+        web,
+    );
     wsgate.wait_for_log(&["listening"]).await;
     let mut ws = connect(&format!("ws://{addr}/ws")).await;
     assert_eq!(backend_name(&mut ws).await, "ws");
@@ -578,23 +595,14 @@ async fn access_log_off_writes_nothing() {
 async fn a_keep_alive_upgrade_cut_by_the_drain_timeout_keeps_its_line() {
     let backend = ws_backend("ws").await;
     let (web, _web) = http_backend("web").await;
-    let dir = unique_temp_dir("access-forced");
-    let addr = unused_addr();
-    let path = dir.join("wsgate.toml");
-    std::fs::write(
-        &path,
-        format!(
-            "[server]\naccess_log = \"access.log\"\ndrain_timeout = \"300ms\"\n\
-             [[listener]]\nname = \"public\"\naddress = \"{addr}\"\n\
-             [[route]]\nname = \"tunnel\"\npath_prefix = \"/tunnel\"\nupstream = \"ws\"\nrelay = \"tunnel\"\n\
-             [[route]]\nname = \"web\"\nupstream = \"web\"\n\
-             [[upstream]]\nname = \"ws\"\n[[upstream.server]]\naddress = \"{}\"\n\
-             [[upstream]]\nname = \"web\"\n[[upstream.server]]\naddress = \"{web}\"\n",
-            backend.addr
-        ),
-    )
-    .expect("write config");
-    let mut wsgate = Binary::spawn(["run", "--config", path.to_str().expect("path")]);
+    let (dir, addr, mut wsgate) = binary_with(
+        "access-forced",
+        "access_log = \"access.log\"\ndrain_timeout = \"300ms\"",
+        "[[route]]\nname = \"tunnel\"\npath_prefix = \"/tunnel\"\nupstream = \"ws\"\nrelay = \"tunnel\"\n\
+         [[route]]\nname = \"web\"\nupstream = \"web\"",
+        backend.addr,
+        web,
+    );
     wsgate.wait_for_log(&["listening"]).await;
     let log = dir.join("access.log");
 

@@ -37,6 +37,14 @@ async fn wait_for(proxy: &Proxy, series: &str, expected: f64) -> String {
     }
 }
 
+/// [`config`] with one more server before the backend, its lines `extra` after its address.
+fn config_with_server_before(backend: std::net::SocketAddr, other: std::net::SocketAddr, extra: &str) -> String {
+    config(backend, "").replace(
+        "[[upstream.server]]",
+        &format!("[[upstream.server]]\naddress = \"{other}\"\n{extra}[[upstream.server]]"),
+    )
+}
+
 fn config(backend: std::net::SocketAddr, admin: &str) -> String {
     format!(
         "[admin]\naddress = \"127.0.0.1:0\"\n{admin}\n\n[[listener]]\nname = \"public\"\naddress = \"127.0.0.1:0\"\n\n\
@@ -240,11 +248,7 @@ fn admin_mistakes_are_refused_by_the_config_check() {
 async fn servers_and_the_process_are_read_at_each_scrape_and_openmetrics_is_served_when_asked() {
     let backend = ws_backend("b").await;
     let down = unused_addr();
-    let text = config(backend.addr, "").replace(
-        "[[upstream.server]]",
-        &format!("[[upstream.server]]\naddress = \"{down}\"\ndrain = true\n[[upstream.server]]"),
-    );
-    let proxy = Proxy::from_toml(&text);
+    let proxy = Proxy::from_toml(&config_with_server_before(backend.addr, down, "drain = true\n"));
     let _ws = connect(&proxy.url("/ws")).await;
     let live = format!("{{upstream=\"app\",server=\"{}\"}}", backend.addr);
     let scraped = wait_for(&proxy, &format!("wsgate_upstream_server_connections{live}"), 1.0).await;
@@ -366,11 +370,7 @@ async fn a_real_prometheus_scrapes_the_active_session_count() {
 async fn a_server_tried_again_counts_as_a_retry() {
     let backend = ws_backend("b").await;
     let dead = unused_addr();
-    let text = config(backend.addr, "").replace(
-        "[[upstream.server]]",
-        &format!("[[upstream.server]]\naddress = \"{dead}\"\n[[upstream.server]]"),
-    );
-    let proxy = Proxy::from_toml(&text);
+    let proxy = Proxy::from_toml(&config_with_server_before(backend.addr, dead, ""));
     // Round robin: one of two handshakes goes to the dead server first, and on to the live one.
     for _ in 0..2 {
         let mut ws = connect(&proxy.url("/ws")).await;
