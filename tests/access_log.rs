@@ -334,16 +334,7 @@ async fn plain_keep_alive_requests_get_a_line_each() {
     let mut stream = TcpStream::connect(logged.proxy.addr).await.expect("connect");
     let first = "GET /page/one HTTP/1.1\r\nHost: web.test\r\nUser-Agent: curl/8\r\n\r\n";
     stream.write_all(first.as_bytes()).await.expect("write");
-    let (head, mut body) = read_head(&mut stream).await;
-    let length: usize = support::raw::header_value(&head, "content-length")
-        .and_then(|l| l.parse().ok())
-        .unwrap_or_else(|| panic!("a length: {head}"));
-    while body.len() < length {
-        let mut chunk = [0u8; 4096];
-        let n = within("the body", stream.read(&mut chunk)).await.expect("read");
-        assert!(n > 0, "closed inside the body");
-        body.extend_from_slice(&chunk[..n]);
-    }
+    let (head, body) = read_answer(&mut stream).await;
     let first_answer = head.len() + body.len();
     let second = "POST /page/two?password=hunter2&n=2 HTTP/1.1\r\nHost: web.test\r\nContent-Length: 5\r\n\
                   Connection: close\r\n\r\nhello";
@@ -533,6 +524,21 @@ async fn the_file_is_reopened_on_sigusr1_after_a_rename() {
     assert_eq!(wsgate.exit_code().await, Some(0));
 }
 
+/// An answer with a `Content-Length` body, read whole from a kept-alive connection: its head and its body.
+async fn read_answer(stream: &mut TcpStream) -> (String, Vec<u8>) {
+    let (head, mut body) = read_head(stream).await;
+    let length: usize = support::raw::header_value(&head, "content-length")
+        .and_then(|l| l.parse().ok())
+        .unwrap_or_else(|| panic!("a length: {head}"));
+    while body.len() < length {
+        let mut chunk = [0u8; 4096];
+        let n = within("the body", stream.read(&mut chunk)).await.expect("read");
+        assert!(n > 0, "closed inside the body");
+        body.extend_from_slice(&chunk[..n]);
+    }
+    (head, body)
+}
+
 /// The built binary with a config file of its own (in a fresh directory named after `what`): `server` lines, one
 /// public listener, `routes`, and the upstreams `ws` (at `ws`) and `web` (at `web`). The directory, the listener's
 /// address, and the running binary.
@@ -612,16 +618,7 @@ async fn a_keep_alive_upgrade_cut_by_the_drain_timeout_keeps_its_line() {
         .write_all(b"GET /page HTTP/1.1\r\nHost: web.test\r\n\r\n")
         .await
         .expect("write");
-    let (head, mut body) = read_head(&mut stream).await;
-    let length: usize = support::raw::header_value(&head, "content-length")
-        .and_then(|l| l.parse().ok())
-        .unwrap_or_else(|| panic!("a length: {head}"));
-    while body.len() < length {
-        let mut chunk = [0u8; 4096];
-        let n = within("the body", stream.read(&mut chunk)).await.expect("read");
-        assert!(n > 0, "closed inside the body");
-        body.extend_from_slice(&chunk[..n]);
-    }
+    read_answer(&mut stream).await;
     stream
         .write_all(upgrade_request("/tunnel/x", "").as_bytes())
         .await

@@ -21,6 +21,21 @@ fn config(a: std::net::SocketAddr, b: std::net::SocketAddr, token_file: &std::pa
     )
 }
 
+/// The close frame the client gets next (messages before it passed over), within the test wait; it must carry a code.
+async fn close_frame(what: &str, ws: &mut Client) -> tokio_tungstenite::tungstenite::protocol::CloseFrame {
+    within(what, async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Close(frame))) => return frame,
+                Some(Ok(_)) => continue,
+                other => panic!("no close frame: {other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("a close code")
+}
+
 /// An admin request; the status and the JSON body.
 async fn admin(proxy: &Proxy, method: &str, path: &str, token: Option<&str>) -> (u16, serde_json::Value) {
     let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
@@ -70,17 +85,7 @@ async fn a_server_drained_through_the_admin_api_takes_no_sessions_and_closes_its
     );
 
     // a's session is closed with 1012; b's goes on; new sessions all go to b.
-    let close = within("the drain's close", async {
-        loop {
-            match on_a.next().await {
-                Some(Ok(Message::Close(frame))) => return frame,
-                Some(Ok(_)) => continue,
-                other => panic!("no close frame: {other:?}"),
-            }
-        }
-    })
-    .await
-    .expect("a close code");
+    let close = close_frame("the drain's close", &mut on_a).await;
     assert_eq!(u16::from(close.code), 1012);
     for _ in 0..4 {
         let mut ws = connect(&proxy.url("/")).await;
@@ -338,17 +343,7 @@ async fn live_connections_are_listed_filtered_paged_and_closed_with_a_code() {
     assert_eq!(status, 400, "{body}");
     let (status, body) = admin_with_body(&proxy, &close_keyed, "{\"code\": 4001}").await;
     assert_eq!((status, &body["code"]), (202, &serde_json::json!(4001)), "{body}");
-    let frame = within("the operator's close", async {
-        loop {
-            match keyed.next().await {
-                Some(Ok(Message::Close(frame))) => return frame,
-                Some(Ok(_)) => continue,
-                other => panic!("no close frame: {other:?}"),
-            }
-        }
-    })
-    .await
-    .expect("a close code");
+    let frame = close_frame("the operator's close", &mut keyed).await;
     assert_eq!(u16::from(frame.code), 4001);
 
     let (_, tunnels) = admin(&proxy, "GET", "/api/connections?route=tunnel", Some(TOKEN)).await;
