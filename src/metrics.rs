@@ -391,6 +391,21 @@ impl Collector for States {
                     }
                 }
             }
+            for (name, help, value) in [
+                (
+                    "access_log_lines_dropped",
+                    "Access log lines dropped because the writer was behind (its queue full)",
+                    shared.access_log.dropped_total(),
+                ),
+                (
+                    "otlp_spans_dropped",
+                    "Spans dropped because the OTLP exporter was behind (its queue full)",
+                    shared.spans.dropped_total(),
+                ),
+            ] {
+                let metric = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+                ConstCounter::new(value).encode(metric)?;
+            }
             let mut metric = encoder.encode_descriptor(
                 "upstream_server_ejections",
                 "Times outlier detection has ejected the server since start",

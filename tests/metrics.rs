@@ -280,6 +280,12 @@ async fn servers_and_the_process_are_read_at_each_scrape_and_openmetrics_is_serv
         value(&scraped, "wsgate_process_cpu_seconds_total").is_some(),
         "{scraped}"
     );
+    for dropped in [
+        "wsgate_access_log_lines_dropped_total",
+        "wsgate_otlp_spans_dropped_total",
+    ] {
+        assert_eq!(value(&scraped, dropped), Some(0.0), "{scraped}");
+    }
     assert!(
         !scraped.contains("# EOF"),
         "the text format has no end marker: {scraped}"

@@ -65,6 +65,8 @@ struct WriterShared {
     next: ArcSwapOption<Destination>,
     /// Lines dropped on a full queue since the writer last said so.
     dropped: AtomicU64,
+    /// The same, since start (`wsgate_access_log_lines_dropped_total`).
+    dropped_total: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -175,12 +177,18 @@ impl AccessLog {
         self.enabled.load(Ordering::Relaxed)
     }
 
+    /// Lines dropped on a full queue since start.
+    pub fn dropped_total(&self) -> u64 {
+        self.shared.dropped_total.load(Ordering::Relaxed)
+    }
+
     /// Hands a line (one JSON object and its newline) to the writer, without waiting: dropped when the queue is
     /// full.
     pub fn write(&self, line: Vec<u8>) {
         let Some(sender) = &self.sender else { return };
         if let Err(TrySendError::Full(_)) = sender.try_send(Msg::Line(line)) {
             self.shared.dropped.fetch_add(1, Ordering::Relaxed);
+            self.shared.dropped_total.fetch_add(1, Ordering::Relaxed);
         }
     }
 

@@ -29,6 +29,8 @@ pub(crate) struct Queue {
     spans: mpsc::Sender<Span>,
     /// Spans dropped because the queue was full (the exporter logs and resets it).
     dropped: Arc<AtomicU64>,
+    /// The same, since start (`wsgate_otlp_spans_dropped_total`).
+    dropped_total: AtomicU64,
 }
 
 /// The far end of the queue, for the [`Exporter`].
@@ -45,7 +47,14 @@ pub(crate) fn queue() -> (Queue, Receiving) {
         spans: rx,
         dropped: dropped.clone(),
     };
-    (Queue { spans: tx, dropped }, receiving)
+    (
+        Queue {
+            spans: tx,
+            dropped,
+            dropped_total: AtomicU64::new(0),
+        },
+        receiving,
+    )
 }
 
 impl Queue {
@@ -60,7 +69,13 @@ impl Queue {
         };
         if self.spans.try_send(span).is_err() {
             self.dropped.fetch_add(1, Ordering::Relaxed);
+            self.dropped_total.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// Spans dropped on a full queue since start.
+    pub(crate) fn dropped_total(&self) -> u64 {
+        self.dropped_total.load(Ordering::Relaxed)
     }
 }
 
@@ -95,6 +110,7 @@ mod tests {
             queue.session_ended(&record, &config, Duration::ZERO);
         }
         assert_eq!(receiving.dropped.load(Ordering::Relaxed), 3);
+        assert_eq!(queue.dropped_total(), 3);
         assert_eq!(receiving.spans.len(), QUEUE_CAPACITY);
     }
 }
