@@ -123,10 +123,10 @@ pub const MAX_LISTEN_BACKLOG: u32 = 65_535;
 /// Idle time before TCP keepalive's first probe, unless `tcp_keepalive` says otherwise: a peer that vanished (a
 /// cable, a NAT that forgot the flow) is found within about this plus a minute, on both sides of a session.
 pub const DEFAULT_TCP_KEEPALIVE: Duration = Duration::from_secs(60);
-/// TCP keepalive's probes, and the time between them.
-pub const TCP_KEEPALIVE_PROBES: u32 = 4;
 /// The longest idle time before keepalive's first probe (the kernel's own cap is about 9 hours).
 pub const MAX_TCP_KEEPALIVE: Duration = Duration::from_secs(2 * 3600);
+/// TCP keepalive's probes after the first, and the time between them.
+pub const TCP_KEEPALIVE_PROBES: u32 = 4;
 pub const TCP_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(15);
 
 /// Query parameters whose values the access log always replaces with `REDACTED` (names compared without case; a
