@@ -5,7 +5,6 @@
 mod support;
 
 use futures_util::StreamExt;
-use tokio_tungstenite::tungstenite::Message;
 
 use support::*;
 
@@ -19,21 +18,6 @@ fn config(a: std::net::SocketAddr, b: std::net::SocketAddr, token_file: &std::pa
          [[upstream.server]]\naddress = \"{b}\"\n",
         token_file.display()
     )
-}
-
-/// The close frame the client gets next (messages before it passed over), within the test wait; it must carry a code.
-async fn close_frame(what: &str, ws: &mut Client) -> tokio_tungstenite::tungstenite::protocol::CloseFrame {
-    within(what, async {
-        loop {
-            match ws.next().await {
-                Some(Ok(Message::Close(frame))) => return frame,
-                Some(Ok(_)) => continue,
-                other => panic!("no close frame: {other:?}"),
-            }
-        }
-    })
-    .await
-    .expect("a close code")
 }
 
 /// An admin request; the status and the JSON body.

@@ -13,11 +13,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use futures_util::StreamExt;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio_tungstenite::tungstenite::Message;
 
 use support::raw::{header_value, read_head};
 use support::*;
@@ -491,17 +489,7 @@ async fn a_session_is_closed_with_1008_when_its_token_expires() {
     let auth = format!("Bearer {token}");
     let (mut ws, _) = connect_with(&proxy.url("/"), &[("Authorization", &auth)]).await;
     assert!(matches!(backend.next_event().await, Event::Upgraded { .. }));
-    let close = within("the close at expiry", async {
-        loop {
-            match ws.next().await {
-                Some(Ok(Message::Close(frame))) => return frame,
-                Some(Ok(_)) => continue,
-                other => panic!("no close frame: {other:?}"),
-            }
-        }
-    })
-    .await
-    .expect("a close code");
+    let close = close_frame("the close at expiry", &mut ws).await;
     assert_eq!(u16::from(close.code), 1008);
     assert_eq!(close.reason.as_str(), "token expired");
     assert_eq!(

@@ -478,6 +478,21 @@ pub fn upgrade_request(path: &str, extra: &str) -> String {
     )
 }
 
+/// The close frame the client gets next (messages before it passed over), within [`WAIT`]; it must carry a code.
+pub async fn close_frame(what: &str, ws: &mut Client) -> CloseFrame {
+    within(what, async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Close(frame))) => return frame,
+                Some(Ok(_)) => continue,
+                other => panic!("no close frame: {other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("a close code")
+}
+
 /// Sends `request` on a fresh connection and reads until the server closes, within [`WAIT`].
 pub async fn raw_exchange(addr: SocketAddr, request: &[u8]) -> String {
     let mut stream = within("connect", TcpStream::connect(addr)).await.expect("connect");
