@@ -7,6 +7,7 @@
 //! message.
 
 use std::collections::HashMap;
+use std::hash::BuildHasher;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -21,6 +22,35 @@ pub struct Place {
     pub route: String,
     pub upstream: String,
     pub server: String,
+}
+
+/// A [`Place`] named by borrowed names: how a session asks for its totals without allocating them each time.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, Default)]
+pub struct PlaceRef<'a> {
+    pub listener: &'a str,
+    pub route: &'a str,
+    pub upstream: &'a str,
+    pub server: &'a str,
+}
+
+impl Place {
+    fn is(&self, place: PlaceRef<'_>) -> bool {
+        self.listener == place.listener
+            && self.route == place.route
+            && self.upstream == place.upstream
+            && self.server == place.server
+    }
+}
+
+impl PlaceRef<'_> {
+    fn to_owned(self) -> Place {
+        Place {
+            listener: self.listener.to_string(),
+            route: self.route.to_string(),
+            upstream: self.upstream.to_string(),
+            server: self.server.to_string(),
+        }
+    }
 }
 
 /// What the sessions of one [`Place`] add up to, since start. Directions are numbered as the relay's: 0 is client
@@ -155,26 +185,28 @@ const SHARDS: usize = 16;
 #[allow(clippy::disallowed_types)]
 type Shard = std::sync::Mutex<HashMap<u64, Arc<LiveSession>>>;
 
-/// The totals of every place, made on a place's first session and kept (a scrape reports them all).
+/// The totals of every place, made on a place's first session and kept (a scrape reports them all), by the hash
+/// of the place's names (a place is found from borrowed names, without allocating).
 #[allow(clippy::disallowed_types)]
-type Places = std::sync::Mutex<HashMap<Place, Arc<Totals>>>;
+type Places = std::sync::Mutex<HashMap<u64, Vec<Arc<Totals>>>>;
 
 /// Every live session of a server, and the totals of every place.
 #[derive(Debug, Default)]
 pub struct Sessions {
     shards: [Shard; SHARDS],
     places: Places,
+    hasher: std::hash::RandomState,
     pub sizes: Arc<Sizes>,
 }
 
 /// What starts a session's registration.
 #[derive(Debug)]
-pub struct NewSession {
+pub struct NewSession<'a> {
     pub id: u64,
     pub client: IpAddr,
     pub identity: Option<String>,
     pub mode: &'static str,
-    pub place: Place,
+    pub place: PlaceRef<'a>,
     pub stop: Arc<StopSignal>,
 }
 
@@ -184,23 +216,25 @@ impl Sessions {
     }
 
     /// The totals of `place`, made on first use.
-    pub fn totals(&self, place: Place) -> Arc<Totals> {
+    pub fn totals(&self, place: PlaceRef<'_>) -> Arc<Totals> {
+        let key = self.hasher.hash_one(place);
         let mut places = self.places.lock().unwrap_or_else(|e| e.into_inner());
-        places
-            .entry(place)
-            .or_insert_with_key(|place| {
-                Arc::new(Totals {
-                    place: place.clone(),
-                    ..Totals::default()
-                })
-            })
-            .clone()
+        let same_hash = places.entry(key).or_default();
+        if let Some(totals) = same_hash.iter().find(|t| t.place.is(place)) {
+            return totals.clone();
+        }
+        let totals = Arc::new(Totals {
+            place: place.to_owned(),
+            ..Totals::default()
+        });
+        same_hash.push(totals.clone());
+        totals
     }
 
     /// Every place's totals, in no particular order.
     pub fn all_totals(&self) -> Vec<Arc<Totals>> {
         let places = self.places.lock().unwrap_or_else(|e| e.into_inner());
-        places.values().cloned().collect()
+        places.values().flatten().cloned().collect()
     }
 
     /// Registers a session that has started relaying: counted as active until the returned guard is dropped.
@@ -295,15 +329,15 @@ mod tests {
     use super::*;
     use tokio_util::sync::CancellationToken;
 
-    fn new(id: u64, route: &str) -> NewSession {
+    fn new(id: u64, route: &str) -> NewSession<'_> {
         NewSession {
             id,
             client: IpAddr::from([127, 0, 0, 1]),
             identity: None,
             mode: "frames",
-            place: Place {
-                route: route.into(),
-                ..Place::default()
+            place: PlaceRef {
+                route,
+                ..PlaceRef::default()
             },
             stop: Arc::new(StopSignal::new(CancellationToken::new())),
         }
@@ -332,9 +366,9 @@ mod tests {
             },
             [None, None],
         );
-        let totals = sessions.totals(Place {
-            route: "r".into(),
-            ..Place::default()
+        let totals = sessions.totals(PlaceRef {
+            route: "r",
+            ..PlaceRef::default()
         });
         assert_eq!(totals.bytes[0].load(Ordering::Relaxed), 101);
         assert_eq!(totals.bytes[1].load(Ordering::Relaxed), 51);

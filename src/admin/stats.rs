@@ -456,7 +456,7 @@ impl Snapshot {
 mod tests {
     use super::*;
     use crate::config::{Config, LogFormat, Timeouts};
-    use crate::live::{NewSession, Place};
+    use crate::live::{NewSession, PlaceRef};
 
     fn shared() -> Shared {
         let servers = ["127.0.0.1:1".to_string(), "127.0.0.1:2".to_string()];
@@ -465,15 +465,15 @@ mod tests {
         Shared::for_tests(config)
     }
 
-    fn session(id: u64, route: &str) -> NewSession {
+    fn session(id: u64, route: &str) -> NewSession<'_> {
         NewSession {
             id,
             client: std::net::IpAddr::from([127, 0, 0, 1]),
             identity: None,
             mode: "frames",
-            place: Place {
-                route: route.into(),
-                ..Place::default()
+            place: PlaceRef {
+                route,
+                ..PlaceRef::default()
             },
             stop: Arc::new(crate::signal::StopSignal::new(CancellationToken::new())),
         }

@@ -20,7 +20,7 @@ use crate::conn::Conn;
 use crate::http::handshake::{self, BackendAnswer, BodyEnd, MAX_HEAD_BYTES, Omit, Parsed, ResponseError, UpgradeHead};
 use crate::http::trace::Trace;
 use crate::http::{Client, RequestView};
-use crate::live::{NewSession, Place};
+use crate::live::{NewSession, PlaceRef};
 use crate::metrics::Metrics;
 use crate::observe::{ConnectionRecord, RequestInfo};
 use crate::otlp::SpanStart;
@@ -345,11 +345,11 @@ async fn relay_switched(
         client: client_ip,
         identity: auth.as_ref().and_then(|a| a.identity.clone()),
         mode: if frames.is_some() { "frames" } else { "tunnel" },
-        place: Place {
-            listener: snapshot.listener_name(listener).to_string(),
-            route: route.name.clone(),
-            upstream: snapshot.upstreams[route.upstream].config.name.clone(),
-            server: active.server().name.clone(),
+        place: PlaceRef {
+            listener: snapshot.listener_name(listener),
+            route: &route.name,
+            upstream: &snapshot.upstreams[route.upstream].config.name,
+            server: &active.server().name,
         },
         stop: signal.clone(),
     });
