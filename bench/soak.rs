@@ -1,4 +1,4 @@
-//! The soak of `scripts/soak` (issue 13): a steady population of WebSocket sessions through a proxy to an echo
+//! The soak of `scripts/soak`: a steady population of WebSocket sessions through a proxy to an echo
 //! backend, churned at a steady rate, each sending messages of mixed sizes and kinds and checking every echo, for
 //! as long as asked, while the proxy's RSS and CPU are read from /proc. One JSON line per report, a summary JSON
 //! line at the end, and exit 1 when the verdict is not `ok` (any error, any lost message, or RSS grown more than
