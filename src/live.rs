@@ -131,8 +131,8 @@ pub struct LiveSession {
     pub mode: &'static str,
     pub totals: Arc<Totals>,
     sizes: Arc<Sizes>,
-    /// Closes the session (a drain, the admin API).
-    pub stop: Arc<StopSignal>,
+    /// Closes the session (a drain, the admin API) and wakes it (a shutdown).
+    pub stop: StopSignal,
     /// What has been folded so far (absolute counts since the session started).
     bytes: [AtomicU64; 2],
     messages: [AtomicU64; 2],
@@ -207,7 +207,6 @@ pub struct NewSession<'a> {
     pub identity: Option<String>,
     pub mode: &'static str,
     pub place: PlaceRef<'a>,
-    pub stop: Arc<StopSignal>,
 }
 
 impl Sessions {
@@ -250,7 +249,7 @@ impl Sessions {
             mode: new.mode,
             totals,
             sizes: self.sizes.clone(),
-            stop: new.stop,
+            stop: StopSignal::new(),
             bytes: Default::default(),
             messages: Default::default(),
             frames: Default::default(),
@@ -303,6 +302,16 @@ impl Sessions {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// Wakes every live session, to read the server's phase (a shutdown, a forced close).
+    pub fn wake_all(&self) {
+        for shard in &self.shards {
+            let shard = shard.lock().unwrap_or_else(|e| e.into_inner());
+            for session in shard.values() {
+                session.stop.wake();
+            }
+        }
+    }
 }
 
 /// A session's registration: uncounts and unregisters it when dropped, however the session ends.
@@ -327,7 +336,6 @@ impl Drop for Registered<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio_util::sync::CancellationToken;
 
     fn new(id: u64, route: &str) -> NewSession<'_> {
         NewSession {
@@ -339,7 +347,6 @@ mod tests {
                 route,
                 ..PlaceRef::default()
             },
-            stop: Arc::new(StopSignal::new(CancellationToken::new())),
         }
     }
 

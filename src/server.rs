@@ -230,8 +230,9 @@ impl Running {
 
     /// Stops accepting at once and lets live connections drain (up to the drain timeout). Returns at once.
     pub fn shutdown(&self) {
-        self.shared.shutting_down.store(true, Ordering::Release);
+        self.shared.phase.start_shutdown();
         self.shared.draining.cancel();
+        self.shared.sessions.wake_all();
     }
 
     /// Waits until every worker has finished (after [`Running::shutdown`] and the drain).
@@ -323,7 +324,7 @@ pub fn start(config: Config) -> Result<Running, ServerError> {
     let shared = Arc::new(Shared {
         snapshot: ArcSwap::new(snapshot),
         draining: CancellationToken::new(),
-        shutting_down: Arc::default(),
+        phase: crate::signal::Phase::default(),
         admission: Arc::default(),
         force_close: CancellationToken::new(),
         metrics: Arc::default(),
@@ -468,7 +469,9 @@ impl Worker {
                 left = sessions.len(),
                 "drain timeout reached: closing the remaining connections"
             );
+            self.shared.phase.start_force_close();
             self.shared.force_close.cancel();
+            self.shared.sessions.wake_all();
             let _ = tokio::time::timeout(CLOSE_GRACE, sessions.wait()).await;
         }
     }

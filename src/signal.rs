@@ -1,30 +1,30 @@
-//! How wsgate tells one relayed connection to close: a [`StopSignal`] per connection, held by the relay and by the
-//! registry of its server's sessions. A drain, a removal or a rebalance of the server sets its reason and cancels
-//! its token, which wakes the connection; the relay then reads the reason with one atomic load, so checking for it
-//! on every wake-up costs next to nothing. A leaf module: the relay and the upstreams both use it, and neither
-//! knows the other.
+//! How wsgate tells one relayed connection to close: a [`StopSignal`] per connection, held in its live-session
+//! record, which the relay and the registry of its server's sessions share. A drain, a removal or a rebalance of the
+//! server, or the admin API, sets its reason and wakes the connection; the relay then reads the reason with one
+//! atomic load, so checking for it on every wake-up costs next to nothing. A shutdown wakes every connection the
+//! same way ([`StopSignal::wake`]), and the relay reads the server's phase. A leaf module: the relay and the
+//! upstreams both use it, and neither knows the other.
 
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::task::Waker;
 
-use tokio_util::sync::CancellationToken;
+use atomic_waker::AtomicWaker;
 
 /// The close code of a drain, a removal or a rebalance: 1012 "service restart".
 const SHED_CODE: u16 = 1012;
 
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct StopSignal {
     /// Why, and the close code a frames-mode connection is closed with: set once, together.
     stop: OnceLock<(&'static str, u16)>,
-    token: CancellationToken,
+    /// The relay's task, woken when the signal is given.
+    waker: AtomicWaker,
 }
 
 impl StopSignal {
-    /// A signal that wakes the connection through `token` (the relay waits on it).
-    pub fn new(token: CancellationToken) -> StopSignal {
-        StopSignal {
-            stop: OnceLock::new(),
-            token,
-        }
+    pub fn new() -> StopSignal {
+        StopSignal::default()
     }
 
     /// Asks the connection to close (with 1012 in frames mode), saying why; the first reason given is the one it
@@ -37,7 +37,7 @@ impl StopSignal {
     /// to close already (its first reason and code stand).
     pub fn stop_with(&self, code: u16, reason: &'static str) -> bool {
         let first = self.stop.set((reason, code)).is_ok();
-        self.token.cancel();
+        self.waker.wake();
         first
     }
 
@@ -46,7 +46,47 @@ impl StopSignal {
         self.stop.get().copied()
     }
 
-    pub fn token(&self) -> &CancellationToken {
-        &self.token
+    /// Wakes the connection without a reason of its own: it looks at the server's phase (a shutdown).
+    pub fn wake(&self) {
+        self.waker.wake();
+    }
+
+    /// The task to wake: registered before the relay reads the reason and the phase, so that a signal given after
+    /// that read wakes it.
+    pub fn register(&self, waker: &Waker) {
+        self.waker.register(waker);
+    }
+}
+
+/// Where the server is in its life, as a relay reads it when woken: serving, shutting down (frames-mode connections
+/// close with 1001), or past the drain timeout (every connection still open is closed at once).
+#[derive(Debug, Default)]
+pub struct Phase(AtomicU8);
+
+const SERVING: u8 = 0;
+const SHUTTING_DOWN: u8 = 1;
+const FORCE_CLOSING: u8 = 2;
+
+impl Phase {
+    pub fn shutting_down(&self) -> bool {
+        self.0.load(Ordering::Acquire) >= SHUTTING_DOWN
+    }
+
+    pub fn force_closing(&self) -> bool {
+        self.0.load(Ordering::Acquire) >= FORCE_CLOSING
+    }
+
+    /// The shutdown has started (set before the connections are woken).
+    pub fn start_shutdown(&self) {
+        self.0.fetch_max(SHUTTING_DOWN, Ordering::AcqRel);
+    }
+
+    /// The drain timeout has run out (set before the connections are woken).
+    pub fn start_force_close(&self) {
+        self.0.fetch_max(FORCE_CLOSING, Ordering::AcqRel);
+    }
+
+    pub fn serving(&self) -> bool {
+        self.0.load(Ordering::Acquire) == SERVING
     }
 }

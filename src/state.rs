@@ -4,7 +4,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 
 use arc_swap::ArcSwap;
 use tokio_util::sync::CancellationToken;
@@ -21,13 +20,14 @@ pub struct Shared {
     /// The config in force and the upstreams' state. A connection takes the current one when it is accepted and
     /// keeps it for its life; a reload swaps in a new one for the connections after it.
     pub snapshot: ArcSwap<Snapshot>,
-    /// Cancelled when the server starts draining: listeners close, and frames-mode sessions close with 1001.
+    /// Cancelled when the server starts draining: listeners close (and relays are woken to read the phase).
     pub draining: CancellationToken,
-    /// Set just before `draining` is cancelled: what a frames-mode relay woken by it reads to know it is a shutdown.
-    pub shutting_down: Arc<AtomicBool>,
+    /// Serving, shutting down (frames-mode sessions close with 1001) or force-closing: what a woken relay reads.
+    pub phase: crate::signal::Phase,
     /// The counts behind the connection limits (overall and per client), kept across reloads.
     pub(crate) admission: Arc<Admission>,
-    /// Cancelled when the drain timeout has run out: sessions still open then are closed.
+    /// Cancelled when the drain timeout has run out: sessions still open then are closed (relaying sessions are
+    /// woken to read the phase).
     pub force_close: CancellationToken,
     /// What `GET /metrics` on the admin listener reports.
     pub metrics: Arc<Metrics>,
@@ -49,7 +49,7 @@ impl Shared {
         Shared {
             snapshot: ArcSwap::from_pointee(Snapshot::new(config, None)),
             draining: CancellationToken::new(),
-            shutting_down: Arc::default(),
+            phase: crate::signal::Phase::default(),
             admission: Arc::default(),
             force_close: CancellationToken::new(),
             metrics: Arc::default(),

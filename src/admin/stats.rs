@@ -475,7 +475,6 @@ mod tests {
                 route,
                 ..PlaceRef::default()
             },
-            stop: Arc::new(crate::signal::StopSignal::new(CancellationToken::new())),
         }
     }
 

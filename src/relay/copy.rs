@@ -55,10 +55,10 @@ pub fn relay<'a>(
     client: &'a mut Conn,
     backend: &'a mut Conn,
     timeouts: Timeouts,
-    mut frames: Option<Box<Frames>>,
+    mut frames: Option<Box<Frames<'a>>>,
     early: [Vec<u8>; 2],
     counters: &'a mut Counters,
-    stop: Stop,
+    stop: Stop<'a>,
     live: Option<&'a LiveSession>,
 ) -> impl Future<Output = End> + 'a {
     let mut halves = [Half::default(), Half::default()];
@@ -82,10 +82,12 @@ pub fn relay<'a>(
         down,
         first_closed: None,
         linger: None,
-        idle: timeouts.idle.map(|after| Idle {
-            after,
-            last_activity: Instant::now(),
-            timer: Box::pin(tokio::time::sleep(after)),
+        idle: timeouts.idle.map(|after| {
+            Box::new(Idle {
+                after,
+                last_activity: Instant::now(),
+                timer: Box::pin(tokio::time::sleep(after)),
+            })
         }),
         frames,
         counters,
@@ -123,10 +125,11 @@ struct Relay<'a> {
     down: Half,
     first_closed: Option<Side>,
     linger: Option<Pin<Box<Sleep>>>,
-    idle: Option<Idle>,
-    frames: Option<Box<Frames>>,
+    /// Boxed: a route without an idle timeout (the default) needs none.
+    idle: Option<Box<Idle>>,
+    frames: Option<Box<Frames<'a>>>,
     counters: &'a mut Counters,
-    stop: Stop,
+    stop: Stop<'a>,
     write_timeout: Duration,
     /// Tunnel mode's write timeout, once bytes have had to wait.
     watch: Option<Box<TunnelWatch>>,
@@ -288,6 +291,12 @@ impl Future for Relay<'_> {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<End> {
         let this = self.get_mut();
         let stop = this.stop.poll(cx);
+        if let Some(StopCause::ForceClose) = stop {
+            if let Some(frames) = &this.frames {
+                frames.record(this.counters);
+            }
+            return Poll::Ready(End::ForceClosed);
+        }
         match this.frames.take() {
             Some(mut frames) => {
                 let end = this.poll_frames(cx, &mut frames, stop);
@@ -297,7 +306,7 @@ impl Future for Relay<'_> {
             None => match stop {
                 Some(StopCause::Shed(reason, _)) => Poll::Ready(End::ClosedByProxy(format!("{reason} (TCP closed)"))),
                 Some(StopCause::ShuttingDown) => Poll::Ready(End::ClosedByProxy("server shutting down".into())),
-                None => this.poll_tunnel(cx),
+                Some(StopCause::ForceClose) | None => this.poll_tunnel(cx),
             },
         }
     }

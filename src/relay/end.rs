@@ -39,6 +39,8 @@ pub enum End {
     ClosedByProxy(String),
     /// No byte either way for the idle timeout.
     IdleTimeout,
+    /// The drain timeout of a shutdown ran out: the connection was closed at once, without close frames.
+    ForceClosed,
     /// A socket error on this side.
     Error(Side, io::Error),
 }
@@ -55,6 +57,7 @@ impl std::fmt::Display for End {
             End::CloseHandshake { first, code: None } => write!(f, "{first} closed without a code"),
             End::ClosedByProxy(why) => write!(f, "closed by wsgate: {why}"),
             End::IdleTimeout => f.write_str("idle timeout"),
+            End::ForceClosed => f.write_str("closed: drain timeout reached during shutdown"),
             End::Error(side, e) => write!(f, "error: {side}: {e}"),
         }
     }
@@ -68,4 +71,6 @@ pub enum StopCause {
     /// The connection's server is drained, removed or rebalanced (close 1012), or the admin API closes it (with the
     /// code it was given): close with this reason and code.
     Shed(&'static str, u16),
+    /// The drain timeout has run out: close at once, in either mode.
+    ForceClose,
 }

@@ -165,6 +165,13 @@ pub(super) enum Verdict {
     End(End),
 }
 
+/// The token buckets of `messages_per_second`, one per side (client, backend).
+struct Rate {
+    tokens: [f64; 2],
+    accounted: [u64; 2],
+    refilled: Instant,
+}
+
 /// A close wsgate started.
 #[derive(Debug)]
 struct Closing {
@@ -174,23 +181,23 @@ struct Closing {
     by_proxy: bool,
 }
 
-/// The frames-mode state of one connection.
-pub struct Frames {
-    rules: FrameRules,
+/// The frames-mode state of one connection, with its route's rules (borrowed from the config in force for it).
+pub struct Frames<'r> {
+    rules: &'r FrameRules,
     client: FrameDir,
     backend: FrameDir,
     dead: [bool; 2],
     /// wsgate has queued a close frame of its own to this side.
     close_sent: [bool; 2],
     first_close: Option<Side>,
-    closing: Option<Closing>,
+    /// Boxed: only a closing connection has one.
+    closing: Option<Box<Closing>>,
     last_heard: [Instant; 2],
     pong_deadline: [Option<Instant>; 2],
     /// The write timeout of each receiver.
     watch: WriteWatch,
-    tokens: [f64; 2],
-    accounted: [u64; 2],
-    refilled: Instant,
+    /// The token buckets of `messages_per_second` (boxed: only a route with the limit has them).
+    rate: Option<Box<Rate>>,
     timer: Pin<Box<Sleep>>,
     timer_at: Option<Instant>,
     /// When the client's token expires: the connection is closed then.
@@ -214,9 +221,9 @@ fn random_bytes<const N: usize>() -> [u8; N] {
     out
 }
 
-impl Frames {
+impl<'r> Frames<'r> {
     /// The frames state for a connection whose 101 negotiated `deflate` or not.
-    pub fn new(rules: FrameRules, deflate: bool) -> Box<Frames> {
+    pub fn new(rules: &'r FrameRules, deflate: bool) -> Box<Frames<'r>> {
         let dir_rules = |masked| Rules {
             masked,
             rsv1_allowed: deflate,
@@ -225,7 +232,6 @@ impl Frames {
             max_message_size: rules.max_message_size,
         };
         let now = Instant::now();
-        let full = f64::from(rules.burst) + f64::from(rules.messages_per_second.unwrap_or(0));
         let mut frames = Box::new(Frames {
             rules,
             client: FrameDir::new(dir_rules(true)),
@@ -237,9 +243,14 @@ impl Frames {
             last_heard: [now; 2],
             pong_deadline: [None; 2],
             watch: WriteWatch::default(),
-            tokens: [full; 2],
-            accounted: [0; 2],
-            refilled: now,
+            rate: rules.messages_per_second.map(|rate| {
+                let full = f64::from(rules.burst) + f64::from(rate);
+                Box::new(Rate {
+                    tokens: [full; 2],
+                    accounted: [0; 2],
+                    refilled: now,
+                })
+            }),
             timer: Box::pin(tokio::time::sleep_until(now)),
             timer_at: None,
             expires: None,
@@ -316,10 +327,13 @@ impl Frames {
         if self.dir(side).close_code.is_some() {
             // It said goodbye before it went: the partner's close reply ends the connection as usual, if it comes
             // in time.
-            self.closing.get_or_insert(Closing {
-                why: format!("{side} left after its close frame; the other side did not answer it"),
-                deadline: Instant::now() + self.rules.close_timeout,
-                by_proxy: false,
+            let deadline = Instant::now() + self.rules.close_timeout;
+            self.closing.get_or_insert_with(|| {
+                Box::new(Closing {
+                    why: format!("{side} left after its close frame; the other side did not answer it"),
+                    deadline,
+                    by_proxy: false,
+                })
             });
             return;
         }
@@ -348,11 +362,11 @@ impl Frames {
     fn start_closing(&mut self, why: String) {
         match &mut self.closing {
             None => {
-                self.closing = Some(Closing {
+                self.closing = Some(Box::new(Closing {
                     why,
                     deadline: Instant::now() + self.rules.close_timeout,
                     by_proxy: true,
-                })
+                }))
             }
             // Waiting for a reply to a side's close, and now wsgate closes too: its reason is the one to log.
             Some(closing) if !closing.by_proxy => {
@@ -401,10 +415,13 @@ impl Frames {
             if self.first_close.is_none() && self.dir(side).close_code.is_some() {
                 self.first_close = Some(side);
                 // The other side has close_timeout to answer.
-                self.closing.get_or_insert(Closing {
-                    why: format!("{side} sent its close frame; the other side did not answer it"),
-                    deadline: now + self.rules.close_timeout,
-                    by_proxy: false,
+                let deadline = now + self.rules.close_timeout;
+                self.closing.get_or_insert_with(|| {
+                    Box::new(Closing {
+                        why: format!("{side} sent its close frame; the other side did not answer it"),
+                        deadline,
+                        by_proxy: false,
+                    })
                 });
             }
         }
@@ -415,7 +432,8 @@ impl Frames {
                 self.close_to(Side::Backend, 1001, "going away");
                 self.start_closing("the client's token expired (close 1008 to the client, 1001 to the backend)".into());
             }
-            None => {}
+            // Handled by the relay before the frames state is asked.
+            None | Some(StopCause::ForceClose) => {}
             Some(StopCause::ShuttingDown) => self.close_both(
                 1001,
                 "going away",
@@ -485,21 +503,21 @@ impl Frames {
     /// back (up to one second's worth plus the burst), and each side may start as many messages as it has whole
     /// tokens before its tracker answers with a rate-limit violation.
     pub(super) fn account_rate(&mut self) {
-        let Some(rate) = self.rules.messages_per_second else {
+        let (Some(rate), Some(bucket)) = (self.rules.messages_per_second, self.rate.as_deref_mut()) else {
             return;
         };
         let now = Instant::now();
         let rate = f64::from(rate);
         let cap = rate + f64::from(self.rules.burst);
-        let elapsed = now.saturating_duration_since(self.refilled).as_secs_f64();
-        self.refilled = now;
-        for (i, side) in [Side::Client, Side::Backend].into_iter().enumerate() {
-            let started = self.dir(side).tracker.messages();
-            let spent = started.saturating_sub(self.accounted[i]);
-            self.accounted[i] = started;
-            self.tokens[i] = (self.tokens[i] - spent as f64 + elapsed * rate).min(cap);
-            let budget = self.tokens[i].max(0.0).floor() as u64;
-            self.dir_mut(side).tracker.set_budget(Some(budget));
+        let elapsed = now.saturating_duration_since(bucket.refilled).as_secs_f64();
+        bucket.refilled = now;
+        for (i, dir) in [&mut self.client, &mut self.backend].into_iter().enumerate() {
+            let started = dir.tracker.messages();
+            let spent = started.saturating_sub(bucket.accounted[i]);
+            bucket.accounted[i] = started;
+            bucket.tokens[i] = (bucket.tokens[i] - spent as f64 + elapsed * rate).min(cap);
+            let budget = bucket.tokens[i].max(0.0).floor() as u64;
+            dir.tracker.set_budget(Some(budget));
         }
     }
 

@@ -11,50 +11,34 @@ use end::StopCause;
 pub use end::{End, Side};
 pub use frames::Frames;
 
-use std::future::Future;
-use std::pin::Pin;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::Context;
 
-use tokio_util::sync::WaitForCancellationFutureOwned;
+use crate::signal::{Phase, StopSignal};
 
-use crate::signal::StopSignal;
-
-/// A relayed connection's side of its [`StopSignal`]: woken through the signal's token, it reads the signal's reason
-/// (a shed) and, in frames mode, the process's shutdown flag, one atomic load each.
-pub struct Stop {
-    signal: Arc<StopSignal>,
-    /// Registers the connection's waker with the signal's token: polled once, it stays registered.
-    wait: Pin<Box<WaitForCancellationFutureOwned>>,
-    registered: bool,
-    /// Set at shutdown (frames mode only: the token is then a child of the shutdown token, so it wakes the relay).
-    shutting_down: Option<Arc<AtomicBool>>,
+/// A relayed connection's side of its [`StopSignal`] and of the server's [`Phase`]: woken through the signal, it
+/// reads the signal's reason (a shed, the admin API) and the phase (a shutdown, a forced close), one atomic load each.
+pub struct Stop<'a> {
+    signal: &'a StopSignal,
+    phase: &'a Phase,
+    /// Frames mode: a shutdown closes the connection with 1001 at once (a tunnel runs on until the drain timeout).
+    frames: bool,
 }
 
-impl Stop {
-    pub fn new(signal: Arc<StopSignal>, shutting_down: Option<Arc<AtomicBool>>) -> Stop {
-        Stop {
-            wait: Box::pin(signal.token().clone().cancelled_owned()),
-            signal,
-            registered: false,
-            shutting_down,
-        }
+impl<'a> Stop<'a> {
+    pub fn new(signal: &'a StopSignal, phase: &'a Phase, frames: bool) -> Stop<'a> {
+        Stop { signal, phase, frames }
     }
 
     /// Whether the connection must close, and why.
-    fn poll(&mut self, cx: &mut Context<'_>) -> Option<StopCause> {
-        if !self.registered {
-            self.registered = true;
-            // Ready at once only for a signal already given; its cause is read below either way.
-            let _ = self.wait.as_mut().poll(cx);
+    fn poll(&self, cx: &mut Context<'_>) -> Option<StopCause> {
+        // Registered before the reads below: a signal given after them wakes the task.
+        self.signal.register(cx.waker());
+        if self.phase.force_closing() {
+            return Some(StopCause::ForceClose);
         }
         if let Some((reason, code)) = self.signal.reason() {
             return Some(StopCause::Shed(reason, code));
         }
-        self.shutting_down
-            .as_ref()
-            .is_some_and(|flag| flag.load(Ordering::Acquire))
-            .then_some(StopCause::ShuttingDown)
+        (self.frames && self.phase.shutting_down()).then_some(StopCause::ShuttingDown)
     }
 }

@@ -6,6 +6,7 @@
 mod plain;
 mod refusal;
 
+use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,14 +14,13 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, timeout};
-use tokio_util::sync::CancellationToken;
 
 use crate::config::{self, Deflate, Listener, Sticky, TrustedProxies};
 use crate::conn::Conn;
 use crate::http::handshake::{self, BackendAnswer, BodyEnd, MAX_HEAD_BYTES, Omit, Parsed, ResponseError, UpgradeHead};
 use crate::http::trace::Trace;
 use crate::http::{Client, RequestView};
-use crate::live::{NewSession, PlaceRef};
+use crate::live::{LiveSession, NewSession, PlaceRef};
 use crate::metrics::Metrics;
 use crate::observe::{ConnectionRecord, RequestInfo};
 use crate::otlp::SpanStart;
@@ -28,7 +28,6 @@ use crate::policy::{Admitted, KeyAdmitted};
 use crate::proxy_protocol::{self, Header, ReadError as ProxyReadError};
 use crate::relay;
 use crate::route;
-use crate::signal::StopSignal;
 use crate::state::{Shared, Snapshot};
 use crate::tls::server::ServerTls;
 use crate::upstream::{self, Active, Attempts, Upstream, UpstreamError};
@@ -45,24 +44,97 @@ pub struct Accepted {
 
 /// Serves one client connection from accept to close, and writes its access log line (a plain HTTP connection
 /// writes one per request instead).
-pub async fn session(shared: Arc<Shared>, accepted: Accepted) {
+///
+/// Everything before the relay (the handshake, or a whole plain HTTP connection or refusal) runs in a future of
+/// its own on the heap, freed before the relay starts: the task of a long-lived session keeps only what relaying
+/// needs, which is most of the memory an idle session costs.
+pub fn session(shared: Arc<Shared>, accepted: Accepted) -> impl Future<Output = ()> + Send {
+    // Made here, not in the async block: what the block captures it keeps for the task's whole life.
+    let front = Box::pin(front(shared, accepted));
+    async move {
+        let mut opened = front.await;
+        // Run in place: a binding of its own would be stored beside it.
+        if let Some(relaying) = &mut opened {
+            relaying.run().await;
+        }
+    }
+}
+
+/// A WebSocket session switched on both sides, with what its end needs (its access log record, its admission).
+struct Relaying {
+    shared: Arc<Shared>,
+    snapshot: Arc<Snapshot>,
+    record: Box<ConnectionRecord>,
+    started: Instant,
+    listener: SocketAddr,
+    /// Counted against the connection limits for as long as the connection lives.
+    _admitted: Admitted,
+    switched: Switched,
+}
+
+impl Relaying {
+    /// Relays, then writes the session's line. By reference: the task stores the session once.
+    async fn run(&mut self) {
+        let record = &mut *self.record;
+        let end = relay_switched(
+            &self.shared,
+            &self.snapshot,
+            self.listener,
+            &mut self.switched,
+            record.id,
+            &mut record.bytes,
+        )
+        .await;
+        note_relay_end(record, &end);
+        finish(
+            &self.shared,
+            &self.snapshot,
+            record,
+            self.listener,
+            self.started.elapsed(),
+        );
+    }
+}
+
+/// The connection up to the relay: `Some` for a WebSocket session to relay; `None` when it is done, its line
+/// written.
+async fn front(shared: Arc<Shared>, accepted: Accepted) -> Option<Relaying> {
     let started = Instant::now();
     let listener = accepted.listener;
-    let mut record = ConnectionRecord::new(accepted.id, accepted.peer);
+    let mut record = Box::new(ConnectionRecord::new(accepted.id, accepted.peer));
     let snapshot = shared.snapshot.load_full();
-    tokio::select! {
-        () = run(&shared, &snapshot, accepted, &mut record) => {}
+    let opened = tokio::select! {
+        opened = handshake(&shared, &snapshot, accepted, &mut record) => opened,
         () = shared.force_close.cancelled() => {
             record.end = "closed: drain timeout reached during shutdown".into();
             if record.status == 101 {
                 record.bytes.close_first = Some("proxy");
             }
+            None
+        }
+    };
+    match opened {
+        Some((admitted, switched)) => Some(Relaying {
+            shared,
+            snapshot,
+            record,
+            started,
+            listener,
+            _admitted: admitted,
+            switched,
+        }),
+        None => {
+            finish(&shared, &snapshot, &record, listener, started.elapsed());
+            None
         }
     }
+}
+
+/// The end of a connection: its refusal counted, its access log line and its span.
+fn finish(shared: &Shared, snapshot: &Snapshot, record: &ConnectionRecord, listener: SocketAddr, duration: Duration) {
     if let Some(reason) = record.rejection {
         shared.metrics.rejected(reason, record.upgrade, record.status);
     }
-    let duration = started.elapsed();
     if shared.access_log.enabled()
         && let Some(kind) = record.kind()
     {
@@ -70,35 +142,32 @@ pub async fn session(shared: Arc<Shared>, accepted: Accepted) {
         let line = record.line(kind, listener, duration, &snapshot.config);
         shared.access_log.write(line);
     }
-    shared.spans.session_ended(&record, &snapshot.config, duration);
+    shared.spans.session_ended(record, &snapshot.config, duration);
 }
 
-async fn run(shared: &Arc<Shared>, snapshot: &Arc<Snapshot>, mut accepted: Accepted, record: &mut ConnectionRecord) {
+/// Admission and the handshake: the admission and the switched connection for a WebSocket to relay; `None` when
+/// the connection was answered otherwise (a refusal, plain HTTP, a backend's non-101 answer) and is done.
+async fn handshake(
+    shared: &Arc<Shared>,
+    snapshot: &Arc<Snapshot>,
+    mut accepted: Accepted,
+    record: &mut ConnectionRecord,
+) -> Option<(Admitted, Switched)> {
     // The PROXY protocol header comes before anything else, and its source is the client that admission counts.
     // Boxed: only connections from a load balancer need the read's buffer.
     if reads_proxy_header(snapshot, &accepted) {
-        match Box::pin(proxy_header(snapshot, accepted, record)).await {
-            Some(proxied) => accepted = proxied,
-            None => return,
-        }
+        accepted = Box::pin(proxy_header(snapshot, accepted, record)).await?;
     }
-    // Counted against the connection limits for as long as the connection lives.
-    let _admitted = match admit(shared, snapshot, &accepted) {
+    let admitted = match admit(shared, snapshot, &accepted) {
         Ok(admitted) => admitted,
         Err(refusal) => {
             let tls = snapshot.listener(accepted.listener).is_some_and(|l| l.tls.is_some());
             refuse_at_once(&accepted.stream, tls, record, &refusal);
-            return;
+            return None;
         }
     };
-    // The handshake runs in a future of its own on the heap, freed before the relay starts: a long-lived session
-    // keeps only the relay's small state.
-    let listener = accepted.listener;
-    let Some(switched) = Box::pin(open(shared, snapshot, accepted, record)).await else {
-        return;
-    };
-    let end = relay_switched(shared, snapshot, listener, switched, record.id, &mut record.bytes).await;
-    note_relay_end(record, &end);
+    let switched = open(shared, snapshot, accepted, record).await?;
+    Some((admitted, switched))
 }
 
 /// Notes how a relay ended for the access log: its `end`, and who ended it (`close_side`): the side whose close
@@ -111,7 +180,7 @@ fn note_relay_end(record: &mut ConnectionRecord, end: &relay::End) {
     };
     let close_side = &mut record.bytes.close_first;
     match end {
-        relay::End::ClosedByProxy(_) | relay::End::IdleTimeout => *close_side = Some("proxy"),
+        relay::End::ClosedByProxy(_) | relay::End::IdleTimeout | relay::End::ForceClosed => *close_side = Some("proxy"),
         // The relay named the side of the first close frame (frames mode).
         _ if close_side.is_some() => {}
         relay::End::CloseHandshake { first, .. } => *close_side = Some(side(*first)),
@@ -249,12 +318,18 @@ struct Switched {
     active: Active,
     /// The backend accepted permessage-deflate.
     deflate: bool,
-    /// Bytes read with the handshake heads: client to backend, backend to client.
-    early: [Vec<u8>; 2],
+    /// Bytes read with the handshake heads: client to backend, backend to client (`None` when there were none, as
+    /// is usual: boxed, taken when the relay starts).
+    early: Option<Box<[Vec<u8>; 2]>>,
     /// What the route's authentication holds for the session's life.
     auth: Option<Box<AuthHeld>>,
     /// The request's client (a trusted proxy's forwarded client, when there is one).
     client_ip: IpAddr,
+}
+
+/// The bytes read with the handshake heads, boxed when there are any.
+fn early(client: Vec<u8>, backend: &[u8]) -> Option<Box<[Vec<u8>; 2]>> {
+    (!client.is_empty() || !backend.is_empty()).then(|| Box::new([client, backend.to_vec()]))
 }
 
 /// What an authenticated session holds while it lives: its API key's connection count, and when its token
@@ -302,74 +377,96 @@ fn hold_auth(shared: &Shared, admit: Option<&crate::auth::Admit>) -> Result<Opti
 
 /// Relays a switched connection in its route's mode. The session is registered on its server, so that a drain or
 /// a rebalance can close it (close 1012 in frames mode).
+///
+/// Only the relay's own future and the registration are held while the session lives: what starts the relay is
+/// made in plain functions, so that none of it stays in the session's task (an async function keeps every local
+/// that lives across an await, even one moved out of).
 async fn relay_switched(
     shared: &Shared,
     snapshot: &Snapshot,
     listener: SocketAddr,
-    switched: Switched,
+    switched: &mut Switched,
     id: u64,
     counters: &mut crate::observe::Counters,
 ) -> relay::End {
-    let route = &snapshot.config.routes[switched.route];
     shared.metrics.switched();
-    let Switched {
-        mut client,
-        mut backend,
-        deflate,
-        early,
-        mut active,
-        auth,
-        client_ip,
-        ..
-    } = switched;
-    let (frames, token, write) = match route.relay {
-        config::Relay::Tunnel(rules) => (None, CancellationToken::new(), rules.write_timeout),
-        // A child of the shutdown token: a shutdown wakes frames-mode connections, which close with 1001 at once.
-        config::Relay::Frames(rules) => {
-            let mut frames = relay::Frames::new(rules, deflate);
-            if let Some(at) = auth.as_ref().and_then(|a| a.expires) {
+    // Counted as active, and listed by the admin API, until this function returns or its future is dropped (a
+    // forced close of a connection still in a plain HTTP exchange).
+    let registered = register(shared, snapshot, listener, switched, id);
+    let end = start_relay(shared, snapshot, switched, &registered.session, counters).await;
+    shared
+        .metrics
+        .session_closed(counters.close_first.map(|_| counters.close_code), counters.close_first);
+    drop(registered);
+    // TLS ends with a close_notify (and whatever rustls still held before it), briefly: a peer that reads nothing
+    // more is not waited for. Not after the drain timeout of a shutdown: that closes at once.
+    if !matches!(end, relay::End::ForceClosed) {
+        for conn in [&mut switched.client, &mut switched.backend] {
+            if conn.is_tls() {
+                let _ = timeout(TLS_CLOSE_WAIT, conn.shutdown()).await;
+            }
+        }
+    }
+    end
+}
+
+/// Registers a switched session as live, and on its server: a drain or a rebalance of the server closes it (close
+/// 1012 in frames mode); a shutdown wakes it through the registry of live sessions.
+fn register<'s>(
+    shared: &'s Shared,
+    snapshot: &Snapshot,
+    listener: SocketAddr,
+    switched: &mut Switched,
+    id: u64,
+) -> crate::live::Registered<'s> {
+    let route = &snapshot.config.routes[switched.route];
+    let registered = shared.sessions.start(NewSession {
+        id,
+        client: switched.client_ip,
+        identity: switched.auth.as_ref().and_then(|a| a.identity.clone()),
+        mode: match route.relay {
+            config::Relay::Tunnel(_) => "tunnel",
+            config::Relay::Frames(_) => "frames",
+        },
+        place: PlaceRef {
+            listener: snapshot.listener_name(listener),
+            route: &route.name,
+            upstream: &snapshot.upstreams[route.upstream].config.name,
+            server: &switched.active.server().name,
+        },
+    });
+    switched.active.register(registered.session.clone());
+    registered
+}
+
+/// The relay of a switched session, in its route's mode.
+fn start_relay<'a>(
+    shared: &'a Shared,
+    snapshot: &'a Snapshot,
+    switched: &'a mut Switched,
+    live: &'a LiveSession,
+    counters: &'a mut crate::observe::Counters,
+) -> impl Future<Output = relay::End> + 'a {
+    let route = &snapshot.config.routes[switched.route];
+    let (frames, write) = match route.relay {
+        config::Relay::Tunnel(rules) => (None, rules.write_timeout),
+        config::Relay::Frames(ref rules) => {
+            let mut frames = relay::Frames::new(rules, switched.deflate);
+            if let Some(at) = switched.auth.as_ref().and_then(|a| a.expires) {
                 frames.expire_at(at);
             }
-            (Some(frames), shared.draining.child_token(), rules.write_timeout)
+            (Some(frames), rules.write_timeout)
         }
     };
     let timeouts = relay::Timeouts {
         idle: route.idle_timeout,
         write,
     };
-    let signal = Arc::new(StopSignal::new(token));
-    // Counted as active, and listed by the admin API, until this function returns or its future is dropped (a
-    // forced close at shutdown).
-    let registered = shared.sessions.start(NewSession {
-        id,
-        client: client_ip,
-        identity: auth.as_ref().and_then(|a| a.identity.clone()),
-        mode: if frames.is_some() { "frames" } else { "tunnel" },
-        place: PlaceRef {
-            listener: snapshot.listener_name(listener),
-            route: &route.name,
-            upstream: &snapshot.upstreams[route.upstream].config.name,
-            server: &active.server().name,
-        },
-        stop: signal.clone(),
-    });
-    active.register(id, signal.clone());
-    let shutting_down = frames.is_some().then(|| shared.shutting_down.clone());
-    let stop = relay::Stop::new(signal, shutting_down);
-    let live = Some(&*registered.session);
-    let end = relay::relay(&mut client, &mut backend, timeouts, frames, early, counters, stop, live).await;
-    shared
-        .metrics
-        .session_closed(counters.close_first.map(|_| counters.close_code), counters.close_first);
-    drop(registered);
-    // TLS ends with a close_notify (and whatever rustls still held before it), briefly: a peer that reads nothing
-    // more is not waited for.
-    for conn in [&mut client, &mut backend] {
-        if conn.is_tls() {
-            let _ = timeout(TLS_CLOSE_WAIT, conn.shutdown()).await;
-        }
-    }
-    end
+    // Frames-mode connections close with 1001 at once on a shutdown.
+    let stop = relay::Stop::new(&live.stop, &shared.phase, frames.is_some());
+    let early = switched.early.take().map_or_else(Default::default, |early| *early);
+    let (client, backend) = (&mut switched.client, &mut switched.backend);
+    relay::relay(client, backend, timeouts, frames, early, counters, stop, Some(live))
 }
 
 /// How long the end of a TLS connection waits for its close_notify to be written.
@@ -617,7 +714,7 @@ async fn open(
             shared.metrics.handshake_took(started.elapsed());
             Some(Switched {
                 client,
-                early: [client_early, backend_early.to_vec()],
+                early: early(client_early, backend_early),
                 backend: opened.backend,
                 route: prepared.route,
                 active: opened.server,
@@ -1002,8 +1099,10 @@ mod tests {
     use super::*;
     use crate::config::{Config, LogFormat, Timeouts};
 
-    /// Every live session is one of these futures, so its size is memory per idle connection: what only a refused
-    /// or a handshaking connection needs (answer buffers, the handshake's state) must live on the heap.
+    /// Every live session is one of these futures, so its size is memory per idle connection: the handshake's state
+    /// lives on the heap and is freed before the relay starts, and the relay phase holds the session once (an
+    /// async function keeps every local that lives across an await, even one moved out of: a field destructured
+    /// out of the session, or a session moved into a binding of its own, would be stored twice).
     #[tokio::test]
     async fn a_session_future_stays_small() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -1020,6 +1119,7 @@ mod tests {
         };
         let size = std::mem::size_of_val(&session(shared, accepted));
         // About 1.3 KiB today (a debug build); a stray buffer of a few KiB on the path would show.
+        eprintln!("SIZE {size}");
         assert!(size <= 2048, "a session future takes {size} bytes");
     }
 }

@@ -205,17 +205,17 @@ async fn relay_upgraded(
     // What the prefix and hyper's read buffer still hold of the client's WebSocket stream, and what hyper read
     // after the backend's 101, go first, through the relay like every other byte.
     let client_early = [prefix.get(read_from_prefix..).unwrap_or_default(), &parts.read_buf[..]].concat();
-    let switched = super::Switched {
+    let mut switched = super::Switched {
         client,
         backend,
         route: route_index,
         active: server,
         deflate,
-        early: [client_early, backend_early.to_vec()],
+        early: super::early(client_early, &backend_early),
         auth,
         client_ip,
     };
-    Ok(super::relay_switched(shared, snapshot, listener, switched, record.id, &mut record.bytes).await)
+    Ok(super::relay_switched(shared, snapshot, listener, &mut switched, record.id, &mut record.bytes).await)
 }
 
 /// What a forced close at shutdown (the drain timeout) says of a line it cuts short.

@@ -12,7 +12,7 @@ use tokio::time::Instant;
 
 use super::balance::FULL;
 use super::{Upstream, UpstreamShared};
-use crate::signal::StopSignal;
+use crate::live::LiveSession;
 
 /// Milliseconds on the process clock (tokio's, so that tests with a paused clock control it), never 0: 0 stands for
 /// "not set" in the atomics below.
@@ -77,7 +77,7 @@ pub struct ServerState {
 /// control thread to shed one), never per message and never across an await: a plain mutex is the cheapest correct
 /// tool here, which is why the project-wide ban on `std::sync::Mutex` (meant for the relay path) is lifted for it.
 #[allow(clippy::disallowed_types)]
-type Registry = std::sync::Mutex<HashMap<u64, Arc<StopSignal>>>;
+type Registry = std::sync::Mutex<HashMap<u64, Arc<LiveSession>>>;
 
 impl ServerState {
     pub(super) fn new(name: &str, address: SocketAddr) -> ServerState {
@@ -203,7 +203,7 @@ impl ServerState {
             };
             sessions.remove(&id)
         };
-        signal.map(|s| s.stop(reason.text())).is_some()
+        signal.map(|s| s.stop.stop(reason.text())).is_some()
     }
 }
 
@@ -245,10 +245,11 @@ impl Active {
         &self.server
     }
 
-    /// Registers the WebSocket session `id` so that a drain or a rebalance can close it through `stop`.
-    pub fn register(&mut self, id: u64, stop: Arc<StopSignal>) {
+    /// Registers the live WebSocket `session` so that a drain or a rebalance can close it through its stop signal.
+    pub fn register(&mut self, session: Arc<LiveSession>) {
         if let Ok(mut sessions) = self.server.sessions.lock() {
-            sessions.insert(id, stop);
+            let id = session.id;
+            sessions.insert(id, session);
             self.registered = Some(id);
         }
     }
@@ -329,23 +330,30 @@ mod tests {
     #[test]
     fn registered_sessions_are_shed_one_at_a_time() {
         let u = Upstream::new(&upstream(1, None), None);
-        let signals: Vec<Arc<StopSignal>> = (0..3)
-            .map(|_| Arc::new(StopSignal::new(tokio_util::sync::CancellationToken::new())))
+        let live = crate::live::Sessions::default();
+        let registered: Vec<_> = (0..3)
+            .map(|id| {
+                live.start(crate::live::NewSession {
+                    id,
+                    client: std::net::IpAddr::from([127, 0, 0, 1]),
+                    identity: None,
+                    mode: "frames",
+                    place: crate::live::PlaceRef::default(),
+                })
+            })
             .collect();
-        let mut held: Vec<Active> = signals
+        let mut held: Vec<Active> = registered
             .iter()
-            .enumerate()
-            .map(|(id, s)| {
+            .map(|r| {
                 let mut a = u.connect_to(0).expect("room");
-                a.register(id as u64, s.clone());
+                a.register(r.session.clone());
                 a
             })
             .collect();
         assert_eq!(u.servers()[0].sessions(), 3);
         assert!(u.servers()[0].shed_one(ShedReason::Rebalancing));
-        let shed: Vec<_> = signals.iter().filter(|s| s.token().is_cancelled()).collect();
-        assert_eq!(shed.len(), 1);
-        assert_eq!(shed[0].reason(), Some(("rebalancing connections", 1012)));
+        let shed: Vec<_> = registered.iter().filter_map(|r| r.session.stop.reason()).collect();
+        assert_eq!(shed, [("rebalancing connections", 1012)]);
         held.pop();
         assert!(u.servers()[0].sessions() <= 2);
         drop(held);
