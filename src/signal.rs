@@ -63,7 +63,7 @@ impl StopSignal {
 #[derive(Debug, Default)]
 pub struct Phase(AtomicU8);
 
-const SERVING: u8 = 0;
+// 0: serving.
 const SHUTTING_DOWN: u8 = 1;
 const FORCE_CLOSING: u8 = 2;
 
@@ -84,9 +84,5 @@ impl Phase {
     /// The drain timeout has run out (set before the connections are woken).
     pub fn start_force_close(&self) {
         self.0.fetch_max(FORCE_CLOSING, Ordering::AcqRel);
-    }
-
-    pub fn serving(&self) -> bool {
-        self.0.load(Ordering::Acquire) == SERVING
     }
 }
