@@ -327,6 +327,54 @@ async fn the_subprotocol_and_extensions_the_backend_chose() {
     );
 }
 
+/// Bytes that came with the handshake heads (a frame the client wrote with its upgrade request, one the backend
+/// wrote with its 101) are counted like every other byte, in both relay modes.
+#[tokio::test]
+async fn bytes_sent_with_the_heads_are_counted() {
+    let backend = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let backend_addr = backend.local_addr().expect("addr");
+    let _backend = tokio::spawn(async move {
+        while let Ok((mut stream, _)) = backend.accept().await {
+            tokio::spawn(async move {
+                let (head, _) = read_head(&mut stream).await;
+                let key = support::raw::header_value(&head, "sec-websocket-key").unwrap_or_default();
+                let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+                // The 101 and a text frame "early" in one write.
+                let mut answer = format!(
+                    "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                     Sec-WebSocket-Accept: {accept}\r\n\r\n"
+                )
+                .into_bytes();
+                answer.extend_from_slice(b"\x81\x05early");
+                let _ = stream.write_all(&answer).await;
+                let mut sink = [0u8; 1024];
+                while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {}
+            });
+        }
+    });
+    let logged = logged_with("access-early", "", backend_addr).await;
+    for route in ["tunnel", "chat"] {
+        let mut stream = TcpStream::connect(logged.proxy.addr).await.expect("connect");
+        // The upgrade request and a masked text frame "hi" (mask 0) in one write.
+        let mut request = upgrade_request(&format!("/{route}/e"), "").into_bytes();
+        request.extend_from_slice(b"\x81\x82\0\0\0\0hi");
+        stream.write_all(&request).await.expect("write");
+        let mut got = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !got.ends_with(b"\x81\x05early") {
+            let n = within("the 101 and the early frame", stream.read(&mut buf))
+                .await
+                .expect("read");
+            assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&got));
+            got.extend_from_slice(&buf[..n]);
+        }
+        drop(stream);
+        let line = logged.line_of_route(route).await;
+        assert_eq!(line["bytes_in"].as_u64(), Some(8), "{line}");
+        assert_eq!(line["bytes_out"].as_u64(), Some(7), "{line}");
+    }
+}
+
 /// Plain HTTP: one line per request of a keep-alive connection, with that request's own bytes.
 #[tokio::test]
 async fn plain_keep_alive_requests_get_a_line_each() {

@@ -62,6 +62,9 @@ pub fn relay<'a>(
     live: Option<&'a LiveSession>,
 ) -> impl Future<Output = End> + 'a {
     let mut halves = [Half::default(), Half::default()];
+    // Bytes read with the heads are relayed bytes too, in either mode.
+    counters.client_to_backend += early[0].len() as u64;
+    counters.backend_to_client += early[1].len() as u64;
     for ((half, bytes), side) in halves.iter_mut().zip(early).zip([Side::Client, Side::Backend]) {
         match frames.as_deref_mut() {
             None => half.pending = bytes,
