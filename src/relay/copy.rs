@@ -10,10 +10,12 @@
 //! A short read (fewer bytes than asked for) or a short write means the socket is drained or full: the relay then
 //! clears the readiness it holds instead of making one more system call only to be told `EAGAIN`.
 //!
-//! In `tunnel` mode that is all. In `frames` mode each direction also has a [`FrameDir`]: every chunk read goes
-//! through its frame tracker before it is written, which may keep a few bytes of an incomplete header for the next
-//! read, drop a pong that answers wsgate's own ping, or put a frame of wsgate's own at a frame boundary; and the
-//! connection's [`Frames`] state decides when and how the connection ends (close codes, keepalive, drain).
+//! In `tunnel` mode that is all, unless the `splice` experiment is on: then a direction between two plain TCP
+//! sockets that reads a full scratch buffer moves its bytes through a pipe of its own from then on (see `splice`).
+//! In `frames` mode each direction also has a [`FrameDir`]: every chunk read goes through its frame tracker before
+//! it is written, which may keep a few bytes of an incomplete header for the next read, drop a pong that answers
+//! wsgate's own ping, or put a frame of wsgate's own at a frame boundary; and the connection's [`Frames`] state
+//! decides when and how the connection ends (close codes, keepalive, drain).
 
 use std::cell::RefCell;
 use std::future::Future;
@@ -27,6 +29,7 @@ use tokio::time::{Instant, Sleep};
 use super::Stop;
 use super::end::{End, Side, StopCause};
 use super::frames::{FrameDir, Frames, Verdict};
+use super::splice::{self, Pipe};
 use super::watch::WriteWatch;
 use crate::conn::Conn;
 use crate::live::{Counted, LiveSession};
@@ -61,11 +64,13 @@ pub fn relay<'a>(
     stop: Stop<'a>,
     live: Option<&'a LiveSession>,
 ) -> impl Future<Output = End> + 'a {
+    let may_splice = frames.is_none() && !client.is_tls() && !backend.is_tls() && splice::enabled();
     let mut halves = [Half::default(), Half::default()];
     // Bytes read with the heads are relayed bytes too, in either mode.
     counters.client_to_backend += early[0].len() as u64;
     counters.backend_to_client += early[1].len() as u64;
     for ((half, bytes), side) in halves.iter_mut().zip(early).zip([Side::Client, Side::Backend]) {
+        half.may_splice = may_splice;
         match frames.as_deref_mut() {
             None => half.pending = bytes,
             Some(frames) if !bytes.is_empty() => {
@@ -157,6 +162,10 @@ struct Half {
     delivered: u64,
     eof: bool,
     done: bool,
+    /// Tunnel mode between two plain TCP sockets with the splice experiment on: a full read makes `pipe`.
+    may_splice: bool,
+    /// Once made, the direction's bytes go through it (see `splice`); closed with the relay.
+    pipe: Option<Box<Pipe>>,
 }
 
 /// What stopped a direction.
@@ -199,6 +208,10 @@ impl Half {
                 self.pending = Vec::new();
                 self.written = 0;
             }
+            // Only plain sockets have a pipe.
+            if let Some(pipe) = &mut self.pipe {
+                ready!(pipe.poll_drain(cx, dst.tcp(), &mut self.delivered, active)).map_err(HalfError::Write)?;
+            }
             // What TLS still holds for `dst` goes out before more is read for it (unless `dst` is gone, and what
             // is read for it is dropped anyway).
             if !dst_dead {
@@ -229,6 +242,25 @@ impl Half {
                 return Poll::Pending;
             }
             reads += 1;
+            if let Some(pipe) = &mut self.pipe {
+                match ready!(pipe.poll_fill(cx, src.tcp())) {
+                    Ok(0) => self.eof = true,
+                    Ok(n) => {
+                        *relayed += n as u64;
+                        *active = true;
+                    }
+                    Err(e) if pipe.used() || splice::from_socket(&e) => return Poll::Ready(Err(HalfError::Read(e))),
+                    // Before any byte went through the pipe, an error that is not the socket's is splice's: the
+                    // copy path takes over.
+                    Err(_) => {
+                        self.pipe = None;
+                        self.may_splice = false;
+                    }
+                }
+                if self.pipe.is_some() {
+                    continue;
+                }
+            }
             let read = SCRATCH.with(|scratch| {
                 let mut scratch = scratch.borrow_mut();
                 let carried = frames.as_deref_mut().map_or(0, |dir| dir.take_carry(&mut scratch));
@@ -248,6 +280,9 @@ impl Half {
                 };
                 *relayed += n as u64;
                 *active = true;
+                if n == scratch.len() {
+                    self.start_splice();
+                }
                 let chunk = &scratch[..carried + n];
                 Poll::Ready(
                     match frames.as_deref_mut() {
@@ -283,8 +318,19 @@ impl Half {
         Ok(())
     }
 
+    /// A full read: a large transfer, which the splice path takes over if it may (bytes already read go first).
+    fn start_splice(&mut self) {
+        if !self.may_splice || self.pipe.is_some() {
+            return;
+        }
+        match Pipe::new() {
+            Ok(pipe) => self.pipe = Some(Box::new(pipe)),
+            Err(_) => self.may_splice = false,
+        }
+    }
+
     fn has_pending(&self) -> bool {
-        self.written < self.pending.len()
+        self.written < self.pending.len() || self.pipe.as_ref().is_some_and(|pipe| pipe.holds())
     }
 }
 

@@ -1,9 +1,11 @@
 //! Relays that carry a WebSocket connection after the `101 Switching Protocols`: `tunnel` copies bytes both ways
 //! without looking at them; `frames` runs the same copy loop with a frame tracker per direction (see `copy`).
+//! `splice` is an experiment: the tunnel's bytes through a pipe instead of a buffer.
 
 mod copy;
 mod end;
 mod frames;
+mod splice;
 mod watch;
 
 pub use copy::{Timeouts, relay};
