@@ -1,6 +1,7 @@
 //! What wsgate tells its operators: the log subscriber (text or JSON, on stderr), and what a connection's access
 //! log lines say ([`ConnectionRecord`], filled in as the connection goes; written by `access_log`).
 
+use std::borrow::Cow;
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, SystemTime};
 
@@ -65,7 +66,7 @@ pub struct ConnectionRecord {
     /// Why wsgate refused it, as `wsgate_rejections_total` says it (the fast path: one refusal at most).
     pub rejection: Option<&'static str>,
     /// The W3C trace id its request went on with.
-    pub trace_id: Option<String>,
+    pub trace_id: Option<[u8; 16]>,
     /// What its span needs beyond this record, with `[tracing]` (a WebSocket upgrade that got a trace).
     pub span: Option<Box<crate::otlp::SpanStart>>,
     /// What the request asked for and what it was admitted as; boxed: a connection refused before a request, or
@@ -85,7 +86,8 @@ pub const ERROR: &str = "error: ";
 /// A request as the access log shows it.
 #[derive(Debug, Default)]
 pub struct RequestInfo {
-    pub method: String,
+    /// A static string for the usual methods: a long-lived session keeps no allocation for it.
+    pub method: Cow<'static, str>,
     /// The target with the values of secret query parameters replaced.
     pub path: String,
     pub host: Option<String>,
@@ -100,6 +102,15 @@ pub struct RequestInfo {
     pub identity: Option<String>,
 }
 
+/// A request's method as the access log writes it.
+fn method_name(method: &[u8]) -> Cow<'static, str> {
+    const USUAL: [&str; 7] = ["GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH"];
+    match USUAL.iter().find(|m| m.as_bytes() == method) {
+        Some(m) => Cow::Borrowed(m),
+        None => Cow::Owned(String::from_utf8_lossy(method).into_owned()),
+    }
+}
+
 impl RequestInfo {
     /// A request from its parts as sent; `redact` names the query parameters (lowercase) whose values are left
     /// out, besides the default ones.
@@ -111,7 +122,7 @@ impl RequestInfo {
         redact: &[String],
     ) -> Box<RequestInfo> {
         Box::new(RequestInfo {
-            method: String::from_utf8_lossy(method).into_owned(),
+            method: method_name(method),
             path: line::redact_target(target, redact),
             host: host.map(|h| String::from_utf8_lossy(h).into_owned()),
             user_agent: user_agent.map(line::user_agent),
@@ -230,6 +241,7 @@ impl ConnectionRecord {
             None => (self.client.to_string(), None),
         };
         let request = self.request.as_deref();
+        let trace_id = self.trace_id.map(|id| crate::http::trace::hex(&id));
         let line = Line {
             time: line::rfc3339(SystemTime::now()),
             kind,
@@ -241,7 +253,7 @@ impl ConnectionRecord {
             route,
             upstream,
             server: self.server.map(|s| s.to_string()),
-            method: request.map(|r| r.method.as_str()),
+            method: request.map(|r| r.method.as_ref()),
             path: request.map(|r| r.path.as_str()),
             host: request.and_then(|r| r.host.as_deref()),
             status: (self.status != 0).then_some(self.status),
@@ -257,7 +269,7 @@ impl ConnectionRecord {
             close_side: self.bytes.close_first,
             end: &self.end,
             error: self.error(),
-            trace_id: self.trace_id.as_deref(),
+            trace_id: trace_id.as_deref(),
             user_agent: request.and_then(|r| r.user_agent.as_deref()),
         };
         line.to_bytes()

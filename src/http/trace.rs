@@ -45,11 +45,6 @@ impl Trace {
         format!("00-{}-{}-{:02x}", hex(&self.trace_id), hex(&self.span_id), self.flags)
     }
 
-    /// The trace id as the access log writes it.
-    pub fn trace_id_hex(&self) -> String {
-        hex(&self.trace_id)
-    }
-
     /// Its sampled flag: set on a trace wsgate starts, the client's choice on one it continues.
     pub fn sampled(&self) -> bool {
         self.flags & 0x01 != 0
@@ -128,7 +123,7 @@ mod tests {
     fn a_valid_traceparent_is_continued_with_a_new_span() {
         let t = Trace::of(Some(VALID));
         assert!(t.continued);
-        assert_eq!(t.trace_id_hex(), "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(hex(&t.trace_id), "4bf92f3577b34da6a3ce929d0e0e4736");
         assert_eq!(t.flags, 1);
         let header = t.header();
         assert!(header.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"), "{header}");

@@ -198,7 +198,9 @@ pub struct Frames<'r> {
     watch: WriteWatch,
     /// The token buckets of `messages_per_second` (boxed: only a route with the limit has them).
     rate: Option<Box<Rate>>,
-    timer: Pin<Box<Sleep>>,
+    /// Made the first time the connection has a deadline (a ping due, a pong awaited, a close, a stuck writer,
+    /// the token's expiry): an idle connection without keepalive has none.
+    timer: Option<Pin<Box<Sleep>>>,
     timer_at: Option<Instant>,
     /// When the client's token expires: the connection is closed then.
     expires: Option<Instant>,
@@ -251,7 +253,7 @@ impl<'r> Frames<'r> {
                     refilled: now,
                 })
             }),
-            timer: Box::pin(tokio::time::sleep_until(now)),
+            timer: None,
             timer_at: None,
             expires: None,
         });
@@ -462,11 +464,12 @@ impl<'r> Frames<'r> {
         match self.next_deadline(pending) {
             Some(at) if at <= now => Verdict::Wake,
             Some(at) => {
+                let timer = self.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
                 if self.timer_at != Some(at) {
-                    self.timer.as_mut().reset(at);
+                    timer.as_mut().reset(at);
                     self.timer_at = Some(at);
                 }
-                if self.timer.as_mut().poll(cx).is_ready() {
+                if timer.as_mut().poll(cx).is_ready() {
                     self.timer_at = None;
                     Verdict::Wake
                 } else {

@@ -557,7 +557,7 @@ fn inspect(snapshot: &Snapshot, front: Front<'_>, buf: &[u8], record: &mut Conne
     }
     let upstream = &snapshot.upstreams[route.upstream];
     let trace = Trace::of(single(view.header_values("traceparent")));
-    record.trace_id = Some(trace.trace_id_hex());
+    record.trace_id = Some(trace.trace_id);
     if snapshot.config.tracing.is_some() {
         record.span = Some(SpanStart::new(trace, &head.target, front.listener));
     }

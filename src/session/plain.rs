@@ -446,7 +446,7 @@ impl State {
             record.route = target.map(|t| t.route);
             record.upstream = target.map(|t| t.upstream);
             record.forwarded_for = (client.ip != client.peer).then_some(client.ip);
-            record.trace_id = Some(trace.trace_id_hex());
+            record.trace_id = Some(trace.trace_id);
         })
         .await;
     }
