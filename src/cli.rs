@@ -127,6 +127,9 @@ struct CommonArgs {
     /// Close a WebSocket connection when a side leaves bytes for it unread this long (either mode).
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
     write_timeout: Duration,
+    /// Tunnel mode: copy large transfers through wsgate's memory instead of moving them with splice(2).
+    #[arg(long)]
+    no_splice: bool,
     #[command(flatten)]
     frames: FrameArgs,
 }
@@ -204,6 +207,7 @@ impl CommonArgs {
         let mut config = Config::quick(listen, to, timeouts, format)?.with_relay(match self.mode {
             ModeArg::Tunnel => Relay::Tunnel(TunnelRules {
                 write_timeout: self.write_timeout,
+                splice: !self.no_splice,
             }),
             ModeArg::Frames => Relay::Frames(self.frames.rules(self.write_timeout)),
         })?;

@@ -422,8 +422,19 @@ impl Collector for States {
                 }
             }
         }
+        let (in_use, kept) = crate::relay::splice_pipes();
         let process = crate::sys::process_usage();
         let gauges = [
+            (
+                "splice_pipes_in_use",
+                "Pipes carrying a large tunnel transfer with splice(2) now (two descriptors each)",
+                Some(in_use as u64),
+            ),
+            (
+                "splice_pipes_kept",
+                "Empty pipes kept for the next large tunnel transfer (two descriptors each)",
+                Some(kept as u64),
+            ),
             (
                 "process_open_fds",
                 "File descriptors the process holds",

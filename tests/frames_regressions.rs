@@ -96,7 +96,10 @@ async fn message_after_a_quiet_period_is_within_the_rate_limit() {
 fn with_write_timeout(tunnel: bool, write_timeout: Duration) -> impl FnOnce(&mut Config) {
     move |c| {
         c.routes[0].relay = if tunnel {
-            Relay::Tunnel(TunnelRules { write_timeout })
+            Relay::Tunnel(TunnelRules {
+                write_timeout,
+                ..TunnelRules::default()
+            })
         } else {
             Relay::Frames(FrameRules {
                 write_timeout,

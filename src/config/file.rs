@@ -289,6 +289,8 @@ struct RawRoute {
     validate_utf8: Option<Spanned<bool>>,
     close_timeout: Option<Spanned<Dur>>,
     write_timeout: Option<Spanned<Dur>>,
+    // The tunnel's (relay = "tunnel" only).
+    splice: Option<Spanned<bool>>,
 }
 
 #[derive(Deserialize, Clone, Copy, PartialEq, Eq)]
@@ -1742,6 +1744,7 @@ fn build_relay(r: &RawRoute, report: &mut Report<'_>) -> Relay {
         }
         let rules = TunnelRules {
             write_timeout: dur(&r.write_timeout).unwrap_or(DEFAULT_WRITE_TIMEOUT),
+            splice: r.splice.as_ref().is_none_or(|s| *s.get_ref()),
         };
         for (key, expected) in rules.problems() {
             report.at(
@@ -1750,6 +1753,12 @@ fn build_relay(r: &RawRoute, report: &mut Report<'_>) -> Relay {
             );
         }
         return Relay::Tunnel(rules);
+    }
+    if let Some(splice) = &r.splice {
+        report.at(
+            Some(splice.span()),
+            "`splice`: applies to relay = \"tunnel\" only (frames mode reads every byte)".to_string(),
+        );
     }
     let defaults = FrameRules::default();
     let rules = FrameRules {
@@ -1883,8 +1892,17 @@ name = "empty"
         let config = parse(&format!("{head}write_timeout = \"5s\"\n"), "t.toml").expect("valid");
         let rules = TunnelRules {
             write_timeout: Duration::from_secs(5),
+            splice: true,
         };
         assert_eq!(config.routes[0].relay, Relay::Tunnel(rules));
+        let copied = parse(&format!("{head}splice = false\n"), "t.toml").expect("valid");
+        assert_eq!(
+            copied.routes[0].relay,
+            Relay::Tunnel(TunnelRules {
+                splice: false,
+                ..TunnelRules::default()
+            })
+        );
         let default = parse(head, "t.toml").expect("valid");
         assert_eq!(default.routes[0].relay, Relay::tunnel());
         let p = problems(&format!("{head}write_timeout = \"0s\"\nping_interval = \"1s\"\n"));
@@ -1894,6 +1912,10 @@ name = "empty"
             "{p:#?}"
         );
         assert!(p[1].contains("`write_timeout`: out of range"), "{p:#?}");
+        let frames = head.replace("relay = \"tunnel\"", "relay = \"frames\"");
+        let p = problems(&format!("{frames}splice = true\n"));
+        assert_eq!(p.len(), 1, "{p:#?}");
+        assert!(p[0].contains("`splice`: applies to relay = \"tunnel\" only"), "{p:#?}");
     }
 
     #[test]

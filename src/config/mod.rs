@@ -592,12 +592,16 @@ impl Relay {
 pub struct TunnelRules {
     /// How long a side may leave bytes for it unread before the connection is closed.
     pub write_timeout: Duration,
+    /// Large transfers between two plain TCP sockets move with splice(2) through a pipe (Linux), not through
+    /// wsgate's memory.
+    pub splice: bool,
 }
 
 impl Default for TunnelRules {
     fn default() -> Self {
         Self {
             write_timeout: DEFAULT_WRITE_TIMEOUT,
+            splice: true,
         }
     }
 }

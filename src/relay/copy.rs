@@ -10,8 +10,9 @@
 //! A short read (fewer bytes than asked for) or a short write means the socket is drained or full: the relay then
 //! clears the readiness it holds instead of making one more system call only to be told `EAGAIN`.
 //!
-//! In `tunnel` mode that is all, unless the `splice` experiment is on: then a direction between two plain TCP
-//! sockets that reads a full scratch buffer moves its bytes through a pipe of its own from then on (see `splice`).
+//! In `tunnel` mode that is all, except that a direction between two plain TCP sockets that reads a full scratch
+//! buffer (a large transfer) borrows a pipe and moves its bytes with splice(2) until it gives the pipe back (see
+//! `splice`; the route's `splice = false` turns that off).
 //! In `frames` mode each direction also has a [`FrameDir`]: every chunk read goes through its frame tracker before
 //! it is written, which may keep a few bytes of an incomplete header for the next read, drop a pong that answers
 //! wsgate's own ping, or put a frame of wsgate's own at a frame boundary; and the connection's [`Frames`] state
@@ -64,7 +65,7 @@ pub fn relay<'a>(
     stop: Stop<'a>,
     live: Option<&'a LiveSession>,
 ) -> impl Future<Output = End> + 'a {
-    let may_splice = frames.is_none() && !client.is_tls() && !backend.is_tls() && splice::enabled();
+    let may_splice = frames.is_none() && timeouts.splice && !client.is_tls() && !backend.is_tls();
     let mut halves = [Half::default(), Half::default()];
     // Bytes read with the heads are relayed bytes too, in either mode.
     counters.client_to_backend += early[0].len() as u64;
@@ -115,6 +116,8 @@ pub struct Timeouts {
     /// A side leaving bytes for it unread this long closes the connection (tunnel mode: frames mode has its own in
     /// its rules).
     pub write: Duration,
+    /// Tunnel mode: large transfers between plain TCP sockets may move with splice(2).
+    pub splice: bool,
 }
 
 /// The tunnel's write timeout, made the first time bytes wait for a receiver.
@@ -162,10 +165,19 @@ struct Half {
     delivered: u64,
     eof: bool,
     done: bool,
-    /// Tunnel mode between two plain TCP sockets with the splice experiment on: a full read makes `pipe`.
+    /// Tunnel mode between two plain TCP sockets (and the route allows it): a full read takes a `pipe`.
     may_splice: bool,
-    /// Once made, the direction's bytes go through it (see `splice`); closed with the relay.
+    /// Once taken, the direction's bytes go through it (see `splice`); given back when empty at a fold, and when
+    /// the relay ends.
     pipe: Option<Box<Pipe>>,
+}
+
+impl Drop for Half {
+    fn drop(&mut self) {
+        if let Some(pipe) = self.pipe.take() {
+            Pipe::give_back(pipe);
+        }
+    }
 }
 
 /// What stopped a direction.
@@ -253,7 +265,9 @@ impl Half {
                     // Before any byte went through the pipe, an error that is not the socket's is splice's: the
                     // copy path takes over.
                     Err(_) => {
-                        self.pipe = None;
+                        if let Some(pipe) = self.pipe.take() {
+                            Pipe::give_back(pipe);
+                        }
                         self.may_splice = false;
                     }
                 }
@@ -318,14 +332,20 @@ impl Half {
         Ok(())
     }
 
-    /// A full read: a large transfer, which the splice path takes over if it may (bytes already read go first).
+    /// A full read: a large transfer, which the splice path takes over if it may and a pipe is to be had (bytes
+    /// already read go first).
     fn start_splice(&mut self) {
-        if !self.may_splice || self.pipe.is_some() {
-            return;
+        if self.may_splice && self.pipe.is_none() {
+            self.pipe = Pipe::take();
         }
-        match Pipe::new() {
-            Ok(pipe) => self.pipe = Some(Box::new(pipe)),
-            Err(_) => self.may_splice = false,
+    }
+
+    /// Gives the pipe back if it is empty: the transfer is over or resumes with the next full read.
+    fn release_pipe(&mut self) {
+        if self.pipe.as_ref().is_some_and(|pipe| !pipe.holds())
+            && let Some(pipe) = self.pipe.take()
+        {
+            Pipe::give_back(pipe);
         }
     }
 
@@ -573,6 +593,9 @@ impl Relay<'_> {
         {
             self.fold_timer = None;
             self.fold(frames);
+            // A pipe is borrowed for a transfer, not for the session: an empty one goes back at each fold.
+            self.up.release_pipe();
+            self.down.release_pipe();
         }
     }
 

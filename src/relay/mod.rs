@@ -1,6 +1,5 @@
 //! Relays that carry a WebSocket connection after the `101 Switching Protocols`: `tunnel` copies bytes both ways
 //! without looking at them; `frames` runs the same copy loop with a frame tracker per direction (see `copy`).
-//! `splice` is an experiment: the tunnel's bytes through a pipe instead of a buffer.
 
 mod copy;
 mod end;
@@ -12,6 +11,7 @@ pub use copy::{Timeouts, relay};
 use end::StopCause;
 pub use end::{End, Side};
 pub use frames::Frames;
+pub use splice::pipes as splice_pipes;
 
 use std::task::Context;
 

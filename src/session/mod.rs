@@ -448,19 +448,20 @@ fn start_relay<'a>(
     counters: &'a mut crate::observe::Counters,
 ) -> impl Future<Output = relay::End> + 'a {
     let route = &snapshot.config.routes[switched.route];
-    let (frames, write) = match route.relay {
-        config::Relay::Tunnel(rules) => (None, rules.write_timeout),
+    let (frames, write, splice) = match route.relay {
+        config::Relay::Tunnel(rules) => (None, rules.write_timeout, rules.splice),
         config::Relay::Frames(ref rules) => {
             let mut frames = relay::Frames::new(rules, switched.deflate);
             if let Some(at) = switched.auth.as_ref().and_then(|a| a.expires) {
                 frames.expire_at(at);
             }
-            (Some(frames), rules.write_timeout)
+            (Some(frames), rules.write_timeout, false)
         }
     };
     let timeouts = relay::Timeouts {
         idle: route.idle_timeout,
         write,
+        splice,
     };
     // Frames-mode connections close with 1001 at once on a shutdown.
     let stop = relay::Stop::new(&live.stop, &shared.phase, frames.is_some());

@@ -22,13 +22,8 @@ pub struct Binary {
 impl Binary {
     /// Starts `wsgate ARGS`. It does not wait for anything: see [`Binary::wait_for_log`].
     pub fn spawn(args: impl IntoIterator<Item = impl AsRef<OsStr>>) -> Binary {
-        Binary::spawn_with_env(&[], args)
-    }
-
-    /// [`Binary::spawn`] with these variables added to the environment.
-    pub fn spawn_with_env(env: &[(&str, &str)], args: impl IntoIterator<Item = impl AsRef<OsStr>>) -> Binary {
         let mut command = Command::new(env!("CARGO_BIN_EXE_wsgate"));
-        command.args(args).envs(env.iter().copied());
+        command.args(args);
         Binary::run(command)
     }
 
@@ -142,15 +137,10 @@ pub struct BinaryProxy {
 impl BinaryProxy {
     /// `wsgate proxy --listen ADDR --to BACKEND --log-format json EXTRA..`, once it has logged "listening".
     pub async fn start(backend: SocketAddr, extra: &[&str]) -> BinaryProxy {
-        BinaryProxy::start_with_env(backend, extra, &[]).await
-    }
-
-    /// [`BinaryProxy::start`] with these variables added to the environment.
-    pub async fn start_with_env(backend: SocketAddr, extra: &[&str], env: &[(&str, &str)]) -> BinaryProxy {
         let addr = unused_addr();
         let (listen, to) = (addr.to_string(), backend.to_string());
         let args = ["proxy", "--listen", &listen, "--to", &to, "--log-format", "json"];
-        let mut binary = Binary::spawn_with_env(env, args.iter().chain(extra));
+        let mut binary = Binary::spawn(args.iter().chain(extra));
         binary.wait_for_log(&["listening"]).await;
         BinaryProxy { addr, binary }
     }
