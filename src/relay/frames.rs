@@ -8,6 +8,7 @@ use std::hash::BuildHasher;
 use std::io;
 use std::pin::Pin;
 use std::task::Context;
+use std::time::Duration;
 
 use tokio::time::{Instant, Sleep};
 
@@ -165,6 +166,12 @@ pub(super) enum Verdict {
     End(End),
 }
 
+/// When each side (client, backend) was last heard from, and when its pong is due.
+struct Keepalive {
+    last_heard: [Instant; 2],
+    pong_deadline: [Option<Instant>; 2],
+}
+
 /// The token buckets of `messages_per_second`, one per side (client, backend).
 struct Rate {
     tokens: [f64; 2],
@@ -192,8 +199,8 @@ pub struct Frames<'r> {
     first_close: Option<Side>,
     /// Boxed: only a closing connection has one.
     closing: Option<Box<Closing>>,
-    last_heard: [Instant; 2],
-    pong_deadline: [Option<Instant>; 2],
+    /// The keepalive's state (boxed: only a route with `ping_interval` has one).
+    keepalive: Option<Box<Keepalive>>,
     /// The write timeout of each receiver.
     watch: WriteWatch,
     /// The token buckets of `messages_per_second` (boxed: only a route with the limit has them).
@@ -242,8 +249,12 @@ impl<'r> Frames<'r> {
             close_sent: [false; 2],
             first_close: None,
             closing: None,
-            last_heard: [now; 2],
-            pong_deadline: [None; 2],
+            keepalive: rules.ping_interval.map(|_| {
+                Box::new(Keepalive {
+                    last_heard: [now; 2],
+                    pong_deadline: [None; 2],
+                })
+            }),
             watch: WriteWatch::default(),
             rate: rules.messages_per_second.map(|rate| {
                 let full = f64::from(rules.burst) + f64::from(rate);
@@ -292,8 +303,8 @@ impl<'r> Frames<'r> {
 
     /// Bytes were read from `side`.
     pub(super) fn heard(&mut self, side: Side) {
-        if self.rules.ping_interval.is_some() {
-            self.last_heard[index(side)] = Instant::now();
+        if let Some(keepalive) = &mut self.keepalive {
+            keepalive.last_heard[index(side)] = Instant::now();
         }
     }
 
@@ -525,21 +536,26 @@ impl<'r> Frames<'r> {
     }
 
     fn keepalive(&mut self, now: Instant) {
-        let Some(interval) = self.rules.ping_interval else {
-            return;
-        };
         if self.closing.is_some() {
             return;
         }
+        if let (Some(interval), Some(mut keepalive)) = (self.rules.ping_interval, self.keepalive.take()) {
+            self.ping_or_wait(&mut keepalive, interval, now);
+            self.keepalive = Some(keepalive);
+        }
+    }
+
+    /// Pings a side silent for `interval`, and gives up on one whose pong is overdue.
+    fn ping_or_wait(&mut self, keepalive: &mut Keepalive, interval: Duration, now: Instant) {
         for side in [Side::Client, Side::Backend] {
             let i = index(side);
             if self.dead[i] {
                 continue;
             }
             if self.dir(side).ping.is_none() {
-                self.pong_deadline[i] = None;
+                keepalive.pong_deadline[i] = None;
                 let writer = self.dir(side.other());
-                if now >= self.last_heard[i] + interval && writer.inject.is_empty() {
+                if now >= keepalive.last_heard[i] + interval && writer.inject.is_empty() {
                     let payload = random_bytes::<8>();
                     let mask = (side == Side::Backend).then(random_bytes::<4>);
                     let ping = frame::control_frame(opcode::PING, &payload, mask);
@@ -549,8 +565,8 @@ impl<'r> Frames<'r> {
             } else if std::mem::take(&mut self.dir_mut(side.other()).ping_written) {
                 // The pong may take pong_timeout from when the ping went out, not from when it was queued behind a
                 // long frame.
-                self.pong_deadline[i] = Some(now + self.rules.pong_timeout);
-            } else if self.pong_deadline[i].is_some_and(|d| now >= d) {
+                keepalive.pong_deadline[i] = Some(now + self.rules.pong_timeout);
+            } else if keepalive.pong_deadline[i].is_some_and(|d| now >= d) {
                 let why = format!("{side} did not answer a ping within {:?}", self.rules.pong_timeout);
                 self.lost(side, why);
             }
@@ -596,14 +612,14 @@ impl<'r> Frames<'r> {
 
     /// The keepalive's next deadlines: pong timeouts, and when a silent side is due a ping.
     fn keepalive_deadlines(&self, consider: &mut impl FnMut(Instant)) {
-        if let Some(interval) = self.rules.ping_interval {
+        if let (Some(interval), Some(keepalive)) = (self.rules.ping_interval, &self.keepalive) {
             for side in [Side::Client, Side::Backend] {
                 let i = index(side);
-                match self.pong_deadline[i] {
+                match keepalive.pong_deadline[i] {
                     Some(d) => consider(d),
                     // A ping can only be queued when the direction that carries it has nothing queued.
                     None if !self.dead[i] && self.dir(side.other()).inject.is_empty() => {
-                        consider(self.last_heard[i] + interval)
+                        consider(keepalive.last_heard[i] + interval)
                     }
                     None => {}
                 }
