@@ -427,12 +427,12 @@ impl Collector for States {
         let gauges = [
             (
                 "splice_pipes_in_use",
-                "Pipes carrying a large tunnel transfer with splice(2) now (two descriptors each)",
+                "Pipes carrying a large transfer with splice(2) now (two descriptors each)",
                 Some(in_use as u64),
             ),
             (
                 "splice_pipes_kept",
-                "Empty pipes kept for the next large tunnel transfer (two descriptors each)",
+                "Empty pipes kept for the next large transfer (two descriptors each)",
                 Some(kept as u64),
             ),
             (

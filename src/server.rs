@@ -283,6 +283,7 @@ fn say_descriptor_limit(config: &Config) -> Option<u32> {
         return None;
     };
     let sessions = crate::sys::sessions_allowed(open_files);
+    crate::relay::set_pipe_budget(crate::sys::pipes_allowed(open_files));
     match config.server.max_connections {
         None => tracing::info!(
             open_files,

@@ -126,12 +126,9 @@ async fn metrics_move_with_sessions_messages_closes_refusals_and_reloads() {
     );
 
     ws.close(None).await.expect("close");
-    let closed = wait_for(&proxy, &format!("wsgate_sessions_active{session}"), 0.0).await;
-    assert_eq!(
-        value(&closed, "wsgate_closes_total{code=\"none\",side=\"client\"}"),
-        Some(1.0),
-        "{closed}"
-    );
+    wait_for(&proxy, &format!("wsgate_sessions_active{session}"), 0.0).await;
+    // A scrape reads each family in turn, so the close may be counted just after the active gauge was read.
+    let closed = wait_for(&proxy, "wsgate_closes_total{code=\"none\",side=\"client\"}", 1.0).await;
     let up = value(
         &closed,
         &format!("wsgate_bytes_total{place},direction=\"client_to_backend\"}}"),

@@ -363,6 +363,10 @@ impl Future for Relay<'_> {
         if let Some(StopCause::ForceClose) = stop {
             if let Some(frames) = &this.frames {
                 frames.record(this.counters);
+                // Closed without close frames, whatever a side had sent: a TCP close, as the access log and the
+                // closes metric say it.
+                this.counters.close_code = None;
+                this.counters.close_first = None;
             }
             return Poll::Ready(End::ForceClosed);
         }

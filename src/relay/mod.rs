@@ -11,7 +11,7 @@ pub use copy::{Timeouts, relay};
 use end::StopCause;
 pub use end::{End, Side};
 pub use frames::Frames;
-pub use splice::pipes as splice_pipes;
+pub use splice::{pipes as splice_pipes, set_budget as set_pipe_budget};
 
 use std::task::Context;
 

@@ -23,6 +23,8 @@ use tokio::net::TcpStream;
 
 /// The most pipes one worker thread has at once (two descriptors each), in use or kept.
 pub(super) const MAX_PIPES: usize = 64;
+/// The smallest pipe worth using: as much as one read of the copy path.
+const MIN_CAPACITY: usize = 64 * 1024;
 /// The most empty pipes one worker thread keeps for the next transfer.
 const KEPT_PIPES: usize = 16;
 /// What a pipe is asked to hold: measured against the default 64 KiB with the shared bench's 64 KiB echo through a
@@ -46,6 +48,20 @@ thread_local! {
 /// Pipes carrying a transfer now, and pipes kept empty, in every worker (what `GET /metrics` reports).
 static IN_USE: AtomicUsize = AtomicUsize::new(0);
 static KEPT: AtomicUsize = AtomicUsize::new(0);
+/// The most pipes the whole process may have (in use or kept): set at start from the open-files limit, so that
+/// pipes never take the descriptors admitted sessions need.
+static BUDGET: AtomicUsize = AtomicUsize::new(MAX_PIPES);
+
+/// Sets the most pipes the process may have (see [`crate::sys::pipes_allowed`]).
+pub fn set_budget(pipes: usize) {
+    BUDGET.store(pipes, Ordering::Relaxed);
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        KEPT.fetch_sub(self.kept.len(), Ordering::Relaxed);
+    }
+}
 
 /// The pipes carrying a transfer now, and those kept empty for the next one, in the whole process.
 pub fn pipes() -> (usize, usize) {
@@ -84,11 +100,17 @@ impl Pipe {
                 pipe.used = false;
                 return Some(pipe);
             }
-            if pool.alive >= MAX_PIPES {
+            let process = IN_USE.load(Ordering::Relaxed) + KEPT.load(Ordering::Relaxed);
+            if pool.alive >= MAX_PIPES || process >= BUDGET.load(Ordering::Relaxed) {
                 return None;
             }
             let (read, write) = sys::pipe().ok()?;
             let capacity = sys::capacity(&write);
+            // A pipe the kernel kept small (a user over `fs.pipe-user-pages-soft`) would move less per system call
+            // than the copy path: closed at once.
+            if capacity < MIN_CAPACITY {
+                return None;
+            }
             pool.alive += 1;
             IN_USE.fetch_add(1, Ordering::Relaxed);
             Some(Box::new(Pipe {
@@ -179,7 +201,8 @@ mod sys {
     pub(super) fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
         let (read, write) = rustix::pipe::pipe_with(PipeFlags::CLOEXEC | PipeFlags::NONBLOCK)?;
         // Larger than the default (16 pages): a 64 KiB message and its header fit in one fill. Where the kernel
-        // refuses (a user over `fs.pipe-user-pages-soft`), the pipe keeps its size, read back by `capacity`.
+        // refuses (a user over `fs.pipe-user-pages-soft` gets pipes of 2 pages), `capacity` reads the size back and
+        // a small pipe is not used.
         let _ = rustix::pipe::fcntl_setpipe_size(&write, super::PIPE_BYTES);
         Ok((read, write))
     }

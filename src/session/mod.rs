@@ -104,6 +104,8 @@ async fn front(shared: Arc<Shared>, accepted: Accepted) -> Option<Relaying> {
     let mut record = Box::new(ConnectionRecord::new(accepted.id, accepted.peer));
     let snapshot = shared.snapshot.load_full();
     let opened = tokio::select! {
+        // The connection's own end first: a relay of a plain connection's upgrade ends itself at a forced close.
+        biased;
         opened = handshake(&shared, &snapshot, accepted, &mut record) => opened,
         () = shared.force_close.cancelled() => {
             record.end = "closed: drain timeout reached during shutdown".into();

@@ -22,7 +22,7 @@ const SWITCHES: [bool; 2] = [true, false];
 
 async fn tunnel_proxy(backend: SocketAddr, splice: bool) -> BinaryProxy {
     let off: &[&str] = if splice { &[] } else { &["--no-splice"] };
-    let args: Vec<&str> = ["--mode", "tunnel"].into_iter().chain(off.iter().copied()).collect();
+    let args: Vec<&str> = ["--mode", "tunnel"].iter().chain(off).copied().collect();
     BinaryProxy::start(backend, &args).await
 }
 
