@@ -13,6 +13,7 @@ mod conn;
 pub mod demo;
 pub mod http;
 pub mod live;
+pub mod llm;
 pub mod metrics;
 mod observe;
 mod otlp;

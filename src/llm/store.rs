@@ -1,0 +1,1 @@
+//! Virtual keys and usage, in SQLite.
