@@ -43,6 +43,91 @@ enum Command {
     ///
     /// Example: printf '%s' "$KEY" | wsgate hash-key
     HashKey(HashKeyArgs),
+    /// Issue, list and revoke the LLM gateway's virtual keys, in the database of the config file's `[llm]`. A new
+    /// key is printed once, on standard output; only its hash is stored.
+    ///
+    /// Example: wsgate llm-key add --config wsgate.toml --owner team-a --models tiny --tokens-per-day 100000
+    #[command(subcommand)]
+    LlmKey(LlmKeyCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum LlmKeyCommand {
+    /// Issue a key and print it (`sk-wsg-...`): it is not shown again.
+    Add(LlmKeyAdd),
+    /// List the keys (never the keys themselves: their last characters).
+    List(FileArgs),
+    /// Revoke a key by its id: requests with it are refused (a running gateway re-reads keys within 10 s).
+    Revoke(LlmKeyRevoke),
+}
+
+#[derive(Args, Debug)]
+struct LlmKeyAdd {
+    #[command(flatten)]
+    file: FileArgs,
+    /// Who the key is for (shown in usage rows).
+    #[arg(long)]
+    owner: String,
+    /// The models the key may use, comma-separated (`name*` for a prefix); all when left out.
+    #[arg(long, value_delimiter = ',')]
+    models: Vec<String>,
+    #[arg(long, value_name = "N")]
+    requests_per_minute: Option<u32>,
+    /// Prompt and completion tokens together.
+    #[arg(long, value_name = "N")]
+    tokens_per_minute: Option<u64>,
+    /// Prompt and completion tokens together, per UTC day.
+    #[arg(long, value_name = "N")]
+    tokens_per_day: Option<u64>,
+    /// What the key may spend in all, in the price table's currency.
+    #[arg(long, value_name = "AMOUNT")]
+    budget: Option<f64>,
+}
+
+#[derive(Args, Debug)]
+struct LlmKeyRevoke {
+    #[command(flatten)]
+    file: FileArgs,
+    /// The key's id (see `wsgate llm-key list`).
+    id: i64,
+}
+
+/// `wsgate llm-key`: the database of the config file's `[llm]`, opened directly (a running gateway shares it).
+fn llm_key(command: &LlmKeyCommand) -> anyhow::Result<ExitCode> {
+    let file = match command {
+        LlmKeyCommand::Add(add) => &add.file,
+        LlmKeyCommand::List(file) => file,
+        LlmKeyCommand::Revoke(revoke) => &revoke.file,
+    };
+    let config = config::file::load(&file.config)?;
+    let Some(llm) = &config.llm else {
+        anyhow::bail!("{}: no [llm] section: it names the key database", file.config.display());
+    };
+    let store = crate::llm::store::Store::open(&llm.database)?;
+    match command {
+        LlmKeyCommand::Add(add) => {
+            let issued = store.add_key(&crate::llm::store::NewKey {
+                owner: add.owner.clone(),
+                models: add.models.clone(),
+                requests_per_minute: add.requests_per_minute,
+                tokens_per_minute: add.tokens_per_minute,
+                tokens_per_day: add.tokens_per_day,
+                budget: add.budget,
+            })?;
+            eprintln!("key {} issued for {}; it is shown once:", issued.id, add.owner);
+            println!("{}", issued.key);
+        }
+        LlmKeyCommand::List(_) => print!("{}", crate::llm::store::key_table(&store.list_keys()?)),
+        LlmKeyCommand::Revoke(revoke) => {
+            anyhow::ensure!(
+                store.revoke(revoke.id)?,
+                "no key {} to revoke (unknown, or revoked already)",
+                revoke.id
+            );
+            eprintln!("key {} revoked", revoke.id);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 #[derive(Args, Debug)]
@@ -229,8 +314,10 @@ pub fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    if let Command::HashKey(args) = &cli.command {
-        return hash_key(args);
+    match &cli.command {
+        Command::HashKey(args) => return hash_key(args),
+        Command::LlmKey(command) => return llm_key(command),
+        _ => {}
     }
     raise_open_files_limit();
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -265,6 +352,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Check(args) => return Ok(check(&args.config)),
         Command::HashKey(args) => return hash_key(&args),
+        Command::LlmKey(command) => return llm_key(&command),
         Command::Demo(args) => runtime.block_on(async {
             let backend = demo::start_backend().await.context("cannot start the demo backend")?;
             let config = args.common.config(&args.listen, &[backend.to_string()])?;

@@ -99,7 +99,7 @@ mod tests {
             host,
             path,
             headers: headers.iter().map(|(n, v)| (n.to_string(), v.to_string())).collect(),
-            upstream: 0,
+            upstream: Some(0),
             relay: Relay::tunnel(),
             idle_timeout: None,
             deflate: Deflate::Pass,

@@ -57,6 +57,8 @@ pub enum ServerError {
     Exporter(#[source] io::Error),
     #[error(transparent)]
     AccessLog(#[from] StartError),
+    #[error("cannot open the LLM key database: {0}")]
+    LlmDatabase(#[source] crate::llm::DbError),
     #[error("cannot open the admin listener on {address}: {source}")]
     Admin {
         address: SocketAddr,
@@ -186,6 +188,10 @@ impl Running {
         self.exporter
             .apply(config.tracing.as_ref())
             .map_err(ServerError::Exporter)?;
+        self.shared
+            .llm
+            .apply(config.llm.as_deref())
+            .map_err(ServerError::LlmDatabase)?;
         let snapshot = Arc::new(Snapshot::new(config, Some(&current)));
         self.shared.snapshot.store(snapshot.clone());
         self.supervisor.update(snapshot.clone());
@@ -320,6 +326,8 @@ pub fn start(config: Config) -> Result<Running, ServerError> {
     let (spans, receiving) = crate::otlp::queue();
     let mut exporter = Exporter::new(receiving);
     exporter.apply(config.tracing.as_ref()).map_err(ServerError::Exporter)?;
+    let llm = crate::llm::Gateway::default();
+    llm.apply(config.llm.as_deref()).map_err(ServerError::LlmDatabase)?;
     let snapshot = Arc::new(Snapshot::new(config, None));
     let supervisor = Supervisor::start(snapshot.clone()).map_err(ServerError::Control)?;
     let shared = Arc::new(Shared {
@@ -333,6 +341,7 @@ pub fn start(config: Config) -> Result<Running, ServerError> {
         reloads,
         spans,
         access_log,
+        llm,
     });
     shared.metrics.attach(&shared);
     if let Some(sessions) = descriptor_limit {

@@ -40,6 +40,8 @@ pub struct Shared {
     pub reloads: tokio::sync::mpsc::UnboundedSender<ReloadRequest>,
     /// Where sessions leave their spans for the OTLP exporter (`[tracing]`).
     pub(crate) spans: crate::otlp::Queue,
+    /// The LLM gateway's key database and keys (`[llm]`), kept across reloads.
+    pub llm: crate::llm::Gateway,
 }
 
 #[cfg(test)]
@@ -57,6 +59,7 @@ impl Shared {
             reloads: tokio::sync::mpsc::unbounded_channel().0,
             spans: crate::otlp::queue().0,
             access_log: Arc::new(AccessLog::off()),
+            llm: crate::llm::Gateway::default(),
         }
     }
 }

@@ -888,7 +888,7 @@ proptest! {
                 prop_assert!(!config.listeners.is_empty());
                 prop_assert!(!config.routes.is_empty());
                 for route in &config.routes {
-                    prop_assert!(route.upstream < config.upstreams.len());
+                    prop_assert!(route.upstream.is_some_and(|u| u < config.upstreams.len()));
                 }
                 for upstream in &config.upstreams {
                     prop_assert!(!upstream.servers.is_empty());

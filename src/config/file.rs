@@ -5,6 +5,7 @@
 //! The keys are documented in `docs/config.md`.
 
 mod auth;
+mod llm;
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
@@ -166,6 +167,7 @@ struct RawFile {
     #[serde(default)]
     upstream: Vec<Spanned<RawUpstream>>,
     tracing: Option<Spanned<RawTracing>>,
+    llm: Option<Spanned<llm::RawLlm>>,
 }
 
 #[derive(Deserialize)]
@@ -268,7 +270,8 @@ struct RawRoute {
     path_regex: Option<Spanned<String>>,
     #[serde(default)]
     headers: BTreeMap<Spanned<String>, String>,
-    upstream: Spanned<String>,
+    upstream: Option<Spanned<String>>,
+    kind: Option<Spanned<RawRouteKind>>,
     relay: Option<Spanned<RawRelay>>,
     idle_timeout: Option<Spanned<Dur>>,
     permessage_deflate: Option<Spanned<RawDeflate>>,
@@ -298,6 +301,13 @@ struct RawRoute {
 enum RawDeflate {
     Pass,
     Strip,
+}
+
+#[derive(Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+enum RawRouteKind {
+    Proxy,
+    Llm,
 }
 
 #[derive(Deserialize, Clone, Copy, PartialEq, Eq)]
@@ -499,6 +509,8 @@ fn build(raw: RawFile, report: &mut Report<'_>) -> Config {
     let routes = build_routes(&raw.route, &listeners, &upstreams, report);
     let admin = raw.admin.as_ref().and_then(|a| build_admin(a, &listeners, report));
     let tracing = raw.tracing.as_ref().and_then(|t| build_tracing(t, report));
+    let llm = raw.llm.as_ref().and_then(|l| llm::build(l, report)).map(Arc::new);
+    check_llm_routes(&raw.route, llm.is_some(), report);
     // A query parameter a route reads a credential from is a secret wherever it is sent.
     for auth in routes.iter().filter_map(|r| r.auth.as_deref()) {
         for name in auth.query_names() {
@@ -516,6 +528,38 @@ fn build(raw: RawFile, report: &mut Report<'_>) -> Config {
         routes,
         upstreams,
         tracing,
+        llm,
+    }
+}
+
+/// Routes of `kind = "llm"` serve `[llm]`'s providers: they need the section, and take no upstream, relay or
+/// route authentication (virtual keys are the gateway's own).
+fn check_llm_routes(routes: &[Spanned<RawRoute>], has_llm: bool, report: &mut Report<'_>) {
+    for route in routes {
+        let r = route.get_ref();
+        let Some(kind) = r.kind.as_ref().filter(|k| *k.get_ref() == RawRouteKind::Llm) else {
+            continue;
+        };
+        if !has_llm {
+            report.key(kind, "kind", "an `llm` route needs an [llm] section with its providers");
+        }
+        if let Some(upstream) = &r.upstream {
+            report.key(
+                upstream,
+                "upstream",
+                "an `llm` route serves [llm]'s providers: leave `upstream` out",
+            );
+        }
+        if let Some(relay) = &r.relay {
+            report.key(relay, "relay", "an `llm` route relays no WebSocket: leave `relay` out");
+        }
+        if let Some(auth) = &r.auth {
+            report.key(
+                auth,
+                "auth",
+                "an `llm` route checks the gateway's own keys (`wsgate llm-key`): leave `auth` out",
+            );
+        }
     }
 }
 
@@ -1574,24 +1618,38 @@ fn build_routes(
         if let Some(name) = &r.name {
             unique_name(&mut names, name, "route", report);
         }
-        let upstream = upstreams.iter().position(|u| u.name == *r.upstream.get_ref());
-        if upstream.is_none() {
-            let mut known: Vec<&str> = upstreams.iter().map(|u| u.name.as_str()).collect();
-            known.dedup();
-            report.key(
-                &r.upstream,
-                "upstream",
-                format!(
-                    "no upstream named `{}` (upstreams: {})",
-                    r.upstream.get_ref(),
-                    if known.is_empty() {
-                        "none".into()
-                    } else {
-                        known.join(", ")
-                    }
-                ),
-            );
-        }
+        let llm_route = r.kind.as_ref().is_some_and(|k| *k.get_ref() == RawRouteKind::Llm);
+        let upstream = match &r.upstream {
+            _ if llm_route => None,
+            None => {
+                report.at(
+                    Some(route.span()),
+                    "`upstream` is required (or `kind = \"llm\"` for the LLM gateway)".into(),
+                );
+                None
+            }
+            Some(wanted) => {
+                let upstream = upstreams.iter().position(|u| u.name == *wanted.get_ref());
+                if upstream.is_none() {
+                    let mut known: Vec<&str> = upstreams.iter().map(|u| u.name.as_str()).collect();
+                    known.dedup();
+                    report.key(
+                        wanted,
+                        "upstream",
+                        format!(
+                            "no upstream named `{}` (upstreams: {})",
+                            wanted.get_ref(),
+                            if known.is_empty() {
+                                "none".into()
+                            } else {
+                                known.join(", ")
+                            }
+                        ),
+                    );
+                }
+                upstream
+            }
+        };
         if let Some(listener) = &r.listener
             && !listeners.iter().any(|l| l.name == *listener.get_ref())
         {
@@ -1632,7 +1690,7 @@ fn build_routes(
             host: build_host(r.host.as_ref(), report),
             path: build_path(r, report),
             headers,
-            upstream: upstream.unwrap_or(0),
+            upstream,
             relay,
             idle_timeout: r.idle_timeout.as_ref().map(|d| d.get_ref().0),
             deflate: match r.permessage_deflate.as_ref().map(|d| *d.get_ref()) {

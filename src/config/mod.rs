@@ -4,6 +4,7 @@
 //! Every default lives in this module.
 
 pub mod file;
+pub mod llm;
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
@@ -12,6 +13,7 @@ use std::time::Duration;
 
 use crate::tls::client::ClientTls;
 use crate::tls::server::ServerTls;
+pub use llm::LlmSettings;
 
 /// Default time to wait for a TCP connection to a backend server.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -41,6 +43,8 @@ pub struct Config {
     pub upstreams: Vec<Upstream>,
     /// `[tracing]`: where spans are exported; `None` = nowhere.
     pub tracing: Option<TracingSettings>,
+    /// `[llm]`: the LLM gateway's providers, prices and key database; `None` without one.
+    pub llm: Option<Arc<LlmSettings>>,
 }
 
 /// The `service.name` of exported spans when `[tracing]` names none.
@@ -264,8 +268,9 @@ pub struct Route {
     pub path: PathMatch,
     /// Headers that must all be present with these values (names lowercase, values compared exactly).
     pub headers: Vec<(String, String)>,
-    /// Index into [`Config::upstreams`].
-    pub upstream: usize,
+    /// Index into [`Config::upstreams`]; `None` for a route of `kind = "llm"`, which the LLM gateway serves itself
+    /// (`Config::llm`).
+    pub upstream: Option<usize>,
     pub relay: Relay,
     /// Closes a relayed connection after this long without a byte either way; `None` = never.
     pub idle_timeout: Option<Duration>,
@@ -869,6 +874,7 @@ impl Config {
             source: None,
             admin: None,
             tracing: None,
+            llm: None,
             server: ServerSettings {
                 drain_timeout: timeouts.drain,
                 handshake_timeout: timeouts.handshake,
@@ -882,7 +888,7 @@ impl Config {
                 host: HostMatch::Any,
                 path: PathMatch::Any,
                 headers: Vec::new(),
-                upstream: 0,
+                upstream: Some(0),
                 relay: Relay::default(),
                 idle_timeout: timeouts.idle.filter(|d| !d.is_zero()),
                 deflate: Deflate::default(),

@@ -1,4 +1,79 @@
-//! The LLM gateway: routes of `kind = "llm"` serve the OpenAI-compatible HTTP API (with SSE streams) and a
-//! WebSocket streaming protocol in front of LLM providers, with virtual keys, token limits, usage and cost.
+//! The LLM gateway: routes of `kind = "llm"` serve the OpenAI-compatible HTTP API (with SSE streams) in front of
+//! LLM providers, with virtual keys, token limits, usage and cost.
+//!
+//! - `http`: the endpoints, streams passed on event by event and metered as they pass;
+//! - `provider`: one request to a provider (its key added, its timeouts);
+//! - `keys`: keys found by hash, and their limits; `db`: the SQLite `store` on a thread of its own;
+//! - `sse`: server-sent events read incrementally.
 
+mod db;
+pub mod http;
+pub mod keys;
+mod provider;
+pub mod sse;
 pub mod store;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use arc_swap::ArcSwapOption;
+
+pub use db::{Db, DbError};
+use keys::{KeyState, Keys};
+
+use crate::config::LlmSettings;
+
+/// What the gateway keeps across reloads: the database it has open and the keys it has seen (with what they used).
+#[derive(Default)]
+pub struct Gateway {
+    db: ArcSwapOption<Db>,
+    pub keys: Keys,
+}
+
+impl Gateway {
+    /// Opens the database `settings` names, unless it is open already (a reload that keeps it keeps everything).
+    pub fn apply(&self, settings: Option<&LlmSettings>) -> Result<(), DbError> {
+        let Some(settings) = settings else {
+            return Ok(());
+        };
+        if self
+            .db
+            .load()
+            .as_deref()
+            .is_some_and(|db| db.path() == settings.database)
+        {
+            return Ok(());
+        }
+        let db = Db::open(&settings.database)?;
+        tracing::info!(database = %settings.database.display(), "LLM key database open");
+        self.db.store(Some(Arc::new(db)));
+        Ok(())
+    }
+
+    /// The key database, once a config with `[llm]` has opened it.
+    pub fn db(&self) -> Option<Db> {
+        self.db.load().as_deref().cloned()
+    }
+
+    /// Opens the database at `path` for a command (`wsgate llm-key`), outside a running gateway.
+    pub fn open_db(path: &Path) -> Result<Db, DbError> {
+        Db::open(path)
+    }
+}
+
+impl std::fmt::Debug for Gateway {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let db = self.db.load();
+        f.debug_struct("Gateway")
+            .field("database", &db.as_deref().map(Db::path))
+            .finish_non_exhaustive()
+    }
+}
+
+/// What billing a request needs once its tokens are known.
+pub struct Metered {
+    settings: Arc<LlmSettings>,
+    key: Arc<KeyState>,
+    model: String,
+    db: Db,
+}

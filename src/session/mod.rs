@@ -31,7 +31,7 @@ use crate::route;
 use crate::state::{Shared, Snapshot};
 use crate::tls::server::ServerTls;
 use crate::upstream::{self, Active, Attempts, Upstream, UpstreamError};
-use refusal::Refusal;
+use refusal::{Refusal, echoed_path};
 
 /// A client connection just accepted.
 pub struct Accepted {
@@ -433,7 +433,8 @@ fn register<'s>(
         place: PlaceRef {
             listener: snapshot.listener_name(listener),
             route: &route.name,
-            upstream: &snapshot.upstreams[route.upstream].config.name,
+            // A relayed session's route always has an upstream.
+            upstream: route.upstream.map_or("", |u| &snapshot.upstreams[u].config.name),
             server: &switched.active.server().name,
         },
     });
@@ -487,6 +488,7 @@ struct Prepared {
     auth: Option<Box<crate::auth::Admit>>,
     accept: [u8; 28],
     route: usize,
+    upstream: usize,
     choice: upstream::Choice,
 }
 
@@ -558,7 +560,13 @@ fn inspect(snapshot: &Snapshot, front: Front<'_>, buf: &[u8], record: &mut Conne
     if let Some(request) = record.request.as_deref_mut() {
         request.identity = auth.as_ref().and_then(|a| a.subject.clone());
     }
-    let upstream = &snapshot.upstreams[route.upstream];
+    // An `llm` route's endpoints are the gateway's own HTTP API: none of them takes an upgrade.
+    let Some(upstream_index) = route.upstream else {
+        return Err(Refusal::NoUpgrade {
+            path: echoed_path(&view),
+        });
+    };
+    let upstream = &snapshot.upstreams[upstream_index];
     let trace = Trace::of(single(view.header_values("traceparent")));
     record.trace_id = Some(trace.trace_id);
     if snapshot.config.tracing.is_some() {
@@ -581,6 +589,7 @@ fn inspect(snapshot: &Snapshot, front: Front<'_>, buf: &[u8], record: &mut Conne
         auth: auth.map(Box::new),
         accept: head.accept(),
         route: routes.iter().position(|r| std::ptr::eq(r, route)).unwrap_or(0),
+        upstream: upstream_index,
         choice: upstream.choose(&view, client.ip),
     }))
 }
@@ -689,10 +698,9 @@ async fn open(
     let client_early = head.get(prepared.head_len..).unwrap_or_default().to_vec();
     drop(head);
 
-    let route = &snapshot.config.routes[prepared.route];
     record.route = Some(prepared.route);
-    record.upstream = Some(route.upstream);
-    let upstream = &snapshot.upstreams[route.upstream];
+    record.upstream = Some(prepared.upstream);
+    let upstream = &snapshot.upstreams[prepared.upstream];
     let opened = match open_backend(upstream, &shared.metrics, handshake_timeout, &prepared, record).await {
         Ok(opened) => opened,
         Err(refusal) => {

@@ -46,7 +46,7 @@ use crate::route;
 use crate::state::{Shared, Snapshot};
 use crate::upstream::{Active, Choice, Upstream, UpstreamError};
 
-type Body = Either<Incoming, Full<Bytes>>;
+type Body = Either<Incoming, Either<Full<Bytes>, crate::llm::http::Body>>;
 
 /// Serves plain HTTP requests on `client` until it closes; `head` holds the bytes already read from it.
 pub(super) async fn serve(
@@ -328,7 +328,14 @@ impl RequestView for HyperView<'_> {
     }
 }
 
-/// Where a plain request goes: its route and upstream (indexes in the snapshot) and the server choice.
+/// Where a plain request goes: to an upstream, or to the LLM gateway (an `llm` route, by its index).
+enum Routed {
+    Upstream(Target),
+    Llm(usize),
+}
+
+/// Where a plain request to an upstream goes: its route and upstream (indexes in the snapshot) and the server
+/// choice.
 #[derive(Clone, Copy)]
 struct Target {
     route: usize,
@@ -339,7 +346,7 @@ struct Target {
 impl State {
     /// The request's route and server choice, or why it may not have one: no route (404), or the route's address
     /// rules or, for an `upgrade`, its allowed origins (403).
-    fn target(&self, req: &Request<Incoming>, client: &Client, upgrade: bool) -> Result<Target, Refusal> {
+    fn target(&self, req: &Request<Incoming>, client: &Client, upgrade: bool) -> Result<Routed, Refusal> {
         let view = HyperView(req);
         if let Some(port) = self.redirect_https {
             return Err(Refusal::to_https(&view, port));
@@ -349,11 +356,54 @@ impl State {
             return Err(Refusal::no_route(&view));
         };
         Refusal::check_route(route, client.ip, upgrade.then_some(&view))?;
-        let upstream = &self.snapshot.upstreams[route.upstream];
-        Ok(Target {
-            route: routes.iter().position(|r| std::ptr::eq(r, route)).unwrap_or(0),
-            upstream: route.upstream,
+        let index = routes.iter().position(|r| std::ptr::eq(r, route)).unwrap_or(0);
+        let Some(upstream_index) = route.upstream else {
+            if upgrade {
+                return Err(Refusal::NoUpgrade {
+                    path: super::refusal::echoed_path(&view),
+                });
+            }
+            return Ok(Routed::Llm(index));
+        };
+        let upstream = &self.snapshot.upstreams[upstream_index];
+        Ok(Routed::Upstream(Target {
+            route: index,
+            upstream: upstream_index,
             choice: upstream.choose(&view, client.ip),
+        }))
+    }
+
+    /// A request of an `llm` route, served by the LLM gateway.
+    async fn llm(
+        self: &Arc<Self>,
+        route: usize,
+        req: Request<Incoming>,
+        client: &Client,
+        trace: Trace,
+    ) -> Response<Answer> {
+        self.note(|record| {
+            record.route = Some(route);
+            record.forwarded_for = (client.ip != client.peer).then_some(client.ip);
+            record.trace_id = Some(trace.trace_id);
+        })
+        .await;
+        let response = match &self.snapshot.config.llm {
+            Some(settings) => crate::llm::http::serve(&self.shared.llm, settings, req).await,
+            // A config with an `llm` route has an [llm] section: `check` refuses one without.
+            None => crate::llm::http::ApiError::new(
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                "unknown_url",
+                "no LLM gateway here",
+            )
+            .response(),
+        };
+        self.note_answer(response.status().as_u16()).await;
+        let state = self.clone();
+        response.map(|body| Answer {
+            body: Either::Right(Either::Right(body)),
+            state,
+            done: false,
         })
     }
 
@@ -542,7 +592,7 @@ impl State {
         } else {
             tracing::info!(id = self.id, status = answer.status, reason = %refusal, "plain request refused");
         }
-        answer.to_response().map(Either::Right)
+        answer.to_response().map(|b| Either::Right(Either::Left(b)))
     }
 
     fn upstream(&self, target: Target) -> &Upstream {
@@ -616,7 +666,11 @@ async fn forward(state: Arc<State>, mut req: Request<Incoming>) -> Result<Respon
             _ => Trace::of(None),
         }
     };
-    let target = check_head(&req).and_then(|()| state.target(&req, &client, wants_websocket));
+    let target = match check_head(&req).and_then(|()| state.target(&req, &client, wants_websocket)) {
+        Ok(Routed::Llm(route)) => return Ok(state.llm(route, req, &client, trace).await),
+        Ok(Routed::Upstream(target)) => Ok(target),
+        Err(refusal) => Err(refusal),
+    };
     state.note_target(target.as_ref().ok().copied(), &client, trace).await;
     let admitted = match target {
         Err(refusal) => Err(refusal),
@@ -825,7 +879,10 @@ async fn upgrade(
     });
     let (head, _) = resp.into_parts();
     state.shared.metrics.handshake_took(started.elapsed());
-    Ok(Response::from_parts(head, Either::Right(Full::new(Bytes::new()))))
+    Ok(Response::from_parts(
+        head,
+        Either::Right(Either::Left(Full::new(Bytes::new()))),
+    ))
 }
 
 /// A request exchange with `server` that hyper gave up on, after `tries` servers: the client's own request body

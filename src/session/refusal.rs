@@ -37,6 +37,9 @@ pub(crate) enum Refusal {
     Handshake(#[from] HandshakeError),
     #[error("no route for host `{host}` and path `{path}`")]
     NoRoute { host: String, path: String },
+    /// An upgrade to a path whose route serves no WebSocket (the LLM gateway's HTTP API).
+    #[error("`{path}` takes no WebSocket upgrade")]
+    NoUpgrade { path: String },
     /// No usable backend connection, after `tries` servers.
     #[error("{error}{}", tried(*.tries))]
     Upstream { error: UpstreamError, tries: usize },
@@ -65,8 +68,13 @@ pub(crate) enum Refusal {
     KeyLimit { identity: String, limit: Limit },
 }
 
+/// A request's path as text for a 404's reason (see [`echoed`]).
+pub(crate) fn echoed_path(req: &impl RequestView) -> String {
+    echoed(req.path())
+}
+
 /// Client-sent bytes as text for a log line or a 404's reason: lossy, at most [`MAX_ECHOED`] characters.
-fn echoed(bytes: &[u8]) -> String {
+pub(crate) fn echoed(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).chars().take(MAX_ECHOED).collect()
 }
 
@@ -182,7 +190,7 @@ impl Refusal {
             Self::Origin { .. } => "origin",
             Self::Unauthorized { .. } => "auth",
             Self::Limit(_) | Self::KeyLimit { .. } => "limit",
-            Self::NoRoute { .. } => "no_route",
+            Self::NoRoute { .. } | Self::NoUpgrade { .. } => "no_route",
             Self::Upstream { error, .. } if error.cause() != crate::upstream::Cause::Server => "overload",
             Self::Upstream { .. } => "upstream",
             Self::HeadTimeout(_) | Self::ProxyHeaderTimeout(_) => "timeout",
@@ -210,7 +218,7 @@ impl Refusal {
             }
             Self::Handshake(e) => Answer::new(e.status(), e.to_string()),
             // The client's own host and path, as it sent them: nothing of wsgate's.
-            Self::NoRoute { .. } => Answer::new(404, self.to_string()),
+            Self::NoRoute { .. } | Self::NoUpgrade { .. } => Answer::new(404, self.to_string()),
             Self::Upstream { error, .. } => {
                 Answer::new(error.status(), error.public_reason()).with_retry_after(error.retry_after())
             }

@@ -1,0 +1,200 @@
+//! `[llm]`: the LLM gateway's providers, prices and key database, as validated from the file (see
+//! `config::file`). Routes of `kind = "llm"` serve them.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::tls::client::ClientTls;
+
+/// How long connecting to a provider may take, unless its `connect_timeout` says otherwise.
+pub const DEFAULT_LLM_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a provider may take to send its answer's head and first token, unless `first_token_timeout` says
+/// otherwise (a long prompt on a busy server takes a while).
+pub const DEFAULT_FIRST_TOKEN_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a stream may go without a token, unless `token_timeout` says otherwise.
+pub const DEFAULT_TOKEN_TIMEOUT: Duration = Duration::from_secs(30);
+/// The largest request body a client may send (a long conversation fits; a 10 MiB one does not).
+pub const DEFAULT_MAX_REQUEST_BODY: u64 = 4 * 1024 * 1024;
+
+/// `[llm]`.
+#[derive(Debug, Clone)]
+pub struct LlmSettings {
+    /// The SQLite file of virtual keys and usage (relative paths are relative to the config file).
+    pub database: PathBuf,
+    /// In file order: for a model, the first provider that serves it is tried first, then the next (failover).
+    pub providers: Vec<Provider>,
+    pub prices: Vec<Price>,
+    /// Prompts and completions in the log (debug level); off by default.
+    pub log_bodies: bool,
+    /// The largest request body accepted from a client (413 above it).
+    pub max_request_body: u64,
+}
+
+impl LlmSettings {
+    /// The providers that serve `model`, in the order they are tried.
+    pub fn providers_for<'a>(&'a self, model: &'a str) -> impl Iterator<Item = &'a Provider> + 'a {
+        self.providers.iter().filter(move |p| p.serves(model))
+    }
+
+    /// The price of `model`: the first entry of the table that matches it.
+    pub fn price(&self, model: &str) -> Option<&Price> {
+        self.prices.iter().find(|p| p.model.matches(model))
+    }
+
+    /// What a request to `model` costs, in the price table's currency (0 for a model without a price).
+    pub fn cost(&self, model: &str, prompt_tokens: u64, completion_tokens: u64) -> f64 {
+        self.price(model).map_or(0.0, |p| {
+            (prompt_tokens as f64 * p.input + completion_tokens as f64 * p.output) / 1_000_000.0
+        })
+    }
+}
+
+/// The API a provider speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProviderKind {
+    /// Any OpenAI-compatible server: OpenAI, vLLM, llama.cpp's server, Ollama.
+    OpenAi,
+    /// The Anthropic Messages API.
+    Anthropic,
+}
+
+impl ProviderKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProviderKind::OpenAi => "openai",
+            ProviderKind::Anthropic => "anthropic",
+        }
+    }
+}
+
+/// `[[llm.provider]]`.
+#[derive(Debug, Clone)]
+pub struct Provider {
+    pub name: String,
+    pub kind: ProviderKind,
+    /// `http://` or `https://`, with the path the API's own paths follow (such as `/v1`), without a trailing `/`.
+    pub base_url: http::Uri,
+    /// Sent to the provider; never shown to clients or written to logs.
+    pub api_key: Option<Secret>,
+    pub models: Vec<ModelPattern>,
+    /// For an https provider: its TLS (the system's CA certificates, or `ca`).
+    pub tls: Option<Arc<ClientTls>>,
+    pub connect_timeout: Duration,
+    pub first_token_timeout: Duration,
+    pub token_timeout: Duration,
+}
+
+impl Provider {
+    pub fn serves(&self, model: &str) -> bool {
+        self.models.iter().any(|m| m.matches(model))
+    }
+
+    /// The host and port to connect to.
+    pub fn authority(&self) -> Option<(&str, u16)> {
+        let authority = self.base_url.authority()?;
+        let https = self.base_url.scheme_str() == Some("https");
+        Some((
+            authority.host(),
+            authority.port_u16().unwrap_or(if https { 443 } else { 80 }),
+        ))
+    }
+
+    /// The URL path of one of the API's endpoints (`endpoint` starts with `/`).
+    pub fn path(&self, endpoint: &str) -> String {
+        format!("{}{endpoint}", self.base_url.path().trim_end_matches('/'))
+    }
+}
+
+/// A model name, or a prefix when written with a trailing `*`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelPattern(pub String);
+
+impl ModelPattern {
+    pub fn matches(&self, model: &str) -> bool {
+        match self.0.strip_suffix('*') {
+            Some(prefix) => model.starts_with(prefix),
+            None => self.0 == model,
+        }
+    }
+
+    /// The model's own name, when the pattern names one model (no `*`).
+    pub fn exact(&self) -> Option<&str> {
+        (!self.0.ends_with('*')).then_some(self.0.as_str())
+    }
+}
+
+/// `[[llm.price]]`: per million tokens.
+#[derive(Debug, Clone)]
+pub struct Price {
+    pub model: ModelPattern,
+    pub input: f64,
+    pub output: f64,
+}
+
+/// A credential read from a file: its `Debug` never shows it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: String) -> Secret {
+        Secret(value)
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn patterns_match_names_and_prefixes() {
+        let exact = ModelPattern("tiny".into());
+        let prefix = ModelPattern("tiny-*".into());
+        assert!(exact.matches("tiny"));
+        assert!(!exact.matches("tiny-2"));
+        assert!(prefix.matches("tiny-2"));
+        assert!(!prefix.matches("tiny"));
+        assert_eq!(exact.exact(), Some("tiny"));
+        assert_eq!(prefix.exact(), None);
+    }
+
+    #[test]
+    fn cost_is_per_million_tokens_from_the_first_matching_price() {
+        let settings = LlmSettings {
+            database: PathBuf::from("x.db"),
+            providers: Vec::new(),
+            prices: vec![
+                Price {
+                    model: ModelPattern("tiny".into()),
+                    input: 0.5,
+                    output: 1.5,
+                },
+                Price {
+                    model: ModelPattern("*".into()),
+                    input: 10.0,
+                    output: 10.0,
+                },
+            ],
+            log_bodies: false,
+            max_request_body: DEFAULT_MAX_REQUEST_BODY,
+        };
+        assert!((settings.cost("tiny", 1_000_000, 2_000_000) - 3.5).abs() < 1e-9);
+        assert!((settings.cost("other", 100_000, 0) - 1.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn a_secret_is_not_shown_by_debug() {
+        assert_eq!(format!("{:?}", Secret::new("sk-provider".into())), "Secret(..)");
+    }
+}

@@ -1,0 +1,654 @@
+//! The OpenAI-compatible HTTP API of an `llm` route: `GET …/models`, `POST …/chat/completions` and
+//! `POST …/completions`, with `stream: true` answered as server-sent events exactly as the provider sends them
+//! (less the usage chunk when the client did not ask for one) and `stream: false` as JSON. Every refusal is an
+//! OpenAI-style error body; nothing in one names a provider, its address or its key.
+
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::{Body as _, Frame, Incoming, SizeHint};
+use serde_json::{Value, json};
+use tokio::time::{Instant, Sleep};
+
+use super::keys::{KeyRefusal, KeyState, Limit, OverLimit};
+use super::provider::{self, ProviderError};
+use super::sse;
+use super::store::{UsageDelta, day_of};
+use super::{Gateway, Metered};
+use crate::config::llm::{LlmSettings, Provider};
+
+/// The longest non-streamed answer read from a provider.
+const MAX_ANSWER_BYTES: usize = 16 * 1024 * 1024;
+
+/// An answer of the gateway's: whole, or a provider's stream passed on event by event.
+pub enum Body {
+    Full(Option<Bytes>),
+    Stream(Box<Stream>),
+}
+
+impl hyper::body::Body for Body {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        match self.get_mut() {
+            Body::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            Body::Stream(stream) => stream.poll_next(cx).map(|b| b.map(|b| Ok(Frame::data(b)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(self, Body::Full(None))
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Body::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
+            Body::Full(None) => SizeHint::with_exact(0),
+            Body::Stream(_) => SizeHint::default(),
+        }
+    }
+}
+
+/// An API error: its status and OpenAI-style body.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub kind: &'static str,
+    pub code: &'static str,
+    pub message: String,
+    pub retry_after: Option<Duration>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, kind: &'static str, code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            kind,
+            code,
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+
+    fn invalid(code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, "invalid_request_error", code, message)
+    }
+
+    pub fn body(&self) -> Value {
+        json!({"error": {"message": self.message, "type": self.kind, "param": null, "code": self.code}})
+    }
+
+    pub fn response(&self) -> Response<Body> {
+        let mut resp = json_response(self.status, &self.body());
+        if let Some(after) = self.retry_after {
+            // Whole seconds, rounded up: a client that waits that long finds the limit clear.
+            let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
+            if let Ok(v) = HeaderValue::from_str(&secs.max(1).to_string()) {
+                resp.headers_mut().insert(http::header::RETRY_AFTER, v);
+            }
+        }
+        resp
+    }
+
+    pub fn from_key(refusal: &KeyRefusal) -> ApiError {
+        match refusal {
+            KeyRefusal::Missing => ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "invalid_request_error",
+                "missing_api_key",
+                "no API key: send one as `Authorization: Bearer KEY`",
+            ),
+            KeyRefusal::Unknown => ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "invalid_request_error",
+                "invalid_api_key",
+                "invalid API key",
+            ),
+            KeyRefusal::Revoked(_) => ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "invalid_request_error",
+                "revoked_api_key",
+                "this API key has been revoked",
+            ),
+            KeyRefusal::Unavailable(_) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "api_error",
+                "keys_unavailable",
+                "API keys cannot be checked right now",
+            ),
+        }
+    }
+
+    pub fn from_limit(over: &OverLimit) -> ApiError {
+        let (status, kind, code) = match over.limit {
+            Limit::Model => (StatusCode::FORBIDDEN, "invalid_request_error", "model_not_allowed"),
+            Limit::Budget(_) => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "insufficient_quota",
+                "insufficient_quota",
+            ),
+            _ => (StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", "rate_limit_exceeded"),
+        };
+        ApiError {
+            retry_after: over.retry_after,
+            ..ApiError::new(status, kind, code, over.message())
+        }
+    }
+}
+
+/// Client-sent text repeated in an error: at most 200 characters.
+fn cut(text: &str) -> String {
+    text.chars().take(200).collect()
+}
+
+fn json_response(status: StatusCode, value: &Value) -> Response<Body> {
+    let mut resp = Response::new(Body::Full(Some(Bytes::from(value.to_string()))));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
+}
+
+/// The endpoints, by the end of the request's path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    Models,
+    ChatCompletions,
+    Completions,
+}
+
+impl Endpoint {
+    pub fn of(path: &str) -> Option<Endpoint> {
+        let path = path.trim_end_matches('/');
+        if path.ends_with("/chat/completions") {
+            Some(Endpoint::ChatCompletions)
+        } else if path.ends_with("/completions") {
+            Some(Endpoint::Completions)
+        } else if path.ends_with("/models") {
+            Some(Endpoint::Models)
+        } else {
+            None
+        }
+    }
+
+    fn provider_path(self) -> &'static str {
+        match self {
+            Endpoint::Models => "/models",
+            Endpoint::ChatCompletions => "/chat/completions",
+            Endpoint::Completions => "/completions",
+        }
+    }
+}
+
+/// The key a request presents: `Authorization: Bearer KEY`.
+pub fn bearer(req: &Request<Incoming>) -> Option<&str> {
+    let value = req.headers().get(http::header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, key) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| key.trim())
+        .filter(|k| !k.is_empty())
+}
+
+/// Serves one request of an `llm` route; what it was (for the access log) is noted in `outcome`.
+pub async fn serve(gateway: &Gateway, settings: &Arc<LlmSettings>, req: Request<Incoming>) -> Response<Body> {
+    match handle(gateway, settings, req).await {
+        Ok(resp) => resp,
+        Err(e) => e.response(),
+    }
+}
+
+async fn handle(
+    gateway: &Gateway,
+    settings: &Arc<LlmSettings>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    let Some(endpoint) = Endpoint::of(req.uri().path()) else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            "unknown_url",
+            format!("no endpoint at `{}`", cut(req.uri().path())),
+        ));
+    };
+    let wanted = if endpoint == Endpoint::Models {
+        Method::GET
+    } else {
+        Method::POST
+    };
+    if req.method() != wanted {
+        let mut e = ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "invalid_request_error",
+            "method_not_allowed",
+            format!("use {wanted} on this endpoint"),
+        );
+        e.retry_after = None;
+        return Err(e);
+    }
+    let db = gateway
+        .db()
+        .ok_or_else(|| ApiError::from_key(&KeyRefusal::Unavailable(super::db::DbError::Closed)))?;
+    let secret = bearer(&req).ok_or_else(|| ApiError::from_key(&KeyRefusal::Missing))?;
+    let key = gateway
+        .keys
+        .authenticate(&db, secret)
+        .await
+        .map_err(|e| ApiError::from_key(&e))?;
+    if endpoint == Endpoint::Models {
+        return Ok(models(settings, &key));
+    }
+    let body = read_body(req, settings.max_request_body).await?;
+    let mut request: Value = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::invalid("invalid_json", format!("the body is not JSON: {e}")))?;
+    let Some(object) = request.as_object_mut() else {
+        return Err(ApiError::invalid("invalid_json", "the body is not a JSON object"));
+    };
+    let model = match object.get("model") {
+        Some(Value::String(model)) if !model.is_empty() => model.clone(),
+        _ => return Err(ApiError::invalid("missing_model", "`model` (a string) is required")),
+    };
+    let stream = object.get("stream").and_then(Value::as_bool).unwrap_or(false);
+    let usage_asked = object
+        .get("stream_options")
+        .and_then(|o| o.get("include_usage"))
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    if stream {
+        // The provider is asked for usage whatever the client asked; its usage chunk is passed on only if asked for.
+        object.insert("stream_options".into(), json!({"include_usage": true}));
+    }
+    let prompt_estimate = estimate_prompt_tokens(object);
+    let providers: Vec<&Provider> = settings.providers_for(&model).collect();
+    if providers.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            "model_not_found",
+            format!("the model `{}` does not exist", cut(&model)),
+        ));
+    }
+    let now = Instant::now();
+    let today = day_of(SystemTime::now());
+    key.admit(&model, now, &today)
+        .map_err(|over| ApiError::from_limit(&over))?;
+    let body = Bytes::from(request.to_string());
+    let metered = Metered {
+        settings: settings.clone(),
+        key: key.clone(),
+        model: model.clone(),
+        db: db.clone(),
+    };
+    let mut last = None;
+    for provider in providers {
+        match provider::send(
+            provider,
+            Method::POST,
+            endpoint.provider_path(),
+            Some(body.clone()),
+            stream,
+        )
+        .await
+        {
+            Ok(answer) => {
+                return Ok(if stream && answer.status().is_success() {
+                    streamed(answer, provider, metered, usage_asked, prompt_estimate)
+                } else {
+                    whole(answer, metered).await
+                });
+            }
+            Err(e) => {
+                tracing::warn!(model = %model, error = %e, "LLM provider failed");
+                let fails_over = e.fails_over();
+                last = Some(e);
+                if !fails_over {
+                    break;
+                }
+            }
+        }
+    }
+    // Nothing was served: the request is not billed, but it counted against the request rate.
+    Err(provider_failed(last))
+}
+
+/// The answer when no provider could serve a request: 502, or the last provider's 429 (with its `Retry-After`).
+fn provider_failed(last: Option<ProviderError>) -> ApiError {
+    match last {
+        Some(ProviderError::Status {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            retry_after,
+            ..
+        }) => ApiError {
+            retry_after: retry_after.map(|s| Duration::from_secs(u64::from(s))),
+            ..ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                "provider_busy",
+                "the model's providers are busy",
+            )
+        },
+        Some(ProviderError::Timeout { .. }) => ApiError::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "api_error",
+            "provider_timeout",
+            "the model's provider did not answer in time",
+        ),
+        _ => ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            "api_error",
+            "provider_unavailable",
+            "the model's provider is unavailable",
+        ),
+    }
+}
+
+/// `GET …/models`: the models of the providers (those named exactly; patterns name no model) that the key may use.
+fn models(settings: &LlmSettings, key: &KeyState) -> Response<Body> {
+    let mut seen = Vec::new();
+    for provider in &settings.providers {
+        for m in provider.models.iter().filter_map(|m| m.exact()) {
+            if key.allows_model(m) && !seen.contains(&m) {
+                seen.push(m);
+            }
+        }
+    }
+    let data: Vec<Value> = seen
+        .into_iter()
+        .map(|id| json!({"id": id, "object": "model", "created": 0, "owned_by": "wsgate"}))
+        .collect();
+    json_response(StatusCode::OK, &json!({"object": "list", "data": data}))
+}
+
+async fn read_body(req: Request<Incoming>, max: u64) -> Result<Bytes, ApiError> {
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_request_error",
+            "request_too_large",
+            format!("the request body is larger than {max} bytes"),
+        )
+    };
+    if req.body().size_hint().lower() > max {
+        return Err(too_large());
+    }
+    let limited = http_body_util::Limited::new(req.into_body(), usize::try_from(max).unwrap_or(usize::MAX));
+    match limited.collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
+        Err(e) => Err(ApiError::invalid(
+            "body_not_received",
+            format!("the request body broke off: {e}"),
+        )),
+    }
+}
+
+/// A rough count of a request's prompt tokens, for a provider that reports no usage: about four characters a token.
+fn estimate_prompt_tokens(request: &serde_json::Map<String, Value>) -> u64 {
+    fn chars(v: &Value) -> usize {
+        match v {
+            Value::String(s) => s.chars().count(),
+            Value::Array(items) => items.iter().map(chars).sum(),
+            Value::Object(o) => o.values().map(chars).sum(),
+            _ => 0,
+        }
+    }
+    let text: usize = ["messages", "prompt"]
+        .iter()
+        .filter_map(|k| request.get(*k))
+        .map(chars)
+        .sum();
+    text.div_ceil(4) as u64
+}
+
+/// A non-streamed answer: read whole, its usage billed, passed on as it is.
+async fn whole(answer: Response<Incoming>, metered: Metered) -> Response<Body> {
+    let (parts, body) = answer.into_parts();
+    let limited = http_body_util::Limited::new(body, MAX_ANSWER_BYTES);
+    let bytes = match tokio::time::timeout(metered.provider_timeout(), limited.collect()).await {
+        Ok(Ok(collected)) => collected.to_bytes(),
+        _ => {
+            return ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "api_error",
+                "provider_error",
+                "the provider's answer broke off",
+            )
+            .response();
+        }
+    };
+    if parts.status.is_success() {
+        let usage = serde_json::from_slice::<Value>(&bytes)
+            .ok()
+            .and_then(|v| v.get("usage").and_then(Usage::of));
+        match usage {
+            Some(usage) => metered.bill(usage, false),
+            None => {
+                return ApiError::new(
+                    StatusCode::BAD_GATEWAY,
+                    "api_error",
+                    "provider_error",
+                    "the provider's answer is not a completion",
+                )
+                .response();
+            }
+        }
+    }
+    let mut resp = Response::new(Body::Full(Some(bytes)));
+    *resp.status_mut() = parts.status;
+    if let Some(ct) = parts.headers.get(http::header::CONTENT_TYPE) {
+        resp.headers_mut().insert(http::header::CONTENT_TYPE, ct.clone());
+    }
+    resp
+}
+
+/// Token counts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub prompt: u64,
+    pub completion: u64,
+}
+
+impl Usage {
+    /// An OpenAI `usage` object.
+    pub fn of(v: &Value) -> Option<Usage> {
+        Some(Usage {
+            prompt: v.get("prompt_tokens")?.as_u64()?,
+            completion: v.get("completion_tokens")?.as_u64()?,
+        })
+    }
+}
+
+fn streamed(
+    answer: Response<Incoming>,
+    provider: &Provider,
+    metered: Metered,
+    usage_asked: bool,
+    prompt_estimate: u64,
+) -> Response<Body> {
+    let token_timeout = provider.token_timeout;
+    let (parts, body) = answer.into_parts();
+    let stream = Stream {
+        upstream: body,
+        reader: sse::Reader::default(),
+        out: VecDeque::new(),
+        usage: None,
+        chunks: 0,
+        prompt_estimate,
+        strip_usage: !usage_asked,
+        ended: false,
+        token_timeout,
+        timer: Box::pin(tokio::time::sleep(token_timeout)),
+        metered: Some(metered),
+    };
+    let mut resp = Response::new(Body::Stream(Box::new(stream)));
+    *resp.status_mut() = parts.status;
+    let headers = resp.headers_mut();
+    headers.insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    headers.insert(http::header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    resp
+}
+
+/// A provider's event stream on its way to the client: each event read, its usage and tokens noted, the usage
+/// chunk left out when the client did not ask for it. Billed when it ends, or when it is dropped (the client went
+/// away: the provider's connection closes with it, and what was streamed until then is billed).
+pub struct Stream {
+    upstream: Incoming,
+    reader: sse::Reader,
+    out: VecDeque<Bytes>,
+    /// The provider's own usage report, once seen.
+    usage: Option<Usage>,
+    /// Chunks with content (one token each, for a provider that reports no usage).
+    chunks: u64,
+    prompt_estimate: u64,
+    strip_usage: bool,
+    ended: bool,
+    token_timeout: Duration,
+    timer: Pin<Box<Sleep>>,
+    metered: Option<Metered>,
+}
+
+impl Stream {
+    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Bytes>> {
+        loop {
+            if let Some(bytes) = self.out.pop_front() {
+                return Poll::Ready(Some(bytes));
+            }
+            if self.ended {
+                self.finish();
+                return Poll::Ready(None);
+            }
+            match Pin::new(&mut self.upstream).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    if let Ok(data) = frame.into_data() {
+                        self.timer.as_mut().reset(Instant::now() + self.token_timeout);
+                        self.read(&data);
+                    }
+                }
+                Poll::Ready(None) => self.ended = true,
+                Poll::Ready(Some(Err(e))) => {
+                    tracing::warn!(error = %e, "LLM provider's stream broke off");
+                    self.fail("the provider's stream broke off");
+                }
+                Poll::Pending => {
+                    if self.timer.as_mut().poll(cx).is_ready() {
+                        tracing::warn!(after = ?self.token_timeout, "LLM provider's stream stalled");
+                        self.fail("the provider sent no token in time");
+                        continue;
+                    }
+                    return Poll::Pending;
+                }
+            }
+        }
+    }
+
+    fn read(&mut self, data: &[u8]) {
+        let mut events = Vec::new();
+        if self.reader.feed(data, |e| events.push(e)).is_err() {
+            self.fail("the provider sent an oversized event");
+            return;
+        }
+        for event in events {
+            if event.data == "[DONE]" {
+                self.out.push_back(Bytes::from(sse::encode(None, &event.data)));
+                continue;
+            }
+            let parsed: Option<Value> = serde_json::from_str(&event.data).ok();
+            let mut usage_only = false;
+            if let Some(chunk) = &parsed {
+                if let Some(usage) = chunk.get("usage").and_then(Usage::of) {
+                    self.usage = Some(usage);
+                    usage_only = chunk.get("choices").and_then(Value::as_array).is_none_or(Vec::is_empty);
+                }
+                if has_content(chunk) {
+                    self.chunks += 1;
+                }
+            }
+            if usage_only && self.strip_usage {
+                continue;
+            }
+            let name = (!event.name.is_empty()).then_some(event.name.as_str());
+            self.out.push_back(Bytes::from(sse::encode(name, &event.data)));
+        }
+    }
+
+    /// Ends the stream with an error event (OpenAI's shape) after what was passed on.
+    fn fail(&mut self, message: &str) {
+        let error =
+            json!({"error": {"message": message, "type": "api_error", "param": null, "code": "provider_error"}});
+        self.out.push_back(Bytes::from(sse::encode(None, &error.to_string())));
+        self.ended = true;
+    }
+
+    fn finish(&mut self) {
+        if let Some(metered) = self.metered.take() {
+            match self.usage {
+                Some(usage) => metered.bill(usage, false),
+                None => metered.bill(
+                    Usage {
+                        prompt: self.prompt_estimate,
+                        completion: self.chunks,
+                    },
+                    true,
+                ),
+            }
+        }
+    }
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
+/// Whether an OpenAI stream chunk carries generated text.
+fn has_content(chunk: &Value) -> bool {
+    chunk.get("choices").and_then(Value::as_array).is_some_and(|choices| {
+        choices.iter().any(|c| {
+            let text = c.get("delta").and_then(|d| d.get("content")).or_else(|| c.get("text"));
+            text.and_then(Value::as_str).is_some_and(|t| !t.is_empty())
+        })
+    })
+}
+
+impl Metered {
+    fn provider_timeout(&self) -> Duration {
+        self.settings
+            .providers_for(&self.model)
+            .map(|p| p.first_token_timeout)
+            .max()
+            .unwrap_or(crate::config::llm::DEFAULT_FIRST_TOKEN_TIMEOUT)
+    }
+
+    /// Bills a request's tokens to its key: the key's windows at once, the usage row through the database thread.
+    pub fn bill(self, usage: Usage, counted: bool) {
+        let cost = self.settings.cost(&self.model, usage.prompt, usage.completion);
+        let now = SystemTime::now();
+        let today = day_of(now);
+        self.key
+            .charge(usage.prompt + usage.completion, cost, Instant::now(), &today);
+        let row = UsageDelta {
+            key_id: self.key.id(),
+            model: self.model.clone(),
+            day: today,
+            counted,
+            requests: 1,
+            prompt_tokens: usage.prompt,
+            completion_tokens: usage.completion,
+            cost,
+        };
+        if !self.db.record(row) {
+            tracing::error!(key = self.key.id(), model = %self.model, "usage row lost: the key database's queue is full");
+        }
+    }
+}

@@ -1,0 +1,387 @@
+//! Virtual keys at request time: a key presented by a client is found by its hash (cached, re-read from the
+//! database at most every [`RECHECK`], so that a key revoked by `wsgate llm-key revoke` in another process stops
+//! working within that), and its limits are checked against what it has used: requests and tokens in the last
+//! minute, tokens today (UTC), and its spending budget. A request is refused once a count has reached its limit, so
+//! one request in flight may cross it and the next one is refused.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, SystemTime};
+
+use tokio::time::Instant;
+
+use super::db::{Db, DbError};
+use super::store::{self, KeyRecord};
+use crate::config::llm::ModelPattern;
+
+/// How long a key found in the database is trusted before it is read again.
+pub const RECHECK: Duration = Duration::from_secs(10);
+/// The window of the per-minute limits.
+const MINUTE: Duration = Duration::from_secs(60);
+
+/// Why a key is not let through.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyRefusal {
+    #[error("no API key (give one as `Authorization: Bearer KEY`)")]
+    Missing,
+    #[error("unknown API key")]
+    Unknown,
+    #[error("API key {0} is revoked")]
+    Revoked(i64),
+    #[error("the key database cannot answer: {0}")]
+    Unavailable(#[from] DbError),
+}
+
+/// A limit a key has reached.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Limit {
+    RequestsPerMinute(u32),
+    TokensPerMinute(u64),
+    TokensPerDay(u64),
+    Budget(f64),
+    /// The key may not use this model.
+    Model,
+}
+
+/// A refusal by a key's limits: which, and when to try again (`None`: not by waiting).
+#[derive(Debug, Clone, PartialEq)]
+pub struct OverLimit {
+    pub limit: Limit,
+    pub retry_after: Option<Duration>,
+}
+
+impl OverLimit {
+    pub fn message(&self) -> String {
+        match &self.limit {
+            Limit::RequestsPerMinute(n) => format!("this key's limit of {n} requests per minute is reached"),
+            Limit::TokensPerMinute(n) => format!("this key's limit of {n} tokens per minute is reached"),
+            Limit::TokensPerDay(n) => format!("this key's limit of {n} tokens per day is reached"),
+            Limit::Budget(b) => format!("this key's budget of {b} is spent"),
+            Limit::Model => "this key may not use this model".into(),
+        }
+    }
+}
+
+/// What the gateway keeps of one key: its record, and what it has used.
+pub struct KeyState {
+    pub record: KeyRecord,
+    models: Vec<ModelPattern>,
+    revoked: AtomicBool,
+    // A plain mutex: held for a few comparisons, never across an await (the project-wide ban on `std::sync::Mutex`
+    // is meant for the relay path).
+    #[allow(clippy::disallowed_types)]
+    used: std::sync::Mutex<Used>,
+}
+
+/// A key's use in its windows.
+struct Used {
+    /// Start times of the requests of the last minute.
+    requests: VecDeque<Instant>,
+    /// Tokens of the last minute, by the time they were counted.
+    tokens: VecDeque<(Instant, u64)>,
+    /// The UTC day `day_tokens` counts.
+    day: String,
+    day_tokens: u64,
+    /// All it has spent.
+    spent: f64,
+}
+
+impl KeyState {
+    fn new(record: KeyRecord, spent: f64, day: String, day_tokens: u64) -> KeyState {
+        KeyState {
+            models: record.models.iter().map(|m| ModelPattern(m.clone())).collect(),
+            revoked: AtomicBool::new(record.revoked),
+            #[allow(clippy::disallowed_types)]
+            used: std::sync::Mutex::new(Used {
+                requests: VecDeque::new(),
+                tokens: VecDeque::new(),
+                day,
+                day_tokens,
+                spent,
+            }),
+            record,
+        }
+    }
+
+    pub fn id(&self) -> i64 {
+        self.record.id
+    }
+
+    pub fn allows_model(&self, model: &str) -> bool {
+        self.models.is_empty() || self.models.iter().any(|m| m.matches(model))
+    }
+
+    /// Lets a request to `model` start, counting it, or says which limit stops it.
+    pub fn admit(&self, model: &str, now: Instant, today: &str) -> Result<(), OverLimit> {
+        if !self.allows_model(model) {
+            return Err(OverLimit {
+                limit: Limit::Model,
+                retry_after: None,
+            });
+        }
+        let r = &self.record;
+        let mut used = self.lock();
+        used.prune(now, today);
+        if let Some(rpm) = r.requests_per_minute
+            && used.requests.len() >= rpm as usize
+        {
+            let oldest = used.requests.front().copied().unwrap_or(now);
+            return Err(OverLimit {
+                limit: Limit::RequestsPerMinute(rpm),
+                retry_after: Some(MINUTE.saturating_sub(now - oldest)),
+            });
+        }
+        if let Some(tpm) = r.tokens_per_minute {
+            let mut sum: u64 = used.tokens.iter().map(|(_, n)| n).sum();
+            if sum >= tpm {
+                // Waiting until enough of the minute's tokens have aged out brings the count under the limit.
+                let mut wait = Duration::ZERO;
+                for (at, n) in &used.tokens {
+                    sum -= n;
+                    wait = MINUTE.saturating_sub(now - *at);
+                    if sum < tpm {
+                        break;
+                    }
+                }
+                return Err(OverLimit {
+                    limit: Limit::TokensPerMinute(tpm),
+                    retry_after: Some(wait),
+                });
+            }
+        }
+        if let Some(tpd) = r.tokens_per_day
+            && used.day_tokens >= tpd
+        {
+            return Err(OverLimit {
+                limit: Limit::TokensPerDay(tpd),
+                retry_after: Some(until_next_utc_day(SystemTime::now())),
+            });
+        }
+        if let Some(budget) = r.budget
+            && used.spent >= budget
+        {
+            return Err(OverLimit {
+                limit: Limit::Budget(budget),
+                retry_after: None,
+            });
+        }
+        used.requests.push_back(now);
+        Ok(())
+    }
+
+    /// Counts what a request used.
+    pub fn charge(&self, tokens: u64, cost: f64, now: Instant, today: &str) {
+        let mut used = self.lock();
+        used.prune(now, today);
+        if tokens > 0 {
+            used.tokens.push_back((now, tokens));
+        }
+        used.day_tokens += tokens;
+        used.spent += cost;
+    }
+
+    /// How much of its budget a key has left (`None`: no budget).
+    pub fn budget_left(&self) -> Option<f64> {
+        let budget = self.record.budget?;
+        Some(budget - self.lock().spent)
+    }
+
+    pub fn is_revoked(&self) -> bool {
+        self.revoked.load(Ordering::Relaxed)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Used> {
+        // A panic while holding it leaves counts that are still counts.
+        self.used.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl Used {
+    fn prune(&mut self, now: Instant, today: &str) {
+        while self.requests.front().is_some_and(|at| now - *at >= MINUTE) {
+            self.requests.pop_front();
+        }
+        while self.tokens.front().is_some_and(|(at, _)| now - *at >= MINUTE) {
+            self.tokens.pop_front();
+        }
+        if self.day != today {
+            self.day = today.to_string();
+            self.day_tokens = 0;
+        }
+    }
+}
+
+/// Time until the next UTC midnight.
+fn until_next_utc_day(now: SystemTime) -> Duration {
+    let secs = now.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    Duration::from_secs(86_400 - secs % 86_400)
+}
+
+struct Cached {
+    key: Arc<KeyState>,
+    checked: Instant,
+}
+
+/// The keys seen so far, by the hash of their secret.
+#[derive(Default)]
+pub struct Keys {
+    // A plain mutex: a map lookup or insert under it, never held across an await.
+    #[allow(clippy::disallowed_types)]
+    by_hash: std::sync::Mutex<HashMap<[u8; 32], Cached>>,
+}
+
+impl Keys {
+    /// The key `secret` names, from the cache or the database, or why it is refused.
+    pub async fn authenticate(&self, db: &Db, secret: &str) -> Result<Arc<KeyState>, KeyRefusal> {
+        let hash = store::hash_key(secret);
+        let now = Instant::now();
+        let cached = self
+            .map()
+            .get(&hash)
+            .map(|c| (c.key.clone(), now - c.checked < RECHECK));
+        let key = match cached {
+            Some((key, true)) => key,
+            stale => {
+                let Some(record) = db.find_key(secret).await? else {
+                    self.map().remove(&hash);
+                    return Err(KeyRefusal::Unknown);
+                };
+                let key = match stale {
+                    // The same key, unchanged but perhaps revoked: in-flight requests charge the same state.
+                    Some((old, _)) if old.same_limits(&record) => {
+                        old.revoked.store(record.revoked, Ordering::Relaxed);
+                        old
+                    }
+                    // What the key has used is kept; its limits and models are the database's.
+                    Some((old, _)) if old.record.id == record.id => {
+                        let fresh = KeyState::new(record, 0.0, String::new(), 0);
+                        fresh.take_use_of(&old);
+                        Arc::new(fresh)
+                    }
+                    _ => {
+                        let today = store::day_of(SystemTime::now());
+                        let (spent, day_tokens) = db.totals(record.id, today.clone()).await?;
+                        Arc::new(KeyState::new(record, spent, today, day_tokens))
+                    }
+                };
+                self.map().insert(
+                    hash,
+                    Cached {
+                        key: key.clone(),
+                        checked: now,
+                    },
+                );
+                key
+            }
+        };
+        if key.is_revoked() {
+            return Err(KeyRefusal::Revoked(key.id()));
+        }
+        Ok(key)
+    }
+
+    /// A key revoked through this gateway stops working at once.
+    pub fn revoked(&self, id: i64) {
+        for cached in self.map().values() {
+            if cached.key.id() == id {
+                cached.key.revoked.store(true, Ordering::Relaxed);
+            }
+        }
+    }
+
+    #[allow(clippy::disallowed_types)]
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], Cached>> {
+        self.by_hash.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl KeyState {
+    fn same_limits(&self, other: &KeyRecord) -> bool {
+        let r = &self.record;
+        r.id == other.id
+            && r.models == other.models
+            && r.requests_per_minute == other.requests_per_minute
+            && r.tokens_per_minute == other.tokens_per_minute
+            && r.tokens_per_day == other.tokens_per_day
+            && r.budget == other.budget
+    }
+
+    /// Takes over what `old` (the same key, read before) has used.
+    fn take_use_of(&self, old: &KeyState) {
+        let old = old.lock();
+        let mut used = self.lock();
+        used.requests = old.requests.clone();
+        used.tokens = old.tokens.clone();
+        used.day = old.day.clone();
+        used.day_tokens = old.day_tokens;
+        used.spent = old.spent;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(rpm: Option<u32>, tpm: Option<u64>, tpd: Option<u64>, budget: Option<f64>) -> KeyRecord {
+        KeyRecord {
+            id: 7,
+            owner: "team".into(),
+            models: vec!["tiny*".into()],
+            requests_per_minute: rpm,
+            tokens_per_minute: tpm,
+            tokens_per_day: tpd,
+            budget,
+            hint: "sk-wsg-…abcd".into(),
+            created: 0,
+            revoked: false,
+        }
+    }
+
+    #[test]
+    fn requests_per_minute_refuse_the_next_request_until_the_oldest_ages_out() {
+        let key = KeyState::new(record(Some(2), None, None, None), 0.0, "2026-12-06".into(), 0);
+        let t0 = Instant::now();
+        key.admit("tiny", t0, "2026-12-06").unwrap();
+        key.admit("tiny", t0 + Duration::from_secs(10), "2026-12-06").unwrap();
+        let refused = key
+            .admit("tiny", t0 + Duration::from_secs(20), "2026-12-06")
+            .unwrap_err();
+        assert_eq!(refused.limit, Limit::RequestsPerMinute(2));
+        assert_eq!(refused.retry_after, Some(Duration::from_secs(40)));
+        key.admit("tiny", t0 + Duration::from_secs(60), "2026-12-06").unwrap();
+    }
+
+    #[test]
+    fn token_limits_refuse_once_reached_and_a_new_day_starts_over() {
+        let key = KeyState::new(record(None, Some(100), Some(150), None), 0.0, "2026-12-06".into(), 0);
+        let t0 = Instant::now();
+        key.admit("tiny", t0, "2026-12-06").unwrap();
+        // One request may cross the limit; the next is refused.
+        key.charge(120, 0.0, t0, "2026-12-06");
+        let refused = key
+            .admit("tiny", t0 + Duration::from_secs(1), "2026-12-06")
+            .unwrap_err();
+        assert_eq!(refused.limit, Limit::TokensPerMinute(100));
+        assert_eq!(refused.retry_after, Some(Duration::from_secs(59)));
+        // A minute later the minute's tokens are gone, but the day's count holds.
+        key.admit("tiny", t0 + MINUTE, "2026-12-06").unwrap();
+        key.charge(40, 0.0, t0 + MINUTE, "2026-12-06");
+        let refused = key.admit("tiny", t0 + 2 * MINUTE, "2026-12-06").unwrap_err();
+        assert_eq!(refused.limit, Limit::TokensPerDay(150));
+        key.admit("tiny", t0 + 3 * MINUTE, "2026-12-07").unwrap();
+    }
+
+    #[test]
+    fn a_spent_budget_and_other_models_are_refused() {
+        let key = KeyState::new(record(None, None, None, Some(1.0)), 0.5, "2026-12-06".into(), 0);
+        let t0 = Instant::now();
+        assert_eq!(key.admit("other", t0, "2026-12-06").unwrap_err().limit, Limit::Model);
+        key.admit("tiny-2", t0, "2026-12-06").unwrap();
+        key.charge(10, 0.5, t0, "2026-12-06");
+        let refused = key.admit("tiny", t0, "2026-12-06").unwrap_err();
+        assert_eq!(refused.limit, Limit::Budget(1.0));
+        assert_eq!(refused.retry_after, None);
+        assert_eq!(key.budget_left(), Some(0.0));
+    }
+}

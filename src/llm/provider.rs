@@ -1,0 +1,152 @@
+//! Requests to a provider: one HTTP/1.1 connection per request (plain or TLS), with the provider's key added and
+//! its connect and first-token timeouts. The answer's body is read by the caller, as it arrives.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::time::timeout;
+
+use crate::config::llm::{Provider, ProviderKind};
+use crate::conn::Conn;
+
+/// Why a provider gave no usable answer.
+#[derive(Debug, thiserror::Error)]
+pub enum ProviderError {
+    #[error("provider `{provider}`: connect: {error}")]
+    Connect { provider: String, error: std::io::Error },
+    #[error("provider `{provider}`: TLS: {error}")]
+    Tls { provider: String, error: String },
+    #[error("provider `{provider}`: no answer within {after:?}")]
+    Timeout { provider: String, after: Duration },
+    #[error("provider `{provider}`: {error}")]
+    Http { provider: String, error: hyper::Error },
+    #[error("provider `{provider}` answered {status}")]
+    Status {
+        provider: String,
+        status: StatusCode,
+        /// Seconds, from the provider's `Retry-After`.
+        retry_after: Option<u32>,
+    },
+    #[error("provider `{provider}`: base_url has no host")]
+    NoHost { provider: String },
+}
+
+impl ProviderError {
+    /// Whether the next provider may serve the request instead: nothing reached the client yet, and this one could
+    /// not connect, was busy (429) or failed (5xx).
+    pub fn fails_over(&self) -> bool {
+        match self {
+            Self::Status { status, .. } => *status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error(),
+            Self::NoHost { .. } => false,
+            _ => true,
+        }
+    }
+}
+
+/// Sends `body` as a POST (or a GET without one) to `endpoint` (such as `/chat/completions`) of `provider`, and
+/// returns its answer once its head is in, whatever its status.
+pub async fn send(
+    provider: &Provider,
+    method: Method,
+    endpoint: &str,
+    body: Option<Bytes>,
+    stream: bool,
+) -> Result<Response<Incoming>, ProviderError> {
+    let name = || provider.name.clone();
+    let (host, port) = provider
+        .authority()
+        .ok_or_else(|| ProviderError::NoHost { provider: name() })?;
+    let connect = async {
+        let tcp = tokio::net::TcpStream::connect((host, port))
+            .await
+            .map_err(|error| ProviderError::Connect {
+                provider: name(),
+                error,
+            })?;
+        let _ = tcp.set_nodelay(true);
+        let conn = match &provider.tls {
+            None => Conn::Tcp(tcp),
+            Some(tls) => {
+                let tls_error = |e: &dyn std::fmt::Display| ProviderError::Tls {
+                    provider: name(),
+                    error: e.to_string(),
+                };
+                let server_name = tls.server_name(host).map_err(|e| tls_error(&e))?;
+                let stream = tls.connect(tcp, server_name).await.map_err(|e| tls_error(&e))?;
+                Conn::ClientTls(Box::new(stream))
+            }
+        };
+        hyper::client::conn::http1::handshake::<_, Full<Bytes>>(TokioIo::new(conn))
+            .await
+            .map_err(|error| ProviderError::Http {
+                provider: name(),
+                error,
+            })
+    };
+    let (mut sender, connection) =
+        timeout(provider.connect_timeout, connect)
+            .await
+            .map_err(|_| ProviderError::Timeout {
+                provider: name(),
+                after: provider.connect_timeout,
+            })??;
+    // The connection lives as long as its answer's body is read: dropping the body (a client gone, a cancel)
+    // closes it, which is how the provider learns to stop generating.
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    let authority = match port {
+        80 | 443 => host.to_string(),
+        port => format!("{host}:{port}"),
+    };
+    let mut request = Request::builder()
+        .method(method)
+        .uri(provider.path(endpoint))
+        .header(http::header::HOST, authority)
+        .header(http::header::USER_AGENT, concat!("wsgate/", env!("CARGO_PKG_VERSION")));
+    if body.is_some() {
+        request = request.header(http::header::CONTENT_TYPE, "application/json");
+    }
+    if stream {
+        request = request.header(http::header::ACCEPT, "text/event-stream");
+    }
+    if let Some(key) = &provider.api_key {
+        request = match provider.kind {
+            ProviderKind::OpenAi => request.header(http::header::AUTHORIZATION, format!("Bearer {}", key.expose())),
+            ProviderKind::Anthropic => request
+                .header("x-api-key", key.expose())
+                .header("anthropic-version", "2023-06-01"),
+        };
+    }
+    let request = request
+        .body(Full::new(body.unwrap_or_default()))
+        .map_err(|_| ProviderError::NoHost { provider: name() })?;
+    let answer = timeout(provider.first_token_timeout, sender.send_request(request))
+        .await
+        .map_err(|_| ProviderError::Timeout {
+            provider: name(),
+            after: provider.first_token_timeout,
+        })?
+        .map_err(|error| ProviderError::Http {
+            provider: name(),
+            error,
+        })?;
+    let status = answer.status();
+    if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
+        let retry_after = answer
+            .headers()
+            .get(http::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse().ok());
+        return Err(ProviderError::Status {
+            provider: name(),
+            status,
+            retry_after,
+        });
+    }
+    Ok(answer)
+}
