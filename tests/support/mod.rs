@@ -6,6 +6,7 @@
 
 pub mod binary;
 pub mod frames;
+pub mod openai_standin;
 pub mod peers;
 pub mod raw;
 pub mod scripted;

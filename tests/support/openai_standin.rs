@@ -4,6 +4,9 @@
 //! records every request it got. Model names steer it: `busy` answers 429 with `Retry-After: 7`, `broken` answers
 //! 500, `cut` breaks its stream off after two chunks, `slow` waits a second between tokens.
 
+// The record of requests is pushed to and copied under a lock held for nothing else.
+#![allow(clippy::disallowed_types)]
+
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -53,7 +56,11 @@ impl Standin {
     pub fn prompt_tokens(body: &Value) -> u64 {
         let chars: usize = body["messages"]
             .as_array()
-            .map(|m| m.iter().map(|m| m["content"].as_str().map_or(0, |c| c.chars().count())).sum())
+            .map(|m| {
+                m.iter()
+                    .map(|m| m["content"].as_str().map_or(0, |c| c.chars().count()))
+                    .sum()
+            })
             .unwrap_or(0);
         chars.div_ceil(4) as u64
     }
@@ -93,7 +100,11 @@ impl Standin {
 type Body = http_body_util::combinators::BoxBody<Bytes, std::io::Error>;
 
 fn json_answer(status: u16, value: &Value) -> hyper::Response<Body> {
-    let mut resp = hyper::Response::new(Full::new(Bytes::from(value.to_string())).map_err(|never| match never {}).boxed());
+    let mut resp = hyper::Response::new(
+        Full::new(Bytes::from(value.to_string()))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
     *resp.status_mut() = hyper::StatusCode::from_u16(status).unwrap();
     resp.headers_mut()
         .insert("content-type", "application/json".parse().unwrap());
@@ -120,7 +131,12 @@ async fn answer(
         .headers()
         .get("authorization")
         .map(|v| v.to_str().unwrap_or("?").to_string());
-    let bytes = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    let bytes = req
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
     let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
     seen.lock().unwrap().push(Seen {
         path: path.clone(),
@@ -168,6 +184,8 @@ async fn answer(
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
             if model_mode == "cut" && i == 2 {
+                // After what it wrote has gone out: the cut comes mid-stream, not before the answer's head.
+                tokio::time::sleep(Duration::from_millis(100)).await;
                 return Some((Err(std::io::Error::other("cut off")), usize::MAX));
             }
             if i == usize::MAX {
@@ -186,7 +204,11 @@ async fn answer(
             } else {
                 return None;
             };
-            let next = if i == tokens + 1 && !include_usage { i + 2 } else { i + 1 };
+            let next = if i == tokens + 1 && !include_usage {
+                i + 2
+            } else {
+                i + 1
+            };
             Some((Ok::<_, std::io::Error>(Frame::data(bytes)), next))
         }
     });

@@ -1,0 +1,590 @@
+//! The LLM gateway's OpenAI-compatible HTTP API, through wsgate in front of the OpenAI-compatible stand-in of
+//! `support::openai_standin`: keys, limits, streams and their usage, failover, and every refusal's answer.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use support::openai_standin::Standin;
+use support::{Proxy, unused_addr, within};
+use wsgate::llm::store::{NewKey, Store, UsageFilter};
+
+/// A temp folder for a test's database and key files, removed at the end.
+struct Dir(PathBuf);
+
+impl Dir {
+    fn new(name: &str) -> Dir {
+        let dir = std::env::temp_dir().join(format!("wsgate-llm-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Dir(dir)
+    }
+
+    fn db(&self) -> PathBuf {
+        self.0.join("llm.db")
+    }
+}
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+const PROVIDER_KEY: &str = "sk-provider-secret-0123";
+
+/// A config with providers at `urls` (in order) serving `tiny`, `busy`, `broken`, `cut` and `slow-*`, and a
+/// price for `tiny`.
+fn config(dir: &Dir, urls: &[String]) -> String {
+    std::fs::write(dir.0.join("provider.key"), format!("{PROVIDER_KEY}\n")).unwrap();
+    let mut text = format!(
+        r#"
+[[listener]]
+name = "main"
+address = "127.0.0.1:0"
+
+[llm]
+database = "{}"
+
+[[llm.price]]
+model = "tiny"
+input = 1.0
+output = 2.0
+"#,
+        dir.db().display()
+    );
+    for (i, url) in urls.iter().enumerate() {
+        text.push_str(&format!(
+            r#"
+[[llm.provider]]
+name = "p{i}"
+kind = "openai"
+base_url = "{url}"
+api_key_file = "{}"
+models = ["tiny", "busy", "broken", "cut", "slow"]
+connect_timeout = "1s"
+token_timeout = "3s"
+"#,
+            dir.0.join("provider.key").display()
+        ));
+    }
+    text.push_str("\n[[route]]\npath_prefix = \"/v1\"\nkind = \"llm\"\n");
+    text
+}
+
+fn issue(db: &Path, new: NewKey) -> String {
+    Store::open(db).unwrap().add_key(&new).unwrap().key
+}
+
+fn key_for(owner: &str) -> NewKey {
+    NewKey {
+        owner: owner.into(),
+        ..NewKey::default()
+    }
+}
+
+/// An HTTP answer: status, headers (lowercase names), body.
+struct Answer {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: String,
+}
+
+impl Answer {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+    }
+
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
+    }
+
+    /// The `data:` payloads of an event stream.
+    fn events(&self) -> Vec<String> {
+        self.body
+            .split("\n\n")
+            .filter_map(|e| e.strip_prefix("data: "))
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// An OpenAI-style error body with this code.
+    fn assert_error(&self, status: u16, code: &str) {
+        assert_eq!(self.status, status, "{}", self.body);
+        let body = self.json();
+        assert_eq!(body["error"]["code"], code, "{}", self.body);
+        assert!(body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()));
+        assert!(!self.body.contains(PROVIDER_KEY), "the provider's key reached a client");
+        assert!(
+            !self.body.contains("127.0.0.1"),
+            "an address reached a client: {}",
+            self.body
+        );
+    }
+}
+
+/// One request on its own connection (`Connection: close`), read to its end; a chunked body is decoded.
+async fn request(addr: SocketAddr, method: &str, path: &str, key: Option<&str>, body: Option<&[u8]>) -> Answer {
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: gateway\r\nConnection: close\r\n");
+    if let Some(key) = key {
+        head.push_str(&format!("Authorization: Bearer {key}\r\n"));
+    }
+    if let Some(body) = body {
+        head.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            body.len()
+        ));
+    }
+    head.push_str("\r\n");
+    let mut stream = within("connect", TcpStream::connect(addr)).await.unwrap();
+    stream.write_all(head.as_bytes()).await.unwrap();
+    if let Some(body) = body {
+        // A refusal may come before the whole body is read: a failed write is not the test's concern.
+        let _ = stream.write_all(body).await;
+    }
+    let mut raw = Vec::new();
+    within("the answer", stream.read_to_end(&mut raw)).await.unwrap();
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").expect("an answer head");
+    let mut lines = head.lines();
+    let status = lines.next().unwrap()[9..12].parse().unwrap();
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let chunked = headers
+        .iter()
+        .any(|(n, v)| n == "transfer-encoding" && v.contains("chunked"));
+    let body = if chunked { dechunk(body) } else { body.to_string() };
+    Answer { status, headers, body }
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let size = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if size == 0 {
+            break;
+        }
+        out.push_str(&rest[..size]);
+        body = &rest[size + 2..];
+    }
+    out
+}
+
+fn chat(model: &str, stream: bool) -> Vec<u8> {
+    json!({"model": model, "stream": stream, "messages": [{"role": "user", "content": "Say something, please."}]})
+        .to_string()
+        .into_bytes()
+}
+
+/// Waits until the usage rows of `key_id` count `requests` requests (usage is written in batches).
+async fn usage_rows(db: &Path, key_id: i64, requests: u64) -> Vec<wsgate::llm::store::UsageRow> {
+    within("the usage rows", async {
+        loop {
+            let rows = Store::open(db)
+                .unwrap()
+                .usage(&UsageFilter {
+                    key_id: Some(key_id),
+                    ..UsageFilter::default()
+                })
+                .unwrap();
+            if rows.iter().map(|r| r.requests).sum::<u64>() >= requests {
+                return rows;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+}
+
+fn key_id(db: &Path, secret: &str) -> i64 {
+    Store::open(db).unwrap().find_key(secret).unwrap().unwrap().id
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_completion_and_a_stream_are_served_billed_and_the_usage_chunk_goes_only_to_who_asked() {
+    let dir = Dir::new("serve");
+    let standin = Standin::start(5).await;
+    let proxy = Proxy::from_toml(&config(&dir, &[standin.base_url()]));
+    let key = issue(&dir.db(), key_for("team-a"));
+
+    let whole = request(
+        proxy.addr,
+        "POST",
+        "/v1/chat/completions",
+        Some(&key),
+        Some(&chat("tiny", false)),
+    )
+    .await;
+    assert_eq!(whole.status, 200, "{}", whole.body);
+    let body = whole.json();
+    assert_eq!(body["choices"][0]["message"]["content"], "tok0 tok1 tok2 tok3 tok4 ");
+    let prompt = body["usage"]["prompt_tokens"].as_u64().unwrap();
+
+    // A stream without include_usage: the provider was asked for usage, the client gets none.
+    let streamed = request(
+        proxy.addr,
+        "POST",
+        "/v1/chat/completions",
+        Some(&key),
+        Some(&chat("tiny", true)),
+    )
+    .await;
+    assert_eq!(streamed.status, 200, "{}", streamed.body);
+    assert_eq!(streamed.header("content-type"), Some("text/event-stream"));
+    let events = streamed.events();
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    let text: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(text, "tok0 tok1 tok2 tok3 tok4 ");
+    assert!(chunks.iter().all(|c| c.get("usage").is_none()), "{events:?}");
+    let asked = &standin.requests()[1].body;
+    assert_eq!(asked["stream_options"]["include_usage"], true);
+
+    // With include_usage, the usage chunk comes through.
+    let mut with_usage: Value = serde_json::from_slice(&chat("tiny", true)).unwrap();
+    with_usage["stream_options"] = json!({"include_usage": true});
+    let streamed = request(
+        proxy.addr,
+        "POST",
+        "/v1/chat/completions",
+        Some(&key),
+        Some(with_usage.to_string().as_bytes()),
+    )
+    .await;
+    let events = streamed.events();
+    let usage: Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
+    assert_eq!(usage["usage"]["completion_tokens"], 5);
+
+    // Every request was billed from the provider's own figures, with the price of `tiny`.
+    let id = key_id(&dir.db(), &key);
+    let rows = usage_rows(&dir.db(), id, 3).await;
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    let row = &rows[0];
+    assert_eq!(
+        (row.owner.as_str(), row.model.as_str(), row.counted),
+        ("team-a", "tiny", false)
+    );
+    assert_eq!(
+        (row.requests, row.prompt_tokens, row.completion_tokens),
+        (3, 3 * prompt, 15)
+    );
+    let cost = (3.0 * prompt as f64 * 1.0 + 15.0 * 2.0) / 1_000_000.0;
+    assert!((row.cost - cost).abs() < 1e-12, "{} against {cost}", row.cost);
+
+    // The provider got its own key, never the client's.
+    for seen in standin.requests() {
+        assert_eq!(seen.authorization.as_deref(), Some(&*format!("Bearer {PROVIDER_KEY}")));
+        assert_eq!(seen.path, "/v1/chat/completions");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn models_lists_what_the_key_may_use() {
+    let dir = Dir::new("models");
+    let standin = Standin::start(1).await;
+    let proxy = Proxy::from_toml(&config(&dir, &[standin.base_url()]));
+    let all = issue(&dir.db(), key_for("a"));
+    let only_tiny = issue(
+        &dir.db(),
+        NewKey {
+            models: vec!["tiny".into()],
+            ..key_for("b")
+        },
+    );
+    let ids = |a: &Answer| -> Vec<String> {
+        a.json()["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let listed = request(proxy.addr, "GET", "/v1/models", Some(&all), None).await;
+    assert_eq!(listed.status, 200);
+    assert_eq!(ids(&listed), ["tiny", "busy", "broken", "cut", "slow"]);
+    assert_eq!(
+        ids(&request(proxy.addr, "GET", "/v1/models", Some(&only_tiny), None).await),
+        ["tiny"]
+    );
+    let refused = request(
+        proxy.addr,
+        "POST",
+        "/v1/chat/completions",
+        Some(&only_tiny),
+        Some(&chat("busy", false)),
+    )
+    .await;
+    refused.assert_error(403, "model_not_allowed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_bad_request_gets_an_openai_style_error_and_nothing_is_sent_upstream() {
+    let dir = Dir::new("bad");
+    let standin = Standin::start(1).await;
+    let proxy = Proxy::from_toml(&config(&dir, &[standin.base_url()]));
+    let key = issue(&dir.db(), key_for("a"));
+    let revoked = issue(&dir.db(), key_for("b"));
+    let store = Store::open(&dir.db()).unwrap();
+    store.revoke(store.find_key(&revoked).unwrap().unwrap().id).unwrap();
+    let post = |key: Option<&'static str>, body: Vec<u8>| {
+        let addr = proxy.addr;
+        async move { request(addr, "POST", "/v1/chat/completions", key, Some(&body)).await }
+    };
+    let key: &'static str = Box::leak(key.into_boxed_str());
+    let revoked: &'static str = Box::leak(revoked.into_boxed_str());
+
+    post(None, chat("tiny", false))
+        .await
+        .assert_error(401, "missing_api_key");
+    post(Some("sk-wsg-unknown"), chat("tiny", false))
+        .await
+        .assert_error(401, "invalid_api_key");
+    post(Some(revoked), chat("tiny", false))
+        .await
+        .assert_error(401, "revoked_api_key");
+    post(Some(key), b"{not json".to_vec())
+        .await
+        .assert_error(400, "invalid_json");
+    post(Some(key), b"[1, 2]".to_vec())
+        .await
+        .assert_error(400, "invalid_json");
+    post(Some(key), br#"{"messages": []}"#.to_vec())
+        .await
+        .assert_error(400, "missing_model");
+    post(Some(key), chat("no-such-model", false))
+        .await
+        .assert_error(404, "model_not_found");
+    let huge = vec![b'x'; 10 * 1024 * 1024];
+    post(Some(key), huge).await.assert_error(413, "request_too_large");
+    request(proxy.addr, "GET", "/v1/chat/completions", Some(key), None)
+        .await
+        .assert_error(405, "method_not_allowed");
+    request(proxy.addr, "GET", "/v1/embeddings", Some(key), None)
+        .await
+        .assert_error(404, "unknown_url");
+    assert!(standin.requests().is_empty(), "{:?}", standin.requests());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_limit_refuses_the_request_after_it_is_reached() {
+    let dir = Dir::new("limits");
+    let standin = Standin::start(10).await;
+    let proxy = Proxy::from_toml(&config(&dir, &[standin.base_url()]));
+    let send = |key: String, stream: bool| {
+        let addr = proxy.addr;
+        async move {
+            request(
+                addr,
+                "POST",
+                "/v1/chat/completions",
+                Some(&key),
+                Some(&chat("tiny", stream)),
+            )
+            .await
+        }
+    };
+
+    let rpm = issue(
+        &dir.db(),
+        NewKey {
+            requests_per_minute: Some(2),
+            ..key_for("rpm")
+        },
+    );
+    assert_eq!(send(rpm.clone(), false).await.status, 200);
+    assert_eq!(send(rpm.clone(), true).await.status, 200);
+    let refused = send(rpm, false).await;
+    refused.assert_error(429, "rate_limit_exceeded");
+    let retry: u64 = refused.header("retry-after").unwrap().parse().unwrap();
+    assert!((1..=60).contains(&retry), "{retry}");
+
+    // 10 completion tokens and 6 prompt tokens per request: the second request crosses 20, the third is refused.
+    let tpm = issue(
+        &dir.db(),
+        NewKey {
+            tokens_per_minute: Some(20),
+            ..key_for("tpm")
+        },
+    );
+    assert_eq!(send(tpm.clone(), true).await.status, 200);
+    assert_eq!(send(tpm.clone(), false).await.status, 200);
+    send(tpm, false).await.assert_error(429, "rate_limit_exceeded");
+
+    let tpd = issue(
+        &dir.db(),
+        NewKey {
+            tokens_per_day: Some(5),
+            ..key_for("tpd")
+        },
+    );
+    assert_eq!(send(tpd.clone(), false).await.status, 200);
+    let refused = send(tpd, false).await;
+    refused.assert_error(429, "rate_limit_exceeded");
+    assert!(refused.header("retry-after").is_some());
+
+    // `tiny` costs 2 per million completion tokens: 10 tokens cost 0.00002 and more.
+    let budget = issue(
+        &dir.db(),
+        NewKey {
+            budget: Some(0.00001),
+            ..key_for("budget")
+        },
+    );
+    assert_eq!(send(budget.clone(), true).await.status, 200);
+    let refused = send(budget, false).await;
+    refused.assert_error(429, "insufficient_quota");
+    assert_eq!(refused.header("retry-after"), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_that_is_down_busy_or_failing_hands_over_to_the_next_before_the_first_token() {
+    let dir = Dir::new("failover");
+    let standin = Standin::start(3).await;
+    let down = format!("http://{}/v1", unused_addr());
+    let proxy = Proxy::from_toml(&config(&dir, &[down, standin.base_url()]));
+    let key = issue(&dir.db(), key_for("a"));
+    let served = request(
+        proxy.addr,
+        "POST",
+        "/v1/chat/completions",
+        Some(&key),
+        Some(&chat("tiny", true)),
+    )
+    .await;
+    assert_eq!(served.status, 200, "{}", served.body);
+    assert_eq!(standin.requests().len(), 1);
+
+    // The only provider busy: its 429 and Retry-After reach the client, in the gateway's words.
+    let busy = request(
+        proxy.addr,
+        "POST",
+        "/v1/chat/completions",
+        Some(&key),
+        Some(&chat("busy", false)),
+    )
+    .await;
+    busy.assert_error(429, "provider_busy");
+    assert_eq!(busy.header("retry-after"), Some("7"));
+    let broken = request(
+        proxy.addr,
+        "POST",
+        "/v1/chat/completions",
+        Some(&key),
+        Some(&chat("broken", false)),
+    )
+    .await;
+    broken.assert_error(502, "provider_unavailable");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_cut_by_the_provider_ends_with_an_error_event_and_bills_what_was_streamed() {
+    let dir = Dir::new("cut");
+    let standin = Standin::start(5).await;
+    let proxy = Proxy::from_toml(&config(&dir, &[standin.base_url()]));
+    let key = issue(&dir.db(), key_for("a"));
+    let cut = request(
+        proxy.addr,
+        "POST",
+        "/v1/chat/completions",
+        Some(&key),
+        Some(&chat("cut", true)),
+    )
+    .await;
+    assert_eq!(cut.status, 200);
+    let events = cut.events();
+    assert_eq!(events.len(), 3, "{events:?}");
+    let error: Value = serde_json::from_str(&events[2]).unwrap();
+    assert_eq!(error["error"]["code"], "provider_error");
+    // No usage report came: the two tokens streamed are counted, and the row says so.
+    let rows = usage_rows(&dir.db(), key_id(&dir.db(), &key), 1).await;
+    assert_eq!((rows[0].counted, rows[0].completion_tokens), (true, 2), "{rows:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_goes_away_mid_stream_stops_the_upstream_request_and_is_billed_for_what_streamed() {
+    let dir = Dir::new("gone");
+    let standin = Standin::start(50).await;
+    let proxy = Proxy::from_toml(&config(&dir, &[standin.base_url()]));
+    let key = issue(&dir.db(), key_for("a"));
+    let body = chat("slow", true);
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: g\r\nAuthorization: Bearer {key}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.write_all(&body).await.unwrap();
+    // Read until the first token is through, then go away.
+    let mut seen = Vec::new();
+    within("the first token", async {
+        let mut buf = [0u8; 4096];
+        while !String::from_utf8_lossy(&seen).contains("tok0") {
+            let n = stream.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed early");
+            seen.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await;
+    assert_eq!(standin.open_streams.load(std::sync::atomic::Ordering::SeqCst), 1);
+    drop(stream);
+    within("the provider's stream to stop", async {
+        while standin.open_streams.load(std::sync::atomic::Ordering::SeqCst) != 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let rows = usage_rows(&dir.db(), key_id(&dir.db(), &key), 1).await;
+    assert!(
+        rows[0].counted && (1..5).contains(&rows[0].completion_tokens),
+        "{rows:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_on_an_llm_route_is_refused_and_config_mistakes_are_named() {
+    let dir = Dir::new("config");
+    let standin = Standin::start(1).await;
+    let text = config(&dir, &[standin.base_url()]);
+    let proxy = Proxy::from_toml(&text);
+    let answer = support::raw_exchange(
+        proxy.addr,
+        b"GET /v1/chat/completions HTTP/1.1\r\nHost: g\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 404"), "{answer}");
+
+    let problems = |text: &str| {
+        wsgate::config::file::parse(text, "t.toml")
+            .err()
+            .map(|p| p.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))
+            .unwrap_or_default()
+    };
+    let no_section = "[[listener]]\nname = \"m\"\naddress = \"127.0.0.1:0\"\n[[route]]\nkind = \"llm\"\n";
+    assert!(
+        problems(no_section).contains("an `llm` route needs an [llm] section"),
+        "{}",
+        problems(no_section)
+    );
+    let with_upstream = text.replace("kind = \"llm\"", "kind = \"llm\"\nupstream = \"x\"");
+    assert!(problems(&with_upstream).contains("leave `upstream` out"));
+    let bad_url = text.replace(&standin.base_url(), "ftp://x");
+    assert!(problems(&bad_url).contains("`llm.provider.base_url`"));
+    let missing_key = text.replace("provider.key", "nope.key");
+    assert!(problems(&missing_key).contains("cannot read"));
+    let no_upstream = "[[listener]]\nname = \"m\"\naddress = \"127.0.0.1:0\"\n[[route]]\npath = \"/\"\n";
+    assert!(problems(no_upstream).contains("`upstream` is required"));
+}
