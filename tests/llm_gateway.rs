@@ -588,3 +588,183 @@ async fn an_upgrade_on_an_llm_route_is_refused_and_config_mistakes_are_named() {
     let no_upstream = "[[listener]]\nname = \"m\"\naddress = \"127.0.0.1:0\"\n[[route]]\npath = \"/\"\n";
     assert!(problems(no_upstream).contains("`upstream` is required"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_are_issued_and_revoked_and_usage_is_read_through_the_admin_api() {
+    let dir = Dir::new("admin");
+    let standin = Standin::start(4).await;
+    let text = format!(
+        "[admin]\naddress = \"127.0.0.1:0\"\n{}",
+        config(&dir, &[standin.base_url()])
+    );
+    let proxy = Proxy::from_toml(&text);
+    let admin = proxy.admin_addr();
+
+    let issued = request(
+        admin,
+        "POST",
+        "/api/llm/keys",
+        None,
+        Some(br#"{"owner": "team-x", "models": ["tiny"], "tokens_per_day": 1000}"#),
+    )
+    .await;
+    assert_eq!(issued.status, 201, "{}", issued.body);
+    let issued = issued.json();
+    let key = issued["key"].as_str().unwrap().to_string();
+    let id = issued["id"].as_i64().unwrap();
+    assert!(key.starts_with("sk-wsg-"));
+    assert_eq!(
+        (issued["owner"].as_str(), issued["tokens_per_day"].as_u64()),
+        (Some("team-x"), Some(1000))
+    );
+
+    let served = request(
+        proxy.addr,
+        "POST",
+        "/v1/chat/completions",
+        Some(&key),
+        Some(&chat("tiny", false)),
+    )
+    .await;
+    assert_eq!(served.status, 200, "{}", served.body);
+    let prompt = served.json()["usage"]["prompt_tokens"].as_u64().unwrap();
+
+    let rows = within("the usage row", async {
+        loop {
+            let usage = request(
+                admin,
+                "GET",
+                &format!("/api/llm/usage?key_id={id}&model=tiny"),
+                None,
+                None,
+            )
+            .await;
+            assert_eq!(usage.status, 200, "{}", usage.body);
+            let rows = usage.json()["usage"].as_array().unwrap().clone();
+            if !rows.is_empty() {
+                return rows;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert_eq!(rows.len(), 1);
+    let row = &rows[0];
+    assert_eq!(row["owner"], "team-x");
+    assert_eq!(
+        (row["prompt_tokens"].as_u64(), row["completion_tokens"].as_u64()),
+        (Some(prompt), Some(4))
+    );
+    assert_eq!(row["requests"], 1);
+    let bad_filter = request(admin, "GET", "/api/llm/usage?from=yesterday", None, None).await;
+    assert_eq!(bad_filter.status, 400, "{}", bad_filter.body);
+
+    let listed = request(admin, "GET", "/api/llm/keys", None, None).await.json();
+    let listed = listed["keys"].as_array().unwrap();
+    assert_eq!(listed.len(), 1);
+    assert!(!listed[0].to_string().contains(&key[7..]), "the key's secret is listed");
+
+    // Revoked through the API: refused at once, without waiting for the keys to be read again.
+    assert_eq!(
+        request(admin, "DELETE", &format!("/api/llm/keys/{id}"), None, None)
+            .await
+            .status,
+        200
+    );
+    let refused = request(
+        proxy.addr,
+        "POST",
+        "/v1/chat/completions",
+        Some(&key),
+        Some(&chat("tiny", false)),
+    )
+    .await;
+    refused.assert_error(401, "revoked_api_key");
+    assert_eq!(
+        request(admin, "DELETE", &format!("/api/llm/keys/{id}"), None, None)
+            .await
+            .status,
+        404
+    );
+    let bad = request(admin, "POST", "/api/llm/keys", None, Some(br#"{"owner": ""}"#)).await;
+    assert_eq!(bad.status, 400, "{}", bad.body);
+}
+
+#[test]
+fn llm_key_add_prints_the_key_once_list_shows_its_hint_and_revoke_revokes_it() {
+    let dir = Dir::new("cli");
+    let path = dir.0.join("wsgate.toml");
+    std::fs::write(
+        &path,
+        "[[listener]]\nname = \"m\"\naddress = \"127.0.0.1:0\"\n[llm]\ndatabase = \"keys.db\"\n\
+         [[llm.provider]]\nname = \"p\"\nkind = \"openai\"\nbase_url = \"http://127.0.0.1:9/v1\"\nmodels = [\"tiny\"]\n\
+         [[route]]\nkind = \"llm\"\n",
+    )
+    .unwrap();
+    let config = path.to_str().unwrap();
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_wsgate"))
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, stdout, stderr) = run(&[
+        "llm-key",
+        "add",
+        "--config",
+        config,
+        "--owner",
+        "team-cli",
+        "--models",
+        "tiny,tiny-*",
+        "--tokens-per-day",
+        "5000",
+        "--budget",
+        "2.5",
+    ]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let key = stdout.trim();
+    assert!(
+        key.starts_with("sk-wsg-") && !key.contains(char::is_whitespace),
+        "{stdout}"
+    );
+    // The database is the one the config names, relative to the config file.
+    let stored = Store::open(&dir.0.join("keys.db"))
+        .unwrap()
+        .find_key(key)
+        .unwrap()
+        .unwrap();
+    assert_eq!(stored.models, ["tiny", "tiny-*"]);
+    assert_eq!((stored.tokens_per_day, stored.budget), (Some(5000), Some(2.5)));
+
+    let (code, table, _) = run(&["llm-key", "list", "--config", config]);
+    assert_eq!(code, Some(0));
+    assert!(
+        table.contains("team-cli") && table.contains(&key[key.len() - 4..]),
+        "{table}"
+    );
+    assert!(!table.contains(key), "the list shows the whole key");
+
+    let id = stored.id.to_string();
+    assert_eq!(run(&["llm-key", "revoke", "--config", config, &id]).0, Some(0));
+    let (code, _, stderr) = run(&["llm-key", "revoke", "--config", config, &id]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("no key"), "{stderr}");
+    let (code, _, stderr) = run(&[
+        "llm-key",
+        "add",
+        "--config",
+        config,
+        "--owner",
+        "x",
+        "--tokens-per-minute",
+        "0",
+    ]);
+    assert_eq!(code, Some(1));
+    assert!(stderr.contains("at least 1"), "{stderr}");
+}

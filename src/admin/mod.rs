@@ -28,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::AdminSettings;
 use crate::state::Shared;
 
+mod llm;
 mod sessions;
 mod stats;
 
@@ -193,6 +194,38 @@ async fn handle(
             }
             answer(status, body)
         }
+        (&Method::GET, "/api/llm/keys") => {
+            let (status, body) = llm::list_keys(shared).await;
+            answer(status, body)
+        }
+        (&Method::POST, "/api/llm/keys") => {
+            let body = match read_body(req).await {
+                Ok(body) => body,
+                Err(answer) => return answer,
+            };
+            let (status, body) = llm::add_key(shared, &body).await;
+            if status == StatusCode::CREATED {
+                tracing::info!(client = %peer, key = %body["id"], owner = %body["owner"], "admin API: LLM key issued");
+            }
+            answer(status, body)
+        }
+        (_, "/api/llm/keys") => json(StatusCode::METHOD_NOT_ALLOWED, "use GET or POST"),
+        (method, path) if path.starts_with("/api/llm/keys/") => {
+            if method != Method::DELETE {
+                return json(StatusCode::METHOD_NOT_ALLOWED, "use DELETE");
+            }
+            let id = path.trim_start_matches("/api/llm/keys/");
+            let (status, body) = llm::revoke_key(shared, id).await;
+            if status == StatusCode::OK {
+                tracing::info!(client = %peer, key = id, "admin API: LLM key revoked");
+            }
+            answer(status, body)
+        }
+        (&Method::GET, "/api/llm/usage") => {
+            let (status, body) = llm::usage(shared, req.uri().query()).await;
+            answer(status, body)
+        }
+        (_, "/api/llm/usage") => json(StatusCode::METHOD_NOT_ALLOWED, "use GET"),
         (&Method::POST, "/api/reload") => reload(shared, peer).await,
         (_, "/api/reload") => json(StatusCode::METHOD_NOT_ALLOWED, "use POST"),
         (method, path) if path.starts_with("/api/servers/") => {
