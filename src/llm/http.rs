@@ -17,6 +17,7 @@ use serde_json::{Value, json};
 use tokio::time::{Instant, Sleep};
 
 use super::keys::{KeyRefusal, KeyState, Limit, OverLimit};
+use super::meter::{Chunk, Meter, Usage, estimate_prompt_tokens};
 use super::provider::{self, ProviderError};
 use super::sse;
 use super::store::{UsageDelta, day_of};
@@ -389,24 +390,6 @@ async fn read_body(req: Request<Incoming>, max: u64) -> Result<Bytes, ApiError> 
     }
 }
 
-/// A rough count of a request's prompt tokens, for a provider that reports no usage: about four characters a token.
-fn estimate_prompt_tokens(request: &serde_json::Map<String, Value>) -> u64 {
-    fn chars(v: &Value) -> usize {
-        match v {
-            Value::String(s) => s.chars().count(),
-            Value::Array(items) => items.iter().map(chars).sum(),
-            Value::Object(o) => o.values().map(chars).sum(),
-            _ => 0,
-        }
-    }
-    let text: usize = ["messages", "prompt"]
-        .iter()
-        .filter_map(|k| request.get(*k))
-        .map(chars)
-        .sum();
-    text.div_ceil(4) as u64
-}
-
 /// A non-streamed answer: read whole, its usage billed, passed on as it is.
 async fn whole(answer: Response<Incoming>, metered: Metered) -> Response<Body> {
     let (parts, body) = answer.into_parts();
@@ -448,23 +431,6 @@ async fn whole(answer: Response<Incoming>, metered: Metered) -> Response<Body> {
     resp
 }
 
-/// Token counts.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Usage {
-    pub prompt: u64,
-    pub completion: u64,
-}
-
-impl Usage {
-    /// An OpenAI `usage` object.
-    pub fn of(v: &Value) -> Option<Usage> {
-        Some(Usage {
-            prompt: v.get("prompt_tokens")?.as_u64()?,
-            completion: v.get("completion_tokens")?.as_u64()?,
-        })
-    }
-}
-
 fn streamed(
     answer: Response<Incoming>,
     provider: &Provider,
@@ -478,9 +444,7 @@ fn streamed(
         upstream: body,
         reader: sse::Reader::default(),
         out: VecDeque::new(),
-        usage: None,
-        chunks: 0,
-        prompt_estimate,
+        meter: Meter::new(prompt_estimate),
         strip_usage: !usage_asked,
         ended: false,
         token_timeout,
@@ -505,11 +469,7 @@ pub struct Stream {
     upstream: Incoming,
     reader: sse::Reader,
     out: VecDeque<Bytes>,
-    /// The provider's own usage report, once seen.
-    usage: Option<Usage>,
-    /// Chunks with content (one token each, for a provider that reports no usage).
-    chunks: u64,
-    prompt_estimate: u64,
+    meter: Meter,
     strip_usage: bool,
     ended: bool,
     token_timeout: Duration,
@@ -558,27 +518,37 @@ impl Stream {
             return;
         }
         for event in events {
-            if event.data == "[DONE]" {
-                self.out.push_back(Bytes::from(sse::encode(None, &event.data)));
-                continue;
+            let chunk = Chunk::read(&event.data);
+            self.meter.note(&chunk);
+            if !(chunk.usage_only && self.strip_usage) {
+                let name = (!event.name.is_empty()).then_some(event.name.as_str());
+                self.out.push_back(Bytes::from(sse::encode(name, &event.data)));
             }
-            let parsed: Option<Value> = serde_json::from_str(&event.data).ok();
-            let mut usage_only = false;
-            if let Some(chunk) = &parsed {
-                if let Some(usage) = chunk.get("usage").and_then(Usage::of) {
-                    self.usage = Some(usage);
-                    usage_only = chunk.get("choices").and_then(Value::as_array).is_none_or(Vec::is_empty);
-                }
-                if has_content(chunk) {
-                    self.chunks += 1;
-                }
+            if !chunk.content.is_empty()
+                && let Some(metered) = &self.metered
+                && self
+                    .meter
+                    .spends_budget(&metered.key, &metered.settings, &metered.model)
+            {
+                self.end_for_budget(chunk.json.as_ref());
+                return;
             }
-            if usage_only && self.strip_usage {
-                continue;
-            }
-            let name = (!event.name.is_empty()).then_some(event.name.as_str());
-            self.out.push_back(Bytes::from(sse::encode(name, &event.data)));
         }
+    }
+
+    /// The key's budget is spent: the stream ends cleanly here, as a completion cut at its length limit would (a
+    /// last chunk with `finish_reason: "length"`, then `[DONE]`); the provider's connection closes with it.
+    fn end_for_budget(&mut self, last: Option<&Value>) {
+        let mut end = last
+            .cloned()
+            .unwrap_or_else(|| json!({"object": "chat.completion.chunk"}));
+        end["choices"] = json!([{"index": 0, "delta": {}, "finish_reason": "length"}]);
+        if let Some(o) = end.as_object_mut() {
+            o.remove("usage");
+        }
+        self.out.push_back(Bytes::from(sse::encode(None, &end.to_string())));
+        self.out.push_back(Bytes::from(sse::encode(None, "[DONE]")));
+        self.ended = true;
     }
 
     /// Ends the stream with an error event (OpenAI's shape) after what was passed on.
@@ -591,16 +561,8 @@ impl Stream {
 
     fn finish(&mut self) {
         if let Some(metered) = self.metered.take() {
-            match self.usage {
-                Some(usage) => metered.bill(usage, false),
-                None => metered.bill(
-                    Usage {
-                        prompt: self.prompt_estimate,
-                        completion: self.chunks,
-                    },
-                    true,
-                ),
-            }
+            let (usage, counted) = self.meter.usage();
+            metered.bill(usage, counted);
         }
     }
 }
@@ -609,16 +571,6 @@ impl Drop for Stream {
     fn drop(&mut self) {
         self.finish();
     }
-}
-
-/// Whether an OpenAI stream chunk carries generated text.
-fn has_content(chunk: &Value) -> bool {
-    chunk.get("choices").and_then(Value::as_array).is_some_and(|choices| {
-        choices.iter().any(|c| {
-            let text = c.get("delta").and_then(|d| d.get("content")).or_else(|| c.get("text"));
-            text.and_then(Value::as_str).is_some_and(|t| !t.is_empty())
-        })
-    })
 }
 
 impl Metered {

@@ -9,6 +9,7 @@
 mod db;
 pub mod http;
 pub mod keys;
+pub mod meter;
 mod provider;
 pub mod sse;
 pub mod store;

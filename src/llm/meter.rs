@@ -1,0 +1,216 @@
+//! What a provider's stream carries, read chunk by chunk as it passes: the text, the finish reason, the provider's
+//! own usage report; and the count of a stream whose provider reports none (one token per chunk with text, as
+//! OpenAI-compatible servers send them, and the prompt estimated from its characters).
+
+use serde_json::Value;
+
+use super::keys::KeyState;
+use crate::config::llm::LlmSettings;
+
+/// Token counts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub prompt: u64,
+    pub completion: u64,
+}
+
+impl Usage {
+    /// An OpenAI `usage` object.
+    pub fn of(v: &Value) -> Option<Usage> {
+        Some(Usage {
+            prompt: v.get("prompt_tokens")?.as_u64()?,
+            completion: v.get("completion_tokens")?.as_u64()?,
+        })
+    }
+
+    pub fn total(self) -> u64 {
+        self.prompt + self.completion
+    }
+}
+
+/// One event of an OpenAI-compatible stream.
+#[derive(Debug, Default)]
+pub struct Chunk {
+    /// The `[DONE]` event.
+    pub done: bool,
+    /// Generated text (chat `delta.content`, or completion `text`).
+    pub content: String,
+    pub finish_reason: Option<String>,
+    pub usage: Option<Usage>,
+    /// Only a usage report (no choices): what wsgate asked for itself and the client may not have.
+    pub usage_only: bool,
+    /// An error object the provider put in its stream.
+    pub error: Option<String>,
+    /// The chunk as sent (`None` for `[DONE]` or what is not JSON).
+    pub json: Option<Value>,
+}
+
+impl Chunk {
+    pub fn read(data: &str) -> Chunk {
+        if data.trim() == "[DONE]" {
+            return Chunk {
+                done: true,
+                ..Chunk::default()
+            };
+        }
+        let Ok(json) = serde_json::from_str::<Value>(data) else {
+            return Chunk::default();
+        };
+        let choices = json.get("choices").and_then(Value::as_array);
+        let mut chunk = Chunk::default();
+        for choice in choices.into_iter().flatten() {
+            let text = choice
+                .get("delta")
+                .and_then(|d| d.get("content"))
+                .or_else(|| choice.get("text"))
+                .and_then(Value::as_str);
+            if let Some(text) = text {
+                chunk.content.push_str(text);
+            }
+            if let Some(reason) = choice.get("finish_reason").and_then(Value::as_str) {
+                chunk.finish_reason = Some(reason.to_string());
+            }
+        }
+        chunk.usage = json.get("usage").and_then(Usage::of);
+        chunk.usage_only = chunk.usage.is_some() && choices.is_none_or(Vec::is_empty);
+        chunk.error = json.get("error").map(|e| {
+            e.get("message")
+                .and_then(Value::as_str)
+                .map_or_else(|| e.to_string(), str::to_string)
+        });
+        chunk.json = Some(json);
+        chunk
+    }
+}
+
+/// A stream's tokens so far.
+#[derive(Debug, Clone, Copy)]
+pub struct Meter {
+    reported: Option<Usage>,
+    /// Chunks with text: one token each.
+    chunks: u64,
+    prompt_estimate: u64,
+}
+
+impl Meter {
+    pub fn new(prompt_estimate: u64) -> Meter {
+        Meter {
+            reported: None,
+            chunks: 0,
+            prompt_estimate,
+        }
+    }
+
+    pub fn note(&mut self, chunk: &Chunk) {
+        if let Some(usage) = chunk.usage {
+            self.reported = Some(usage);
+        }
+        if !chunk.content.is_empty() {
+            self.chunks += 1;
+        }
+    }
+
+    /// What to bill, and whether wsgate counted it (the provider reported nothing).
+    pub fn usage(&self) -> (Usage, bool) {
+        match self.reported {
+            Some(usage) => (usage, false),
+            None => (
+                Usage {
+                    prompt: self.prompt_estimate,
+                    completion: self.chunks,
+                },
+                true,
+            ),
+        }
+    }
+
+    /// Whether what has streamed so far costs the rest of the key's budget: the stream ends there.
+    pub fn spends_budget(&self, key: &KeyState, settings: &LlmSettings, model: &str) -> bool {
+        let Some(left) = key.budget_left() else {
+            return false;
+        };
+        let (usage, _) = self.usage();
+        settings.cost(model, usage.prompt, usage.completion) >= left
+    }
+}
+
+/// A rough count of a request's prompt tokens, for a provider that reports no usage: about four characters a token.
+pub fn estimate_prompt_tokens(request: &serde_json::Map<String, Value>) -> u64 {
+    fn chars(v: &Value) -> usize {
+        match v {
+            Value::String(s) => s.chars().count(),
+            Value::Array(items) => items.iter().map(chars).sum(),
+            Value::Object(o) => o.values().map(chars).sum(),
+            _ => 0,
+        }
+    }
+    let text: usize = ["messages", "prompt"]
+        .iter()
+        .filter_map(|k| request.get(*k))
+        .map(chars)
+        .sum();
+    text.div_ceil(4) as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_give_text_finish_usage_and_errors() {
+        let c = Chunk::read(r#"{"choices":[{"index":0,"delta":{"content":"hi"},"finish_reason":null}]}"#);
+        assert_eq!((c.content.as_str(), c.finish_reason, c.usage_only), ("hi", None, false));
+        let c = Chunk::read(r#"{"choices":[{"text":" there","finish_reason":"length"}]}"#);
+        assert_eq!(
+            (c.content.as_str(), c.finish_reason.as_deref()),
+            (" there", Some("length"))
+        );
+        let c = Chunk::read(r#"{"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":4}}"#);
+        assert!(c.usage_only);
+        assert_eq!(c.usage.map(Usage::total), Some(7));
+        assert!(Chunk::read("[DONE]").done);
+        assert_eq!(
+            Chunk::read(r#"{"error":{"message":"boom"}}"#).error.as_deref(),
+            Some("boom")
+        );
+        assert!(Chunk::read("garbage").json.is_none());
+    }
+
+    #[test]
+    fn a_meter_counts_when_the_provider_reports_nothing() {
+        let mut meter = Meter::new(9);
+        for text in ["a", "", "b"] {
+            meter.note(&Chunk {
+                content: text.into(),
+                ..Chunk::default()
+            });
+        }
+        assert_eq!(
+            meter.usage(),
+            (
+                Usage {
+                    prompt: 9,
+                    completion: 2
+                },
+                true
+            )
+        );
+        meter.note(&Chunk {
+            usage: Some(Usage {
+                prompt: 5,
+                completion: 6,
+            }),
+            ..Chunk::default()
+        });
+        assert_eq!(
+            meter.usage(),
+            (
+                Usage {
+                    prompt: 5,
+                    completion: 6
+                },
+                false
+            )
+        );
+    }
+}
