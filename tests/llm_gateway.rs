@@ -39,7 +39,7 @@ impl Drop for Dir {
 
 const PROVIDER_KEY: &str = "sk-provider-secret-0123";
 
-/// A config with providers at `urls` (in order) serving `tiny`, `busy`, `broken`, `cut` and `slow-*`, and a
+/// A config with providers at `urls` (in order) serving the stand-in's models, and a
 /// price for `tiny`.
 fn config(dir: &Dir, urls: &[String]) -> String {
     std::fs::write(dir.0.join("provider.key"), format!("{PROVIDER_KEY}\n")).unwrap();
@@ -67,7 +67,7 @@ name = "p{i}"
 kind = "openai"
 base_url = "{url}"
 api_key_file = "{}"
-models = ["tiny", "busy", "broken", "cut", "slow"]
+models = ["tiny", "busy", "broken", "cut", "slow", "paced"]
 connect_timeout = "1s"
 token_timeout = "3s"
 "#,
@@ -315,7 +315,7 @@ async fn models_lists_what_the_key_may_use() {
     };
     let listed = request(proxy.addr, "GET", "/v1/models", Some(&all), None).await;
     assert_eq!(listed.status, 200);
-    assert_eq!(ids(&listed), ["tiny", "busy", "broken", "cut", "slow"]);
+    assert_eq!(ids(&listed), ["tiny", "busy", "broken", "cut", "slow", "paced"]);
     assert_eq!(
         ids(&request(proxy.addr, "GET", "/v1/models", Some(&only_tiny), None).await),
         ["tiny"]

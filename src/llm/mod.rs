@@ -13,6 +13,7 @@ pub mod meter;
 mod provider;
 pub mod sse;
 pub mod store;
+pub mod ws;
 
 use std::path::Path;
 use std::sync::Arc;

@@ -497,6 +497,33 @@ enum Step {
     More,
     Plain,
     Upgrade(Prepared),
+    /// An upgrade to an `llm` route's stream endpoint: wsgate's own WebSocket.
+    Llm(Box<LlmStream>),
+}
+
+/// An upgrade to the LLM gateway's stream endpoint.
+struct LlmStream {
+    head_len: usize,
+    opening: crate::llm::ws::Opening,
+}
+
+/// The virtual key an upgrade to the LLM gateway presents: `Authorization: Bearer KEY`, else `?api_key=KEY`.
+fn llm_secret(view: &impl RequestView) -> Option<String> {
+    let bearer = view.header_values("authorization").find_map(|v| {
+        let v = std::str::from_utf8(v).ok()?;
+        let (scheme, key) = v.split_once(' ')?;
+        scheme.eq_ignore_ascii_case("bearer").then(|| key.trim().to_string())
+    });
+    bearer.filter(|k| !k.is_empty()).or_else(|| {
+        let target = std::str::from_utf8(view.target()).ok()?;
+        let (_, query) = target.split_once('?')?;
+        query
+            .split('&')
+            .filter_map(|p| p.split_once('='))
+            .find(|(name, _)| *name == "api_key")
+            .map(|(_, key)| key.to_string())
+            .filter(|k| !k.is_empty())
+    })
 }
 
 /// The upgrade fast path's view of a request head, for routing.
@@ -560,11 +587,27 @@ fn inspect(snapshot: &Snapshot, front: Front<'_>, buf: &[u8], record: &mut Conne
     if let Some(request) = record.request.as_deref_mut() {
         request.identity = auth.as_ref().and_then(|a| a.subject.clone());
     }
-    // An `llm` route's endpoints are the gateway's own HTTP API: none of them takes an upgrade.
+    // An `llm` route's endpoints are the gateway's own: its stream endpoint is a WebSocket of wsgate's own, and
+    // no other takes an upgrade.
     let Some(upstream_index) = route.upstream else {
-        return Err(Refusal::NoUpgrade {
-            path: echoed_path(&view),
-        });
+        if !view
+            .path()
+            .strip_suffix(b"/")
+            .unwrap_or(view.path())
+            .ends_with(b"/stream")
+        {
+            return Err(Refusal::NoUpgrade {
+                path: echoed_path(&view),
+            });
+        }
+        record.route = routes.iter().position(|r| std::ptr::eq(r, route));
+        return Ok(Step::Llm(Box::new(LlmStream {
+            head_len: head.head_len,
+            opening: crate::llm::ws::Opening {
+                accept: head.accept(),
+                secret: llm_secret(&view),
+            },
+        })));
     };
     let upstream = &snapshot.upstreams[upstream_index];
     let trace = Trace::of(single(view.header_values("traceparent")));
@@ -683,6 +726,17 @@ async fn open(
             plain::serve(shared.clone(), snapshot.clone(), listener, client, head, record).await;
             return None;
         }
+        Head::Llm(stream) => {
+            let Some(settings) = &snapshot.config.llm else {
+                return refuse(client, record, Refusal::NoUpgrade { path: String::new() }).await;
+            };
+            let early = head.get(stream.head_len..).unwrap_or_default().to_vec();
+            drop(head);
+            let (status, end) = crate::llm::ws::serve(shared, settings, client, stream.opening, early).await;
+            record.status = status;
+            record.end = end;
+            return None;
+        }
         Head::Refused(refusal @ Refusal::Unauthorized { .. }) => {
             // A failed credential costs a handshake of the client's rate too: guessing keys is throttled.
             let client_ip = record.forwarded_for.unwrap_or(record.client.ip());
@@ -762,6 +816,7 @@ async fn pass_switch(client: &mut Conn, head: &[u8], cookie: Option<String>, lim
 /// What the client's first request head turned out to be.
 enum Head {
     Upgrade(Prepared),
+    Llm(Box<LlmStream>),
     Plain,
     Refused(Refusal),
     /// The client left or failed before sending a whole head (the record says how).
@@ -796,8 +851,15 @@ async fn read_head(
         }
         Ok(Err(ReadError::Refused(refusal))) => Head::Refused(refusal),
         Ok(Ok(None)) => Head::Plain,
-        Ok(Ok(Some(prepared))) => Head::Upgrade(prepared),
+        Ok(Ok(Some(Ready::Upgrade(prepared)))) => Head::Upgrade(prepared),
+        Ok(Ok(Some(Ready::Llm(stream)))) => Head::Llm(stream),
     }
+}
+
+/// A whole upgrade head, ready to act on.
+enum Ready {
+    Upgrade(Prepared),
+    Llm(Box<LlmStream>),
 }
 
 enum ReadError {
@@ -814,7 +876,7 @@ async fn read_request(
     snapshot: &Snapshot,
     front: Front<'_>,
     record: &mut ConnectionRecord,
-) -> Result<Option<Prepared>, ReadError> {
+) -> Result<Option<Ready>, ReadError> {
     loop {
         let room = MAX_HEAD_BYTES.saturating_sub(buf.len()).max(1);
         buf.reserve(room.min(4096));
@@ -838,7 +900,8 @@ async fn read_request(
         match step {
             Ok(Step::More) => continue,
             Ok(Step::Plain) => return Ok(None),
-            Ok(Step::Upgrade(prepared)) => return Ok(Some(prepared)),
+            Ok(Step::Upgrade(prepared)) => return Ok(Some(Ready::Upgrade(prepared))),
+            Ok(Step::Llm(stream)) => return Ok(Some(Ready::Llm(stream))),
             Err(e) => return Err(ReadError::Refused(e)),
         }
     }

@@ -2,7 +2,7 @@
 //! `tokens` chunks per request (one token each, `tok0 `, `tok1 `, …), reports usage as the OpenAI API does
 //! (`usage` in a JSON answer; a last chunk with empty `choices` when `stream_options.include_usage` is set), and
 //! records every request it got. Model names steer it: `busy` answers 429 with `Retry-After: 7`, `broken` answers
-//! 500, `cut` breaks its stream off after two chunks, `slow` waits a second between tokens.
+//! 500, `cut` breaks its stream off after two chunks, `slow` waits a second between tokens, `paced` 20 ms.
 
 // The record of requests is pushed to and copied under a lock held for nothing else.
 #![allow(clippy::disallowed_types)]
@@ -182,6 +182,9 @@ async fn answer(
         async move {
             if model_mode == "slow" && i > 0 {
                 tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            if model_mode == "paced" && i > 0 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
             }
             if model_mode == "cut" && i == 2 {
                 // After what it wrote has gone out: the cut comes mid-stream, not before the answer's head.
