@@ -60,6 +60,8 @@ pub struct Metrics {
     handshake_duration: Histogram,
     connect_duration: Histogram,
     retries: Counter,
+    /// The LLM gateway's.
+    pub llm: crate::llm::metrics::LlmMetrics,
     /// Read at each scrape: the servers' state and the process's.
     states: Arc<States>,
 }
@@ -85,6 +87,7 @@ impl Default for Metrics {
             connect_duration: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
             retries: Counter::default(),
             states: Arc::default(),
+            llm: crate::llm::metrics::LlmMetrics::new(&mut registry),
             registry: Registry::default(),
         };
         registry.register_collector(Box::new(metrics.states.clone()));

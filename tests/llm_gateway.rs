@@ -688,6 +688,52 @@ async fn keys_are_issued_and_revoked_and_usage_is_read_through_the_admin_api() {
     );
     let bad = request(admin, "POST", "/api/llm/keys", None, Some(br#"{"owner": ""}"#)).await;
     assert_eq!(bad.status, 400, "{}", bad.body);
+
+    // The metrics: the request billed with its tokens and cost, a stream's first token and gaps, the refusal.
+    let streaming = issue(&dir.db(), key_for("s"));
+    let streamed = request(
+        proxy.addr,
+        "POST",
+        "/v1/chat/completions",
+        Some(&streaming),
+        Some(&chat("tiny", true)),
+    )
+    .await;
+    assert_eq!(streamed.status, 200);
+    let metrics = within("the stream's metrics", async {
+        loop {
+            let text = request(admin, "GET", "/metrics", None, None).await.body;
+            if text.contains("wsgate_llm_requests_total{model=\"tiny\",outcome=\"ok\"} 2") {
+                return text;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let value = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in\n{metrics}"))
+    };
+    assert_eq!(
+        value("wsgate_llm_tokens_total{model=\"tiny\",kind=\"completion\"}"),
+        8.0
+    );
+    assert_eq!(
+        value("wsgate_llm_tokens_total{model=\"tiny\",kind=\"prompt\"}"),
+        2.0 * prompt as f64
+    );
+    let cost = (2.0 * prompt as f64 + 16.0) / 1_000_000.0;
+    assert!((value("wsgate_llm_cost_total{model=\"tiny\"}") - cost).abs() < 1e-12);
+    assert_eq!(
+        value("wsgate_llm_time_to_first_token_seconds_count{model=\"tiny\"}"),
+        1.0
+    );
+    assert_eq!(value("wsgate_llm_inter_token_seconds_count{model=\"tiny\"}"), 3.0);
+    assert_eq!(value("wsgate_llm_refusals_total{reason=\"revoked_api_key\"}"), 1.0);
 }
 
 #[test]

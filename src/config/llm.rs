@@ -38,6 +38,16 @@ impl LlmSettings {
         self.providers.iter().filter(move |p| p.serves(model))
     }
 
+    /// What metrics call `model`: the config's name or pattern that matched it (so that a client's own model
+    /// names never become labels).
+    pub fn model_label(&self, model: &str) -> &str {
+        self.providers
+            .iter()
+            .flat_map(|p| &p.models)
+            .find(|m| m.matches(model))
+            .map_or("other", |m| m.0.as_str())
+    }
+
     /// The price of `model`: the first entry of the table that matches it.
     pub fn price(&self, model: &str) -> Option<&Price> {
         self.prices.iter().find(|p| p.model.matches(model))

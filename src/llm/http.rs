@@ -18,11 +18,13 @@ use tokio::time::{Instant, Sleep};
 
 use super::keys::{KeyRefusal, KeyState, Limit, OverLimit};
 use super::meter::{Chunk, Meter, Usage, estimate_prompt_tokens};
+use super::metrics::Clock;
 use super::provider::{self, ProviderError};
 use super::sse;
 use super::store::{UsageDelta, day_of};
 use super::{Gateway, Metered};
 use crate::config::llm::{LlmSettings, Provider};
+use crate::metrics::Metrics;
 
 /// The longest non-streamed answer read from a provider.
 const MAX_ANSWER_BYTES: usize = 16 * 1024 * 1024;
@@ -80,6 +82,13 @@ impl ApiError {
 
     fn invalid(code: &'static str, message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::BAD_REQUEST, "invalid_request_error", code, message)
+    }
+
+    /// Counts a refusal of the gateway's own (a provider's failure is counted where it happens).
+    pub fn count(&self, metrics: &super::metrics::LlmMetrics) {
+        if !self.code.starts_with("provider_") {
+            metrics.refused(self.code);
+        }
     }
 
     pub fn body(&self) -> Value {
@@ -198,17 +207,26 @@ pub fn bearer(req: &Request<Incoming>) -> Option<&str> {
         .filter(|k| !k.is_empty())
 }
 
-/// Serves one request of an `llm` route; what it was (for the access log) is noted in `outcome`.
-pub async fn serve(gateway: &Gateway, settings: &Arc<LlmSettings>, req: Request<Incoming>) -> Response<Body> {
-    match handle(gateway, settings, req).await {
+/// Serves one request of an `llm` route.
+pub async fn serve(
+    gateway: &Gateway,
+    settings: &Arc<LlmSettings>,
+    metrics: &Arc<Metrics>,
+    req: Request<Incoming>,
+) -> Response<Body> {
+    match handle(gateway, settings, metrics, req).await {
         Ok(resp) => resp,
-        Err(e) => e.response(),
+        Err(e) => {
+            e.count(&metrics.llm);
+            e.response()
+        }
     }
 }
 
 async fn handle(
     gateway: &Gateway,
     settings: &Arc<LlmSettings>,
+    metrics: &Arc<Metrics>,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
     let Some(endpoint) = Endpoint::of(req.uri().path()) else {
@@ -286,6 +304,7 @@ async fn handle(
         key: key.clone(),
         model: model.clone(),
         db: db.clone(),
+        metrics: metrics.clone(),
     };
     let mut last = None;
     for provider in providers {
@@ -307,6 +326,7 @@ async fn handle(
             }
             Err(e) => {
                 tracing::warn!(model = %model, error = %e, "LLM provider failed");
+                metrics.llm.provider_error(&provider.name, e.kind());
                 let fails_over = e.fails_over();
                 last = Some(e);
                 if !fails_over {
@@ -316,6 +336,7 @@ async fn handle(
         }
     }
     // Nothing was served: the request is not billed, but it counted against the request rate.
+    metrics.llm.failed(settings.model_label(&model));
     Err(provider_failed(last))
 }
 
@@ -411,7 +432,7 @@ async fn whole(answer: Response<Incoming>, metered: Metered) -> Response<Body> {
             .ok()
             .and_then(|v| v.get("usage").and_then(Usage::of));
         match usage {
-            Some(usage) => metered.bill(usage, false),
+            Some(usage) => metered.bill(usage, false, "ok"),
             None => {
                 return ApiError::new(
                     StatusCode::BAD_GATEWAY,
@@ -440,8 +461,12 @@ fn streamed(
 ) -> Response<Body> {
     let token_timeout = provider.token_timeout;
     let (parts, body) = answer.into_parts();
+    let clock = Clock::start(&metered.metrics.llm, metered.label());
     let stream = Stream {
         upstream: body,
+        clock,
+        outcome: "cancelled",
+        provider: provider.name.clone(),
         reader: sse::Reader::default(),
         out: VecDeque::new(),
         meter: Meter::new(prompt_estimate),
@@ -467,6 +492,12 @@ fn streamed(
 /// away: the provider's connection closes with it, and what was streamed until then is billed).
 pub struct Stream {
     upstream: Incoming,
+    clock: Clock,
+    /// How it ended, for the metrics: `cancelled` until it ends otherwise (a stream dropped before its end lost
+    /// its client).
+    outcome: &'static str,
+    /// The provider's name, for its errors' metric.
+    provider: String,
     reader: sse::Reader,
     out: VecDeque<Bytes>,
     meter: Meter,
@@ -494,7 +525,12 @@ impl Stream {
                         self.read(&data);
                     }
                 }
-                Poll::Ready(None) => self.ended = true,
+                Poll::Ready(None) => {
+                    self.ended = true;
+                    if self.outcome == "cancelled" {
+                        self.outcome = "ok";
+                    }
+                }
                 Poll::Ready(Some(Err(e))) => {
                     tracing::warn!(error = %e, "LLM provider's stream broke off");
                     self.fail("the provider's stream broke off");
@@ -520,6 +556,9 @@ impl Stream {
         for event in events {
             let chunk = Chunk::read(&event.data);
             self.meter.note(&chunk);
+            if !chunk.content.is_empty() {
+                self.clock.token();
+            }
             if !(chunk.usage_only && self.strip_usage) {
                 let name = (!event.name.is_empty()).then_some(event.name.as_str());
                 self.out.push_back(Bytes::from(sse::encode(name, &event.data)));
@@ -549,6 +588,7 @@ impl Stream {
         self.out.push_back(Bytes::from(sse::encode(None, &end.to_string())));
         self.out.push_back(Bytes::from(sse::encode(None, "[DONE]")));
         self.ended = true;
+        self.outcome = "budget";
     }
 
     /// Ends the stream with an error event (OpenAI's shape) after what was passed on.
@@ -557,12 +597,16 @@ impl Stream {
             json!({"error": {"message": message, "type": "api_error", "param": null, "code": "provider_error"}});
         self.out.push_back(Bytes::from(sse::encode(None, &error.to_string())));
         self.ended = true;
+        self.outcome = "error";
+        if let Some(m) = &self.metered {
+            m.metrics.llm.provider_error(&self.provider, "stream");
+        }
     }
 
     fn finish(&mut self) {
         if let Some(metered) = self.metered.take() {
             let (usage, counted) = self.meter.usage();
-            metered.bill(usage, counted);
+            metered.bill(usage, counted, self.outcome);
         }
     }
 }
@@ -583,8 +627,9 @@ impl Metered {
     }
 
     /// Bills a request's tokens to its key: the key's windows at once, the usage row through the database thread.
-    pub fn bill(self, usage: Usage, counted: bool) {
+    pub fn bill(self, usage: Usage, counted: bool, outcome: &'static str) {
         let cost = self.settings.cost(&self.model, usage.prompt, usage.completion);
+        self.metrics.llm.billed(self.label(), outcome, usage, cost);
         let now = SystemTime::now();
         let today = day_of(now);
         self.key

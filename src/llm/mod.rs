@@ -10,6 +10,7 @@ mod db;
 pub mod http;
 pub mod keys;
 pub mod meter;
+pub mod metrics;
 mod provider;
 pub mod sse;
 pub mod store;
@@ -78,4 +79,12 @@ pub struct Metered {
     key: Arc<KeyState>,
     model: String,
     db: Db,
+    metrics: Arc<crate::metrics::Metrics>,
+}
+
+impl Metered {
+    /// What metrics call the request's model.
+    fn label(&self) -> &str {
+        self.settings.model_label(&self.model)
+    }
 }

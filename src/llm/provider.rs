@@ -36,6 +36,18 @@ pub enum ProviderError {
 }
 
 impl ProviderError {
+    /// The `error` label of `wsgate_llm_provider_errors_total`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Connect { .. } | Self::NoHost { .. } => "connect",
+            Self::Tls { .. } => "tls",
+            Self::Timeout { .. } => "timeout",
+            Self::Http { .. } => "http",
+            Self::Status { status, .. } if *status == StatusCode::TOO_MANY_REQUESTS => "status_429",
+            Self::Status { .. } => "status_5xx",
+        }
+    }
+
     /// Whether the next provider may serve the request instead: nothing reached the client yet, and this one could
     /// not connect, was busy (429) or failed (5xx).
     pub fn fails_over(&self) -> bool {

@@ -30,6 +30,7 @@ use tokio_util::sync::CancellationToken;
 use super::http::ApiError;
 use super::keys::{KeyRefusal, KeyState};
 use super::meter::{Chunk, Meter, estimate_prompt_tokens};
+use super::metrics::Clock;
 use super::store::day_of;
 use super::{Metered, provider, sse};
 use crate::config::llm::{LlmSettings, Provider};
@@ -328,11 +329,14 @@ impl Socket {
             id,
             model: model.clone(),
             meter: Meter::new(estimate_prompt_tokens(&body)),
+            clock: Clock::start(&self.shared.metrics.llm, self.settings.model_label(&model)),
+            finish_reason: None,
             metered: Some(Metered {
                 settings: self.settings.clone(),
                 key: self.key.clone(),
                 model,
                 db,
+                metrics: self.shared.metrics.clone(),
             }),
             out: self.out_tx.clone(),
         };
@@ -350,6 +354,9 @@ struct Run {
     id: String,
     model: String,
     meter: Meter,
+    clock: Clock,
+    /// The provider's last finish reason.
+    finish_reason: Option<String>,
     /// Taken when billed: a run dropped unbilled (its socket's task gone) bills in `Drop`.
     metered: Option<Metered>,
     out: mpsc::Sender<Out>,
@@ -357,12 +364,15 @@ struct Run {
 
 /// How a run's stream ended.
 enum Finish {
-    /// The provider's own finish reason (`stop`, `length`, ...).
-    Provider(Option<String>),
+    /// The provider ended it (with its finish reason).
+    Provider,
     Cancelled,
     /// The key's budget was spent mid-way.
     Budget,
+    /// It broke off after the provider had answered: what streamed is billed.
     Failed(&'static str),
+    /// No provider served it: nothing is billed.
+    Unserved(&'static str),
 }
 
 impl Run {
@@ -377,25 +387,41 @@ impl Run {
             .metered
             .as_ref()
             .map_or(0.0, |m| m.settings.cost(&self.model, usage.prompt, usage.completion));
+        let outcome = match finish {
+            Finish::Provider => "ok",
+            Finish::Cancelled => "cancelled",
+            Finish::Budget => "budget",
+            Finish::Failed(_) | Finish::Unserved(_) => "error",
+        };
         if let Some(metered) = self.metered.take() {
-            metered.bill(usage, counted);
-        }
-        let last = match finish {
-            Finish::Failed(why) if self.meter.usage().0.completion == 0 => {
-                error(Some(&self.id), StatusCode::BAD_GATEWAY, why)
+            if let Finish::Unserved(_) = finish {
+                metered.metrics.llm.failed(metered.label());
+            } else {
+                metered.bill(usage, counted, outcome);
             }
+        }
+        let broke_off = match finish {
+            Finish::Failed(why) => Some(why),
+            _ => None,
+        };
+        let last = match finish {
+            Finish::Unserved(why) => error(Some(&self.id), StatusCode::BAD_GATEWAY, why),
             finish => {
                 let reason = match finish {
-                    Finish::Provider(reason) => reason.unwrap_or_else(|| "stop".into()),
+                    Finish::Provider => self.finish_reason.take().unwrap_or_else(|| "stop".into()),
                     Finish::Cancelled => "cancelled".into(),
                     Finish::Budget => "length".into(),
-                    Finish::Failed(_) => "error".into(),
+                    Finish::Failed(_) | Finish::Unserved(_) => "error".into(),
                 };
-                json!({
+                let mut done = json!({
                     "type": "done", "id": self.id, "finish_reason": reason,
                     "usage": {"prompt_tokens": usage.prompt, "completion_tokens": usage.completion},
                     "cost": cost, "counted": counted,
-                })
+                });
+                if let Some(why) = broke_off {
+                    done["message"] = json!(why);
+                }
+                done
             }
         };
         let _ = self.out.send(Out::Message(last)).await;
@@ -414,10 +440,13 @@ impl Run {
                 }
                 Ok(a) => {
                     tracing::warn!(model = %self.model, status = %a.status(), "LLM provider refused a stream request");
-                    return Finish::Failed("the model's provider refused the request");
+                    return Finish::Unserved("the model's provider refused the request");
                 }
                 Err(e) => {
                     tracing::warn!(model = %self.model, error = %e, "LLM provider failed");
+                    if let Some(m) = &self.metered {
+                        m.metrics.llm.provider_error(&provider.name, e.kind());
+                    }
                     let fails_over = e.fails_over();
                     last_error = Some(e);
                     if !fails_over {
@@ -427,7 +456,7 @@ impl Run {
             }
         }
         let Some((answer, token_timeout)) = answer else {
-            return Finish::Failed(match last_error {
+            return Finish::Unserved(match last_error {
                 Some(provider::ProviderError::Status {
                     status: StatusCode::TOO_MANY_REQUESTS,
                     ..
@@ -441,7 +470,7 @@ impl Run {
         loop {
             let frame = match tokio::time::timeout(token_timeout, body.frame()).await {
                 Err(_) => return Finish::Failed("the provider sent no token in time"),
-                Ok(None) => return Finish::Provider(None),
+                Ok(None) => return Finish::Provider,
                 Ok(Some(Err(_))) => return Finish::Failed("the provider's stream broke off"),
                 Ok(Some(Ok(frame))) => frame,
             };
@@ -454,13 +483,17 @@ impl Run {
                 let chunk = Chunk::read(&event.data);
                 self.meter.note(&chunk);
                 if chunk.done {
-                    return Finish::Provider(None);
+                    return Finish::Provider;
+                }
+                if chunk.finish_reason.is_some() {
+                    self.finish_reason.clone_from(&chunk.finish_reason);
                 }
                 if let Some(why) = &chunk.error {
                     tracing::warn!(model = %self.model, error = %why, "LLM provider's stream carried an error");
                     return Finish::Failed("the provider's stream failed");
                 }
                 if !chunk.content.is_empty() {
+                    self.clock.token();
                     let delta = json!({"type": "delta", "id": self.id, "content": chunk.content});
                     if self.out.send(Out::Message(delta)).await.is_err() {
                         // The socket is gone: stop here, and bill what streamed.
@@ -481,7 +514,7 @@ impl Drop for Run {
     fn drop(&mut self) {
         if let Some(metered) = self.metered.take() {
             let (usage, counted) = self.meter.usage();
-            metered.bill(usage, counted);
+            metered.bill(usage, counted, "cancelled");
         }
     }
 }

@@ -388,7 +388,7 @@ impl State {
         })
         .await;
         let response = match &self.snapshot.config.llm {
-            Some(settings) => crate::llm::http::serve(&self.shared.llm, settings, req).await,
+            Some(settings) => crate::llm::http::serve(&self.shared.llm, settings, &self.shared.metrics, req).await,
             // A config with an `llm` route has an [llm] section: `check` refuses one without.
             None => crate::llm::http::ApiError::new(
                 StatusCode::NOT_FOUND,
