@@ -814,3 +814,67 @@ fn llm_key_add_prints_the_key_once_list_shows_its_hint_and_revoke_revokes_it() {
     assert_eq!(code, Some(1));
     assert!(stderr.contains("at least 1"), "{stderr}");
 }
+
+/// The gateway as its own process with debug logging, for what its log says.
+async fn gateway_binary(dir: &Dir, standin: &Standin, log_bodies: bool) -> (support::binary::Binary, SocketAddr) {
+    let addr = unused_addr();
+    let text = config(dir, &[standin.base_url()])
+        .replace("address = \"127.0.0.1:0\"", &format!("address = \"{addr}\""))
+        .replace("[llm]\n", &format!("[llm]\nlog_bodies = {log_bodies}\n"));
+    let path = dir.0.join(format!("wsgate-{log_bodies}.toml"));
+    std::fs::write(&path, text).unwrap();
+    let mut wsgate = support::binary::Binary::spawn_with_env(
+        ["run", "--config", path.to_str().unwrap()],
+        &[("RUST_LOG", "wsgate=debug")],
+    );
+    wsgate.wait_for_log(&["listening"]).await;
+    (wsgate, addr)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prompts_completions_and_keys_stay_out_of_the_log_unless_log_bodies_is_on() {
+    let dir = Dir::new("logs");
+    let standin = Standin::start(3).await;
+    let key = issue(&dir.db(), key_for("a"));
+    let prompt = json!({"model": "tiny", "stream": true,
+        "messages": [{"role": "user", "content": "PROMPT-MARKER-7731"}]})
+    .to_string();
+
+    let (mut wsgate, addr) = gateway_binary(&dir, &standin, false).await;
+    for body in [prompt.clone(), prompt.replace("\"stream\":true", "\"stream\":false")] {
+        let answer = request(addr, "POST", "/v1/chat/completions", Some(&key), Some(body.as_bytes())).await;
+        assert_eq!(answer.status, 200, "{}", answer.body);
+        wsgate
+            .wait_for_access(|line| line["path"] == "/v1/chat/completions" && line["status"] == 200)
+            .await;
+    }
+    let failing = request(
+        addr,
+        "POST",
+        "/v1/chat/completions",
+        Some(&key),
+        Some(&chat("broken", false)),
+    )
+    .await;
+    assert_eq!(failing.status, 502);
+    wsgate.wait_for_log(&["LLM provider failed"]).await;
+    let log = wsgate.drain_log().join("\n");
+    for secret in ["PROMPT-MARKER-7731", "tok0", PROVIDER_KEY, &key[7..]] {
+        assert!(!log.contains(secret), "`{secret}` is in the log:\n{log}");
+    }
+    drop(wsgate);
+
+    let (mut wsgate, addr) = gateway_binary(&dir, &standin, true).await;
+    let answer = request(
+        addr,
+        "POST",
+        "/v1/chat/completions",
+        Some(&key),
+        Some(prompt.as_bytes()),
+    )
+    .await;
+    assert_eq!(answer.status, 200);
+    wsgate.wait_for_log(&["PROMPT-MARKER-7731"]).await;
+    let completion = wsgate.wait_for_log(&["LLM completion"]).await;
+    assert!(completion.contains("tok0 tok1 tok2 "), "{completion}");
+}

@@ -299,6 +299,9 @@ async fn handle(
     key.admit(&model, now, &today)
         .map_err(|over| ApiError::from_limit(&over))?;
     let body = Bytes::from(request.to_string());
+    if settings.log_bodies {
+        tracing::debug!(key = key.id(), model = %model, body = %request, "LLM request body");
+    }
     let metered = Metered {
         settings: settings.clone(),
         key: key.clone(),
@@ -427,6 +430,10 @@ async fn whole(answer: Response<Incoming>, metered: Metered) -> Response<Body> {
             .response();
         }
     };
+    if metered.settings.log_bodies {
+        let text = String::from_utf8_lossy(&bytes);
+        tracing::debug!(key = metered.key.id(), model = %metered.model, answer = %text, "LLM answer body");
+    }
     if parts.status.is_success() {
         let usage = serde_json::from_slice::<Value>(&bytes)
             .ok()
@@ -469,7 +476,7 @@ fn streamed(
         provider: provider.name.clone(),
         reader: sse::Reader::default(),
         out: VecDeque::new(),
-        meter: Meter::new(prompt_estimate),
+        meter: Meter::new(prompt_estimate, metered.settings.log_bodies),
         strip_usage: !usage_asked,
         ended: false,
         token_timeout,
@@ -605,6 +612,9 @@ impl Stream {
 
     fn finish(&mut self) {
         if let Some(metered) = self.metered.take() {
+            if let Some(text) = self.meter.text() {
+                tracing::debug!(key = metered.key.id(), model = %metered.model, completion = %text, "LLM completion");
+            }
             let (usage, counted) = self.meter.usage();
             metered.bill(usage, counted, self.outcome);
         }

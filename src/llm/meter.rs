@@ -84,20 +84,23 @@ impl Chunk {
 }
 
 /// A stream's tokens so far.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Meter {
     reported: Option<Usage>,
     /// Chunks with text: one token each.
     chunks: u64,
     prompt_estimate: u64,
+    /// The text so far, kept only with `log_bodies`.
+    text: Option<String>,
 }
 
 impl Meter {
-    pub fn new(prompt_estimate: u64) -> Meter {
+    pub fn new(prompt_estimate: u64, keep_text: bool) -> Meter {
         Meter {
             reported: None,
             chunks: 0,
             prompt_estimate,
+            text: keep_text.then(String::new),
         }
     }
 
@@ -107,7 +110,15 @@ impl Meter {
         }
         if !chunk.content.is_empty() {
             self.chunks += 1;
+            if let Some(text) = &mut self.text {
+                text.push_str(&chunk.content);
+            }
         }
+    }
+
+    /// The text so far, when kept (`log_bodies`).
+    pub fn text(&self) -> Option<&str> {
+        self.text.as_deref()
     }
 
     /// What to bill, and whether wsgate counted it (the provider reported nothing).
@@ -178,7 +189,7 @@ mod tests {
 
     #[test]
     fn a_meter_counts_when_the_provider_reports_nothing() {
-        let mut meter = Meter::new(9);
+        let mut meter = Meter::new(9, true);
         for text in ["a", "", "b"] {
             meter.note(&Chunk {
                 content: text.into(),
@@ -195,6 +206,7 @@ mod tests {
                 true
             )
         );
+        assert_eq!(meter.text(), Some("ab"));
         meter.note(&Chunk {
             usage: Some(Usage {
                 prompt: 5,

@@ -316,6 +316,10 @@ impl Socket {
             self.say(e).await;
             return;
         }
+        if self.settings.log_bodies {
+            let text = Value::Object(body.clone());
+            tracing::debug!(key = self.key.id(), model = %model, body = %text, "LLM request body");
+        }
         body.insert("stream".into(), json!(true));
         body.insert("stream_options".into(), json!({"include_usage": true}));
         let Some(db) = self.shared.llm.db() else {
@@ -328,7 +332,7 @@ impl Socket {
         let run = Run {
             id,
             model: model.clone(),
-            meter: Meter::new(estimate_prompt_tokens(&body)),
+            meter: Meter::new(estimate_prompt_tokens(&body), self.settings.log_bodies),
             clock: Clock::start(&self.shared.metrics.llm, self.settings.model_label(&model)),
             finish_reason: None,
             metered: Some(Metered {
@@ -383,6 +387,9 @@ impl Run {
         };
         // The provider's connection is closed by now (its body was dropped with the stream above).
         let (usage, counted) = self.meter.usage();
+        if let Some(text) = self.meter.text() {
+            tracing::debug!(model = %self.model, completion = %text, "LLM completion");
+        }
         let cost = self
             .metered
             .as_ref()

@@ -27,6 +27,13 @@ impl Binary {
         Binary::run(command)
     }
 
+    /// [`Binary::spawn`] with these environment variables set for it.
+    pub fn spawn_with_env(args: impl IntoIterator<Item = impl AsRef<OsStr>>, env: &[(&str, &str)]) -> Binary {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_wsgate"));
+        command.args(args).envs(env.iter().copied());
+        Binary::run(command)
+    }
+
     /// [`Binary::spawn`] with at most `limit` open files, soft and hard (as `ulimit -n` sets them), so that wsgate
     /// cannot raise its own.
     pub fn spawn_with_open_files(limit: u32, args: impl IntoIterator<Item = impl AsRef<OsStr>>) -> Binary {
