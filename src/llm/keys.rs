@@ -132,6 +132,19 @@ impl KeyState {
                 retry_after: Some(MINUTE.saturating_sub(now - oldest)),
             });
         }
+        Self::token_limits(r, &used, now)?;
+        used.requests.push_back(now);
+        Ok(())
+    }
+
+    /// Whether the key has reached a token or budget limit: what ends a Realtime session mid-way.
+    pub fn check_tokens(&self, now: Instant, today: &str) -> Result<(), OverLimit> {
+        let mut used = self.lock();
+        used.prune(now, today);
+        Self::token_limits(&self.record, &used, now)
+    }
+
+    fn token_limits(r: &KeyRecord, used: &Used, now: Instant) -> Result<(), OverLimit> {
         if let Some(tpm) = r.tokens_per_minute {
             let mut sum: u64 = used.tokens.iter().map(|(_, n)| n).sum();
             if sum >= tpm {
@@ -166,7 +179,6 @@ impl KeyState {
                 retry_after: None,
             });
         }
-        used.requests.push_back(now);
         Ok(())
     }
 

@@ -59,6 +59,45 @@ impl ProviderError {
     }
 }
 
+/// A connection to `provider` (TCP, and TLS for an https one) within its connect timeout, and the authority to
+/// name in requests (`host` or `host:port`).
+pub async fn connect(provider: &Provider) -> Result<(Conn, String), ProviderError> {
+    let name = || provider.name.clone();
+    let (host, port) = provider.authority().ok_or_else(|| ProviderError::NoHost { provider: name() })?;
+    let connect = async {
+        let tcp = tokio::net::TcpStream::connect((host, port))
+            .await
+            .map_err(|error| ProviderError::Connect {
+                provider: name(),
+                error,
+            })?;
+        let _ = tcp.set_nodelay(true);
+        match &provider.tls {
+            None => Ok(Conn::Tcp(tcp)),
+            Some(tls) => {
+                let tls_error = |e: &dyn std::fmt::Display| ProviderError::Tls {
+                    provider: name(),
+                    error: e.to_string(),
+                };
+                let server_name = tls.server_name(host).map_err(|e| tls_error(&e))?;
+                let stream = tls.connect(tcp, server_name).await.map_err(|e| tls_error(&e))?;
+                Ok(Conn::ClientTls(Box::new(stream)))
+            }
+        }
+    };
+    let conn = timeout(provider.connect_timeout, connect)
+        .await
+        .map_err(|_| ProviderError::Timeout {
+            provider: name(),
+            after: provider.connect_timeout,
+        })??;
+    let authority = match port {
+        80 | 443 => host.to_string(),
+        port => format!("{host}:{port}"),
+    };
+    Ok((conn, authority))
+}
+
 /// Sends `body` as a POST (or a GET without one) to `endpoint` (such as `/chat/completions`) of `provider`, and
 /// returns its answer once its head is in, whatever its status.
 pub async fn send(
@@ -69,52 +108,18 @@ pub async fn send(
     stream: bool,
 ) -> Result<Response<Incoming>, ProviderError> {
     let name = || provider.name.clone();
-    let (host, port) = provider
-        .authority()
-        .ok_or_else(|| ProviderError::NoHost { provider: name() })?;
-    let connect = async {
-        let tcp = tokio::net::TcpStream::connect((host, port))
-            .await
-            .map_err(|error| ProviderError::Connect {
-                provider: name(),
-                error,
-            })?;
-        let _ = tcp.set_nodelay(true);
-        let conn = match &provider.tls {
-            None => Conn::Tcp(tcp),
-            Some(tls) => {
-                let tls_error = |e: &dyn std::fmt::Display| ProviderError::Tls {
-                    provider: name(),
-                    error: e.to_string(),
-                };
-                let server_name = tls.server_name(host).map_err(|e| tls_error(&e))?;
-                let stream = tls.connect(tcp, server_name).await.map_err(|e| tls_error(&e))?;
-                Conn::ClientTls(Box::new(stream))
-            }
-        };
-        hyper::client::conn::http1::handshake::<_, Full<Bytes>>(TokioIo::new(conn))
-            .await
-            .map_err(|error| ProviderError::Http {
-                provider: name(),
-                error,
-            })
-    };
-    let (mut sender, connection) =
-        timeout(provider.connect_timeout, connect)
-            .await
-            .map_err(|_| ProviderError::Timeout {
-                provider: name(),
-                after: provider.connect_timeout,
-            })??;
+    let (conn, authority) = connect(provider).await?;
+    let (mut sender, connection) = hyper::client::conn::http1::handshake::<_, Full<Bytes>>(TokioIo::new(conn))
+        .await
+        .map_err(|error| ProviderError::Http {
+            provider: name(),
+            error,
+        })?;
     // The connection lives as long as its answer's body is read: dropping the body (a client gone, a cancel)
     // closes it, which is how the provider learns to stop generating.
     tokio::spawn(async move {
         let _ = connection.await;
     });
-    let authority = match port {
-        80 | 443 => host.to_string(),
-        port => format!("{host}:{port}"),
-    };
     let mut request = Request::builder()
         .method(method)
         .uri(provider.path(endpoint))
