@@ -1,11 +1,13 @@
 //! Shared pieces for the integration tests: wsgate started in-process on a free port, real WebSocket and HTTP
 //! backends, and clients that never wait without a timeout; the built binary in a child process ([`binary`]),
 //! WebSocket peers on raw sockets ([`raw`]), the expectations of the frames-mode tests ([`frames`]) and real peers
-//! in their own processes: Tomcat, Python and Node ([`peers`]).
+//! in their own processes: Tomcat, Python and Node ([`peers`]); llama.cpp's OpenAI-compatible server on a tiny
+//! model ([`llm`]).
 #![allow(dead_code, clippy::result_large_err)]
 
 pub mod binary;
 pub mod frames;
+pub mod llm;
 pub mod openai_standin;
 pub mod peers;
 pub mod raw;
