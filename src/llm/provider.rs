@@ -63,7 +63,9 @@ impl ProviderError {
 /// name in requests (`host` or `host:port`).
 pub async fn connect(provider: &Provider) -> Result<(Conn, String), ProviderError> {
     let name = || provider.name.clone();
-    let (host, port) = provider.authority().ok_or_else(|| ProviderError::NoHost { provider: name() })?;
+    let (host, port) = provider
+        .authority()
+        .ok_or_else(|| ProviderError::NoHost { provider: name() })?;
     let connect = async {
         let tcp = tokio::net::TcpStream::connect((host, port))
             .await
