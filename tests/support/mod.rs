@@ -4,6 +4,7 @@
 //! in their own processes: Tomcat, Python and Node ([`peers`]).
 #![allow(dead_code, clippy::result_large_err)]
 
+pub mod anthropic_standin;
 pub mod binary;
 pub mod frames;
 pub mod openai_standin;
