@@ -4,8 +4,10 @@
 //! - `http`: the endpoints, streams passed on event by event and metered as they pass;
 //! - `provider`: one request to a provider (its key added, its timeouts);
 //! - `keys`: keys found by hash, and their limits; `db`: the SQLite `store` on a thread of its own;
-//! - `sse`: server-sent events read incrementally.
+//! - `sse`: server-sent events read incrementally;
+//! - `anthropic`: requests, answers and streams translated between the OpenAI API and Anthropic's Messages API.
 
+pub mod anthropic;
 mod db;
 pub mod http;
 pub mod keys;

@@ -5,6 +5,7 @@
 //! model ([`llm`]).
 #![allow(dead_code, clippy::result_large_err)]
 
+pub mod anthropic_standin;
 pub mod binary;
 pub mod frames;
 pub mod llm;
