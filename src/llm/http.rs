@@ -23,7 +23,7 @@ use super::provider::{self, ProviderError};
 use super::sse;
 use super::store::{UsageDelta, day_of};
 use super::{Gateway, Metered};
-use crate::config::llm::{LlmSettings, Provider};
+use crate::config::llm::{LlmSettings, Provider, ProviderKind};
 use crate::metrics::Metrics;
 
 /// The longest non-streamed answer read from a provider.
@@ -298,9 +298,10 @@ async fn handle(
     let today = day_of(SystemTime::now());
     key.admit(&model, now, &today)
         .map_err(|over| ApiError::from_limit(&over))?;
-    let body = Bytes::from(request.to_string());
+    let object = &*object;
     if settings.log_bodies {
-        tracing::debug!(key = key.id(), model = %model, body = %request, "LLM request body");
+        let body = Value::Object(object.clone());
+        tracing::debug!(key = key.id(), model = %model, body = %body, "LLM request body");
     }
     let metered = Metered {
         settings: settings.clone(),
@@ -310,21 +311,21 @@ async fn handle(
         metrics: metrics.clone(),
     };
     let mut last = None;
+    let mut tried = 0;
     for provider in providers {
-        match provider::send(
-            provider,
-            Method::POST,
-            endpoint.provider_path(),
-            Some(body.clone()),
-            stream,
-        )
-        .await
-        {
+        let (path, body) = match provider::request_for(provider, endpoint.provider_path(), object) {
+            // This provider has no such endpoint (an Anthropic one serves chat only).
+            None => continue,
+            Some(Ok(request)) => request,
+            Some(Err(e)) => return Err(ApiError::invalid("unsupported_request", e.to_string())),
+        };
+        tried += 1;
+        match provider::send(provider, Method::POST, path, Some(body), stream).await {
             Ok(answer) => {
                 return Ok(if stream && answer.status().is_success() {
                     streamed(answer, provider, metered, usage_asked, prompt_estimate)
                 } else {
-                    whole(answer, metered).await
+                    whole(answer, provider, metered).await
                 });
             }
             Err(e) => {
@@ -337,6 +338,12 @@ async fn handle(
                 }
             }
         }
+    }
+    if tried == 0 {
+        return Err(ApiError::invalid(
+            "unsupported_endpoint",
+            format!("the model `{}` serves chat completions only", cut(&model)),
+        ));
     }
     // Nothing was served: the request is not billed, but it counted against the request rate.
     metrics.llm.failed(settings.model_label(&model));
@@ -415,8 +422,8 @@ async fn read_body(req: Request<Incoming>, max: u64) -> Result<Bytes, ApiError> 
 }
 
 /// A non-streamed answer: read whole, its usage billed, passed on as it is.
-async fn whole(answer: Response<Incoming>, metered: Metered) -> Response<Body> {
-    let (parts, body) = answer.into_parts();
+async fn whole(answer: Response<Incoming>, provider: &Provider, metered: Metered) -> Response<Body> {
+    let (mut parts, body) = answer.into_parts();
     let limited = http_body_util::Limited::new(body, MAX_ANSWER_BYTES);
     let bytes = match tokio::time::timeout(metered.provider_timeout(), limited.collect()).await {
         Ok(Ok(collected)) => collected.to_bytes(),
@@ -434,6 +441,38 @@ async fn whole(answer: Response<Incoming>, metered: Metered) -> Response<Body> {
         let text = String::from_utf8_lossy(&bytes);
         tracing::debug!(key = metered.key.id(), model = %metered.model, answer = %text, "LLM answer body");
     }
+    // An Anthropic provider's answer (or error) in the OpenAI shape the client asked for.
+    let bytes = if provider.kind == ProviderKind::Anthropic {
+        let translated = serde_json::from_slice::<Value>(&bytes)
+            .map_err(|_| super::anthropic::TranslateError::Answer("not JSON"))
+            .and_then(|v| super::anthropic::response(&v, &metered.model));
+        match translated {
+            Ok(answer) => {
+                parts
+                    .headers
+                    .insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+                Bytes::from(answer.to_string())
+            }
+            Err(super::anthropic::TranslateError::Provider { kind, message }) if !parts.status.is_success() => {
+                let body = json!({"error": {"message": message, "type": kind, "param": null, "code": null}});
+                let mut resp = json_response(parts.status, &body);
+                *resp.status_mut() = parts.status;
+                return resp;
+            }
+            Err(e) => {
+                tracing::warn!(provider = %provider.name, error = %e, "LLM provider's answer not understood");
+                return ApiError::new(
+                    StatusCode::BAD_GATEWAY,
+                    "api_error",
+                    "provider_error",
+                    "the provider's answer is not a completion",
+                )
+                .response();
+            }
+        }
+    } else {
+        bytes
+    };
     if parts.status.is_success() {
         let usage = serde_json::from_slice::<Value>(&bytes)
             .ok()
@@ -477,6 +516,7 @@ fn streamed(
         reader: sse::Reader::default(),
         out: VecDeque::new(),
         meter: Meter::new(prompt_estimate, metered.settings.log_bodies),
+        format: provider::StreamFormat::of(provider, &metered.model),
         strip_usage: !usage_asked,
         ended: false,
         token_timeout,
@@ -508,6 +548,8 @@ pub struct Stream {
     reader: sse::Reader,
     out: VecDeque<Bytes>,
     meter: Meter,
+    /// OpenAI's chunks as they come, or an Anthropic stream translated into them.
+    format: provider::StreamFormat,
     strip_usage: bool,
     ended: bool,
     token_timeout: Duration,
@@ -560,15 +602,18 @@ impl Stream {
             self.fail("the provider sent an oversized event");
             return;
         }
-        for event in events {
-            let chunk = Chunk::read(&event.data);
+        let events: Vec<(Option<String>, String)> = events
+            .into_iter()
+            .flat_map(|event| self.format.openai_events(event))
+            .collect();
+        for (name, data) in events {
+            let chunk = Chunk::read(&data);
             self.meter.note(&chunk);
             if !chunk.content.is_empty() {
                 self.clock.token();
             }
             if !(chunk.usage_only && self.strip_usage) {
-                let name = (!event.name.is_empty()).then_some(event.name.as_str());
-                self.out.push_back(Bytes::from(sse::encode(name, &event.data)));
+                self.out.push_back(Bytes::from(sse::encode(name.as_deref(), &data)));
             }
             if !chunk.content.is_empty()
                 && let Some(metered) = &self.metered

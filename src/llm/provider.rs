@@ -169,3 +169,48 @@ pub async fn send(
     }
     Ok(answer)
 }
+
+/// The path and body of a chat request (or, from an OpenAI-compatible provider, a legacy completion) to
+/// `provider`: as the client sent it to an OpenAI-compatible one, translated to the Messages API for an Anthropic
+/// one. `None` when the provider has no such endpoint (an Anthropic provider serves chat only).
+pub fn request_for(
+    provider: &Provider,
+    openai_path: &'static str,
+    request: &serde_json::Map<String, serde_json::Value>,
+) -> Option<Result<(&'static str, Bytes), super::anthropic::TranslateError>> {
+    match provider.kind {
+        ProviderKind::OpenAi => {
+            let body = serde_json::Value::Object(request.clone()).to_string();
+            Some(Ok((openai_path, Bytes::from(body))))
+        }
+        ProviderKind::Anthropic if openai_path == "/chat/completions" => {
+            Some(super::anthropic::request(request).map(|body| ("/messages", Bytes::from(body.to_string()))))
+        }
+        ProviderKind::Anthropic => None,
+    }
+}
+
+/// How a provider's stream reads: OpenAI's chunks as they are, or Anthropic's events translated into them.
+pub enum StreamFormat {
+    OpenAi,
+    Anthropic(Box<super::anthropic::StreamTranslator>),
+}
+
+impl StreamFormat {
+    pub fn of(provider: &Provider, model: &str) -> StreamFormat {
+        match provider.kind {
+            ProviderKind::OpenAi => StreamFormat::OpenAi,
+            ProviderKind::Anthropic => {
+                StreamFormat::Anthropic(Box::new(super::anthropic::StreamTranslator::new(model)))
+            }
+        }
+    }
+
+    /// The OpenAI stream events (`event:` name, `data:`) one event of the provider's stream gives.
+    pub fn openai_events(&mut self, event: super::sse::Event) -> Vec<(Option<String>, String)> {
+        match self {
+            StreamFormat::OpenAi => vec![((!event.name.is_empty()).then_some(event.name), event.data)],
+            StreamFormat::Anthropic(translator) => translator.event(&event).into_iter().map(|d| (None, d)).collect(),
+        }
+    }
+}

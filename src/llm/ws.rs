@@ -344,7 +344,7 @@ impl Socket {
             }),
             out: self.out_tx.clone(),
         };
-        tokio::spawn(run.run(providers, Bytes::from(Value::Object(body).to_string()), cancel));
+        tokio::spawn(run.run(providers, body, cancel));
     }
 }
 
@@ -377,12 +377,14 @@ enum Finish {
     Failed(&'static str),
     /// No provider served it: nothing is billed.
     Unserved(&'static str),
+    /// The request cannot be put to the model's provider (a 400 of the client's making): nothing is billed.
+    Invalid(String),
 }
 
 impl Run {
-    async fn run(mut self, providers: Vec<Provider>, body: Bytes, cancel: CancellationToken) {
+    async fn run(mut self, providers: Vec<Provider>, body: Map<String, Value>, cancel: CancellationToken) {
         let finish = tokio::select! {
-            finish = self.stream(&providers, body) => finish,
+            finish = self.stream(&providers, &body) => finish,
             () = cancel.cancelled() => Finish::Cancelled,
         };
         // The provider's connection is closed by now (its body was dropped with the stream above).
@@ -398,10 +400,10 @@ impl Run {
             Finish::Provider => "ok",
             Finish::Cancelled => "cancelled",
             Finish::Budget => "budget",
-            Finish::Failed(_) | Finish::Unserved(_) => "error",
+            Finish::Failed(_) | Finish::Unserved(_) | Finish::Invalid(_) => "error",
         };
         if let Some(metered) = self.metered.take() {
-            if let Finish::Unserved(_) = finish {
+            if let Finish::Unserved(_) | Finish::Invalid(_) = finish {
                 metered.metrics.llm.failed(metered.label());
             } else {
                 metered.bill(usage, counted, outcome);
@@ -413,12 +415,13 @@ impl Run {
         };
         let last = match finish {
             Finish::Unserved(why) => error(Some(&self.id), StatusCode::BAD_GATEWAY, why),
+            Finish::Invalid(why) => error(Some(&self.id), StatusCode::BAD_REQUEST, &why),
             finish => {
                 let reason = match finish {
                     Finish::Provider => self.finish_reason.take().unwrap_or_else(|| "stop".into()),
                     Finish::Cancelled => "cancelled".into(),
                     Finish::Budget => "length".into(),
-                    Finish::Failed(_) | Finish::Unserved(_) => "error".into(),
+                    Finish::Failed(_) | Finish::Unserved(_) | Finish::Invalid(_) => "error".into(),
                 };
                 let mut done = json!({
                     "type": "done", "id": self.id, "finish_reason": reason,
@@ -436,13 +439,22 @@ impl Run {
     }
 
     /// Streams from the first provider that answers; `delta`s go out as chunks arrive.
-    async fn stream(&mut self, providers: &[Provider], body: Bytes) -> Finish {
+    async fn stream(&mut self, providers: &[Provider], request: &Map<String, Value>) -> Finish {
         let mut answer = None;
         let mut last_error = None;
         for provider in providers {
-            match provider::send(provider, Method::POST, "/chat/completions", Some(body.clone()), true).await {
+            let (path, body) = match provider::request_for(provider, "/chat/completions", request) {
+                None => continue,
+                Some(Ok(request)) => request,
+                Some(Err(e)) => return Finish::Invalid(e.to_string()),
+            };
+            match provider::send(provider, Method::POST, path, Some(body), true).await {
                 Ok(a) if a.status().is_success() => {
-                    answer = Some((a, provider.token_timeout));
+                    answer = Some((
+                        a,
+                        provider.token_timeout,
+                        provider::StreamFormat::of(provider, &self.model),
+                    ));
                     break;
                 }
                 Ok(a) => {
@@ -462,7 +474,7 @@ impl Run {
                 }
             }
         }
-        let Some((answer, token_timeout)) = answer else {
+        let Some((answer, token_timeout, mut format)) = answer else {
             return Finish::Unserved(match last_error {
                 Some(provider::ProviderError::Status {
                     status: StatusCode::TOO_MANY_REQUESTS,
@@ -486,8 +498,10 @@ impl Run {
             if reader.feed(&data, |e| events.push(e)).is_err() {
                 return Finish::Failed("the provider sent an oversized event");
             }
-            for event in events {
-                let chunk = Chunk::read(&event.data);
+            let events: Vec<(Option<String>, String)> =
+                events.into_iter().flat_map(|e| format.openai_events(e)).collect();
+            for (_, data) in events {
+                let chunk = Chunk::read(&data);
                 self.meter.note(&chunk);
                 if chunk.done {
                     return Finish::Provider;

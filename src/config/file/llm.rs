@@ -220,13 +220,6 @@ fn build_provider(p: &RawProvider, report: &mut Report<'_>) -> Option<Provider> 
         Some(d) => d.get_ref().0,
         None => default,
     };
-    if let RawKind::Anthropic = p.kind.get_ref() {
-        report.key(
-            &p.kind,
-            "llm.provider.kind",
-            "`anthropic` providers are not served by this version yet: use an OpenAI-compatible endpoint",
-        );
-    }
     Some(Provider {
         name: p.name.get_ref().clone(),
         kind: match p.kind.get_ref() {
