@@ -351,7 +351,7 @@ async fn handle(
 }
 
 /// The answer when no provider could serve a request: 502, or the last provider's 429 (with its `Retry-After`).
-fn provider_failed(last: Option<ProviderError>) -> ApiError {
+pub(super) fn provider_failed(last: Option<ProviderError>) -> ApiError {
     match last {
         Some(ProviderError::Status {
             status: StatusCode::TOO_MANY_REQUESTS,

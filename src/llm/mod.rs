@@ -14,6 +14,7 @@ pub mod keys;
 pub mod meter;
 pub mod metrics;
 mod provider;
+mod realtime;
 pub mod sse;
 pub mod store;
 pub mod ws;

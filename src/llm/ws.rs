@@ -42,16 +42,27 @@ pub const MAX_IN_FLIGHT: usize = 16;
 /// The longest request id.
 const MAX_ID: usize = 128;
 /// wsgate pings a stream socket this often, so that idle-cutting middleboxes see traffic while a model is silent.
-const PING_EVERY: Duration = Duration::from_secs(30);
+pub(super) const PING_EVERY: Duration = Duration::from_secs(30);
 /// How long a close frame or a message may take to be written to a client that reads slowly.
-const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+pub(super) const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// An upgrade to an `llm` route's stream endpoint, as the request head gave it.
+/// An upgrade to an `llm` route's stream or Realtime endpoint, as the request head gave it.
 #[derive(Debug)]
 pub struct Opening {
     pub accept: [u8; 28],
     /// The key: `Authorization: Bearer KEY`, or `?api_key=KEY` (browsers cannot set headers on a WebSocket).
     pub secret: Option<String>,
+    /// A Realtime session (`…/realtime`), not the stream protocol.
+    pub realtime: Option<Realtime>,
+}
+
+/// What a Realtime upgrade asked for.
+#[derive(Debug)]
+pub struct Realtime {
+    /// `?model=`.
+    pub model: Option<String>,
+    /// The client's `OpenAI-Beta` header, passed on to the provider.
+    pub beta: Option<http::HeaderValue>,
 }
 
 /// Why a stream socket ended (for the access log).
@@ -77,41 +88,25 @@ pub async fn serve(
     opening: Opening,
     early: Vec<u8>,
 ) -> (u16, String) {
+    if let Some(realtime) = opening.realtime {
+        let secret = opening.secret.as_deref();
+        return super::realtime::serve(shared, settings, client, secret, realtime, opening.accept, early).await;
+    }
     let key = match authenticate(shared, opening.secret.as_deref()).await {
         Ok(key) => key,
         Err(e) => {
-            let status = e.status.as_u16();
-            let body = e.body().to_string();
-            let head = format!(
-                "HTTP/1.1 {status} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                e.status.canonical_reason().unwrap_or(""),
-                body.len()
-            );
-            let _ = tokio::time::timeout(WRITE_TIMEOUT, async {
-                client.write_all(head.as_bytes()).await?;
-                client.write_all(body.as_bytes()).await?;
-                client.shutdown().await
-            })
-            .await;
-            return (status, format!("refused: {}", e.message));
+            e.count(&shared.metrics.llm);
+            return refuse_upgrade(&mut client, &e).await;
         }
     };
-    let accept = String::from_utf8_lossy(&opening.accept).into_owned();
-    let switch = format!(
-        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
-    );
-    if let Err(e) = tokio::time::timeout(WRITE_TIMEOUT, client.write_all(switch.as_bytes())).await {
+    if let Err(e) = switch(&mut client, &opening.accept).await {
         return (101, format!("error: client: {e}"));
     }
     let limit = usize::try_from(settings.max_request_body).unwrap_or(usize::MAX);
     let config = WebSocketConfig::default()
         .max_message_size(Some(limit))
         .max_frame_size(Some(limit));
-    let io = Prefixed {
-        early,
-        read: 0,
-        inner: client,
-    };
+    let io = Prefixed::new(early, client);
     let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
     let ended = Socket::new(shared.clone(), settings.clone(), key).run(ws).await;
     (101, ended.to_string())
@@ -540,11 +535,51 @@ impl Drop for Run {
     }
 }
 
+/// Answers an upgrade that is refused (a key, a limit, a provider) with the HTTP error and its JSON body, and closes.
+pub(super) async fn refuse_upgrade(client: &mut Conn, e: &ApiError) -> (u16, String) {
+    let status = e.status.as_u16();
+    let body = e.body().to_string();
+    let mut head = format!(
+        "HTTP/1.1 {status} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n",
+        e.status.canonical_reason().unwrap_or(""),
+        body.len()
+    );
+    if let Some(after) = e.retry_after {
+        head.push_str(&format!("Retry-After: {}\r\n", after.as_secs().max(1)));
+    }
+    head.push_str("\r\n");
+    let _ = tokio::time::timeout(WRITE_TIMEOUT, async {
+        client.write_all(head.as_bytes()).await?;
+        client.write_all(body.as_bytes()).await?;
+        client.shutdown().await
+    })
+    .await;
+    (status, format!("refused: {}", e.message))
+}
+
+/// wsgate's own 101 for an upgrade it serves itself.
+pub(super) async fn switch(client: &mut Conn, accept: &[u8; 28]) -> io::Result<()> {
+    let accept = String::from_utf8_lossy(accept);
+    let head = format!(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
+    );
+    match tokio::time::timeout(WRITE_TIMEOUT, client.write_all(head.as_bytes())).await {
+        Ok(result) => result,
+        Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "the 101 was not taken in time")),
+    }
+}
+
 /// The client's connection with the bytes it sent after its head read first.
-struct Prefixed {
+pub(super) struct Prefixed {
     early: Vec<u8>,
     read: usize,
     inner: Conn,
+}
+
+impl Prefixed {
+    pub(super) fn new(early: Vec<u8>, inner: Conn) -> Prefixed {
+        Prefixed { early, read: 0, inner }
+    }
 }
 
 impl AsyncRead for Prefixed {

@@ -514,16 +514,21 @@ fn llm_secret(view: &impl RequestView) -> Option<String> {
         let (scheme, key) = v.split_once(' ')?;
         scheme.eq_ignore_ascii_case("bearer").then(|| key.trim().to_string())
     });
-    bearer.filter(|k| !k.is_empty()).or_else(|| {
-        let target = std::str::from_utf8(view.target()).ok()?;
-        let (_, query) = target.split_once('?')?;
-        query
-            .split('&')
-            .filter_map(|p| p.split_once('='))
-            .find(|(name, _)| *name == "api_key")
-            .map(|(_, key)| key.to_string())
-            .filter(|k| !k.is_empty())
-    })
+    bearer
+        .filter(|k| !k.is_empty())
+        .or_else(|| query_value(view, "api_key"))
+}
+
+/// A query parameter of the request's target, as sent (`None` when absent or empty).
+fn query_value(view: &impl RequestView, name: &str) -> Option<String> {
+    let target = std::str::from_utf8(view.target()).ok()?;
+    let (_, query) = target.split_once('?')?;
+    query
+        .split('&')
+        .filter_map(|p| p.split_once('='))
+        .find(|(n, _)| *n == name)
+        .map(|(_, value)| value.to_string())
+        .filter(|v| !v.is_empty())
 }
 
 /// The upgrade fast path's view of a request head, for routing.
@@ -587,25 +592,30 @@ fn inspect(snapshot: &Snapshot, front: Front<'_>, buf: &[u8], record: &mut Conne
     if let Some(request) = record.request.as_deref_mut() {
         request.identity = auth.as_ref().and_then(|a| a.subject.clone());
     }
-    // An `llm` route's endpoints are the gateway's own: its stream endpoint is a WebSocket of wsgate's own, and
-    // no other takes an upgrade.
+    // An `llm` route's endpoints are the gateway's own: its stream and Realtime endpoints are WebSockets wsgate
+    // serves itself, and no other takes an upgrade.
     let Some(upstream_index) = route.upstream else {
-        if !view
-            .path()
-            .strip_suffix(b"/")
-            .unwrap_or(view.path())
-            .ends_with(b"/stream")
-        {
+        let path = view.path().strip_suffix(b"/").unwrap_or(view.path());
+        let realtime = if path.ends_with(b"/stream") {
+            None
+        } else if path.ends_with(b"/realtime") {
+            let beta = single(view.header_values("openai-beta")).and_then(|v| http::HeaderValue::from_bytes(v).ok());
+            Some(crate::llm::ws::Realtime {
+                model: query_value(&view, "model"),
+                beta,
+            })
+        } else {
             return Err(Refusal::NoUpgrade {
                 path: echoed_path(&view),
             });
-        }
+        };
         record.route = routes.iter().position(|r| std::ptr::eq(r, route));
         return Ok(Step::Llm(Box::new(LlmStream {
             head_len: head.head_len,
             opening: crate::llm::ws::Opening {
                 accept: head.accept(),
                 secret: llm_secret(&view),
+                realtime,
             },
         })));
     };
