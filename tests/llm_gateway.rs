@@ -67,7 +67,7 @@ name = "p{i}"
 kind = "openai"
 base_url = "{url}"
 api_key_file = "{}"
-models = ["tiny", "busy", "broken", "cut", "slow", "paced"]
+models = ["tiny", "busy", "broken", "cut", "slow", "paced", "garbage"]
 connect_timeout = "1s"
 token_timeout = "3s"
 "#,
@@ -315,7 +315,10 @@ async fn models_lists_what_the_key_may_use() {
     };
     let listed = request(proxy.addr, "GET", "/v1/models", Some(&all), None).await;
     assert_eq!(listed.status, 200);
-    assert_eq!(ids(&listed), ["tiny", "busy", "broken", "cut", "slow", "paced"]);
+    assert_eq!(
+        ids(&listed),
+        ["tiny", "busy", "broken", "cut", "slow", "paced", "garbage"]
+    );
     assert_eq!(
         ids(&request(proxy.addr, "GET", "/v1/models", Some(&only_tiny), None).await),
         ["tiny"]
@@ -512,6 +515,33 @@ async fn a_stream_cut_by_the_provider_ends_with_an_error_event_and_bills_what_wa
     // No usage report came: the two tokens streamed are counted, and the row says so.
     let rows = usage_rows(&dir.db(), key_id(&dir.db(), &key), 1).await;
     assert_eq!((rows[0].counted, rows[0].completion_tokens), (true, 2), "{rows:?}");
+
+    // A provider that answers garbage: a whole answer is a 502, a stream ends at the first unreadable event.
+    let garbage = request(
+        proxy.addr,
+        "POST",
+        "/v1/chat/completions",
+        Some(&key),
+        Some(&chat("garbage", false)),
+    )
+    .await;
+    garbage.assert_error(502, "provider_error");
+    let garbage = request(
+        proxy.addr,
+        "POST",
+        "/v1/chat/completions",
+        Some(&key),
+        Some(&chat("garbage", true)),
+    )
+    .await;
+    let events = garbage.events();
+    assert_eq!(events.len(), 2, "{events:?}");
+    assert!(events[1].contains("not JSON"), "{events:?}");
+    assert!(!garbage.body.contains("<html>"));
+    // Billed once each: the cut stream, and the garbage stream's one chunk (the whole garbage answer is not billed).
+    let rows = usage_rows(&dir.db(), key_id(&dir.db(), &key), 2).await;
+    let requests: u64 = rows.iter().map(|r| r.requests).sum();
+    assert_eq!(requests, 2, "{rows:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -35,7 +35,7 @@ fn gateway(name: &str, standin: &Standin, new: NewKey) -> (Proxy, String, Dir) {
         "[[listener]]\nname = \"main\"\naddress = \"127.0.0.1:0\"\n[llm]\ndatabase = \"{}\"\n\
          [[llm.price]]\nmodel = \"*\"\ninput = 1.0\noutput = 2.0\n\
          [[llm.provider]]\nname = \"p\"\nkind = \"openai\"\nbase_url = \"{}\"\n\
-         models = [\"tiny\", \"paced\", \"slow\", \"broken\"]\n\
+         models = [\"tiny\", \"paced\", \"slow\", \"broken\", \"garbage\"]\n\
          [[route]]\npath_prefix = \"/v1\"\nkind = \"llm\"\n",
         db.display(),
         standin.base_url()
@@ -245,6 +245,16 @@ async fn bad_messages_get_errors_and_the_socket_goes_on() {
     // A provider failing before the first token: an error, and the socket goes on.
     send(&mut ws, request("b", "broken")).await;
     expect_error(until_end(&mut ws, "b").await.pop().unwrap(), Some("b"), 502);
+    // One that answers garbage mid-stream: what came is passed on, then `done` says the stream failed.
+    send(&mut ws, request("g", "garbage")).await;
+    let end = until_end(&mut ws, "g").await;
+    let done = end.last().unwrap();
+    assert_eq!(
+        (done["type"].as_str(), done["finish_reason"].as_str()),
+        (Some("done"), Some("error")),
+        "{done}"
+    );
+    assert!(done["message"].as_str().unwrap().contains("not JSON"));
     send(&mut ws, request("ok", "tiny")).await;
     let end = until_end(&mut ws, "ok").await;
     assert_eq!(end.last().unwrap()["finish_reason"], "stop");

@@ -608,6 +608,10 @@ impl Stream {
             .collect();
         for (name, data) in events {
             let chunk = Chunk::read(&data);
+            if chunk.json.is_none() && !chunk.done {
+                self.fail("the provider sent an event that is not JSON");
+                return;
+            }
             self.meter.note(&chunk);
             if !chunk.content.is_empty() {
                 self.clock.token();

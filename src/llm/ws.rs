@@ -497,6 +497,9 @@ impl Run {
                 events.into_iter().flat_map(|e| format.openai_events(e)).collect();
             for (_, data) in events {
                 let chunk = Chunk::read(&data);
+                if chunk.json.is_none() && !chunk.done {
+                    return Finish::Failed("the provider sent an event that is not JSON");
+                }
                 self.meter.note(&chunk);
                 if chunk.done {
                     return Finish::Provider;

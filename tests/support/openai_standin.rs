@@ -2,7 +2,7 @@
 //! `tokens` chunks per request (one token each, `tok0 `, `tok1 `, …), reports usage as the OpenAI API does
 //! (`usage` in a JSON answer; a last chunk with empty `choices` when `stream_options.include_usage` is set), and
 //! records every request it got. Model names steer it: `busy` answers 429 with `Retry-After: 7`, `broken` answers
-//! 500, `cut` breaks its stream off after two chunks, `slow` waits a second between tokens, `paced` 20 ms.
+//! 500, `garbage` answers HTML (a stream: one chunk, then an event that is not JSON), `cut` breaks its stream off after two chunks, `slow` waits a second between tokens, `paced` 20 ms.
 
 // The record of requests is pushed to and copied under a lock held for nothing else.
 #![allow(clippy::disallowed_types)]
@@ -151,6 +151,19 @@ async fn answer(
             return resp;
         }
         "broken" => return json_answer(500, &json!({"error": {"message": "internal", "type": "server_error"}})),
+        "garbage" => {
+            let (content_type, text) = if body["stream"].as_bool().unwrap_or(false) {
+                (
+                    "text/event-stream",
+                    "data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\ndata: <html>oops\n\n",
+                )
+            } else {
+                ("text/html", "<html>oops</html>")
+            };
+            let mut resp = hyper::Response::new(Full::new(Bytes::from(text)).map_err(|never| match never {}).boxed());
+            resp.headers_mut().insert("content-type", content_type.parse().unwrap());
+            return resp;
+        }
         _ => {}
     }
     let prompt = Standin::prompt_tokens(&body);
