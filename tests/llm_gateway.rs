@@ -908,3 +908,32 @@ async fn prompts_completions_and_keys_stay_out_of_the_log_unless_log_bodies_is_o
     let completion = wsgate.wait_for_log(&["LLM completion"]).await;
     assert!(completion.contains("tok0 tok1 tok2 "), "{completion}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_tries_are_spread_over_a_models_providers_by_weight() {
+    let dir = Dir::new("weights");
+    let (a, b) = (Standin::start(1).await, Standin::start(1).await);
+    let text = config(&dir, &[a.base_url(), b.base_url()]).replace("name = \"p0\"", "name = \"p0\"\nweight = 3");
+    let proxy = Proxy::from_toml(&text);
+    let key = issue(&dir.db(), key_for("w"));
+    for _ in 0..8 {
+        let answer = request(
+            proxy.addr,
+            "POST",
+            "/v1/chat/completions",
+            Some(&key),
+            Some(&chat("tiny", false)),
+        )
+        .await;
+        assert_eq!(answer.status, 200);
+    }
+    assert_eq!((a.requests().len(), b.requests().len()), (6, 2));
+    let bad = config(&dir, &[a.base_url()]).replace("name = \"p0\"", "name = \"p0\"\nweight = 0");
+    let problems = wsgate::config::file::parse(&bad, "t.toml").err().unwrap();
+    assert!(
+        problems[0]
+            .to_string()
+            .contains("`llm.provider.weight`: expected 1 to 1000"),
+        "{problems:?}"
+    );
+}

@@ -15,6 +15,10 @@ pub const DEFAULT_LLM_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_FIRST_TOKEN_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a stream may go without a token, unless `token_timeout` says otherwise.
 pub const DEFAULT_TOKEN_TIMEOUT: Duration = Duration::from_secs(30);
+/// A provider's weight when its `weight` is left out.
+pub const DEFAULT_LLM_WEIGHT: u32 = 1;
+/// The largest `weight`.
+pub const MAX_LLM_WEIGHT: u32 = 1000;
 /// The largest request body a client may send (a long conversation fits; a 10 MiB one does not).
 pub const DEFAULT_MAX_REQUEST_BODY: u64 = 4 * 1024 * 1024;
 
@@ -94,6 +98,8 @@ pub struct Provider {
     pub connect_timeout: Duration,
     pub first_token_timeout: Duration,
     pub token_timeout: Duration,
+    /// Its share of a model's first tries among the providers that serve it.
+    pub weight: u32,
 }
 
 impl Provider {

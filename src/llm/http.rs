@@ -285,7 +285,7 @@ async fn handle(
         object.insert("stream_options".into(), json!({"include_usage": true}));
     }
     let prompt_estimate = estimate_prompt_tokens(object);
-    let providers: Vec<&Provider> = settings.providers_for(&model).collect();
+    let providers = gateway.order(settings.providers_for(&model).collect());
     if providers.is_empty() {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,

@@ -28,12 +28,15 @@ pub use db::{Db, DbError};
 use keys::{KeyState, Keys};
 
 use crate::config::LlmSettings;
+use crate::config::llm::Provider;
 
 /// What the gateway keeps across reloads: the database it has open and the keys it has seen (with what they used).
 #[derive(Default)]
 pub struct Gateway {
     db: ArcSwapOption<Db>,
     pub keys: Keys,
+    /// Counts first tries, to spread them over a model's providers by weight.
+    turn: std::sync::atomic::AtomicU64,
 }
 
 impl Gateway {
@@ -54,6 +57,30 @@ impl Gateway {
         tracing::info!(database = %settings.database.display(), "LLM key database open");
         self.db.store(Some(Arc::new(db)));
         Ok(())
+    }
+
+    /// A model's providers in the order to try them: the first chosen by weight (weighted round robin over every
+    /// request's first try), then the others in file order, for failover.
+    pub fn order<'a>(&self, mut providers: Vec<&'a Provider>) -> Vec<&'a Provider> {
+        let total: u64 = providers.iter().map(|p| u64::from(p.weight)).sum();
+        if providers.len() < 2 || total == 0 {
+            return providers;
+        }
+        let mut at = self.turn.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % total;
+        let first = providers
+            .iter()
+            .position(|p| {
+                let w = u64::from(p.weight);
+                if at < w {
+                    return true;
+                }
+                at -= w;
+                false
+            })
+            .unwrap_or(0);
+        let chosen = providers.remove(first);
+        providers.insert(0, chosen);
+        providers
     }
 
     /// The key database, once a config with `[llm]` has opened it.

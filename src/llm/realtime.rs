@@ -120,10 +120,12 @@ async fn open(
             "`?model=` is required",
         ));
     };
-    let providers: Vec<&Provider> = settings
-        .providers_for(model)
-        .filter(|p| p.kind == ProviderKind::OpenAi)
-        .collect();
+    let providers = shared.llm.order(
+        settings
+            .providers_for(model)
+            .filter(|p| p.kind == ProviderKind::OpenAi)
+            .collect(),
+    );
     if providers.is_empty() {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,

@@ -293,7 +293,10 @@ impl Socket {
             self.say(error(Some(&id), StatusCode::BAD_REQUEST, why)).await;
             return;
         }
-        let providers: Vec<Provider> = self.settings.providers_for(&model).cloned().collect();
+        let providers: Vec<Provider> = (self.shared.llm.order(self.settings.providers_for(&model).collect()))
+            .into_iter()
+            .cloned()
+            .collect();
         if providers.is_empty() {
             let why = format!(
                 "the model `{}` does not exist",

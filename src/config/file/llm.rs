@@ -10,8 +10,8 @@ use toml::Spanned;
 
 use super::{Dur, Report, Size, unique_name};
 use crate::config::llm::{
-    DEFAULT_FIRST_TOKEN_TIMEOUT, DEFAULT_LLM_CONNECT_TIMEOUT, DEFAULT_MAX_REQUEST_BODY, DEFAULT_TOKEN_TIMEOUT,
-    LlmSettings, ModelPattern, Price, Provider, ProviderKind, Secret,
+    DEFAULT_FIRST_TOKEN_TIMEOUT, DEFAULT_LLM_CONNECT_TIMEOUT, DEFAULT_LLM_WEIGHT, DEFAULT_MAX_REQUEST_BODY,
+    DEFAULT_TOKEN_TIMEOUT, LlmSettings, MAX_LLM_WEIGHT, ModelPattern, Price, Provider, ProviderKind, Secret,
 };
 use crate::tls::client::{ClientTls, TlsSettings};
 
@@ -43,6 +43,7 @@ struct RawProvider {
     connect_timeout: Option<Spanned<Dur>>,
     first_token_timeout: Option<Spanned<Dur>>,
     token_timeout: Option<Spanned<Dur>>,
+    weight: Option<Spanned<u32>>,
 }
 
 #[derive(Deserialize, Clone, Copy)]
@@ -220,7 +221,16 @@ fn build_provider(p: &RawProvider, report: &mut Report<'_>) -> Option<Provider> 
         Some(d) => d.get_ref().0,
         None => default,
     };
+    let weight = match &p.weight {
+        Some(w) if !(1..=MAX_LLM_WEIGHT).contains(w.get_ref()) => {
+            report.key(w, "llm.provider.weight", format!("expected 1 to {MAX_LLM_WEIGHT}"));
+            DEFAULT_LLM_WEIGHT
+        }
+        Some(w) => *w.get_ref(),
+        None => DEFAULT_LLM_WEIGHT,
+    };
     Some(Provider {
+        weight,
         name: p.name.get_ref().clone(),
         kind: match p.kind.get_ref() {
             RawKind::Openai => ProviderKind::OpenAi,
