@@ -54,9 +54,11 @@ fn gateway(name: &str, server: &LlamaServer) -> Gateway {
         "[[listener]]\nname = \"main\"\naddress = \"127.0.0.1:0\"\n[llm]\ndatabase = \"{}\"\n\
          [[llm.price]]\nmodel = \"tiny\"\ninput = 0.5\noutput = 1.5\n\
          [[llm.provider]]\nname = \"llama\"\nkind = \"openai\"\nbase_url = \"{}\"\nmodels = [\"tiny\"]\n\
+         tokenize_url = \"http://{}/extras/tokenize/count\"\n\
          [[route]]\npath_prefix = \"/v1\"\nkind = \"llm\"\n",
         db.display(),
-        server.base_url()
+        server.base_url(),
+        server.addr
     ));
     let key = Store::open(&db)
         .unwrap()
@@ -127,7 +129,16 @@ print(json.dumps({"text": "".join(pieces), "chunks": sum(1 for p in pieces if p)
     assert!((reported.cost - cost).abs() < 1e-12);
     let counted = rows.iter().find(|r| r.counted).expect("a counted row");
     assert_eq!(counted.completion_tokens, 16, "{rows:?}");
-    assert!(counted.prompt_tokens > 0);
+    // The prompt of the stream was counted by the server's own tokenizer (not estimated from its characters).
+    let tokenized = support::llm::post_json(
+        server.addr,
+        "/extras/tokenize/count",
+        &json!({"input": "Say something."}),
+    )
+    .await;
+    let count: Value = serde_json::from_str(&tokenized.body()).unwrap();
+    assert_eq!(Some(counted.prompt_tokens), count["count"].as_u64(), "{rows:?}");
+    assert_ne!(counted.prompt_tokens, "Say something.".len().div_ceil(4) as u64);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

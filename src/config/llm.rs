@@ -100,6 +100,9 @@ pub struct Provider {
     pub token_timeout: Duration,
     /// Its share of a model's first tries among the providers that serve it.
     pub weight: u32,
+    /// Where a prompt's tokens are counted for a stream the provider reports no usage for (llama-cpp-python's
+    /// `/extras/tokenize/count`, llama.cpp's `/tokenize`); `None`: estimated from the prompt's characters.
+    pub tokenize_url: Option<http::Uri>,
 }
 
 impl Provider {
@@ -109,18 +112,23 @@ impl Provider {
 
     /// The host and port to connect to.
     pub fn authority(&self) -> Option<(&str, u16)> {
-        let authority = self.base_url.authority()?;
-        let https = self.base_url.scheme_str() == Some("https");
-        Some((
-            authority.host(),
-            authority.port_u16().unwrap_or(if https { 443 } else { 80 }),
-        ))
+        authority_of(&self.base_url)
     }
 
     /// The URL path of one of the API's endpoints (`endpoint` starts with `/`).
     pub fn path(&self, endpoint: &str) -> String {
         format!("{}{endpoint}", self.base_url.path().trim_end_matches('/'))
     }
+}
+
+/// The host and port of an http(s) URL (the scheme's port when it names none).
+pub fn authority_of(url: &http::Uri) -> Option<(&str, u16)> {
+    let authority = url.authority()?;
+    let https = url.scheme_str() == Some("https");
+    Some((
+        authority.host(),
+        authority.port_u16().unwrap_or(if https { 443 } else { 80 }),
+    ))
 }
 
 /// A model name, or a prefix when written with a trailing `*`.

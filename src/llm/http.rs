@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 use tokio::time::{Instant, Sleep};
 
 use super::keys::{KeyRefusal, KeyState, Limit, OverLimit};
-use super::meter::{Chunk, Meter, Usage, estimate_prompt_tokens};
+use super::meter::{Chunk, Meter, Usage, estimate_prompt_tokens, prompt_text};
 use super::metrics::Clock;
 use super::provider::{self, ProviderError};
 use super::sse;
@@ -323,7 +323,12 @@ async fn handle(
         match provider::send(provider, Method::POST, path, Some(body), stream).await {
             Ok(answer) => {
                 return Ok(if stream && answer.status().is_success() {
-                    streamed(answer, provider, metered, usage_asked, prompt_estimate)
+                    // A provider that may report no usage in its stream has the prompt counted by its tokenizer.
+                    let tokenize = provider
+                        .tokenize_url
+                        .as_ref()
+                        .map(|_| Box::new((provider.clone(), prompt_text(object))));
+                    streamed(answer, provider, metered, usage_asked, prompt_estimate, tokenize)
                 } else {
                     whole(answer, provider, metered).await
                 });
@@ -504,6 +509,7 @@ fn streamed(
     metered: Metered,
     usage_asked: bool,
     prompt_estimate: u64,
+    tokenize: Option<Box<(Provider, String)>>,
 ) -> Response<Body> {
     let token_timeout = provider.token_timeout;
     let (parts, body) = answer.into_parts();
@@ -517,6 +523,7 @@ fn streamed(
         out: VecDeque::new(),
         meter: Meter::new(prompt_estimate, metered.settings.log_bodies),
         format: provider::StreamFormat::of(provider, &metered.model),
+        tokenize,
         strip_usage: !usage_asked,
         ended: false,
         token_timeout,
@@ -550,6 +557,8 @@ pub struct Stream {
     meter: Meter,
     /// OpenAI's chunks as they come, or an Anthropic stream translated into them.
     format: provider::StreamFormat,
+    /// The provider with a tokenize endpoint and the prompt's text, for a stream it reports no usage for.
+    tokenize: Option<Box<(Provider, String)>>,
     strip_usage: bool,
     ended: bool,
     token_timeout: Duration,
@@ -664,8 +673,24 @@ impl Stream {
             if let Some(text) = self.meter.text() {
                 tracing::debug!(key = metered.key.id(), model = %metered.model, completion = %text, "LLM completion");
             }
-            let (usage, counted) = self.meter.usage();
-            metered.bill(usage, counted, self.outcome);
+            let outcome = self.outcome;
+            match self.tokenize.take() {
+                Some(tokenize) if !self.meter.reported() && tokio::runtime::Handle::try_current().is_ok() => {
+                    let (provider, text) = *tokenize;
+                    let mut meter = self.meter.clone();
+                    tokio::spawn(async move {
+                        if let Some(n) = provider::count_tokens(&provider, &metered.model, &text).await {
+                            meter.set_prompt(n);
+                        }
+                        let (usage, counted) = meter.usage();
+                        metered.bill(usage, counted, outcome);
+                    });
+                }
+                _ => {
+                    let (usage, counted) = self.meter.usage();
+                    metered.bill(usage, counted, outcome);
+                }
+            }
         }
     }
 }

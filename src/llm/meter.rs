@@ -116,6 +116,16 @@ impl Meter {
         }
     }
 
+    /// Whether the provider reported the usage itself.
+    pub fn reported(&self) -> bool {
+        self.reported.is_some()
+    }
+
+    /// The prompt's count, from the provider's tokenize endpoint, for a stream it reports no usage for.
+    pub fn set_prompt(&mut self, tokens: u64) {
+        self.prompt_estimate = tokens;
+    }
+
     /// The text so far, when kept (`log_bodies`).
     pub fn text(&self) -> Option<&str> {
         self.text.as_deref()
@@ -143,6 +153,37 @@ impl Meter {
         let (usage, _) = self.usage();
         settings.cost(model, usage.prompt, usage.completion) >= left
     }
+}
+
+/// A request's prompt as text (the messages' contents, one a line; or the legacy `prompt`): what a provider's
+/// tokenize endpoint counts.
+pub fn prompt_text(request: &serde_json::Map<String, Value>) -> String {
+    fn text(v: &Value, out: &mut String) {
+        match v {
+            Value::String(s) => {
+                if !out.is_empty() {
+                    out.push('\n');
+                }
+                out.push_str(s);
+            }
+            Value::Array(items) => items.iter().for_each(|i| text(i, out)),
+            Value::Object(o) => {
+                for key in ["content", "text"] {
+                    if let Some(v) = o.get(key) {
+                        text(v, out);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut out = String::new();
+    for key in ["messages", "prompt"] {
+        if let Some(v) = request.get(key) {
+            text(v, &mut out);
+        }
+    }
+    out
 }
 
 /// A rough count of a request's prompt tokens, for a provider that reports no usage: about four characters a token.

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
+use http_body_util::BodyExt;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
@@ -62,10 +63,14 @@ impl ProviderError {
 /// A connection to `provider` (TCP, and TLS for an https one) within its connect timeout, and the authority to
 /// name in requests (`host` or `host:port`).
 pub async fn connect(provider: &Provider) -> Result<(Conn, String), ProviderError> {
+    connect_to(provider, &provider.base_url).await
+}
+
+/// A connection to `url`'s host for `provider` (its TLS and connect timeout).
+async fn connect_to(provider: &Provider, url: &http::Uri) -> Result<(Conn, String), ProviderError> {
     let name = || provider.name.clone();
-    let (host, port) = provider
-        .authority()
-        .ok_or_else(|| ProviderError::NoHost { provider: name() })?;
+    let (host, port) =
+        crate::config::llm::authority_of(url).ok_or_else(|| ProviderError::NoHost { provider: name() })?;
     let connect = async {
         let tcp = tokio::net::TcpStream::connect((host, port))
             .await
@@ -213,4 +218,52 @@ impl StreamFormat {
             StreamFormat::Anthropic(translator) => translator.event(&event).into_iter().map(|d| (None, d)).collect(),
         }
     }
+}
+
+/// The number of tokens in `text` by the provider's tokenize endpoint (`tokenize_url`): `{"count": N}` or
+/// `{"tokens": [...]}` answered; `None` when it has none or it fails (the caller estimates then).
+pub async fn count_tokens(provider: &Provider, model: &str, text: &str) -> Option<u64> {
+    let url = provider.tokenize_url.as_ref()?;
+    let counted = async {
+        let (conn, authority) = connect_to(provider, url).await.ok()?;
+        let (mut sender, connection) = hyper::client::conn::http1::handshake::<_, Full<Bytes>>(TokioIo::new(conn))
+            .await
+            .ok()?;
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        let body = serde_json::json!({"model": model, "input": text, "content": text}).to_string();
+        let mut request = Request::builder()
+            .method(Method::POST)
+            .uri(url.path_and_query().map_or("/", |p| p.as_str()))
+            .header(http::header::HOST, authority)
+            .header(http::header::CONTENT_TYPE, "application/json");
+        if let Some(key) = &provider.api_key {
+            request = request.header(http::header::AUTHORIZATION, format!("Bearer {}", key.expose()));
+        }
+        let answer = sender
+            .send_request(request.body(Full::new(Bytes::from(body))).ok()?)
+            .await
+            .ok()?;
+        if !answer.status().is_success() {
+            return None;
+        }
+        let bytes = http_body_util::Limited::new(answer.into_body(), 1 << 20)
+            .collect()
+            .await
+            .ok()?
+            .to_bytes();
+        let value: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+        value
+            .get("count")
+            .and_then(serde_json::Value::as_u64)
+            .or_else(|| value.get("tokens")?.as_array().map(|t| t.len() as u64))
+    };
+    let counted = timeout(provider.connect_timeout + provider.first_token_timeout, counted)
+        .await
+        .ok()?;
+    if counted.is_none() {
+        tracing::debug!(provider = %provider.name, "the provider's tokenize endpoint gave no count: the prompt is estimated");
+    }
+    counted
 }

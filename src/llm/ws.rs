@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::http::ApiError;
 use super::keys::{KeyRefusal, KeyState};
-use super::meter::{Chunk, Meter, estimate_prompt_tokens};
+use super::meter::{Chunk, Meter, estimate_prompt_tokens, prompt_text};
 use super::metrics::Clock;
 use super::store::day_of;
 use super::{Metered, provider, sse};
@@ -332,6 +332,11 @@ impl Socket {
             model: model.clone(),
             meter: Meter::new(estimate_prompt_tokens(&body), self.settings.log_bodies),
             clock: Clock::start(&self.shared.metrics.llm, self.settings.model_label(&model)),
+            prompt: providers
+                .iter()
+                .any(|p| p.tokenize_url.is_some())
+                .then(|| prompt_text(&body)),
+            served: None,
             finish_reason: None,
             metered: Some(Metered {
                 settings: self.settings.clone(),
@@ -357,6 +362,10 @@ struct Run {
     model: String,
     meter: Meter,
     clock: Clock,
+    /// The prompt's text, when a provider of the model has a tokenize endpoint.
+    prompt: Option<String>,
+    /// The provider that answered.
+    served: Option<Provider>,
     /// The provider's last finish reason.
     finish_reason: Option<String>,
     /// Taken when billed: a run dropped unbilled (its socket's task gone) bills in `Drop`.
@@ -385,7 +394,14 @@ impl Run {
             finish = self.stream(&providers, &body) => finish,
             () = cancel.cancelled() => Finish::Cancelled,
         };
-        // The provider's connection is closed by now (its body was dropped with the stream above).
+        // The provider's connection is closed by now (its body was dropped with the stream above). A stream it
+        // reported no usage for has its prompt counted by its tokenizer, where it has one.
+        if !self.meter.reported()
+            && let (Some(provider), Some(text)) = (&self.served, &self.prompt)
+            && let Some(n) = provider::count_tokens(provider, &self.model, text).await
+        {
+            self.meter.set_prompt(n);
+        }
         let (usage, counted) = self.meter.usage();
         if let Some(text) = self.meter.text() {
             tracing::debug!(model = %self.model, completion = %text, "LLM completion");
@@ -448,6 +464,7 @@ impl Run {
             };
             match provider::send(provider, Method::POST, path, Some(body), true).await {
                 Ok(a) if a.status().is_success() => {
+                    self.served = Some(provider.clone());
                     answer = Some((
                         a,
                         provider.token_timeout,

@@ -44,6 +44,7 @@ struct RawProvider {
     first_token_timeout: Option<Spanned<Dur>>,
     token_timeout: Option<Spanned<Dur>>,
     weight: Option<Spanned<u32>>,
+    tokenize_url: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Clone, Copy)]
@@ -229,8 +230,29 @@ fn build_provider(p: &RawProvider, report: &mut Report<'_>) -> Option<Provider> 
         Some(w) => *w.get_ref(),
         None => DEFAULT_LLM_WEIGHT,
     };
+    let tokenize_url = match &p.tokenize_url {
+        None => None,
+        Some(url) => match url.get_ref().parse::<http::Uri>() {
+            Ok(uri)
+                if matches!(uri.scheme_str(), Some("http" | "https"))
+                    && uri.host().is_some_and(|h| !h.is_empty())
+                    && uri.scheme_str() == base_url.scheme_str() =>
+            {
+                Some(uri)
+            }
+            _ => {
+                report.key(
+                    url,
+                    "llm.provider.tokenize_url",
+                    "expected an http:// or https:// URL with a host, of the same scheme as base_url",
+                );
+                None
+            }
+        },
+    };
     Some(Provider {
         weight,
+        tokenize_url,
         name: p.name.get_ref().clone(),
         kind: match p.kind.get_ref() {
             RawKind::Openai => ProviderKind::OpenAi,
