@@ -937,3 +937,55 @@ async fn first_tries_are_spread_over_a_models_providers_by_weight() {
         "{problems:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_that_stalls_before_or_after_its_first_token_ends_at_the_providers_timeouts() {
+    let dir = Dir::new("timeouts");
+    let standin = Standin::start(5).await;
+    let text = config(&dir, &[standin.base_url()])
+        .replace(
+            "token_timeout = \"3s\"",
+            "token_timeout = \"300ms\"\nfirst_token_timeout = \"2s\"",
+        )
+        .replace("\"garbage\"]", "\"garbage\", \"late\"]");
+    let proxy = Proxy::from_toml(&text);
+    let key = issue(&dir.db(), key_for("t"));
+    // The first token after 1 s is within first_token_timeout; the gaps after it are not within token_timeout.
+    let late = request(
+        proxy.addr,
+        "POST",
+        "/v1/chat/completions",
+        Some(&key),
+        Some(&chat("late", true)),
+    )
+    .await;
+    assert!(late.body.contains("tok4"), "{}", late.body);
+    let slow = request(
+        proxy.addr,
+        "POST",
+        "/v1/chat/completions",
+        Some(&key),
+        Some(&chat("slow", true)),
+    )
+    .await;
+    let events = slow.events();
+    assert_eq!(events.len(), 2, "{events:?}");
+    assert!(
+        events[0].contains("tok0") && events[1].contains("no token in time"),
+        "{events:?}"
+    );
+
+    let tight = text.replace("first_token_timeout = \"2s\"", "first_token_timeout = \"300ms\"");
+    let proxy = Proxy::from_toml(&tight);
+    let late = request(
+        proxy.addr,
+        "POST",
+        "/v1/chat/completions",
+        Some(&key),
+        Some(&chat("late", true)),
+    )
+    .await;
+    let events = late.events();
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert!(events[0].contains("no token in time"), "{events:?}");
+}

@@ -527,7 +527,8 @@ fn streamed(
         strip_usage: !usage_asked,
         ended: false,
         token_timeout,
-        timer: Box::pin(tokio::time::sleep(token_timeout)),
+        // Until the first token, the provider has its first_token_timeout; then token_timeout between chunks.
+        timer: Box::pin(tokio::time::sleep(provider.first_token_timeout)),
         metered: Some(metered),
     };
     let mut resp = Response::new(Body::Stream(Box::new(stream)));
@@ -579,8 +580,10 @@ impl Stream {
             match Pin::new(&mut self.upstream).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => {
                     if let Ok(data) = frame.into_data() {
-                        self.timer.as_mut().reset(Instant::now() + self.token_timeout);
                         self.read(&data);
+                        if self.meter.has_text() {
+                            self.timer.as_mut().reset(Instant::now() + self.token_timeout);
+                        }
                     }
                 }
                 Poll::Ready(None) => {
@@ -595,7 +598,7 @@ impl Stream {
                 }
                 Poll::Pending => {
                     if self.timer.as_mut().poll(cx).is_ready() {
-                        tracing::warn!(after = ?self.token_timeout, "LLM provider's stream stalled");
+                        tracing::warn!(first_token = !self.meter.has_text(), "LLM provider's stream stalled");
                         self.fail("the provider sent no token in time");
                         continue;
                     }

@@ -116,6 +116,11 @@ impl Meter {
         }
     }
 
+    /// Whether any text has come yet (the first token).
+    pub fn has_text(&self) -> bool {
+        self.chunks > 0
+    }
+
     /// Whether the provider reported the usage itself.
     pub fn reported(&self) -> bool {
         self.reported.is_some()

@@ -467,7 +467,7 @@ impl Run {
                     self.served = Some(provider.clone());
                     answer = Some((
                         a,
-                        provider.token_timeout,
+                        (provider.first_token_timeout, provider.token_timeout),
                         provider::StreamFormat::of(provider, &self.model),
                     ));
                     break;
@@ -489,7 +489,7 @@ impl Run {
                 }
             }
         }
-        let Some((answer, token_timeout, mut format)) = answer else {
+        let Some((answer, (first_token_timeout, token_timeout), mut format)) = answer else {
             return Finish::Unserved(match last_error {
                 Some(provider::ProviderError::Status {
                     status: StatusCode::TOO_MANY_REQUESTS,
@@ -501,8 +501,15 @@ impl Run {
         };
         let mut body = answer.into_body();
         let mut reader = sse::Reader::default();
+        // Until the first token, the provider has its first_token_timeout; then token_timeout between chunks.
+        let first_token_by = Instant::now() + first_token_timeout;
         loop {
-            let frame = match tokio::time::timeout(token_timeout, body.frame()).await {
+            let by = if self.meter.has_text() {
+                Instant::now() + token_timeout
+            } else {
+                first_token_by
+            };
+            let frame = match tokio::time::timeout_at(by, body.frame()).await {
                 Err(_) => return Finish::Failed("the provider sent no token in time"),
                 Ok(None) => return Finish::Provider,
                 Ok(Some(Err(_))) => return Finish::Failed("the provider's stream broke off"),

@@ -2,7 +2,7 @@
 //! `tokens` chunks per request (one token each, `tok0 `, `tok1 `, …), reports usage as the OpenAI API does
 //! (`usage` in a JSON answer; a last chunk with empty `choices` when `stream_options.include_usage` is set), and
 //! records every request it got. Model names steer it: `busy` answers 429 with `Retry-After: 7`, `broken` answers
-//! 500, `garbage` answers HTML (a stream: one chunk, then an event that is not JSON), `cut` breaks its stream off after two chunks, `slow` waits a second between tokens, `paced` 20 ms.
+//! 500, `garbage` answers HTML (a stream: one chunk, then an event that is not JSON), `cut` breaks its stream off after two chunks, `slow` waits a second between tokens, `paced` 20 ms, `late` a second before the first.
 
 // The record of requests is pushed to and copied under a lock held for nothing else.
 #![allow(clippy::disallowed_types)]
@@ -194,6 +194,9 @@ async fn answer(
         let _keep = &guard;
         async move {
             if model_mode == "slow" && i > 0 {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            if model_mode == "late" && i == 0 {
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
             if model_mode == "paced" && i > 0 {
