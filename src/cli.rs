@@ -398,13 +398,17 @@ fn check(path: &Path) -> ExitCode {
 
 fn summary(config: &Config) -> String {
     let plural = |n: usize, what: &str| format!("{n} {what}{}", if n == 1 { "" } else { "s" });
-    format!(
+    let mut summary = format!(
         "{}, {}, {} ({})",
         plural(config.listeners.len(), "listener"),
         plural(config.routes.len(), "route"),
         plural(config.upstreams.len(), "upstream"),
         plural(config.server_count(), "server")
-    )
+    );
+    if let Some(llm) = &config.llm {
+        summary.push_str(&format!(", {} (LLM)", plural(llm.providers.len(), "provider")));
+    }
+    summary
 }
 
 /// The config file served, and its content when it was loaded.
