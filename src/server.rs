@@ -247,7 +247,8 @@ impl Running {
             drop(worker.control);
             let _ = worker.thread.join();
         }
-        // After the workers: every session has queued its span.
+        // After the workers: every session has queued its span, and every request its usage row.
+        self.shared.llm.close();
         self.exporter.stop();
         self.supervisor.stop();
         if let Some(admin) = self.admin {

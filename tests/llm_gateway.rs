@@ -989,3 +989,92 @@ async fn a_stream_that_stalls_before_or_after_its_first_token_ends_at_the_provid
     assert_eq!(events.len(), 1, "{events:?}");
     assert!(events[0].contains("no token in time"), "{events:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_providers_refusal_fails_over_or_is_passed_on_without_its_insides() {
+    let dir = Dir::new("refusals");
+    let (a, b) = (Standin::start(2).await, Standin::start(2).await);
+    let text = config(&dir, &[a.base_url(), b.base_url()])
+        .replace("\"garbage\"]", "\"garbage\", \"unauthorized\", \"rejected\"]");
+    let proxy = Proxy::from_toml(&text);
+    let key = issue(&dir.db(), key_for("r"));
+    // Both providers refuse wsgate's key: tried in turn, and the client learns only that the provider failed.
+    let refused = request(
+        proxy.addr,
+        "POST",
+        "/v1/chat/completions",
+        Some(&key),
+        Some(&chat("unauthorized", false)),
+    )
+    .await;
+    refused.assert_error(502, "provider_unavailable");
+    assert!(!refused.body.contains("sk-prov"), "{}", refused.body);
+    assert_eq!(a.requests().len() + b.requests().len(), 2);
+    // A request the provider finds wrong: its status and its message, in OpenAI's shape.
+    let rejected = request(
+        proxy.addr,
+        "POST",
+        "/v1/chat/completions",
+        Some(&key),
+        Some(&chat("rejected", false)),
+    )
+    .await;
+    rejected.assert_error(400, "provider_rejected");
+    assert!(rejected.body.contains("max_tokens is too large"), "{}", rejected.body);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_first_requests_of_a_key_share_its_limits() {
+    let dir = Dir::new("concurrent");
+    let standin = Standin::start(1).await;
+    let proxy = Proxy::from_toml(&config(&dir, &[standin.base_url()]));
+    let key = issue(
+        &dir.db(),
+        NewKey {
+            requests_per_minute: Some(1),
+            ..key_for("c")
+        },
+    );
+    let addr = proxy.addr;
+    let answers = futures_util::future::join_all((0..8).map(|_| {
+        let key = key.clone();
+        async move {
+            request(
+                addr,
+                "POST",
+                "/v1/chat/completions",
+                Some(&key),
+                Some(&chat("tiny", false)),
+            )
+            .await
+            .status
+        }
+    }))
+    .await;
+    assert_eq!(answers.iter().filter(|s| **s == 200).count(), 1, "{answers:?}");
+    assert_eq!(answers.iter().filter(|s| **s == 429).count(), 7, "{answers:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_billed_just_before_a_shutdown_is_written() {
+    let dir = Dir::new("shutdown");
+    let standin = Standin::start(3).await;
+    let key = issue(&dir.db(), key_for("s"));
+    let (mut wsgate, addr) = gateway_binary(&dir, &standin, false).await;
+    for _ in 0..3 {
+        let answer = request(
+            addr,
+            "POST",
+            "/v1/chat/completions",
+            Some(&key),
+            Some(&chat("tiny", false)),
+        )
+        .await;
+        assert_eq!(answer.status, 200);
+    }
+    wsgate.signal(rustix::process::Signal::TERM);
+    let status = within("wsgate to exit", wsgate.child.wait()).await.unwrap();
+    assert!(status.success(), "{status:?}");
+    let rows = Store::open(&dir.db()).unwrap().usage(&UsageFilter::default()).unwrap();
+    assert_eq!(rows.iter().map(|r| r.requests).sum::<u64>(), 3, "{rows:?}");
+}

@@ -32,7 +32,7 @@ fn gateway(name: &str, standin: &Standin, new: NewKey) -> (Proxy, String, Dir) {
     std::fs::create_dir_all(&dir).unwrap();
     let db = dir.join("llm.db");
     let text = format!(
-        "[[listener]]\nname = \"main\"\naddress = \"127.0.0.1:0\"\n[llm]\ndatabase = \"{}\"\n\
+        "[admin]\naddress = \"127.0.0.1:0\"\n[[listener]]\nname = \"main\"\naddress = \"127.0.0.1:0\"\n[llm]\ndatabase = \"{}\"\n\
          [[llm.price]]\nmodel = \"*\"\ninput = 1.0\noutput = 2.0\n\
          [[llm.provider]]\nname = \"p\"\nkind = \"openai\"\nbase_url = \"{}\"\n\
          models = [\"tiny\", \"paced\", \"slow\", \"broken\", \"garbage\"]\n\
@@ -328,6 +328,34 @@ async fn a_stream_that_spends_the_budget_ends_with_length() {
     assert_eq!(
         (m["type"].as_str(), m["status"].as_u64()),
         (Some("error"), Some(429)),
+        "{m}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_revoked_while_its_socket_is_open_is_refused_on_the_next_request() {
+    let standin = Standin::start(2).await;
+    let (proxy, key, dir) = gateway("revoked", &standin, owner("a"));
+    let mut ws = open(&proxy, &key).await;
+    send(&mut ws, request("r1", "tiny")).await;
+    assert_eq!(until_end(&mut ws, "r1").await.last().unwrap()["type"], "done");
+    let id = Store::open(&dir.0.join("llm.db"))
+        .unwrap()
+        .find_key(&key)
+        .unwrap()
+        .unwrap()
+        .id;
+    let answer = support::raw_exchange(
+        proxy.admin_addr(),
+        format!("DELETE /api/llm/keys/{id} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    send(&mut ws, request("r2", "tiny")).await;
+    let m = next(&mut ws).await;
+    assert_eq!(
+        (m["type"].as_str(), m["status"].as_u64()),
+        (Some("error"), Some(401)),
         "{m}"
     );
 }

@@ -1,8 +1,12 @@
 //! The key and usage database on a thread of its own: SQLite calls block, and the workers' runtimes must not.
-//! Requests come through a bounded queue and are answered through a oneshot; usage rows are written in batches.
+//! Requests come through a bounded queue and are answered through a oneshot. Usage rows do not share that queue
+//! (a flood of unknown keys must not crowd bills out): they are put in a buffer of their own, which the thread
+//! writes at least every [`USAGE_BATCH_WAIT`], and once more when it stops (at shutdown, after the workers).
 
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
+use std::sync::{Arc, PoisonError};
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 use tokio::sync::oneshot;
@@ -11,8 +15,10 @@ use super::store::{Issued, KeyRecord, NewKey, Store, StoreError, UsageDelta, Usa
 
 /// Requests waiting for the database at most; more are refused at once (503) rather than queued without bound.
 const QUEUE: usize = 4096;
-/// How long usage rows wait to be written together.
+/// How long usage rows wait to be written together, at most.
 const USAGE_BATCH_WAIT: Duration = Duration::from_millis(200);
+/// Usage rows waiting at most (a database that cannot be written for long): more are dropped, and logged.
+const MAX_PENDING_USAGE: usize = 1_000_000;
 
 /// Why the database could not answer.
 #[derive(Debug, thiserror::Error)]
@@ -35,14 +41,24 @@ enum Command {
     Revoke(i64, oneshot::Sender<Result<bool, StoreError>>),
     Usage(UsageFilter, oneshot::Sender<Result<Vec<UsageRow>, StoreError>>),
     Totals(i64, String, oneshot::Sender<Result<(f64, u64), StoreError>>),
-    Record(UsageDelta),
+    /// Write what is pending and end.
+    Stop,
 }
 
-/// A handle on the database thread; the thread ends when the last handle is dropped, after writing what it holds.
+// Plain mutexes: a push or a swap of a vector under them, never held across an await (the project-wide ban on
+// `std::sync::Mutex` is meant for the relay path).
+#[allow(clippy::disallowed_types)]
+type Pending = std::sync::Mutex<Vec<UsageDelta>>;
+#[allow(clippy::disallowed_types)]
+type Thread = std::sync::Mutex<Option<JoinHandle<()>>>;
+
+/// A handle on the database thread.
 #[derive(Clone)]
 pub struct Db {
     path: PathBuf,
     commands: mpsc::SyncSender<Command>,
+    pending: Arc<Pending>,
+    thread: Arc<Thread>,
 }
 
 impl Db {
@@ -50,14 +66,19 @@ impl Db {
     pub fn open(path: &Path) -> Result<Db, DbError> {
         let store = Store::open(path)?;
         let (commands, receiver) = mpsc::sync_channel(QUEUE);
+        let pending = Arc::new(Pending::default());
         let file = path.display().to_string();
-        std::thread::Builder::new()
+        let rows = pending.clone();
+        let thread = std::thread::Builder::new()
             .name("wsgate-llm-db".into())
-            .spawn(move || run(store, receiver, file))
+            .spawn(move || run(store, receiver, rows, file))
             .map_err(DbError::Thread)?;
         Ok(Db {
             path: path.to_path_buf(),
             commands,
+            pending,
+            #[allow(clippy::disallowed_types)]
+            thread: Arc::new(std::sync::Mutex::new(Some(thread))),
         })
     }
 
@@ -107,34 +128,39 @@ impl Db {
         self.ask(|tx| Command::Totals(key_id, day, tx)).await
     }
 
-    /// Queues a usage row; `false` when the queue is full (the row is lost, and the caller says so in the log).
+    /// Puts a usage row in the buffer the thread writes; `false` when the buffer is full (the row is lost, and the
+    /// caller says so in the log).
     pub fn record(&self, delta: UsageDelta) -> bool {
-        self.commands.try_send(Command::Record(delta)).is_ok()
+        let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
+        if pending.len() >= MAX_PENDING_USAGE {
+            return false;
+        }
+        pending.push(delta);
+        true
+    }
+
+    /// Writes what is pending and ends the thread, waiting for it (at shutdown, once nothing bills any more).
+    pub fn close(&self) {
+        let _ = self.commands.send(Command::Stop);
+        let thread = self.thread.lock().unwrap_or_else(PoisonError::into_inner).take();
+        if let Some(thread) = thread
+            && thread.join().is_err()
+        {
+            tracing::error!(file = %self.path.display(), "the key database's thread failed");
+        }
     }
 }
 
-fn run(store: Store, commands: mpsc::Receiver<Command>, file: String) {
-    let mut pending: Vec<UsageDelta> = Vec::new();
+fn run(store: Store, commands: mpsc::Receiver<Command>, pending: Arc<Pending>, file: String) {
     loop {
-        let command = if pending.is_empty() {
-            match commands.recv() {
-                Ok(command) => command,
-                Err(_) => break,
-            }
-        } else {
-            match commands.recv_timeout(USAGE_BATCH_WAIT) {
-                Ok(command) => command,
-                Err(mpsc::RecvTimeoutError::Timeout) => {
-                    write_usage(&store, &mut pending, &file);
-                    continue;
-                }
-                Err(mpsc::RecvTimeoutError::Disconnected) => break,
-            }
+        let command = match commands.recv_timeout(USAGE_BATCH_WAIT) {
+            Ok(Command::Stop) | Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            Ok(command) => Some(command),
+            Err(mpsc::RecvTimeoutError::Timeout) => None,
         };
         // Reads see every row recorded before them.
-        if !matches!(command, Command::Record(_)) {
-            write_usage(&store, &mut pending, &file);
-        }
+        write_usage(&store, &pending, &file);
+        let Some(command) = command else { continue };
         match command {
             Command::FindKey(secret, tx) => drop(tx.send(store.find_key(&secret))),
             Command::Key(id, tx) => drop(tx.send(store.key(id))),
@@ -148,18 +174,22 @@ fn run(store: Store, commands: mpsc::Receiver<Command>, file: String) {
                     .and_then(|spent| Ok((spent, store.tokens_on(id, &day)?)));
                 drop(tx.send(totals));
             }
-            Command::Record(delta) => pending.push(delta),
+            Command::Stop => break,
         }
     }
-    write_usage(&store, &mut pending, &file);
+    write_usage(&store, &pending, &file);
 }
 
-fn write_usage(store: &Store, pending: &mut Vec<UsageDelta>, file: &str) {
-    if pending.is_empty() {
+/// Writes the pending rows in one transaction; when that fails, row by row, so that one bad row (or a busy
+/// moment) costs no other row.
+fn write_usage(store: &Store, pending: &Pending, file: &str) {
+    let rows = std::mem::take(&mut *pending.lock().unwrap_or_else(PoisonError::into_inner));
+    if rows.is_empty() || store.record_usage(&rows).is_ok() {
         return;
     }
-    if let Err(e) = store.record_usage(pending) {
-        tracing::error!(file, rows = pending.len(), error = %e, "usage rows not written");
+    for row in rows {
+        if let Err(e) = store.record_usage(std::slice::from_ref(&row)) {
+            tracing::error!(file, key = row.key_id, model = %row.model, error = %e, "usage row not written");
+        }
     }
-    pending.clear();
 }

@@ -139,6 +139,7 @@ impl ApiError {
     pub fn from_limit(over: &OverLimit) -> ApiError {
         let (status, kind, code) = match over.limit {
             Limit::Model => (StatusCode::FORBIDDEN, "invalid_request_error", "model_not_allowed"),
+            Limit::Revoked => (StatusCode::UNAUTHORIZED, "invalid_request_error", "revoked_api_key"),
             Limit::Budget(_) => (
                 StatusCode::TOO_MANY_REQUESTS,
                 "insufficient_quota",
@@ -330,14 +331,14 @@ async fn handle(
                         .map(|_| Box::new((provider.clone(), prompt_text(object))));
                     streamed(answer, provider, metered, usage_asked, prompt_estimate, tokenize)
                 } else {
-                    whole(answer, provider, metered).await
+                    whole(answer, provider, metered, prompt_estimate).await
                 });
             }
             Err(e) => {
                 tracing::warn!(model = %model, error = %e, "LLM provider failed");
                 metrics.llm.provider_error(&provider.name, e.kind());
                 let fails_over = e.fails_over();
-                last = Some(e);
+                provider::keep_failure(&mut last, e);
                 if !fails_over {
                     break;
                 }
@@ -427,10 +428,15 @@ async fn read_body(req: Request<Incoming>, max: u64) -> Result<Bytes, ApiError> 
 }
 
 /// A non-streamed answer: read whole, its usage billed, passed on as it is.
-async fn whole(answer: Response<Incoming>, provider: &Provider, metered: Metered) -> Response<Body> {
-    let (mut parts, body) = answer.into_parts();
+async fn whole(
+    answer: Response<Incoming>,
+    provider: &Provider,
+    metered: Metered,
+    prompt_estimate: u64,
+) -> Response<Body> {
+    let (parts, body) = answer.into_parts();
     let limited = http_body_util::Limited::new(body, MAX_ANSWER_BYTES);
-    let bytes = match tokio::time::timeout(metered.provider_timeout(), limited.collect()).await {
+    let bytes = match tokio::time::timeout(provider.first_token_timeout, limited.collect()).await {
         Ok(Ok(collected)) => collected.to_bytes(),
         _ => {
             return ApiError::new(
@@ -446,61 +452,65 @@ async fn whole(answer: Response<Incoming>, provider: &Provider, metered: Metered
         let text = String::from_utf8_lossy(&bytes);
         tracing::debug!(key = metered.key.id(), model = %metered.model, answer = %text, "LLM answer body");
     }
-    // An Anthropic provider's answer (or error) in the OpenAI shape the client asked for.
-    let bytes = if provider.kind == ProviderKind::Anthropic {
-        let translated = serde_json::from_slice::<Value>(&bytes)
-            .map_err(|_| super::anthropic::TranslateError::Answer("not JSON"))
-            .and_then(|v| super::anthropic::response(&v, &metered.model));
-        match translated {
-            Ok(answer) => {
-                parts
-                    .headers
-                    .insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-                Bytes::from(answer.to_string())
-            }
-            Err(super::anthropic::TranslateError::Provider { kind, message }) if !parts.status.is_success() => {
-                let body = json!({"error": {"message": message, "type": kind, "param": null, "code": null}});
-                let mut resp = json_response(parts.status, &body);
-                *resp.status_mut() = parts.status;
-                return resp;
-            }
-            Err(e) => {
-                tracing::warn!(provider = %provider.name, error = %e, "LLM provider's answer not understood");
-                return ApiError::new(
-                    StatusCode::BAD_GATEWAY,
-                    "api_error",
-                    "provider_error",
-                    "the provider's answer is not a completion",
-                )
-                .response();
-            }
-        }
-    } else {
-        bytes
+    let parsed = serde_json::from_slice::<Value>(&bytes).ok();
+    if !parts.status.is_success() {
+        // The provider refused the request (400, 413, 422): its own words are logged; the client gets the message
+        // only, in OpenAI's shape, and nothing that is not one (an HTML page, a stack).
+        let message = parsed.as_ref().and_then(|v| {
+            let e = v.get("error")?;
+            e.get("message")
+                .or(Some(e))
+                .and_then(Value::as_str)
+                .map(|m| m.chars().take(500).collect::<String>())
+        });
+        tracing::warn!(provider = %provider.name, status = %parts.status, body = %String::from_utf8_lossy(&bytes).chars().take(1000).collect::<String>(), "LLM provider refused a request");
+        let message = message.map_or_else(
+            || "the model's provider refused the request".to_string(),
+            |m| format!("the model's provider refused the request: {m}"),
+        );
+        let mut e = ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "provider_rejected",
+            message,
+        );
+        e.status = parts.status;
+        return e.response();
+    }
+    // An Anthropic provider's answer in the OpenAI shape the client asked for.
+    let answer = match (provider.kind, parsed) {
+        (ProviderKind::Anthropic, Some(v)) => super::anthropic::response(&v, &metered.model).ok(),
+        (_, parsed) => parsed.filter(|v| v.get("choices").is_some_and(Value::is_array)),
     };
-    if parts.status.is_success() {
-        let usage = serde_json::from_slice::<Value>(&bytes)
-            .ok()
-            .and_then(|v| v.get("usage").and_then(Usage::of));
-        match usage {
-            Some(usage) => metered.bill(usage, false, "ok"),
-            None => {
-                return ApiError::new(
-                    StatusCode::BAD_GATEWAY,
-                    "api_error",
-                    "provider_error",
-                    "the provider's answer is not a completion",
-                )
-                .response();
-            }
+    let Some(answer) = answer else {
+        tracing::warn!(provider = %provider.name, "LLM provider's answer is not a completion");
+        return ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            "api_error",
+            "provider_error",
+            "the provider's answer is not a completion",
+        )
+        .response();
+    };
+    match answer.get("usage").and_then(Usage::of) {
+        Some(usage) => metered.bill(usage, false, "ok"),
+        // Served without a usage report: counted (the text's characters, four to a token).
+        None => {
+            let text: String = answer["choices"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|c| c["message"]["content"].as_str().or(c["text"].as_str()))
+                .collect();
+            let completion = text.chars().count().div_ceil(4) as u64;
+            let usage = Usage {
+                prompt: prompt_estimate,
+                completion,
+            };
+            metered.bill(usage, true, "ok");
         }
     }
-    let mut resp = Response::new(Body::Full(Some(bytes)));
-    *resp.status_mut() = parts.status;
-    if let Some(ct) = parts.headers.get(http::header::CONTENT_TYPE) {
-        resp.headers_mut().insert(http::header::CONTENT_TYPE, ct.clone());
-    }
-    resp
+    json_response(StatusCode::OK, &answer)
 }
 
 fn streamed(
@@ -624,6 +634,12 @@ impl Stream {
                 self.fail("the provider sent an event that is not JSON");
                 return;
             }
+            if let Some(why) = &chunk.error {
+                // The provider's own words are logged, not passed on.
+                tracing::warn!(provider = %self.provider, error = %why, "LLM provider's stream carried an error");
+                self.fail("the provider's stream failed");
+                return;
+            }
             self.meter.note(&chunk);
             if !chunk.content.is_empty() {
                 self.clock.token();
@@ -705,22 +721,13 @@ impl Drop for Stream {
 }
 
 impl Metered {
-    fn provider_timeout(&self) -> Duration {
-        self.settings
-            .providers_for(&self.model)
-            .map(|p| p.first_token_timeout)
-            .max()
-            .unwrap_or(crate::config::llm::DEFAULT_FIRST_TOKEN_TIMEOUT)
-    }
-
     /// Bills a request's tokens to its key: the key's windows at once, the usage row through the database thread.
     pub fn bill(self, usage: Usage, counted: bool, outcome: &'static str) {
         let cost = self.settings.cost(&self.model, usage.prompt, usage.completion);
         self.metrics.llm.billed(self.label(), outcome, usage, cost);
         let now = SystemTime::now();
         let today = day_of(now);
-        self.key
-            .charge(usage.prompt + usage.completion, cost, Instant::now(), &today);
+        self.key.charge(usage.total(), cost, Instant::now(), &today);
         let row = UsageDelta {
             key_id: self.key.id(),
             model: self.model.clone(),

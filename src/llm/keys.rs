@@ -42,6 +42,8 @@ pub enum Limit {
     Budget(f64),
     /// The key may not use this model.
     Model,
+    /// The key was revoked (an open socket's key).
+    Revoked,
 }
 
 /// A refusal by a key's limits: which, and when to try again (`None`: not by waiting).
@@ -59,19 +61,26 @@ impl OverLimit {
             Limit::TokensPerDay(n) => format!("this key's limit of {n} tokens per day is reached"),
             Limit::Budget(b) => format!("this key's budget of {b} is spent"),
             Limit::Model => "this key may not use this model".into(),
+            Limit::Revoked => "this API key has been revoked".into(),
         }
     }
 }
 
-/// What the gateway keeps of one key: its record, and what it has used.
+/// What the gateway keeps of one key: its record (read from the database, updated in place when read again) and
+/// what it has used. One per key id, whoever presents it: every request of the key charges the same windows.
 pub struct KeyState {
-    pub record: KeyRecord,
-    models: Vec<ModelPattern>,
+    id: i64,
     revoked: AtomicBool,
     // A plain mutex: held for a few comparisons, never across an await (the project-wide ban on `std::sync::Mutex`
     // is meant for the relay path).
     #[allow(clippy::disallowed_types)]
-    used: std::sync::Mutex<Used>,
+    inner: std::sync::Mutex<Inner>,
+}
+
+struct Inner {
+    record: KeyRecord,
+    models: Vec<ModelPattern>,
+    used: Used,
 }
 
 /// A key's use in its windows.
@@ -90,40 +99,50 @@ struct Used {
 impl KeyState {
     fn new(record: KeyRecord, spent: f64, day: String, day_tokens: u64) -> KeyState {
         KeyState {
-            models: record.models.iter().map(|m| ModelPattern(m.clone())).collect(),
+            id: record.id,
             revoked: AtomicBool::new(record.revoked),
             #[allow(clippy::disallowed_types)]
-            used: std::sync::Mutex::new(Used {
-                requests: VecDeque::new(),
-                tokens: VecDeque::new(),
-                day,
-                day_tokens,
-                spent,
+            inner: std::sync::Mutex::new(Inner {
+                models: models_of(&record),
+                record,
+                used: Used {
+                    requests: VecDeque::new(),
+                    tokens: VecDeque::new(),
+                    day,
+                    day_tokens,
+                    spent,
+                },
             }),
-            record,
         }
     }
 
     pub fn id(&self) -> i64 {
-        self.record.id
+        self.id
     }
 
     pub fn allows_model(&self, model: &str) -> bool {
-        self.models.is_empty() || self.models.iter().any(|m| m.matches(model))
+        let inner = self.lock();
+        inner.models.is_empty() || inner.models.iter().any(|m| m.matches(model))
     }
 
     /// Lets a request to `model` start, counting it, or says which limit stops it.
     pub fn admit(&self, model: &str, now: Instant, today: &str) -> Result<(), OverLimit> {
+        if self.is_revoked() {
+            return Err(OverLimit {
+                limit: Limit::Revoked,
+                retry_after: None,
+            });
+        }
         if !self.allows_model(model) {
             return Err(OverLimit {
                 limit: Limit::Model,
                 retry_after: None,
             });
         }
-        let r = &self.record;
-        let mut used = self.lock();
+        let mut inner = self.lock();
+        let Inner { record, used, .. } = &mut *inner;
         used.prune(now, today);
-        if let Some(rpm) = r.requests_per_minute
+        if let Some(rpm) = record.requests_per_minute
             && used.requests.len() >= rpm as usize
         {
             let oldest = used.requests.front().copied().unwrap_or(now);
@@ -132,81 +151,104 @@ impl KeyState {
                 retry_after: Some(MINUTE.saturating_sub(now - oldest)),
             });
         }
-        Self::token_limits(r, &used, now)?;
+        token_limits(record, used, now)?;
         used.requests.push_back(now);
         Ok(())
     }
 
-    /// Whether the key has reached a token or budget limit: what ends a Realtime session mid-way.
+    /// Whether the key is revoked, or has reached a token or budget limit: what ends a Realtime session mid-way.
     pub fn check_tokens(&self, now: Instant, today: &str) -> Result<(), OverLimit> {
-        let mut used = self.lock();
-        used.prune(now, today);
-        Self::token_limits(&self.record, &used, now)
-    }
-
-    fn token_limits(r: &KeyRecord, used: &Used, now: Instant) -> Result<(), OverLimit> {
-        if let Some(tpm) = r.tokens_per_minute {
-            let mut sum: u64 = used.tokens.iter().map(|(_, n)| n).sum();
-            if sum >= tpm {
-                // Waiting until enough of the minute's tokens have aged out brings the count under the limit.
-                let mut wait = Duration::ZERO;
-                for (at, n) in &used.tokens {
-                    sum -= n;
-                    wait = MINUTE.saturating_sub(now - *at);
-                    if sum < tpm {
-                        break;
-                    }
-                }
-                return Err(OverLimit {
-                    limit: Limit::TokensPerMinute(tpm),
-                    retry_after: Some(wait),
-                });
-            }
-        }
-        if let Some(tpd) = r.tokens_per_day
-            && used.day_tokens >= tpd
-        {
+        if self.is_revoked() {
             return Err(OverLimit {
-                limit: Limit::TokensPerDay(tpd),
-                retry_after: Some(until_next_utc_day(SystemTime::now())),
-            });
-        }
-        if let Some(budget) = r.budget
-            && used.spent >= budget
-        {
-            return Err(OverLimit {
-                limit: Limit::Budget(budget),
+                limit: Limit::Revoked,
                 retry_after: None,
             });
         }
-        Ok(())
+        let mut inner = self.lock();
+        let Inner { record, used, .. } = &mut *inner;
+        used.prune(now, today);
+        token_limits(record, used, now)
     }
 
     /// Counts what a request used.
     pub fn charge(&self, tokens: u64, cost: f64, now: Instant, today: &str) {
-        let mut used = self.lock();
+        let mut inner = self.lock();
+        let used = &mut inner.used;
         used.prune(now, today);
         if tokens > 0 {
             used.tokens.push_back((now, tokens));
         }
-        used.day_tokens += tokens;
-        used.spent += cost;
+        used.day_tokens = used.day_tokens.saturating_add(tokens);
+        if cost.is_finite() {
+            used.spent += cost;
+        }
     }
 
     /// How much of its budget a key has left (`None`: no budget).
     pub fn budget_left(&self) -> Option<f64> {
-        let budget = self.record.budget?;
-        Some(budget - self.lock().spent)
+        let inner = self.lock();
+        Some(inner.record.budget? - inner.used.spent)
     }
 
     pub fn is_revoked(&self) -> bool {
         self.revoked.load(Ordering::Relaxed)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Used> {
-        // A panic while holding it leaves counts that are still counts.
-        self.used.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    /// The key as the database has it now: its limits, models and revocation, in place (what it used stays).
+    fn update(&self, record: KeyRecord) {
+        self.revoked.store(record.revoked, Ordering::Relaxed);
+        let mut inner = self.lock();
+        inner.models = models_of(&record);
+        inner.record = record;
     }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // A panic while holding it leaves counts that are still counts.
+        self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+fn models_of(record: &KeyRecord) -> Vec<ModelPattern> {
+    record.models.iter().map(|m| ModelPattern(m.clone())).collect()
+}
+
+/// The token and budget limits `record` sets, against what was `used`.
+fn token_limits(record: &KeyRecord, used: &Used, now: Instant) -> Result<(), OverLimit> {
+    if let Some(tpm) = record.tokens_per_minute {
+        let mut sum: u64 = used.tokens.iter().map(|(_, n)| n).fold(0, |a, n| a.saturating_add(*n));
+        if sum >= tpm {
+            // Waiting until enough of the minute's tokens have aged out brings the count under the limit.
+            let mut wait = Duration::ZERO;
+            for (at, n) in &used.tokens {
+                sum = sum.saturating_sub(*n);
+                wait = MINUTE.saturating_sub(now - *at);
+                if sum < tpm {
+                    break;
+                }
+            }
+            return Err(OverLimit {
+                limit: Limit::TokensPerMinute(tpm),
+                retry_after: Some(wait),
+            });
+        }
+    }
+    if let Some(tpd) = record.tokens_per_day
+        && used.day_tokens >= tpd
+    {
+        return Err(OverLimit {
+            limit: Limit::TokensPerDay(tpd),
+            retry_after: Some(until_next_utc_day(SystemTime::now())),
+        });
+    }
+    if let Some(budget) = record.budget
+        && used.spent >= budget
+    {
+        return Err(OverLimit {
+            limit: Limit::Budget(budget),
+            retry_after: None,
+        });
+    }
+    Ok(())
 }
 
 impl Used {
@@ -230,17 +272,24 @@ fn until_next_utc_day(now: SystemTime) -> Duration {
     Duration::from_secs(86_400 - secs % 86_400)
 }
 
+/// When a secret was last found to name a key.
 struct Cached {
-    key: Arc<KeyState>,
+    id: i64,
     checked: Instant,
 }
 
-/// The keys seen so far, by the hash of their secret.
+/// The keys seen so far: their states by id, and which id each secret names (by the secret's hash).
 #[derive(Default)]
 pub struct Keys {
-    // A plain mutex: a map lookup or insert under it, never held across an await.
+    // A plain mutex: map lookups and inserts under it, never held across an await.
     #[allow(clippy::disallowed_types)]
-    by_hash: std::sync::Mutex<HashMap<[u8; 32], Cached>>,
+    maps: std::sync::Mutex<Maps>,
+}
+
+#[derive(Default)]
+struct Maps {
+    by_hash: HashMap<[u8; 32], Cached>,
+    by_id: HashMap<i64, Arc<KeyState>>,
 }
 
 impl Keys {
@@ -248,42 +297,39 @@ impl Keys {
     pub async fn authenticate(&self, db: &Db, secret: &str) -> Result<Arc<KeyState>, KeyRefusal> {
         let hash = store::hash_key(secret);
         let now = Instant::now();
-        let cached = self
-            .map()
-            .get(&hash)
-            .map(|c| (c.key.clone(), now - c.checked < RECHECK));
-        let key = match cached {
-            Some((key, true)) => key,
-            stale => {
+        let fresh = {
+            let maps = self.maps();
+            maps.by_hash
+                .get(&hash)
+                .filter(|c| now - c.checked < RECHECK)
+                .and_then(|c| maps.by_id.get(&c.id).cloned())
+        };
+        let key = match fresh {
+            Some(key) => key,
+            None => {
                 let Some(record) = db.find_key(secret).await? else {
-                    self.map().remove(&hash);
+                    self.maps().by_hash.remove(&hash);
                     return Err(KeyRefusal::Unknown);
                 };
-                let key = match stale {
-                    // The same key, unchanged but perhaps revoked: in-flight requests charge the same state.
-                    Some((old, _)) if old.same_limits(&record) => {
-                        old.revoked.store(record.revoked, Ordering::Relaxed);
-                        old
+                let id = record.id;
+                let known = self.maps().by_id.get(&id).cloned();
+                let key = match known {
+                    Some(key) => {
+                        key.update(record);
+                        key
                     }
-                    // What the key has used is kept; its limits and models are the database's.
-                    Some((old, _)) if old.record.id == record.id => {
-                        let fresh = KeyState::new(record, 0.0, String::new(), 0);
-                        fresh.take_use_of(&old);
-                        Arc::new(fresh)
-                    }
-                    _ => {
+                    None => {
                         let today = store::day_of(SystemTime::now());
-                        let (spent, day_tokens) = db.totals(record.id, today.clone()).await?;
-                        Arc::new(KeyState::new(record, spent, today, day_tokens))
+                        let (spent, day_tokens) = db.totals(id, today.clone()).await?;
+                        // Another request may have made the key's state meanwhile: there is one per id.
+                        let mut maps = self.maps();
+                        maps.by_id
+                            .entry(id)
+                            .or_insert_with(|| Arc::new(KeyState::new(record, spent, today, day_tokens)))
+                            .clone()
                     }
                 };
-                self.map().insert(
-                    hash,
-                    Cached {
-                        key: key.clone(),
-                        checked: now,
-                    },
-                );
+                self.maps().by_hash.insert(hash, Cached { id, checked: now });
                 key
             }
         };
@@ -293,41 +339,23 @@ impl Keys {
         Ok(key)
     }
 
-    /// A key revoked through this gateway stops working at once.
+    /// A key revoked through this gateway stops working at once, on open sockets too.
     pub fn revoked(&self, id: i64) {
-        for cached in self.map().values() {
-            if cached.key.id() == id {
-                cached.key.revoked.store(true, Ordering::Relaxed);
-            }
+        if let Some(key) = self.maps().by_id.get(&id) {
+            key.revoked.store(true, Ordering::Relaxed);
         }
     }
 
+    /// Forgets every key (the database changed: its ids name other keys).
+    pub fn clear(&self) {
+        let mut maps = self.maps();
+        maps.by_hash.clear();
+        maps.by_id.clear();
+    }
+
     #[allow(clippy::disallowed_types)]
-    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], Cached>> {
-        self.by_hash.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-}
-
-impl KeyState {
-    fn same_limits(&self, other: &KeyRecord) -> bool {
-        let r = &self.record;
-        r.id == other.id
-            && r.models == other.models
-            && r.requests_per_minute == other.requests_per_minute
-            && r.tokens_per_minute == other.tokens_per_minute
-            && r.tokens_per_day == other.tokens_per_day
-            && r.budget == other.budget
-    }
-
-    /// Takes over what `old` (the same key, read before) has used.
-    fn take_use_of(&self, old: &KeyState) {
-        let old = old.lock();
-        let mut used = self.lock();
-        used.requests = old.requests.clone();
-        used.tokens = old.tokens.clone();
-        used.day = old.day.clone();
-        used.day_tokens = old.day_tokens;
-        used.spent = old.spent;
+    fn maps(&self) -> std::sync::MutexGuard<'_, Maps> {
+        self.maps.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 

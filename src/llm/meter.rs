@@ -7,6 +7,9 @@ use serde_json::Value;
 use super::keys::KeyState;
 use crate::config::llm::LlmSettings;
 
+/// The most tokens one request is billed for, each way.
+pub const MAX_TOKENS: u64 = 1 << 40;
+
 /// Token counts.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Usage {
@@ -15,16 +18,17 @@ pub struct Usage {
 }
 
 impl Usage {
-    /// An OpenAI `usage` object.
+    /// An OpenAI `usage` object (counts beyond [`MAX_TOKENS`] are taken as that: a provider's nonsense must not
+    /// overflow a key's counts).
     pub fn of(v: &Value) -> Option<Usage> {
         Some(Usage {
-            prompt: v.get("prompt_tokens")?.as_u64()?,
-            completion: v.get("completion_tokens")?.as_u64()?,
+            prompt: v.get("prompt_tokens")?.as_u64()?.min(MAX_TOKENS),
+            completion: v.get("completion_tokens")?.as_u64()?.min(MAX_TOKENS),
         })
     }
 
     pub fn total(self) -> u64 {
-        self.prompt + self.completion
+        self.prompt.saturating_add(self.completion)
     }
 }
 
@@ -193,11 +197,16 @@ pub fn prompt_text(request: &serde_json::Map<String, Value>) -> String {
 
 /// A rough count of a request's prompt tokens, for a provider that reports no usage: about four characters a token.
 pub fn estimate_prompt_tokens(request: &serde_json::Map<String, Value>) -> u64 {
+    // Text only: an image's or an audio clip's base64 data, and ids, are no prompt tokens.
     fn chars(v: &Value) -> usize {
         match v {
             Value::String(s) => s.chars().count(),
             Value::Array(items) => items.iter().map(chars).sum(),
-            Value::Object(o) => o.values().map(chars).sum(),
+            Value::Object(o) => o
+                .iter()
+                .filter(|(k, _)| !matches!(k.as_str(), "image_url" | "input_audio" | "file" | "id" | "tool_call_id"))
+                .map(|(_, v)| chars(v))
+                .sum(),
             _ => 0,
         }
     }

@@ -55,8 +55,18 @@ impl Gateway {
         }
         let db = Db::open(&settings.database)?;
         tracing::info!(database = %settings.database.display(), "LLM key database open");
+        // Another database: its ids name other keys. The old one's thread ends once the requests still holding it
+        // are done, writing their usage rows.
+        self.keys.clear();
         self.db.store(Some(Arc::new(db)));
         Ok(())
+    }
+
+    /// Writes the usage still pending and closes the database (at shutdown, after the workers).
+    pub fn close(&self) {
+        if let Some(db) = self.db.swap(None) {
+            db.close();
+        }
     }
 
     /// A model's providers in the order to try them: the first chosen by weight (weighted round robin over every

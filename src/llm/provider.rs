@@ -45,6 +45,7 @@ impl ProviderError {
             Self::Timeout { .. } => "timeout",
             Self::Http { .. } => "http",
             Self::Status { status, .. } if *status == StatusCode::TOO_MANY_REQUESTS => "status_429",
+            Self::Status { status, .. } if status.is_client_error() => "status_4xx",
             Self::Status { .. } => "status_5xx",
         }
     }
@@ -53,11 +54,18 @@ impl ProviderError {
     /// not connect, was busy (429) or failed (5xx).
     pub fn fails_over(&self) -> bool {
         match self {
-            Self::Status { status, .. } => *status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error(),
+            Self::Status { status, .. } => fails_over(*status),
             Self::NoHost { .. } => false,
             _ => true,
         }
     }
+}
+
+/// Whether a provider's answer with `status` is the provider's failure, which the next provider may not have: busy
+/// (429), failing (5xx), or refusing wsgate itself (401, 403: its key; 404: the model is not there). Its body is
+/// logged, never passed on: it may name the provider's key or its insides.
+fn fails_over(status: StatusCode) -> bool {
+    status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() || matches!(status.as_u16(), 401 | 403 | 404)
 }
 
 /// A connection to `provider` (TCP, and TLS for an https one) within its connect timeout, and the authority to
@@ -160,7 +168,7 @@ pub async fn send(
             error,
         })?;
     let status = answer.status();
-    if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
+    if fails_over(status) {
         let retry_after = answer
             .headers()
             .get(http::header::RETRY_AFTER)
@@ -266,4 +274,13 @@ pub async fn count_tokens(provider: &Provider, model: &str, text: &str) -> Optio
         tracing::debug!(provider = %provider.name, "the provider's tokenize endpoint gave no count: the prompt is estimated");
     }
     counted
+}
+
+/// Keeps the failure to answer the client with when no provider serves a request: a provider's 429 (busy, with its
+/// `Retry-After`) over any other, else the last.
+pub fn keep_failure(kept: &mut Option<ProviderError>, e: ProviderError) {
+    let busy = |e: &ProviderError| matches!(e, ProviderError::Status { status, .. } if *status == StatusCode::TOO_MANY_REQUESTS);
+    if !kept.as_ref().is_some_and(busy) {
+        *kept = Some(e);
+    }
 }

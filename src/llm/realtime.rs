@@ -86,6 +86,7 @@ pub async fn serve(
         shared: shared.clone(),
         settings: settings.clone(),
         key,
+        secret: secret.unwrap_or_default().to_string(),
         db,
         model,
     };
@@ -147,7 +148,7 @@ async fn open(
                 tracing::warn!(model, error = %e, "LLM Realtime provider failed");
                 shared.metrics.llm.provider_error(&provider.name, e.kind());
                 let fails_over = e.fails_over();
-                last = Some(e);
+                provider::keep_failure(&mut last, e);
                 if !fails_over {
                     break;
                 }
@@ -214,6 +215,8 @@ struct Session {
     shared: Arc<Shared>,
     settings: Arc<LlmSettings>,
     key: Arc<KeyState>,
+    /// The client's key, read again after each response (a key revoked elsewhere ends the session).
+    secret: String,
     db: Db,
     model: String,
 }
@@ -256,10 +259,15 @@ impl Session {
                     }
                     Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
                     Some(Ok(m)) => {
-                        let over = match &m {
+                        let (done, mut over) = match &m {
                             Message::Text(text) => self.meter(text.as_str()),
-                            _ => None,
+                            _ => (false, None),
                         };
+                        // After each response the key is read again (at most every 10 s from the database): a key
+                        // revoked meanwhile ends the session.
+                        if done && over.is_none() && self.shared.llm.keys.authenticate(&self.db, &self.secret).await.is_err() {
+                            over = Some("this API key has been revoked or can no longer be checked".to_string());
+                        }
                         match tokio::time::timeout(WRITE_TIMEOUT, to_client.send(m)).await {
                             Ok(Ok(())) => {}
                             Ok(Err(e)) => break Ended::Client(e),
@@ -290,16 +298,20 @@ impl Session {
     }
 
     /// Bills a `response.done` event's usage; `Some(why)` when the key has now reached a token limit or its budget.
-    fn meter(&self, text: &str) -> Option<String> {
+    fn meter(&self, text: &str) -> (bool, Option<String>) {
         // Only the events that carry usage are parsed: the rest pass without a look inside.
         if !text.contains("response.done") {
-            return None;
+            return (false, None);
         }
-        let event: Value = serde_json::from_str(text).ok()?;
+        let Ok(event) = serde_json::from_str::<Value>(text) else {
+            return (false, None);
+        };
         if event.get("type").and_then(Value::as_str) != Some("response.done") {
-            return None;
+            return (false, None);
         }
-        let usage = event.get("response")?.get("usage")?;
+        let Some(usage) = event.get("response").and_then(|r| r.get("usage")) else {
+            return (true, None);
+        };
         let usage = Usage {
             prompt: usage.get("input_tokens").and_then(Value::as_u64).unwrap_or(0),
             completion: usage.get("output_tokens").and_then(Value::as_u64).unwrap_or(0),
@@ -312,9 +324,11 @@ impl Session {
             metrics: self.shared.metrics.clone(),
         };
         metered.bill(usage, false, "ok");
-        self.key
+        let over = self
+            .key
             .check_tokens(Instant::now(), &day_of(SystemTime::now()))
             .err()
-            .map(|over| over.message())
+            .map(|over| over.message());
+        (true, over)
     }
 }

@@ -108,7 +108,8 @@ pub async fn serve(
         .max_frame_size(Some(limit));
     let io = Prefixed::new(early, client);
     let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
-    let ended = Socket::new(shared.clone(), settings.clone(), key).run(ws).await;
+    let secret = opening.secret.unwrap_or_default();
+    let ended = Socket::new(shared.clone(), settings.clone(), key, secret).run(ws).await;
     (101, ended.to_string())
 }
 
@@ -137,18 +138,22 @@ struct Socket {
     shared: Arc<Shared>,
     settings: Arc<LlmSettings>,
     key: Arc<KeyState>,
+    /// The client's key, read again for each request (at most every 10 s from the database): a key revoked
+    /// elsewhere stops working on open sockets too.
+    secret: String,
     in_flight: HashMap<String, CancellationToken>,
     out_tx: mpsc::Sender<Out>,
     out_rx: mpsc::Receiver<Out>,
 }
 
 impl Socket {
-    fn new(shared: Arc<Shared>, settings: Arc<LlmSettings>, key: Arc<KeyState>) -> Socket {
+    fn new(shared: Arc<Shared>, settings: Arc<LlmSettings>, key: Arc<KeyState>, secret: String) -> Socket {
         let (out_tx, out_rx) = mpsc::channel(64);
         Socket {
             shared,
             settings,
             key,
+            secret,
             in_flight: HashMap::new(),
             out_tx,
             out_rx,
@@ -305,6 +310,19 @@ impl Socket {
             self.say(error(Some(&id), StatusCode::NOT_FOUND, &why)).await;
             return;
         }
+        let Some(db) = self.shared.llm.db() else {
+            let why = "API keys cannot be checked right now";
+            self.say(error(Some(&id), StatusCode::SERVICE_UNAVAILABLE, why)).await;
+            return;
+        };
+        match self.shared.llm.keys.authenticate(&db, &self.secret).await {
+            Ok(key) => self.key = key,
+            Err(e) => {
+                let api = ApiError::from_key(&e);
+                self.say(error(Some(&id), api.status, &api.message)).await;
+                return;
+            }
+        }
         if let Err(over) = self.key.admit(&model, Instant::now(), &day_of(SystemTime::now())) {
             let api = ApiError::from_limit(&over);
             let mut e = error(Some(&id), api.status, &api.message);
@@ -320,11 +338,7 @@ impl Socket {
         }
         body.insert("stream".into(), json!(true));
         body.insert("stream_options".into(), json!({"include_usage": true}));
-        let Some(db) = self.shared.llm.db() else {
-            let why = "API keys cannot be checked right now";
-            self.say(error(Some(&id), StatusCode::SERVICE_UNAVAILABLE, why)).await;
-            return;
-        };
+
         let cancel = CancellationToken::new();
         self.in_flight.insert(id.clone(), cancel.clone());
         let run = Run {
@@ -482,7 +496,7 @@ impl Run {
                         m.metrics.llm.provider_error(&provider.name, e.kind());
                     }
                     let fails_over = e.fails_over();
-                    last_error = Some(e);
+                    provider::keep_failure(&mut last_error, e);
                     if !fails_over {
                         break;
                     }
@@ -575,7 +589,8 @@ pub(super) async fn refuse_upgrade(client: &mut Conn, e: &ApiError) -> (u16, Str
         body.len()
     );
     if let Some(after) = e.retry_after {
-        head.push_str(&format!("Retry-After: {}\r\n", after.as_secs().max(1)));
+        let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
+        head.push_str(&format!("Retry-After: {}\r\n", secs.max(1)));
     }
     head.push_str("\r\n");
     let _ = tokio::time::timeout(WRITE_TIMEOUT, async {

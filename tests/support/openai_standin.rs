@@ -2,7 +2,7 @@
 //! `tokens` chunks per request (one token each, `tok0 `, `tok1 `, …), reports usage as the OpenAI API does
 //! (`usage` in a JSON answer; a last chunk with empty `choices` when `stream_options.include_usage` is set), and
 //! records every request it got. Model names steer it: `busy` answers 429 with `Retry-After: 7`, `broken` answers
-//! 500, `garbage` answers HTML (a stream: one chunk, then an event that is not JSON), `cut` breaks its stream off after two chunks, `slow` waits a second between tokens, `paced` 20 ms, `late` a second before the first.
+//! 500, `unauthorized` 401 (naming its key, as OpenAI does), `rejected` 400, `garbage` answers HTML (a stream: one chunk, then an event that is not JSON), `cut` breaks its stream off after two chunks, `slow` waits a second between tokens, `paced` 20 ms, `late` a second before the first.
 
 // The record of requests is pushed to and copied under a lock held for nothing else.
 #![allow(clippy::disallowed_types)]
@@ -151,6 +151,14 @@ async fn answer(
             return resp;
         }
         "broken" => return json_answer(500, &json!({"error": {"message": "internal", "type": "server_error"}})),
+        "unauthorized" => {
+            let body = json!({"error": {"message": "Incorrect API key provided: sk-prov****0123.", "type": "invalid_request_error"}});
+            return json_answer(401, &body);
+        }
+        "rejected" => {
+            let body = json!({"error": {"message": "max_tokens is too large for this model", "type": "invalid_request_error"}});
+            return json_answer(400, &body);
+        }
         "garbage" => {
             let (content_type, text) = if body["stream"].as_bool().unwrap_or(false) {
                 (

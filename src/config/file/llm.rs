@@ -88,8 +88,13 @@ pub(super) fn build(raw: &Spanned<RawLlm>, report: &mut Report<'_>) -> Option<Ll
                 report.key(value, key, "expected a price of 0 or more (per million tokens)");
             }
         }
-        if p.model.get_ref().is_empty() {
-            report.key(&p.model, "llm.price.model", "expected a model name");
+        let name = p.model.get_ref();
+        if name.is_empty() || name[..name.len() - usize::from(name.ends_with('*'))].contains('*') {
+            report.key(
+                &p.model,
+                "llm.price.model",
+                "expected a model name, or a prefix ending in `*`",
+            );
         }
         prices.push(Price {
             model: ModelPattern(p.model.get_ref().clone()),
