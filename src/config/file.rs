@@ -641,7 +641,33 @@ fn build_tracing(raw: &Spanned<RawTracing>, report: &mut Report<'_>) -> Option<T
         .parse::<http::Uri>()
         .ok()
         .filter(|_| problem.is_none())?;
-    let tls = match (uri.scheme_str(), &t.ca) {
+    let tls = https_tls(
+        &uri,
+        t.ca.as_ref(),
+        endpoint,
+        ("tracing.ca", "tracing.otlp_endpoint"),
+        report,
+    )
+    .ok()?;
+    Some(TracingSettings {
+        endpoint: uri,
+        service_name,
+        headers,
+        tls,
+    })
+}
+
+/// The TLS of an `https://` URL a key names (`url`): the system's CA certificates, or the file of `ca`; `None` for
+/// `http://`. `Err` once a problem is reported: a CA that does not load, or a `ca` for an `http://` URL. `keys`: the
+/// names of the `ca` key and the URL's key, for the problems.
+fn https_tls(
+    uri: &http::Uri,
+    ca: Option<&Spanned<String>>,
+    url: &Spanned<String>,
+    keys: (&str, &str),
+    report: &mut Report<'_>,
+) -> Result<Option<Arc<ClientTls>>, ()> {
+    match (uri.scheme_str(), ca) {
         (Some("https"), ca) => {
             let loaded = match ca {
                 Some(ca) => ClientTls::load(TlsSettings {
@@ -650,29 +676,19 @@ fn build_tracing(raw: &Spanned<RawTracing>, report: &mut Report<'_>) -> Option<T
                 }),
                 None => ClientTls::system_roots(),
             };
-            match loaded {
-                Ok(tls) => Some(Arc::new(tls)),
-                Err(e) => {
-                    match ca {
-                        Some(ca) => report.key(ca, "tracing.ca", e),
-                        None => report.key(endpoint, "tracing.otlp_endpoint", e),
-                    }
-                    return None;
-                }
+            match (loaded, ca) {
+                (Ok(tls), _) => return Ok(Some(Arc::new(tls))),
+                (Err(e), Some(ca)) => report.key(ca, keys.0, e),
+                (Err(e), None) => report.key(url, keys.1, e),
             }
+            Err(())
         }
         (_, Some(ca)) => {
-            report.key(ca, "tracing.ca", "applies to https:// endpoints only");
-            return None;
+            report.key(ca, keys.0, "applies to https:// URLs only");
+            Err(())
         }
-        (_, None) => None,
-    };
-    Some(TracingSettings {
-        endpoint: uri,
-        service_name,
-        headers,
-        tls,
-    })
+        (_, None) => Ok(None),
+    }
 }
 
 /// `[admin]`: its own address (never a proxy listener's), a token read from its file now (its trailing newline is

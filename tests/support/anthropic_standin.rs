@@ -14,7 +14,6 @@
 // The record of requests is pushed to and copied under a lock held for nothing else.
 #![allow(clippy::disallowed_types)]
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -22,9 +21,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::stream;
-use http_body_util::{BodyExt, Full, StreamBody};
+use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
-use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -102,23 +100,7 @@ impl Standin {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let open_streams = Arc::new(AtomicUsize::new(0));
         let (seen2, open2) = (seen.clone(), open_streams.clone());
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((socket, _)) = listener.accept().await else {
-                    continue;
-                };
-                let (seen, open) = (seen2.clone(), open2.clone());
-                tokio::spawn(async move {
-                    let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                        let (seen, open) = (seen.clone(), open.clone());
-                        async move { Ok::<_, Infallible>(answer(req, tokens, seen, open).await) }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(socket), service)
-                        .await;
-                });
-            }
-        });
+        let task = super::serve_http(listener, move |req| answer(req, tokens, seen2.clone(), open2.clone()));
         Standin {
             addr,
             seen,
@@ -128,19 +110,7 @@ impl Standin {
     }
 }
 
-type Body = http_body_util::combinators::BoxBody<Bytes, std::io::Error>;
-
-fn json_answer(status: u16, value: &Value) -> hyper::Response<Body> {
-    let mut resp = hyper::Response::new(
-        Full::new(Bytes::from(value.to_string()))
-            .map_err(|never| match never {})
-            .boxed(),
-    );
-    *resp.status_mut() = hyper::StatusCode::from_u16(status).unwrap();
-    resp.headers_mut()
-        .insert("content-type", "application/json".parse().unwrap());
-    resp
-}
+use super::{TestBody as Body, json_answer};
 
 /// An Anthropic error answer.
 fn error_answer(status: u16, kind: &str, message: &str) -> hyper::Response<Body> {

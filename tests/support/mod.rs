@@ -616,3 +616,41 @@ async fn http_backend_with(name: &str, tls: Option<tokio_rustls::TlsAcceptor>) -
     });
     (addr, task)
 }
+
+/// The body of a test server's answers.
+pub type TestBody = http_body_util::combinators::BoxBody<Bytes, std::io::Error>;
+
+/// Serves HTTP/1.1 on `listener`, every request answered by `answer`, until the returned task is aborted.
+pub fn serve_http<F, Fut>(listener: TcpListener, answer: F) -> JoinHandle<()>
+where
+    F: Fn(hyper::Request<hyper::body::Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = hyper::Response<TestBody>> + Send + 'static,
+{
+    tokio::spawn(async move {
+        loop {
+            let Ok((socket, _)) = listener.accept().await else {
+                continue;
+            };
+            let answer = answer.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req| {
+                    let answer = answer.clone();
+                    async move { Ok::<_, std::convert::Infallible>(answer(req).await) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(socket), service)
+                    .await;
+            });
+        }
+    })
+}
+
+/// A JSON answer of a test server.
+pub fn json_answer(status: u16, value: &serde_json::Value) -> hyper::Response<TestBody> {
+    let body = Full::new(Bytes::from(value.to_string())).map_err(|never| match never {});
+    let mut resp = hyper::Response::new(body.boxed());
+    *resp.status_mut() = hyper::StatusCode::from_u16(status).expect("a status");
+    resp.headers_mut()
+        .insert("content-type", "application/json".parse().expect("a header value"));
+    resp
+}

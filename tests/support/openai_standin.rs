@@ -7,7 +7,6 @@
 // The record of requests is pushed to and copied under a lock held for nothing else.
 #![allow(clippy::disallowed_types)]
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -16,7 +15,6 @@ use bytes::Bytes;
 use futures_util::stream;
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::Frame;
-use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -71,23 +69,7 @@ impl Standin {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let open_streams = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let (seen2, open2) = (seen.clone(), open_streams.clone());
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((socket, _)) = listener.accept().await else {
-                    continue;
-                };
-                let (seen, open) = (seen2.clone(), open2.clone());
-                tokio::spawn(async move {
-                    let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                        let (seen, open) = (seen.clone(), open.clone());
-                        async move { Ok::<_, Infallible>(answer(req, tokens, seen, open).await) }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(socket), service)
-                        .await;
-                });
-            }
-        });
+        let task = super::serve_http(listener, move |req| answer(req, tokens, seen2.clone(), open2.clone()));
         Standin {
             addr,
             seen,
@@ -97,19 +79,7 @@ impl Standin {
     }
 }
 
-type Body = http_body_util::combinators::BoxBody<Bytes, std::io::Error>;
-
-fn json_answer(status: u16, value: &Value) -> hyper::Response<Body> {
-    let mut resp = hyper::Response::new(
-        Full::new(Bytes::from(value.to_string()))
-            .map_err(|never| match never {})
-            .boxed(),
-    );
-    *resp.status_mut() = hyper::StatusCode::from_u16(status).unwrap();
-    resp.headers_mut()
-        .insert("content-type", "application/json".parse().unwrap());
-    resp
-}
+use super::{TestBody as Body, json_answer};
 
 /// Counts a stream as open until it is dropped (written to its end, or abandoned).
 struct OpenStream(Arc<std::sync::atomic::AtomicUsize>);

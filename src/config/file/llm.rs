@@ -3,7 +3,6 @@
 //! folder's.
 
 use std::collections::HashSet;
-use std::sync::Arc;
 
 use serde::Deserialize;
 use toml::Spanned;
@@ -13,7 +12,6 @@ use crate::config::llm::{
     DEFAULT_FIRST_TOKEN_TIMEOUT, DEFAULT_LLM_CONNECT_TIMEOUT, DEFAULT_LLM_WEIGHT, DEFAULT_MAX_REQUEST_BODY,
     DEFAULT_TOKEN_TIMEOUT, LlmSettings, MAX_LLM_WEIGHT, ModelPattern, Price, Provider, ProviderKind, Secret,
 };
-use crate::tls::client::{ClientTls, TlsSettings};
 
 /// The database file when `[llm]` names none.
 pub const DEFAULT_DATABASE: &str = "wsgate-llm.db";
@@ -193,32 +191,14 @@ fn build_provider(p: &RawProvider, report: &mut Report<'_>) -> Option<Provider> 
         }
         models.push(ModelPattern(name.clone()));
     }
-    let tls = match (base_url.scheme_str(), &p.ca) {
-        (Some("https"), ca) => {
-            let loaded = match ca {
-                Some(ca) => ClientTls::load(TlsSettings {
-                    ca: Some(report.path(ca.get_ref())),
-                    ..TlsSettings::default()
-                }),
-                None => ClientTls::system_roots(),
-            };
-            match loaded {
-                Ok(tls) => Some(Arc::new(tls)),
-                Err(e) => {
-                    match ca {
-                        Some(ca) => report.key(ca, "llm.provider.ca", e),
-                        None => report.key(&p.base_url, "llm.provider.base_url", e),
-                    }
-                    return None;
-                }
-            }
-        }
-        (_, Some(ca)) => {
-            report.key(ca, "llm.provider.ca", "applies to https:// providers only");
-            return None;
-        }
-        (_, None) => None,
-    };
+    let tls = super::https_tls(
+        &base_url,
+        p.ca.as_ref(),
+        &p.base_url,
+        ("llm.provider.ca", "llm.provider.base_url"),
+        report,
+    )
+    .ok()?;
     let timeout = |raw: &Option<Spanned<Dur>>, key: &str, default, report: &mut Report<'_>| match raw {
         Some(d) if d.get_ref().0.is_zero() => {
             report.key(d, key, "must be more than 0");
