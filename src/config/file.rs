@@ -520,10 +520,6 @@ fn build(raw: RawFile, report: &mut Report<'_>) -> Config {
             }
         }
     }
-    // A stream socket's key may come as `?api_key=`: a secret wherever the query is logged.
-    if routes.iter().any(|r| r.upstream.is_none()) && !server.access_log_redact.iter().any(|n| n == "api_key") {
-        server.access_log_redact.push("api_key".into());
-    }
     Config {
         source: None,
         server,
