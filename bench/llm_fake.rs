@@ -5,11 +5,14 @@
 //!
 //! - `GET …/models`: one model, `fake` (any model name is served);
 //! - `POST …/chat/completions` with `stream: true`: server-sent events in the OpenAI shape, one chunk per token
-//!   (`"delta":{"content":"tok0 "}`, `tok1 `, …, the first with `"role":"assistant"` too; no two alike, as
-//!   LiteLLM ends a stream that repeats one chunk 100 times), `max_tokens` (or
+//!   (`"delta":{"content":"tok0@T "}`, `tok1@T `, …, the first with `"role":"assistant"` too), `max_tokens` (or
 //!   `max_completion_tokens`) of them, 100 by default; then a chunk with `finish_reason: "length"`, a usage chunk
 //!   (empty `choices`) when `stream_options.include_usage` is true, and `data: [DONE]`;
 //! - `stream: false`: one JSON completion, with usage.
+//!
+//! A token's text is `tok{N}@{T} `: its number, and the time it was written in microseconds since the Unix epoch
+//! (the system clock), from which `llm_load` reads how long it took to arrive; and no two chunks are alike (LiteLLM
+//! ends a stream that repeats one chunk 100 times).
 //!
 //! Each token is written to the socket on its own: with a token delay, the stream sleeps that long between tokens;
 //! without one, it yields once between tokens, so every chunk leaves in a write of its own as from a real server
@@ -187,14 +190,19 @@ impl Sse {
         }
         if self.sent < self.tokens {
             let role = if self.sent == 0 { r#""role":"assistant","# } else { "" };
+            // When the token leaves, in µs of the system clock: readers on this machine learn its transit time.
+            let at = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_micros());
             let chunk = format!(
                 concat!(
-                    "data: {}\"choices\":[{{\"index\":0,\"delta\":{{{role}\"content\":\"tok{} \"}},",
+                    "data: {}\"choices\":[{{\"index\":0,\"delta\":{{{role}\"content\":\"tok{}@{at} \"}},",
                     "\"finish_reason\":null}}]}}\n\n"
                 ),
                 self.head,
                 self.sent,
                 role = role,
+                at = at,
             );
             self.sent += 1;
             return Poll::Ready(Some(Bytes::from(chunk)));

@@ -15,7 +15,8 @@
 //!
 //! Each request asks for T tokens (`max_tokens`) and `stream: true`. Time to first token: from the request being
 //! written to the first event with text. Inter-token gap: between two events with text (events read at once share
-//! a time). A request counts as an error (and its samples are dropped) when its connection fails, its status is not
+//! a time). Token transit time: from when `llm_fake` wrote the token (the `@T` of its text, system-clock
+//! microseconds) to when it was read here; absent for tokens without a stamp. A request counts as an error (and its samples are dropped) when its connection fails, its status is not
 //! 200, an event is not JSON or carries an `error`, its stream ends without `data: [DONE]`, it brings other than T
 //! tokens, or it lasts longer than the timeout (120 s by default). Errors are counted and the first few shown.
 //!
@@ -24,7 +25,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use futures_util::future::join_all;
@@ -37,8 +38,8 @@ use serde_json::{Value, json};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, timeout};
 
-/// The most inter-token samples kept (4 bytes each): a run past it says `samples_capped`.
-const MAX_GAP_SAMPLES: usize = 50_000_000;
+/// The most inter-token gaps, and transit times, kept (4 bytes each): a run past it says `samples_capped`.
+const MAX_SAMPLES: usize = 25_000_000;
 /// The most distinct error messages shown.
 const MAX_ERROR_SAMPLES: usize = 5;
 /// How often RSS is sampled in the window.
@@ -163,6 +164,7 @@ struct Tally {
     tokens: Cell<u64>,
     ttft_us: RefCell<Vec<u32>>,
     gaps_us: RefCell<Vec<u32>>,
+    transit_us: RefCell<Vec<u32>>,
     samples_capped: Cell<bool>,
     /// Streams whose answer head is in and whose end is not.
     open: Cell<u64>,
@@ -300,6 +302,7 @@ async fn run(args: &Args) -> Result<String, String> {
         "max_open_streams": tally.max_open.get(),
         "ttft_us": stats(&mut tally.ttft_us.borrow_mut()),
         "inter_token_us": stats(&mut tally.gaps_us.borrow_mut()),
+        "token_transit_us": stats(&mut tally.transit_us.borrow_mut()),
         "samples_capped": tally.samples_capped.get(),
         "cpu_s": cpu,
         "rss_kib": rss,
@@ -395,6 +398,7 @@ async fn request(args: &Args, body: &Bytes, sender: &mut Sender, tally: &Tally) 
     let mut buf: Vec<u8> = Vec::with_capacity(4096);
     let mut ttft: Option<u32> = None;
     let mut gaps: Vec<u32> = Vec::with_capacity(usize::try_from(args.tokens).unwrap_or(0).min(1 << 16));
+    let mut transits: Vec<u32> = Vec::with_capacity(gaps.capacity());
     let mut last = sent;
     let mut tokens = 0u64;
     let mut done = false;
@@ -404,6 +408,9 @@ async fn request(args: &Args, body: &Bytes, sender: &mut Sender, tally: &Tally) 
             continue;
         };
         let now = Instant::now();
+        let wall_us = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros());
         buf.extend_from_slice(&data);
         let mut start = 0;
         while let Some(at) = buf[start..].iter().position(|&b| b == b'\n') {
@@ -430,12 +437,19 @@ async fn request(args: &Args, body: &Bytes, sender: &mut Sender, tally: &Tally) 
             if let Some(error) = event.error {
                 return Err(format!("error event: {error}"));
             }
-            let text = event.choices.iter().any(|c| {
-                c.delta
-                    .as_ref()
-                    .is_some_and(|d| d.content.as_ref().is_some_and(|t| !t.is_empty()))
-            });
-            if text {
+            let text = event
+                .choices
+                .iter()
+                .filter_map(|c| c.delta.as_ref()?.content.as_deref())
+                .find(|t| !t.is_empty());
+            if let Some(text) = text {
+                if let Some(at) = text
+                    .trim_end()
+                    .rsplit_once('@')
+                    .and_then(|(_, at)| at.parse::<u128>().ok())
+                {
+                    transits.push(u32::try_from(wall_us.saturating_sub(at)).unwrap_or(u32::MAX));
+                }
                 tokens += 1;
                 let us = micros(now - last);
                 if ttft.is_none() {
@@ -458,11 +472,13 @@ async fn request(args: &Args, body: &Bytes, sender: &mut Sender, tally: &Tally) 
     if let Some(ttft) = ttft {
         tally.ttft_us.borrow_mut().push(ttft);
     }
-    let mut all = tally.gaps_us.borrow_mut();
-    if all.len() + gaps.len() <= MAX_GAP_SAMPLES {
-        all.extend_from_slice(&gaps);
-    } else {
-        tally.samples_capped.set(true);
+    for (all, mine) in [(&tally.gaps_us, &gaps), (&tally.transit_us, &transits)] {
+        let mut all = all.borrow_mut();
+        if all.len() + mine.len() <= MAX_SAMPLES {
+            all.extend_from_slice(mine);
+        } else {
+            tally.samples_capped.set(true);
+        }
     }
     Ok(())
 }
