@@ -11,14 +11,16 @@
 //! counted; once they are all done, the watched processes' CPU time (utime + stime) and RSS are read (`start`), the
 //! measured window begins, and all C workers start. The window is N requests in all, or every request begun within
 //! S seconds, and ends when the last of them ends; RSS is sampled every 100 ms in it (`peak`) and at its end.
-//! `max_open_streams` is the most streams open at once (answer head in, end not yet).
+//! `max_open_streams` is the most streams under way at once: first token in, end not yet (a proxy may answer with a
+//! head at once and queue the request itself).
 //!
 //! Each request asks for T tokens (`max_tokens`) and `stream: true`. Time to first token: from the request being
 //! written to the first event with text. Inter-token gap: between two events with text (events read at once share
 //! a time). Token transit time: from when `llm_fake` wrote the token (the `@T` of its text, system-clock
-//! microseconds) to when it was read here; absent for tokens without a stamp. A request counts as an error (and its samples are dropped) when its connection fails, its status is not
-//! 200, an event is not JSON or carries an `error`, its stream ends without `data: [DONE]`, it brings other than T
-//! tokens, or it lasts longer than the timeout (120 s by default). Errors are counted and the first few shown.
+//! microseconds) to when it was read here; absent for tokens without a stamp. A request counts as an error (and its
+//! samples are dropped) when its connection fails, its status is not 200, an event is not JSON or carries an
+//! `error`, its stream ends without `data: [DONE]`, it brings other than T tokens, or it lasts longer than the
+//! timeout (120 s by default). Errors are counted and the first few shown.
 //!
 //! `--token-delay-ms D` is sent to the upstream as `metadata.token_delay_ms` and the `x-fake-token-delay-ms` header
 //! (`llm_fake` honours both; a proxy may pass on neither) and reported.
@@ -166,7 +168,7 @@ struct Tally {
     gaps_us: RefCell<Vec<u32>>,
     transit_us: RefCell<Vec<u32>>,
     samples_capped: Cell<bool>,
-    /// Streams whose answer head is in and whose end is not.
+    /// Streams whose first token is in and whose end is not.
     open: Cell<u64>,
     max_open: Cell<u64>,
 }
@@ -393,7 +395,7 @@ async fn request(args: &Args, body: &Bytes, sender: &mut Sender, tally: &Tally) 
         };
         return Err(format!("status {status}: {text}"));
     }
-    let _open = Open::new(tally);
+    let mut open: Option<Open> = None;
     let mut body = resp.into_body();
     let mut buf: Vec<u8> = Vec::with_capacity(4096);
     let mut ttft: Option<u32> = None;
@@ -454,6 +456,7 @@ async fn request(args: &Args, body: &Bytes, sender: &mut Sender, tally: &Tally) 
                 let us = micros(now - last);
                 if ttft.is_none() {
                     ttft = Some(us);
+                    open = Some(Open::new(tally));
                 } else {
                     gaps.push(us);
                 }
@@ -462,6 +465,7 @@ async fn request(args: &Args, body: &Bytes, sender: &mut Sender, tally: &Tally) 
         }
         buf.drain(..start);
     }
+    drop(open);
     if !done {
         return Err(format!("the stream ended without [DONE] after {tokens} tokens"));
     }
