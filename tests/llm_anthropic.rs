@@ -23,19 +23,11 @@ struct Gateway {
     proxy: Proxy,
     key: String,
     db: PathBuf,
-    dir: PathBuf,
-}
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
+    _dir: support::TempDir,
 }
 
 fn gateway(name: &str, standin: &Standin) -> Gateway {
-    let dir = std::env::temp_dir().join(format!("wsgate-llm-anthropic-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = support::TempDir::new(&format!("llm-anthropic-{name}"));
     std::fs::write(dir.join("anthropic.key"), PROVIDER_KEY).unwrap();
     let db = dir.join("llm.db");
     let proxy = Proxy::from_toml(&format!(
@@ -55,7 +47,12 @@ fn gateway(name: &str, standin: &Standin) -> Gateway {
         })
         .unwrap()
         .key;
-    Gateway { proxy, key, db, dir }
+    Gateway {
+        proxy,
+        key,
+        db,
+        _dir: dir,
+    }
 }
 
 /// A request on its own connection; status, headers and the (de-chunked) body.

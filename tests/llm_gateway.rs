@@ -16,24 +16,15 @@ use support::{Proxy, unused_addr, within};
 use wsgate::llm::store::{NewKey, Store, UsageFilter};
 
 /// A temp folder for a test's database and key files, removed at the end.
-struct Dir(PathBuf);
+struct Dir(support::TempDir);
 
 impl Dir {
     fn new(name: &str) -> Dir {
-        let dir = std::env::temp_dir().join(format!("wsgate-llm-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Dir(dir)
+        Dir(support::TempDir::new(&format!("llm-{name}")))
     }
 
     fn db(&self) -> PathBuf {
         self.0.join("llm.db")
-    }
-}
-
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 
@@ -42,7 +33,7 @@ const PROVIDER_KEY: &str = "sk-provider-secret-0123";
 /// A config with providers at `urls` (in order) serving the stand-in's models, and a
 /// price for `tiny`.
 fn config(dir: &Dir, urls: &[String]) -> String {
-    std::fs::write(dir.0.join("provider.key"), format!("{PROVIDER_KEY}\n")).unwrap();
+    std::fs::write(dir.0.0.join("provider.key"), format!("{PROVIDER_KEY}\n")).unwrap();
     let mut text = format!(
         r#"
 [[listener]]
@@ -71,7 +62,7 @@ models = ["tiny", "busy", "broken", "cut", "slow", "paced", "garbage"]
 connect_timeout = "1s"
 token_timeout = "3s"
 "#,
-            dir.0.join("provider.key").display()
+            dir.0.0.join("provider.key").display()
         ));
     }
     text.push_str("\n[[route]]\npath_prefix = \"/v1\"\nkind = \"llm\"\n");
@@ -769,7 +760,7 @@ async fn keys_are_issued_and_revoked_and_usage_is_read_through_the_admin_api() {
 #[test]
 fn llm_key_add_prints_the_key_once_list_shows_its_hint_and_revoke_revokes_it() {
     let dir = Dir::new("cli");
-    let path = dir.0.join("wsgate.toml");
+    let path = dir.0.0.join("wsgate.toml");
     std::fs::write(
         &path,
         "[[listener]]\nname = \"m\"\naddress = \"127.0.0.1:0\"\n[llm]\ndatabase = \"keys.db\"\n\
@@ -810,7 +801,7 @@ fn llm_key_add_prints_the_key_once_list_shows_its_hint_and_revoke_revokes_it() {
         "{stdout}"
     );
     // The database is the one the config names, relative to the config file.
-    let stored = Store::open(&dir.0.join("keys.db"))
+    let stored = Store::open(&dir.0.0.join("keys.db"))
         .unwrap()
         .find_key(key)
         .unwrap()
@@ -851,7 +842,7 @@ async fn gateway_binary(dir: &Dir, standin: &Standin, log_bodies: bool) -> (supp
     let text = config(dir, &[standin.base_url()])
         .replace("address = \"127.0.0.1:0\"", &format!("address = \"{addr}\""))
         .replace("[llm]\n", &format!("[llm]\nlog_bodies = {log_bodies}\n"));
-    let path = dir.0.join(format!("wsgate-{log_bodies}.toml"));
+    let path = dir.0.0.join(format!("wsgate-{log_bodies}.toml"));
     std::fs::write(&path, text).unwrap();
     let mut wsgate = support::binary::Binary::spawn_with_env(
         ["run", "--config", path.to_str().unwrap()],

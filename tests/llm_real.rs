@@ -36,19 +36,11 @@ struct Gateway {
     proxy: Proxy,
     key: String,
     db: PathBuf,
-    dir: PathBuf,
-}
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
+    _dir: support::TempDir,
 }
 
 fn gateway(name: &str, server: &LlamaServer) -> Gateway {
-    let dir = std::env::temp_dir().join(format!("wsgate-llm-real-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = support::TempDir::new(&format!("llm-real-{name}"));
     let db = dir.join("llm.db");
     let proxy = Proxy::from_toml(&format!(
         "[[listener]]\nname = \"main\"\naddress = \"127.0.0.1:0\"\n[llm]\ndatabase = \"{}\"\n\
@@ -68,7 +60,12 @@ fn gateway(name: &str, server: &LlamaServer) -> Gateway {
         })
         .unwrap()
         .key;
-    Gateway { proxy, key, db, dir }
+    Gateway {
+        proxy,
+        key,
+        db,
+        _dir: dir,
+    }
 }
 
 async fn rows(db: &Path, requests: u64) -> Vec<UsageRow> {

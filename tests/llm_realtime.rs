@@ -110,19 +110,11 @@ async fn realtime_standin() -> (SocketAddr, mpsc::UnboundedReceiver<Seen>) {
 struct Gateway {
     proxy: Proxy,
     db: PathBuf,
-    dir: PathBuf,
-}
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
+    _dir: support::TempDir,
 }
 
 fn gateway(name: &str, providers: &[SocketAddr]) -> Gateway {
-    let dir = std::env::temp_dir().join(format!("wsgate-llm-realtime-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = support::TempDir::new(&format!("llm-realtime-{name}"));
     std::fs::write(dir.join("p.key"), PROVIDER_KEY).unwrap();
     let db = dir.join("llm.db");
     let mut text = format!(
@@ -141,7 +133,7 @@ fn gateway(name: &str, providers: &[SocketAddr]) -> Gateway {
     Gateway {
         proxy: Proxy::from_toml(&text),
         db,
-        dir,
+        _dir: dir,
     }
 }
 

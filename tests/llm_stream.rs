@@ -4,7 +4,6 @@
 
 mod support;
 
-use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -14,22 +13,12 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 use support::openai_standin::Standin;
-use support::{Client, Proxy, within};
+use support::{Client, Proxy, TempDir, within};
 use wsgate::llm::store::{NewKey, Store, UsageFilter};
 
-struct Dir(PathBuf);
-
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// wsgate with one provider (the stand-in) and a key; the folder holding the database.
-fn gateway(name: &str, standin: &Standin, new: NewKey) -> (Proxy, String, Dir) {
-    let dir = std::env::temp_dir().join(format!("wsgate-llm-stream-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+fn gateway(name: &str, standin: &Standin, new: NewKey) -> (Proxy, String, TempDir) {
+    let dir = TempDir::new(&format!("llm-stream-{name}"));
     let db = dir.join("llm.db");
     let text = format!(
         "[admin]\naddress = \"127.0.0.1:0\"\n[[listener]]\nname = \"main\"\naddress = \"127.0.0.1:0\"\n[llm]\ndatabase = \"{}\"\n\
@@ -42,7 +31,7 @@ fn gateway(name: &str, standin: &Standin, new: NewKey) -> (Proxy, String, Dir) {
     );
     let proxy = Proxy::from_toml(&text);
     let key = Store::open(&db).unwrap().add_key(&new).unwrap().key;
-    (proxy, key, Dir(dir))
+    (proxy, key, dir)
 }
 
 fn owner(name: &str) -> NewKey {
@@ -175,7 +164,7 @@ async fn cancel_stops_the_upstream_generation_and_bills_what_streamed() {
     })
     .await;
     // Billed once, with what streamed; the id is free again.
-    let db = dir.0.join("llm.db");
+    let db = dir.join("llm.db");
     let rows = within("the usage row", async {
         loop {
             let rows = Store::open(&db).unwrap().usage(&UsageFilter::default()).unwrap();
@@ -339,7 +328,7 @@ async fn a_key_revoked_while_its_socket_is_open_is_refused_on_the_next_request()
     let mut ws = open(&proxy, &key).await;
     send(&mut ws, request("r1", "tiny")).await;
     assert_eq!(until_end(&mut ws, "r1").await.last().unwrap()["type"], "done");
-    let id = Store::open(&dir.0.join("llm.db"))
+    let id = Store::open(&dir.join("llm.db"))
         .unwrap()
         .find_key(&key)
         .unwrap()

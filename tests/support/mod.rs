@@ -654,3 +654,26 @@ pub fn json_answer(status: u16, value: &serde_json::Value) -> hyper::Response<Te
         .insert("content-type", "application/json".parse().expect("a header value"));
     resp
 }
+
+/// A folder of a test's own under the system's temp folder (named after the test and the process), removed when
+/// dropped.
+pub struct TempDir(pub std::path::PathBuf);
+
+impl TempDir {
+    pub fn new(name: &str) -> TempDir {
+        let dir = std::env::temp_dir().join(format!("wsgate-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("a temp folder");
+        TempDir(dir)
+    }
+
+    pub fn join(&self, file: &str) -> std::path::PathBuf {
+        self.0.join(file)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
