@@ -70,19 +70,10 @@ async fn post(g: &Gateway, path: &str, body: &Value) -> (u16, String, String) {
     let mut raw = Vec::new();
     within("the answer", stream.read_to_end(&mut raw)).await.unwrap();
     let text = String::from_utf8_lossy(&raw).into_owned();
-    let (head, mut rest) = text.split_once("\r\n\r\n").unwrap();
+    let (head, rest) = text.split_once("\r\n\r\n").unwrap();
     let status = head[9..12].parse().unwrap();
     let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
-        let mut out = String::new();
-        while let Some((size, tail)) = rest.split_once("\r\n") {
-            let size = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
-            if size == 0 {
-                break;
-            }
-            out.push_str(&tail[..size]);
-            rest = &tail[size + 2..];
-        }
-        out
+        support::dechunk(rest)
     } else {
         rest.to_string()
     };
