@@ -103,30 +103,41 @@ fn llm_key(command: &LlmKeyCommand) -> anyhow::Result<ExitCode> {
     let Some(llm) = &config.llm else {
         anyhow::bail!("{}: no [llm] section: it names the key database", file.config.display());
     };
-    let store = crate::llm::store::Store::open(&llm.database)?;
-    match command {
-        LlmKeyCommand::Add(add) => {
-            let issued = store.add_key(&crate::llm::store::NewKey {
-                owner: add.owner.clone(),
-                models: add.models.clone(),
-                requests_per_minute: add.requests_per_minute,
-                tokens_per_minute: add.tokens_per_minute,
-                tokens_per_day: add.tokens_per_day,
-                budget: add.budget,
-            })?;
-            eprintln!("key {} issued for {}; it is shown once:", issued.id, add.owner);
-            println!("{}", issued.key);
+    let db = crate::llm::Gateway::open_db(&llm.database)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start a runtime")?;
+    let done = runtime.block_on(async {
+        match command {
+            LlmKeyCommand::Add(add) => {
+                let issued = db
+                    .add_key(crate::llm::store::NewKey {
+                        owner: add.owner.clone(),
+                        models: add.models.clone(),
+                        requests_per_minute: add.requests_per_minute,
+                        tokens_per_minute: add.tokens_per_minute,
+                        tokens_per_day: add.tokens_per_day,
+                        budget: add.budget,
+                    })
+                    .await?;
+                eprintln!("key {} issued for {}; it is shown once:", issued.id, add.owner);
+                println!("{}", issued.key);
+            }
+            LlmKeyCommand::List(_) => print!("{}", crate::llm::store::key_table(&db.list_keys().await?)),
+            LlmKeyCommand::Revoke(revoke) => {
+                anyhow::ensure!(
+                    db.revoke(revoke.id).await?,
+                    "no key {} to revoke (unknown, or revoked already)",
+                    revoke.id
+                );
+                eprintln!("key {} revoked", revoke.id);
+            }
         }
-        LlmKeyCommand::List(_) => print!("{}", crate::llm::store::key_table(&store.list_keys()?)),
-        LlmKeyCommand::Revoke(revoke) => {
-            anyhow::ensure!(
-                store.revoke(revoke.id)?,
-                "no key {} to revoke (unknown, or revoked already)",
-                revoke.id
-            );
-            eprintln!("key {} revoked", revoke.id);
-        }
-    }
+        anyhow::Ok(())
+    });
+    db.close();
+    done?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -8,6 +8,7 @@ mod access_log;
 mod admin;
 pub mod auth;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 mod conn;
 pub mod demo;

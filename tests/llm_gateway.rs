@@ -11,6 +11,7 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use support::gateway_http::{Answer, request};
 use support::openai_standin::Standin;
 use support::{Proxy, unused_addr, within};
 use wsgate::llm::store::{NewKey, Store, UsageFilter};
@@ -80,31 +81,12 @@ fn key_for(owner: &str) -> NewKey {
     }
 }
 
-/// An HTTP answer: status, headers (lowercase names), body.
-struct Answer {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: String,
+/// What the tests check of every refusal.
+trait ErrorAnswer {
+    fn assert_error(&self, status: u16, code: &str);
 }
 
-impl Answer {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
-    }
-
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
-    }
-
-    /// The `data:` payloads of an event stream.
-    fn events(&self) -> Vec<String> {
-        self.body
-            .split("\n\n")
-            .filter_map(|e| e.strip_prefix("data: "))
-            .map(str::to_string)
-            .collect()
-    }
-
+impl ErrorAnswer for Answer {
     /// An OpenAI-style error body with this code.
     fn assert_error(&self, status: u16, code: &str) {
         assert_eq!(self.status, status, "{}", self.body);
@@ -118,46 +100,6 @@ impl Answer {
             self.body
         );
     }
-}
-
-/// One request on its own connection (`Connection: close`), read to its end; a chunked body is decoded.
-async fn request(addr: SocketAddr, method: &str, path: &str, key: Option<&str>, body: Option<&[u8]>) -> Answer {
-    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: gateway\r\nConnection: close\r\n");
-    if let Some(key) = key {
-        head.push_str(&format!("Authorization: Bearer {key}\r\n"));
-    }
-    if let Some(body) = body {
-        head.push_str(&format!(
-            "Content-Type: application/json\r\nContent-Length: {}\r\n",
-            body.len()
-        ));
-    }
-    head.push_str("\r\n");
-    let mut stream = within("connect", TcpStream::connect(addr)).await.unwrap();
-    stream.write_all(head.as_bytes()).await.unwrap();
-    if let Some(body) = body {
-        // A refusal may come before the whole body is read: a failed write is not the test's concern.
-        let _ = stream.write_all(body).await;
-    }
-    let mut raw = Vec::new();
-    within("the answer", stream.read_to_end(&mut raw)).await.unwrap();
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").expect("an answer head");
-    let mut lines = head.lines();
-    let status = lines.next().unwrap()[9..12].parse().unwrap();
-    let headers: Vec<(String, String)> = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
-        .collect();
-    let chunked = headers
-        .iter()
-        .any(|(n, v)| n == "transfer-encoding" && v.contains("chunked"));
-    let body = if chunked {
-        support::dechunk(body)
-    } else {
-        body.to_string()
-    };
-    Answer { status, headers, body }
 }
 
 fn chat(model: &str, stream: bool) -> Vec<u8> {

@@ -22,11 +22,30 @@ pub const MAX_LLM_WEIGHT: u32 = 1000;
 /// The largest request body a client may send (a long conversation fits; a 10 MiB one does not).
 pub const DEFAULT_MAX_REQUEST_BODY: u64 = 4 * 1024 * 1024;
 
+/// Where the LLM gateway keeps its virtual keys and usage.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LlmDatabase {
+    /// An SQLite file (a relative path is relative to the config file), for one host.
+    File(PathBuf),
+    /// A Redis server (`redis://…`), shared by every instance that names it.
+    Redis(String),
+}
+
+/// The file, or the URL with its password hidden: what logs show.
+impl fmt::Display for LlmDatabase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LlmDatabase::File(path) => write!(f, "{}", path.display()),
+            LlmDatabase::Redis(url) => f.write_str(&crate::cluster::redis::shown_url(url)),
+        }
+    }
+}
+
 /// `[llm]`.
 #[derive(Debug, Clone)]
 pub struct LlmSettings {
-    /// The SQLite file of virtual keys and usage (relative paths are relative to the config file).
-    pub database: PathBuf,
+    /// Where virtual keys and usage are kept.
+    pub database: LlmDatabase,
     /// In file order: for a model, the first provider that serves it is tried first, then the next (failover).
     pub providers: Vec<Provider>,
     pub prices: Vec<Price>,
@@ -196,7 +215,7 @@ mod tests {
     #[test]
     fn cost_is_per_million_tokens_from_the_first_matching_price() {
         let settings = LlmSettings {
-            database: PathBuf::from("x.db"),
+            database: LlmDatabase::File(PathBuf::from("x.db")),
             providers: Vec::new(),
             prices: vec![
                 Price {

@@ -11,6 +11,9 @@ use std::time::Duration;
 
 use tokio::sync::oneshot;
 
+use crate::config::llm::LlmDatabase;
+
+use super::redis_store::RedisDb;
 use super::store::{Issued, KeyRecord, NewKey, Store, StoreError, UsageDelta, UsageFilter, UsageRow};
 
 /// Requests waiting for the database at most; more are refused at once (503) rather than queued without bound.
@@ -31,6 +34,8 @@ pub enum DbError {
     Closed,
     #[error("cannot start the key database's thread: {0}")]
     Thread(std::io::Error),
+    #[error(transparent)]
+    Redis(#[from] crate::cluster::redis::RedisError),
 }
 
 enum Command {
@@ -48,22 +53,125 @@ enum Command {
 // Plain mutexes: a push or a swap of a vector under them, never held across an await (the project-wide ban on
 // `std::sync::Mutex` is meant for the relay path).
 #[allow(clippy::disallowed_types)]
-type Pending = std::sync::Mutex<Vec<UsageDelta>>;
+pub(super) type Pending = std::sync::Mutex<Vec<UsageDelta>>;
 #[allow(clippy::disallowed_types)]
 type Thread = std::sync::Mutex<Option<JoinHandle<()>>>;
 
-/// A handle on the database thread.
+/// Where keys and usage are: an SQLite file (one host) or a Redis server (every instance that names it).
 #[derive(Clone)]
-pub struct Db {
+pub enum Db {
+    Sqlite(SqliteDb),
+    Redis(RedisDb),
+}
+
+impl Db {
+    /// Opens the database `[llm] database` names.
+    pub fn open(database: &LlmDatabase) -> Result<Db, DbError> {
+        Ok(match database {
+            LlmDatabase::File(path) => Db::Sqlite(SqliteDb::open(path)?),
+            LlmDatabase::Redis(url) => Db::Redis(RedisDb::open(url)?),
+        })
+    }
+
+    /// Whether this is the database `database` names.
+    pub fn is(&self, database: &LlmDatabase) -> bool {
+        match (self, database) {
+            (Db::Sqlite(db), LlmDatabase::File(path)) => db.path == *path,
+            (Db::Redis(db), LlmDatabase::Redis(url)) => db.url() == crate::cluster::redis::shown_url(url),
+            _ => false,
+        }
+    }
+
+    pub async fn find_key(&self, secret: &str) -> Result<Option<KeyRecord>, DbError> {
+        match self {
+            Db::Sqlite(db) => db.find_key(secret).await,
+            Db::Redis(db) => db.find_key(secret).await,
+        }
+    }
+
+    pub async fn key(&self, id: i64) -> Result<Option<KeyRecord>, DbError> {
+        match self {
+            Db::Sqlite(db) => db.key(id).await,
+            Db::Redis(db) => db.key(id).await,
+        }
+    }
+
+    pub async fn add_key(&self, new: NewKey) -> Result<Issued, DbError> {
+        match self {
+            Db::Sqlite(db) => db.add_key(new).await,
+            Db::Redis(db) => db.add_key(new).await,
+        }
+    }
+
+    pub async fn list_keys(&self) -> Result<Vec<KeyRecord>, DbError> {
+        match self {
+            Db::Sqlite(db) => db.list_keys().await,
+            Db::Redis(db) => db.list_keys().await,
+        }
+    }
+
+    pub async fn revoke(&self, id: i64) -> Result<bool, DbError> {
+        match self {
+            Db::Sqlite(db) => db.revoke(id).await,
+            Db::Redis(db) => db.revoke(id).await,
+        }
+    }
+
+    pub async fn usage(&self, filter: UsageFilter) -> Result<Vec<UsageRow>, DbError> {
+        match self {
+            Db::Sqlite(db) => db.usage(filter).await,
+            Db::Redis(db) => db.usage(filter).await,
+        }
+    }
+
+    /// What a key has spent in all, and its tokens on `day`: what its limits start from on this instance. In
+    /// Redis, the limits are checked against Redis's counts, not this instance's (see [`RedisDb::admit`]).
+    pub async fn totals(&self, key_id: i64, day: String) -> Result<(f64, u64), DbError> {
+        match self {
+            Db::Sqlite(db) => db.totals(key_id, day).await,
+            Db::Redis(_) => Ok((0.0, 0)),
+        }
+    }
+
+    /// Puts a usage row in the buffer the database's writer writes; `false` when the buffer is full.
+    pub fn record(&self, delta: UsageDelta) -> bool {
+        match self {
+            Db::Sqlite(db) => db.record(delta),
+            Db::Redis(db) => db.record(delta),
+        }
+    }
+
+    /// Writes what is pending and stops the writer (at shutdown, once nothing bills any more).
+    pub fn close(&self) {
+        match self {
+            Db::Sqlite(db) => db.close(),
+            Db::Redis(db) => db.close(),
+        }
+    }
+}
+
+/// The file, or the server's URL (its password hidden).
+impl std::fmt::Display for Db {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Db::Sqlite(db) => write!(f, "{}", db.path.display()),
+            Db::Redis(db) => f.write_str(db.url()),
+        }
+    }
+}
+
+/// A handle on the SQLite database's thread.
+#[derive(Clone)]
+pub struct SqliteDb {
     path: PathBuf,
     commands: mpsc::SyncSender<Command>,
     pending: Arc<Pending>,
     thread: Arc<Thread>,
 }
 
-impl Db {
+impl SqliteDb {
     /// Opens (or creates) the database at `path` and starts its thread.
-    pub fn open(path: &Path) -> Result<Db, DbError> {
+    pub fn open(path: &Path) -> Result<SqliteDb, DbError> {
         let store = Store::open(path)?;
         let (commands, receiver) = mpsc::sync_channel(QUEUE);
         let pending = Arc::new(Pending::default());
@@ -73,17 +181,13 @@ impl Db {
             .name("wsgate-llm-db".into())
             .spawn(move || run(store, receiver, rows, file))
             .map_err(DbError::Thread)?;
-        Ok(Db {
+        Ok(SqliteDb {
             path: path.to_path_buf(),
             commands,
             pending,
             #[allow(clippy::disallowed_types)]
             thread: Arc::new(std::sync::Mutex::new(Some(thread))),
         })
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 
     async fn ask<T>(

@@ -140,6 +140,7 @@ impl ApiError {
         let (status, kind, code) = match over.limit {
             Limit::Model => (StatusCode::FORBIDDEN, "invalid_request_error", "model_not_allowed"),
             Limit::Revoked => (StatusCode::UNAUTHORIZED, "invalid_request_error", "revoked_api_key"),
+            Limit::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "api_error", "keys_unavailable"),
             Limit::Budget(_) => (
                 StatusCode::TOO_MANY_REQUESTS,
                 "insufficient_quota",
@@ -295,9 +296,8 @@ async fn handle(
             format!("the model `{}` does not exist", cut(&model)),
         ));
     }
-    let now = Instant::now();
-    let today = day_of(SystemTime::now());
-    key.admit(&model, now, &today)
+    key.admit(&db, &model)
+        .await
         .map_err(|over| ApiError::from_limit(&over))?;
     let object = &*object;
     if settings.log_bodies {

@@ -12,7 +12,7 @@ use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
 
 use super::db::{Db, DbError};
-use super::store::{self, KeyRecord};
+use super::store::{self, KeyRecord, day_of};
 use crate::config::llm::ModelPattern;
 
 /// How long a key found in the database is trusted before it is read again.
@@ -44,6 +44,8 @@ pub enum Limit {
     Model,
     /// The key was revoked (an open socket's key).
     Revoked,
+    /// The key's limits cannot be checked (the shared database does not answer).
+    Unavailable,
 }
 
 /// A refusal by a key's limits: which, and when to try again (`None`: not by waiting).
@@ -62,6 +64,7 @@ impl OverLimit {
             Limit::Budget(b) => format!("this key's budget of {b} is spent"),
             Limit::Model => "this key may not use this model".into(),
             Limit::Revoked => "this API key has been revoked".into(),
+            Limit::Unavailable => "API keys cannot be checked right now".into(),
         }
     }
 }
@@ -125,8 +128,58 @@ impl KeyState {
         inner.models.is_empty() || inner.models.iter().any(|m| m.matches(model))
     }
 
-    /// Lets a request to `model` start, counting it, or says which limit stops it.
-    pub fn admit(&self, model: &str, now: Instant, today: &str) -> Result<(), OverLimit> {
+    /// Lets a request to `model` start, counting it, or says which limit stops it: by this instance's counts with
+    /// SQLite, by every instance's with Redis (where a key revoked through any instance is refused at once).
+    pub async fn admit(&self, db: &Db, model: &str) -> Result<(), OverLimit> {
+        let Db::Redis(redis) = db else {
+            return self.admit_at(model, Instant::now(), &day_of(SystemTime::now()));
+        };
+        self.may_use(model)?;
+        match redis.admit(self.id, true).await {
+            Ok(verdict) => self.shared_verdict(verdict),
+            Err(e) => {
+                tracing::debug!(key = self.id, error = %e, "cannot check the key's limits");
+                Err(OverLimit {
+                    limit: Limit::Unavailable,
+                    retry_after: Some(Duration::from_secs(1)),
+                })
+            }
+        }
+    }
+
+    /// Whether the key is revoked, or has reached a token or budget limit: what ends a Realtime session mid-way.
+    /// A shared database that cannot answer does not end it (the session was admitted; it is logged).
+    pub async fn check_tokens(&self, db: &Db) -> Result<(), OverLimit> {
+        let Db::Redis(redis) = db else {
+            return self.check_tokens_at(Instant::now(), &day_of(SystemTime::now()));
+        };
+        match redis.admit(self.id, false).await {
+            Ok(verdict) => self.shared_verdict(verdict),
+            Err(e) => {
+                tracing::warn!(key = self.id, error = %e, "cannot check the key's limits; the session goes on");
+                Ok(())
+            }
+        }
+    }
+
+    /// Keeps what Redis says the key has spent (for [`KeyState::budget_left`]) and its revocation.
+    fn shared_verdict(&self, verdict: Result<f64, OverLimit>) -> Result<(), OverLimit> {
+        match verdict {
+            Ok(spent) => {
+                self.lock().used.spent = spent;
+                Ok(())
+            }
+            Err(over) => {
+                if over.limit == Limit::Revoked {
+                    self.revoked.store(true, Ordering::Relaxed);
+                }
+                Err(over)
+            }
+        }
+    }
+
+    /// Whether the key is live and may use `model`.
+    fn may_use(&self, model: &str) -> Result<(), OverLimit> {
         if self.is_revoked() {
             return Err(OverLimit {
                 limit: Limit::Revoked,
@@ -139,6 +192,12 @@ impl KeyState {
                 retry_after: None,
             });
         }
+        Ok(())
+    }
+
+    /// [`KeyState::admit`] by this instance's counts, at `now`.
+    pub fn admit_at(&self, model: &str, now: Instant, today: &str) -> Result<(), OverLimit> {
+        self.may_use(model)?;
         let mut inner = self.lock();
         let Inner { record, used, .. } = &mut *inner;
         used.prune(now, today);
@@ -156,8 +215,8 @@ impl KeyState {
         Ok(())
     }
 
-    /// Whether the key is revoked, or has reached a token or budget limit: what ends a Realtime session mid-way.
-    pub fn check_tokens(&self, now: Instant, today: &str) -> Result<(), OverLimit> {
+    /// [`KeyState::check_tokens`] by this instance's counts, at `now`.
+    pub fn check_tokens_at(&self, now: Instant, today: &str) -> Result<(), OverLimit> {
         if self.is_revoked() {
             return Err(OverLimit {
                 limit: Limit::Revoked,
@@ -267,7 +326,7 @@ impl Used {
 }
 
 /// Time until the next UTC midnight.
-fn until_next_utc_day(now: SystemTime) -> Duration {
+pub(super) fn until_next_utc_day(now: SystemTime) -> Duration {
     let secs = now.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs());
     Duration::from_secs(86_400 - secs % 86_400)
 }
@@ -382,44 +441,46 @@ mod tests {
     fn requests_per_minute_refuse_the_next_request_until_the_oldest_ages_out() {
         let key = KeyState::new(record(Some(2), None, None, None), 0.0, "2026-12-06".into(), 0);
         let t0 = Instant::now();
-        key.admit("tiny", t0, "2026-12-06").unwrap();
-        key.admit("tiny", t0 + Duration::from_secs(10), "2026-12-06").unwrap();
+        key.admit_at("tiny", t0, "2026-12-06").unwrap();
+        key.admit_at("tiny", t0 + Duration::from_secs(10), "2026-12-06")
+            .unwrap();
         let refused = key
-            .admit("tiny", t0 + Duration::from_secs(20), "2026-12-06")
+            .admit_at("tiny", t0 + Duration::from_secs(20), "2026-12-06")
             .unwrap_err();
         assert_eq!(refused.limit, Limit::RequestsPerMinute(2));
         assert_eq!(refused.retry_after, Some(Duration::from_secs(40)));
-        key.admit("tiny", t0 + Duration::from_secs(60), "2026-12-06").unwrap();
+        key.admit_at("tiny", t0 + Duration::from_secs(60), "2026-12-06")
+            .unwrap();
     }
 
     #[test]
     fn token_limits_refuse_once_reached_and_a_new_day_starts_over() {
         let key = KeyState::new(record(None, Some(100), Some(150), None), 0.0, "2026-12-06".into(), 0);
         let t0 = Instant::now();
-        key.admit("tiny", t0, "2026-12-06").unwrap();
+        key.admit_at("tiny", t0, "2026-12-06").unwrap();
         // One request may cross the limit; the next is refused.
         key.charge(120, 0.0, t0, "2026-12-06");
         let refused = key
-            .admit("tiny", t0 + Duration::from_secs(1), "2026-12-06")
+            .admit_at("tiny", t0 + Duration::from_secs(1), "2026-12-06")
             .unwrap_err();
         assert_eq!(refused.limit, Limit::TokensPerMinute(100));
         assert_eq!(refused.retry_after, Some(Duration::from_secs(59)));
         // A minute later the minute's tokens are gone, but the day's count holds.
-        key.admit("tiny", t0 + MINUTE, "2026-12-06").unwrap();
+        key.admit_at("tiny", t0 + MINUTE, "2026-12-06").unwrap();
         key.charge(40, 0.0, t0 + MINUTE, "2026-12-06");
-        let refused = key.admit("tiny", t0 + 2 * MINUTE, "2026-12-06").unwrap_err();
+        let refused = key.admit_at("tiny", t0 + 2 * MINUTE, "2026-12-06").unwrap_err();
         assert_eq!(refused.limit, Limit::TokensPerDay(150));
-        key.admit("tiny", t0 + 3 * MINUTE, "2026-12-07").unwrap();
+        key.admit_at("tiny", t0 + 3 * MINUTE, "2026-12-07").unwrap();
     }
 
     #[test]
     fn a_spent_budget_and_other_models_are_refused() {
         let key = KeyState::new(record(None, None, None, Some(1.0)), 0.5, "2026-12-06".into(), 0);
         let t0 = Instant::now();
-        assert_eq!(key.admit("other", t0, "2026-12-06").unwrap_err().limit, Limit::Model);
-        key.admit("tiny-2", t0, "2026-12-06").unwrap();
+        assert_eq!(key.admit_at("other", t0, "2026-12-06").unwrap_err().limit, Limit::Model);
+        key.admit_at("tiny-2", t0, "2026-12-06").unwrap();
         key.charge(10, 0.5, t0, "2026-12-06");
-        let refused = key.admit("tiny", t0, "2026-12-06").unwrap_err();
+        let refused = key.admit_at("tiny", t0, "2026-12-06").unwrap_err();
         assert_eq!(refused.limit, Limit::Budget(1.0));
         assert_eq!(refused.retry_after, None);
         assert_eq!(key.budget_left(), Some(0.0));

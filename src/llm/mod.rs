@@ -3,7 +3,8 @@
 //!
 //! - `http`: the endpoints, streams passed on event by event and metered as they pass;
 //! - `provider`: one request to a provider (its key added, its timeouts);
-//! - `keys`: keys found by hash, and their limits; `db`: the SQLite `store` on a thread of its own;
+//! - `keys`: keys found by hash, and their limits; `db`: the key database, the SQLite `store` on a thread of its
+//!   own or `redis_store` for several instances;
 //! - `sse`: server-sent events read incrementally;
 //! - `anthropic`: requests, answers and streams translated between the OpenAI API and Anthropic's Messages API.
 
@@ -15,11 +16,11 @@ pub mod meter;
 pub mod metrics;
 mod provider;
 mod realtime;
+mod redis_store;
 pub mod sse;
 pub mod store;
 pub mod ws;
 
-use std::path::Path;
 use std::sync::Arc;
 
 use arc_swap::ArcSwapOption;
@@ -28,7 +29,7 @@ pub use db::{Db, DbError};
 use keys::{KeyState, Keys};
 
 use crate::config::LlmSettings;
-use crate::config::llm::Provider;
+use crate::config::llm::{LlmDatabase, Provider};
 
 /// What the gateway keeps across reloads: the database it has open and the keys it has seen (with what they used).
 #[derive(Default)]
@@ -45,16 +46,11 @@ impl Gateway {
         let Some(settings) = settings else {
             return Ok(());
         };
-        if self
-            .db
-            .load()
-            .as_deref()
-            .is_some_and(|db| db.path() == settings.database)
-        {
+        if self.db.load().as_deref().is_some_and(|db| db.is(&settings.database)) {
             return Ok(());
         }
         let db = Db::open(&settings.database)?;
-        tracing::info!(database = %settings.database.display(), "LLM key database open");
+        tracing::info!(database = %settings.database, "LLM key database open");
         // Another database: its ids name other keys. The old one's thread ends once the requests still holding it
         // are done, writing their usage rows.
         self.keys.clear();
@@ -98,9 +94,9 @@ impl Gateway {
         self.db.load().as_deref().cloned()
     }
 
-    /// Opens the database at `path` for a command (`wsgate llm-key`), outside a running gateway.
-    pub fn open_db(path: &Path) -> Result<Db, DbError> {
-        Db::open(path)
+    /// Opens the database `[llm] database` names for a command (`wsgate llm-key`), outside a running gateway.
+    pub fn open_db(database: &LlmDatabase) -> Result<Db, DbError> {
+        Db::open(database)
     }
 }
 
@@ -108,7 +104,7 @@ impl std::fmt::Debug for Gateway {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let db = self.db.load();
         f.debug_struct("Gateway")
-            .field("database", &db.as_deref().map(Db::path))
+            .field("database", &db.as_deref().map(Db::to_string))
             .finish_non_exhaustive()
     }
 }

@@ -6,7 +6,6 @@
 //! 1001 on shutdown.
 
 use std::sync::Arc;
-use std::time::SystemTime;
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
@@ -24,7 +23,6 @@ use super::http::ApiError;
 use super::keys::KeyState;
 use super::meter::Usage;
 use super::provider::{self, ProviderError};
-use super::store::day_of;
 use super::ws::{PING_EVERY, Prefixed, WRITE_TIMEOUT, refuse_upgrade, switch};
 use super::{Db, Metered};
 use crate::config::llm::{LlmSettings, Provider, ProviderKind};
@@ -138,7 +136,8 @@ async fn open(
             ),
         ));
     }
-    key.admit(model, Instant::now(), &day_of(SystemTime::now()))
+    key.admit(&db, model)
+        .await
         .map_err(|over| ApiError::from_limit(&over))?;
     let mut last = None;
     for provider in providers {
@@ -260,7 +259,7 @@ impl Session {
                     Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
                     Some(Ok(m)) => {
                         let (done, mut over) = match &m {
-                            Message::Text(text) => self.meter(text.as_str()),
+                            Message::Text(text) => self.meter(text.as_str()).await,
                             _ => (false, None),
                         };
                         // After each response the key is read again (at most every 10 s from the database): a key
@@ -298,7 +297,7 @@ impl Session {
     }
 
     /// Bills a `response.done` event's usage; `Some(why)` when the key has now reached a token limit or its budget.
-    fn meter(&self, text: &str) -> (bool, Option<String>) {
+    async fn meter(&self, text: &str) -> (bool, Option<String>) {
         // Only the events that carry usage are parsed: the rest pass without a look inside.
         if !text.contains("response.done") {
             return (false, None);
@@ -324,11 +323,7 @@ impl Session {
             metrics: self.shared.metrics.clone(),
         };
         metered.bill(usage, false, "ok");
-        let over = self
-            .key
-            .check_tokens(Instant::now(), &day_of(SystemTime::now()))
-            .err()
-            .map(|over| over.message());
+        let over = self.key.check_tokens(&self.db).await.err().map(|over| over.message());
         (true, over)
     }
 }

@@ -142,6 +142,36 @@ pub struct NewKey {
     pub budget: Option<f64>,
 }
 
+impl NewKey {
+    /// Checks what a key is to be issued with, as every store does before it issues one.
+    pub fn check(&self) -> Result<(), StoreError> {
+        let owner_chars = self.owner.chars().count();
+        if owner_chars == 0 {
+            return Err(StoreError::EmptyOwner);
+        }
+        if owner_chars > MAX_OWNER_CHARS {
+            return Err(StoreError::OwnerTooLong(owner_chars));
+        }
+        if self.owner.chars().any(char::is_control) {
+            return Err(StoreError::OwnerControl);
+        }
+        if self.models.iter().any(|m| m.trim().is_empty()) {
+            return Err(StoreError::EmptyModel);
+        }
+        if self.requests_per_minute == Some(0) {
+            return Err(StoreError::ZeroLimit("requests_per_minute"));
+        }
+        limit("tokens_per_minute", self.tokens_per_minute)?;
+        limit("tokens_per_day", self.tokens_per_day)?;
+        if let Some(budget) = self.budget
+            && !(budget.is_finite() && budget > 0.0)
+        {
+            return Err(StoreError::BadBudget(budget));
+        }
+        Ok(())
+    }
+}
+
 /// A key just issued: the only time its secret is seen, as only its hash is stored.
 pub struct Issued {
     pub id: i64,
@@ -324,29 +354,9 @@ impl Store {
 
     /// Issues a key: random, returned once in [`Issued`]; only its SHA-256 and a hint are stored.
     pub fn add_key(&self, new: &NewKey) -> Result<Issued, StoreError> {
-        let owner_chars = new.owner.chars().count();
-        if owner_chars == 0 {
-            return Err(StoreError::EmptyOwner);
-        }
-        if owner_chars > MAX_OWNER_CHARS {
-            return Err(StoreError::OwnerTooLong(owner_chars));
-        }
-        if new.owner.chars().any(char::is_control) {
-            return Err(StoreError::OwnerControl);
-        }
-        if new.models.iter().any(|m| m.trim().is_empty()) {
-            return Err(StoreError::EmptyModel);
-        }
-        if new.requests_per_minute == Some(0) {
-            return Err(StoreError::ZeroLimit("requests_per_minute"));
-        }
+        new.check()?;
         let tokens_per_minute = limit("tokens_per_minute", new.tokens_per_minute)?;
         let tokens_per_day = limit("tokens_per_day", new.tokens_per_day)?;
-        if let Some(budget) = new.budget
-            && !(budget.is_finite() && budget > 0.0)
-        {
-            return Err(StoreError::BadBudget(budget));
-        }
         let models = serde_json::to_string(&new.models).map_err(|e| StoreError::Corrupt {
             path: self.path.clone(),
             detail: format!("cannot write the models as JSON: {e}"),
@@ -693,20 +703,20 @@ fn to_i64(what: &'static str, value: u64) -> Result<i64, StoreError> {
 }
 
 /// A new key: the prefix and 32 random bytes in unpadded base64url (43 characters).
-fn new_secret() -> Result<String, StoreError> {
+pub(super) fn new_secret() -> Result<String, StoreError> {
     let mut bytes = [0u8; 32];
     getrandom::fill(&mut bytes).map_err(StoreError::Random)?;
     Ok(format!("{KEY_PREFIX}{}", URL_SAFE_NO_PAD.encode(bytes)))
 }
 
 /// `sk-wsg-…` and the last 4 characters of a key.
-fn hint(key: &str) -> String {
+pub(super) fn hint(key: &str) -> String {
     let tail: Vec<char> = key.chars().rev().take(4).collect();
     let tail: String = tail.into_iter().rev().collect();
     format!("{KEY_PREFIX}…{tail}")
 }
 
-fn unix_now() -> i64 {
+pub(super) fn unix_now() -> i64 {
     let secs = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
     i64::try_from(secs).unwrap_or(i64::MAX)
 }
@@ -768,7 +778,7 @@ fn days_in_month(year: u32, month: u32) -> u32 {
 }
 
 /// A day as usage rows keep it: `YYYY-MM-DD`, a real date (so that text order is date order).
-fn check_day(day: &str) -> Result<(), StoreError> {
+pub(super) fn check_day(day: &str) -> Result<(), StoreError> {
     let bytes = day.as_bytes();
     let number = |range: std::ops::Range<usize>| -> Option<u32> {
         let digits = bytes.get(range)?;

@@ -11,7 +11,7 @@ use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
@@ -31,7 +31,6 @@ use super::http::ApiError;
 use super::keys::{KeyRefusal, KeyState};
 use super::meter::{Chunk, Meter, estimate_prompt_tokens, prompt_text};
 use super::metrics::Clock;
-use super::store::day_of;
 use super::{Metered, provider, sse};
 use crate::config::llm::{LlmSettings, Provider};
 use crate::conn::Conn;
@@ -323,7 +322,7 @@ impl Socket {
                 return;
             }
         }
-        if let Err(over) = self.key.admit(&model, Instant::now(), &day_of(SystemTime::now())) {
+        if let Err(over) = self.key.admit(&db, &model).await {
             let api = ApiError::from_limit(&over);
             let mut e = error(Some(&id), api.status, &api.message);
             if let Some(after) = over.retry_after {

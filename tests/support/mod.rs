@@ -8,10 +8,12 @@
 pub mod anthropic_standin;
 pub mod binary;
 pub mod frames;
+pub mod gateway_http;
 pub mod llm;
 pub mod openai_standin;
 pub mod peers;
 pub mod raw;
+pub mod redis;
 pub mod scripted;
 pub mod tls;
 

@@ -10,7 +10,8 @@ use toml::Spanned;
 use super::{Dur, Report, Size, unique_name};
 use crate::config::llm::{
     DEFAULT_FIRST_TOKEN_TIMEOUT, DEFAULT_LLM_CONNECT_TIMEOUT, DEFAULT_LLM_WEIGHT, DEFAULT_MAX_REQUEST_BODY,
-    DEFAULT_TOKEN_TIMEOUT, LlmSettings, MAX_LLM_WEIGHT, ModelPattern, Price, Provider, ProviderKind, Secret,
+    DEFAULT_TOKEN_TIMEOUT, LlmDatabase, LlmSettings, MAX_LLM_WEIGHT, ModelPattern, Price, Provider, ProviderKind,
+    Secret,
 };
 
 /// The database file when `[llm]` names none.
@@ -64,11 +65,18 @@ pub(super) fn build(raw: &Spanned<RawLlm>, report: &mut Report<'_>) -> Option<Ll
     let l = raw.get_ref();
     let database = match &l.database {
         Some(path) if path.get_ref().trim().is_empty() => {
-            report.key(path, "llm.database", "expected a file name");
+            report.key(path, "llm.database", "expected a file name or a redis:// URL");
             return None;
         }
-        Some(path) => report.path(path.get_ref()),
-        None => report.path(DEFAULT_DATABASE),
+        Some(url) if url.get_ref().starts_with("redis") && url.get_ref().contains("://") => {
+            if let Err(why) = crate::cluster::redis::check_url(url.get_ref()) {
+                report.key(url, "llm.database", format!("not a Redis URL: {why}"));
+                return None;
+            }
+            LlmDatabase::Redis(url.get_ref().clone())
+        }
+        Some(path) => LlmDatabase::File(report.path(path.get_ref())),
+        None => LlmDatabase::File(report.path(DEFAULT_DATABASE)),
     };
     let mut names = HashSet::new();
     let mut providers = Vec::with_capacity(l.provider.len());

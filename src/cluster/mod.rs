@@ -1,0 +1,3 @@
+//! What several wsgate instances share: a Redis server (`redis`).
+
+pub mod redis;
