@@ -418,6 +418,50 @@ async fn a_provider_that_is_down_busy_or_failing_hands_over_to_the_next_before_t
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_that_fails_before_its_first_token_hands_over_to_the_next_provider_and_is_billed_once() {
+    let dir = Dir::new("first-token");
+    let failing = Standin::start(3).await;
+    failing.failing_streams.store(true, std::sync::atomic::Ordering::SeqCst);
+    let standin = Standin::start(3).await;
+    let proxy = Proxy::from_toml(&config(&dir, &[failing.base_url(), standin.base_url()]));
+    let key = issue(&dir.db(), key_for("a"));
+    let served = request(
+        proxy.addr,
+        "POST",
+        "/v1/chat/completions",
+        Some(&key),
+        Some(&chat("tiny", true)),
+    )
+    .await;
+    assert_eq!(served.status, 200, "{}", served.body);
+    let events = served.events();
+    assert!(!served.body.contains("error"), "{}", served.body);
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"), "{events:?}");
+    assert_eq!(events.iter().filter(|e| e.contains("tok")).count(), 3, "{events:?}");
+    assert_eq!((failing.requests().len(), standin.requests().len()), (1, 1));
+    let rows = usage_rows(&dir.db(), key_id(&dir.db(), &key), 1).await;
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!((rows[0].requests, rows[0].completion_tokens), (1, 3));
+
+    // With no provider left to try, the failure is passed on as the stream has it.
+    standin.failing_streams.store(true, std::sync::atomic::Ordering::SeqCst);
+    let failed = request(
+        proxy.addr,
+        "POST",
+        "/v1/chat/completions",
+        Some(&key),
+        Some(&chat("tiny", true)),
+    )
+    .await;
+    assert_eq!(failed.status, 200);
+    let events = failed.events();
+    assert_eq!(events.len(), 1, "{events:?}");
+    let error: Value = serde_json::from_str(&events[0]).unwrap();
+    assert_eq!(error["error"]["code"], "provider_error");
+    assert!(!failed.body.contains("overloaded"), "the provider's words reached the client");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_cut_by_the_provider_ends_with_an_error_event_and_bills_what_was_streamed() {
     let dir = Dir::new("cut");
     let standin = Standin::start(5).await;

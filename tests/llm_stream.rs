@@ -18,17 +18,26 @@ use wsgate::llm::store::{NewKey, Store, UsageFilter};
 
 /// wsgate with one provider (the stand-in) and a key; the folder holding the database.
 fn gateway(name: &str, standin: &Standin, new: NewKey) -> (Proxy, String, TempDir) {
+    gateway_over(name, &[standin], new)
+}
+
+/// [`gateway`] with several providers, tried in order.
+fn gateway_over(name: &str, standins: &[&Standin], new: NewKey) -> (Proxy, String, TempDir) {
     let dir = TempDir::new(&format!("llm-stream-{name}"));
     let db = dir.join("llm.db");
-    let text = format!(
+    let mut text = format!(
         "[admin]\naddress = \"127.0.0.1:0\"\n[[listener]]\nname = \"main\"\naddress = \"127.0.0.1:0\"\n[llm]\ndatabase = \"{}\"\n\
          [[llm.price]]\nmodel = \"*\"\ninput = 1.0\noutput = 2.0\n\
-         [[llm.provider]]\nname = \"p\"\nkind = \"openai\"\nbase_url = \"{}\"\n\
-         models = [\"tiny\", \"paced\", \"slow\", \"broken\", \"garbage\"]\n\
          [[route]]\npath_prefix = \"/v1\"\nkind = \"llm\"\n",
         db.display(),
-        standin.base_url()
     );
+    for (i, standin) in standins.iter().enumerate() {
+        text.push_str(&format!(
+            "[[llm.provider]]\nname = \"p{i}\"\nkind = \"openai\"\nbase_url = \"{}\"\n\
+             models = [\"tiny\", \"paced\", \"slow\", \"broken\", \"garbage\"]\n",
+            standin.base_url()
+        ));
+    }
     let proxy = Proxy::from_toml(&text);
     let key = Store::open(&db).unwrap().add_key(&new).unwrap().key;
     (proxy, key, dir)
@@ -347,4 +356,22 @@ async fn a_key_revoked_while_its_socket_is_open_is_refused_on_the_next_request()
         (Some("error"), Some(401)),
         "{m}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_that_fails_before_its_first_token_hands_over_to_the_next_provider() {
+    let failing = Standin::start(4).await;
+    failing.failing_streams.store(true, std::sync::atomic::Ordering::SeqCst);
+    let standin = Standin::start(4).await;
+    let (proxy, key, _dir) = gateway_over("first-token", &[&failing, &standin], owner("a"));
+    let mut ws = open(&proxy, &key).await;
+    send(&mut ws, request("r1", "tiny")).await;
+    let seen = until_end(&mut ws, "r1").await;
+    let deltas: Vec<&Value> = seen.iter().filter(|m| m["type"] == "delta").collect();
+    assert_eq!(deltas.len(), 4, "{seen:?}");
+    let done = seen.last().unwrap();
+    assert_eq!(done["type"], "done", "{done}");
+    assert_eq!(done["finish_reason"], "stop");
+    assert_eq!(done["usage"]["completion_tokens"], 4);
+    assert_eq!((failing.requests().len(), standin.requests().len()), (1, 1));
 }

@@ -304,7 +304,7 @@ async fn handle(
         let body = Value::Object(object.clone());
         tracing::debug!(key = key.id(), model = %model, body = %body, "LLM request body");
     }
-    let metered = Metered {
+    let mut metered = Metered {
         settings: settings.clone(),
         key: key.clone(),
         model: model.clone(),
@@ -313,7 +313,8 @@ async fn handle(
     };
     let mut last = None;
     let mut tried = 0;
-    for provider in providers {
+    let count = providers.len();
+    for (i, provider) in providers.into_iter().enumerate() {
         let (path, body) = match provider::request_for(provider, endpoint.provider_path(), object) {
             // This provider has no such endpoint (an Anthropic one serves chat only).
             None => continue,
@@ -322,18 +323,26 @@ async fn handle(
         };
         tried += 1;
         match provider::send(provider, Method::POST, path, Some(body), stream).await {
-            Ok(answer) => {
-                return Ok(if stream && answer.status().is_success() {
-                    // A provider that may report no usage in its stream has the prompt counted by its tokenizer.
-                    let tokenize = provider
-                        .tokenize_url
-                        .as_ref()
-                        .map(|_| Box::new((provider.clone(), prompt_text(object))));
-                    streamed(answer, provider, metered, usage_asked, prompt_estimate, tokenize)
-                } else {
-                    whole(answer, provider, metered, prompt_estimate).await
-                });
+            Ok(answer) if stream && answer.status().is_success() => {
+                // A provider that may report no usage in its stream has the prompt counted by its tokenizer.
+                let tokenize = provider
+                    .tokenize_url
+                    .as_ref()
+                    .map(|_| Box::new((provider.clone(), prompt_text(object))));
+                let mut s = Stream::new(answer.into_body(), provider, metered, usage_asked, prompt_estimate, tokenize);
+                // The answer's head waits for the first token: a stream that fails before it has sent the client
+                // nothing, and the next provider is tried (the last one's failure is passed on as its stream has it).
+                if s.failed_before_first_token().await && i + 1 < count {
+                    tracing::warn!(model = %model, provider = %provider.name, "LLM provider's stream failed before its first token; trying the next provider");
+                    match s.abandon() {
+                        Some(m) => metered = m,
+                        None => return Ok(s.respond()),
+                    }
+                    continue;
+                }
+                return Ok(s.respond());
             }
+            Ok(answer) => return Ok(whole(answer, provider, metered, prompt_estimate).await),
             Err(e) => {
                 tracing::warn!(model = %model, error = %e, "LLM provider failed");
                 metrics.llm.provider_error(&provider.name, e.kind());
@@ -513,44 +522,6 @@ async fn whole(
     json_response(StatusCode::OK, &answer)
 }
 
-fn streamed(
-    answer: Response<Incoming>,
-    provider: &Provider,
-    metered: Metered,
-    usage_asked: bool,
-    prompt_estimate: u64,
-    tokenize: Option<Box<(Provider, String)>>,
-) -> Response<Body> {
-    let token_timeout = provider.token_timeout;
-    let (parts, body) = answer.into_parts();
-    let clock = Clock::start(&metered.metrics.llm, metered.label());
-    let stream = Stream {
-        upstream: body,
-        clock,
-        outcome: "cancelled",
-        provider: provider.name.clone(),
-        reader: sse::Reader::default(),
-        out: VecDeque::new(),
-        meter: Meter::new(prompt_estimate, metered.settings.log_bodies),
-        format: provider::StreamFormat::of(provider, &metered.model),
-        tokenize,
-        strip_usage: !usage_asked,
-        ended: false,
-        token_timeout,
-        // Until the first token, the provider has its first_token_timeout; then token_timeout between chunks.
-        timer: Box::pin(tokio::time::sleep(provider.first_token_timeout)),
-        metered: Some(metered),
-    };
-    let mut resp = Response::new(Body::Stream(Box::new(stream)));
-    *resp.status_mut() = parts.status;
-    let headers = resp.headers_mut();
-    headers.insert(
-        http::header::CONTENT_TYPE,
-        HeaderValue::from_static("text/event-stream"),
-    );
-    headers.insert(http::header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    resp
-}
 
 /// A provider's event stream on its way to the client: each event read, its usage and tokens noted, the usage
 /// chunk left out when the client did not ask for it. Billed when it ends, or when it is dropped (the client went
@@ -578,6 +549,63 @@ pub struct Stream {
 }
 
 impl Stream {
+    fn new(
+        upstream: Incoming,
+        provider: &Provider,
+        metered: Metered,
+        usage_asked: bool,
+        prompt_estimate: u64,
+        tokenize: Option<Box<(Provider, String)>>,
+    ) -> Stream {
+        Stream {
+            upstream,
+            clock: Clock::start(&metered.metrics.llm, metered.label()),
+            outcome: "cancelled",
+            provider: provider.name.clone(),
+            reader: sse::Reader::default(),
+            out: VecDeque::new(),
+            meter: Meter::new(prompt_estimate, metered.settings.log_bodies),
+            format: provider::StreamFormat::of(provider, &metered.model),
+            tokenize,
+            strip_usage: !usage_asked,
+            ended: false,
+            token_timeout: provider.token_timeout,
+            // Until the first token, the provider has its first_token_timeout; then token_timeout between chunks.
+            timer: Box::pin(tokio::time::sleep(provider.first_token_timeout)),
+            metered: Some(metered),
+        }
+    }
+
+    /// Reads the provider's stream up to its first token (or its end), keeping what it read for the client; true
+    /// when it failed before a token (broke off, stalled, sent an error or garbage).
+    async fn failed_before_first_token(&mut self) -> bool {
+        std::future::poll_fn(|cx| {
+            while !(self.ended || self.meter.has_text()) {
+                std::task::ready!(self.poll_upstream(cx));
+            }
+            Poll::Ready(())
+        })
+        .await;
+        self.outcome == "error" && !self.meter.has_text()
+    }
+
+    /// Gives up on a stream nothing of which reached the client: what billing needs, for the next provider.
+    fn abandon(&mut self) -> Option<Metered> {
+        self.metered.take()
+    }
+
+    /// The answer to the client: 200 and the event stream, from what was read so far on.
+    fn respond(self) -> Response<Body> {
+        let mut resp = Response::new(Body::Stream(Box::new(self)));
+        let headers = resp.headers_mut();
+        headers.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("text/event-stream"),
+        );
+        headers.insert(http::header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+        resp
+    }
+
     fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Bytes>> {
         loop {
             if let Some(bytes) = self.out.pop_front() {
@@ -587,35 +615,41 @@ impl Stream {
                 self.finish();
                 return Poll::Ready(None);
             }
-            match Pin::new(&mut self.upstream).poll_frame(cx) {
-                Poll::Ready(Some(Ok(frame))) => {
-                    if let Ok(data) = frame.into_data() {
-                        self.read(&data);
-                        if self.meter.has_text() {
-                            self.timer.as_mut().reset(Instant::now() + self.token_timeout);
-                        }
+            std::task::ready!(self.poll_upstream(cx));
+        }
+    }
+
+    /// One step of the provider's stream: a piece of it read, its end, its failure or its timer.
+    fn poll_upstream(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        match Pin::new(&mut self.upstream).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Ok(data) = frame.into_data() {
+                    self.read(&data);
+                    if self.meter.has_text() {
+                        self.timer.as_mut().reset(Instant::now() + self.token_timeout);
                     }
                 }
-                Poll::Ready(None) => {
-                    self.ended = true;
-                    if self.outcome == "cancelled" {
-                        self.outcome = "ok";
-                    }
+            }
+            Poll::Ready(None) => {
+                self.ended = true;
+                if self.outcome == "cancelled" {
+                    self.outcome = "ok";
                 }
-                Poll::Ready(Some(Err(e))) => {
-                    tracing::warn!(error = %e, "LLM provider's stream broke off");
-                    self.fail("the provider's stream broke off");
-                }
-                Poll::Pending => {
-                    if self.timer.as_mut().poll(cx).is_ready() {
-                        tracing::warn!(first_token = !self.meter.has_text(), "LLM provider's stream stalled");
-                        self.fail("the provider sent no token in time");
-                        continue;
-                    }
+            }
+            Poll::Ready(Some(Err(e))) => {
+                tracing::warn!(error = %e, "LLM provider's stream broke off");
+                self.fail("the provider's stream broke off");
+            }
+            Poll::Pending => {
+                if self.timer.as_mut().poll(cx).is_ready() {
+                    tracing::warn!(first_token = !self.meter.has_text(), "LLM provider's stream stalled");
+                    self.fail("the provider sent no token in time");
+                } else {
                     return Poll::Pending;
                 }
             }
         }
+        Poll::Ready(())
     }
 
     fn read(&mut self, data: &[u8]) {

@@ -108,6 +108,15 @@ impl Meter {
         }
     }
 
+    /// Forgets what a stream that failed before its first token reported, for the next provider's.
+    pub fn restart(&mut self) {
+        self.reported = None;
+        self.chunks = 0;
+        if let Some(text) = &mut self.text {
+            text.clear();
+        }
+    }
+
     pub fn note(&mut self, chunk: &Chunk) {
         if let Some(usage) = chunk.usage {
             self.reported = Some(usage);

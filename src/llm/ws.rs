@@ -465,10 +465,12 @@ impl Run {
         let _ = self.out.send(Out::Finished(self.id.clone())).await;
     }
 
-    /// Streams from the first provider that answers; `delta`s go out as chunks arrive.
+    /// Streams from the first provider that answers and sends a first token; `delta`s go out as chunks arrive. A
+    /// stream that fails before its first token (broken off, stalled, an error event) has sent the client nothing:
+    /// the next provider is tried. Once a token went out, a failure ends the request.
     async fn stream(&mut self, providers: &[Provider], request: &Map<String, Value>) -> Finish {
-        let mut answer = None;
         let mut last_error = None;
+        let mut failed = None;
         for provider in providers {
             let (path, body) = match provider::request_for(provider, "/chat/completions", request) {
                 None => continue,
@@ -478,12 +480,18 @@ impl Run {
             match provider::send(provider, Method::POST, path, Some(body), true).await {
                 Ok(a) if a.status().is_success() => {
                     self.served = Some(provider.clone());
-                    answer = Some((
-                        a,
-                        (provider.first_token_timeout, provider.token_timeout),
-                        provider::StreamFormat::of(provider, &self.model),
-                    ));
-                    break;
+                    match self.relay(a, provider).await {
+                        Finish::Failed(why) if !self.meter.has_text() => {
+                            tracing::warn!(model = %self.model, provider = %provider.name, why, "LLM provider's stream failed before its first token; trying the next provider");
+                            if let Some(m) = &self.metered {
+                                m.metrics.llm.provider_error(&provider.name, "stream");
+                            }
+                            self.meter.restart();
+                            self.finish_reason = None;
+                            failed = Some(why);
+                        }
+                        finish => return finish,
+                    }
                 }
                 Ok(a) => {
                     tracing::warn!(model = %self.model, status = %a.status(), "LLM provider refused a stream request");
@@ -502,16 +510,23 @@ impl Run {
                 }
             }
         }
-        let Some((answer, (first_token_timeout, token_timeout), mut format)) = answer else {
-            return Finish::Unserved(match last_error {
-                Some(provider::ProviderError::Status {
-                    status: StatusCode::TOO_MANY_REQUESTS,
-                    ..
-                }) => "the model's providers are busy",
-                Some(provider::ProviderError::Timeout { .. }) => "the model's provider did not answer in time",
-                _ => "the model's provider is unavailable",
-            });
-        };
+        if let Some(why) = failed {
+            return Finish::Failed(why);
+        }
+        Finish::Unserved(match last_error {
+            Some(provider::ProviderError::Status {
+                status: StatusCode::TOO_MANY_REQUESTS,
+                ..
+            }) => "the model's providers are busy",
+            Some(provider::ProviderError::Timeout { .. }) => "the model's provider did not answer in time",
+            _ => "the model's provider is unavailable",
+        })
+    }
+
+    /// Relays one provider's stream as `delta`s, to its end, its failure, or the key's budget.
+    async fn relay(&mut self, answer: http::Response<hyper::body::Incoming>, provider: &Provider) -> Finish {
+        let (first_token_timeout, token_timeout) = (provider.first_token_timeout, provider.token_timeout);
+        let mut format = provider::StreamFormat::of(provider, &self.model);
         let mut body = answer.into_body();
         let mut reader = sse::Reader::default();
         // Until the first token, the provider has its first_token_timeout; then token_timeout between chunks.

@@ -2,7 +2,8 @@
 //! `tokens` chunks per request (one token each, `tok0 `, `tok1 `, …), reports usage as the OpenAI API does
 //! (`usage` in a JSON answer; a last chunk with empty `choices` when `stream_options.include_usage` is set), and
 //! records every request it got. Model names steer it: `busy` answers 429 with `Retry-After: 7`, `broken` answers
-//! 500, `unauthorized` 401 (naming its key, as OpenAI does), `rejected` 400, `garbage` answers HTML (a stream: one chunk, then an event that is not JSON), `cut` breaks its stream off after two chunks, `slow` waits a second between tokens, `paced` 20 ms, `late` a second before the first.
+//! 500, `unauthorized` 401 (naming its key, as OpenAI does), `rejected` 400, `garbage` answers HTML (a stream: one chunk, then an event that is not JSON), `cut` breaks its stream off after two chunks, `slow` waits a second between tokens, `paced` 20 ms, `late` a second before the first. With `failing_streams` set, every stream fails before its first
+//! token.
 
 // The record of requests is pushed to and copied under a lock held for nothing else.
 #![allow(clippy::disallowed_types)]
@@ -32,6 +33,8 @@ pub struct Standin {
     pub seen: Arc<Mutex<Vec<Seen>>>,
     /// Streams still being written (a client gone stops them: the connection closes).
     pub open_streams: Arc<std::sync::atomic::AtomicUsize>,
+    /// While set, every stream fails before its first token: 200, then an error event, as an overloaded server's.
+    pub failing_streams: Arc<std::sync::atomic::AtomicBool>,
     task: JoinHandle<()>,
 }
 
@@ -68,12 +71,17 @@ impl Standin {
         let addr = listener.local_addr().expect("addr");
         let seen = Arc::new(Mutex::new(Vec::new()));
         let open_streams = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let (seen2, open2) = (seen.clone(), open_streams.clone());
-        let task = super::serve_http(listener, move |req| answer(req, tokens, seen2.clone(), open2.clone()));
+        let failing_streams = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (seen2, open2, failing2) = (seen.clone(), open_streams.clone(), failing_streams.clone());
+        let task = super::serve_http(listener, move |req| {
+            let failing = failing2.load(std::sync::atomic::Ordering::SeqCst);
+            answer(req, tokens, seen2.clone(), open2.clone(), failing)
+        });
         Standin {
             addr,
             seen,
             open_streams,
+            failing_streams,
             task,
         }
     }
@@ -95,6 +103,7 @@ async fn answer(
     tokens: usize,
     seen: Arc<Mutex<Vec<Seen>>>,
     open: Arc<std::sync::atomic::AtomicUsize>,
+    failing_streams: bool,
 ) -> hyper::Response<Body> {
     let path = req.uri().path().to_string();
     let authorization = req
@@ -156,6 +165,13 @@ async fn answer(
                 "usage": usage,
             }),
         );
+    }
+    if failing_streams {
+        let text = "data: {\"error\":{\"message\":\"overloaded\",\"type\":\"server_error\"}}\n\n";
+        let mut resp = hyper::Response::new(Full::new(Bytes::from(text)).map_err(|never| match never {}).boxed());
+        resp.headers_mut()
+            .insert("content-type", "text/event-stream".parse().unwrap());
+        return resp;
     }
     let include_usage = body["stream_options"]["include_usage"].as_bool().unwrap_or(false);
     open.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
