@@ -324,12 +324,16 @@ async fn handle(
         tried += 1;
         match provider::send(provider, Method::POST, path, Some(body), stream).await {
             Ok(answer) if stream && answer.status().is_success() => {
-                // A provider that may report no usage in its stream has the prompt counted by its tokenizer.
-                let tokenize = provider
-                    .tokenize_url
-                    .as_ref()
-                    .map(|_| Box::new((provider.clone(), prompt_text(object))));
-                let mut s = Stream::new(answer.into_body(), provider, metered, usage_asked, prompt_estimate, tokenize);
+                // A stream the provider reports no usage for has its prompt counted by a tokenizer.
+                let tokenize = Box::new((provider.clone(), prompt_text(object)));
+                let mut s = Stream::new(
+                    answer.into_body(),
+                    provider,
+                    metered,
+                    usage_asked,
+                    prompt_estimate,
+                    tokenize,
+                );
                 // The answer's head waits for the first token: a stream that fails before it has sent the client
                 // nothing, and the next provider is tried (the last one's failure is passed on as its stream has it).
                 if s.failed_before_first_token().await && i + 1 < count {
@@ -342,7 +346,7 @@ async fn handle(
                 }
                 return Ok(s.respond());
             }
-            Ok(answer) => return Ok(whole(answer, provider, metered, prompt_estimate).await),
+            Ok(answer) => return Ok(whole(answer, provider, metered, object).await),
             Err(e) => {
                 tracing::warn!(model = %model, error = %e, "LLM provider failed");
                 metrics.llm.provider_error(&provider.name, e.kind());
@@ -441,7 +445,7 @@ async fn whole(
     answer: Response<Incoming>,
     provider: &Provider,
     metered: Metered,
-    prompt_estimate: u64,
+    request: &serde_json::Map<String, Value>,
 ) -> Response<Body> {
     let (parts, body) = answer.into_parts();
     let limited = http_body_util::Limited::new(body, MAX_ANSWER_BYTES);
@@ -503,7 +507,7 @@ async fn whole(
     };
     match answer.get("usage").and_then(Usage::of) {
         Some(usage) => metered.bill(usage, false, "ok"),
-        // Served without a usage report: counted (the text's characters, four to a token).
+        // Served without a usage report: the prompt and the completion counted by a tokenizer.
         None => {
             let text: String = answer["choices"]
                 .as_array()
@@ -511,17 +515,18 @@ async fn whole(
                 .flatten()
                 .filter_map(|c| c["message"]["content"].as_str().or(c["text"].as_str()))
                 .collect();
-            let completion = text.chars().count().div_ceil(4) as u64;
+            let model = metered.model.clone();
             let usage = Usage {
-                prompt: prompt_estimate,
-                completion,
+                prompt: provider::count_prompt(provider, &model, prompt_text(request))
+                    .await
+                    .unwrap_or_else(|| estimate_prompt_tokens(request)),
+                completion: provider::count_prompt(provider, &model, text).await.unwrap_or(0),
             };
             metered.bill(usage, true, "ok");
         }
     }
     json_response(StatusCode::OK, &answer)
 }
-
 
 /// A provider's event stream on its way to the client: each event read, its usage and tokens noted, the usage
 /// chunk left out when the client did not ask for it. Billed when it ends, or when it is dropped (the client went
@@ -539,7 +544,7 @@ pub struct Stream {
     meter: Meter,
     /// OpenAI's chunks as they come, or an Anthropic stream translated into them.
     format: provider::StreamFormat,
-    /// The provider with a tokenize endpoint and the prompt's text, for a stream it reports no usage for.
+    /// The provider and the prompt's text, for a stream it reports no usage for (its prompt is counted then).
     tokenize: Option<Box<(Provider, String)>>,
     strip_usage: bool,
     ended: bool,
@@ -555,7 +560,7 @@ impl Stream {
         metered: Metered,
         usage_asked: bool,
         prompt_estimate: u64,
-        tokenize: Option<Box<(Provider, String)>>,
+        tokenize: Box<(Provider, String)>,
     ) -> Stream {
         Stream {
             upstream,
@@ -566,7 +571,7 @@ impl Stream {
             out: VecDeque::new(),
             meter: Meter::new(prompt_estimate, metered.settings.log_bodies),
             format: provider::StreamFormat::of(provider, &metered.model),
-            tokenize,
+            tokenize: Some(tokenize),
             strip_usage: !usage_asked,
             ended: false,
             token_timeout: provider.token_timeout,
@@ -727,14 +732,27 @@ impl Stream {
                 tracing::debug!(key = metered.key.id(), model = %metered.model, completion = %text, "LLM completion");
             }
             let outcome = self.outcome;
-            match self.tokenize.take() {
-                Some(tokenize) if !self.meter.reported() && tokio::runtime::Handle::try_current().is_ok() => {
+            let runtime = tokio::runtime::Handle::try_current();
+            match (self.tokenize.take(), runtime) {
+                // The provider's tokenize endpoint: a request of its own.
+                (Some(tokenize), Ok(runtime)) if !self.meter.reported() && tokenize.0.tokenize_url.is_some() => {
                     let (provider, text) = *tokenize;
                     let mut meter = self.meter.clone();
-                    tokio::spawn(async move {
-                        if let Some(n) = provider::count_tokens(&provider, &metered.model, &text).await {
+                    runtime.spawn(async move {
+                        if let Some(n) = provider::count_prompt(&provider, &metered.model, text).await {
                             meter.set_prompt(n);
                         }
+                        let (usage, counted) = meter.usage();
+                        metered.bill(usage, counted, outcome);
+                    });
+                }
+                // The local tokenizer, on a blocking thread (which a runtime shutting down waits for, so the bill is
+                // not lost).
+                (Some(tokenize), Ok(runtime)) if !self.meter.reported() => {
+                    let (_, text) = *tokenize;
+                    let mut meter = self.meter.clone();
+                    runtime.spawn_blocking(move || {
+                        meter.set_prompt(super::meter::local_tokens(&metered.model, &text));
                         let (usage, counted) = meter.usage();
                         metered.bill(usage, counted, outcome);
                     });

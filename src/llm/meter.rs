@@ -205,6 +205,22 @@ pub fn prompt_text(request: &serde_json::Map<String, Value>) -> String {
 }
 
 /// A rough count of a request's prompt tokens, for a provider that reports no usage: about four characters a token.
+/// The tokens of `text` by a local tokenizer: tiktoken's `cl100k_base` for GPT-3.5 and GPT-4 models, its
+/// `o200k_base` for every other model (GPT-4o and later; for other vendors' models, a count in a vocabulary of the
+/// same kind rather than their own). The first use loads the encoding (a few hundred milliseconds): call it on a
+/// blocking thread.
+pub fn local_tokens(model: &str, text: &str) -> u64 {
+    let name = model.rsplit('/').next().unwrap_or(model);
+    let older = name.starts_with("gpt-3.5")
+        || (name.starts_with("gpt-4") && !name.starts_with("gpt-4o") && !name.starts_with("gpt-4."));
+    let bpe = if older {
+        tiktoken_rs::cl100k_base_singleton()
+    } else {
+        tiktoken_rs::o200k_base_singleton()
+    };
+    bpe.encode_ordinary(text).len() as u64
+}
+
 pub fn estimate_prompt_tokens(request: &serde_json::Map<String, Value>) -> u64 {
     // Text only: an image's or an audio clip's base64 data, and ids, are no prompt tokens.
     fn chars(v: &Value) -> usize {
@@ -230,6 +246,17 @@ pub fn estimate_prompt_tokens(request: &serde_json::Map<String, Value>) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_local_tokenizer_uses_the_models_encoding() {
+        let text = "Привет, как дела? Всё хорошо.";
+        // o200k_base for GPT-4o and for models of other vendors; cl100k_base for GPT-4 and GPT-3.5.
+        assert_eq!(local_tokens("gpt-4o-mini", text), 9);
+        assert_eq!(local_tokens("tiny", text), 9);
+        assert_eq!(local_tokens("gpt-4-turbo", text), 17);
+        assert_eq!(local_tokens("openai/gpt-3.5-turbo", text), 17);
+        assert_eq!(local_tokens("tiny", ""), 0);
+    }
 
     #[test]
     fn chunks_give_text_finish_usage_and_errors() {

@@ -276,6 +276,18 @@ pub async fn count_tokens(provider: &Provider, model: &str, text: &str) -> Optio
     counted
 }
 
+/// The tokens of a prompt (or a completion) the provider reported none for: by its tokenize endpoint where it has
+/// one, else by the local tokenizer ([`super::meter::local_tokens`]), on a blocking thread.
+pub async fn count_prompt(provider: &Provider, model: &str, text: String) -> Option<u64> {
+    if let Some(n) = count_tokens(provider, model, &text).await {
+        return Some(n);
+    }
+    let model = model.to_string();
+    tokio::task::spawn_blocking(move || super::meter::local_tokens(&model, &text))
+        .await
+        .ok()
+}
+
 /// Keeps the failure to answer the client with when no provider serves a request: a provider's 429 (busy, with its
 /// `Retry-After`) over any other, else the last.
 pub fn keep_failure(kept: &mut Option<ProviderError>, e: ProviderError) {

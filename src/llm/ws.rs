@@ -345,10 +345,7 @@ impl Socket {
             model: model.clone(),
             meter: Meter::new(estimate_prompt_tokens(&body), self.settings.log_bodies),
             clock: Clock::start(&self.shared.metrics.llm, self.settings.model_label(&model)),
-            prompt: providers
-                .iter()
-                .any(|p| p.tokenize_url.is_some())
-                .then(|| prompt_text(&body)),
+            prompt: Some(prompt_text(&body)),
             served: None,
             finish_reason: None,
             metered: Some(Metered {
@@ -375,7 +372,7 @@ struct Run {
     model: String,
     meter: Meter,
     clock: Clock,
-    /// The prompt's text, when a provider of the model has a tokenize endpoint.
+    /// The prompt's text, counted when the provider reports no usage.
     prompt: Option<String>,
     /// The provider that answered.
     served: Option<Provider>,
@@ -408,10 +405,10 @@ impl Run {
             () = cancel.cancelled() => Finish::Cancelled,
         };
         // The provider's connection is closed by now (its body was dropped with the stream above). A stream it
-        // reported no usage for has its prompt counted by its tokenizer, where it has one.
+        // reported no usage for has its prompt counted: by its tokenizer where it has one, else locally.
         if !self.meter.reported()
-            && let (Some(provider), Some(text)) = (&self.served, &self.prompt)
-            && let Some(n) = provider::count_tokens(provider, &self.model, text).await
+            && let (Some(provider), Some(text)) = (&self.served, self.prompt.take())
+            && let Some(n) = provider::count_prompt(provider, &self.model, text).await
         {
             self.meter.set_prompt(n);
         }
