@@ -16,8 +16,9 @@ const SHED_CODE: u16 = 1012;
 
 #[derive(Debug, Default)]
 pub struct StopSignal {
-    /// Why, and the close code a frames-mode connection is closed with: set once, together.
-    stop: OnceLock<(&'static str, u16)>,
+    /// Why, and the close codes a frames-mode connection is closed with (to the client, to the backend): set once,
+    /// together.
+    stop: OnceLock<(&'static str, u16, u16)>,
     /// The relay's task, woken when the signal is given.
     waker: AtomicWaker,
 }
@@ -36,13 +37,24 @@ impl StopSignal {
     /// Asks the connection to close with `code` (frames mode; a tunnel is closed at once); `false` when it was asked
     /// to close already (its first reason and code stand).
     pub fn stop_with(&self, code: u16, reason: &'static str) -> bool {
-        let first = self.stop.set((reason, code)).is_ok();
+        self.stop_split(code, code, reason)
+    }
+
+    /// Asks the connection to close with `client` to the client and `backend` to the backend (frames mode): a
+    /// session wsgate ends for its client's sake (its key's limit), whose backend did nothing wrong.
+    pub fn stop_split(&self, client: u16, backend: u16, reason: &'static str) -> bool {
+        let first = self.stop.set((reason, client, backend)).is_ok();
         self.waker.wake();
         first
     }
 
-    /// Why the connection was asked to close, and the close code, if it was.
+    /// Why the connection was asked to close, and the client's close code, if it was.
     pub fn reason(&self) -> Option<(&'static str, u16)> {
+        self.stop.get().map(|&(reason, client, _)| (reason, client))
+    }
+
+    /// Why the connection was asked to close, and the close codes to the client and to the backend, if it was.
+    pub fn codes(&self) -> Option<(&'static str, u16, u16)> {
         self.stop.get().copied()
     }
 

@@ -114,11 +114,16 @@ struct Gateway {
 }
 
 fn gateway(name: &str, providers: &[SocketAddr]) -> Gateway {
+    gateway_with(name, providers, "")
+}
+
+/// [`gateway`] with more keys of `[llm]`.
+fn gateway_with(name: &str, providers: &[SocketAddr], llm: &str) -> Gateway {
     let dir = support::TempDir::new(&format!("llm-realtime-{name}"));
     std::fs::write(dir.join("p.key"), PROVIDER_KEY).unwrap();
     let db = dir.join("llm.db");
     let mut text = format!(
-        "[[listener]]\nname = \"main\"\naddress = \"127.0.0.1:0\"\n[llm]\ndatabase = \"{}\"\n\
+        "[[listener]]\nname = \"main\"\naddress = \"127.0.0.1:0\"\n[llm]\ndatabase = \"{}\"\n{llm}\n\
          [[llm.price]]\nmodel = \"rt\"\ninput = 1.0\noutput = 1.0\n",
         db.display()
     );
@@ -284,9 +289,10 @@ async fn a_key_that_reaches_its_token_limit_mid_session_is_closed_with_1008() {
         assert_eq!(close.code, CloseCode::Policy);
         assert!(close.reason.contains("tokens per day"), "{}", close.reason);
     }
+    // The provider did nothing wrong: it is told the client is going away.
     loop {
         if let Seen::Closed(code) = seen(&mut rx).await {
-            assert_eq!(code, Some(1000));
+            assert_eq!(code, Some(1001));
             break;
         }
     }
@@ -324,4 +330,55 @@ async fn realtime_upgrades_are_refused_before_the_switch_and_fail_over_to_the_ne
     let key2 = issue(&g2, owner());
     let url = g2.proxy.url(&format!("/v1/realtime?model=rt&api_key={key2}"));
     assert_eq!(status(tokio_tungstenite::connect_async(url).await), 502);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_session_is_kept_alive_with_pings_and_a_shutdown_closes_both_sides_with_1001() {
+    let (provider, mut rx) = realtime_standin().await;
+    let g = gateway_with("pings", &[provider], "ping_interval = \"200ms\"");
+    let key = issue(&g, owner());
+    let mut ws = open(&g, &key, "rt").await;
+    assert!(matches!(seen(&mut rx).await, Seen::Handshake { .. }));
+    // The model says nothing: wsgate pings the client (whose pongs keep the session open), more than once.
+    let mut pings = 0;
+    within("two pings", async {
+        while pings < 2 {
+            match ws.next().await {
+                Some(Ok(Message::Ping(_))) => pings += 1,
+                other => panic!("expected a ping, got {other:?}"),
+            }
+        }
+    })
+    .await;
+    ws.send(Message::text(json!({"type": "session.update"}).to_string()))
+        .await
+        .unwrap();
+    assert_eq!(next_json(&mut ws).await["type"], "echo");
+
+    let Gateway { proxy, db: _db, _dir } = g;
+    let stopping = tokio::task::spawn_blocking(move || proxy.shutdown_and_join());
+    let close = within("the close", async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Close(frame))) => return frame,
+                Some(Ok(_)) => {}
+                other => panic!("expected a close, got {other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("a close frame");
+    assert_eq!(close.code, CloseCode::Away);
+    loop {
+        match seen(&mut rx).await {
+            Seen::Closed(code) => {
+                assert_eq!(code, Some(1001));
+                break;
+            }
+            Seen::Message(_) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    drop(ws);
+    within("the shutdown", stopping).await.unwrap();
 }

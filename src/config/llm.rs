@@ -19,6 +19,8 @@ pub const DEFAULT_TOKEN_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_LLM_WEIGHT: u32 = 1;
 /// The largest `weight`.
 pub const MAX_LLM_WEIGHT: u32 = 1000;
+/// How long a gateway WebSocket may be silent before wsgate pings it, unless `[llm] ping_interval` says otherwise.
+pub const DEFAULT_LLM_PING_INTERVAL: Duration = Duration::from_secs(30);
 /// The largest request body a client may send (a long conversation fits; a 10 MiB one does not).
 pub const DEFAULT_MAX_REQUEST_BODY: u64 = 4 * 1024 * 1024;
 
@@ -53,6 +55,8 @@ pub struct LlmSettings {
     pub log_bodies: bool,
     /// The largest request body accepted from a client (413 above it).
     pub max_request_body: u64,
+    /// How long a WebSocket of the gateway (`…/stream`, `…/realtime`) may be silent before wsgate pings it.
+    pub ping_interval: Duration,
 }
 
 impl LlmSettings {
@@ -231,6 +235,7 @@ mod tests {
             ],
             log_bodies: false,
             max_request_body: DEFAULT_MAX_REQUEST_BODY,
+            ping_interval: DEFAULT_LLM_PING_INTERVAL,
         };
         assert!((settings.cost("tiny", 1_000_000, 2_000_000) - 3.5).abs() < 1e-9);
         assert!((settings.cost("other", 100_000, 0) - 1.0).abs() < 1e-9);

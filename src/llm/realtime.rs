@@ -1,55 +1,39 @@
-//! Realtime passthrough (`…/realtime?model=…`): an OpenAI-style Realtime WebSocket session relayed message by
-//! message between the client and the model's provider, with the provider's key put on the upstream handshake (the
-//! client's virtual key never goes upstream). The provider's `response.done` events are metered as they pass (one
-//! usage row each), the key's token limits and budget are checked after each, and a session that has reached one
-//! is closed with 1008 and a reason. wsgate pings the client while the model is silent, and closes both sides with
-//! 1001 on shutdown.
+//! Realtime passthrough (`…/realtime?model=…`): an OpenAI-style Realtime WebSocket session relayed in frames mode
+//! (the relay every WebSocket route uses) between the client and the model's provider, with the provider's key put
+//! on the upstream handshake (the client's virtual key never goes upstream). The relay's frame tracker keeps the
+//! provider's text messages that name `response.done` as they pass (every other message goes through untouched,
+//! looked at only in its first bytes), and this module meters each one: a usage row, then the key's token limits,
+//! budget and revocation checked, and a session that has reached one is closed with 1008 and a reason. The relay
+//! pings a side silent for `[llm] ping_interval` (the client stays alive while the model is silent) and closes both sides with 1001
+//! on shutdown.
 
 use std::sync::Arc;
 
-use bytes::Bytes;
-use futures_util::{SinkExt, StreamExt};
 use http::{HeaderValue, StatusCode};
 use serde_json::Value;
-use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::time::Instant;
-use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
-use tokio_tungstenite::tungstenite::{self, Message};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
 
 use super::http::ApiError;
-use super::keys::KeyState;
+use super::keys::{KeyState, Limit, OverLimit};
 use super::meter::Usage;
 use super::provider::{self, ProviderError};
-use super::ws::{PING_EVERY, Prefixed, WRITE_TIMEOUT, refuse_upgrade, switch};
+use super::ws::{WRITE_TIMEOUT, refuse_upgrade, switch};
 use super::{Db, Metered};
+use crate::config::FrameRules;
 use crate::config::llm::{LlmSettings, Provider, ProviderKind};
 use crate::conn::Conn;
+use crate::http::handshake::{BackendAnswer, inspect_response};
+use crate::observe::Counters;
+use crate::relay;
+use crate::signal::StopSignal;
 use crate::state::Shared;
+use crate::ws::frame::Capture;
 
-/// The largest message a provider may send (audio deltas are base64 in JSON).
-const MAX_PROVIDER_MESSAGE: usize = 16 * 1024 * 1024;
-
-/// Why a Realtime session ended (for the access log).
-#[derive(Debug, thiserror::Error)]
-enum Ended {
-    #[error("closed by client")]
-    ClientClosed,
-    #[error("closed by provider")]
-    ProviderClosed,
-    #[error("client gone: {0}")]
-    Client(tungstenite::Error),
-    #[error("provider gone: {0}")]
-    Provider(tungstenite::Error),
-    #[error("closed by wsgate: {0}")]
-    Limit(String),
-    #[error("closed by wsgate: server shutting down")]
-    ShuttingDown,
-    #[error("closed by wsgate: a side did not read within {WRITE_TIMEOUT:?}")]
-    WriteTimeout,
-}
+/// The largest message either side may send (audio deltas are base64 in JSON); over it, close 1009.
+const MAX_MESSAGE: usize = 16 * 1024 * 1024;
+/// What the provider's messages that are metered carry near their start.
+const MARKER: &[u8] = b"\"response.done\"";
 
 /// Serves a Realtime upgrade: the key and the model checked, the provider's WebSocket opened (failing over to the
 /// next provider on a connect error, 429 or 5xx), then the client switched and the session relayed. Returns the
@@ -64,7 +48,7 @@ pub async fn serve(
     early: Vec<u8>,
 ) -> (u16, String) {
     let opened = open(shared, settings, secret, realtime.model.as_deref(), realtime.beta).await;
-    let (key, db, model, upstream) = match opened {
+    let (key, db, model, (mut upstream, upstream_early)) = match opened {
         Ok(opened) => opened,
         Err(e) => {
             e.count(&shared.metrics.llm);
@@ -74,12 +58,18 @@ pub async fn serve(
     if let Err(e) = switch(&mut client, &accept).await {
         return (101, format!("error: client: {e}"));
     }
-    let limit = usize::try_from(settings.max_request_body).unwrap_or(usize::MAX);
-    let config = WebSocketConfig::default()
-        .max_message_size(Some(limit))
-        .max_frame_size(Some(limit));
-    let io = Prefixed::new(early, client);
-    let client = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
+    let rules = FrameRules {
+        max_message_size: Some(MAX_MESSAGE as u64),
+        ping_interval: Some(settings.ping_interval),
+        validate_utf8: true,
+        write_timeout: WRITE_TIMEOUT,
+        ..FrameRules::default()
+    };
+    // No extension was offered either way: frames are uncompressed, and the tap reads them as they are.
+    let mut frames = relay::Frames::new(&rules, false);
+    let (tap, tapped) = mpsc::unbounded_channel();
+    frames.tap_backend(Capture::new(MARKER, MAX_MESSAGE), tap);
+    let signal = StopSignal::new();
     let session = Session {
         shared: shared.clone(),
         settings: settings.clone(),
@@ -88,10 +78,42 @@ pub async fn serve(
         db,
         model,
     };
-    (101, session.relay(client, upstream).await.to_string())
+    let timeouts = relay::Timeouts {
+        idle: None,
+        write: WRITE_TIMEOUT,
+        splice: false,
+    };
+    let mut counters = Counters::default();
+    let stop = relay::Stop::new(&signal, &shared.phase, true);
+    let relayed = relay::relay(
+        &mut client,
+        &mut upstream,
+        timeouts,
+        Some(frames),
+        [early, upstream_early],
+        &mut counters,
+        stop,
+        None,
+    );
+    let draining = shared.draining.clone();
+    let relay_to_end = async {
+        tokio::pin!(relayed);
+        tokio::select! {
+            end = &mut relayed => end,
+            // The relay reads the server's phase when woken: a shutdown closes it with 1001.
+            () = draining.cancelled() => {
+                signal.wake();
+                relayed.await
+            }
+        }
+    };
+    // The tap's sender goes with the relay: the metering ends once the last message kept is billed.
+    let (end, ()) = tokio::join!(relay_to_end, session.meter(tapped, &signal));
+    (101, end.to_string())
 }
 
-type Upstream = WebSocketStream<Conn>;
+/// The provider's WebSocket connection and the bytes it sent after its 101.
+type Upstream = (Conn, Vec<u8>);
 
 async fn open(
     shared: &Shared,
@@ -158,11 +180,15 @@ async fn open(
     Err(super::http::provider_failed(last))
 }
 
-/// The provider's Realtime WebSocket for `model`, with its key.
+/// The provider's Realtime WebSocket for `model`, with its key: the upgrade request written and the provider's
+/// answer read on the connection, which the relay then takes as it is.
 async fn connect(provider: &Provider, model: &str, beta: Option<&HeaderValue>) -> Result<Upstream, ProviderError> {
     let name = || provider.name.clone();
-    let (conn, authority) = provider::connect(provider).await?;
-    let scheme = if provider.tls.is_some() { "wss" } else { "ws" };
+    let failed = |error: String| ProviderError::Tls {
+        provider: name(),
+        error,
+    };
+    let (mut conn, authority) = provider::connect(provider).await?;
     let path = provider.path("/realtime");
     let model: String = model
         .bytes()
@@ -171,43 +197,71 @@ async fn connect(provider: &Provider, model: &str, beta: Option<&HeaderValue>) -
             b => format!("%{b:02X}"),
         })
         .collect();
-    let url = format!("{scheme}://{authority}{path}?model={model}");
-    let mut request = url.into_client_request().map_err(|e| ProviderError::Tls {
-        provider: name(),
-        error: e.to_string(),
-    })?;
+    let mut nonce = [0u8; 16];
+    getrandom::fill(&mut nonce).map_err(|e| failed(format!("no random bytes for the handshake: {e}")))?;
+    let ws_key = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, nonce);
+    let mut head = format!(
+        "GET {path}?model={model} HTTP/1.1\r\nHost: {authority}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: {ws_key}\r\nSec-WebSocket-Version: 13\r\nUser-Agent: wsgate\r\n"
+    );
     if let Some(key) = &provider.api_key
-        && let Ok(value) = HeaderValue::from_str(&format!("Bearer {}", key.expose()))
+        && HeaderValue::from_str(key.expose()).is_ok()
     {
-        request.headers_mut().insert(http::header::AUTHORIZATION, value);
+        head.push_str(&format!("Authorization: Bearer {}\r\n", key.expose()));
     }
-    if let Some(beta) = beta {
-        request.headers_mut().insert("openai-beta", beta.clone());
+    if let Some(beta) = beta.and_then(|b| b.to_str().ok()) {
+        head.push_str(&format!("OpenAI-Beta: {beta}\r\n"));
     }
-    let config = WebSocketConfig::default()
-        .max_message_size(Some(MAX_PROVIDER_MESSAGE))
-        .max_frame_size(Some(MAX_PROVIDER_MESSAGE));
-    let handshake = tokio_tungstenite::client_async_with_config(request, conn, Some(config));
+    head.push_str("\r\n");
+    let accept = crate::ws::accept_key(ws_key.as_bytes());
+    let handshake = async {
+        conn.write_all(head.as_bytes())
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+        let mut buf = Vec::with_capacity(1024);
+        loop {
+            let mut chunk = [0u8; 4096];
+            let n = conn.read(&mut chunk).await.map_err(|e| failed(e.to_string()))?;
+            if n == 0 {
+                return Err(failed("the provider closed the connection during the handshake".into()));
+            }
+            buf.extend_from_slice(&chunk[..n]);
+            match inspect_response(&buf, &accept) {
+                Ok(BackendAnswer::Partial) => continue,
+                Ok(BackendAnswer::Switching { extensions: true, .. }) => {
+                    return Err(failed("the provider accepted an extension it was not offered".into()));
+                }
+                Ok(BackendAnswer::Switching { head_len, .. }) => return Ok(buf.split_off(head_len)),
+                Ok(BackendAnswer::Other { status, head, .. }) => {
+                    return Err(ProviderError::Status {
+                        provider: name(),
+                        status: StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY),
+                        retry_after: retry_after(&head),
+                    });
+                }
+                Err(e) => return Err(failed(e.to_string())),
+            }
+        }
+    };
     match tokio::time::timeout(provider.first_token_timeout, handshake).await {
         Err(_) => Err(ProviderError::Timeout {
             provider: name(),
             after: provider.first_token_timeout,
         }),
-        Ok(Ok((upstream, _))) => Ok(upstream),
-        Ok(Err(tungstenite::Error::Http(resp))) => Err(ProviderError::Status {
-            provider: name(),
-            status: resp.status(),
-            retry_after: resp
-                .headers()
-                .get(http::header::RETRY_AFTER)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.trim().parse().ok()),
-        }),
-        Ok(Err(e)) => Err(ProviderError::Tls {
-            provider: name(),
-            error: e.to_string(),
-        }),
+        Ok(Ok(early)) => Ok((conn, early)),
+        Ok(Err(e)) => Err(e),
     }
+}
+
+/// The seconds of an answer head's `Retry-After`, if it has one.
+fn retry_after(head: &[u8]) -> Option<u32> {
+    String::from_utf8_lossy(head).lines().find_map(|line| {
+        let (name, value) = line.split_once(':')?;
+        name.trim()
+            .eq_ignore_ascii_case("retry-after")
+            .then(|| value.trim().parse().ok())
+            .flatten()
+    })
 }
 
 struct Session {
@@ -221,109 +275,61 @@ struct Session {
 }
 
 impl Session {
-    async fn relay<S: AsyncRead + AsyncWrite + Unpin>(self, client: WebSocketStream<S>, upstream: Upstream) -> Ended {
-        let (mut to_client, mut from_client) = client.split();
-        let (mut to_provider, mut from_provider) = upstream.split();
-        let mut ping = tokio::time::interval_at(Instant::now() + PING_EVERY, PING_EVERY);
-        let draining = self.shared.draining.clone();
-        let close = |code: CloseCode, reason: &str| {
-            Message::Close(Some(CloseFrame {
-                code,
-                reason: reason.to_string().into(),
-            }))
-        };
-        let ended = loop {
-            tokio::select! {
-                m = from_client.next() => match m {
-                    None => break Ended::ClientClosed,
-                    Some(Err(e)) => break Ended::Client(e),
-                    Some(Ok(m @ Message::Close(_))) => {
-                        let _ = tokio::time::timeout(WRITE_TIMEOUT, to_provider.send(m)).await;
-                        break Ended::ClientClosed;
-                    }
-                    // Pings are answered by each side's own WebSocket; data goes on as it came.
-                    Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
-                    Some(Ok(m)) => match tokio::time::timeout(WRITE_TIMEOUT, to_provider.send(m)).await {
-                        Ok(Ok(())) => {}
-                        Ok(Err(e)) => break Ended::Provider(e),
-                        Err(_) => break Ended::WriteTimeout,
-                    },
-                },
-                m = from_provider.next() => match m {
-                    None => break Ended::ProviderClosed,
-                    Some(Err(e)) => break Ended::Provider(e),
-                    Some(Ok(m @ Message::Close(_))) => {
-                        let _ = tokio::time::timeout(WRITE_TIMEOUT, to_client.send(m)).await;
-                        break Ended::ProviderClosed;
-                    }
-                    Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
-                    Some(Ok(m)) => {
-                        let (done, mut over) = match &m {
-                            Message::Text(text) => self.meter(text.as_str()).await,
-                            _ => (false, None),
-                        };
-                        // After each response the key is read again (at most every 10 s from the database): a key
-                        // revoked meanwhile ends the session.
-                        if done && over.is_none() && self.shared.llm.keys.authenticate(&self.db, &self.secret).await.is_err() {
-                            over = Some("this API key has been revoked or can no longer be checked".to_string());
-                        }
-                        match tokio::time::timeout(WRITE_TIMEOUT, to_client.send(m)).await {
-                            Ok(Ok(())) => {}
-                            Ok(Err(e)) => break Ended::Client(e),
-                            Err(_) => break Ended::WriteTimeout,
-                        }
-                        if let Some(why) = over {
-                            let reason: String = why.chars().take(120).collect();
-                            let _ = tokio::time::timeout(WRITE_TIMEOUT, to_client.send(close(CloseCode::Policy, &reason))).await;
-                            let _ = tokio::time::timeout(WRITE_TIMEOUT, to_provider.send(close(CloseCode::Normal, ""))).await;
-                            break Ended::Limit(why);
-                        }
-                    }
-                },
-                _ = ping.tick() => {
-                    if tokio::time::timeout(WRITE_TIMEOUT, to_client.send(Message::Ping(Bytes::new()))).await.is_err() {
-                        break Ended::WriteTimeout;
-                    }
-                }
-                () = draining.cancelled() => {
-                    let _ = tokio::time::timeout(WRITE_TIMEOUT, to_client.send(close(CloseCode::Away, "server shutting down"))).await;
-                    let _ = tokio::time::timeout(WRITE_TIMEOUT, to_provider.send(close(CloseCode::Away, ""))).await;
-                    break Ended::ShuttingDown;
-                }
+    /// Meters the `response.done` events the relay kept, as they come, until the relay ends: each one billed, then
+    /// the key checked; a key that has reached a limit, or is revoked, has the relay close the session with 1008.
+    async fn meter(&self, mut tapped: mpsc::UnboundedReceiver<Vec<u8>>, signal: &StopSignal) {
+        while let Some(message) = tapped.recv().await {
+            let Some(usage) = response_usage(&message) else {
+                continue;
+            };
+            let metered = Metered {
+                settings: self.settings.clone(),
+                key: self.key.clone(),
+                model: self.model.clone(),
+                db: self.db.clone(),
+                metrics: self.shared.metrics.clone(),
+            };
+            metered.bill(usage, false, "ok");
+            if signal.reason().is_some() {
+                continue;
             }
-        };
-        // The other side's socket closes as the streams drop.
-        ended
+            let over = match self.key.check_tokens(&self.db).await {
+                Err(over) => Some(over),
+                // Read again (at most every 10 s from the database): a key revoked meanwhile ends the session.
+                Ok(()) if self.shared.llm.keys.authenticate(&self.db, &self.secret).await.is_err() => Some(OverLimit {
+                    limit: Limit::Revoked,
+                    retry_after: None,
+                }),
+                Ok(()) => None,
+            };
+            if let Some(over) = over {
+                tracing::info!(key = self.key.id(), model = %self.model, reason = %over.message(), "LLM Realtime session closed: the key may not go on");
+                signal.stop_split(1008, 1001, close_reason(&over.limit));
+            }
+        }
     }
+}
 
-    /// Bills a `response.done` event's usage; `Some(why)` when the key has now reached a token limit or its budget.
-    async fn meter(&self, text: &str) -> (bool, Option<String>) {
-        // Only the events that carry usage are parsed: the rest pass without a look inside.
-        if !text.contains("response.done") {
-            return (false, None);
-        }
-        let Ok(event) = serde_json::from_str::<Value>(text) else {
-            return (false, None);
-        };
-        if event.get("type").and_then(Value::as_str) != Some("response.done") {
-            return (false, None);
-        }
-        let Some(usage) = event.get("response").and_then(|r| r.get("usage")) else {
-            return (true, None);
-        };
-        let usage = Usage {
-            prompt: usage.get("input_tokens").and_then(Value::as_u64).unwrap_or(0),
-            completion: usage.get("output_tokens").and_then(Value::as_u64).unwrap_or(0),
-        };
-        let metered = Metered {
-            settings: self.settings.clone(),
-            key: self.key.clone(),
-            model: self.model.clone(),
-            db: self.db.clone(),
-            metrics: self.shared.metrics.clone(),
-        };
-        metered.bill(usage, false, "ok");
-        let over = self.key.check_tokens(&self.db).await.err().map(|over| over.message());
-        (true, over)
+/// The usage of a provider's `response.done` event (`None` for any other message, or one without usage).
+fn response_usage(message: &[u8]) -> Option<Usage> {
+    let event: Value = serde_json::from_slice(message).ok()?;
+    if event.get("type").and_then(Value::as_str) != Some("response.done") {
+        return None;
+    }
+    let usage = event.get("response")?.get("usage")?;
+    Some(Usage {
+        prompt: usage.get("input_tokens").and_then(Value::as_u64).unwrap_or(0),
+        completion: usage.get("output_tokens").and_then(Value::as_u64).unwrap_or(0),
+    })
+}
+
+/// The reason of the 1008 that closes a session whose key may not go on.
+fn close_reason(limit: &Limit) -> &'static str {
+    match limit {
+        Limit::TokensPerMinute(_) => "this key's limit of tokens per minute is reached",
+        Limit::TokensPerDay(_) => "this key's limit of tokens per day is reached",
+        Limit::Budget(_) => "this key's budget is spent",
+        Limit::Revoked => "this API key has been revoked or can no longer be checked",
+        Limit::RequestsPerMinute(_) | Limit::Model | Limit::Unavailable => "this key's limit is reached",
     }
 }

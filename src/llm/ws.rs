@@ -40,8 +40,6 @@ use crate::state::Shared;
 pub const MAX_IN_FLIGHT: usize = 16;
 /// The longest request id.
 const MAX_ID: usize = 128;
-/// wsgate pings a stream socket this often, so that idle-cutting middleboxes see traffic while a model is silent.
-pub(super) const PING_EVERY: Duration = Duration::from_secs(30);
 /// How long a close frame or a message may take to be written to a client that reads slowly.
 pub(super) const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -161,7 +159,8 @@ impl Socket {
 
     async fn run<S: AsyncRead + AsyncWrite + Unpin>(mut self, ws: WebSocketStream<S>) -> Ended {
         let (mut sink, mut stream) = ws.split();
-        let mut ping = tokio::time::interval_at(Instant::now() + PING_EVERY, PING_EVERY);
+        let every = self.settings.ping_interval;
+        let mut ping = tokio::time::interval_at(Instant::now() + every, every);
         let draining = self.shared.draining.clone();
         let mut closing = false;
         let ended = loop {

@@ -377,7 +377,7 @@ impl Future for Relay<'_> {
                 end
             }
             None => match stop {
-                Some(StopCause::Shed(reason, _)) => Poll::Ready(End::ClosedByProxy(format!("{reason} (TCP closed)"))),
+                Some(StopCause::Shed(reason, ..)) => Poll::Ready(End::ClosedByProxy(format!("{reason} (TCP closed)"))),
                 Some(StopCause::ShuttingDown) => Poll::Ready(End::ClosedByProxy("server shutting down".into())),
                 Some(StopCause::ForceClose) | None => this.poll_tunnel(cx),
             },

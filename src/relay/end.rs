@@ -68,9 +68,10 @@ impl std::fmt::Display for End {
 pub enum StopCause {
     /// The process is shutting down: close 1001 "going away".
     ShuttingDown,
-    /// The connection's server is drained, removed or rebalanced (close 1012), or the admin API closes it (with the
-    /// code it was given): close with this reason and code.
-    Shed(&'static str, u16),
+    /// The connection's server is drained, removed or rebalanced (close 1012), the admin API closes it (with the
+    /// code it was given), or its client may not go on (close 1008 to it, 1001 to the backend): close with this
+    /// reason and these codes (to the client, to the backend).
+    Shed(&'static str, u16, u16),
     /// The drain timeout has run out: close at once, in either mode.
     ForceClose,
 }

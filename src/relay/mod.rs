@@ -38,8 +38,8 @@ impl<'a> Stop<'a> {
         if self.phase.force_closing() {
             return Some(StopCause::ForceClose);
         }
-        if let Some((reason, code)) = self.signal.reason() {
-            return Some(StopCause::Shed(reason, code));
+        if let Some((reason, client, backend)) = self.signal.codes() {
+            return Some(StopCause::Shed(reason, client, backend));
         }
         (self.frames && self.phase.shutting_down()).then_some(StopCause::ShuttingDown)
     }

@@ -260,6 +260,99 @@ pub struct Tracker {
     poisoned: Option<Violation>,
     /// End a [`Step::Pass`] at the first frame boundary, so the relay can put a frame of its own there.
     stop_at_boundary: bool,
+    /// Text messages kept whole for the relay's owner (boxed: only a tapped direction has one).
+    capture: Option<Box<Capture>>,
+}
+
+/// How far into a text message a [`Capture`] looks for its marker.
+pub const CAPTURE_LOOK: usize = 256;
+
+/// Text messages with a marker in their first [`CAPTURE_LOOK`] bytes, kept whole (up to `max` bytes) as they pass,
+/// for the relay's owner to read: the LLM gateway meters a Realtime provider's `response.done` events this way, at
+/// relay speed, while every other message is only looked at up to the marker's window. Unmasked, uncompressed
+/// frames only (a server's, without permessage-deflate).
+#[derive(Debug, Clone)]
+pub struct Capture {
+    marker: &'static [u8],
+    max: usize,
+    state: Capturing,
+    buf: Vec<u8>,
+    done: Vec<Vec<u8>>,
+    /// Messages with the marker that were larger than `max`, and so not kept.
+    pub too_large: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Capturing {
+    /// Not in a message that may be kept.
+    Off,
+    /// In a text message, looking for the marker.
+    Looking,
+    /// In a message with the marker: every byte kept.
+    Keeping,
+}
+
+impl Capture {
+    pub fn new(marker: &'static [u8], max: usize) -> Capture {
+        Capture {
+            marker,
+            max,
+            state: Capturing::Off,
+            buf: Vec::new(),
+            done: Vec::new(),
+            too_large: 0,
+        }
+    }
+
+    /// The messages kept since the last call.
+    pub fn take(&mut self) -> Vec<Vec<u8>> {
+        std::mem::take(&mut self.done)
+    }
+
+    fn start(&mut self, keepable: bool) {
+        self.buf.clear();
+        self.state = if keepable { Capturing::Looking } else { Capturing::Off };
+    }
+
+    fn has_marker(&self) -> bool {
+        self.buf.windows(self.marker.len()).any(|w| w == self.marker)
+    }
+
+    fn feed(&mut self, mut bytes: &[u8]) {
+        if self.state == Capturing::Looking {
+            let look = bytes.len().min(CAPTURE_LOOK.saturating_sub(self.buf.len()));
+            self.buf.extend_from_slice(&bytes[..look]);
+            bytes = &bytes[look..];
+            if self.has_marker() {
+                self.state = Capturing::Keeping;
+            } else if self.buf.len() >= CAPTURE_LOOK {
+                self.state = Capturing::Off;
+                self.buf = Vec::new();
+            }
+        }
+        if self.state == Capturing::Keeping {
+            if self.buf.len() + bytes.len() > self.max {
+                self.too_large += 1;
+                self.state = Capturing::Off;
+                self.buf = Vec::new();
+            } else {
+                self.buf.extend_from_slice(bytes);
+            }
+        }
+    }
+
+    fn end(&mut self) {
+        let keep = match self.state {
+            Capturing::Keeping => true,
+            Capturing::Looking => self.has_marker(),
+            Capturing::Off => false,
+        };
+        if keep {
+            self.done.push(std::mem::take(&mut self.buf));
+        }
+        self.state = Capturing::Off;
+        self.buf = Vec::new();
+    }
 }
 
 impl Tracker {
@@ -295,6 +388,16 @@ impl Tracker {
         self.stop_at_boundary = stop;
     }
 
+    /// Keeps the text messages `capture` looks for (see [`Capture`]).
+    pub fn set_capture(&mut self, capture: Capture) {
+        self.capture = Some(Box::new(capture));
+    }
+
+    /// The capture, when there is one: the messages it kept.
+    pub fn capture_mut(&mut self) -> Option<&mut Capture> {
+        self.capture.as_deref_mut()
+    }
+
     /// Allows `n` more message starts; the one after is a [`Violation::RateLimited`].
     pub fn set_budget(&mut self, n: Option<u64>) {
         self.budget = n;
@@ -327,6 +430,12 @@ impl Tracker {
                             return self.stop(start, v);
                         }
                         return self.stop(pos, v);
+                    }
+                }
+                if let Some(capture) = self.capture.as_deref_mut() {
+                    capture.feed(&buf[pos..pos + take]);
+                    if take as u64 == self.remaining && !self.in_message {
+                        capture.end();
                     }
                 }
                 self.remaining -= take as u64;
@@ -457,6 +566,15 @@ impl Tracker {
             // Compressed text is checked after inflation by the endpoint, not here.
             self.checking_utf8 = self.rules.validate_utf8 && h.opcode == opcode::TEXT && h.rsv & 0b100 == 0;
             self.utf8 = Utf8::default();
+            if let Some(capture) = self.capture.as_deref_mut() {
+                capture.start(h.opcode == opcode::TEXT && h.rsv & 0b100 == 0 && h.mask.is_none());
+            }
+        }
+        if h.fin
+            && h.payload_len == 0
+            && let Some(capture) = self.capture.as_deref_mut()
+        {
+            capture.end();
         }
         self.frames += 1;
         if h.fin {
@@ -559,6 +677,79 @@ impl Utf8 {
                 self.partial_len = tail.len() as u8;
                 Ok(())
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod capture_tests {
+    use super::*;
+
+    fn data(fin: bool, op: u8, payload: &[u8], mask: Option<[u8; 4]>) -> Vec<u8> {
+        let mut header = [0u8; MAX_HEADER];
+        let n = write_header(&mut header, fin, op, mask, payload.len() as u64);
+        let mut frame = header[..n].to_vec();
+        let start = frame.len();
+        frame.extend_from_slice(payload);
+        if let Some(key) = mask {
+            apply_mask(&mut frame[start..], key, 0);
+        }
+        frame
+    }
+
+    /// Walks `wire` in reads of `chunk` bytes (an incomplete header carried to the next read, as the relay does).
+    fn walk(tracker: &mut Tracker, wire: &[u8], chunk: usize) {
+        let mut carry = Vec::new();
+        for piece in wire.chunks(chunk) {
+            carry.extend_from_slice(piece);
+            let mut pos = 0;
+            while pos < carry.len() {
+                match tracker.next(&carry[pos..]) {
+                    Step::Pass(n) => pos += n,
+                    Step::Control(c) => pos += c.wire_len,
+                    Step::NeedMore => break,
+                    Step::Violation(v) => panic!("{v}"),
+                }
+            }
+            carry.drain(..pos);
+        }
+        assert!(carry.is_empty());
+    }
+
+    #[test]
+    fn only_text_messages_with_the_marker_are_kept_whole_across_fragments_and_reads() {
+        let done = br#"{"type":"response.done","response":{"usage":{"input_tokens":7,"output_tokens":3}}}"#;
+        let mut wire = Vec::new();
+        wire.extend(data(
+            true,
+            opcode::TEXT,
+            br#"{"type":"response.audio.delta","delta":"AAAA"}"#,
+            None,
+        ));
+        // Fragmented, with a ping between the fragments.
+        wire.extend(data(false, opcode::TEXT, &done[..10], None));
+        wire.extend(control_frame(opcode::PING, b"x", None));
+        wire.extend(data(false, opcode::CONTINUATION, &done[10..40], None));
+        wire.extend(data(true, opcode::CONTINUATION, &done[40..], None));
+        // Binary messages are never kept; a too-large one is counted.
+        wire.extend(data(true, opcode::BINARY, done, None));
+        let big = format!(r#"{{"type":"response.done","pad":"{}"}}"#, "x".repeat(500));
+        wire.extend(data(true, opcode::TEXT, big.as_bytes(), None));
+        wire.extend(data(true, opcode::TEXT, done, None));
+        for chunk in [1, 3, 7, 64, wire.len()] {
+            let mut tracker = Tracker::new(Rules {
+                masked: false,
+                rsv1_allowed: false,
+                validate_utf8: true,
+                max_frame_size: None,
+                max_message_size: None,
+            });
+            tracker.set_capture(Capture::new(b"\"response.done\"", 200));
+            walk(&mut tracker, &wire, chunk);
+            let capture = tracker.capture_mut().unwrap();
+            let kept = capture.take();
+            assert_eq!(kept, vec![done.to_vec(), done.to_vec()], "reads of {chunk}");
+            assert_eq!(capture.too_large, 1);
         }
     }
 }

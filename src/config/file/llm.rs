@@ -9,9 +9,9 @@ use toml::Spanned;
 
 use super::{Dur, Report, Size, unique_name};
 use crate::config::llm::{
-    DEFAULT_FIRST_TOKEN_TIMEOUT, DEFAULT_LLM_CONNECT_TIMEOUT, DEFAULT_LLM_WEIGHT, DEFAULT_MAX_REQUEST_BODY,
-    DEFAULT_TOKEN_TIMEOUT, LlmDatabase, LlmSettings, MAX_LLM_WEIGHT, ModelPattern, Price, Provider, ProviderKind,
-    Secret,
+    DEFAULT_FIRST_TOKEN_TIMEOUT, DEFAULT_LLM_CONNECT_TIMEOUT, DEFAULT_LLM_PING_INTERVAL, DEFAULT_LLM_WEIGHT,
+    DEFAULT_MAX_REQUEST_BODY, DEFAULT_TOKEN_TIMEOUT, LlmDatabase, LlmSettings, MAX_LLM_WEIGHT, ModelPattern, Price,
+    Provider, ProviderKind, Secret,
 };
 
 /// The database file when `[llm]` names none.
@@ -28,6 +28,7 @@ pub(super) struct RawLlm {
     #[serde(default)]
     log_bodies: bool,
     max_request_body: Option<Spanned<Size>>,
+    ping_interval: Option<Spanned<Dur>>,
 }
 
 #[derive(Deserialize)]
@@ -116,8 +117,17 @@ pub(super) fn build(raw: &Spanned<RawLlm>, report: &mut Report<'_>) -> Option<Ll
         Some(size) => size.get_ref().0,
         None => DEFAULT_MAX_REQUEST_BODY,
     };
+    let ping_interval = match &l.ping_interval {
+        Some(d) if d.get_ref().0.is_zero() => {
+            report.key(d, "llm.ping_interval", "must be more than 0");
+            DEFAULT_LLM_PING_INTERVAL
+        }
+        Some(d) => d.get_ref().0,
+        None => DEFAULT_LLM_PING_INTERVAL,
+    };
     Some(LlmSettings {
         database,
+        ping_interval,
         providers,
         prices,
         log_bodies: l.log_bodies,
