@@ -113,7 +113,7 @@ fn check_request(buf: &[u8], ip: IpAddr, proto: &'static str) -> Option<[u8; 28]
 fn check_response(buf: &[u8], accept: &[u8; 28], cut: u8) {
     match handshake::inspect_response(buf, accept) {
         Ok(BackendAnswer::Partial) => assert!(buf.len() < MAX_HEAD_BYTES),
-        Ok(BackendAnswer::Switching { head_len, deflate: _ }) => {
+        Ok(BackendAnswer::Switching { head_len, .. }) => {
             assert!(
                 head_len > 0 && head_len <= buf.len(),
                 "head_len {head_len} of {}",

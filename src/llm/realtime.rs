@@ -68,7 +68,10 @@ pub async fn serve(
     // No extension was offered either way: frames are uncompressed, and the tap reads them as they are.
     let mut frames = relay::Frames::new(&rules, false);
     let (tap, tapped) = mpsc::unbounded_channel();
-    frames.tap_backend(Capture::new(MARKER, MAX_MESSAGE), tap);
+    frames.tap_backend(Capture::new(MARKER, MAX_MESSAGE, move |message| {
+        // A receiver gone (the metering ended) wants nothing more.
+        let _ = tap.send(message);
+    }));
     let signal = StopSignal::new();
     let session = Session {
         shared: shared.clone(),

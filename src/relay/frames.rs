@@ -158,13 +158,6 @@ impl FrameDir {
     }
 }
 
-/// The messages kept last, before the relay ended, reach their receiver too.
-impl Drop for Frames<'_> {
-    fn drop(&mut self) {
-        self.deliver();
-    }
-}
-
 /// What [`Frames::poll_verdict`] says about the connection.
 pub(super) enum Verdict {
     Continue,
@@ -218,8 +211,6 @@ pub struct Frames<'r> {
     timer_at: Option<Instant>,
     /// When the client's token expires: the connection is closed then.
     expires: Option<Instant>,
-    /// Where the backend's messages that its tracker's capture kept go (see [`Frames::tap_backend`]).
-    tap: Option<tokio::sync::mpsc::UnboundedSender<Vec<u8>>>,
 }
 
 fn index(side: Side) -> usize {
@@ -276,28 +267,14 @@ impl<'r> Frames<'r> {
             timer: None,
             timer_at: None,
             expires: None,
-            tap: None,
         });
         frames.account_rate();
         frames
     }
 
-    /// Sends the backend's text messages that `capture` keeps to `to`, as they pass (each one once it is whole).
-    pub fn tap_backend(&mut self, capture: crate::ws::frame::Capture, to: tokio::sync::mpsc::UnboundedSender<Vec<u8>>) {
+    /// Hands the backend's text messages that `capture` keeps to its sink, as they pass (each one once whole).
+    pub fn tap_backend(&mut self, capture: crate::ws::frame::Capture) {
         self.backend.tracker.set_capture(capture);
-        self.tap = Some(to);
-    }
-
-    /// Hands the tapped messages kept so far to their receiver.
-    fn deliver(&mut self) {
-        if let Some(tap) = &self.tap
-            && let Some(capture) = self.backend.tracker.capture_mut()
-        {
-            for message in capture.take() {
-                // A receiver gone wants nothing more.
-                let _ = tap.send(message);
-            }
-        }
     }
 
     /// Closes the connection at `at` (the client's token expires): close 1008 to the client, 1001 to the backend.
@@ -436,7 +413,6 @@ impl<'r> Frames<'r> {
         unacked: impl Fn(usize) -> Option<u64>,
         stop: Option<StopCause>,
     ) -> Verdict {
-        self.deliver();
         let now = Instant::now();
         for side in [Side::Client, Side::Backend] {
             if let Some(v) = self.dir(side).violation

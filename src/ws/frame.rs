@@ -233,7 +233,7 @@ pub enum Step {
 }
 
 /// One direction's frame state.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Default)]
 pub struct Tracker {
     rules: Rules,
     /// Payload bytes of the current data frame still to come.
@@ -267,19 +267,52 @@ pub struct Tracker {
 /// How far into a text message a [`Capture`] looks for its marker.
 pub const CAPTURE_LOOK: usize = 256;
 
-/// Text messages with a marker in their first [`CAPTURE_LOOK`] bytes, kept whole (up to `max` bytes) as they pass,
-/// for the relay's owner to read: the LLM gateway meters a Realtime provider's `response.done` events this way, at
+/// Text messages with a marker in their first [`CAPTURE_LOOK`] bytes, kept whole (up to `max` bytes) as they pass
+/// and handed to `sink` once whole: the LLM gateway meters a Realtime provider's `response.done` events this way, at
 /// relay speed, while every other message is only looked at up to the marker's window. Unmasked, uncompressed
 /// frames only (a server's, without permessage-deflate).
-#[derive(Debug, Clone)]
 pub struct Capture {
     marker: &'static [u8],
     max: usize,
     state: Capturing,
     buf: Vec<u8>,
-    done: Vec<Vec<u8>>,
+    sink: Box<dyn FnMut(Vec<u8>) + Send>,
     /// Messages with the marker that were larger than `max`, and so not kept.
     pub too_large: u64,
+}
+
+impl std::fmt::Debug for Capture {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Capture")
+            .field("marker", &String::from_utf8_lossy(self.marker))
+            .field("max", &self.max)
+            .field("too_large", &self.too_large)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A tracker's copy has no capture: what a capture kept goes to one place.
+impl Clone for Tracker {
+    fn clone(&self) -> Tracker {
+        Tracker {
+            rules: self.rules,
+            remaining: self.remaining,
+            mask: self.mask,
+            offset: self.offset,
+            checking_utf8: self.checking_utf8,
+            in_message: self.in_message,
+            message_len: self.message_len,
+            utf8: self.utf8,
+            close_seen: self.close_seen,
+            messages: self.messages,
+            frames: self.frames,
+            sizes: self.sizes,
+            budget: self.budget,
+            poisoned: self.poisoned,
+            stop_at_boundary: self.stop_at_boundary,
+            capture: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -293,20 +326,15 @@ enum Capturing {
 }
 
 impl Capture {
-    pub fn new(marker: &'static [u8], max: usize) -> Capture {
+    pub fn new(marker: &'static [u8], max: usize, sink: impl FnMut(Vec<u8>) + Send + 'static) -> Capture {
         Capture {
             marker,
             max,
             state: Capturing::Off,
             buf: Vec::new(),
-            done: Vec::new(),
+            sink: Box::new(sink),
             too_large: 0,
         }
-    }
-
-    /// The messages kept since the last call.
-    pub fn take(&mut self) -> Vec<Vec<u8>> {
-        std::mem::take(&mut self.done)
     }
 
     fn start(&mut self, keepable: bool) {
@@ -348,7 +376,7 @@ impl Capture {
             Capturing::Off => false,
         };
         if keep {
-            self.done.push(std::mem::take(&mut self.buf));
+            (self.sink)(std::mem::take(&mut self.buf));
         }
         self.state = Capturing::Off;
         self.buf = Vec::new();
@@ -744,12 +772,14 @@ mod capture_tests {
                 max_frame_size: None,
                 max_message_size: None,
             });
-            tracker.set_capture(Capture::new(b"\"response.done\"", 200));
+            let (sink, kept) = std::sync::mpsc::channel();
+            tracker.set_capture(Capture::new(b"\"response.done\"", 200, move |m| {
+                sink.send(m).unwrap();
+            }));
             walk(&mut tracker, &wire, chunk);
-            let capture = tracker.capture_mut().unwrap();
-            let kept = capture.take();
+            let kept: Vec<Vec<u8>> = kept.try_iter().collect();
             assert_eq!(kept, vec![done.to_vec(), done.to_vec()], "reads of {chunk}");
-            assert_eq!(capture.too_large, 1);
+            assert_eq!(tracker.capture_mut().unwrap().too_large, 1);
         }
     }
 }
