@@ -102,6 +102,18 @@ impl ErrorAnswer for Answer {
     }
 }
 
+/// A chat completion of `model` with `key`, on its own connection.
+async fn complete(addr: SocketAddr, key: &str, model: &str, stream: bool) -> Answer {
+    request(
+        addr,
+        "POST",
+        "/v1/chat/completions",
+        Some(key),
+        Some(&chat(model, stream)),
+    )
+    .await
+}
+
 fn chat(model: &str, stream: bool) -> Vec<u8> {
     json!({"model": model, "stream": stream, "messages": [{"role": "user", "content": "Say something, please."}]})
         .to_string()
@@ -139,28 +151,14 @@ async fn a_completion_and_a_stream_are_served_billed_and_the_usage_chunk_goes_on
     let proxy = Proxy::from_toml(&config(&dir, &[standin.base_url()]));
     let key = issue(&dir.db(), key_for("team-a"));
 
-    let whole = request(
-        proxy.addr,
-        "POST",
-        "/v1/chat/completions",
-        Some(&key),
-        Some(&chat("tiny", false)),
-    )
-    .await;
+    let whole = complete(proxy.addr, &key, "tiny", false).await;
     assert_eq!(whole.status, 200, "{}", whole.body);
     let body = whole.json();
     assert_eq!(body["choices"][0]["message"]["content"], "tok0 tok1 tok2 tok3 tok4 ");
     let prompt = body["usage"]["prompt_tokens"].as_u64().unwrap();
 
     // A stream without include_usage: the provider was asked for usage, the client gets none.
-    let streamed = request(
-        proxy.addr,
-        "POST",
-        "/v1/chat/completions",
-        Some(&key),
-        Some(&chat("tiny", true)),
-    )
-    .await;
+    let streamed = complete(proxy.addr, &key, "tiny", true).await;
     assert_eq!(streamed.status, 200, "{}", streamed.body);
     assert_eq!(streamed.header("content-type"), Some("text/event-stream"));
     let events = streamed.events();
@@ -247,14 +245,7 @@ async fn models_lists_what_the_key_may_use() {
         ids(&request(proxy.addr, "GET", "/v1/models", Some(&only_tiny), None).await),
         ["tiny"]
     );
-    let refused = request(
-        proxy.addr,
-        "POST",
-        "/v1/chat/completions",
-        Some(&only_tiny),
-        Some(&chat("busy", false)),
-    )
-    .await;
+    let refused = complete(proxy.addr, &only_tiny, "busy", false).await;
     refused.assert_error(403, "model_not_allowed");
 }
 
@@ -384,36 +375,15 @@ async fn a_provider_that_is_down_busy_or_failing_hands_over_to_the_next_before_t
     let down = format!("http://{}/v1", unused_addr());
     let proxy = Proxy::from_toml(&config(&dir, &[down, standin.base_url()]));
     let key = issue(&dir.db(), key_for("a"));
-    let served = request(
-        proxy.addr,
-        "POST",
-        "/v1/chat/completions",
-        Some(&key),
-        Some(&chat("tiny", true)),
-    )
-    .await;
+    let served = complete(proxy.addr, &key, "tiny", true).await;
     assert_eq!(served.status, 200, "{}", served.body);
     assert_eq!(standin.requests().len(), 1);
 
     // The only provider busy: its 429 and Retry-After reach the client, in the gateway's words.
-    let busy = request(
-        proxy.addr,
-        "POST",
-        "/v1/chat/completions",
-        Some(&key),
-        Some(&chat("busy", false)),
-    )
-    .await;
+    let busy = complete(proxy.addr, &key, "busy", false).await;
     busy.assert_error(429, "provider_busy");
     assert_eq!(busy.header("retry-after"), Some("7"));
-    let broken = request(
-        proxy.addr,
-        "POST",
-        "/v1/chat/completions",
-        Some(&key),
-        Some(&chat("broken", false)),
-    )
-    .await;
+    let broken = complete(proxy.addr, &key, "broken", false).await;
     broken.assert_error(502, "provider_unavailable");
 }
 
@@ -425,14 +395,7 @@ async fn a_stream_that_fails_before_its_first_token_hands_over_to_the_next_provi
     let standin = Standin::start(3).await;
     let proxy = Proxy::from_toml(&config(&dir, &[failing.base_url(), standin.base_url()]));
     let key = issue(&dir.db(), key_for("a"));
-    let served = request(
-        proxy.addr,
-        "POST",
-        "/v1/chat/completions",
-        Some(&key),
-        Some(&chat("tiny", true)),
-    )
-    .await;
+    let served = complete(proxy.addr, &key, "tiny", true).await;
     assert_eq!(served.status, 200, "{}", served.body);
     let events = served.events();
     assert!(!served.body.contains("error"), "{}", served.body);
@@ -445,14 +408,7 @@ async fn a_stream_that_fails_before_its_first_token_hands_over_to_the_next_provi
 
     // With no provider left to try, the failure is passed on as the stream has it.
     standin.failing_streams.store(true, std::sync::atomic::Ordering::SeqCst);
-    let failed = request(
-        proxy.addr,
-        "POST",
-        "/v1/chat/completions",
-        Some(&key),
-        Some(&chat("tiny", true)),
-    )
-    .await;
+    let failed = complete(proxy.addr, &key, "tiny", true).await;
     assert_eq!(failed.status, 200);
     let events = failed.events();
     assert_eq!(events.len(), 1, "{events:?}");
@@ -470,14 +426,7 @@ async fn a_stream_cut_by_the_provider_ends_with_an_error_event_and_bills_what_wa
     let standin = Standin::start(5).await;
     let proxy = Proxy::from_toml(&config(&dir, &[standin.base_url()]));
     let key = issue(&dir.db(), key_for("a"));
-    let cut = request(
-        proxy.addr,
-        "POST",
-        "/v1/chat/completions",
-        Some(&key),
-        Some(&chat("cut", true)),
-    )
-    .await;
+    let cut = complete(proxy.addr, &key, "cut", true).await;
     assert_eq!(cut.status, 200);
     let events = cut.events();
     assert_eq!(events.len(), 3, "{events:?}");
@@ -493,23 +442,9 @@ async fn a_stream_cut_by_the_provider_ends_with_an_error_event_and_bills_what_wa
     );
 
     // A provider that answers garbage: a whole answer is a 502, a stream ends at the first unreadable event.
-    let garbage = request(
-        proxy.addr,
-        "POST",
-        "/v1/chat/completions",
-        Some(&key),
-        Some(&chat("garbage", false)),
-    )
-    .await;
+    let garbage = complete(proxy.addr, &key, "garbage", false).await;
     garbage.assert_error(502, "provider_error");
-    let garbage = request(
-        proxy.addr,
-        "POST",
-        "/v1/chat/completions",
-        Some(&key),
-        Some(&chat("garbage", true)),
-    )
-    .await;
+    let garbage = complete(proxy.addr, &key, "garbage", true).await;
     let events = garbage.events();
     assert_eq!(events.len(), 2, "{events:?}");
     assert!(events[1].contains("not JSON"), "{events:?}");
@@ -624,14 +559,7 @@ async fn keys_are_issued_and_revoked_and_usage_is_read_through_the_admin_api() {
         (Some("team-x"), Some(1000))
     );
 
-    let served = request(
-        proxy.addr,
-        "POST",
-        "/v1/chat/completions",
-        Some(&key),
-        Some(&chat("tiny", false)),
-    )
-    .await;
+    let served = complete(proxy.addr, &key, "tiny", false).await;
     assert_eq!(served.status, 200, "{}", served.body);
     let prompt = served.json()["usage"]["prompt_tokens"].as_u64().unwrap();
 
@@ -677,14 +605,7 @@ async fn keys_are_issued_and_revoked_and_usage_is_read_through_the_admin_api() {
             .status,
         200
     );
-    let refused = request(
-        proxy.addr,
-        "POST",
-        "/v1/chat/completions",
-        Some(&key),
-        Some(&chat("tiny", false)),
-    )
-    .await;
+    let refused = complete(proxy.addr, &key, "tiny", false).await;
     refused.assert_error(401, "revoked_api_key");
     assert_eq!(
         request(admin, "DELETE", &format!("/api/llm/keys/{id}"), None, None)
@@ -697,14 +618,7 @@ async fn keys_are_issued_and_revoked_and_usage_is_read_through_the_admin_api() {
 
     // The metrics: the request billed with its tokens and cost, a stream's first token and gaps, the refusal.
     let streaming = issue(&dir.db(), key_for("s"));
-    let streamed = request(
-        proxy.addr,
-        "POST",
-        "/v1/chat/completions",
-        Some(&streaming),
-        Some(&chat("tiny", true)),
-    )
-    .await;
+    let streamed = complete(proxy.addr, &streaming, "tiny", true).await;
     assert_eq!(streamed.status, 200);
     let metrics = within("the stream's metrics", async {
         loop {
@@ -893,14 +807,7 @@ async fn first_tries_are_spread_over_a_models_providers_by_weight() {
     let proxy = Proxy::from_toml(&text);
     let key = issue(&dir.db(), key_for("w"));
     for _ in 0..8 {
-        let answer = request(
-            proxy.addr,
-            "POST",
-            "/v1/chat/completions",
-            Some(&key),
-            Some(&chat("tiny", false)),
-        )
-        .await;
+        let answer = complete(proxy.addr, &key, "tiny", false).await;
         assert_eq!(answer.status, 200);
     }
     assert_eq!((a.requests().len(), b.requests().len()), (6, 2));
@@ -927,23 +834,9 @@ async fn a_stream_that_stalls_before_or_after_its_first_token_ends_at_the_provid
     let proxy = Proxy::from_toml(&text);
     let key = issue(&dir.db(), key_for("t"));
     // The first token after 1 s is within first_token_timeout; the gaps after it are not within token_timeout.
-    let late = request(
-        proxy.addr,
-        "POST",
-        "/v1/chat/completions",
-        Some(&key),
-        Some(&chat("late", true)),
-    )
-    .await;
+    let late = complete(proxy.addr, &key, "late", true).await;
     assert!(late.body.contains("tok4"), "{}", late.body);
-    let slow = request(
-        proxy.addr,
-        "POST",
-        "/v1/chat/completions",
-        Some(&key),
-        Some(&chat("slow", true)),
-    )
-    .await;
+    let slow = complete(proxy.addr, &key, "slow", true).await;
     let events = slow.events();
     assert_eq!(events.len(), 2, "{events:?}");
     assert!(
@@ -953,14 +846,7 @@ async fn a_stream_that_stalls_before_or_after_its_first_token_ends_at_the_provid
 
     let tight = text.replace("first_token_timeout = \"2s\"", "first_token_timeout = \"300ms\"");
     let proxy = Proxy::from_toml(&tight);
-    let late = request(
-        proxy.addr,
-        "POST",
-        "/v1/chat/completions",
-        Some(&key),
-        Some(&chat("late", true)),
-    )
-    .await;
+    let late = complete(proxy.addr, &key, "late", true).await;
     let events = late.events();
     assert_eq!(events.len(), 1, "{events:?}");
     assert!(events[0].contains("no token in time"), "{events:?}");
@@ -975,26 +861,12 @@ async fn a_providers_refusal_fails_over_or_is_passed_on_without_its_insides() {
     let proxy = Proxy::from_toml(&text);
     let key = issue(&dir.db(), key_for("r"));
     // Both providers refuse wsgate's key: tried in turn, and the client learns only that the provider failed.
-    let refused = request(
-        proxy.addr,
-        "POST",
-        "/v1/chat/completions",
-        Some(&key),
-        Some(&chat("unauthorized", false)),
-    )
-    .await;
+    let refused = complete(proxy.addr, &key, "unauthorized", false).await;
     refused.assert_error(502, "provider_unavailable");
     assert!(!refused.body.contains("sk-prov"), "{}", refused.body);
     assert_eq!(a.requests().len() + b.requests().len(), 2);
     // A request the provider finds wrong: its status and its message, in OpenAI's shape.
-    let rejected = request(
-        proxy.addr,
-        "POST",
-        "/v1/chat/completions",
-        Some(&key),
-        Some(&chat("rejected", false)),
-    )
-    .await;
+    let rejected = complete(proxy.addr, &key, "rejected", false).await;
     rejected.assert_error(400, "provider_rejected");
     assert!(rejected.body.contains("max_tokens is too large"), "{}", rejected.body);
 }

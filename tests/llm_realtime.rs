@@ -181,6 +181,21 @@ async fn next_json(ws: &mut Client) -> Value {
     .await
 }
 
+/// The close frame the client gets next (messages before it skipped).
+async fn close_of(ws: &mut Client) -> tokio_tungstenite::tungstenite::protocol::CloseFrame {
+    within("the close", async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Close(frame))) => return frame,
+                Some(Ok(_)) => {}
+                other => panic!("expected a close, got {other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("a close frame")
+}
+
 async fn seen(rx: &mut mpsc::UnboundedReceiver<Seen>) -> Seen {
     within("the stand-in", rx.recv()).await.expect("the stand-in's report")
 }
@@ -275,17 +290,7 @@ async fn a_key_that_reaches_its_token_limit_mid_session_is_closed_with_1008() {
         if round == 0 {
             continue;
         }
-        let close = within("the close", async {
-            loop {
-                match ws.next().await {
-                    Some(Ok(Message::Close(frame))) => return frame,
-                    Some(Ok(_)) => {}
-                    other => panic!("expected a close, got {other:?}"),
-                }
-            }
-        })
-        .await
-        .expect("a close frame");
+        let close = close_of(&mut ws).await;
         assert_eq!(close.code, CloseCode::Policy);
         assert!(close.reason.contains("tokens per day"), "{}", close.reason);
     }
@@ -357,17 +362,7 @@ async fn a_silent_session_is_kept_alive_with_pings_and_a_shutdown_closes_both_si
 
     let Gateway { proxy, db: _db, _dir } = g;
     let stopping = tokio::task::spawn_blocking(move || proxy.shutdown_and_join());
-    let close = within("the close", async {
-        loop {
-            match ws.next().await {
-                Some(Ok(Message::Close(frame))) => return frame,
-                Some(Ok(_)) => {}
-                other => panic!("expected a close, got {other:?}"),
-            }
-        }
-    })
-    .await
-    .expect("a close frame");
+    let close = close_of(&mut ws).await;
     assert_eq!(close.code, CloseCode::Away);
     loop {
         match seen(&mut rx).await {

@@ -21,7 +21,7 @@ const QUEUE: usize = 4096;
 /// How long usage rows wait to be written together, at most.
 const USAGE_BATCH_WAIT: Duration = Duration::from_millis(200);
 /// Usage rows waiting at most (a database that cannot be written for long): more are dropped, and logged.
-const MAX_PENDING_USAGE: usize = 1_000_000;
+pub(super) const MAX_PENDING_USAGE: usize = 1_000_000;
 
 /// Why the database could not answer.
 #[derive(Debug, thiserror::Error)]
@@ -235,12 +235,7 @@ impl SqliteDb {
     /// Puts a usage row in the buffer the thread writes; `false` when the buffer is full (the row is lost, and the
     /// caller says so in the log).
     pub fn record(&self, delta: UsageDelta) -> bool {
-        let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
-        if pending.len() >= MAX_PENDING_USAGE {
-            return false;
-        }
-        pending.push(delta);
-        true
+        queue_usage(&self.pending, delta)
     }
 
     /// Writes what is pending and ends the thread, waiting for it (at shutdown, once nothing bills any more).
@@ -253,6 +248,16 @@ impl SqliteDb {
             tracing::error!(file = %self.path.display(), "the key database's thread failed");
         }
     }
+}
+
+/// Puts a usage row in a writer's buffer; `false` when the buffer is full.
+pub(super) fn queue_usage(pending: &Pending, delta: UsageDelta) -> bool {
+    let mut pending = pending.lock().unwrap_or_else(PoisonError::into_inner);
+    if pending.len() >= MAX_PENDING_USAGE {
+        return false;
+    }
+    pending.push(delta);
+    true
 }
 
 fn run(store: Store, commands: mpsc::Receiver<Command>, pending: Arc<Pending>, file: String) {

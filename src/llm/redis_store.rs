@@ -27,9 +27,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use ::redis::{Script, cmd, pipe};
 use tokio::sync::Notify;
 
+use super::DbError;
+use super::db::{MAX_PENDING_USAGE, Pending, queue_usage};
 use super::keys::{Limit, OverLimit, until_next_utc_day};
 use super::store::{self, Issued, KeyRecord, NewKey, UsageDelta, UsageFilter, UsageRow};
-use super::{DbError, db::Pending};
 use crate::cluster::redis::{Redis, RedisError};
 
 const PREFIX: &str = "wsgate:llm:";
@@ -38,8 +39,6 @@ const KEYS: &str = "wsgate:llm:keys";
 const USAGE_ROWS: &str = "wsgate:llm:usage-rows";
 /// How long usage rows wait to be written together, at most.
 const USAGE_BATCH_WAIT: Duration = Duration::from_millis(200);
-/// Usage rows waiting at most (a Redis that cannot be reached for long): more are dropped, and logged.
-const MAX_PENDING_USAGE: usize = 1_000_000;
 /// How long the minute windows' counts are kept (a minute, and a margin).
 const WINDOW_TTL_SECS: u64 = 120;
 /// How long a day's token count is kept.
@@ -393,12 +392,7 @@ impl RedisDb {
     /// Puts a usage row in the buffer the writer writes; `false` when the buffer is full (the row is lost, and the
     /// caller says so in the log).
     pub fn record(&self, delta: UsageDelta) -> bool {
-        let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
-        if pending.len() >= MAX_PENDING_USAGE {
-            return false;
-        }
-        pending.push(delta);
-        true
+        queue_usage(&self.pending, delta)
     }
 
     /// Writes what is pending and stops the writer, waiting for it a while (at shutdown).
