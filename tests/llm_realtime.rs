@@ -122,10 +122,15 @@ fn gateway_with(name: &str, providers: &[SocketAddr], llm: &str) -> Gateway {
     let dir = support::TempDir::new(&format!("llm-realtime-{name}"));
     std::fs::write(dir.join("p.key"), PROVIDER_KEY).unwrap();
     let db = dir.join("llm.db");
+    // `llm` may name another database (Redis).
+    let database = if llm.contains("database") {
+        String::new()
+    } else {
+        format!("database = \"{}\"\n", db.display())
+    };
     let mut text = format!(
-        "[[listener]]\nname = \"main\"\naddress = \"127.0.0.1:0\"\n[llm]\ndatabase = \"{}\"\n{llm}\n\
-         [[llm.price]]\nmodel = \"rt\"\ninput = 1.0\noutput = 1.0\n",
-        db.display()
+        "[[listener]]\nname = \"main\"\naddress = \"127.0.0.1:0\"\n[llm]\n{database}{llm}\n\
+         [[llm.price]]\nmodel = \"rt\"\ninput = 1.0\noutput = 1.0\n"
     );
     for (i, addr) in providers.iter().enumerate() {
         text.push_str(&format!(
@@ -267,7 +272,7 @@ async fn a_realtime_session_is_relayed_with_the_providers_key_and_its_usage_is_m
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_that_reaches_its_token_limit_mid_session_is_closed_with_1008() {
-    let (provider, mut rx) = realtime_standin().await;
+    let (provider, rx) = realtime_standin().await;
     let g = gateway("limit", &[provider]);
     let key = issue(
         &g,
@@ -276,8 +281,32 @@ async fn a_key_that_reaches_its_token_limit_mid_session_is_closed_with_1008() {
             ..owner()
         },
     );
-    let mut ws = open(&g, &key, "rt").await;
-    // 30 tokens: under the limit. 60: over it, and the session is closed after that response's events.
+    closed_at_the_limit(&g, &key, rx).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_keys_in_redis_the_limit_counts_the_response_that_crosses_it() {
+    let redis = support::redis::RedisServer::start("realtime").await;
+    let (provider, rx) = realtime_standin().await;
+    let g = gateway_with("limit-redis", &[provider], &format!("database = \"{}\"", redis.url()));
+    let db = wsgate::llm::Gateway::open_db(&wsgate::config::llm::LlmDatabase::Redis(redis.url())).unwrap();
+    let key = db
+        .add_key(NewKey {
+            tokens_per_day: Some(50),
+            ..owner()
+        })
+        .await
+        .unwrap()
+        .key;
+    drop(db);
+    closed_at_the_limit(&g, &key, rx).await;
+}
+
+/// Two responses of 30 tokens on a key with a limit of 50 tokens a day: the first goes through, the second
+/// crosses the limit and the session is closed with 1008 after its events; the provider is told the client is
+/// going away, and the next session is refused before it opens.
+async fn closed_at_the_limit(g: &Gateway, key: &str, mut rx: mpsc::UnboundedReceiver<Seen>) {
+    let mut ws = open(g, key, "rt").await;
     for round in 0..2 {
         ws.send(Message::text(json!({"type": "response.create"}).to_string()))
             .await
@@ -301,7 +330,6 @@ async fn a_key_that_reaches_its_token_limit_mid_session_is_closed_with_1008() {
             break;
         }
     }
-    // The next session is refused before it opens.
     let refused = tokio_tungstenite::connect_async(g.proxy.url(&format!("/v1/realtime?model=rt&api_key={key}"))).await;
     assert!(matches!(refused, Err(tokio_tungstenite::tungstenite::Error::Http(r)) if r.status() == 429));
 }

@@ -4,8 +4,9 @@
 //! The connection's driver runs on a thread of its own (a current-thread runtime), so it outlives any worker's
 //! runtime and a reload. Every call is bounded: a server that does not answer within [`RESPONSE_TIMEOUT`] is an
 //! error, never a hang, and while the server is unreachable calls fail at once for [`RETRY_AFTER`] before the
-//! next attempt to connect, so that an outage costs requests no waiting. An outage and the recovery are logged
-//! once each.
+//! next attempt to connect, so that an outage costs requests no waiting. The connection is pinged every
+//! [`PING_EVERY`] while idle, so that one the server or the network dropped is found (and made again) by the ping
+//! rather than by a request. An outage and the recovery are logged once each.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -23,6 +24,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(1);
 /// After a failed attempt to connect, calls fail at once for this long.
 const RETRY_AFTER: Duration = Duration::from_millis(500);
+/// How often the connection is checked (and, after an outage, made again) without a request.
+const PING_EVERY: Duration = Duration::from_secs(5);
 
 /// Why Redis did not answer.
 #[derive(Debug, thiserror::Error)]
@@ -129,19 +132,31 @@ impl Redis {
             .recv()
             .map_err(|_| RedisError::Thread(std::io::Error::other("the thread ended at once")))?
             .map_err(RedisError::Thread)?;
-        Ok(Redis {
-            inner: Arc::new(Inner {
-                client,
-                url: shown,
-                connection: ArcSwapOption::empty(),
-                connecting: tokio::sync::Mutex::new(()),
-                failed_at: AtomicU64::new(0),
-                epoch: Instant::now(),
-                down: AtomicBool::new(false),
-                runtime,
-                _stop: stop,
-            }),
-        })
+        let inner = Arc::new(Inner {
+            client,
+            url: shown,
+            connection: ArcSwapOption::empty(),
+            connecting: tokio::sync::Mutex::new(()),
+            failed_at: AtomicU64::new(0),
+            epoch: Instant::now(),
+            down: AtomicBool::new(false),
+            runtime: runtime.clone(),
+            _stop: stop,
+        });
+        // The pinger holds the client weakly: it ends with the last handle.
+        let weak = Arc::downgrade(&inner);
+        runtime.spawn(async move {
+            loop {
+                tokio::time::sleep(PING_EVERY).await;
+                let Some(inner) = weak.upgrade() else { return };
+                let redis = Redis { inner };
+                // A failure is logged and the connection dropped by `run`; the next ping or request connects again.
+                let _ = redis
+                    .run(|mut c| async move { ::redis::cmd("PING").query_async::<String>(&mut c).await })
+                    .await;
+            }
+        });
+        Ok(Redis { inner })
     }
 
     /// The URL, its password hidden.
@@ -157,11 +172,11 @@ impl Redis {
         Fut: Future<Output = ::redis::RedisResult<T>>,
     {
         let connection = self.connection().await?;
-        match tokio::time::timeout(RESPONSE_TIMEOUT, exchange(connection)).await {
+        match tokio::time::timeout(RESPONSE_TIMEOUT, exchange((*connection).clone())).await {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(e)) => {
                 if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() || e.is_timeout() {
-                    self.lost(&e.to_string());
+                    self.lost(&connection, &e.to_string());
                 }
                 Err(RedisError::Command {
                     url: self.inner.url.clone(),
@@ -169,7 +184,7 @@ impl Redis {
                 })
             }
             Err(_) => {
-                self.lost("no answer in time");
+                self.lost(&connection, "no answer in time");
                 Err(RedisError::Timeout {
                     url: self.inner.url.clone(),
                 })
@@ -195,15 +210,17 @@ impl Redis {
         }
     }
 
-    fn lost(&self, why: &str) {
-        if self.inner.connection.swap(None).is_some() {
+    /// Drops `used`, which failed, unless another task has made a new connection meanwhile.
+    fn lost(&self, used: &Arc<MultiplexedConnection>, why: &str) {
+        let previous = self.inner.connection.compare_and_swap(&Some(used.clone()), None);
+        if previous.as_ref().is_some_and(|p| Arc::ptr_eq(p, used)) {
             tracing::warn!(redis = %self.inner.url, error = why, "Redis connection lost");
         }
     }
 
-    async fn connection(&self) -> Result<MultiplexedConnection, RedisError> {
+    async fn connection(&self) -> Result<Arc<MultiplexedConnection>, RedisError> {
         if let Some(connection) = self.inner.connection.load_full() {
-            return Ok((*connection).clone());
+            return Ok(connection);
         }
         if self.recently_failed() {
             return Err(self.down("unreachable; retrying shortly"));
@@ -211,7 +228,7 @@ impl Redis {
         let _connecting = self.inner.connecting.lock().await;
         // Another task may have connected, or failed, while this one waited.
         if let Some(connection) = self.inner.connection.load_full() {
-            return Ok((*connection).clone());
+            return Ok(connection);
         }
         if self.recently_failed() {
             return Err(self.down("unreachable; retrying shortly"));
@@ -237,7 +254,8 @@ impl Redis {
                 if self.inner.down.swap(false, Ordering::Relaxed) {
                     tracing::info!(redis = %self.inner.url, "Redis reachable again");
                 }
-                self.inner.connection.store(Some(Arc::new(connection.clone())));
+                let connection = Arc::new(connection);
+                self.inner.connection.store(Some(connection.clone()));
                 Ok(connection)
             }
             Err(reason) => {

@@ -77,7 +77,7 @@ impl Db {
     pub fn is(&self, database: &LlmDatabase) -> bool {
         match (self, database) {
             (Db::Sqlite(db), LlmDatabase::File(path)) => db.path == *path,
-            (Db::Redis(db), LlmDatabase::Redis(url)) => db.url() == crate::cluster::redis::shown_url(url),
+            (Db::Redis(db), LlmDatabase::Redis(url)) => db.is(url),
             _ => false,
         }
     }

@@ -26,6 +26,9 @@ use super::{Gateway, Metered};
 use crate::config::llm::{LlmSettings, Provider, ProviderKind};
 use crate::metrics::Metrics;
 
+/// Events a stream may send before its first token that are held back with the answer's head; past them it is
+/// passed on (and no longer handed to another provider).
+const MAX_HELD_EVENTS: usize = 64;
 /// The longest non-streamed answer read from a provider.
 const MAX_ANSWER_BYTES: usize = 16 * 1024 * 1024;
 
@@ -515,14 +518,18 @@ async fn whole(
                 .flatten()
                 .filter_map(|c| c["message"]["content"].as_str().or(c["text"].as_str()))
                 .collect();
-            let model = metered.model.clone();
-            let usage = Usage {
-                prompt: provider::count_prompt(provider, &model, prompt_text(request))
-                    .await
-                    .unwrap_or_else(|| estimate_prompt_tokens(request)),
-                completion: provider::count_prompt(provider, &model, text).await.unwrap_or(0),
+            let estimate = Usage {
+                prompt: estimate_prompt_tokens(request),
+                completion: text.chars().count().div_ceil(4) as u64,
             };
-            metered.bill(usage, true, "ok");
+            bill_counted(
+                metered,
+                estimate,
+                provider.clone(),
+                prompt_text(request),
+                Some(text),
+                "ok",
+            );
         }
     }
     json_response(StatusCode::OK, &answer)
@@ -585,13 +592,14 @@ impl Stream {
     /// when it failed before a token (broke off, stalled, sent an error or garbage).
     async fn failed_before_first_token(&mut self) -> bool {
         std::future::poll_fn(|cx| {
-            while !(self.ended || self.meter.has_text()) {
+            // Events without a token (a role, empty deltas) are held back a while, not without bound.
+            while !(self.ended || self.meter.started() || self.out.len() >= MAX_HELD_EVENTS) {
                 std::task::ready!(self.poll_upstream(cx));
             }
             Poll::Ready(())
         })
         .await;
-        self.outcome == "error" && !self.meter.has_text()
+        self.outcome == "error" && !self.meter.started()
     }
 
     /// Gives up on a stream nothing of which reached the client: what billing needs, for the next provider.
@@ -630,7 +638,7 @@ impl Stream {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Ok(data) = frame.into_data() {
                     self.read(&data);
-                    if self.meter.has_text() {
+                    if self.meter.started() {
                         self.timer.as_mut().reset(Instant::now() + self.token_timeout);
                     }
                 }
@@ -647,7 +655,7 @@ impl Stream {
             }
             Poll::Pending => {
                 if self.timer.as_mut().poll(cx).is_ready() {
-                    tracing::warn!(first_token = !self.meter.has_text(), "LLM provider's stream stalled");
+                    tracing::warn!(first_token = !self.meter.started(), "LLM provider's stream stalled");
                     self.fail("the provider sent no token in time");
                 } else {
                     return Poll::Pending;
@@ -680,13 +688,13 @@ impl Stream {
                 return;
             }
             self.meter.note(&chunk);
-            if !chunk.content.is_empty() {
+            if chunk.progress {
                 self.clock.token();
             }
             if !(chunk.usage_only && self.strip_usage) {
                 self.out.push_back(Bytes::from(sse::encode(name.as_deref(), &data)));
             }
-            if !chunk.content.is_empty()
+            if chunk.progress
                 && let Some(metered) = &self.metered
                 && self
                     .meter
@@ -727,42 +735,63 @@ impl Stream {
     }
 
     fn finish(&mut self) {
-        if let Some(metered) = self.metered.take() {
-            if let Some(text) = self.meter.text() {
-                tracing::debug!(key = metered.key.id(), model = %metered.model, completion = %text, "LLM completion");
-            }
-            let outcome = self.outcome;
-            let runtime = tokio::runtime::Handle::try_current();
-            match (self.tokenize.take(), runtime) {
-                // The provider's tokenize endpoint: a request of its own.
-                (Some(tokenize), Ok(runtime)) if !self.meter.reported() && tokenize.0.tokenize_url.is_some() => {
-                    let (provider, text) = *tokenize;
-                    let mut meter = self.meter.clone();
-                    runtime.spawn(async move {
-                        if let Some(n) = provider::count_prompt(&provider, &metered.model, text).await {
-                            meter.set_prompt(n);
-                        }
-                        let (usage, counted) = meter.usage();
-                        metered.bill(usage, counted, outcome);
-                    });
-                }
-                // The local tokenizer, on a blocking thread (which a runtime shutting down waits for, so the bill is
-                // not lost).
-                (Some(tokenize), Ok(runtime)) if !self.meter.reported() => {
-                    let (_, text) = *tokenize;
-                    let mut meter = self.meter.clone();
-                    runtime.spawn_blocking(move || {
-                        meter.set_prompt(super::meter::local_tokens(&metered.model, &text));
-                        let (usage, counted) = meter.usage();
-                        metered.bill(usage, counted, outcome);
-                    });
-                }
-                _ => {
-                    let (usage, counted) = self.meter.usage();
-                    metered.bill(usage, counted, outcome);
-                }
-            }
+        let Some(metered) = self.metered.take() else {
+            return;
+        };
+        if let Some(text) = self.meter.text() {
+            tracing::debug!(key = metered.key.id(), model = %metered.model, completion = %text, "LLM completion");
         }
+        let (usage, counted) = self.meter.usage();
+        if !counted {
+            metered.bill(usage, false, self.outcome);
+        } else if self.outcome == "error" && !self.meter.started() {
+            // It failed before its first token, and reported nothing: not served, so not billed.
+            metered.metrics.llm.failed(metered.label());
+        } else if let Some(tokenize) = self.tokenize.take() {
+            let (provider, prompt) = *tokenize;
+            bill_counted(metered, usage, provider, prompt, None, self.outcome);
+        } else {
+            metered.bill(usage, true, self.outcome);
+        }
+    }
+}
+
+/// Bills a request the provider reported no usage for once its prompt (and a whole answer's `completion` text) is
+/// counted: by the provider's tokenize endpoint on a task of its own, or by the local tokenizer on a blocking thread
+/// (which a runtime shutting down waits for, so the bill is not lost). `estimate` is billed when neither can run.
+fn bill_counted(
+    metered: Metered,
+    estimate: Usage,
+    provider: Provider,
+    prompt: String,
+    completion: Option<String>,
+    outcome: &'static str,
+) {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        metered.bill(estimate, true, outcome);
+        return;
+    };
+    let mut usage = estimate;
+    if provider.tokenize_url.is_some() {
+        runtime.spawn(async move {
+            if let Some(n) = provider::count_prompt(&provider, &metered.model, prompt).await {
+                usage.prompt = n;
+            }
+            if let Some(text) = completion
+                && let Some(n) = provider::count_prompt(&provider, &metered.model, text).await
+            {
+                usage.completion = n;
+            }
+            metered.bill(usage, true, outcome);
+        });
+    } else {
+        runtime.spawn_blocking(move || {
+            usage.prompt = super::meter::local_tokens(&metered.model, &prompt);
+            if let Some(text) = completion {
+                usage.completion = super::meter::local_tokens(&metered.model, &text);
+            }
+            metered.bill(usage, true, outcome);
+        });
     }
 }
 
@@ -775,12 +804,36 @@ impl Drop for Stream {
 impl Metered {
     /// Bills a request's tokens to its key: the key's windows at once, the usage row through the database thread.
     pub fn bill(self, usage: Usage, counted: bool, outcome: &'static str) {
+        let row = self.charge(usage, counted, outcome);
+        if !self.db.record(row) {
+            tracing::error!(key = self.key.id(), model = %self.model, "usage row lost: the key database's queue is full");
+        }
+    }
+
+    /// [`Metered::bill`], the usage row written before it returns where the key's limits are counted in a shared
+    /// database (so that the check that follows sees it); queued as usual where they are counted here, or when the
+    /// shared database does not take it now.
+    pub async fn bill_now(self, usage: Usage, counted: bool, outcome: &'static str) {
+        let row = self.charge(usage, counted, outcome);
+        let queued = match &self.db {
+            super::Db::Redis(redis) => match redis.record_now(row).await {
+                Ok(()) => return,
+                Err(row) => self.db.record(*row),
+            },
+            db => db.record(row),
+        };
+        if !queued {
+            tracing::error!(key = self.key.id(), model = %self.model, "usage row lost: the key database's queue is full");
+        }
+    }
+
+    /// Counts a request's usage in the metrics and the key's windows here: its usage row.
+    fn charge(&self, usage: Usage, counted: bool, outcome: &'static str) -> UsageDelta {
         let cost = self.settings.cost(&self.model, usage.prompt, usage.completion);
         self.metrics.llm.billed(self.label(), outcome, usage, cost);
-        let now = SystemTime::now();
-        let today = day_of(now);
+        let today = day_of(SystemTime::now());
         self.key.charge(usage.total(), cost, Instant::now(), &today);
-        let row = UsageDelta {
+        UsageDelta {
             key_id: self.key.id(),
             model: self.model.clone(),
             day: today,
@@ -789,9 +842,6 @@ impl Metered {
             prompt_tokens: usage.prompt,
             completion_tokens: usage.completion,
             cost,
-        };
-        if !self.db.record(row) {
-            tracing::error!(key = self.key.id(), model = %self.model, "usage row lost: the key database's queue is full");
         }
     }
 }

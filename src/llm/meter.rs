@@ -39,6 +39,8 @@ pub struct Chunk {
     pub done: bool,
     /// Generated text (chat `delta.content`, or completion `text`).
     pub content: String,
+    /// The chunk carries something generated: text, a piece of a tool call, reasoning, a refusal.
+    pub progress: bool,
     pub finish_reason: Option<String>,
     pub usage: Option<Usage>,
     /// Only a usage report (no choices): what wsgate asked for itself and the client may not have.
@@ -71,10 +73,30 @@ impl Chunk {
             if let Some(text) = text {
                 chunk.content.push_str(text);
             }
+            let delta = choice.get("delta");
+            let generated = |name: &str| {
+                delta.and_then(|d| d.get(name)).is_some_and(|v| {
+                    !v.is_null() && v.as_str() != Some("") && v.as_array().is_none_or(|a| !a.is_empty())
+                })
+            };
+            if [
+                "tool_calls",
+                "function_call",
+                "reasoning_content",
+                "reasoning",
+                "refusal",
+                "audio",
+            ]
+            .into_iter()
+            .any(generated)
+            {
+                chunk.progress = true;
+            }
             if let Some(reason) = choice.get("finish_reason").and_then(Value::as_str) {
                 chunk.finish_reason = Some(reason.to_string());
             }
         }
+        chunk.progress |= !chunk.content.is_empty();
         chunk.usage = json.get("usage").and_then(Usage::of);
         chunk.usage_only = chunk.usage.is_some() && choices.is_none_or(Vec::is_empty);
         chunk.error = json.get("error").map(|e| {
@@ -91,7 +113,7 @@ impl Chunk {
 #[derive(Debug, Clone)]
 pub struct Meter {
     reported: Option<Usage>,
-    /// Chunks with text: one token each.
+    /// Chunks with something generated (text, a tool call's piece, reasoning): one token each.
     chunks: u64,
     prompt_estimate: u64,
     /// The text so far, kept only with `log_bodies`.
@@ -121,7 +143,7 @@ impl Meter {
         if let Some(usage) = chunk.usage {
             self.reported = Some(usage);
         }
-        if !chunk.content.is_empty() {
+        if chunk.progress {
             self.chunks += 1;
             if let Some(text) = &mut self.text {
                 text.push_str(&chunk.content);
@@ -130,7 +152,8 @@ impl Meter {
     }
 
     /// Whether any text has come yet (the first token).
-    pub fn has_text(&self) -> bool {
+    /// Whether the provider has sent its first token (text, a tool call's piece, reasoning).
+    pub fn started(&self) -> bool {
         self.chunks > 0
     }
 
@@ -204,7 +227,6 @@ pub fn prompt_text(request: &serde_json::Map<String, Value>) -> String {
     out
 }
 
-/// A rough count of a request's prompt tokens, for a provider that reports no usage: about four characters a token.
 /// The tokens of `text` by a local tokenizer: tiktoken's `cl100k_base` for GPT-3.5 and GPT-4 models, its
 /// `o200k_base` for every other model (GPT-4o and later; for other vendors' models, a count in a vocabulary of the
 /// same kind rather than their own). The first use loads the encoding (a few hundred milliseconds): call it on a
@@ -221,6 +243,8 @@ pub fn local_tokens(model: &str, text: &str) -> u64 {
     bpe.encode_ordinary(text).len() as u64
 }
 
+/// A rough count of a request's prompt tokens, about four characters a token: what a stream's budget check uses
+/// until the stream's end, and what is billed when nothing can count them.
 pub fn estimate_prompt_tokens(request: &serde_json::Map<String, Value>) -> u64 {
     // Text only: an image's or an audio clip's base64 data, and ids, are no prompt tokens.
     fn chars(v: &Value) -> usize {
@@ -246,6 +270,24 @@ pub fn estimate_prompt_tokens(request: &serde_json::Map<String, Value>) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tool_calls_and_reasoning_are_tokens_a_role_is_not() {
+        let c = Chunk::read(
+            r#"{"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"{\""}}]}}]}"#,
+        );
+        assert!(c.progress && c.content.is_empty());
+        let c = Chunk::read(r#"{"choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}"#);
+        assert!(!c.progress);
+        let c = Chunk::read(r#"{"choices":[{"index":0,"delta":{"reasoning_content":"hmm","tool_calls":[]}}]}"#);
+        assert!(c.progress);
+        let mut meter = Meter::new(3, false);
+        meter.note(&Chunk::read(
+            r#"{"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"id":"c1"}]}}]}"#,
+        ));
+        assert!(meter.started());
+        assert_eq!(meter.usage().0.completion, 1);
+    }
 
     #[test]
     fn the_local_tokenizer_uses_the_models_encoding() {
@@ -284,6 +326,7 @@ mod tests {
         for text in ["a", "", "b"] {
             meter.note(&Chunk {
                 content: text.into(),
+                progress: !text.is_empty(),
                 ..Chunk::default()
             });
         }

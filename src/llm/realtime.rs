@@ -15,8 +15,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 
 use super::http::ApiError;
-use super::keys::{KeyState, Limit, OverLimit};
-use super::meter::Usage;
+use super::keys::{KeyRefusal, KeyState, Limit, OverLimit};
+use super::meter::{MAX_TOKENS, Usage};
 use super::provider::{self, ProviderError};
 use super::ws::{WRITE_TIMEOUT, refuse_upgrade, switch};
 use super::{Db, Metered};
@@ -221,6 +221,7 @@ async fn connect(provider: &Provider, model: &str, beta: Option<&HeaderValue>) -
         conn.write_all(head.as_bytes())
             .await
             .map_err(|e| failed(e.to_string()))?;
+        conn.flush().await.map_err(|e| failed(e.to_string()))?;
         let mut buf = Vec::with_capacity(1024);
         loop {
             let mut chunk = [0u8; 4096];
@@ -292,18 +293,22 @@ impl Session {
                 db: self.db.clone(),
                 metrics: self.shared.metrics.clone(),
             };
-            metered.bill(usage, false, "ok");
+            // Written at once where limits are counted in a shared database, so that the check below counts it.
+            metered.bill_now(usage, false, "ok").await;
             if signal.reason().is_some() {
                 continue;
             }
             let over = match self.key.check_tokens(&self.db).await {
                 Err(over) => Some(over),
-                // Read again (at most every 10 s from the database): a key revoked meanwhile ends the session.
-                Ok(()) if self.shared.llm.keys.authenticate(&self.db, &self.secret).await.is_err() => Some(OverLimit {
-                    limit: Limit::Revoked,
-                    retry_after: None,
-                }),
-                Ok(()) => None,
+                // Read again (at most every 10 s from the database): a key revoked or deleted meanwhile ends the
+                // session; a database that cannot answer does not.
+                Ok(()) => match self.shared.llm.keys.authenticate(&self.db, &self.secret).await {
+                    Err(KeyRefusal::Revoked(_) | KeyRefusal::Unknown | KeyRefusal::Missing) => Some(OverLimit {
+                        limit: Limit::Revoked,
+                        retry_after: None,
+                    }),
+                    Ok(_) | Err(KeyRefusal::Unavailable(_)) => None,
+                },
             };
             if let Some(over) = over {
                 tracing::info!(key = self.key.id(), model = %self.model, reason = %over.message(), "LLM Realtime session closed: the key may not go on");
@@ -320,9 +325,10 @@ fn response_usage(message: &[u8]) -> Option<Usage> {
         return None;
     }
     let usage = event.get("response")?.get("usage")?;
+    let count = |name: &str| usage.get(name).and_then(Value::as_u64).unwrap_or(0).min(MAX_TOKENS);
     Some(Usage {
-        prompt: usage.get("input_tokens").and_then(Value::as_u64).unwrap_or(0),
-        completion: usage.get("output_tokens").and_then(Value::as_u64).unwrap_or(0),
+        prompt: count("input_tokens"),
+        completion: count("output_tokens"),
     })
 }
 

@@ -1,6 +1,7 @@
 //! Virtual keys, their limits and usage in Redis (`[llm] database = "redis://…"`), shared by every instance that
 //! names the same server: a key issued or revoked through any of them works or stops on all, a key's limits count
-//! the requests and tokens of all, and `GET /api/llm/usage` on any shows the usage of all.
+//! the requests and tokens of all, and `GET /api/llm/usage` on any shows the usage of all. One Redis server (or a
+//! primary with replicas behind one address), not Redis Cluster: the scripts name keys of their own.
 //!
 //! What Redis holds (every name starts with `wsgate:llm:`):
 //!
@@ -10,19 +11,20 @@
 //! | `keys` | sorted set | the key ids |
 //! | `key:{id}` | hash | `owner`, `models` (JSON), `hint`, `hash` (hex SHA-256), `created`, `rpm`, `tpm`, `tpd`, `budget` (limits, absent when none), `revoked` (unix second, absent while live), `spent` |
 //! | `by-hash:{sha256 hex}` | string | the id of the key with that hash |
-//! | `rpm:{id}`, `tpm:{id}` | hash | requests and tokens per unix second, the last minute's (expire after 2 minutes) |
+//! | `rpm:{id}:{second}`, `tpm:{id}:{second}` | counter | requests and tokens of one second of Redis's clock (expire after 61 s) |
 //! | `tpd:{id}:{day}` | counter | tokens of a UTC day (expires after 3 days) |
 //! | `usage:{day}:{id}:{counted}:{model}` | hash | a usage row: `requests`, `prompt_tokens`, `completion_tokens`, `cost`, and `key_id`, `model`, `day`, `counted` |
-//! | `usage-rows` | set | the usage rows' names |
+//! | `usage-days`, `usage-rows:{day}` | set | the days with usage, and the usage rows of each |
+//! | `batch:{id}` | string | a batch of usage applied (kept an hour: a batch sent again after its answer was lost is applied once) |
 //!
-//! A request is admitted by one script (one round trip): it reads the key's limits, revocation and spending, prunes
-//! and sums the minute's windows, and counts the request. Usage is written as on SQLite, in batches at least every
-//! [`USAGE_BATCH_WAIT`], each batch in one transaction; a batch Redis does not take is kept and tried again.
+//! A request is admitted by one script (one round trip): it reads the key's limits, revocation and spending, sums
+//! the last 60 seconds' counters, and counts the request. Usage is written as on SQLite, in batches at least every
+//! [`USAGE_BATCH_WAIT`]: rows of the same key, model, day and origin merged, at most [`BATCH_ROWS`] to a script
+//! call that applies a batch once. A batch Redis does not answer is kept and sent again, with the same id.
 
-use std::collections::{BTreeSet, HashMap};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, PoisonError};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use ::redis::{Script, cmd, pipe};
 use tokio::sync::Notify;
@@ -36,39 +38,39 @@ use crate::cluster::redis::{Redis, RedisError};
 const PREFIX: &str = "wsgate:llm:";
 const NEXT_ID: &str = "wsgate:llm:next-key-id";
 const KEYS: &str = "wsgate:llm:keys";
-const USAGE_ROWS: &str = "wsgate:llm:usage-rows";
+const USAGE_DAYS: &str = "wsgate:llm:usage-days";
 /// How long usage rows wait to be written together, at most.
 const USAGE_BATCH_WAIT: Duration = Duration::from_millis(200);
-/// How long the minute windows' counts are kept (a minute, and a margin).
-const WINDOW_TTL_SECS: u64 = 120;
-/// How long a day's token count is kept.
-const DAY_TTL_SECS: u64 = 3 * 86_400;
+/// Usage rows (merged) one script call applies at most.
+const BATCH_ROWS: usize = 500;
+/// Reads one pipeline makes at most (listing usage).
+const READS_PER_PIPELINE: usize = 1000;
 /// How long closing waits for the last usage rows to be written.
 const CLOSE_WAIT: Duration = Duration::from_secs(3);
 
-/// Admits a request, or says which limit stops it. KEYS: the key's hash, its `rpm` and `tpm` windows, its day's
-/// token count. ARGV: the unix second now; `1` to count a request (its RPM limit applies), `0` to check tokens and
-/// budget only. Returns `{verdict, seconds to wait, spent}`.
+/// Admits a request, or says which limit stops it. KEYS: the key's hash, its day's token count. ARGV: the key id;
+/// `1` to count a request (its RPM limit applies), `0` to check tokens and budget only. Returns `{verdict, seconds
+/// to wait, spent}`.
 const ADMIT: &str = r"
-local now = tonumber(ARGV[1])
+local now = tonumber(redis.call('TIME')[1])
+local id = ARGV[1]
+local counting = ARGV[2] == '1'
 local k = redis.call('HMGET', KEYS[1], 'owner', 'revoked', 'rpm', 'tpm', 'tpd', 'budget', 'spent')
 if not k[1] then return {'unknown', 0, '0'} end
-local spent = k[7] or '0'
-if k[2] then return {'revoked', 0, spent} end
-local function window(name)
-  local all = redis.call('HGETALL', name)
-  local items, old, sum = {}, {}, 0
-  for i = 1, #all, 2 do
-    local second, n = tonumber(all[i]), tonumber(all[i + 1])
-    if now - second >= 60 then
-      table.insert(old, all[i])
-    else
-      table.insert(items, {second, n})
+local spent = tonumber(k[7] or '0')
+if k[2] then return {'revoked', 0, tostring(spent)} end
+local function window(kind)
+  local names = {}
+  for i = 1, 60 do names[i] = 'wsgate:llm:' .. kind .. ':' .. id .. ':' .. (now - 60 + i) end
+  local values = redis.call('MGET', unpack(names))
+  local items, sum = {}, 0
+  for i = 1, 60 do
+    local n = tonumber(values[i])
+    if n then
       sum = sum + n
+      items[#items + 1] = {now - 60 + i, n}
     end
   end
-  if #old > 0 then redis.call('HDEL', name, unpack(old)) end
-  table.sort(items, function(a, b) return a[1] < b[1] end)
   return sum, items
 end
 local function wait(items, sum, limit)
@@ -78,24 +80,61 @@ local function wait(items, sum, limit)
   end
   return 60
 end
-local counting = ARGV[2] == '1'
 if counting and k[3] then
   local rpm = tonumber(k[3])
-  local sum, items = window(KEYS[2])
-  if sum >= rpm then return {'rpm', wait(items, sum, rpm), spent} end
+  local sum, items = window('rpm')
+  if sum >= rpm then return {'rpm', wait(items, sum, rpm), tostring(spent)} end
 end
 if k[4] then
   local tpm = tonumber(k[4])
-  local sum, items = window(KEYS[3])
-  if sum >= tpm then return {'tpm', wait(items, sum, tpm), spent} end
+  local sum, items = window('tpm')
+  if sum >= tpm then return {'tpm', wait(items, sum, tpm), tostring(spent)} end
 end
-if k[5] and tonumber(redis.call('GET', KEYS[4]) or '0') >= tonumber(k[5]) then return {'tpd', 0, spent} end
-if k[6] and tonumber(spent) >= tonumber(k[6]) then return {'budget', 0, spent} end
+if k[5] and tonumber(redis.call('GET', KEYS[2]) or '0') >= tonumber(k[5]) then
+  return {'tpd', 0, tostring(spent)}
+end
+if k[6] and spent >= tonumber(k[6]) then return {'budget', 0, tostring(spent)} end
 if counting and k[3] then
-  redis.call('HINCRBY', KEYS[2], ARGV[1], 1)
-  redis.call('EXPIRE', KEYS[2], 120)
+  local name = 'wsgate:llm:rpm:' .. id .. ':' .. now
+  redis.call('INCR', name)
+  redis.call('EXPIRE', name, 61)
 end
-return {'ok', 0, spent}
+return {'ok', 0, tostring(spent)}
+";
+
+/// Applies a batch of usage once. KEYS: the batch's marker. ARGV: eight per row: key id, day, counted (0 or 1),
+/// model, requests, prompt tokens, completion tokens, cost. Returns -1 when the batch was applied already, else
+/// how many of its commands Redis refused (a row it holds that is not what wsgate wrote; the others are applied).
+const APPLY: &str = r"
+if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', 3600) then return -1 end
+local now = redis.call('TIME')[1]
+local refused = 0
+local function call(...)
+  local r = redis.pcall(...)
+  if type(r) == 'table' and r.err then refused = refused + 1 end
+end
+for i = 1, #ARGV, 8 do
+  local id, day, counted, model = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+  local tokens = tonumber(ARGV[i + 5]) + tonumber(ARGV[i + 6])
+  if tokens > 0 then
+    local tpm = 'wsgate:llm:tpm:' .. id .. ':' .. now
+    call('INCRBY', tpm, tokens)
+    call('EXPIRE', tpm, 61)
+    local tpd = 'wsgate:llm:tpd:' .. id .. ':' .. day
+    call('INCRBY', tpd, tokens)
+    call('EXPIRE', tpd, 259200)
+  end
+  if tonumber(ARGV[i + 7]) > 0 then call('HINCRBYFLOAT', 'wsgate:llm:key:' .. id, 'spent', ARGV[i + 7]) end
+  local row = 'wsgate:llm:usage:' .. day .. ':' .. id .. ':' .. counted .. ':' .. model
+  call('HINCRBY', row, 'requests', ARGV[i + 4])
+  call('HINCRBY', row, 'prompt_tokens', ARGV[i + 5])
+  call('HINCRBY', row, 'completion_tokens', ARGV[i + 6])
+  call('HINCRBYFLOAT', row, 'cost', ARGV[i + 7])
+  call('HSET', row, 'key_id', id, 'model', model, 'day', day, 'counted', counted)
+  call('SADD', 'wsgate:llm:usage-rows:' .. day, row)
+  call('SADD', 'wsgate:llm:usage-days', day)
+end
+return refused
 ";
 
 /// Revokes a key: 1 when it was live, 0 when unknown or revoked already. KEYS: the key's hash; ARGV: the unix
@@ -119,36 +158,32 @@ fn by_hash_name(hash: &[u8; 32]) -> String {
     name
 }
 
-fn usage_name(d: &UsageDelta) -> String {
-    format!(
-        "{PREFIX}usage:{}:{}:{}:{}",
-        d.day,
-        d.key_id,
-        u8::from(d.counted),
-        d.model
-    )
-}
-
-fn unix_second() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
-}
-
-/// The usage writer's stop signal and the sign that it wrote its last batch.
+/// What the handles share with the usage writer: dropped with the last handle, it stops the writer (after its
+/// last batch), and with it the Redis client's thread.
 struct Writer {
-    stop: Notify,
+    stop: Arc<Notify>,
     // A plain mutex: taken once, at close.
     #[allow(clippy::disallowed_types)]
     done: std::sync::Mutex<Option<std::sync::mpsc::Receiver<()>>>,
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        self.stop.notify_one();
+    }
 }
 
 /// A handle on the keys and usage in Redis.
 #[derive(Clone)]
 pub struct RedisDb {
     redis: Redis,
+    /// The URL as configured (with its password): another one, on a reload, is another database.
+    url: Arc<str>,
     pending: Arc<Pending>,
     writer: Arc<Writer>,
     admit: Arc<Script>,
     revoke: Arc<Script>,
+    apply: Arc<Script>,
 }
 
 impl RedisDb {
@@ -157,21 +192,28 @@ impl RedisDb {
         let redis = Redis::open(url)?;
         let pending = Arc::new(Pending::default());
         let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let stop = Arc::new(Notify::new());
         let writer = Arc::new(Writer {
-            stop: Notify::new(),
+            stop: stop.clone(),
             #[allow(clippy::disallowed_types)]
             done: std::sync::Mutex::new(Some(done_rx)),
         });
-        let (r, rows, w) = (redis.clone(), pending.clone(), writer.clone());
+        let mut usage = UsageWriter {
+            redis: redis.clone(),
+            script: Arc::new(Script::new(APPLY)),
+            queue: VecDeque::new(),
+            failing: false,
+        };
+        let rows = pending.clone();
         redis.spawn(async move {
-            let failing = AtomicBool::new(false);
             loop {
-                let stopping = tokio::select! {
+                let last = tokio::select! {
                     () = tokio::time::sleep(USAGE_BATCH_WAIT) => false,
-                    () = w.stop.notified() => true,
+                    () = stop.notified() => true,
                 };
-                write_usage(&r, &rows, &failing).await;
-                if stopping {
+                let new = std::mem::take(&mut *rows.lock().unwrap_or_else(PoisonError::into_inner));
+                usage.write(new, last).await;
+                if last {
                     break;
                 }
             }
@@ -179,11 +221,30 @@ impl RedisDb {
         });
         Ok(RedisDb {
             redis,
+            url: url.into(),
             pending,
             writer,
             admit: Arc::new(Script::new(ADMIT)),
             revoke: Arc::new(Script::new(REVOKE)),
+            apply: Arc::new(Script::new(APPLY)),
         })
+    }
+
+    /// Writes one usage row at once (a batch of its own); the row back when Redis does not take it.
+    pub async fn record_now(&self, row: UsageDelta) -> Result<(), Box<UsageDelta>> {
+        let batch = batch(std::slice::from_ref(&row));
+        match apply(&self.redis, &self.apply, &batch).await {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                tracing::warn!(redis = %self.redis.url(), error = %e, "a usage row not written to Redis at once; queued");
+                Err(Box::new(row))
+            }
+        }
+    }
+
+    /// Whether this is the server at `url` (as configured, password included).
+    pub fn is(&self, url: &str) -> bool {
+        *self.url == *url
     }
 
     /// The server's URL, its password hidden.
@@ -301,10 +362,8 @@ impl RedisDb {
             .run(|mut c| async move {
                 script
                     .key(key_name(id))
-                    .key(format!("{PREFIX}rpm:{id}"))
-                    .key(format!("{PREFIX}tpm:{id}"))
                     .key(format!("{PREFIX}tpd:{id}:{day}"))
-                    .arg(unix_second())
+                    .arg(id)
                     .arg(if counting { "1" } else { "0" })
                     .invoke_async(&mut c)
                     .await
@@ -340,19 +399,38 @@ impl RedisDb {
     }
 
     /// The usage rows `filter` asks for, ordered by day, key, model and whether counted (as SQLite orders them).
+    /// Only the days asked for are read, a thousand rows to a round trip.
     pub async fn usage(&self, filter: UsageFilter) -> Result<Vec<UsageRow>, DbError> {
         for day in [&filter.from_day, &filter.to_day].into_iter().flatten() {
             store::check_day(day)?;
         }
-        let names: Vec<String> = self
+        let days: Vec<String> = self
             .redis
-            .run(|mut c| async move { cmd("SMEMBERS").arg(USAGE_ROWS).query_async(&mut c).await })
+            .run(|mut c| async move { cmd("SMEMBERS").arg(USAGE_DAYS).query_async(&mut c).await })
             .await?;
-        let mut p = pipe();
-        for name in &names {
-            p.cmd("HGETALL").arg(name);
+        let days: Vec<String> = days
+            .into_iter()
+            .filter(|d| filter.from_day.as_ref().is_none_or(|from| d >= from))
+            .filter(|d| filter.to_day.as_ref().is_none_or(|to| d <= to))
+            .collect();
+        let mut names: Vec<String> = Vec::new();
+        for days in days.chunks(READS_PER_PIPELINE) {
+            let mut p = pipe();
+            for day in days {
+                p.cmd("SMEMBERS").arg(format!("{PREFIX}usage-rows:{day}"));
+            }
+            let rows: Vec<Vec<String>> = self.pipeline(p).await?;
+            names.extend(rows.into_iter().flatten());
         }
-        let all: Vec<HashMap<String, String>> = self.pipeline(p).await?;
+        let mut all: Vec<HashMap<String, String>> = Vec::with_capacity(names.len());
+        for chunk in names.chunks(READS_PER_PIPELINE) {
+            let mut p = pipe();
+            for name in chunk {
+                p.cmd("HGETALL").arg(name);
+            }
+            let read: Vec<HashMap<String, String>> = self.pipeline(p).await?;
+            all.extend(read);
+        }
         let mut rows = Vec::new();
         for (name, fields) in names.iter().zip(&all) {
             if fields.is_empty() {
@@ -360,9 +438,7 @@ impl RedisDb {
             }
             let row = self.usage_row(name, fields)?;
             let wanted = filter.key_id.is_none_or(|id| id == row.key_id)
-                && filter.model.as_ref().is_none_or(|m| *m == row.model)
-                && filter.from_day.as_ref().is_none_or(|d| row.day >= *d)
-                && filter.to_day.as_ref().is_none_or(|d| row.day <= *d);
+                && filter.model.as_ref().is_none_or(|m| *m == row.model);
             if wanted {
                 rows.push(row);
             }
@@ -497,86 +573,237 @@ impl RedisDb {
     }
 }
 
-/// Writes the pending rows in one transaction: the key's windows and day count, its spending and the usage row.
-/// Rows Redis does not take go back to the front of the buffer, to be tried again.
-async fn write_usage(redis: &Redis, pending: &Pending, failing: &AtomicBool) {
-    let rows = std::mem::take(&mut *pending.lock().unwrap_or_else(PoisonError::into_inner));
-    if rows.is_empty() {
-        return;
-    }
-    let second = unix_second();
-    let mut p = pipe();
-    p.atomic();
-    for d in &rows {
-        let tokens = d.prompt_tokens.saturating_add(d.completion_tokens);
-        let cost = if d.cost.is_finite() && d.cost > 0.0 {
-            d.cost
-        } else {
-            0.0
-        };
-        if tokens > 0 {
-            let tpm = format!("{PREFIX}tpm:{}", d.key_id);
-            let tpd = format!("{PREFIX}tpd:{}:{}", d.key_id, d.day);
-            p.cmd("HINCRBY").arg(&tpm).arg(second).arg(tokens).ignore();
-            p.cmd("EXPIRE").arg(&tpm).arg(WINDOW_TTL_SECS).ignore();
-            p.cmd("INCRBY").arg(&tpd).arg(tokens).ignore();
-            p.cmd("EXPIRE").arg(&tpd).arg(DAY_TTL_SECS).ignore();
+/// The usage writer: merges the rows billed since its last turn into batches, and applies them in order, each once.
+struct UsageWriter {
+    redis: Redis,
+    script: Arc<Script>,
+    /// Batches not applied yet, oldest first: one Redis did not answer is sent again, with the same id.
+    queue: VecDeque<Batch>,
+    /// Redis took nothing the last time (logged once until it takes a batch again).
+    failing: bool,
+}
+
+/// Usage rows applied together, once (by their batch id).
+struct Batch {
+    id: String,
+    rows: usize,
+    args: Vec<String>,
+}
+
+impl UsageWriter {
+    /// Queues `rows` and applies what is queued, until Redis fails to take a batch; `last`: at shutdown, when what
+    /// is not applied now is lost.
+    async fn write(&mut self, rows: Vec<UsageDelta>, last: bool) {
+        for chunk in merge(rows).chunks(BATCH_ROWS) {
+            self.queue.push_back(batch(chunk));
         }
-        if cost > 0.0 {
-            p.cmd("HINCRBYFLOAT")
-                .arg(key_name(d.key_id))
-                .arg("spent")
-                .arg(cost)
-                .ignore();
+        let mut queued: usize = self.queue.iter().map(|b| b.rows).sum();
+        while queued > MAX_PENDING_USAGE
+            && let Some(oldest) = self.queue.pop_front()
+        {
+            queued -= oldest.rows;
+            tracing::error!(redis = %self.redis.url(), lost = oldest.rows, "usage rows lost: Redis has not taken them for long, and the buffer is full");
         }
-        let row = usage_name(d);
-        p.cmd("HINCRBY").arg(&row).arg("requests").arg(d.requests).ignore();
-        p.cmd("HINCRBY")
-            .arg(&row)
-            .arg("prompt_tokens")
-            .arg(d.prompt_tokens)
-            .ignore();
-        p.cmd("HINCRBY")
-            .arg(&row)
-            .arg("completion_tokens")
-            .arg(d.completion_tokens)
-            .ignore();
-        p.cmd("HINCRBYFLOAT").arg(&row).arg("cost").arg(cost).ignore();
-        p.cmd("HSET")
-            .arg(&row)
-            .arg("key_id")
-            .arg(d.key_id)
-            .arg("model")
-            .arg(&d.model)
-            .arg("day")
-            .arg(&d.day)
-            .arg("counted")
-            .arg(u8::from(d.counted))
-            .ignore();
-        p.cmd("SADD").arg(USAGE_ROWS).arg(&row).ignore();
+        while let Some(batch) = self.queue.front() {
+            match apply(&self.redis, &self.script, batch).await {
+                Ok(refused) => {
+                    if refused > 0 {
+                        tracing::warn!(redis = %self.redis.url(), refused, "Redis refused some usage commands (a key of wsgate:llm: holds something else)");
+                    }
+                    queued -= batch.rows;
+                    self.queue.pop_front();
+                    if std::mem::take(&mut self.failing) {
+                        tracing::info!(redis = %self.redis.url(), "usage rows are written to Redis again");
+                    }
+                }
+                Err(e) if last => {
+                    tracing::error!(redis = %self.redis.url(), lost = queued, error = %e, "usage rows lost: Redis did not take them at shutdown");
+                    return;
+                }
+                Err(e) => {
+                    if !std::mem::replace(&mut self.failing, true) {
+                        tracing::warn!(redis = %self.redis.url(), rows = queued, error = %e, "usage rows not written to Redis; kept to try again");
+                    }
+                    return;
+                }
+            }
+        }
     }
-    match redis
-        .run(|mut c| async move { p.query_async::<()>(&mut c).await })
+}
+
+/// Applies a batch (once, by its id): how many of its commands Redis refused (-1: it was applied already).
+async fn apply(redis: &Redis, script: &Arc<Script>, batch: &Batch) -> Result<i64, RedisError> {
+    let script = script.clone();
+    let marker = format!("{PREFIX}batch:{}", batch.id);
+    let args = batch.args.clone();
+    redis
+        .run(|mut c| async move { script.key(marker).arg(args).invoke_async(&mut c).await })
         .await
-    {
-        Ok(()) => {
-            if failing.swap(false, Ordering::Relaxed) {
-                tracing::info!(redis = %redis.url(), "usage rows are written to Redis again");
+}
+
+/// Rows of the same key, model, day and origin added up.
+fn merge(rows: Vec<UsageDelta>) -> Vec<UsageDelta> {
+    let mut merged: HashMap<(i64, String, bool, String), UsageDelta> = HashMap::new();
+    for row in rows {
+        let key = (row.key_id, row.day.clone(), row.counted, row.model.clone());
+        match merged.get_mut(&key) {
+            Some(sum) => {
+                sum.requests = sum.requests.saturating_add(row.requests);
+                sum.prompt_tokens = sum.prompt_tokens.saturating_add(row.prompt_tokens);
+                sum.completion_tokens = sum.completion_tokens.saturating_add(row.completion_tokens);
+                sum.cost += clean_cost(row.cost);
+            }
+            None => {
+                merged.insert(
+                    key,
+                    UsageDelta {
+                        cost: clean_cost(row.cost),
+                        ..row
+                    },
+                );
             }
         }
-        Err(e) => {
-            let mut pending = pending.lock().unwrap_or_else(PoisonError::into_inner);
-            let kept = MAX_PENDING_USAGE.saturating_sub(pending.len()).min(rows.len());
-            let lost = rows.len() - kept;
-            let newer = std::mem::replace(&mut *pending, rows);
-            pending.truncate(kept);
-            pending.extend(newer);
-            drop(pending);
-            if lost > 0 {
-                tracing::error!(redis = %redis.url(), lost, error = %e, "usage rows lost: Redis takes none and the buffer is full");
-            } else if !failing.swap(true, Ordering::Relaxed) {
-                tracing::warn!(redis = %redis.url(), rows = kept, error = %e, "usage rows not written to Redis; kept to try again");
+    }
+    merged.into_values().collect()
+}
+
+fn clean_cost(cost: f64) -> f64 {
+    if cost.is_finite() && cost > 0.0 { cost } else { 0.0 }
+}
+
+/// A batch of rows with an id of its own (random: unique among the instances sharing the server).
+fn batch(rows: &[UsageDelta]) -> Batch {
+    let mut id = [0u8; 16];
+    if getrandom::fill(&mut id).is_err() {
+        // No random bytes: the time and a counter are unique enough on this instance, with the pid among them.
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let t = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        id[..8].copy_from_slice(&(t as u64 ^ u64::from(std::process::id())).to_le_bytes());
+        id[8..].copy_from_slice(&n.to_le_bytes());
+    }
+    let mut args = Vec::with_capacity(rows.len() * 8);
+    for row in rows {
+        args.extend([
+            row.key_id.to_string(),
+            row.day.clone(),
+            u8::from(row.counted).to_string(),
+            row.model.clone(),
+            row.requests.to_string(),
+            row.prompt_tokens.to_string(),
+            row.completion_tokens.to_string(),
+            row.cost.to_string(),
+        ]);
+    }
+    Batch {
+        id: id.iter().map(|b| format!("{b:02x}")).collect(),
+        rows: rows.len(),
+        args,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A private `redis-server` (installed by `scripts/test`) on a free port, killed when dropped.
+    struct Server(std::process::Child, u16);
+
+    impl Server {
+        async fn start() -> Server {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .map(|a| a.port())
+                .unwrap();
+            let child = std::process::Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", ""])
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .expect("redis-server (scripts/test installs it)");
+            let server = Server(child, port);
+            for _ in 0..500 {
+                if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                    return server;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
             }
+            panic!("redis-server did not start");
         }
+    }
+
+    impl Drop for Server {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    fn row(key_id: i64, model: &str, prompt: u64, cost: f64) -> UsageDelta {
+        UsageDelta {
+            key_id,
+            model: model.into(),
+            day: "2026-12-06".into(),
+            counted: false,
+            requests: 1,
+            prompt_tokens: prompt,
+            completion_tokens: 2,
+            cost,
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_batch_is_applied_once_and_a_bad_row_costs_no_other_row() {
+        let server = Server::start().await;
+        let redis = Redis::open(&format!("redis://127.0.0.1:{}/0", server.1)).unwrap();
+        let script = Arc::new(Script::new(APPLY));
+        // Rows of one key, model and day are merged; a bad cost counts as none.
+        let merged = merge(vec![
+            row(1, "tiny", 5, 0.5),
+            row(1, "tiny", 7, f64::NAN),
+            row(2, "tiny", 1, 0.25),
+        ]);
+        assert_eq!(merged.len(), 2);
+        let first = batch(&merged);
+        assert_eq!(apply(&redis, &script, &first).await.unwrap(), 0);
+        // Sent again (its answer lost, say): not applied twice.
+        assert_eq!(apply(&redis, &script, &first).await.unwrap(), -1);
+        let read = |name: &'static str| {
+            let redis = redis.clone();
+            async move {
+                redis
+                    .run(|mut c| async move {
+                        cmd("HGETALL")
+                            .arg(name)
+                            .query_async::<HashMap<String, String>>(&mut c)
+                            .await
+                    })
+                    .await
+                    .unwrap()
+            }
+        };
+        let one = read("wsgate:llm:usage:2026-12-06:1:0:tiny").await;
+        assert_eq!(one["requests"], "2");
+        assert_eq!(one["prompt_tokens"], "12");
+        assert_eq!(one["completion_tokens"], "4");
+        assert_eq!(one["cost"].parse::<f64>().unwrap(), 0.5);
+        assert_eq!(read("wsgate:llm:key:2").await["spent"].parse::<f64>().unwrap(), 0.25);
+
+        // Key 3's spending is held as something else: its commands are refused, the other rows applied.
+        redis
+            .run(|mut c| async move {
+                cmd("SET")
+                    .arg("wsgate:llm:key:3")
+                    .arg("x")
+                    .query_async::<()>(&mut c)
+                    .await
+            })
+            .await
+            .unwrap();
+        let mixed = batch(&[row(3, "tiny", 1, 1.0), row(4, "tiny", 1, 1.0)]);
+        assert_eq!(apply(&redis, &script, &mixed).await.unwrap(), 1);
+        assert_eq!(read("wsgate:llm:key:4").await["spent"], "1");
+        assert_eq!(read("wsgate:llm:usage:2026-12-06:3:0:tiny").await["requests"], "1");
     }
 }

@@ -419,6 +419,8 @@ impl Run {
             .metered
             .as_ref()
             .map_or(0.0, |m| m.settings.cost(&self.model, usage.prompt, usage.completion));
+        // A stream that failed before its first token, and reported nothing, was not served: not billed.
+        let unserved = matches!(finish, Finish::Failed(_)) && !self.meter.started() && !self.meter.reported();
         let outcome = match finish {
             Finish::Provider => "ok",
             Finish::Cancelled => "cancelled",
@@ -426,7 +428,7 @@ impl Run {
             Finish::Failed(_) | Finish::Unserved(_) | Finish::Invalid(_) => "error",
         };
         if let Some(metered) = self.metered.take() {
-            if let Finish::Unserved(_) | Finish::Invalid(_) = finish {
+            if unserved || matches!(finish, Finish::Unserved(_) | Finish::Invalid(_)) {
                 metered.metrics.llm.failed(metered.label());
             } else {
                 metered.bill(usage, counted, outcome);
@@ -477,7 +479,7 @@ impl Run {
                 Ok(a) if a.status().is_success() => {
                     self.served = Some(provider.clone());
                     match self.relay(a, provider).await {
-                        Finish::Failed(why) if !self.meter.has_text() => {
+                        Finish::Failed(why) if !self.meter.started() => {
                             tracing::warn!(model = %self.model, provider = %provider.name, why, "LLM provider's stream failed before its first token; trying the next provider");
                             if let Some(m) = &self.metered {
                                 m.metrics.llm.provider_error(&provider.name, "stream");
@@ -528,7 +530,7 @@ impl Run {
         // Until the first token, the provider has its first_token_timeout; then token_timeout between chunks.
         let first_token_by = Instant::now() + first_token_timeout;
         loop {
-            let by = if self.meter.has_text() {
+            let by = if self.meter.started() {
                 Instant::now() + token_timeout
             } else {
                 first_token_by

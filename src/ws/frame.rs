@@ -265,12 +265,13 @@ pub struct Tracker {
 }
 
 /// How far into a text message a [`Capture`] looks for its marker.
-pub const CAPTURE_LOOK: usize = 256;
+pub const CAPTURE_LOOK: usize = 64 * 1024;
 
-/// Text messages with a marker in their first [`CAPTURE_LOOK`] bytes, kept whole (up to `max` bytes) as they pass
-/// and handed to `sink` once whole: the LLM gateway meters a Realtime provider's `response.done` events this way, at
-/// relay speed, while every other message is only looked at up to the marker's window. Unmasked, uncompressed
-/// frames only (a server's, without permessage-deflate).
+/// Text messages with a marker in their first [`CAPTURE_LOOK`] bytes (wherever a JSON encoder put the key that
+/// names it), kept whole (up to `max` bytes) as they pass and handed to `sink` once whole: the LLM gateway meters a
+/// Realtime provider's `response.done` events this way, at relay speed, while a longer message without the marker
+/// is dropped from view once past the window. Unmasked, uncompressed frames only (a server's, without
+/// permessage-deflate).
 pub struct Capture {
     marker: &'static [u8],
     max: usize,
@@ -338,31 +339,40 @@ impl Capture {
     }
 
     fn start(&mut self, keepable: bool) {
-        self.buf.clear();
+        self.reset();
         self.state = if keepable { Capturing::Looking } else { Capturing::Off };
     }
 
-    fn has_marker(&self) -> bool {
-        self.buf.windows(self.marker.len()).any(|w| w == self.marker)
+    /// Empties the buffer, keeping up to the window's worth of room for the next message.
+    fn reset(&mut self) {
+        self.buf.clear();
+        self.buf.shrink_to(CAPTURE_LOOK);
+    }
+
+    /// Whether the marker is in the buffer, looking only where bytes from `from` on can make it.
+    fn has_marker_from(&self, from: usize) -> bool {
+        let start = from.saturating_sub(self.marker.len().saturating_sub(1));
+        memchr::memmem::find(&self.buf[start..], self.marker).is_some()
     }
 
     fn feed(&mut self, mut bytes: &[u8]) {
         if self.state == Capturing::Looking {
             let look = bytes.len().min(CAPTURE_LOOK.saturating_sub(self.buf.len()));
+            let from = self.buf.len();
             self.buf.extend_from_slice(&bytes[..look]);
             bytes = &bytes[look..];
-            if self.has_marker() {
+            if self.has_marker_from(from) {
                 self.state = Capturing::Keeping;
             } else if self.buf.len() >= CAPTURE_LOOK {
                 self.state = Capturing::Off;
-                self.buf = Vec::new();
+                self.reset();
             }
         }
         if self.state == Capturing::Keeping {
             if self.buf.len() + bytes.len() > self.max {
                 self.too_large += 1;
                 self.state = Capturing::Off;
-                self.buf = Vec::new();
+                self.reset();
             } else {
                 self.buf.extend_from_slice(bytes);
             }
@@ -370,16 +380,11 @@ impl Capture {
     }
 
     fn end(&mut self) {
-        let keep = match self.state {
-            Capturing::Keeping => true,
-            Capturing::Looking => self.has_marker(),
-            Capturing::Off => false,
-        };
-        if keep {
-            (self.sink)(std::mem::take(&mut self.buf));
+        if self.state == Capturing::Keeping {
+            (self.sink)(self.buf.clone());
         }
         self.state = Capturing::Off;
-        self.buf = Vec::new();
+        self.reset();
     }
 }
 
@@ -761,9 +766,15 @@ mod capture_tests {
         wire.extend(data(true, opcode::CONTINUATION, &done[40..], None));
         // Binary messages are never kept; a too-large one is counted.
         wire.extend(data(true, opcode::BINARY, done, None));
-        let big = format!(r#"{{"type":"response.done","pad":"{}"}}"#, "x".repeat(500));
+        let big = format!(r#"{{"type":"response.done","pad":"{}"}}"#, "x".repeat(5000));
         wire.extend(data(true, opcode::TEXT, big.as_bytes(), None));
         wire.extend(data(true, opcode::TEXT, done, None));
+        // Keys in another order: the marker far from the start is found too.
+        let late = format!(
+            r#"{{"response":{{"pad":"{}"}},"type":"response.done"}}"#,
+            "y".repeat(1500)
+        );
+        wire.extend(data(true, opcode::TEXT, late.as_bytes(), None));
         for chunk in [1, 3, 7, 64, wire.len()] {
             let mut tracker = Tracker::new(Rules {
                 masked: false,
@@ -773,12 +784,16 @@ mod capture_tests {
                 max_message_size: None,
             });
             let (sink, kept) = std::sync::mpsc::channel();
-            tracker.set_capture(Capture::new(b"\"response.done\"", 200, move |m| {
+            tracker.set_capture(Capture::new(b"\"response.done\"", 2000, move |m| {
                 sink.send(m).unwrap();
             }));
             walk(&mut tracker, &wire, chunk);
             let kept: Vec<Vec<u8>> = kept.try_iter().collect();
-            assert_eq!(kept, vec![done.to_vec(), done.to_vec()], "reads of {chunk}");
+            assert_eq!(
+                kept,
+                vec![done.to_vec(), done.to_vec(), late.as_bytes().to_vec()],
+                "reads of {chunk}"
+            );
             assert_eq!(tracker.capture_mut().unwrap().too_large, 1);
         }
     }
