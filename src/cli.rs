@@ -465,6 +465,8 @@ impl Signals {
         watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // Reloads asked for through the admin API (`POST /api/reload`), answered with their result.
         let mut reloads = running.take_reload_requests();
+        let systemd = crate::notify::Notifier::from_env();
+        systemd.ready("serving");
         loop {
             tokio::select! {
                 _ = terminate.recv() => {
@@ -479,7 +481,7 @@ impl Signals {
                     Some(path) => {
                         tracing::info!(signal = "SIGHUP", config = %path.display(), "reloading");
                         last_seen = std::fs::read(path).ok();
-                        let _ = reload(&mut running, path).await;
+                        let _ = reload(&mut running, path, &systemd).await;
                     }
                     None => tracing::info!(signal = "SIGHUP", "no config file to reload (quick mode)"),
                 },
@@ -490,7 +492,7 @@ impl Signals {
                     if now.is_some() && now != last_seen {
                         tracing::info!(config = %path.display(), "config file changed: reloading");
                         last_seen = now;
-                        let _ = reload(&mut running, path).await;
+                        let _ = reload(&mut running, path, &systemd).await;
                     }
                 }
                 Some(reply) = reloads.recv() => {
@@ -498,7 +500,7 @@ impl Signals {
                         Some(path) => {
                             tracing::info!(config = %path.display(), "admin API: reloading");
                             last_seen = std::fs::read(path).ok();
-                            reload(&mut running, path).await
+                            reload(&mut running, path, &systemd).await
                         }
                         None => Err(vec!["no config file to reload (quick mode)".to_string()]),
                     };
@@ -506,6 +508,7 @@ impl Signals {
                 }
             }
         }
+        systemd.stopping();
         running.shutdown();
         let (done_tx, done_rx) = tokio::sync::oneshot::channel();
         std::thread::spawn(move || {
@@ -525,7 +528,22 @@ impl Signals {
 
 /// Loads the config file and serves it; a file that does not load leaves the running config as it is. Returns the
 /// new config's summary, or the problems that refused it.
-async fn reload(running: &mut server::Running, path: &Path) -> Result<String, Vec<String>> {
+async fn reload(
+    running: &mut server::Running,
+    path: &Path,
+    systemd: &crate::notify::Notifier,
+) -> Result<String, Vec<String>> {
+    systemd.reloading();
+    let reloaded = load_and_apply(running, path).await;
+    systemd.ready(if reloaded.is_ok() {
+        "serving"
+    } else {
+        "serving (the last reload was refused)"
+    });
+    reloaded
+}
+
+async fn load_and_apply(running: &mut server::Running, path: &Path) -> Result<String, Vec<String>> {
     let owned = path.to_path_buf();
     // Loading resolves server names: off the signal-handling thread.
     let loaded = tokio::task::spawn_blocking(move || config::file::load(&owned)).await;

@@ -16,6 +16,7 @@ pub mod http;
 pub mod live;
 pub mod llm;
 pub mod metrics;
+mod notify;
 mod observe;
 mod otlp;
 mod policy;
