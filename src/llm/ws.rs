@@ -605,9 +605,10 @@ pub(super) async fn refuse_upgrade(client: &mut Conn, e: &ApiError) -> (u16, Str
         head.push_str(&format!("Retry-After: {}\r\n", secs.max(1)));
     }
     head.push_str("\r\n");
+    // Head and body in one write: a client that reads the head gets the body with it.
+    head.push_str(&body);
     let _ = tokio::time::timeout(WRITE_TIMEOUT, async {
         client.write_all(head.as_bytes()).await?;
-        client.write_all(body.as_bytes()).await?;
         client.shutdown().await
     })
     .await;
