@@ -467,6 +467,10 @@ impl Signals {
         let mut reloads = running.take_reload_requests();
         let systemd = crate::notify::Notifier::from_env();
         systemd.ready("serving");
+        // Discovery files are always watched: a change reloads the config, which reads them again.
+        let mut discovery = tokio::time::interval(WATCH_INTERVAL);
+        discovery.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut discovered = discovery_files(&running);
         loop {
             tokio::select! {
                 _ = terminate.recv() => {
@@ -493,6 +497,16 @@ impl Signals {
                         tracing::info!(config = %path.display(), "config file changed: reloading");
                         last_seen = now;
                         let _ = reload(&mut running, path, &systemd).await;
+                    }
+                }
+                _ = discovery.tick(), if config_file.is_some() => {
+                    let now = discovery_files(&running);
+                    if now != discovered {
+                        let Some(path) = &config_file else { continue };
+                        tracing::info!(config = %path.display(), "a discovery file changed: reloading");
+                        let _ = reload(&mut running, path, &systemd).await;
+                        // A refused reload keeps the servers known last; the file is read again at its next change.
+                        discovered = now;
                     }
                 }
                 Some(reply) = reloads.recv() => {
@@ -524,6 +538,21 @@ impl Signals {
             _ = interrupt.recv() => second_signal(),
         }
     }
+}
+
+/// The discovery files of the config in force, and what each holds (`None`: unreadable).
+fn discovery_files(running: &server::Running) -> Vec<(PathBuf, Option<Vec<u8>>)> {
+    let snapshot = running.snapshot();
+    snapshot
+        .config
+        .upstreams
+        .iter()
+        .filter_map(|u| u.discovery_file.clone())
+        .map(|path| {
+            let content = std::fs::read(&path).ok();
+            (path, content)
+        })
+        .collect()
 }
 
 /// Loads the config file and serves it; a file that does not load leaves the running config as it is. Returns the

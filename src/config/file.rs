@@ -338,6 +338,15 @@ struct RawUpstream {
     rebalance: Option<bool>,
     rebalance_threshold: Option<Spanned<f64>>,
     tls: Option<Spanned<RawUpstreamTls>>,
+    discovery: Option<Spanned<RawDiscovery>>,
+}
+
+/// Where more servers of an upstream are found.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDiscovery {
+    /// A file of addresses, one a line (`#` starts a comment), relative to the config file.
+    file: Spanned<String>,
 }
 
 #[derive(Deserialize)]
@@ -1213,6 +1222,7 @@ fn build_upstreams(raw: &[Spanned<RawUpstream>], report: &mut Report<'_>) -> Vec
         let tls = build_upstream_tls(u, report);
         upstreams.push(Upstream {
             tls,
+            discovery_file: u.discovery.as_ref().map(|d| report.path(d.get_ref().file.get_ref())),
             balance,
             hash_key,
             connect_timeout,
@@ -1229,7 +1239,7 @@ fn build_upstreams(raw: &[Spanned<RawUpstream>], report: &mut Report<'_>) -> Vec
 /// Resolves an upstream's servers, refusing one listed twice (by name or by address): it would get a double share.
 fn build_servers(upstream: &Spanned<RawUpstream>, name: &str, report: &mut Report<'_>) -> Vec<Server> {
     let u = upstream.get_ref();
-    if u.server.is_empty() {
+    if u.server.is_empty() && u.discovery.is_none() {
         report.at(
             Some(upstream.span()),
             format!("upstream `{name}` has no servers: add at least one [[upstream.server]] with an address"),
@@ -1237,6 +1247,16 @@ fn build_servers(upstream: &Spanned<RawUpstream>, name: &str, report: &mut Repor
     }
     let mut servers = Vec::with_capacity(u.server.len());
     let mut identities = HashSet::new();
+    if let Some(discovery) = &u.discovery {
+        discovered_servers(
+            discovery,
+            name,
+            u.server.is_empty(),
+            &mut servers,
+            &mut identities,
+            report,
+        );
+    }
     for entry in &u.server {
         let s = entry.get_ref();
         let weight = s.weight.as_ref().map_or(DEFAULT_WEIGHT, |w| *w.get_ref());
@@ -1278,6 +1298,68 @@ fn build_servers(upstream: &Spanned<RawUpstream>, name: &str, report: &mut Repor
         }
     }
     servers
+}
+
+/// The servers a discovery file lists, added to `servers`: one address a line, blank lines and `#` comments
+/// skipped. A file that cannot be read, a line that does not resolve, a server listed twice, and a file that
+/// leaves the upstream with no server at all are problems of the config, so that a reload with such a file is
+/// refused and the servers known last stay in force.
+fn discovered_servers(
+    discovery: &Spanned<RawDiscovery>,
+    name: &str,
+    only_source: bool,
+    servers: &mut Vec<Server>,
+    identities: &mut HashSet<String>,
+    report: &mut Report<'_>,
+) {
+    let file = &discovery.get_ref().file;
+    let path = report.path(file.get_ref());
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) => {
+            report.key(file, "discovery.file", format!("{}: cannot read: {e}", path.display()));
+            return;
+        }
+    };
+    let before = servers.len();
+    for (n, line) in text.lines().enumerate() {
+        let address = line.split('#').next().unwrap_or("").trim();
+        if address.is_empty() {
+            continue;
+        }
+        let at = format!("{}:{}", path.display(), n + 1);
+        if !identities.insert(address.to_string()) {
+            report.key(
+                file,
+                "discovery.file",
+                format!("{at}: server `{address}` is listed twice in `{name}`"),
+            );
+            continue;
+        }
+        match super::resolve(address) {
+            Ok(resolved) if servers.iter().any(|s| s.address == resolved.address) => report.key(
+                file,
+                "discovery.file",
+                format!(
+                    "{at}: `{address}` is {}, which `{name}` already lists",
+                    resolved.address
+                ),
+            ),
+            Ok(resolved) => servers.push(resolved),
+            Err(reason) => report.key(
+                file,
+                "discovery.file",
+                format!("{at}: cannot resolve `{address}` (expected IP:PORT or HOST:PORT): {reason}"),
+            ),
+        }
+    }
+    if servers.len() == before && only_source {
+        report.key(
+            file,
+            "discovery.file",
+            format!("{}: lists no server, and `{name}` has no other", path.display()),
+        );
+    }
 }
 
 /// The balancer and what it hashes: consistent hashing needs a `hash_key`, and no other balancer reads one.

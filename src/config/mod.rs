@@ -348,6 +348,9 @@ pub struct Upstream {
     /// Shed connections from the busiest servers when a server joins or returns and the spread of live connections
     /// is uneven by more than this fraction of even; `None` = never.
     pub rebalance: Option<f64>,
+    /// `discovery = { file = "…" }`: a file of more servers, one address a line, read with the config and watched:
+    /// a change reloads the config (new servers join; removed ones drain).
+    pub discovery_file: Option<PathBuf>,
 }
 
 /// Active health checking of an upstream's servers.
@@ -539,6 +542,7 @@ impl Upstream {
             slow_start: None,
             drain_rate: DEFAULT_DRAIN_RATE,
             rebalance: None,
+            discovery_file: None,
         }
     }
 }
