@@ -15,7 +15,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 use support::anthropic_standin::Standin;
 use support::{Proxy, within};
-use wsgate::llm::store::{NewKey, Store, UsageFilter, UsageRow};
+use wsgate::llm::store::{Store, UsageFilter, UsageRow};
 
 const PROVIDER_KEY: &str = "sk-ant-provider-4242";
 
@@ -39,14 +39,7 @@ fn gateway(name: &str, standin: &Standin) -> Gateway {
         standin.base_url(),
         dir.join("anthropic.key").display()
     ));
-    let key = Store::open(&db)
-        .unwrap()
-        .add_key(&NewKey {
-            owner: "tests".into(),
-            ..NewKey::default()
-        })
-        .unwrap()
-        .key;
+    let key = support::gateway_http::issue_key(&db, "tests");
     Gateway {
         proxy,
         key,
@@ -126,15 +119,7 @@ async fn an_anthropic_provider_answers_in_openai_shape_whole_and_streamed_and_is
         "{head}"
     );
     let events: Vec<&str> = body.split("\n\n").filter_map(|e| e.strip_prefix("data: ")).collect();
-    assert_eq!(events.last(), Some(&"[DONE]"));
-    let chunks: Vec<Value> = events[..events.len() - 1]
-        .iter()
-        .map(|e| serde_json::from_str(e).unwrap())
-        .collect();
-    let text: String = chunks
-        .iter()
-        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
-        .collect();
+    let (chunks, text) = support::gateway_http::chat_chunks(&events);
     assert_eq!(text, "tok0 tok1 tok2 tok3 tok4 ");
     assert!(chunks.iter().all(|c| c["object"] == "chat.completion.chunk"));
     // The usage chunk wsgate asked for is not passed on: the client did not ask.

@@ -162,15 +162,7 @@ async fn a_completion_and_a_stream_are_served_billed_and_the_usage_chunk_goes_on
     assert_eq!(streamed.status, 200, "{}", streamed.body);
     assert_eq!(streamed.header("content-type"), Some("text/event-stream"));
     let events = streamed.events();
-    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
-    let chunks: Vec<Value> = events[..events.len() - 1]
-        .iter()
-        .map(|e| serde_json::from_str(e).unwrap())
-        .collect();
-    let text: String = chunks
-        .iter()
-        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
-        .collect();
+    let (chunks, text) = support::gateway_http::chat_chunks(&events);
     assert_eq!(text, "tok0 tok1 tok2 tok3 tok4 ");
     assert!(chunks.iter().all(|c| c.get("usage").is_none()), "{events:?}");
     let asked = &standin.requests()[1].body;

@@ -14,7 +14,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 use support::llm::{LlamaServer, run_python_json};
 use support::{Proxy, within};
-use wsgate::llm::store::{NewKey, Store, UsageFilter, UsageRow};
+use wsgate::llm::store::{Store, UsageFilter, UsageRow};
 
 const PYTHON_CLIENT_WAIT: Duration = Duration::from_secs(30);
 
@@ -52,14 +52,7 @@ fn gateway(name: &str, server: &LlamaServer) -> Gateway {
         server.base_url(),
         server.addr
     ));
-    let key = Store::open(&db)
-        .unwrap()
-        .add_key(&NewKey {
-            owner: "tests".into(),
-            ..NewKey::default()
-        })
-        .unwrap()
-        .key;
+    let key = support::gateway_http::issue_key(&db, "tests");
     Gateway {
         proxy,
         key,

@@ -74,3 +74,29 @@ pub async fn request(addr: SocketAddr, method: &str, path: &str, key: Option<&st
     };
     Answer { status, headers, body }
 }
+
+/// A chat stream's events before `[DONE]` (which must end it), parsed, and the text of their deltas.
+pub fn chat_chunks<S: AsRef<str>>(events: &[S]) -> (Vec<Value>, String) {
+    assert_eq!(events.last().map(AsRef::as_ref), Some("[DONE]"));
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e.as_ref()).unwrap())
+        .collect();
+    let text = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    (chunks, text)
+}
+
+/// A key for `owner` in the SQLite key database at `db`, with no limits.
+pub fn issue_key(db: &std::path::Path, owner: &str) -> String {
+    wsgate::llm::store::Store::open(db)
+        .unwrap()
+        .add_key(&wsgate::llm::store::NewKey {
+            owner: owner.into(),
+            ..Default::default()
+        })
+        .unwrap()
+        .key
+}
