@@ -12,6 +12,7 @@ use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use tokio::signal::unix::{SignalKind, signal};
 
+use crate::cluster::discovery::{Update, Watches};
 use crate::config::{self, Config, FrameRules, LogFormat, Relay, Timeouts, TunnelRules, parse_duration, parse_size};
 use crate::{demo, observe, server};
 
@@ -354,10 +355,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let config = config::file::load(&args.config)?;
             observe::init_logging(config.server.log_format);
             tracing::info!(config = %args.config.display(), "{}", summary(&config));
+            let loaded = config.clone();
             let running = server::start(config)?;
             let file = Watched {
                 path: args.config,
                 seen,
+                loaded,
             };
             runtime.block_on(signals.serve_until_signalled(running, Some(file)))
         }
@@ -422,10 +425,12 @@ fn summary(config: &Config) -> String {
     summary
 }
 
-/// The config file served, and its content when it was loaded.
+/// The config file served, its content when it was loaded, and the config it held (before discovered servers
+/// were added to it).
 struct Watched {
     path: PathBuf,
     seen: Option<Vec<u8>>,
+    loaded: Config,
 }
 
 /// How often a watched config file is looked at.
@@ -457,10 +462,18 @@ impl Signals {
             mut hangup,
             mut user1,
         } = self;
-        let (config_file, mut last_seen) = match watched {
-            Some(Watched { path, seen }) => (Some(path), seen),
-            None => (None, None),
+        let (config_file, mut last_seen, loaded) = match watched {
+            Some(Watched { path, seen, loaded }) => (Some(path), seen, Some(loaded)),
+            None => (None, None, None),
         };
+        // Servers found in DNS or through the Kubernetes API, added to the loaded config's upstreams.
+        let mut found = Found {
+            loaded,
+            watches: Watches::default(),
+        };
+        if let Some(loaded) = &found.loaded {
+            found.watches.sync(loaded);
+        }
         let mut watch = tokio::time::interval(WATCH_INTERVAL);
         watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // Reloads asked for through the admin API (`POST /api/reload`), answered with their result.
@@ -485,7 +498,7 @@ impl Signals {
                     Some(path) => {
                         tracing::info!(signal = "SIGHUP", config = %path.display(), "reloading");
                         last_seen = std::fs::read(path).ok();
-                        let _ = reload(&mut running, path, &systemd).await;
+                        let _ = reload(&mut running, path, &systemd, &mut found).await;
                     }
                     None => tracing::info!(signal = "SIGHUP", "no config file to reload (quick mode)"),
                 },
@@ -496,7 +509,7 @@ impl Signals {
                     if now.is_some() && now != last_seen {
                         tracing::info!(config = %path.display(), "config file changed: reloading");
                         last_seen = now;
-                        let _ = reload(&mut running, path, &systemd).await;
+                        let _ = reload(&mut running, path, &systemd, &mut found).await;
                     }
                 }
                 _ = discovery.tick(), if config_file.is_some() => {
@@ -504,17 +517,18 @@ impl Signals {
                     if now != discovered {
                         let Some(path) = &config_file else { continue };
                         tracing::info!(config = %path.display(), "a discovery file changed: reloading");
-                        let _ = reload(&mut running, path, &systemd).await;
+                        let _ = reload(&mut running, path, &systemd, &mut found).await;
                         // A refused reload keeps the servers known last; the file is read again at its next change.
                         discovered = now;
                     }
                 }
+                update = found.watches.changed() => found.serve(&mut running, &update, &systemd),
                 Some(reply) = reloads.recv() => {
                     let result = match &config_file {
                         Some(path) => {
                             tracing::info!(config = %path.display(), "admin API: reloading");
                             last_seen = std::fs::read(path).ok();
-                            reload(&mut running, path, &systemd).await
+                            reload(&mut running, path, &systemd, &mut found).await
                         }
                         None => Err(vec!["no config file to reload (quick mode)".to_string()]),
                     };
@@ -547,12 +561,48 @@ fn discovery_files(running: &server::Running) -> Vec<(PathBuf, Option<Vec<u8>>)>
         .config
         .upstreams
         .iter()
-        .filter_map(|u| u.discovery_file.clone())
+        .filter_map(|u| u.discovery_file().map(Path::to_path_buf))
         .map(|path| {
             let content = std::fs::read(&path).ok();
             (path, content)
         })
         .collect()
+}
+
+/// The config file as loaded, and the servers discovered for its upstreams.
+struct Found {
+    loaded: Option<Config>,
+    watches: Watches,
+}
+
+impl Found {
+    /// Serves the loaded config with the servers known now, after a watch has found its upstream's servers changed.
+    fn serve(&self, running: &mut server::Running, update: &Update, systemd: &crate::notify::Notifier) {
+        let Some(loaded) = &self.loaded else { return };
+        let mut config = loaded.clone();
+        self.watches.merge(&mut config);
+        let before = running.snapshot();
+        let names = |c: &Config| -> Vec<String> {
+            c.upstreams
+                .iter()
+                .find(|u| u.name == update.upstream)
+                .map(|u| u.servers.iter().map(|s| s.name.clone()).collect())
+                .unwrap_or_default()
+        };
+        let (old, new) = (names(&before.config), names(&config));
+        let joined: Vec<&String> = new.iter().filter(|n| !old.contains(n)).collect();
+        let left: Vec<&String> = old.iter().filter(|n| !new.contains(n)).collect();
+        systemd.reloading();
+        match running.reload(config) {
+            Ok(()) => tracing::info!(
+                upstream = %update.upstream,
+                servers = new.len(),
+                "discovery: servers changed: joined {joined:?}, leaving {left:?}"
+            ),
+            Err(e) => tracing::error!(upstream = %update.upstream, "discovery: servers not changed: {e}"),
+        }
+        systemd.ready("serving");
+    }
 }
 
 /// Loads the config file and serves it; a file that does not load leaves the running config as it is. Returns the
@@ -561,9 +611,10 @@ async fn reload(
     running: &mut server::Running,
     path: &Path,
     systemd: &crate::notify::Notifier,
+    found: &mut Found,
 ) -> Result<String, Vec<String>> {
     systemd.reloading();
-    let reloaded = load_and_apply(running, path).await;
+    let reloaded = load_and_apply(running, path, found).await;
     systemd.ready(if reloaded.is_ok() {
         "serving"
     } else {
@@ -572,7 +623,7 @@ async fn reload(
     reloaded
 }
 
-async fn load_and_apply(running: &mut server::Running, path: &Path) -> Result<String, Vec<String>> {
+async fn load_and_apply(running: &mut server::Running, path: &Path, found: &mut Found) -> Result<String, Vec<String>> {
     let owned = path.to_path_buf();
     // Loading resolves server names: off the signal-handling thread.
     let loaded = tokio::task::spawn_blocking(move || config::file::load(&owned)).await;
@@ -593,9 +644,14 @@ async fn load_and_apply(running: &mut server::Running, path: &Path) -> Result<St
             return Err(vec![format!("reload failed: {e}")]);
         }
     };
+    let loaded = config.clone();
+    let mut config = config;
+    found.watches.merge(&mut config);
     let summary = summary(&config);
     match running.reload(config) {
         Ok(()) => {
+            found.watches.sync(&loaded);
+            found.loaded = Some(loaded);
             tracing::info!(config = %path.display(), "reloaded: {summary}");
             Ok(summary)
         }

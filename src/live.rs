@@ -291,6 +291,23 @@ impl Sessions {
         (page, matching)
     }
 
+    /// Closes the newest live sessions that are not closing already, with 1012 (frames mode; a tunnel's TCP
+    /// close), so that their clients reconnect elsewhere: at most `n`, and none of the oldest `keep`; how many it
+    /// closed.
+    pub fn shed_newest(&self, n: usize, keep: usize) -> usize {
+        let mut live: Vec<Arc<LiveSession>> = Vec::new();
+        for shard in &self.shards {
+            let shard = shard.lock().unwrap_or_else(|e| e.into_inner());
+            live.extend(shard.values().filter(|s| s.stop.reason().is_none()).cloned());
+        }
+        live.sort_unstable_by_key(|s| std::cmp::Reverse(s.id));
+        let n = n.min(live.len().saturating_sub(keep));
+        live.iter()
+            .filter(|s| s.stop.stop_with(1012, "rebalancing the fleet"))
+            .take(n)
+            .count()
+    }
+
     /// Sessions live now.
     pub fn len(&self) -> usize {
         self.shards

@@ -405,9 +405,28 @@ impl Collector for States {
                     "Spans dropped because the OTLP exporter was behind (its queue full)",
                     shared.spans.dropped_total(),
                 ),
+                (
+                    "cluster_handshakes_unchecked",
+                    "Handshakes admitted without the limits shared in Redis: Redis did not answer and their limits fail open",
+                    shared.cluster.stats.admitted_unchecked.load(Ordering::Relaxed),
+                ),
+                (
+                    "cluster_handshakes_refused_unavailable",
+                    "Handshakes refused (503) because Redis did not answer and a limit that applies fails closed",
+                    shared.cluster.stats.refused_unavailable.load(Ordering::Relaxed),
+                ),
             ] {
                 let metric = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
                 ConstCounter::new(value).encode(metric)?;
+            }
+            if shared.cluster.limits().is_some() {
+                let metric = encoder.encode_descriptor(
+                    "cluster_redis_up",
+                    "1 while Redis answers the shared limits' checks, 0 since one went unanswered",
+                    None,
+                    MetricType::Gauge,
+                )?;
+                ConstGauge::new(i64::from(!shared.cluster.stats.down.load(Ordering::Relaxed))).encode(metric)?;
             }
             let mut metric = encoder.encode_descriptor(
                 "upstream_server_ejections",

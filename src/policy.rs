@@ -82,6 +82,15 @@ pub fn client_key(ip: IpAddr, v6_prefix: u8) -> IpAddr {
     }
 }
 
+/// What an identity's limits are counted by: a hash, apart from every API key's.
+pub fn identity_hash(identity: &str) -> [u8; 32] {
+    use sha2::Digest as _;
+    let mut hash = sha2::Sha256::new();
+    hash.update(b"identity\0");
+    hash.update(identity.as_bytes());
+    hash.finalize().into()
+}
+
 /// Why a connection or a handshake is not admitted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Limit {
@@ -96,6 +105,10 @@ pub enum Limit {
     PerKey(u32),
     /// The client's API key starts handshakes faster than its `handshakes_per_second`.
     KeyRate { per_second: u32, retry_after: u32 },
+    /// The identity holds the route's `max_connections_per_identity` already.
+    PerIdentity(u32),
+    /// The identity starts handshakes faster than the route's `handshakes_per_second_per_identity`.
+    IdentityRate { per_second: u32, retry_after: u32 },
 }
 
 /// Live client connections per listener and client, as the listeners' `max_connections_per_ip` need them. Locked
@@ -226,14 +239,48 @@ impl Admission {
         max_connections: Option<u32>,
         rate: Option<HandshakeRate>,
     ) -> Result<Option<KeyAdmitted>, Limit> {
+        self.admit_hashed(key, max_connections, rate, Limit::PerKey, |per_second, retry_after| {
+            Limit::KeyRate {
+                per_second,
+                retry_after,
+            }
+        })
+    }
+
+    /// Counts a handshake of `identity` against the route's per-identity `rate` and, with a `max_connections`, a
+    /// connection against it, as [`Admission::admit_key`] does for a key.
+    pub fn admit_identity(
+        self: &Arc<Self>,
+        identity: &str,
+        max_connections: Option<u32>,
+        rate: Option<HandshakeRate>,
+    ) -> Result<Option<KeyAdmitted>, Limit> {
+        self.admit_hashed(
+            identity_hash(identity),
+            max_connections,
+            rate,
+            Limit::PerIdentity,
+            |per_second, retry_after| Limit::IdentityRate {
+                per_second,
+                retry_after,
+            },
+        )
+    }
+
+    /// A handshake and a connection counted under `key` (an API key's hash, or an identity's).
+    fn admit_hashed(
+        self: &Arc<Self>,
+        key: [u8; 32],
+        max_connections: Option<u32>,
+        rate: Option<HandshakeRate>,
+        held: fn(u32) -> Limit,
+        too_fast: fn(u32, u32) -> Limit,
+    ) -> Result<Option<KeyAdmitted>, Limit> {
         if let Some(rate) = rate {
             let now = Instant::now();
             let mut schedules = self.key_schedules.lock().unwrap_or_else(PoisonError::into_inner);
             let full_at = schedules.get(&key).copied().unwrap_or(now).max(now);
-            let next = gcra(rate, full_at, now).map_err(|retry_after| Limit::KeyRate {
-                per_second: rate.per_second,
-                retry_after,
-            })?;
+            let next = gcra(rate, full_at, now).map_err(|retry_after| too_fast(rate.per_second, retry_after))?;
             schedules.insert(key, next);
         }
         let Some(limit) = max_connections else {
@@ -242,7 +289,7 @@ impl Admission {
         let mut counts = self.per_key.lock().unwrap_or_else(PoisonError::into_inner);
         let count = counts.entry(key).or_insert(0);
         if *count >= limit {
-            return Err(Limit::PerKey(limit));
+            return Err(held(limit));
         }
         *count += 1;
         Ok(Some(KeyAdmitted {
@@ -252,7 +299,6 @@ impl Admission {
     }
 
     /// Live client connections.
-    #[cfg(test)]
     pub fn total(&self) -> u32 {
         self.total.load(Ordering::Relaxed)
     }

@@ -59,6 +59,8 @@ pub enum ServerError {
     AccessLog(#[from] StartError),
     #[error("cannot open the LLM key database: {0}")]
     LlmDatabase(#[source] crate::llm::DbError),
+    #[error("[cluster] redis: {0}")]
+    Cluster(#[source] crate::cluster::redis::RedisError),
     #[error("cannot open the admin listener on {address}: {source}")]
     Admin {
         address: SocketAddr,
@@ -192,6 +194,10 @@ impl Running {
             .llm
             .apply(config.llm.as_deref())
             .map_err(ServerError::LlmDatabase)?;
+        self.shared
+            .cluster
+            .apply(config.cluster.as_ref())
+            .map_err(ServerError::Cluster)?;
         let snapshot = Arc::new(Snapshot::new(config, Some(&current)));
         self.shared.snapshot.store(snapshot.clone());
         self.supervisor.update(snapshot.clone());
@@ -249,6 +255,7 @@ impl Running {
         }
         // After the workers: every session has queued its span, and every request its usage row.
         self.shared.llm.close();
+        self.shared.cluster.close();
         self.exporter.stop();
         self.supervisor.stop();
         if let Some(admin) = self.admin {
@@ -343,8 +350,22 @@ pub fn start(config: Config) -> Result<Running, ServerError> {
         spans,
         access_log,
         llm,
+        cluster: Default::default(),
     });
     shared.metrics.attach(&shared);
+    let (counting, shedding) = (Arc::downgrade(&shared), Arc::downgrade(&shared));
+    shared.cluster.attach(crate::cluster::limits::Local {
+        counts: Arc::new(move || {
+            counting
+                .upgrade()
+                .map_or((0, 0), |s| (u64::from(s.admission.total()), s.sessions.len() as u64))
+        }),
+        shed: Arc::new(move |n, keep| shedding.upgrade().map_or(0, |s| s.sessions.shed_newest(n, keep))),
+    });
+    shared
+        .cluster
+        .apply(shared.snapshot.load().config.cluster.as_ref())
+        .map_err(ServerError::Cluster)?;
     if let Some(sessions) = descriptor_limit {
         shared.admission.set_descriptor_limit(sessions);
     }

@@ -42,6 +42,8 @@ pub struct Shared {
     pub(crate) spans: crate::otlp::Queue,
     /// The LLM gateway's key database and keys (`[llm]`), kept across reloads.
     pub llm: crate::llm::Gateway,
+    /// The limits shared with other instances through Redis (`[cluster]`), kept across reloads.
+    pub cluster: crate::cluster::limits::Cluster,
 }
 
 #[cfg(test)]
@@ -60,6 +62,7 @@ impl Shared {
             spans: crate::otlp::queue().0,
             access_log: Arc::new(AccessLog::off()),
             llm: crate::llm::Gateway::default(),
+            cluster: Default::default(),
         }
     }
 }

@@ -226,6 +226,11 @@ async fn handle(
             answer(status, body)
         }
         (_, "/api/llm/usage") => json(StatusCode::METHOD_NOT_ALLOWED, "use GET"),
+        (&Method::GET, "/api/cluster") => {
+            let (status, body) = cluster(shared).await;
+            answer(status, body)
+        }
+        (_, "/api/cluster") => json(StatusCode::METHOD_NOT_ALLOWED, "use GET"),
         (&Method::POST, "/api/reload") => reload(shared, peer).await,
         (_, "/api/reload") => json(StatusCode::METHOD_NOT_ALLOWED, "use POST"),
         (method, path) if path.starts_with("/api/servers/") => {
@@ -383,6 +388,50 @@ fn percent_decoded(segment: &str) -> Option<String> {
         }
     }
     String::from_utf8(out).ok()
+}
+
+/// `GET /api/cluster`: every instance that shares this one's Redis (`[cluster] redis`), with its live connections
+/// and sessions as it last reported them (every 2 s), the totals and each instance's even share; without Redis,
+/// this instance alone.
+async fn cluster(shared: &Shared) -> (StatusCode, serde_json::Value) {
+    let local = serde_json::json!({
+        "instance": shared.snapshot.load().config.cluster.as_ref().map(|c| c.instance.clone()),
+        "connections": shared.admission.total(),
+        "sessions": shared.sessions.len(),
+    });
+    let Some(limits) = shared.cluster.limits() else {
+        return (
+            StatusCode::OK,
+            serde_json::json!({ "shared": false, "this": local, "instances": [local] }),
+        );
+    };
+    let fleet = match limits.fleet().await {
+        Ok(fleet) => fleet,
+        Err(e) => {
+            tracing::warn!("admin API: /api/cluster: {e}");
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                serde_json::json!({ "error": "Redis does not answer", "this": local }),
+            );
+        }
+    };
+    let total = |what: &str| fleet.iter().filter_map(|i| i[what].as_u64()).sum::<u64>();
+    let (connections, sessions) = (total("connections"), total("sessions"));
+    let share = if fleet.is_empty() {
+        0.0
+    } else {
+        sessions as f64 / fleet.len() as f64
+    };
+    (
+        StatusCode::OK,
+        serde_json::json!({
+            "shared": true,
+            "this": local,
+            "instances": fleet,
+            "total": { "instances": fleet.len(), "connections": connections, "sessions": sessions },
+            "even_share": share,
+        }),
+    )
 }
 
 fn answer(status: StatusCode, body: serde_json::Value) -> Response<Full<Bytes>> {

@@ -29,6 +29,8 @@ const REALM: &str = "wsgate";
 pub struct Auth {
     pub jwt: Option<Jwt>,
     pub api_keys: Option<ApiKeys>,
+    /// Limits per identity (`sub` of a token, or the API key's identity).
+    pub limits: crate::config::IdentityLimits,
     /// What is removed from every forwarded request on the route whoever sent it: the identity headers (a client
     /// may not forge them) and every place a credential may travel in.
     strip: Strip,
@@ -130,7 +132,12 @@ impl Auth {
         }
         strip.headers.sort();
         strip.headers.dedup();
-        Auth { jwt, api_keys, strip }
+        Auth {
+            jwt,
+            api_keys,
+            limits: crate::config::IdentityLimits::default(),
+            strip,
+        }
     }
 
     /// The query parameters this route reads a credential from (secrets wherever they are logged).

@@ -34,6 +34,8 @@ use super::{
     MIN_WEIGHT, OriginPattern, OriginRule, Outlier, PathMatch, Relay, Route, Server, ServerSettings, Sticky,
     StickyCookie, TrustedProxies, TunnelRules, Upstream, human_duration, parse_duration, parse_size,
 };
+use super::{Cluster, Discovery, DnsDiscovery, DnsKind, KubernetesDiscovery, KubernetesPort, OnRedisDown};
+use super::{DEFAULT_CLUSTER_REBALANCE_RATE, DEFAULT_CLUSTER_REBALANCE_THRESHOLD};
 use super::{DEFAULT_SERVICE_NAME, MAX_LISTEN_BACKLOG, MAX_TCP_KEEPALIVE, TracingSettings};
 
 /// Why a config file cannot be served.
@@ -168,6 +170,34 @@ struct RawFile {
     upstream: Vec<Spanned<RawUpstream>>,
     tracing: Option<Spanned<RawTracing>>,
     llm: Option<Spanned<llm::RawLlm>>,
+    cluster: Option<Spanned<RawCluster>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCluster {
+    redis: Option<Spanned<String>>,
+    instance: Option<Spanned<String>>,
+    on_redis_down: Option<RawOnRedisDown>,
+    rebalance: Option<Spanned<bool>>,
+    rebalance_threshold: Option<Spanned<f64>>,
+    rebalance_rate: Option<Spanned<u32>>,
+}
+
+#[derive(Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+enum RawOnRedisDown {
+    Open,
+    Closed,
+}
+
+impl From<RawOnRedisDown> for OnRedisDown {
+    fn from(raw: RawOnRedisDown) -> Self {
+        match raw {
+            RawOnRedisDown::Open => OnRedisDown::Open,
+            RawOnRedisDown::Closed => OnRedisDown::Closed,
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -225,6 +255,7 @@ struct RawListener {
     ipv6_prefix: Option<Spanned<u8>>,
     handshakes_per_second_per_ip: Option<Spanned<u32>>,
     handshake_burst: Option<Spanned<u32>>,
+    on_redis_down: Option<RawOnRedisDown>,
     tls: Option<Spanned<RawCertificate>>,
     #[serde(default)]
     certificate: Vec<Spanned<RawCertificate>>,
@@ -341,12 +372,45 @@ struct RawUpstream {
     discovery: Option<Spanned<RawDiscovery>>,
 }
 
-/// Where more servers of an upstream are found.
+/// Where more servers of an upstream are found: one of `file`, `dns` and `kubernetes`.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawDiscovery {
     /// A file of addresses, one a line (`#` starts a comment), relative to the config file.
-    file: Spanned<String>,
+    file: Option<Spanned<String>>,
+    /// A DNS name, with `port` (not for SRV), `resolver` and `kind`.
+    dns: Option<Spanned<String>>,
+    port: Option<Spanned<u16>>,
+    resolver: Option<Spanned<String>>,
+    kind: Option<Spanned<RawDnsKind>>,
+    kubernetes: Option<Spanned<RawKubernetes>>,
+}
+
+#[derive(Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+enum RawDnsKind {
+    A,
+    Aaaa,
+    Ip,
+    Srv,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKubernetes {
+    namespace: Option<Spanned<String>>,
+    service: Spanned<String>,
+    port: Spanned<RawKubernetesPort>,
+    api: Option<Spanned<String>>,
+    token_file: Option<Spanned<String>>,
+    ca_file: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawKubernetesPort {
+    Number(u16),
+    Name(String),
 }
 
 #[derive(Deserialize)]
@@ -519,6 +583,7 @@ fn build(raw: RawFile, report: &mut Report<'_>) -> Config {
     let admin = raw.admin.as_ref().and_then(|a| build_admin(a, &listeners, report));
     let tracing = raw.tracing.as_ref().and_then(|t| build_tracing(t, report));
     let llm = raw.llm.as_ref().and_then(|l| llm::build(l, report)).map(Arc::new);
+    let cluster = raw.cluster.as_ref().map(|c| build_cluster(c, report));
     check_llm_routes(&raw.route, llm.is_some(), report);
     // A query parameter a route reads a credential from is a secret wherever it is sent.
     for auth in routes.iter().filter_map(|r| r.auth.as_deref()) {
@@ -538,7 +603,80 @@ fn build(raw: RawFile, report: &mut Report<'_>) -> Config {
         upstreams,
         tracing,
         llm,
+        cluster,
     }
+}
+
+/// `[cluster]`: a Redis URL is checked here (connecting is for the running server); the instance's name is the
+/// host name and the process id when not given.
+fn build_cluster(c: &Spanned<RawCluster>, report: &mut Report<'_>) -> Cluster {
+    let c = c.get_ref();
+    let redis = c
+        .redis
+        .as_ref()
+        .and_then(|url| match crate::cluster::redis::check_url(url.get_ref()) {
+            Ok(()) => Some(url.get_ref().clone()),
+            Err(why) => {
+                report.key(url, "cluster.redis", format!("not a Redis URL: {why}"));
+                None
+            }
+        });
+    let instance = match &c.instance {
+        Some(name) if name.get_ref().trim().is_empty() || name.get_ref().len() > 128 => {
+            report.key(name, "cluster.instance", "must be a name of 1 to 128 characters");
+            String::new()
+        }
+        Some(name) => name.get_ref().trim().to_string(),
+        None => default_instance(),
+    };
+    let on = c.rebalance.as_ref().is_some_and(|r| *r.get_ref());
+    if on && redis.is_none() && c.redis.is_none() {
+        if let Some(r) = &c.rebalance {
+            report.key(
+                r,
+                "cluster.rebalance",
+                "needs `redis`: the fleet's counts are kept there",
+            );
+        }
+    }
+    for (given, key) in [
+        (c.rebalance_threshold.as_ref().map(Spanned::span), "rebalance_threshold"),
+        (c.rebalance_rate.as_ref().map(Spanned::span), "rebalance_rate"),
+    ] {
+        if given.is_some() && !on {
+            report.at(given, format!("cluster.{key}: applies only with `rebalance = true`"));
+        }
+    }
+    let threshold = match &c.rebalance_threshold {
+        Some(t) if !(0.0..=MAX_REBALANCE_THRESHOLD).contains(t.get_ref()) => {
+            report.key(
+                t,
+                "cluster.rebalance_threshold",
+                format!("must be from 0 to {MAX_REBALANCE_THRESHOLD}"),
+            );
+            DEFAULT_CLUSTER_REBALANCE_THRESHOLD
+        }
+        Some(t) => *t.get_ref(),
+        None => DEFAULT_CLUSTER_REBALANCE_THRESHOLD,
+    };
+    Cluster {
+        redis,
+        instance,
+        on_redis_down: c.on_redis_down.map(OnRedisDown::from).unwrap_or_default(),
+        rebalance: on.then_some(threshold),
+        rebalance_rate: limited(&c.rebalance_rate, "cluster.rebalance_rate", 1..=MAX_DRAIN_RATE, report)
+            .unwrap_or(DEFAULT_CLUSTER_REBALANCE_RATE),
+    }
+}
+
+/// This host's name and the process id: `edge-a-4127`.
+fn default_instance() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "wsgate".to_string());
+    format!("{host}-{}", std::process::id())
 }
 
 /// Routes of `kind = "llm"` serve `[llm]`'s providers: they need the section, and take no upstream, relay or
@@ -947,6 +1085,7 @@ fn build_listeners(raw: &[Spanned<RawListener>], report: &mut Report<'_>) -> Vec
             redirect_https: build_redirect(l, report),
             trusted_proxies: TrustedProxies(networks(&l.trusted_proxies, "trusted_proxies", report)),
             proxy_protocol: build_proxy_protocol(l, report),
+            on_redis_down: l.on_redis_down.map(OnRedisDown::from),
         });
     }
     listeners
@@ -1222,7 +1361,7 @@ fn build_upstreams(raw: &[Spanned<RawUpstream>], report: &mut Report<'_>) -> Vec
         let tls = build_upstream_tls(u, report);
         upstreams.push(Upstream {
             tls,
-            discovery_file: u.discovery.as_ref().map(|d| report.path(d.get_ref().file.get_ref())),
+            discovery: u.discovery.as_ref().and_then(|d| build_discovery(d, report)),
             balance,
             hash_key,
             connect_timeout,
@@ -1247,15 +1386,8 @@ fn build_servers(upstream: &Spanned<RawUpstream>, name: &str, report: &mut Repor
     }
     let mut servers = Vec::with_capacity(u.server.len());
     let mut identities = HashSet::new();
-    if let Some(discovery) = &u.discovery {
-        discovered_servers(
-            discovery,
-            name,
-            u.server.is_empty(),
-            &mut servers,
-            &mut identities,
-            report,
-        );
+    if let Some(file) = u.discovery.as_ref().and_then(|d| d.get_ref().file.as_ref()) {
+        discovered_servers(file, name, u.server.is_empty(), &mut servers, &mut identities, report);
     }
     for entry in &u.server {
         let s = entry.get_ref();
@@ -1305,14 +1437,13 @@ fn build_servers(upstream: &Spanned<RawUpstream>, name: &str, report: &mut Repor
 /// leaves the upstream with no server at all are problems of the config, so that a reload with such a file is
 /// refused and the servers known last stay in force.
 fn discovered_servers(
-    discovery: &Spanned<RawDiscovery>,
+    file: &Spanned<String>,
     name: &str,
     only_source: bool,
     servers: &mut Vec<Server>,
     identities: &mut HashSet<String>,
     report: &mut Report<'_>,
 ) {
-    let file = &discovery.get_ref().file;
     let path = report.path(file.get_ref());
     let text = match std::fs::read_to_string(&path) {
         Ok(text) => text,
@@ -1360,6 +1491,119 @@ fn discovered_servers(
             format!("{}: lists no server, and `{name}` has no other", path.display()),
         );
     }
+}
+
+/// An upstream's `discovery`: exactly one source, with only the keys that source reads.
+fn build_discovery(discovery: &Spanned<RawDiscovery>, report: &mut Report<'_>) -> Option<Discovery> {
+    let d = discovery.get_ref();
+    let sources = [d.file.is_some(), d.dns.is_some(), d.kubernetes.is_some()];
+    if sources.iter().filter(|&&s| s).count() != 1 {
+        report.key(
+            discovery,
+            "discovery",
+            "give exactly one of `file`, `dns` and `kubernetes`",
+        );
+        return None;
+    }
+    if d.dns.is_none() {
+        for (given, key) in [
+            (d.port.as_ref().map(Spanned::span), "port"),
+            (d.resolver.as_ref().map(Spanned::span), "resolver"),
+            (d.kind.as_ref().map(Spanned::span), "kind"),
+        ] {
+            if given.is_some() {
+                report.at(given, format!("discovery.{key}: only a `dns` discovery reads it"));
+            }
+        }
+    }
+    if let Some(file) = &d.file {
+        return Some(Discovery::File(report.path(file.get_ref())));
+    }
+    if let Some(k) = &d.kubernetes {
+        return build_kubernetes(k, report).map(Discovery::Kubernetes);
+    }
+    let name = d.dns.as_ref()?;
+    if name.get_ref().trim().is_empty() || name.get_ref().contains([' ', '/', ':']) {
+        report.key(name, "discovery.dns", format!("`{}` is not a DNS name", name.get_ref()));
+    }
+    let kind = match d.kind.as_ref().map(|k| *k.get_ref()) {
+        None | Some(RawDnsKind::A) => DnsKind::A,
+        Some(RawDnsKind::Aaaa) => DnsKind::Aaaa,
+        Some(RawDnsKind::Ip) => DnsKind::Ip,
+        Some(RawDnsKind::Srv) => DnsKind::Srv,
+    };
+    let port = match (&d.port, kind) {
+        (Some(port), DnsKind::Srv) => {
+            report.key(
+                port,
+                "discovery.port",
+                "SRV records carry their own ports: leave `port` out",
+            );
+            0
+        }
+        (None, DnsKind::Srv) => 0,
+        (Some(port), _) if *port.get_ref() == 0 => {
+            report.key(port, "discovery.port", "must be from 1 to 65535");
+            0
+        }
+        (Some(port), _) => *port.get_ref(),
+        (None, _) => {
+            report.key(name, "discovery.port", "give the servers' `port` (or `kind = \"srv\"`)");
+            0
+        }
+    };
+    let resolver = d.resolver.as_ref().and_then(|r| {
+        let text = r.get_ref();
+        let parsed = text
+            .parse::<SocketAddr>()
+            .or_else(|_| text.parse::<std::net::IpAddr>().map(|ip| SocketAddr::new(ip, 53)));
+        match parsed {
+            Ok(address) => Some(address),
+            Err(_) => {
+                report.key(
+                    r,
+                    "discovery.resolver",
+                    format!("`{text}` is not an IP address (IP or IP:PORT)"),
+                );
+                None
+            }
+        }
+    });
+    Some(Discovery::Dns(DnsDiscovery {
+        name: name.get_ref().trim().trim_end_matches('.').to_string(),
+        port,
+        resolver,
+        kind,
+    }))
+}
+
+fn build_kubernetes(k: &Spanned<RawKubernetes>, report: &mut Report<'_>) -> Option<KubernetesDiscovery> {
+    let k = k.get_ref();
+    let port = match k.port.get_ref() {
+        RawKubernetesPort::Number(0) => {
+            report.key(
+                &k.port,
+                "discovery.kubernetes.port",
+                "must be from 1 to 65535, or a port's name",
+            );
+            return None;
+        }
+        RawKubernetesPort::Number(n) => KubernetesPort::Number(*n),
+        RawKubernetesPort::Name(name) => KubernetesPort::Name(name.clone()),
+    };
+    if let Some(api) = &k.api
+        && !(api.get_ref().starts_with("https://") || api.get_ref().starts_with("http://"))
+    {
+        report.key(api, "discovery.kubernetes.api", "must be an https:// (or http://) URL");
+    }
+    Some(KubernetesDiscovery {
+        namespace: k.namespace.as_ref().map(|n| n.get_ref().clone()),
+        service: k.service.get_ref().clone(),
+        port,
+        api: k.api.as_ref().map(|a| a.get_ref().trim_end_matches('/').to_string()),
+        token_file: k.token_file.as_ref().map(|f| report.path(f.get_ref())),
+        ca_file: k.ca_file.as_ref().map(|f| report.path(f.get_ref())),
+    })
 }
 
 /// The balancer and what it hashes: consistent hashing needs a `hash_key`, and no other balancer reads one.

@@ -45,6 +45,50 @@ pub struct Config {
     pub tracing: Option<TracingSettings>,
     /// `[llm]`: the LLM gateway's providers, prices and key database; `None` without one.
     pub llm: Option<Arc<LlmSettings>>,
+    /// `[cluster]`: what several instances share; `None` = every limit is local.
+    pub cluster: Option<Cluster>,
+}
+
+/// `[cluster]`: the Redis server several instances keep their shared limits and their fleet view in.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Cluster {
+    /// `redis://…`; `None` = the limits are local (the instance still has a name).
+    pub redis: Option<String>,
+    /// This instance's name in the fleet (`GET /api/cluster`): the host name and the process id by default.
+    pub instance: String,
+    /// What a shared limit does while Redis does not answer, unless the limit's own setting says otherwise.
+    pub on_redis_down: OnRedisDown,
+    /// Sessions shed (close 1012, so that clients reconnect through the balancer in front) while this instance
+    /// holds more than its even share of the fleet's by this fraction; `None` = never.
+    pub rebalance: Option<f64>,
+    /// Sessions shed per second at most while rebalancing.
+    pub rebalance_rate: u32,
+}
+
+/// Default `[cluster] rebalance_threshold`: shed above 125 % of the even share.
+pub const DEFAULT_CLUSTER_REBALANCE_THRESHOLD: f64 = 0.25;
+/// Default `[cluster] rebalance_rate`.
+pub const DEFAULT_CLUSTER_REBALANCE_RATE: u32 = 10;
+
+/// What a limit kept in Redis does while Redis does not answer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum OnRedisDown {
+    /// The connection is admitted, counted by this instance's local limits only.
+    #[default]
+    Open,
+    /// The connection is refused (503).
+    Closed,
+}
+
+/// A route's limits per authenticated identity (the token's `sub`, or the API key's identity).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct IdentityLimits {
+    /// Live connections one identity may hold; over it: 429.
+    pub max_connections: Option<u32>,
+    /// Handshakes per second one identity may start (with its burst); over it: 429.
+    pub rate: Option<HandshakeRate>,
+    /// Overrides `[cluster] on_redis_down` for the route's per-key and per-identity limits.
+    pub on_redis_down: Option<OnRedisDown>,
 }
 
 /// The `service.name` of exported spans when `[tracing]` names none.
@@ -188,6 +232,8 @@ pub struct Listener {
     pub redirect_https: Option<u16>,
     /// Peers whose forwarding headers (and PROXY protocol header) say who the client is.
     pub trusted_proxies: TrustedProxies,
+    /// Overrides `[cluster] on_redis_down` for the listener's per-IP limits.
+    pub on_redis_down: Option<OnRedisDown>,
     /// Connections from a trusted proxy start with a PROXY protocol header (version 1 or 2).
     pub proxy_protocol: bool,
 }
@@ -217,6 +263,7 @@ impl Listener {
             tls: None,
             redirect_https: None,
             trusted_proxies: TrustedProxies::default(),
+            on_redis_down: None,
             proxy_protocol: false,
         }
     }
@@ -348,9 +395,76 @@ pub struct Upstream {
     /// Shed connections from the busiest servers when a server joins or returns and the spread of live connections
     /// is uneven by more than this fraction of even; `None` = never.
     pub rebalance: Option<f64>,
-    /// `discovery = { file = "…" }`: a file of more servers, one address a line, read with the config and watched:
-    /// a change reloads the config (new servers join; removed ones drain).
-    pub discovery_file: Option<PathBuf>,
+    /// Where more servers are found (`discovery = { … }`): they join the balancer as they appear and are drained
+    /// (as a server removed from the config is) when they go.
+    pub discovery: Option<Discovery>,
+}
+
+impl Upstream {
+    /// The discovery file, read with the config and watched: a change reloads the config.
+    pub fn discovery_file(&self) -> Option<&std::path::Path> {
+        match &self.discovery {
+            Some(Discovery::File(path)) => Some(path),
+            _ => None,
+        }
+    }
+}
+
+/// Where an upstream's servers are found besides its `[[upstream.server]]` entries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Discovery {
+    /// A file of addresses, one a line, read with the config (a change reloads it).
+    File(PathBuf),
+    /// A DNS name, looked up again when its records' TTL has passed.
+    Dns(DnsDiscovery),
+    /// A Kubernetes Service's EndpointSlices, watched through the API server.
+    Kubernetes(KubernetesDiscovery),
+}
+
+/// `discovery = { dns = "app.internal", port = 8080, resolver = "10.0.0.2:53", kind = "a" }`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DnsDiscovery {
+    pub name: String,
+    /// The servers' port (`a` and `aaaa`); SRV records carry their own.
+    pub port: u16,
+    /// The name server asked; `None` = the system's (`/etc/resolv.conf`).
+    pub resolver: Option<SocketAddr>,
+    pub kind: DnsKind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DnsKind {
+    /// IPv4 addresses (A records).
+    A,
+    /// IPv6 addresses (AAAA records).
+    Aaaa,
+    /// Both A and AAAA records.
+    Ip,
+    /// SRV records: target, port, priority (the lowest are primaries, the others backups) and weight.
+    Srv,
+}
+
+/// `discovery = { kubernetes = { namespace = "default", service = "app", port = "ws" } }`: the ready endpoints of
+/// the Service's EndpointSlices.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KubernetesDiscovery {
+    /// `None` = the pod's own namespace (the service account's `namespace` file), else `default`.
+    pub namespace: Option<String>,
+    pub service: String,
+    pub port: KubernetesPort,
+    /// The API server's URL; `None` = in-cluster (`https://$KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT`).
+    pub api: Option<String>,
+    /// The bearer token file; `None` = the service account's.
+    pub token_file: Option<PathBuf>,
+    /// The CA that signs the API server's certificate; `None` = the service account's.
+    pub ca_file: Option<PathBuf>,
+}
+
+/// Which port of the endpoints: by its name in the EndpointSlice, or its number.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KubernetesPort {
+    Name(String),
+    Number(u16),
 }
 
 /// Active health checking of an upstream's servers.
@@ -542,7 +656,7 @@ impl Upstream {
             slow_start: None,
             drain_rate: DEFAULT_DRAIN_RATE,
             rebalance: None,
-            discovery_file: None,
+            discovery: None,
         }
     }
 }
@@ -879,6 +993,7 @@ impl Config {
             admin: None,
             tracing: None,
             llm: None,
+            cluster: None,
             server: ServerSettings {
                 drain_timeout: timeouts.drain,
                 handshake_timeout: timeouts.handshake,

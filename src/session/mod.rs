@@ -334,18 +334,173 @@ fn early(client: Vec<u8>, backend: &[u8]) -> Option<Box<[Vec<u8>; 2]>> {
     (!client.is_empty() || !backend.is_empty()).then(|| Box::new([client, backend.to_vec()]))
 }
 
-/// What an authenticated session holds while it lives: its API key's connection count, and when its token
-/// expires (`close_on_expiry`).
+/// What an admitted session holds while it lives: its API key's and its identity's connection counts, local and
+/// shared with the other instances, and when its token expires (`close_on_expiry`).
 struct AuthHeld {
     _key: Option<KeyAdmitted>,
+    _identity: Option<KeyAdmitted>,
+    _cluster: Option<crate::cluster::limits::Held>,
     expires: Option<Instant>,
     /// Who the session was admitted as: the token's `sub`, or the API key's identity (as the access log says it).
     identity: Option<String>,
 }
 
-/// The API key's limits for an admitted upgrade, and what the session keeps of its admission; `None` when the
-/// route has no authentication or nothing to keep.
-fn hold_auth(shared: &Shared, admit: Option<&crate::auth::Admit>) -> Result<Option<Box<AuthHeld>>, Refusal> {
+/// The limits of an upgrade the route has admitted: the listener's handshake rate per client, the API key's and
+/// the identity's limits, here and, with `[cluster] redis`, across the fleet (one round trip). What the session
+/// keeps of its admission; `None` when there is nothing to keep.
+async fn admit_upgrade(
+    shared: &Shared,
+    snapshot: &Snapshot,
+    listener: SocketAddr,
+    client: IpAddr,
+    route: usize,
+    admit: Option<&crate::auth::Admit>,
+) -> Result<Option<Box<AuthHeld>>, Refusal> {
+    handshake_rate(shared, snapshot, listener, client)?;
+    let limits = snapshot
+        .config
+        .routes
+        .get(route)
+        .and_then(|r| r.auth.as_ref())
+        .map(|a| a.limits)
+        .unwrap_or_default();
+    let held = hold_auth(shared, admit, limits)?;
+    let cluster = shared_limits(shared, snapshot.listener(listener), client, limits, admit).await?;
+    Ok(match (held, cluster) {
+        (held, None) => held,
+        (Some(mut held), cluster) => {
+            held._cluster = cluster;
+            Some(held)
+        }
+        (None, cluster) => Some(Box::new(AuthHeld {
+            _key: None,
+            _identity: None,
+            _cluster: cluster,
+            expires: None,
+            identity: None,
+        })),
+    })
+}
+
+/// The limits kept in Redis with `[cluster] redis` that apply to an upgrade: the listener's per-IP ones, the API
+/// key's and the identity's; checked and counted in one round trip. The connections are counted while the
+/// returned guard lives.
+async fn shared_limits(
+    shared: &Shared,
+    listener: Option<&Listener>,
+    client: IpAddr,
+    route: config::IdentityLimits,
+    admit: Option<&crate::auth::Admit>,
+) -> Result<Option<crate::cluster::limits::Held>, Refusal> {
+    use crate::cluster::limits::{Check, CheckKind, Denied};
+    use crate::policy::Limit;
+    let Some(cluster) = shared.cluster.limits() else {
+        return Ok(None);
+    };
+    let mut checks: Vec<Check> = Vec::new();
+    // Who each check counts: the client, an API key or an identity (by its name, for the log).
+    let mut whose: Vec<Whose> = Vec::new();
+    let mut add = |key: String, max: Option<u32>, rate: Option<config::HandshakeRate>, on_down, who: Whose| {
+        if let Some(n) = max {
+            checks.push(Check {
+                key: key.clone(),
+                kind: CheckKind::Connections(n),
+                on_down,
+            });
+            whose.push(who.clone());
+        }
+        if let Some(rate) = rate {
+            checks.push(Check {
+                key,
+                kind: CheckKind::Rate(rate),
+                on_down,
+            });
+            whose.push(who);
+        }
+    };
+    let default = cluster.on_redis_down();
+    if let Some(l) = listener {
+        let key = format!("ip:{}:{}", l.name, crate::policy::client_key(client, l.ipv6_prefix));
+        let on_down = l.on_redis_down.unwrap_or(default);
+        add(key, l.max_connections_per_ip, l.handshake_rate, on_down, Whose::Client);
+    }
+    if let Some(admit) = admit {
+        let on_down = route.on_redis_down.unwrap_or(default);
+        if let Some(key) = &admit.key {
+            let id = hex(&key.id()[..16]);
+            add(
+                format!("key:{id}"),
+                key.max_connections,
+                key.rate,
+                on_down,
+                Whose::Key(key.identity.clone()),
+            );
+        }
+        if let Some(subject) = &admit.subject {
+            let id = hex(&crate::policy::identity_hash(subject)[..16]);
+            add(
+                format!("id:{id}"),
+                route.max_connections,
+                route.rate,
+                on_down,
+                Whose::Identity(subject.clone()),
+            );
+        }
+    }
+    match cluster.admit(&checks).await {
+        Ok(held) => Ok(held),
+        Err(Denied::Unavailable) => Err(Refusal::ClusterUnavailable),
+        Err(Denied::Limit { index, retry_after }) => {
+            let (Some(check), Some(who)) = (checks.get(index), whose.get(index)) else {
+                return Err(Refusal::ClusterUnavailable);
+            };
+            let limit = match (who, check.kind) {
+                (Whose::Client, CheckKind::Connections(n)) => Limit::PerClient(n),
+                (Whose::Client, CheckKind::Rate(r)) => Limit::Rate {
+                    per_second: r.per_second,
+                    retry_after,
+                },
+                (Whose::Key(_), CheckKind::Connections(n)) => Limit::PerKey(n),
+                (Whose::Key(_), CheckKind::Rate(r)) => Limit::KeyRate {
+                    per_second: r.per_second,
+                    retry_after,
+                },
+                (Whose::Identity(_), CheckKind::Connections(n)) => Limit::PerIdentity(n),
+                (Whose::Identity(_), CheckKind::Rate(r)) => Limit::IdentityRate {
+                    per_second: r.per_second,
+                    retry_after,
+                },
+            };
+            let who = match who {
+                Whose::Client => String::new(),
+                Whose::Key(name) => format!(" (API key `{name}`)"),
+                Whose::Identity(name) => format!(" (identity `{name}`)"),
+            };
+            Err(Refusal::ClusterLimit { limit, who })
+        }
+    }
+}
+
+/// Whom a shared limit counts.
+#[derive(Debug, Clone)]
+enum Whose {
+    Client,
+    Key(String),
+    Identity(String),
+}
+
+/// Lowercase hex.
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The API key's and the identity's limits for an admitted upgrade, and what the session keeps of its admission;
+/// `None` when the route has no authentication or nothing to keep.
+fn hold_auth(
+    shared: &Shared,
+    admit: Option<&crate::auth::Admit>,
+    limits: config::IdentityLimits,
+) -> Result<Option<Box<AuthHeld>>, Refusal> {
     let Some(admit) = admit else {
         return Ok(None);
     };
@@ -359,6 +514,16 @@ fn hold_auth(shared: &Shared, admit: Option<&crate::auth::Admit>) -> Result<Opti
             })?,
         None => None,
     };
+    let identity_held = match &admit.subject {
+        Some(subject) if limits.max_connections.is_some() || limits.rate.is_some() => shared
+            .admission
+            .admit_identity(subject, limits.max_connections, limits.rate)
+            .map_err(|limit| Refusal::IdentityLimit {
+                identity: subject.clone(),
+                limit,
+            })?,
+        _ => None,
+    };
     // The token's expiry on the runtime's clock: at once when it has passed already.
     let expires = admit.expires.map(|at| {
         let now = Instant::now();
@@ -371,6 +536,8 @@ fn hold_auth(shared: &Shared, admit: Option<&crate::auth::Admit>) -> Result<Opti
     Ok((key.is_some() || expires.is_some() || identity.is_some()).then(|| {
         Box::new(AuthHeld {
             _key: key,
+            _identity: identity_held,
+            _cluster: None,
             expires,
             identity,
         })
@@ -726,8 +893,15 @@ async fn open(
     };
     let mut head = Vec::with_capacity(1024);
     let (prepared, auth) = match read_head(&mut client, &mut head, snapshot, front, record).await {
-        Head::Upgrade(prepared) => match handshake_rate(shared, snapshot, listener, prepared.client)
-            .and_then(|()| hold_auth(shared, prepared.auth.as_deref()))
+        Head::Upgrade(prepared) => match admit_upgrade(
+            shared,
+            snapshot,
+            listener,
+            prepared.client,
+            prepared.route,
+            prepared.auth.as_deref(),
+        )
+        .await
         {
             Ok(auth) => (prepared, auth),
             Err(refusal) => return refuse(client, record, refusal).await,

@@ -787,8 +787,15 @@ async fn upgrade(
     mut req: Request<Incoming>,
 ) -> Result<Response<Body>, Refusal> {
     let started = tokio::time::Instant::now();
-    super::handshake_rate(&state.shared, &state.snapshot, state.listener, client.ip)?;
-    let auth = super::hold_auth(&state.shared, admit.as_ref())?;
+    let auth = super::admit_upgrade(
+        &state.shared,
+        &state.snapshot,
+        state.listener,
+        client.ip,
+        target.route,
+        admit.as_ref(),
+    )
+    .await?;
     let accept = match handshake::inspect_request(&request_head(&req), state.client_ip, "http")? {
         Inspected::Upgrade(up) => up.accept,
         Inspected::Plain { .. } | Inspected::Partial => {

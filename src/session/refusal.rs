@@ -66,6 +66,15 @@ pub(crate) enum Refusal {
     /// The API key that admitted the request is at one of its limits.
     #[error("{} (API key `{identity}`)", limit_text(.limit))]
     KeyLimit { identity: String, limit: Limit },
+    /// The identity the request was admitted as is at one of the route's limits.
+    #[error("{} (identity `{identity}`)", limit_text(.limit))]
+    IdentityLimit { identity: String, limit: Limit },
+    /// A limit shared with the other instances (`[cluster] redis`) is reached.
+    #[error("{} across the cluster{who}", limit_text(.limit))]
+    ClusterLimit { limit: Limit, who: String },
+    /// Redis, which keeps the shared limits, does not answer, and a limit that applies fails closed.
+    #[error("shared limits unavailable (Redis does not answer) and a limit that applies fails closed")]
+    ClusterUnavailable,
 }
 
 /// A request's path as text for a 404's reason (see [`echoed`]).
@@ -86,6 +95,10 @@ fn limit_text(limit: &Limit) -> String {
         Limit::PerKey(n) => format!("the API key holds its max_connections ({n})"),
         Limit::KeyRate { per_second, .. } => {
             format!("the API key starts handshakes faster than {per_second} per second")
+        }
+        Limit::PerIdentity(n) => format!("the identity holds max_connections_per_identity ({n})"),
+        Limit::IdentityRate { per_second, .. } => {
+            format!("the identity starts handshakes faster than {per_second} per second")
         }
     }
 }
@@ -189,7 +202,8 @@ impl Refusal {
             Self::Denied { .. } => "acl",
             Self::Origin { .. } => "origin",
             Self::Unauthorized { .. } => "auth",
-            Self::Limit(_) | Self::KeyLimit { .. } => "limit",
+            Self::Limit(_) | Self::KeyLimit { .. } | Self::IdentityLimit { .. } | Self::ClusterLimit { .. } => "limit",
+            Self::ClusterUnavailable => "overload",
             Self::NoRoute { .. } | Self::NoUpgrade { .. } => "no_route",
             Self::Upstream { error, .. } if error.cause() != crate::upstream::Cause::Server => "overload",
             Self::Upstream { .. } => "upstream",
@@ -225,7 +239,13 @@ impl Refusal {
             Self::ClientBody(_) => Answer::new(400, "request body not received").closing(),
             Self::Denied { .. } => Answer::new(403, "forbidden"),
             Self::Origin { .. } => Answer::new(403, "origin not allowed"),
-            Self::Limit(limit) | Self::KeyLimit { limit, .. } => match *limit {
+            Self::ClusterUnavailable => {
+                Answer::new(503, "connection limits unavailable").with_retry_after(Some(RETRY_AFTER_BUSY))
+            }
+            Self::Limit(limit)
+            | Self::KeyLimit { limit, .. }
+            | Self::IdentityLimit { limit, .. }
+            | Self::ClusterLimit { limit, .. } => match *limit {
                 Limit::PerClient(_) => Answer::new(429, "too many connections from this address"),
                 Limit::Rate { retry_after, .. } => {
                     Answer::new(429, "too many handshakes from this address").with_retry_after(Some(retry_after))
@@ -236,6 +256,10 @@ impl Refusal {
                 Limit::PerKey(_) => Answer::new(429, "too many connections with this API key"),
                 Limit::KeyRate { retry_after, .. } => {
                     Answer::new(429, "too many handshakes with this API key").with_retry_after(Some(retry_after))
+                }
+                Limit::PerIdentity(_) => Answer::new(429, "too many connections for this identity"),
+                Limit::IdentityRate { retry_after, .. } => {
+                    Answer::new(429, "too many handshakes for this identity").with_retry_after(Some(retry_after))
                 }
             },
             Self::ToHttps { location } => Answer::new(308, "use https").with_header("Location", location.clone()),

@@ -15,7 +15,7 @@ use super::{Dur, Report, is_token};
 use crate::auth::api_keys::ApiKeys;
 use crate::auth::jwt::{self, Family, Jwt, Keys, Source};
 use crate::auth::{self, Auth};
-use crate::config::Relay;
+use crate::config::{HandshakeRate, IdentityLimits, MAX_HANDSHAKE_RATE, Relay};
 
 /// Default leeway for `exp` and `nbf`: clocks of issuers and wsgate may differ by this much.
 pub const DEFAULT_LEEWAY: Duration = Duration::from_secs(30);
@@ -43,6 +43,10 @@ const RESERVED_HEADERS: [&str; 8] = [
 pub(super) struct RawAuth {
     jwt: Option<Spanned<RawJwt>>,
     api_keys: Option<Spanned<RawApiKeys>>,
+    max_connections_per_identity: Option<Spanned<u32>>,
+    handshakes_per_second_per_identity: Option<Spanned<u32>>,
+    identity_burst: Option<Spanned<u32>>,
+    on_redis_down: Option<super::RawOnRedisDown>,
 }
 
 #[derive(Deserialize)]
@@ -81,8 +85,45 @@ pub(super) fn build(raw: Option<&Spanned<RawAuth>>, relay: &Relay, report: &mut 
     }
     let jwt = a.jwt.as_ref().and_then(|j| build_jwt(j, relay, report));
     let api_keys = a.api_keys.as_ref().and_then(|k| build_api_keys(k.get_ref(), report));
+    let limits = build_identity_limits(a, report);
     let complete = a.jwt.is_some() == jwt.is_some() && a.api_keys.is_some() == api_keys.is_some();
-    complete.then(|| Arc::new(Auth::new(jwt, api_keys)))
+    complete.then(|| {
+        let mut auth = Auth::new(jwt, api_keys);
+        auth.limits = limits;
+        Arc::new(auth)
+    })
+}
+
+/// `max_connections_per_identity`, `handshakes_per_second_per_identity` with its `identity_burst` (one second's
+/// worth when not given), and `on_redis_down`.
+fn build_identity_limits(a: &RawAuth, report: &mut Report<'_>) -> IdentityLimits {
+    let max_connections = super::limited(
+        &a.max_connections_per_identity,
+        "auth.max_connections_per_identity",
+        1..=u32::MAX,
+        report,
+    );
+    let rate = super::limited(
+        &a.handshakes_per_second_per_identity,
+        "auth.handshakes_per_second_per_identity",
+        1..=MAX_HANDSHAKE_RATE,
+        report,
+    );
+    if let (Some(burst), None) = (&a.identity_burst, rate) {
+        report.key(
+            burst,
+            "auth.identity_burst",
+            "applies only with `handshakes_per_second_per_identity`",
+        );
+    }
+    IdentityLimits {
+        max_connections,
+        rate: rate.map(|per_second| HandshakeRate {
+            per_second,
+            burst: a.identity_burst.as_ref().map_or(per_second, |b| *b.get_ref()),
+        }),
+        on_redis_down: a.on_redis_down.map(Into::into),
+    }
 }
 
 /// A key file's path: relative ones from the config file's folder.

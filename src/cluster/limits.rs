@@ -1,0 +1,631 @@
+//! Limits every instance shares (`[cluster] redis`): per-IP, per-key and per-identity connection counts and
+//! handshake rates, kept in Redis, and each instance's presence and counts for the fleet view (`GET /api/cluster`).
+//!
+//! A handshake costs one round trip: one script checks every limit that applies to it and, when all admit it,
+//! counts it in all, on Redis's clock. Requests from every session share one multiplexed connection, so handshakes
+//! in flight together are pipelined. Releases are batched: a closed session only lowers this instance's local
+//! count, and a flusher writes the counts that changed (absolute values, so a write may be repeated or lost
+//! without drift) a few times a second.
+//!
+//! A connection count is a hash per limit, with a field per instance (its name and a boot id). Fields of an
+//! instance that no longer beats (its presence key expired: crashed, or cut off) are left out of the sum and
+//! deleted, so a dead instance's connections stop counting within [`PRESENCE_TTL`]. When Redis has lost this
+//! instance's presence (a restart without persistence), the instance writes all its live counts again.
+//!
+//! While Redis does not answer, a limit fails open (the local limits still apply) or closed (503), per
+//! `on_redis_down`; the outage and the recovery are logged once each, and counted in the metrics.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, PoisonError};
+use std::time::Duration;
+
+use ::redis::{Script, cmd};
+use arc_swap::ArcSwapOption;
+use tokio::sync::Notify;
+
+use super::redis::{Redis, RedisError};
+use crate::config::{self, HandshakeRate, OnRedisDown};
+
+/// Every key this module writes starts with this.
+const PREFIX: &str = "wsgate:cluster:";
+/// How often an instance writes its presence and counts.
+pub const BEAT_EVERY: Duration = Duration::from_secs(2);
+/// An instance that has not beaten for this long is gone: its connections no longer count.
+pub const PRESENCE_TTL: Duration = Duration::from_secs(10);
+/// How often changed counts are written at most.
+const FLUSH_EVERY: Duration = Duration::from_millis(100);
+/// Counts written in one round trip at most.
+const FLUSH_BATCH: usize = 1000;
+/// A count hash lives this long after its last change (every write renews it).
+const COUNT_TTL_MS: u64 = 24 * 3600 * 1000;
+
+/// Checks every limit of a handshake and, when none refuses, counts it in all.
+/// KEYS: the limits' keys. ARGV[1]: this instance's field; ARGV[2]: the presence keys' prefix; then three values
+/// a key: `c` (a connection count), its limit, 0; or `r` (a rate: GCRA), the interval and the tolerance in µs.
+/// Returns {0, 0} when admitted, else {i, µs to wait} for the first key i (1-based) that refuses.
+const ADMIT: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local field, prefix = ARGV[1], ARGV[2]
+local next_at = {}
+for i, key in ipairs(KEYS) do
+  local kind, a, b = ARGV[3 * i], tonumber(ARGV[3 * i + 1]), tonumber(ARGV[3 * i + 2])
+  if kind == 'c' then
+    local all = redis.call('HGETALL', key)
+    local sum = 0
+    for j = 1, #all, 2 do
+      local f = all[j]
+      if f ~= field and redis.call('EXISTS', prefix .. f) == 0 then
+        redis.call('HDEL', key, f)
+      else
+        sum = sum + (tonumber(all[j + 1]) or 0)
+      end
+    end
+    if sum >= a then return {i, 0} end
+  else
+    local tat = tonumber(redis.call('GET', key) or '0') or 0
+    if tat < now then tat = now end
+    if tat - b > now then return {i, tat - b - now} end
+    next_at[i] = tat + a
+  end
+end
+for i, key in ipairs(KEYS) do
+  if ARGV[3 * i] == 'c' then
+    redis.call('HINCRBY', key, field, 1)
+    redis.call('PEXPIRE', key, 86400000)
+  else
+    redis.call('SET', key, string.format('%.0f', next_at[i]), 'PX', math.floor((next_at[i] - now) / 1000) + 1000)
+  end
+end
+return {0, 0}
+";
+
+/// Writes this instance's presence and adds it to the members. KEYS: presence, members. ARGV: what it says of
+/// itself, its TTL in ms, its field. Returns whether the presence was there before (0: Redis lost it).
+const BEAT: &str = r"
+local existed = redis.call('EXISTS', KEYS[1])
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+redis.call('SADD', KEYS[2], ARGV[3])
+return existed
+";
+
+/// What one check of a handshake counts against.
+#[derive(Debug, Clone)]
+pub struct Check {
+    /// The limit's key without the prefix (`ip:edge:192.0.2.1`, `key:…`, `id:…`).
+    pub key: String,
+    pub kind: CheckKind,
+    /// What the check does while Redis does not answer.
+    pub on_down: OnRedisDown,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CheckKind {
+    /// Live connections, at most this many across the fleet.
+    Connections(u32),
+    /// Handshakes, at this rate with its burst across the fleet.
+    Rate(HandshakeRate),
+}
+
+/// Why a handshake is not admitted by the shared limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Denied {
+    /// Check `index` refused it; a rate's next handshake is allowed after `retry_after` seconds.
+    Limit { index: usize, retry_after: u32 },
+    /// Redis did not answer and a check fails closed.
+    Unavailable,
+}
+
+/// The shared limits of the config in force, kept across reloads that do not change `[cluster]`.
+#[derive(Default)]
+pub struct Cluster {
+    current: ArcSwapOption<Limits>,
+    /// What the presence reports: this server's live connections and sessions.
+    counts: std::sync::OnceLock<Counts>,
+    pub stats: Arc<Stats>,
+}
+
+/// What the metrics say of the shared limits.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Handshakes admitted without the shared check: Redis did not answer and their limits fail open.
+    pub admitted_unchecked: AtomicU64,
+    /// Handshakes refused because Redis did not answer and a limit fails closed.
+    pub refused_unavailable: AtomicU64,
+    /// Redis did not answer the last check.
+    pub down: AtomicBool,
+}
+
+/// What the presence sees of this server and does to it.
+#[derive(Clone)]
+pub struct Local {
+    /// This server's live connections and WebSocket sessions.
+    pub counts: Arc<dyn Fn() -> (u64, u64) + Send + Sync>,
+    /// Closes WebSocket sessions with 1012, the newest first: at most the first number, keeping the second (sessions
+    /// closing already are not counted); how many it closed.
+    pub shed: Arc<dyn Fn(usize, usize) -> usize + Send + Sync>,
+}
+
+type Counts = Local;
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster")
+            .field("current", &self.current)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Cluster {
+    /// Gives the presence its counts (once, when the server starts).
+    pub fn attach(&self, counts: Counts) {
+        let _ = self.counts.set(counts);
+    }
+
+    /// Serves `cluster` from now on: a new Redis URL or instance name opens a new client (the old one's
+    /// presence is withdrawn); the same ones keep theirs, with the new `on_redis_down`.
+    pub fn apply(&self, cluster: Option<&config::Cluster>) -> Result<(), RedisError> {
+        let current = self.current.load_full();
+        let wanted = cluster.and_then(|c| c.redis.as_deref().map(|url| (url, c)));
+        let Some((url, settings)) = wanted else {
+            if let Some(old) = self.current.swap(None) {
+                old.withdraw();
+            }
+            return Ok(());
+        };
+        if let Some(old) = &current
+            && old.url == url
+            && old.instance == settings.instance
+        {
+            old.on_redis_down
+                .store(settings.on_redis_down == OnRedisDown::Closed, Ordering::Relaxed);
+            old.rebalance
+                .store(Arc::new((settings.rebalance, settings.rebalance_rate)));
+            return Ok(());
+        }
+        let counts = self.counts.get().cloned().unwrap_or_else(|| Local {
+            counts: Arc::new(|| (0, 0)),
+            shed: Arc::new(|_, _| 0),
+        });
+        let limits = Limits::start(url, settings, counts, self.stats.clone())?;
+        if let Some(old) = self.current.swap(Some(limits)) {
+            old.withdraw();
+        }
+        Ok(())
+    }
+
+    /// The shared limits in force; `None` when every limit is local.
+    pub fn limits(&self) -> Option<Arc<Limits>> {
+        self.current.load_full()
+    }
+
+    /// Withdraws this instance's presence (shutdown): the others stop counting its connections at once.
+    pub fn close(&self) {
+        if let Some(old) = self.current.swap(None) {
+            old.withdraw();
+        }
+    }
+}
+
+/// This instance's connection counts, and the changes not yet written.
+#[derive(Debug, Default)]
+struct Live {
+    counts: HashMap<Arc<str>, u32>,
+    dirty: HashSet<Arc<str>>,
+}
+
+/// Live connections per limit key, locked once per counted handshake and once per close (never per message): a
+/// plain mutex is the cheapest correct tool here (the project-wide ban on `std::sync::Mutex` is meant for the
+/// relay path).
+#[allow(clippy::disallowed_types)]
+type LiveLock = std::sync::Mutex<Live>;
+
+/// One Redis server's shared limits, as one instance sees them.
+pub struct Limits {
+    redis: Redis,
+    url: String,
+    instance: String,
+    /// The instance's name and boot id: its field in every count, and its presence key's suffix.
+    field: String,
+    /// `[cluster] on_redis_down = "closed"`: the default for checks that do not say.
+    on_redis_down: AtomicBool,
+    admit: Script,
+    live: LiveLock,
+    flush: Arc<Notify>,
+    /// Redis did not answer the last handshake's check (the outage is logged once).
+    down: AtomicBool,
+    /// What the metrics report, kept across reloads.
+    stats: Arc<Stats>,
+    /// `[cluster] rebalance` (its threshold) and `rebalance_rate`.
+    rebalance: arc_swap::ArcSwap<(Option<f64>, u32)>,
+    /// Ends the presence and the flusher.
+    stop: tokio_util::sync::CancellationToken,
+}
+
+impl std::fmt::Debug for Limits {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Limits")
+            .field("redis", &self.redis)
+            .field("instance", &self.instance)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Limits {
+    fn start(
+        url: &str,
+        settings: &config::Cluster,
+        counts: Counts,
+        stats: Arc<Stats>,
+    ) -> Result<Arc<Limits>, RedisError> {
+        let redis = Redis::open(url)?;
+        let mut boot = [0u8; 6];
+        // Without the system's randomness, the time keeps two boots of one instance apart just as well.
+        if getrandom::fill(&mut boot).is_err() {
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos());
+            boot.copy_from_slice(&nanos.to_le_bytes()[..6]);
+        }
+        let boot: String = boot.iter().map(|b| format!("{b:02x}")).collect();
+        let limits = Arc::new(Limits {
+            redis,
+            url: url.to_string(),
+            instance: settings.instance.clone(),
+            field: format!("{}#{boot}", settings.instance),
+            on_redis_down: AtomicBool::new(settings.on_redis_down == OnRedisDown::Closed),
+            admit: Script::new(ADMIT),
+            live: LiveLock::default(),
+            flush: Arc::new(Notify::new()),
+            down: AtomicBool::new(false),
+            stats,
+            rebalance: arc_swap::ArcSwap::from_pointee((settings.rebalance, settings.rebalance_rate)),
+            stop: tokio_util::sync::CancellationToken::new(),
+        });
+        // Both tasks hold the limits weakly: they end with the last handle, or at `withdraw`.
+        let weak = Arc::downgrade(&limits);
+        limits
+            .redis
+            .spawn(flusher(weak.clone(), limits.flush.clone(), limits.stop.clone()));
+        limits.redis.spawn(presence(weak, limits.stop.clone(), counts));
+        Ok(limits)
+    }
+
+    /// The instance's name.
+    pub fn instance(&self) -> &str {
+        &self.instance
+    }
+
+    /// The default of checks that do not say what to do while Redis is down.
+    pub fn on_redis_down(&self) -> OnRedisDown {
+        if self.on_redis_down.load(Ordering::Relaxed) {
+            OnRedisDown::Closed
+        } else {
+            OnRedisDown::Open
+        }
+    }
+
+    /// Checks a handshake against every shared limit in `checks`, in one round trip, and counts it in all when
+    /// none refuses. The connection counts are held while the returned guard lives. While Redis does not
+    /// answer, the handshake is admitted uncounted (`Ok(None)`) unless a check fails closed.
+    pub async fn admit(self: &Arc<Self>, checks: &[Check]) -> Result<Option<Held>, Denied> {
+        if checks.is_empty() {
+            return Ok(None);
+        }
+        let keys: Vec<Arc<str>> = checks
+            .iter()
+            .filter(|c| matches!(c.kind, CheckKind::Connections(_)))
+            .map(|c| Arc::from(format!("{PREFIX}c:{}", c.key)))
+            .collect();
+        // Counted here first, so that a flush racing the script never writes a count below Redis's.
+        let held = Held {
+            limits: self.clone(),
+            keys,
+        };
+        held.count(1);
+        let mut invocation = self.admit.prepare_invoke();
+        invocation.arg(&self.field).arg(format!("{PREFIX}alive:"));
+        for check in checks {
+            match check.kind {
+                CheckKind::Connections(limit) => {
+                    invocation
+                        .key(format!("{PREFIX}c:{}", check.key))
+                        .arg("c")
+                        .arg(limit)
+                        .arg(0);
+                }
+                CheckKind::Rate(rate) => {
+                    let interval = 1_000_000 / u64::from(rate.per_second.max(1));
+                    invocation
+                        .key(format!("{PREFIX}r:{}", check.key))
+                        .arg("r")
+                        .arg(interval)
+                        .arg(interval * u64::from(rate.burst));
+                }
+            }
+        }
+        let answer: Result<(usize, u64), RedisError> = self
+            .redis
+            .run(|mut c| async move { invocation.invoke_async(&mut c).await })
+            .await;
+        match answer {
+            Ok((0, _)) => {
+                self.stats.down.store(false, Ordering::Relaxed);
+                if self.down.swap(false, Ordering::Relaxed) {
+                    tracing::info!(redis = %self.redis.url(), "cluster: Redis answers again: shared limits in force");
+                }
+                Ok(Some(held))
+            }
+            Ok((index, wait_us)) => {
+                self.stats.down.store(false, Ordering::Relaxed);
+                if self.down.swap(false, Ordering::Relaxed) {
+                    tracing::info!(redis = %self.redis.url(), "cluster: Redis answers again: shared limits in force");
+                }
+                let retry_after = u32::try_from(wait_us.div_ceil(1_000_000)).unwrap_or(u32::MAX).max(1);
+                Err(Denied::Limit {
+                    index: index - 1,
+                    retry_after,
+                })
+            }
+            Err(e) => {
+                drop(held);
+                let closed = checks.iter().any(|c| c.on_down == OnRedisDown::Closed);
+                self.stats.down.store(true, Ordering::Relaxed);
+                if !self.down.swap(true, Ordering::Relaxed) {
+                    tracing::error!(
+                        redis = %self.redis.url(),
+                        "cluster: shared limits unavailable ({e}): handshakes under limits that fail closed are \
+                         refused (503), the others are admitted under this instance's local limits"
+                    );
+                }
+                if closed {
+                    self.stats.refused_unavailable.fetch_add(1, Ordering::Relaxed);
+                    Err(Denied::Unavailable)
+                } else {
+                    self.stats.admitted_unchecked.fetch_add(1, Ordering::Relaxed);
+                    Ok(None)
+                }
+            }
+        }
+    }
+
+    /// Every instance that beats now, as each reported itself (JSON objects), and how many of them Redis lists.
+    pub async fn fleet(&self) -> Result<Vec<serde_json::Value>, RedisError> {
+        let members_key = format!("{PREFIX}members");
+        let members: Vec<String> = self
+            .redis
+            .run(|mut c| {
+                let key = members_key.clone();
+                async move { cmd("SMEMBERS").arg(key).query_async(&mut c).await }
+            })
+            .await?;
+        if members.is_empty() {
+            return Ok(Vec::new());
+        }
+        let presence: Vec<String> = members.iter().map(|m| format!("{PREFIX}alive:{m}")).collect();
+        let said: Vec<Option<String>> = self
+            .redis
+            .run(|mut c| async move { cmd("MGET").arg(presence).query_async(&mut c).await })
+            .await?;
+        let mut fleet = Vec::new();
+        let mut gone = Vec::new();
+        for (member, said) in members.iter().zip(said) {
+            match said.and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok()) {
+                Some(value) => fleet.push(value),
+                None => gone.push(member.clone()),
+            }
+        }
+        if !gone.is_empty() {
+            let _ = self
+                .redis
+                .run(|mut c| async move { cmd("SREM").arg(members_key).arg(gone).query_async::<i64>(&mut c).await })
+                .await;
+        }
+        fleet.sort_by(|a, b| a["instance"].as_str().cmp(&b["instance"].as_str()));
+        Ok(fleet)
+    }
+
+    /// Ends the presence and withdraws it from Redis: the instance's connections stop counting at once.
+    fn withdraw(&self) {
+        self.stop.cancel();
+        let (redis, presence, members, field) = (
+            self.redis.clone(),
+            format!("{PREFIX}alive:{}", self.field),
+            format!("{PREFIX}members"),
+            self.field.clone(),
+        );
+        self.redis.spawn(async move {
+            let _ = redis
+                .run(|mut c| async move {
+                    ::redis::pipe()
+                        .cmd("DEL")
+                        .arg(presence)
+                        .ignore()
+                        .cmd("SREM")
+                        .arg(members)
+                        .arg(field)
+                        .ignore()
+                        .query_async::<()>(&mut c)
+                        .await
+                })
+                .await;
+        });
+    }
+
+    /// Marks every live count to be written again (Redis lost them).
+    fn rewrite_all(&self) {
+        let mut live = self.live.lock().unwrap_or_else(PoisonError::into_inner);
+        let Live { counts, dirty } = &mut *live;
+        dirty.extend(counts.keys().cloned());
+        drop(live);
+        self.flush.notify_one();
+    }
+}
+
+/// A handshake's connections, counted in the shared limits while this lives.
+#[derive(Debug)]
+pub struct Held {
+    limits: Arc<Limits>,
+    keys: Vec<Arc<str>>,
+}
+
+impl Held {
+    fn count(&self, delta: i32) {
+        if self.keys.is_empty() {
+            return;
+        }
+        let mut live = self.limits.live.lock().unwrap_or_else(PoisonError::into_inner);
+        let Live { counts, dirty } = &mut *live;
+        for key in &self.keys {
+            let count = counts.entry(key.clone()).or_insert(0);
+            *count = count.saturating_add_signed(delta);
+            if *count == 0 {
+                counts.remove(key);
+            }
+            if delta < 0 {
+                dirty.insert(key.clone());
+            }
+        }
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        if self.keys.is_empty() {
+            return;
+        }
+        self.count(-1);
+        self.limits.flush.notify_one();
+    }
+}
+
+/// Writes the counts that changed, at most every [`FLUSH_EVERY`]; a failed write is tried again.
+async fn flusher(limits: std::sync::Weak<Limits>, flush: Arc<Notify>, stop: tokio_util::sync::CancellationToken) {
+    loop {
+        tokio::select! {
+            () = flush.notified() => {}
+            () = stop.cancelled() => return,
+        }
+        tokio::time::sleep(FLUSH_EVERY).await;
+        let Some(limits) = limits.upgrade() else { return };
+        let batch: Vec<(Arc<str>, u32)> = {
+            let mut live = limits.live.lock().unwrap_or_else(PoisonError::into_inner);
+            let Live { counts, dirty } = &mut *live;
+            let take: Vec<Arc<str>> = dirty.iter().take(FLUSH_BATCH).cloned().collect();
+            take.into_iter()
+                .map(|key| {
+                    dirty.remove(&key);
+                    let count = counts.get(&key).copied().unwrap_or(0);
+                    (key, count)
+                })
+                .collect()
+        };
+        if batch.is_empty() {
+            continue;
+        }
+        let field = limits.field.clone();
+        let mut pipe = ::redis::pipe();
+        for (key, count) in &batch {
+            if *count == 0 {
+                pipe.cmd("HDEL").arg(&**key).arg(&field).ignore();
+            } else {
+                pipe.cmd("HSET").arg(&**key).arg(&field).arg(*count).ignore();
+                pipe.cmd("PEXPIRE").arg(&**key).arg(COUNT_TTL_MS).ignore();
+            }
+        }
+        let written = limits
+            .redis
+            .run(|mut c| async move { pipe.query_async::<()>(&mut c).await })
+            .await;
+        let more = {
+            let mut live = limits.live.lock().unwrap_or_else(PoisonError::into_inner);
+            if written.is_err() {
+                live.dirty.extend(batch.into_iter().map(|(key, _)| key));
+            }
+            !live.dirty.is_empty()
+        };
+        drop(limits);
+        if written.is_err() {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        if more {
+            flush.notify_one();
+        }
+    }
+}
+
+/// Writes the instance's presence every [`BEAT_EVERY`], with its counts, and writes all its live counts again
+/// when Redis had lost the presence.
+async fn presence(limits: std::sync::Weak<Limits>, stop: tokio_util::sync::CancellationToken, counts: Counts) {
+    let script = Script::new(BEAT);
+    let started = crate::upstream::now_ms() / 1000;
+    let mut beat = tokio::time::interval(BEAT_EVERY);
+    loop {
+        tokio::select! {
+            _ = beat.tick() => {}
+            () = stop.cancelled() => return,
+        }
+        let Some(limits) = limits.upgrade() else { return };
+        let (connections, sessions) = (counts.counts)();
+        let said = serde_json::json!({
+            "instance": limits.instance,
+            "boot": limits.field,
+            "connections": connections,
+            "sessions": sessions,
+            "started": started,
+            "version": env!("CARGO_PKG_VERSION"),
+        })
+        .to_string();
+        let mut invocation = script.prepare_invoke();
+        invocation
+            .key(format!("{PREFIX}alive:{}", limits.field))
+            .key(format!("{PREFIX}members"))
+            .arg(said)
+            .arg(PRESENCE_TTL.as_millis() as u64)
+            .arg(&limits.field);
+        let existed: Result<i64, RedisError> = limits
+            .redis
+            .run(|mut c| async move { invocation.invoke_async(&mut c).await })
+            .await;
+        if matches!(existed, Ok(0)) {
+            limits.rewrite_all();
+        }
+        let (threshold, rate) = **limits.rebalance.load();
+        if let Some(threshold) = threshold
+            && existed.is_ok()
+        {
+            rebalance(&limits, sessions, threshold, rate, &counts).await;
+        }
+    }
+}
+
+/// Sheds this instance's sessions above its even share of the fleet's (by more than `threshold`), at most `rate`
+/// a second: each beat closes up to a beat's worth with 1012, so that their clients reconnect through the balancer
+/// in front, which spreads them over the fleet.
+async fn rebalance(limits: &Limits, sessions: u64, threshold: f64, rate: u32, local: &Local) {
+    let fleet = match limits.fleet().await {
+        Ok(fleet) if fleet.len() > 1 => fleet,
+        _ => return,
+    };
+    let total: u64 = fleet.iter().filter_map(|i| i["sessions"].as_u64()).sum();
+    let share = total as f64 / fleet.len() as f64;
+    let allowed = (share * (1.0 + threshold)).ceil() as u64;
+    if sessions <= allowed {
+        return;
+    }
+    // Down to the even share, not just below the threshold, so that the next arrivals do not start it again.
+    let keep = usize::try_from(share.ceil() as u64).unwrap_or(usize::MAX);
+    let per_beat = usize::try_from(u64::from(rate) * BEAT_EVERY.as_secs()).unwrap_or(usize::MAX);
+    let shed = (local.shed)(per_beat, keep);
+    if shed == 0 {
+        return;
+    }
+    tracing::info!(
+        instance = %limits.instance,
+        sessions,
+        even_share = share,
+        shed,
+        "cluster: this instance holds more than its share of the fleet's sessions: shedding with 1012"
+    );
+}
