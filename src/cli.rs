@@ -352,15 +352,24 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             // What the file holds before it is loaded: a change after this point, even one made as soon as wsgate
             // says it listens, is a change the watch sees.
             let seen = std::fs::read(&args.config).ok();
-            let config = config::file::load(&args.config)?;
-            observe::init_logging(config.server.log_format);
+            let loaded = config::file::load(&args.config)?;
+            observe::init_logging(loaded.server.log_format);
+            // Servers found in DNS or through the Kubernetes API: a first lookup before serving (briefly).
+            let mut watches = Watches::default();
+            let config = runtime.block_on(async {
+                watches.sync(&loaded);
+                watches.first_reports(&loaded, FIRST_DISCOVERY).await;
+                let mut config = loaded.clone();
+                watches.merge(&mut config);
+                config
+            });
             tracing::info!(config = %args.config.display(), "{}", summary(&config));
-            let loaded = config.clone();
             let running = server::start(config)?;
             let file = Watched {
                 path: args.config,
                 seen,
                 loaded,
+                watches,
             };
             runtime.block_on(signals.serve_until_signalled(running, Some(file)))
         }
@@ -431,7 +440,11 @@ struct Watched {
     path: PathBuf,
     seen: Option<Vec<u8>>,
     loaded: Config,
+    watches: Watches,
 }
+
+/// How long a start waits for discovery's first servers.
+const FIRST_DISCOVERY: Duration = Duration::from_secs(3);
 
 /// How often a watched config file is looked at.
 const WATCH_INTERVAL: Duration = Duration::from_secs(1);
@@ -462,18 +475,17 @@ impl Signals {
             mut hangup,
             mut user1,
         } = self;
-        let (config_file, mut last_seen, loaded) = match watched {
-            Some(Watched { path, seen, loaded }) => (Some(path), seen, Some(loaded)),
-            None => (None, None, None),
+        let (config_file, mut last_seen, loaded, watches) = match watched {
+            Some(Watched {
+                path,
+                seen,
+                loaded,
+                watches,
+            }) => (Some(path), seen, Some(loaded), watches),
+            None => (None, None, None, Watches::default()),
         };
         // Servers found in DNS or through the Kubernetes API, added to the loaded config's upstreams.
-        let mut found = Found {
-            loaded,
-            watches: Watches::default(),
-        };
-        if let Some(loaded) = &found.loaded {
-            found.watches.sync(loaded);
-        }
+        let mut found = Found { loaded, watches };
         let mut watch = tokio::time::interval(WATCH_INTERVAL);
         watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // Reloads asked for through the admin API (`POST /api/reload`), answered with their result.

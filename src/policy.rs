@@ -82,11 +82,14 @@ pub fn client_key(ip: IpAddr, v6_prefix: u8) -> IpAddr {
     }
 }
 
-/// What an identity's limits are counted by: a hash, apart from every API key's.
-pub fn identity_hash(identity: &str) -> [u8; 32] {
+/// What an identity's limits on a route are counted by: a hash, apart from every API key's and from the same
+/// identity's on other routes (each route sets its own limits).
+pub fn identity_hash(route: &str, identity: &str) -> [u8; 32] {
     use sha2::Digest as _;
     let mut hash = sha2::Sha256::new();
     hash.update(b"identity\0");
+    hash.update(route.as_bytes());
+    hash.update(b"\0");
     hash.update(identity.as_bytes());
     hash.finalize().into()
 }
@@ -247,16 +250,17 @@ impl Admission {
         })
     }
 
-    /// Counts a handshake of `identity` against the route's per-identity `rate` and, with a `max_connections`, a
+    /// Counts a handshake of `identity` on `route` against the route's per-identity `rate` and, with a `max_connections`, a
     /// connection against it, as [`Admission::admit_key`] does for a key.
     pub fn admit_identity(
         self: &Arc<Self>,
+        route: &str,
         identity: &str,
         max_connections: Option<u32>,
         rate: Option<HandshakeRate>,
     ) -> Result<Option<KeyAdmitted>, Limit> {
         self.admit_hashed(
-            identity_hash(identity),
+            identity_hash(route, identity),
             max_connections,
             rate,
             Limit::PerIdentity,

@@ -245,6 +245,9 @@ impl Running {
         self.shared.phase.start_shutdown();
         self.shared.draining.cancel();
         self.shared.sessions.wake_all();
+        // A draining instance takes no new sessions: it leaves the fleet (its sessions stop counting in the shared
+        // limits, and in the others' even share).
+        self.shared.cluster.close();
     }
 
     /// Waits until every worker has finished (after [`Running::shutdown`] and the drain).
@@ -255,7 +258,6 @@ impl Running {
         }
         // After the workers: every session has queued its span, and every request its usage row.
         self.shared.llm.close();
-        self.shared.cluster.close();
         self.exporter.stop();
         self.supervisor.stop();
         if let Some(admin) = self.admin {

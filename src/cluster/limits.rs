@@ -35,6 +35,10 @@ pub const BEAT_EVERY: Duration = Duration::from_secs(2);
 pub const PRESENCE_TTL: Duration = Duration::from_secs(10);
 /// How often changed counts are written at most.
 const FLUSH_EVERY: Duration = Duration::from_millis(100);
+/// After a command timed out, handshakes skip Redis for this long (answered as `on_redis_down` says).
+const BREAKER: Duration = Duration::from_secs(1);
+/// Every live count is written again this often (in beats: half an hour), so that its hash never expires.
+const REWRITE_EVERY_BEATS: u64 = 900;
 /// Counts written in one round trip at most.
 const FLUSH_BATCH: usize = 1000;
 /// A count hash lives this long after its last change (every write renews it).
@@ -124,6 +128,7 @@ pub struct Cluster {
     /// What the presence reports: this server's live connections and sessions.
     counts: std::sync::OnceLock<Counts>,
     pub stats: Arc<Stats>,
+    tally: Arc<Tally>,
 }
 
 /// What the metrics say of the shared limits.
@@ -188,7 +193,9 @@ impl Cluster {
             counts: Arc::new(|| (0, 0)),
             shed: Arc::new(|_, _| 0),
         });
-        let limits = Limits::start(url, settings, counts, self.stats.clone())?;
+        let limits = Limits::start(url, settings, counts, self.stats.clone(), self.tally.clone())?;
+        // What the previous generation counted is this one's to write (it is dirty there already, if at all).
+        self.tally.rewrite_all();
         if let Some(old) = self.current.swap(Some(limits)) {
             old.withdraw();
         }
@@ -213,6 +220,28 @@ impl Cluster {
 struct Live {
     counts: HashMap<Arc<str>, u32>,
     dirty: HashSet<Arc<str>>,
+    /// Handshakes counted here whose script has not answered yet: their keys are not written meanwhile, so that
+    /// an absolute write never crosses a script's increment.
+    in_flight: HashMap<Arc<str>, u32>,
+}
+
+/// This instance's counts and the flusher's wake-up, shared by every generation of [`Limits`] (a reload that
+/// changes the Redis URL or the instance's name carries its live counts over to the new one).
+#[derive(Debug, Default)]
+struct Tally {
+    live: LiveLock,
+    flush: Notify,
+}
+
+impl Tally {
+    /// Marks every live count to be written again (Redis lost them, or a new generation writes them).
+    fn rewrite_all(&self) {
+        let mut live = self.live.lock().unwrap_or_else(PoisonError::into_inner);
+        let Live { counts, dirty, .. } = &mut *live;
+        dirty.extend(counts.keys().cloned());
+        drop(live);
+        self.flush.notify_one();
+    }
 }
 
 /// Live connections per limit key, locked once per counted handshake and once per close (never per message): a
@@ -231,14 +260,15 @@ pub struct Limits {
     /// `[cluster] on_redis_down = "closed"`: the default for checks that do not say.
     on_redis_down: AtomicBool,
     admit: Script,
-    live: LiveLock,
-    flush: Arc<Notify>,
+    tally: Arc<Tally>,
     /// Redis did not answer the last handshake's check (the outage is logged once).
     down: AtomicBool,
     /// What the metrics report, kept across reloads.
     stats: Arc<Stats>,
     /// `[cluster] rebalance` (its threshold) and `rebalance_rate`.
     rebalance: arc_swap::ArcSwap<(Option<f64>, u32)>,
+    /// Until when (`upstream::now_ms`) handshakes skip Redis after a timeout.
+    broken_until: AtomicU64,
     /// Ends the presence and the flusher.
     stop: tokio_util::sync::CancellationToken,
 }
@@ -258,6 +288,7 @@ impl Limits {
         settings: &config::Cluster,
         counts: Counts,
         stats: Arc<Stats>,
+        tally: Arc<Tally>,
     ) -> Result<Arc<Limits>, RedisError> {
         let redis = Redis::open(url)?;
         let mut boot = [0u8; 6];
@@ -276,18 +307,18 @@ impl Limits {
             field: format!("{}#{boot}", settings.instance),
             on_redis_down: AtomicBool::new(settings.on_redis_down == OnRedisDown::Closed),
             admit: Script::new(ADMIT),
-            live: LiveLock::default(),
-            flush: Arc::new(Notify::new()),
+            tally,
             down: AtomicBool::new(false),
             stats,
             rebalance: arc_swap::ArcSwap::from_pointee((settings.rebalance, settings.rebalance_rate)),
+            broken_until: AtomicU64::new(0),
             stop: tokio_util::sync::CancellationToken::new(),
         });
         // Both tasks hold the limits weakly: they end with the last handle, or at `withdraw`.
         let weak = Arc::downgrade(&limits);
         limits
             .redis
-            .spawn(flusher(weak.clone(), limits.flush.clone(), limits.stop.clone()));
+            .spawn(flusher(weak.clone(), limits.tally.clone(), limits.stop.clone()));
         limits.redis.spawn(presence(weak, limits.stop.clone(), counts));
         Ok(limits)
     }
@@ -308,7 +339,8 @@ impl Limits {
 
     /// Checks a handshake against every shared limit in `checks`, in one round trip, and counts it in all when
     /// none refuses. The connection counts are held while the returned guard lives. While Redis does not
-    /// answer, the handshake is admitted uncounted (`Ok(None)`) unless a check fails closed.
+    /// answer, the handshake is refused if a check fails closed; else it is admitted, counted here and written to
+    /// Redis when it answers again.
     pub async fn admit(self: &Arc<Self>, checks: &[Check]) -> Result<Option<Held>, Denied> {
         if checks.is_empty() {
             return Ok(None);
@@ -318,12 +350,13 @@ impl Limits {
             .filter(|c| matches!(c.kind, CheckKind::Connections(_)))
             .map(|c| Arc::from(format!("{PREFIX}c:{}", c.key)))
             .collect();
-        // Counted here first, so that a flush racing the script never writes a count below Redis's.
+        // Counted here first, and in flight until the script answers: the flusher leaves these keys alone meanwhile.
         let held = Held {
-            limits: self.clone(),
+            tally: self.tally.clone(),
             keys,
         };
         held.count(1);
+        held.in_flight(1);
         let mut invocation = self.admit.prepare_invoke();
         invocation.arg(&self.field).arg(format!("{PREFIX}alive:"));
         for check in checks {
@@ -345,10 +378,25 @@ impl Limits {
                 }
             }
         }
-        let answer: Result<(usize, u64), RedisError> = self
-            .redis
-            .run(|mut c| async move { invocation.invoke_async(&mut c).await })
-            .await;
+        let answer: Result<(usize, u64), RedisError> = if self.broken() {
+            Err(RedisError::Timeout {
+                url: self.redis.url().to_string(),
+            })
+        } else {
+            self.redis
+                .run(|mut c| async move { invocation.invoke_async(&mut c).await })
+                .await
+        };
+        if matches!(answer, Err(RedisError::Timeout { .. })) {
+            // A Redis that accepts but does not answer (a stall) would cost every handshake the whole timeout:
+            // the next ones go without asking for a while.
+            self.broken_until.store(
+                crate::upstream::now_ms() + BREAKER.as_millis() as u64,
+                Ordering::Relaxed,
+            );
+        }
+        // Counted in Redis by the script, refused, or to be written once Redis answers: no longer in flight.
+        held.in_flight(-1);
         match answer {
             Ok((0, _)) => {
                 self.stats.down.store(false, Ordering::Relaxed);
@@ -369,7 +417,6 @@ impl Limits {
                 })
             }
             Err(e) => {
-                drop(held);
                 let closed = checks.iter().any(|c| c.on_down == OnRedisDown::Closed);
                 self.stats.down.store(true, Ordering::Relaxed);
                 if !self.down.swap(true, Ordering::Relaxed) {
@@ -383,8 +430,11 @@ impl Limits {
                     self.stats.refused_unavailable.fetch_add(1, Ordering::Relaxed);
                     Err(Denied::Unavailable)
                 } else {
+                    // Counted here, and written to Redis by the flusher once it answers again: a session admitted
+                    // during an outage counts across the fleet for the rest of its life.
                     self.stats.admitted_unchecked.fetch_add(1, Ordering::Relaxed);
-                    Ok(None)
+                    held.mark_dirty();
+                    Ok(Some(held))
                 }
             }
         }
@@ -453,39 +503,60 @@ impl Limits {
         });
     }
 
-    /// Marks every live count to be written again (Redis lost them).
-    fn rewrite_all(&self) {
-        let mut live = self.live.lock().unwrap_or_else(PoisonError::into_inner);
-        let Live { counts, dirty } = &mut *live;
-        dirty.extend(counts.keys().cloned());
-        drop(live);
-        self.flush.notify_one();
+    /// Whether handshakes skip Redis for now, after a timeout.
+    fn broken(&self) -> bool {
+        crate::upstream::now_ms() < self.broken_until.load(Ordering::Relaxed)
     }
 }
 
 /// A handshake's connections, counted in the shared limits while this lives.
 #[derive(Debug)]
 pub struct Held {
-    limits: Arc<Limits>,
+    tally: Arc<Tally>,
     keys: Vec<Arc<str>>,
 }
 
 impl Held {
     fn count(&self, delta: i32) {
+        self.each(|live, key| {
+            let count = live.counts.entry(key.clone()).or_insert(0);
+            *count = count.saturating_add_signed(delta);
+            if *count == 0 {
+                live.counts.remove(key);
+            }
+            if delta < 0 {
+                live.dirty.insert(key.clone());
+            }
+        });
+    }
+
+    fn in_flight(&self, delta: i32) {
+        self.each(|live, key| {
+            let n = live.in_flight.entry(key.clone()).or_insert(0);
+            *n = n.saturating_add_signed(delta);
+            if *n == 0 {
+                live.in_flight.remove(key);
+            }
+        });
+        if delta < 0 {
+            self.tally.flush.notify_one();
+        }
+    }
+
+    fn mark_dirty(&self) {
+        self.each(|live, key| {
+            live.dirty.insert(key.clone());
+        });
+        self.tally.flush.notify_one();
+    }
+
+    fn each(&self, mut change: impl FnMut(&mut Live, &Arc<str>)) {
         if self.keys.is_empty() {
             return;
         }
-        let mut live = self.limits.live.lock().unwrap_or_else(PoisonError::into_inner);
-        let Live { counts, dirty } = &mut *live;
+        let mut live = self.tally.live.lock().unwrap_or_else(PoisonError::into_inner);
         for key in &self.keys {
-            let count = counts.entry(key.clone()).or_insert(0);
-            *count = count.saturating_add_signed(delta);
-            if *count == 0 {
-                counts.remove(key);
-            }
-            if delta < 0 {
-                dirty.insert(key.clone());
-            }
+            change(&mut live, key);
         }
     }
 }
@@ -496,23 +567,32 @@ impl Drop for Held {
             return;
         }
         self.count(-1);
-        self.limits.flush.notify_one();
+        self.tally.flush.notify_one();
     }
 }
 
 /// Writes the counts that changed, at most every [`FLUSH_EVERY`]; a failed write is tried again.
-async fn flusher(limits: std::sync::Weak<Limits>, flush: Arc<Notify>, stop: tokio_util::sync::CancellationToken) {
+async fn flusher(limits: std::sync::Weak<Limits>, tally: Arc<Tally>, stop: tokio_util::sync::CancellationToken) {
     loop {
         tokio::select! {
-            () = flush.notified() => {}
+            () = tally.flush.notified() => {}
             () = stop.cancelled() => return,
         }
         tokio::time::sleep(FLUSH_EVERY).await;
         let Some(limits) = limits.upgrade() else { return };
         let batch: Vec<(Arc<str>, u32)> = {
-            let mut live = limits.live.lock().unwrap_or_else(PoisonError::into_inner);
-            let Live { counts, dirty } = &mut *live;
-            let take: Vec<Arc<str>> = dirty.iter().take(FLUSH_BATCH).cloned().collect();
+            let mut live = tally.live.lock().unwrap_or_else(PoisonError::into_inner);
+            let Live {
+                counts,
+                dirty,
+                in_flight,
+            } = &mut *live;
+            let take: Vec<Arc<str>> = dirty
+                .iter()
+                .filter(|k| !in_flight.contains_key(*k))
+                .take(FLUSH_BATCH)
+                .cloned()
+                .collect();
             take.into_iter()
                 .map(|key| {
                     dirty.remove(&key);
@@ -539,18 +619,18 @@ async fn flusher(limits: std::sync::Weak<Limits>, flush: Arc<Notify>, stop: toki
             .run(|mut c| async move { pipe.query_async::<()>(&mut c).await })
             .await;
         let more = {
-            let mut live = limits.live.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut live = tally.live.lock().unwrap_or_else(PoisonError::into_inner);
             if written.is_err() {
                 live.dirty.extend(batch.into_iter().map(|(key, _)| key));
             }
-            !live.dirty.is_empty()
+            live.dirty.iter().any(|k| !live.in_flight.contains_key(k))
         };
         drop(limits);
         if written.is_err() {
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
         if more {
-            flush.notify_one();
+            tally.flush.notify_one();
         }
     }
 }
@@ -559,8 +639,11 @@ async fn flusher(limits: std::sync::Weak<Limits>, flush: Arc<Notify>, stop: toki
 /// when Redis had lost the presence.
 async fn presence(limits: std::sync::Weak<Limits>, stop: tokio_util::sync::CancellationToken, counts: Counts) {
     let script = Script::new(BEAT);
-    let started = crate::upstream::now_ms() / 1000;
+    let started = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
     let mut beat = tokio::time::interval(BEAT_EVERY);
+    let mut beats = 0u64;
     loop {
         tokio::select! {
             _ = beat.tick() => {}
@@ -588,9 +671,12 @@ async fn presence(limits: std::sync::Weak<Limits>, stop: tokio_util::sync::Cance
             .redis
             .run(|mut c| async move { invocation.invoke_async(&mut c).await })
             .await;
-        if matches!(existed, Ok(0)) {
-            limits.rewrite_all();
+        beats = beats.wrapping_add(1);
+        // A count hash expires a day after its last write: sessions that outlive that are written again.
+        if matches!(existed, Ok(0)) || beats.is_multiple_of(REWRITE_EVERY_BEATS) {
+            limits.tally.rewrite_all();
         }
+        limits.stats.down.store(existed.is_err(), Ordering::Relaxed);
         let (threshold, rate) = **limits.rebalance.load();
         if let Some(threshold) = threshold
             && existed.is_ok()

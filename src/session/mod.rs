@@ -357,15 +357,14 @@ async fn admit_upgrade(
     admit: Option<&crate::auth::Admit>,
 ) -> Result<Option<Box<AuthHeld>>, Refusal> {
     handshake_rate(shared, snapshot, listener, client)?;
-    let limits = snapshot
-        .config
-        .routes
-        .get(route)
+    let route = snapshot.config.routes.get(route);
+    let route_name = route.map_or("", |r| r.name.as_str());
+    let limits = route
         .and_then(|r| r.auth.as_ref())
         .map(|a| a.limits)
         .unwrap_or_default();
-    let held = hold_auth(shared, admit, limits)?;
-    let cluster = shared_limits(shared, snapshot.listener(listener), client, limits, admit).await?;
+    let held = hold_auth(shared, admit, route_name, limits)?;
+    let cluster = shared_limits(shared, snapshot.listener(listener), client, route_name, limits, admit).await?;
     Ok(match (held, cluster) {
         (held, None) => held,
         (Some(mut held), cluster) => {
@@ -389,6 +388,7 @@ async fn shared_limits(
     shared: &Shared,
     listener: Option<&Listener>,
     client: IpAddr,
+    route_name: &str,
     route: config::IdentityLimits,
     admit: Option<&crate::auth::Admit>,
 ) -> Result<Option<crate::cluster::limits::Held>, Refusal> {
@@ -437,7 +437,7 @@ async fn shared_limits(
             );
         }
         if let Some(subject) = &admit.subject {
-            let id = hex(&crate::policy::identity_hash(subject)[..16]);
+            let id = hex(&crate::policy::identity_hash(route_name, subject)[..16]);
             add(
                 format!("id:{id}"),
                 route.max_connections,
@@ -499,6 +499,7 @@ fn hex(bytes: &[u8]) -> String {
 fn hold_auth(
     shared: &Shared,
     admit: Option<&crate::auth::Admit>,
+    route: &str,
     limits: config::IdentityLimits,
 ) -> Result<Option<Box<AuthHeld>>, Refusal> {
     let Some(admit) = admit else {
@@ -517,7 +518,7 @@ fn hold_auth(
     let identity_held = match &admit.subject {
         Some(subject) if limits.max_connections.is_some() || limits.rate.is_some() => shared
             .admission
-            .admit_identity(subject, limits.max_connections, limits.rate)
+            .admit_identity(route, subject, limits.max_connections, limits.rate)
             .map_err(|limit| Refusal::IdentityLimit {
                 identity: subject.clone(),
                 limit,

@@ -787,6 +787,13 @@ async fn upgrade(
     mut req: Request<Incoming>,
 ) -> Result<Response<Body>, Refusal> {
     let started = tokio::time::Instant::now();
+    // A malformed upgrade costs no handshake of the limits (nor a round trip to Redis).
+    let accept = match handshake::inspect_request(&request_head(&req), state.client_ip, "http")? {
+        Inspected::Upgrade(up) => up.accept,
+        Inspected::Plain { .. } | Inspected::Partial => {
+            return Err(HandshakeError::Malformed("malformed upgrade request").into());
+        }
+    };
     let auth = super::admit_upgrade(
         &state.shared,
         &state.snapshot,
@@ -796,12 +803,6 @@ async fn upgrade(
         admit.as_ref(),
     )
     .await?;
-    let accept = match handshake::inspect_request(&request_head(&req), state.client_ip, "http")? {
-        Inspected::Upgrade(up) => up.accept,
-        Inspected::Plain { .. } | Inspected::Partial => {
-            return Err(HandshakeError::Malformed("malformed upgrade request").into());
-        }
-    };
     let client_side = hyper::upgrade::on(&mut req);
     rewrite_request(&mut req, client, state.proto, trace);
     if let Some(admit) = &admit {

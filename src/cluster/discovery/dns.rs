@@ -35,14 +35,23 @@ pub enum DnsError {
 
 /// Looks `dns` up for as long as the task runs, reporting each changed set of servers.
 pub async fn watch(dns: DnsDiscovery, mut reporter: Reporter) {
-    let resolver = match resolver(&dns) {
-        Ok(resolver) => resolver,
-        Err(e) => {
-            tracing::error!(upstream = reporter.upstream(), "DNS discovery: {e}");
-            return;
+    let mut failures = 0u32;
+    // A resolver that cannot be set up (no /etc/resolv.conf yet) is tried again, as a lookup is.
+    let resolver = loop {
+        match resolver(&dns) {
+            Ok(resolver) => break resolver,
+            Err(e) => {
+                let wait = backoff(failures);
+                failures = failures.saturating_add(1);
+                tracing::error!(
+                    upstream = reporter.upstream(),
+                    "DNS discovery: {e}; next try in {wait:?}"
+                );
+                tokio::time::sleep(wait).await;
+            }
         }
     };
-    let mut failures = 0u32;
+    failures = 0;
     loop {
         let wait = match lookup(&resolver, &dns).await {
             Ok((servers, ttl)) => {
@@ -132,10 +141,22 @@ async fn lookup(resolver: &TokioResolver, dns: &DnsDiscovery) -> Result<(Vec<Fou
                 RData::A(a) => IpAddr::V4(a.0),
                 RData::AAAA(aaaa) => IpAddr::V6(aaaa.0),
                 RData::SRV(srv) => {
+                    // The root as a target says "no service here" (RFC 2782).
+                    if srv.target.is_root() {
+                        continue;
+                    }
                     let target = srv.target.to_string();
-                    let (addresses, target_ttl) = target_addresses(resolver, &target)
-                        .await
-                        .map_err(|e| failed("SRV target", &format!("`{target}`: {e}")))?;
+                    let (addresses, target_ttl) = match target_addresses(resolver, &target).await {
+                        Ok(found) => found,
+                        // A target that names nothing (a stale record) is left out; the others still serve.
+                        Err(TargetError::NoRecords) => {
+                            tracing::warn!(name = %dns.name, target, "DNS discovery: an SRV target has no address");
+                            continue;
+                        }
+                        Err(TargetError::Failed(e)) => {
+                            return Err(failed("SRV target", &format!("`{target}`: {e}")));
+                        }
+                    };
                     ttl = ttl.min(target_ttl);
                     for ip in addresses {
                         found.push(srv_server(ip, srv.port, srv.weight, srv.priority));
@@ -190,9 +211,22 @@ fn srv_server(ip: IpAddr, port: u16, weight: u16, priority: u16) -> Found {
     }
 }
 
+/// Why an SRV target gave no address.
+enum TargetError {
+    /// The name has no A or AAAA record (or does not exist).
+    NoRecords,
+    Failed(String),
+}
+
 /// The addresses an SRV target names (A and AAAA), and their shortest TTL.
-async fn target_addresses(resolver: &TokioResolver, target: &str) -> Result<(Vec<IpAddr>, Duration), String> {
-    let answer = resolver.lookup_ip(target).await.map_err(|e| e.to_string())?;
+async fn target_addresses(resolver: &TokioResolver, target: &str) -> Result<(Vec<IpAddr>, Duration), TargetError> {
+    let answer = resolver.lookup_ip(target).await.map_err(|e| {
+        if e.is_no_records_found() {
+            TargetError::NoRecords
+        } else {
+            TargetError::Failed(e.to_string())
+        }
+    })?;
     let ttl = answer
         .as_lookup()
         .answers()

@@ -33,6 +33,8 @@ pub struct Found {
 pub struct Update {
     pub upstream: String,
     pub servers: Vec<Found>,
+    /// Which watch sent it (a report queued by a watch since replaced is dropped).
+    generation: u64,
 }
 
 /// Where a watch reports; it reports a set only when it differs from the one it reported before.
@@ -41,6 +43,7 @@ pub struct Reporter {
     upstream: String,
     tx: mpsc::Sender<Update>,
     last: Option<Vec<Found>>,
+    generation: u64,
 }
 
 impl Reporter {
@@ -59,6 +62,7 @@ impl Reporter {
         let update = Update {
             upstream: self.upstream.clone(),
             servers,
+            generation: self.generation,
         };
         self.tx.send(update).await.is_ok()
     }
@@ -72,8 +76,9 @@ impl Reporter {
 /// The running watches and what they found, per upstream.
 #[derive(Debug)]
 pub struct Watches {
-    running: HashMap<String, (Discovery, JoinHandle<()>)>,
+    running: HashMap<String, (Discovery, JoinHandle<()>, u64)>,
     known: HashMap<String, Vec<Found>>,
+    generations: u64,
     tx: mpsc::Sender<Update>,
     rx: mpsc::Receiver<Update>,
 }
@@ -84,6 +89,7 @@ impl Default for Watches {
         Self {
             running: HashMap::new(),
             known: HashMap::new(),
+            generations: 0,
             tx,
             rx,
         }
@@ -103,7 +109,7 @@ impl Watches {
                 _ => None,
             })
             .collect();
-        self.running.retain(|name, (discovery, task)| {
+        self.running.retain(|name, (discovery, task, _)| {
             let keep = wanted.get(name.as_str()) == Some(&&*discovery);
             if !keep {
                 task.abort();
@@ -115,17 +121,20 @@ impl Watches {
             if self.running.contains_key(name) {
                 continue;
             }
+            self.generations += 1;
             let reporter = Reporter {
                 upstream: name.to_string(),
                 tx: self.tx.clone(),
                 last: None,
+                generation: self.generations,
             };
             let task = match discovery.clone() {
                 Discovery::Dns(dns) => tokio::spawn(dns::watch(dns, reporter)),
                 Discovery::Kubernetes(k) => tokio::spawn(kubernetes::watch(k, reporter)),
                 Discovery::File(_) => continue,
             };
-            self.running.insert(name.to_string(), (discovery.clone(), task));
+            self.running
+                .insert(name.to_string(), (discovery.clone(), task, self.generations));
         }
     }
 
@@ -138,11 +147,38 @@ impl Watches {
                 std::future::pending::<()>().await;
                 continue;
             };
-            if !self.running.contains_key(&update.upstream) {
+            let current = self.running.get(&update.upstream).map(|(_, _, g)| *g);
+            if current != Some(update.generation) {
                 continue;
             }
             self.known.insert(update.upstream.clone(), update.servers.clone());
             return update;
+        }
+    }
+
+    /// Waits, at most `limit`, until every upstream of `config` that has only discovered servers has a first
+    /// report, so that a server starts with its servers; logs the upstreams still without one.
+    pub async fn first_reports(&mut self, config: &Config, limit: std::time::Duration) {
+        let waiting = |known: &HashMap<String, Vec<Found>>| -> Vec<String> {
+            config
+                .upstreams
+                .iter()
+                .filter(|u| matches!(u.discovery, Some(Discovery::Dns(_) | Discovery::Kubernetes(_))))
+                .filter(|u| u.servers.is_empty() && !known.contains_key(&u.name))
+                .map(|u| u.name.clone())
+                .collect()
+        };
+        let deadline = tokio::time::Instant::now() + limit;
+        while !waiting(&self.known).is_empty() {
+            if tokio::time::timeout_at(deadline, self.changed()).await.is_err() {
+                break;
+            }
+        }
+        for name in waiting(&self.known) {
+            tracing::warn!(
+                upstream = %name,
+                "discovery has found no server yet: the upstream answers 503 until it does"
+            );
         }
     }
 
@@ -181,7 +217,7 @@ impl Watches {
 
 impl Drop for Watches {
     fn drop(&mut self) {
-        for (_, task) in self.running.values() {
+        for (_, task, _) in self.running.values() {
             task.abort();
         }
     }
