@@ -630,14 +630,11 @@ fn build_cluster(c: &Spanned<RawCluster>, report: &mut Report<'_>) -> Cluster {
         None => default_instance(),
     };
     let on = c.rebalance.as_ref().is_some_and(|r| *r.get_ref());
-    if on && redis.is_none() && c.redis.is_none() {
-        if let Some(r) = &c.rebalance {
-            report.key(
-                r,
-                "cluster.rebalance",
-                "needs `redis`: the fleet's counts are kept there",
-            );
-        }
+    if on
+        && c.redis.is_none()
+        && let Some(r) = &c.rebalance
+    {
+        report.key(r, "cluster.rebalance", "needs `redis`: the fleet's counts are kept there");
     }
     for (given, key) in [
         (c.rebalance_threshold.as_ref().map(Spanned::span), "rebalance_threshold"),

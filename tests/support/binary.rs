@@ -80,15 +80,23 @@ impl Binary {
 
     /// The first log line containing one of `needles` (earlier lines are passed over), within [`super::WAIT`].
     pub async fn wait_for_log(&mut self, needles: &[&str]) -> String {
-        within(&format!("a log line with one of {needles:?}"), async {
+        self.wait_for_log_within(super::WAIT, needles).await
+    }
+
+    /// [`Binary::wait_for_log`] within `limit` (for what takes longer by design, such as a lookup timing out).
+    pub async fn wait_for_log_within(&mut self, limit: std::time::Duration, needles: &[&str]) -> String {
+        let find = async {
             loop {
                 let line = self.log.recv().await.expect("wsgate exited");
                 if needles.iter().any(|n| line.contains(n)) {
                     return line;
                 }
             }
-        })
-        .await
+        };
+        match tokio::time::timeout(limit, find).await {
+            Ok(line) => line,
+            Err(_) => panic!("timed out after {limit:?} waiting for a log line with one of {needles:?}"),
+        }
     }
 
     /// Every line still to come, until wsgate's output ends (after it has exited), within [`super::WAIT`].

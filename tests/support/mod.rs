@@ -2,11 +2,12 @@
 //! backends, and clients that never wait without a timeout; the built binary in a child process ([`binary`]),
 //! WebSocket peers on raw sockets ([`raw`]), the expectations of the frames-mode tests ([`frames`]) and real peers
 //! in their own processes: Tomcat, Python and Node ([`peers`]); llama.cpp's OpenAI-compatible server on a tiny
-//! model ([`llm`]).
+//! model ([`llm`]); Redis ([`redis`]) and a DNS server, dnsmasq ([`dnsmasq`]).
 #![allow(dead_code, clippy::result_large_err)]
 
 pub mod anthropic_standin;
 pub mod binary;
+pub mod dnsmasq;
 pub mod frames;
 pub mod gateway_http;
 pub mod llm;
