@@ -85,8 +85,13 @@ pub enum KubernetesError {
     Timeout(&'static str),
     #[error("HTTP: {}", with_causes(.0))]
     Http(#[from] hyper::Error),
-    #[error("the API server refused the credentials ({status}): {message}")]
-    Refused { status: StatusCode, message: String },
+    #[error("the API server refused {credentials} ({status}): {message}")]
+    Refused {
+        status: StatusCode,
+        message: String,
+        /// Which token (its file, never the token itself).
+        credentials: String,
+    },
     #[error("the API server answered {status}: {message}")]
     Status { status: StatusCode, message: String },
     #[error("the answer is larger than {MAX_BODY_BYTES} bytes")]
@@ -113,15 +118,15 @@ fn with_causes(e: &dyn std::error::Error) -> String {
 
 /// The servers one EndpointSlice gives, and why it gives fewer than its endpoints when it does.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct SliceServers {
-    pub servers: Vec<Found>,
+pub(crate) struct SliceServers {
+    pub(crate) servers: Vec<Found>,
     /// Why some or all of its endpoints are not servers, other than not being ready (for the log).
-    pub note: Option<String>,
+    pub(crate) note: Option<String>,
 }
 
 /// One event of a watch, its object reduced to what wsgate uses.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Event {
+pub(crate) enum Event {
     /// `ADDED` or `MODIFIED`: the slice as it is now.
     Upsert {
         name: String,
@@ -145,9 +150,9 @@ pub enum Event {
 
 /// A list: each slice's name and servers, and the version to watch from.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Listed {
-    pub slices: Vec<(String, SliceServers)>,
-    pub resource_version: String,
+pub(crate) struct Listed {
+    pub(crate) slices: Vec<(String, SliceServers)>,
+    pub(crate) resource_version: String,
 }
 
 #[derive(Deserialize, Default)]
@@ -211,12 +216,7 @@ struct Status {
 }
 
 /// The servers of a slice: the ready endpoints' addresses (a `ready` condition that is absent counts as ready) on
-/// the slice's TCP port that `port` names. FQDN slices give none.
-pub fn slice_servers(slice_json: &serde_json::Value, port: &KubernetesPort) -> Result<SliceServers, KubernetesError> {
-    let slice = EndpointSlice::deserialize(slice_json).map_err(|e| KubernetesError::Parse(e.to_string()))?;
-    Ok(servers_of(&slice, port))
-}
-
+/// the slice's TCP port that `wanted` names. FQDN slices give none.
 fn servers_of(slice: &EndpointSlice, wanted: &KubernetesPort) -> SliceServers {
     let v6 = match slice.address_type.as_str() {
         "IPv4" => false,
@@ -282,7 +282,7 @@ fn servers_of(slice: &EndpointSlice, wanted: &KubernetesPort) -> SliceServers {
 }
 
 /// An `EndpointSliceList`'s slices and version.
-pub fn parse_list(body: &[u8], port: &KubernetesPort) -> Result<Listed, KubernetesError> {
+pub(crate) fn parse_list(body: &[u8], port: &KubernetesPort) -> Result<Listed, KubernetesError> {
     let list: SliceList = serde_json::from_slice(body).map_err(|e| KubernetesError::Parse(e.to_string()))?;
     if list.metadata.resource_version.is_empty() {
         return Err(KubernetesError::Parse(
@@ -302,7 +302,7 @@ pub fn parse_list(body: &[u8], port: &KubernetesPort) -> Result<Listed, Kubernet
 }
 
 /// One line of a watch: `{"type": "ADDED"|"MODIFIED"|"DELETED"|"BOOKMARK"|"ERROR", "object": {...}}`.
-pub fn parse_event(line: &[u8], port: &KubernetesPort) -> Result<Event, KubernetesError> {
+pub(crate) fn parse_event(line: &[u8], port: &KubernetesPort) -> Result<Event, KubernetesError> {
     let bad = |e: serde_json::Error| KubernetesError::Parse(format!("a watch event: {e}"));
     let event: WatchEvent = serde_json::from_slice(line).map_err(bad)?;
     let slice = || EndpointSlice::deserialize(&event.object).map_err(bad);
@@ -365,7 +365,7 @@ fn refusal_message(body: &[u8]) -> String {
 /// Newline-delimited lines out of a stream's chunks, each at most `max` bytes (check, then take: a line is handed
 /// out only once its newline has arrived).
 #[derive(Debug)]
-pub struct Lines {
+pub(crate) struct Lines {
     buf: Vec<u8>,
     /// The bytes of `buf` already searched for a newline.
     scanned: usize,
@@ -373,7 +373,7 @@ pub struct Lines {
 }
 
 impl Lines {
-    pub fn new(max: usize) -> Lines {
+    pub(crate) fn new(max: usize) -> Lines {
         Lines {
             buf: Vec::new(),
             scanned: 0,
@@ -381,13 +381,13 @@ impl Lines {
         }
     }
 
-    pub fn push(&mut self, data: &[u8]) {
+    pub(crate) fn push(&mut self, data: &[u8]) {
         self.buf.extend_from_slice(data);
     }
 
     /// The next whole line (without its `\n` or `\r\n`; blank lines are passed over), `None` until one has
     /// arrived; an error when a line is longer than the bound.
-    pub fn next_line(&mut self) -> Result<Option<Vec<u8>>, KubernetesError> {
+    pub(crate) fn next_line(&mut self) -> Result<Option<Vec<u8>>, KubernetesError> {
         loop {
             let unscanned = self.buf.get(self.scanned..).unwrap_or_default();
             let Some(at) = memchr::memchr(b'\n', unscanned) else {
@@ -416,7 +416,7 @@ impl Lines {
     }
 
     /// Whether part of a line is waiting for its end.
-    pub fn pending(&self) -> bool {
+    pub(crate) fn pending(&self) -> bool {
         !self.buf.is_empty()
     }
 }
@@ -435,7 +435,7 @@ fn encode(text: &str) -> String {
 }
 
 /// The list request of the slices of `service` in `namespace`, under the API's path `prefix` (usually empty).
-pub fn list_path(prefix: &str, namespace: &str, service: &str) -> String {
+pub(crate) fn list_path(prefix: &str, namespace: &str, service: &str) -> String {
     format!(
         "{prefix}/apis/discovery.k8s.io/v1/namespaces/{}/endpointslices?labelSelector=kubernetes.io%2Fservice-name%3D{}",
         encode(namespace),
@@ -444,7 +444,7 @@ pub fn list_path(prefix: &str, namespace: &str, service: &str) -> String {
 }
 
 /// The watch request following a list (or a watch) that ended at `resource_version`.
-pub fn watch_path(list_path: &str, resource_version: &str) -> String {
+pub(crate) fn watch_path(list_path: &str, resource_version: &str) -> String {
     format!(
         "{list_path}&watch=1&resourceVersion={}&allowWatchBookmarks=true&timeoutSeconds={WATCH_SECONDS}",
         encode(resource_version)
@@ -452,7 +452,7 @@ pub fn watch_path(list_path: &str, resource_version: &str) -> String {
 }
 
 /// The API server's URL inside a pod, from the variables the kubelet sets.
-pub fn in_cluster_url(host: Option<&str>, port: Option<&str>) -> Result<String, KubernetesError> {
+pub(crate) fn in_cluster_url(host: Option<&str>, port: Option<&str>) -> Result<String, KubernetesError> {
     match (host.filter(|h| !h.is_empty()), port.filter(|p| !p.is_empty())) {
         (Some(host), Some(port)) if host.contains(':') => Ok(format!("https://[{host}]:{port}")),
         (Some(host), Some(port)) => Ok(format!("https://{host}:{port}")),
@@ -462,20 +462,20 @@ pub fn in_cluster_url(host: Option<&str>, port: Option<&str>) -> Result<String, 
 
 /// Where the API server is, as a URL says.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ApiUrl {
-    pub https: bool,
+pub(crate) struct ApiUrl {
+    pub(crate) https: bool,
     /// `host:port` to connect to (an IPv6 host in brackets).
-    pub authority: String,
+    pub(crate) authority: String,
     /// The host as written: the `Host` header's and, without brackets, the name the certificate must hold.
-    pub host: String,
+    pub(crate) host: String,
     /// The `Host` header.
-    pub host_header: String,
+    pub(crate) host_header: String,
     /// A path the API is served under (a proxy's), without a trailing `/`; usually empty.
-    pub prefix: String,
+    pub(crate) prefix: String,
 }
 
 impl ApiUrl {
-    pub fn parse(url: &str) -> Result<ApiUrl, KubernetesError> {
+    pub(crate) fn parse(url: &str) -> Result<ApiUrl, KubernetesError> {
         let bad = |reason: &str| KubernetesError::BadUrl {
             url: url.to_string(),
             reason: reason.to_string(),
@@ -671,9 +671,9 @@ async fn read_small(path: &Path) -> std::io::Result<String> {
     read.await.map_err(std::io::Error::other)?
 }
 
-/// Why an answer other than 200 OK is not one: a refusal of the credentials, 410 Gone, or another status, with the
-/// message of its body.
-async fn refusal(answer: Answer) -> KubernetesError {
+/// Why an answer other than 200 OK is not one: a refusal of the credentials (of the token read from `token_file`),
+/// or another status, with the message of its body.
+async fn refusal(answer: Answer, token_file: Option<&Path>) -> KubernetesError {
     let status = answer.response.status();
     let body = Limited::new(answer.response.into_body(), MAX_STATUS_BYTES).collect();
     let message = match timeout(REQUEST_TIMEOUT, body).await {
@@ -681,7 +681,14 @@ async fn refusal(answer: Answer) -> KubernetesError {
         _ => status.canonical_reason().unwrap_or("").to_string(),
     };
     match status {
-        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => KubernetesError::Refused { status, message },
+        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => KubernetesError::Refused {
+            status,
+            message,
+            credentials: match token_file {
+                Some(path) => format!("the token of {}", path.display()),
+                None => "a request without a token".to_string(),
+            },
+        },
         _ => KubernetesError::Status { status, message },
     }
 }
@@ -810,7 +817,7 @@ impl Watcher {
         let body = timeout(REQUEST_TIMEOUT, async {
             let answer = api.get(&path).await?;
             if answer.response.status() != StatusCode::OK {
-                return Err(refusal(answer).await);
+                return Err(refusal(answer, api.token_file.as_deref()).await);
             }
             let body = Limited::new(answer.response.into_body(), MAX_BODY_BYTES)
                 .collect()
@@ -909,7 +916,7 @@ impl Watcher {
         match answer.response.status() {
             StatusCode::OK => {}
             StatusCode::GONE => return Ok(WatchEnd::Gone),
-            _ => return Err(refusal(answer).await),
+            _ => return Err(refusal(answer, api.token_file.as_deref()).await),
         }
         let deadline = started + Duration::from_secs(WATCH_SECONDS) + WATCH_GRACE;
         let mut body = answer.response.into_body();
@@ -984,6 +991,11 @@ impl Watcher {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The servers of a slice given as JSON.
+    fn slice_servers(json: &serde_json::Value, port: &KubernetesPort) -> Result<SliceServers, serde_json::Error> {
+        Ok(servers_of(&EndpointSlice::deserialize(json)?, port))
+    }
 
     fn ws() -> KubernetesPort {
         KubernetesPort::Name("ws".into())
