@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use ::redis::{Script, cmd};
 use arc_swap::ArcSwapOption;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, mpsc, oneshot};
 
 use super::redis::{Redis, RedisError};
 use crate::config::{self, HandshakeRate, OnRedisDown};
@@ -44,45 +44,64 @@ const FLUSH_BATCH: usize = 1000;
 /// A count hash lives this long after its last change (every write renews it).
 const COUNT_TTL_MS: u64 = 24 * 3600 * 1000;
 
-/// Checks every limit of a handshake and, when none refuses, counts it in all.
-/// KEYS: the limits' keys. ARGV[1]: this instance's field; ARGV[2]: the presence keys' prefix; then three values
-/// a key: `c` (a connection count), its limit, 0; or `r` (a rate: GCRA), the interval and the tolerance in µs.
-/// Returns {0, 0} when admitted, else {i, µs to wait} for the first key i (1-based) that refuses.
+/// Checks the handshakes of a batch, in order, each against every limit that applies to it and, when none
+/// refuses, counts it in all: one round trip for every handshake that arrived while the previous batch was out.
+/// KEYS: every handshake's keys, one after the other. ARGV[1]: this instance's field; ARGV[2]: the presence keys'
+/// prefix; then for each handshake the number n of its keys and three values a key: `c` (a connection count),
+/// its limit, 0; or `r` (a rate: GCRA), the interval and the tolerance in µs. Returns two numbers a handshake:
+/// {0, 0} when admitted, else {i, µs to wait} for its first key i (1-based) that refuses.
 const ADMIT: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local field, prefix = ARGV[1], ARGV[2]
-local next_at = {}
-for i, key in ipairs(KEYS) do
-  local kind, a, b = ARGV[3 * i], tonumber(ARGV[3 * i + 1]), tonumber(ARGV[3 * i + 2])
-  if kind == 'c' then
-    local all = redis.call('HGETALL', key)
-    local sum = 0
-    for j = 1, #all, 2 do
-      local f = all[j]
-      if f ~= field and redis.call('EXISTS', prefix .. f) == 0 then
-        redis.call('HDEL', key, f)
+local results = {}
+local k, a = 1, 3
+while a <= #ARGV do
+  local n = tonumber(ARGV[a])
+  a = a + 1
+  local verdict, wait = 0, 0
+  local next_at, fresh = {}, {}
+  for j = 0, n - 1 do
+    local key, kind = KEYS[k + j], ARGV[a + 3 * j]
+    local x, y = tonumber(ARGV[a + 3 * j + 1]), tonumber(ARGV[a + 3 * j + 2])
+    if kind == 'c' then
+      local all = redis.call('HGETALL', key)
+      local sum = 0
+      for m = 1, #all, 2 do
+        local f = all[m]
+        if f ~= field and redis.call('EXISTS', prefix .. f) == 0 then
+          redis.call('HDEL', key, f)
+        else
+          sum = sum + (tonumber(all[m + 1]) or 0)
+        end
+      end
+      if sum >= x then verdict = j + 1 break end
+      fresh[j] = sum == 0
+    else
+      local tat = tonumber(redis.call('GET', key) or '0') or 0
+      if tat < now then tat = now end
+      if tat - y > now then verdict, wait = j + 1, tat - y - now break end
+      next_at[j] = tat + x
+    end
+  end
+  if verdict == 0 then
+    for j = 0, n - 1 do
+      local key = KEYS[k + j]
+      if ARGV[a + 3 * j] == 'c' then
+        redis.call('HINCRBY', key, field, 1)
+        -- A key held all along keeps the expiry its first holder (or this instance's last write) gave it.
+        if fresh[j] then redis.call('PEXPIRE', key, 86400000) end
       else
-        sum = sum + (tonumber(all[j + 1]) or 0)
+        redis.call('SET', key, string.format('%.0f', next_at[j]), 'PX', math.floor((next_at[j] - now) / 1000) + 1000)
       end
     end
-    if sum >= a then return {i, 0} end
-  else
-    local tat = tonumber(redis.call('GET', key) or '0') or 0
-    if tat < now then tat = now end
-    if tat - b > now then return {i, tat - b - now} end
-    next_at[i] = tat + a
   end
+  results[#results + 1] = verdict
+  results[#results + 1] = wait
+  k = k + n
+  a = a + 3 * n
 end
-for i, key in ipairs(KEYS) do
-  if ARGV[3 * i] == 'c' then
-    redis.call('HINCRBY', key, field, 1)
-    redis.call('PEXPIRE', key, 86400000)
-  else
-    redis.call('SET', key, string.format('%.0f', next_at[i]), 'PX', math.floor((next_at[i] - now) / 1000) + 1000)
-  end
-end
-return {0, 0}
+return results
 ";
 
 /// Writes this instance's presence and adds it to the members. KEYS: presence, members. ARGV: what it says of
@@ -357,35 +376,23 @@ impl Limits {
         };
         held.count(1);
         held.in_flight(1);
-        let mut invocation = self.admit.prepare_invoke();
-        invocation.arg(&self.field).arg(format!("{PREFIX}alive:"));
-        for check in checks {
-            match check.kind {
-                CheckKind::Connections(limit) => {
-                    invocation
-                        .key(format!("{PREFIX}c:{}", check.key))
-                        .arg("c")
-                        .arg(limit)
-                        .arg(0);
-                }
+        let job: Vec<(String, &'static str, u64, u64)> = checks
+            .iter()
+            .map(|check| match check.kind {
+                CheckKind::Connections(limit) => (format!("{PREFIX}c:{}", check.key), "c", u64::from(limit), 0),
                 CheckKind::Rate(rate) => {
                     let interval = 1_000_000 / u64::from(rate.per_second.max(1));
-                    invocation
-                        .key(format!("{PREFIX}r:{}", check.key))
-                        .arg("r")
-                        .arg(interval)
-                        .arg(interval * u64::from(rate.burst));
+                    let tolerance = interval * u64::from(rate.burst);
+                    (format!("{PREFIX}r:{}", check.key), "r", interval, tolerance)
                 }
-            }
-        }
+            })
+            .collect();
         let answer: Result<(usize, u64), RedisError> = if self.broken() {
             Err(RedisError::Timeout {
                 url: self.redis.url().to_string(),
             })
         } else {
-            self.redis
-                .run(|mut c| async move { invocation.invoke_async(&mut c).await })
-                .await
+            self.batched(job).await
         };
         if matches!(answer, Err(RedisError::Timeout { .. })) {
             // A Redis that accepts but does not answer (a stall) would cost every handshake the whole timeout:
@@ -503,9 +510,136 @@ impl Limits {
         });
     }
 
+    /// One handshake's checks, sent with the others of this worker that wait for Redis now: through the worker's
+    /// batcher (made on first use), or alone where there is no runtime to run one.
+    async fn batched(self: &Arc<Self>, job: Job) -> Result<(usize, u64), RedisError> {
+        let (reply, answer) = oneshot::channel();
+        let Some(batcher) = self.batcher() else {
+            let mut answers = self.run_batch(vec![job]).await?;
+            return answers.pop().ok_or_else(|| self.redis.corrupt("admit", "no answer"));
+        };
+        if batcher.send((job, reply)).is_err() {
+            return Err(self.redis.corrupt("admit", "the batcher has stopped"));
+        }
+        match answer.await {
+            Ok(Ok(answer)) => Ok(answer),
+            Ok(Err(Failed::Timeout)) => Err(RedisError::Timeout {
+                url: self.redis.url().to_string(),
+            }),
+            Ok(Err(Failed::Other(reason))) => Err(RedisError::Command {
+                url: self.redis.url().to_string(),
+                reason,
+            }),
+            Err(_) => Err(self.redis.corrupt("admit", "the batcher has stopped")),
+        }
+    }
+
+    /// This thread's batcher for these limits, started on the thread's runtime on first use.
+    fn batcher(self: &Arc<Self>) -> Option<mpsc::UnboundedSender<(Job, Reply)>> {
+        let mine = |entry: &BatcherEntry| std::ptr::eq(entry.0.as_ptr(), Arc::as_ptr(self));
+        if let Some(found) = BATCHERS.with(|b| b.borrow().iter().find(|e| mine(e)).map(|e| e.1.clone())) {
+            return Some(found);
+        }
+        let runtime = tokio::runtime::Handle::try_current().ok()?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        runtime.spawn(batcher(Arc::downgrade(self), rx));
+        BATCHERS.with(|b| {
+            let mut b = b.borrow_mut();
+            // Batchers of limits gone (a reload's old ones) have ended: their entries go.
+            b.retain(|e| e.0.strong_count() > 0);
+            b.push((Arc::downgrade(self), tx.clone()));
+        });
+        Some(tx)
+    }
+
+    /// Runs the script once for `jobs`: their answers, in order.
+    async fn run_batch(&self, jobs: Vec<Job>) -> Result<Vec<(usize, u64)>, RedisError> {
+        let count = jobs.len();
+        let mut invocation = self.admit.prepare_invoke();
+        invocation.arg(&self.field).arg(format!("{PREFIX}alive:"));
+        for job in jobs {
+            invocation.arg(job.len());
+            for (key, kind, x, y) in job {
+                invocation.key(key).arg(kind).arg(x).arg(y);
+            }
+        }
+        let flat: Vec<u64> = self
+            .redis
+            .run_here(|mut c| {
+                let invocation = &invocation;
+                async move { invocation.invoke_async(&mut c).await }
+            })
+            .await?;
+        if flat.len() != count * 2 {
+            return Err(self
+                .redis
+                .corrupt("admit", format!("{} answers for {count} handshakes", flat.len() / 2)));
+        }
+        Ok(flat
+            .chunks_exact(2)
+            .map(|pair| (usize::try_from(pair[0]).unwrap_or(usize::MAX), pair[1]))
+            .collect())
+    }
+
     /// Whether handshakes skip Redis for now, after a timeout.
     fn broken(&self) -> bool {
         crate::upstream::now_ms() < self.broken_until.load(Ordering::Relaxed)
+    }
+}
+
+/// One handshake's checks as the script takes them: key, kind, and two numbers.
+type Job = Vec<(String, &'static str, u64, u64)>;
+/// Where a handshake's answer goes.
+type Reply = oneshot::Sender<Result<(usize, u64), Failed>>;
+/// A batcher of this thread's, for one generation of limits.
+type BatcherEntry = (std::sync::Weak<Limits>, mpsc::UnboundedSender<(Job, Reply)>);
+
+/// Why a batch got no answer, as each of its handshakes hears it.
+#[derive(Debug, Clone)]
+enum Failed {
+    Timeout,
+    Other(String),
+}
+
+thread_local! {
+    /// This thread's batchers, one per generation of limits.
+    static BATCHERS: std::cell::RefCell<Vec<BatcherEntry>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Handshakes sent together at most.
+const MAX_BATCH: usize = 64;
+
+/// Sends the handshakes that wait, in one script call; those that arrive while it is out go in the next.
+async fn batcher(limits: std::sync::Weak<Limits>, mut jobs: mpsc::UnboundedReceiver<(Job, Reply)>) {
+    while let Some(first) = jobs.recv().await {
+        // The worker's other ready tasks run first (at once when there are none): handshakes they bring to this
+        // point join the batch, so that under load each round trip carries more of them.
+        tokio::task::yield_now().await;
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match jobs.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        let Some(limits) = limits.upgrade() else { return };
+        let (work, replies): (Vec<Job>, Vec<Reply>) = batch.into_iter().unzip();
+        match limits.run_batch(work).await {
+            Ok(answers) => {
+                for (reply, answer) in replies.into_iter().zip(answers) {
+                    let _ = reply.send(Ok(answer));
+                }
+            }
+            Err(e) => {
+                let failed = match e {
+                    RedisError::Timeout { .. } => Failed::Timeout,
+                    e => Failed::Other(e.to_string()),
+                };
+                for reply in replies {
+                    let _ = reply.send(Err(failed.clone()));
+                }
+            }
+        }
     }
 }
 

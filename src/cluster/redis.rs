@@ -85,6 +85,14 @@ struct Inner {
     _stop: oneshot::Sender<()>,
 }
 
+/// A connection of this thread's own to a client's server (see [`Redis::run_here`]).
+type Here = (std::sync::Weak<Inner>, Arc<MultiplexedConnection>);
+
+thread_local! {
+    /// The connections this thread's runtime drives, one per client.
+    static HERE: std::cell::RefCell<Vec<Here>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// A handle on one Redis server; clones share the connection.
 #[derive(Clone)]
 pub struct Redis {
@@ -106,7 +114,11 @@ impl Redis {
         if url.starts_with("rediss://") {
             return Err(RedisError::Tls { url: shown });
         }
-        let client = Client::open(url).map_err(|e| RedisError::Url {
+        // Small requests go out at once (no Nagle delay behind an unacknowledged one): Redis clients' usual setting.
+        let info = url
+            .into_connection_info()
+            .map(|info| info.set_tcp_settings(::redis::io::tcp::TcpSettings::default().set_nodelay(true)));
+        let client = info.and_then(Client::open).map_err(|e| RedisError::Url {
             url: shown.clone(),
             reason: e.to_string(),
         })?;
@@ -192,6 +204,86 @@ impl Redis {
         }
     }
 
+    /// Runs one exchange as [`Redis::run`] does, on a connection of the calling thread's own, made on its first use
+    /// and driven by the caller's runtime (a worker's): no hop to the client's thread and back, for exchanges on a
+    /// worker's hot path (a handshake's limits). Such a connection is not pinged: one found broken (Redis restarted
+    /// since its last use) is made again and the exchange tried once more on the new one.
+    pub async fn run_here<T, F, Fut>(&self, exchange: F) -> Result<T, RedisError>
+    where
+        F: Fn(MultiplexedConnection) -> Fut,
+        Fut: Future<Output = ::redis::RedisResult<T>>,
+    {
+        let mine = |entry: &Here| std::ptr::eq(entry.0.as_ptr(), Arc::as_ptr(&self.inner));
+        let forget = || HERE.with(|here| here.borrow_mut().retain(|e| !mine(e)));
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let existing = HERE.with(|here| here.borrow().iter().find(|e| mine(e)).map(|e| e.1.clone()));
+            let (connection, fresh) = match existing {
+                Some(connection) => (connection, false),
+                None => (self.connect_here().await?, true),
+            };
+            match tokio::time::timeout(RESPONSE_TIMEOUT, exchange((*connection).clone())).await {
+                Ok(Ok(value)) => return Ok(value),
+                Ok(Err(e)) => {
+                    let broken =
+                        e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() || e.is_timeout();
+                    if broken {
+                        forget();
+                        if !fresh && tries < 2 {
+                            continue;
+                        }
+                    }
+                    return Err(RedisError::Command {
+                        url: self.inner.url.clone(),
+                        reason: e.to_string(),
+                    });
+                }
+                Err(_) => {
+                    forget();
+                    return Err(RedisError::Timeout {
+                        url: self.inner.url.clone(),
+                    });
+                }
+            }
+        }
+    }
+
+    /// Makes this thread's connection (see [`Redis::run_here`]).
+    async fn connect_here(&self) -> Result<Arc<MultiplexedConnection>, RedisError> {
+        if self.recently_failed() {
+            return Err(self.down("unreachable; retrying shortly"));
+        }
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(CONNECT_TIMEOUT))
+            .set_response_timeout(Some(RESPONSE_TIMEOUT));
+        let made = self.inner.client.get_multiplexed_async_connection_with_config(&config);
+        match tokio::time::timeout(CONNECT_TIMEOUT + Duration::from_millis(200), made).await {
+            Ok(Ok(connection)) => {
+                let connection = Arc::new(connection);
+                HERE.with(|here| {
+                    let mut here = here.borrow_mut();
+                    // Connections of clients gone (a reload's old one) are closed here.
+                    here.retain(|e| e.0.strong_count() > 0 && !std::ptr::eq(e.0.as_ptr(), Arc::as_ptr(&self.inner)));
+                    here.push((Arc::downgrade(&self.inner), connection.clone()));
+                });
+                Ok(connection)
+            }
+            Ok(Err(e)) => Err(self.failed_to_connect(e.to_string())),
+            Err(_) => Err(self.failed_to_connect("no connection in time".to_string())),
+        }
+    }
+
+    /// A failed attempt to connect: calls fail at once for a while, and the outage is logged once.
+    fn failed_to_connect(&self, reason: String) -> RedisError {
+        let now = u64::try_from(self.inner.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.inner.failed_at.store(now.max(1), Ordering::Relaxed);
+        if !self.inner.down.swap(true, Ordering::Relaxed) {
+            tracing::error!(redis = %self.inner.url, error = %reason, "Redis unreachable");
+        }
+        self.down(&reason)
+    }
+
     /// Runs a task on the client's own thread (it lives as long as a handle does).
     pub fn spawn<F>(&self, task: F) -> tokio::task::JoinHandle<F::Output>
     where
@@ -258,14 +350,7 @@ impl Redis {
                 self.inner.connection.store(Some(connection.clone()));
                 Ok(connection)
             }
-            Err(reason) => {
-                let now = u64::try_from(self.inner.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
-                self.inner.failed_at.store(now.max(1), Ordering::Relaxed);
-                if !self.inner.down.swap(true, Ordering::Relaxed) {
-                    tracing::error!(redis = %self.inner.url, error = %reason, "Redis unreachable");
-                }
-                Err(self.down(&reason))
-            }
+            Err(reason) => Err(self.failed_to_connect(reason)),
         }
     }
 

@@ -634,7 +634,11 @@ fn build_cluster(c: &Spanned<RawCluster>, report: &mut Report<'_>) -> Cluster {
         && c.redis.is_none()
         && let Some(r) = &c.rebalance
     {
-        report.key(r, "cluster.rebalance", "needs `redis`: the fleet's counts are kept there");
+        report.key(
+            r,
+            "cluster.rebalance",
+            "needs `redis`: the fleet's counts are kept there",
+        );
     }
     for (given, key) in [
         (c.rebalance_threshold.as_ref().map(Spanned::span), "rebalance_threshold"),
