@@ -507,15 +507,7 @@ fn keys_file(entries: &[(&str, &str, &str)]) -> PathBuf {
         N.fetch_add(1, Ordering::SeqCst)
     ));
     std::fs::create_dir_all(&dir).expect("temp dir");
-    let text: String = entries
-        .iter()
-        .map(|(key, identity, extra)| {
-            format!(
-                "[[key]]\nhash = \"{}\"\nidentity = \"{identity}\"\n{extra}\n",
-                wsgate::auth::api_keys::hash_hex(key.as_bytes())
-            )
-        })
-        .collect();
+    let text = api_keys_text(entries);
     let path = dir.join("keys.toml");
     std::fs::write(&path, text).expect("write keys");
     path

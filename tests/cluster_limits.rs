@@ -222,19 +222,11 @@ async fn a_limit_that_fails_closed_refuses_while_redis_is_down() {
 
 /// A keys file: three keys, two of them of one identity (`team-a`).
 fn keys_file(dir: &TempDir) -> std::path::PathBuf {
-    let text: String = [
+    let text = api_keys_text(&[
         ("key-a1", "team-a", "max_connections = 2"),
         ("key-a2", "team-a", ""),
         ("key-b", "team-b", ""),
-    ]
-    .iter()
-    .map(|(key, identity, extra)| {
-        format!(
-            "[[key]]\nhash = \"{}\"\nidentity = \"{identity}\"\n{extra}\n",
-            wsgate::auth::api_keys::hash_hex(key.as_bytes())
-        )
-    })
-    .collect();
+    ]);
     let path = dir.join("keys.toml");
     std::fs::write(&path, text).expect("write keys");
     path

@@ -375,7 +375,7 @@ impl Limits {
             keys,
         };
         held.count(1);
-        held.in_flight(1);
+        let in_flight = InFlight::new(&held);
         let job: Vec<(String, &'static str, u64, u64)> = checks
             .iter()
             .map(|check| match check.kind {
@@ -403,7 +403,7 @@ impl Limits {
             );
         }
         // Counted in Redis by the script, refused, or to be written once Redis answers: no longer in flight.
-        held.in_flight(-1);
+        drop(in_flight);
         match answer {
             Ok((0, _)) => {
                 self.stats.down.store(false, Ordering::Relaxed);
@@ -536,17 +536,18 @@ impl Limits {
 
     /// This thread's batcher for these limits, started on the thread's runtime on first use.
     fn batcher(self: &Arc<Self>) -> Option<mpsc::UnboundedSender<(Job, Reply)>> {
-        let mine = |entry: &BatcherEntry| std::ptr::eq(entry.0.as_ptr(), Arc::as_ptr(self));
+        // A batcher that has ended (its runtime gone) is replaced.
+        let mine = |entry: &BatcherEntry| std::ptr::eq(entry.0.as_ptr(), Arc::as_ptr(self)) && !entry.1.is_closed();
         if let Some(found) = BATCHERS.with(|b| b.borrow().iter().find(|e| mine(e)).map(|e| e.1.clone())) {
             return Some(found);
         }
         let runtime = tokio::runtime::Handle::try_current().ok()?;
         let (tx, rx) = mpsc::unbounded_channel();
-        runtime.spawn(batcher(Arc::downgrade(self), rx));
+        runtime.spawn(batcher(Arc::downgrade(self), rx, self.stop.clone()));
         BATCHERS.with(|b| {
             let mut b = b.borrow_mut();
             // Batchers of limits gone (a reload's old ones) have ended: their entries go.
-            b.retain(|e| e.0.strong_count() > 0);
+            b.retain(|e| e.0.strong_count() > 0 && !e.1.is_closed());
             b.push((Arc::downgrade(self), tx.clone()));
         });
         Some(tx)
@@ -587,6 +588,22 @@ impl Limits {
     }
 }
 
+/// A handshake's keys in flight while this lives (also when the handshake's future is dropped while it waits).
+struct InFlight<'a>(&'a Held);
+
+impl<'a> InFlight<'a> {
+    fn new(held: &'a Held) -> Self {
+        held.in_flight(1);
+        InFlight(held)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight(-1);
+    }
+}
+
 /// One handshake's checks as the script takes them: key, kind, and two numbers.
 type Job = Vec<(String, &'static str, u64, u64)>;
 /// Where a handshake's answer goes.
@@ -610,8 +627,18 @@ thread_local! {
 const MAX_BATCH: usize = 64;
 
 /// Sends the handshakes that wait, in one script call; those that arrive while it is out go in the next.
-async fn batcher(limits: std::sync::Weak<Limits>, mut jobs: mpsc::UnboundedReceiver<(Job, Reply)>) {
-    while let Some(first) = jobs.recv().await {
+async fn batcher(
+    limits: std::sync::Weak<Limits>,
+    mut jobs: mpsc::UnboundedReceiver<(Job, Reply)>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        // Withdrawn limits (a reload, the drain): the batcher ends; handshakes still queued hear so.
+        let first = tokio::select! {
+            job = jobs.recv() => job,
+            () = stop.cancelled() => None,
+        };
+        let Some(first) = first else { return };
         // The worker's other ready tasks run first (at once when there are none): handshakes they bring to this
         // point join the batch, so that under load each round trip carries more of them.
         tokio::task::yield_now().await;
@@ -623,8 +650,21 @@ async fn batcher(limits: std::sync::Weak<Limits>, mut jobs: mpsc::UnboundedRecei
             }
         }
         let Some(limits) = limits.upgrade() else { return };
+        // Handshakes given up on meanwhile (their clients gone) are not sent.
+        batch.retain(|(_, reply)| !reply.is_closed());
+        if batch.is_empty() {
+            continue;
+        }
         let (work, replies): (Vec<Job>, Vec<Reply>) = batch.into_iter().unzip();
-        match limits.run_batch(work).await {
+        // After a timeout, what is queued is answered at once, as the next handshakes are.
+        let answered = if limits.broken() {
+            Err(RedisError::Timeout {
+                url: limits.redis.url().to_string(),
+            })
+        } else {
+            limits.run_batch(work).await
+        };
+        match answered {
             Ok(answers) => {
                 for (reply, answer) in replies.into_iter().zip(answers) {
                     let _ = reply.send(Ok(answer));
@@ -745,8 +785,9 @@ async fn flusher(limits: std::sync::Weak<Limits>, tally: Arc<Tally>, stop: tokio
                 pipe.cmd("HDEL").arg(&**key).arg(&field).ignore();
             } else {
                 pipe.cmd("HSET").arg(&**key).arg(&field).arg(*count).ignore();
-                pipe.cmd("PEXPIRE").arg(&**key).arg(COUNT_TTL_MS).ignore();
             }
+            // Every write renews the hash's expiry, for the other instances' fields too.
+            pipe.cmd("PEXPIRE").arg(&**key).arg(COUNT_TTL_MS).ignore();
         }
         let written = limits
             .redis

@@ -115,9 +115,15 @@ impl Redis {
             return Err(RedisError::Tls { url: shown });
         }
         // Small requests go out at once (no Nagle delay behind an unacknowledged one): Redis clients' usual setting.
-        let info = url
-            .into_connection_info()
-            .map(|info| info.set_tcp_settings(::redis::io::tcp::TcpSettings::default().set_nodelay(true)));
+        // Keepalive probes find a connection a NAT or a failover dropped while it was idle (workers' connections
+        // are not pinged).
+        let keepalive = socket2::TcpKeepalive::new()
+            .with_time(Duration::from_secs(15))
+            .with_interval(Duration::from_secs(5));
+        let tcp = ::redis::io::tcp::TcpSettings::default()
+            .set_nodelay(true)
+            .set_keepalive(keepalive);
+        let info = url.into_connection_info().map(|info| info.set_tcp_settings(tcp));
         let client = info.and_then(Client::open).map_err(|e| RedisError::Url {
             url: shown.clone(),
             reason: e.to_string(),
@@ -230,7 +236,9 @@ impl Redis {
                         e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() || e.is_timeout();
                     if broken {
                         forget();
-                        if !fresh && tries < 2 {
+                        // A connection whose driver had died (Redis restarted since its last use) sent nothing:
+                        // the exchange is tried once on a new one. Anything else may have run, and is not repeated.
+                        if !fresh && tries < 2 && e.is_connection_dropped() && !e.is_timeout() {
                             continue;
                         }
                     }
@@ -254,12 +262,17 @@ impl Redis {
         if self.recently_failed() {
             return Err(self.down("unreachable; retrying shortly"));
         }
+        // No response timeout of the connection's own: `run_here`'s is the one that says Timeout.
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(CONNECT_TIMEOUT))
-            .set_response_timeout(Some(RESPONSE_TIMEOUT));
+            .set_response_timeout(None);
         let made = self.inner.client.get_multiplexed_async_connection_with_config(&config);
         match tokio::time::timeout(CONNECT_TIMEOUT + Duration::from_millis(200), made).await {
             Ok(Ok(connection)) => {
+                self.inner.failed_at.store(0, Ordering::Relaxed);
+                if self.inner.down.swap(false, Ordering::Relaxed) {
+                    tracing::info!(redis = %self.inner.url, "Redis reachable again");
+                }
                 let connection = Arc::new(connection);
                 HERE.with(|here| {
                     let mut here = here.borrow_mut();

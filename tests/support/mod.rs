@@ -694,3 +694,16 @@ pub fn dechunk(mut body: &str) -> String {
     }
     out
 }
+
+/// The text of an API keys file: a `[[key]]` entry for each `(key, identity, extra lines)`, the key hashed.
+pub fn api_keys_text(entries: &[(&str, &str, &str)]) -> String {
+    entries
+        .iter()
+        .map(|(key, identity, extra)| {
+            format!(
+                "[[key]]\nhash = \"{}\"\nidentity = \"{identity}\"\n{extra}\n",
+                wsgate::auth::api_keys::hash_hex(key.as_bytes())
+            )
+        })
+        .collect()
+}
