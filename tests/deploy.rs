@@ -45,8 +45,7 @@ fn yaml(path: &Path) -> Vec<Value> {
 fn check_config(config: &str, dir: &TempDir) -> String {
     let token = dir.join("admin-token");
     std::fs::write(&token, "a-token-of-the-operator\n").unwrap();
-    let local = config
-        .replace("/etc/wsgate/secret/admin-token", token.to_str().unwrap());
+    let local = config.replace("/etc/wsgate/secret/admin-token", token.to_str().unwrap());
     let file = dir.join("wsgate.toml");
     std::fs::write(&file, &local).unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_wsgate"))

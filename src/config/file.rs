@@ -1352,7 +1352,11 @@ fn build_upstreams(raw: &[Spanned<RawUpstream>], report: &mut Report<'_>) -> Vec
         let name = u.name.get_ref().clone();
         let servers = build_servers(upstream, &name, report);
         let (balance, hash_key) = build_balance(u, report);
-        check_servers(upstream, &servers, &name, report);
+        let dynamic = u
+            .discovery
+            .as_ref()
+            .is_some_and(|d| d.get_ref().dns.is_some() || d.get_ref().kubernetes.is_some());
+        check_servers(upstream, &servers, &name, report, dynamic);
         let sticky = u.sticky.as_ref().and_then(|s| build_sticky(s, &name, report));
         let health = u.health.as_ref().map(|h| build_health(h, report));
         let outlier = build_outlier(u.outlier.as_ref(), report);
@@ -1597,6 +1601,34 @@ fn build_kubernetes(k: &Spanned<RawKubernetes>, report: &mut Report<'_>) -> Opti
     {
         report.key(api, "discovery.kubernetes.api", "must be an https:// (or http://) URL");
     }
+    if let (Some(api), Some(ca)) = (&k.api, &k.ca_file)
+        && api.get_ref().starts_with("http://")
+    {
+        report.key(
+            ca,
+            "discovery.kubernetes.ca_file",
+            "an http:// API server has no certificate to check",
+        );
+    }
+    // Names as Kubernetes gives them (RFC 1123 labels): anything else would never match, or would change the path.
+    for (name, key) in [(Some(&k.service), "service"), (k.namespace.as_ref(), "namespace")] {
+        let Some(name) = name else { continue };
+        let text = name.get_ref();
+        let label = !text.is_empty()
+            && text.len() <= 63
+            && text
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !text.starts_with('-')
+            && !text.ends_with('-');
+        if !label {
+            report.key(
+                name,
+                &format!("discovery.kubernetes.{key}"),
+                format!("`{text}` is not a Kubernetes name (lowercase letters, digits and `-`, at most 63)"),
+            );
+        }
+    }
     Some(KubernetesDiscovery {
         namespace: k.namespace.as_ref().map(|n| n.get_ref().clone()),
         service: k.service.get_ref().clone(),
@@ -1638,7 +1670,15 @@ fn build_balance(u: &RawUpstream, report: &mut Report<'_>) -> (Balance, HashKey)
 }
 
 /// Reports a server limit of 0 and an upstream of backups only: either could never take a connection.
-fn check_servers(upstream: &Spanned<RawUpstream>, servers: &[Server], name: &str, report: &mut Report<'_>) {
+/// Each server's limit, and a primary among the servers (static backups are fine beside primaries that DNS or
+/// Kubernetes discovery finds at run time: `dynamic`).
+fn check_servers(
+    upstream: &Spanned<RawUpstream>,
+    servers: &[Server],
+    name: &str,
+    report: &mut Report<'_>,
+    dynamic: bool,
+) {
     for entry in &upstream.get_ref().server {
         if let Some(m) = &entry.get_ref().max_connections
             && *m.get_ref() < MIN_CONNECTION_LIMIT
@@ -1650,7 +1690,7 @@ fn check_servers(upstream: &Spanned<RawUpstream>, servers: &[Server], name: &str
             );
         }
     }
-    if !servers.is_empty() && servers.iter().all(|s| s.backup) {
+    if !dynamic && !servers.is_empty() && servers.iter().all(|s| s.backup) {
         report.at(
             Some(upstream.span()),
             format!("every server of upstream `{name}` is a backup: at least one must be a primary"),
@@ -2590,5 +2630,116 @@ weight = 3
         let p = problems("");
         assert_eq!(p.len(), 2, "{p:?}");
         assert!(p[0].contains("no [[listener]]") && p[1].contains("no [[route]]"));
+    }
+
+    #[test]
+    fn cluster_settings_and_their_mistakes() {
+        let text = format!(
+            "{MINIMAL}\n[cluster]\nredis = \"redis://10.0.0.5:6379/0\"\ninstance = \"edge-1\"\non_redis_down = \"closed\"\n\
+             rebalance = true\nrebalance_rate = 5\n"
+        );
+        let config = parse(&text, "t.toml").unwrap_or_else(|p| panic!("{p:?}"));
+        let cluster = config.cluster.expect("[cluster]");
+        assert_eq!(cluster.redis.as_deref(), Some("redis://10.0.0.5:6379/0"));
+        assert_eq!(cluster.instance, "edge-1");
+        assert_eq!(cluster.on_redis_down, OnRedisDown::Closed);
+        assert_eq!(
+            cluster.rebalance,
+            Some(crate::config::DEFAULT_CLUSTER_REBALANCE_THRESHOLD)
+        );
+        assert_eq!(cluster.rebalance_rate, 5);
+        let default = parse(&format!("{MINIMAL}\n[cluster]\n"), "t.toml").unwrap_or_else(|p| panic!("{p:?}"));
+        let default = default.cluster.expect("[cluster]");
+        assert!(
+            default.instance.ends_with(&format!("-{}", std::process::id())),
+            "{}",
+            default.instance
+        );
+        assert_eq!((default.redis, default.on_redis_down), (None, OnRedisDown::Open));
+
+        let p = problems(&format!(
+            "{MINIMAL}\n[cluster]\nredis = \"rediss://x:1\"\nrebalance_threshold = 0.5\n"
+        ));
+        assert!(
+            p.iter().any(|p| p.contains("cluster.redis") && p.contains("TLS")),
+            "{p:?}"
+        );
+        assert!(
+            p.iter().any(|p| p.contains("applies only with `rebalance = true`")),
+            "{p:?}"
+        );
+        let p = problems(&format!("{MINIMAL}\n[cluster]\nrebalance = true\n"));
+        assert!(p.iter().any(|p| p.contains("needs `redis`")), "{p:?}");
+    }
+
+    #[test]
+    fn discovery_takes_one_source_with_its_own_keys() {
+        let upstream = |discovery: &str| {
+            format!(
+                "[[listener]]\nname = \"l\"\naddress = \"127.0.0.1:0\"\n[[route]]\nupstream = \"app\"\n\
+                 [[upstream]]\nname = \"app\"\ndiscovery = {discovery}\n"
+            )
+        };
+        let config = parse(
+            &upstream("{ dns = \"_ws._tcp.app.internal.\", kind = \"srv\", resolver = \"10.0.0.2\" }"),
+            "t.toml",
+        )
+        .unwrap_or_else(|p| panic!("{p:?}"));
+        assert_eq!(
+            config.upstreams[0].discovery,
+            Some(Discovery::Dns(DnsDiscovery {
+                name: "_ws._tcp.app.internal".into(),
+                port: 0,
+                resolver: Some("10.0.0.2:53".parse().unwrap()),
+                kind: DnsKind::Srv,
+            }))
+        );
+        assert!(
+            config.upstreams[0].servers.is_empty(),
+            "found at run time, not by check"
+        );
+        let config = parse(
+            &upstream("{ kubernetes = { service = \"app\", port = 8080 } }"),
+            "t.toml",
+        )
+        .unwrap_or_else(|p| panic!("{p:?}"));
+        let Some(Discovery::Kubernetes(k)) = &config.upstreams[0].discovery else {
+            panic!("{:?}", config.upstreams[0].discovery)
+        };
+        assert_eq!(
+            (k.service.as_str(), &k.port, &k.namespace),
+            ("app", &KubernetesPort::Number(8080), &None)
+        );
+
+        for (discovery, expected) in [
+            (
+                "{ dns = \"a.internal\", port = 80, file = \"s.txt\" }",
+                "exactly one of",
+            ),
+            ("{ file = \"s.txt\", port = 80 }", "only a `dns` discovery reads it"),
+            ("{ dns = \"a b\", port = 80 }", "is not a DNS name"),
+            (
+                "{ dns = \"a.internal\", port = 80, resolver = \"dns.internal\" }",
+                "is not an IP address",
+            ),
+            (
+                "{ kubernetes = { service = \"App_1\", port = \"ws\" } }",
+                "is not a Kubernetes name",
+            ),
+            (
+                "{ kubernetes = { service = \"app\", port = \"ws\", api = \"http://127.0.0.1:8001\", ca_file = \"ca.pem\" } }",
+                "no certificate to check",
+            ),
+            ("{ kubernetes = { service = \"app\", port = 0 } }", "or a port's name"),
+        ] {
+            let p = problems(&upstream(discovery));
+            assert!(p.iter().any(|p| p.contains(expected)), "{discovery}: {p:?}");
+        }
+        // Static backups beside the primaries discovery will find are fine.
+        let text = format!(
+            "{}[[upstream.server]]\naddress = \"127.0.0.1:9000\"\nbackup = true\n",
+            upstream("{ dns = \"app.internal\", port = 80 }")
+        );
+        assert_eq!(problems(&text), Vec::<String>::new());
     }
 }
