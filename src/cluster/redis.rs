@@ -341,7 +341,8 @@ impl Redis {
         let client = self.inner.client.clone();
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(CONNECT_TIMEOUT))
-            .set_response_timeout(Some(RESPONSE_TIMEOUT));
+            // `run` bounds each exchange itself, and calls it a timeout.
+            .set_response_timeout(None);
         // Made on the client's own runtime, which runs the connection's driver from then on.
         let made = self
             .inner

@@ -67,7 +67,7 @@ pub async fn watch(dns: DnsDiscovery, mut reporter: Reporter) {
                 if !reporter.report(servers).await {
                     return;
                 }
-                ttl.clamp(MIN_TTL, MAX_TTL)
+                next_lookup(ttl)
             }
             Err(e) => {
                 failures = failures.saturating_add(1);
@@ -81,6 +81,11 @@ pub async fn watch(dns: DnsDiscovery, mut reporter: Reporter) {
         };
         tokio::time::sleep(wait).await;
     }
+}
+
+/// When the records are looked up again: at their TTL, within [`MIN_TTL`] and [`MAX_TTL`].
+fn next_lookup(ttl: Duration) -> Duration {
+    ttl.clamp(MIN_TTL, MAX_TTL)
 }
 
 /// A resolver that asks `dns.resolver` (or the system's name servers), caching nothing: each lookup asks again.
@@ -267,5 +272,20 @@ mod tests {
         );
         assert_eq!((found[2].weight, found[2].backup), (7, true));
         assert_eq!(fully_qualified("app.internal."), "app.internal.");
+    }
+
+    #[test]
+    fn records_are_looked_up_again_at_their_ttl_within_the_floor_and_the_ceiling() {
+        assert_eq!(
+            next_lookup(Duration::ZERO),
+            MIN_TTL,
+            "a TTL of 0 is asked again after a second"
+        );
+        assert_eq!(next_lookup(Duration::from_secs(30)), Duration::from_secs(30));
+        assert_eq!(
+            next_lookup(Duration::from_secs(86_400)),
+            MAX_TTL,
+            "a day's TTL, after five minutes"
+        );
     }
 }
